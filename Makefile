@@ -1,0 +1,35 @@
+# jacpipe: `make run` and `make test` are all a new user needs.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+OUT     ?= out/make-run
+
+.PHONY: setup run test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# A real job: a 2000 x 2000 float32 MLP Jacobian in 8 shards on the embedded
+# local Ray, then checked against torch.autograd.functional.jacobian.
+run: setup
+	$(BIN)/jacpipe run mlp -p n=2000 -p m=2000 --shards 8 --out $(OUT) --no-resume --verify
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check pipeline jobs tests benchmarks
+
+bench: setup
+	$(BIN)/python -m benchmarks.engine
+	$(BIN)/python -m benchmarks.end_to_end
+
+clean:
+	rm -rf out .pytest_cache

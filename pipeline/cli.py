@@ -1,0 +1,294 @@
+"""The ``jacpipe`` command line: thin Typer commands over :mod:`pipeline`.
+
+Heavy libraries (torch, ray, pyarrow) are imported inside the commands, so
+``jacpipe --help`` stays fast. Errors a user can cause print one line and
+exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from pipeline.errors import JacpipeError
+
+app = typer.Typer(
+    name="jacpipe",
+    help=(
+        "Distributed Jacobians: shard the rows of a Jacobian (or Hessian, or per-sample "
+        "Jacobians) over Ray workers, stream them to Parquet, and check them against "
+        "torch.autograd.functional."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _err(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`JacpipeError` and Ctrl-C into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except JacpipeError as exc:
+            _err(str(exc))
+            raise typer.Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()
+
+
+# ---------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------
+
+
+@app.command("jobs")
+@user_errors
+def jobs_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """List the built-in jobs and their parameters with defaults."""
+    from pipeline.problem import builtin_jobs, job_doc, job_parameters, resolve_builder
+
+    listing = []
+    for name in builtin_jobs():
+        builder = resolve_builder(name)
+        listing.append({"job": name, "doc": job_doc(builder), "params": job_parameters(builder)})
+    if as_json:
+        typer.echo(json.dumps(listing, indent=1))
+        return
+    from rich.table import Table
+
+    table = Table(title="built-in jobs (run one with: jacpipe run JOB -p name=value)")
+    table.add_column("job", style="bold")
+    table.add_column("what it computes")
+    table.add_column("parameters (defaults)")
+    for item in listing:
+        params = "  ".join(f"{k}={v}" for k, v in item["params"].items())
+        table.add_row(item["job"], item["doc"], params)
+    _console().print(table)
+
+
+# ---------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------
+
+PARAM_HELP = "Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    job: str = typer.Argument(..., help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
+    param: list[str] = typer.Option([], "--param", "-p", help=PARAM_HELP),
+    out: str = typer.Option(None, "--out", "-o", help="Result folder or s3:// URI [default: out/JOB]."),
+    shards: int = typer.Option(None, "--shards", help="Number of shards of output rows."),
+    rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Rows per shard (instead of --shards)."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (HOST:PORT or auto); default: an embedded local Ray."),
+    num_cpus: int = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray [default: all]."),
+    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="CPUs (and torch threads) per shard task."),
+    gpus_per_shard: float = typer.Option(None, "--gpus-per-shard", help="GPUs per shard task, fractions allowed [default: 1 if the cluster has GPUs, else 0]."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option(None, "--dtype", help="float32 or float64 (passed to the job's dtype parameter)."),
+    method: str = typer.Option("auto", "--method", help="auto (cost model), rev (VJP per row) or fwd (JVP per column)."),
+    memory_budget: str = typer.Option(None, "--memory-budget", help="Peak memory per task, e.g. 2GiB [default: half the node's memory over its task slots]."),
+    chunk_size: int = typer.Option(None, "--chunk-size", help="Override the rows per vectorised pass (normally from --memory-budget)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep committed shards of the same job in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a result of another job in --out."),
+    verify: bool = typer.Option(False, "--verify", help="Compare against torch.autograd.functional at the end."),
+    rows: int = typer.Option(None, "--rows", help="With --verify: sampled rows to check instead of all."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
+    from pipeline.runner import RunOptions, run
+
+    summary = run(
+        RunOptions(
+            job=job,
+            params=list(param),
+            out=out,
+            shards=shards,
+            rows_per_shard=rows_per_shard,
+            address=address,
+            num_cpus=num_cpus,
+            cpus_per_shard=cpus_per_shard,
+            gpus_per_shard=gpus_per_shard,
+            device=device,
+            dtype=dtype,
+            method=method,
+            memory_budget=memory_budget,
+            chunk_size=chunk_size,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+        ),
+        echo=lambda s: typer.echo(s, err=True),
+    )
+    man = summary.manifest
+    shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
+    typer.echo(
+        f"wrote {summary.out}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
+        f"{len(man['plan'])} shards ({summary.computed} computed, {summary.skipped} resumed) "
+        f"in {man.get('wall_seconds', 0):.2f}s"
+    )
+    if verify:
+        _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
+                           as_json=False)
+
+
+# ---------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------
+
+
+def _compare_and_print(
+    out: str, *, rows: int | None, all_rows: bool, rtol: float | None, atol: float | None,
+    as_json: bool,
+) -> None:
+    from pipeline.compare import compare
+
+    report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"jacpipe compare {report.out}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        pipe = f"{report.pipeline_seconds:.3f}" if report.pipeline_seconds is not None else "-"
+        for name, value in [
+            ("job", report.job),
+            ("shape", "x".join(map(str, report.shape)) + f" {report.dtype}"),
+            ("rows checked", f"{report.rows_checked} ({report.mode})"),
+            ("max abs error", f"{report.max_abs_error:.3e}"),
+            ("max rel error", f"{report.max_rel_error:.3e}"),
+            ("tolerance", f"rtol {report.rtol:.1e}, atol {report.atol:.1e}"),
+            ("worst |err| / tol", f"{report.worst_ratio:.3f}"),
+            ("reference seconds (1 process)", f"{report.reference_seconds:.3f}"),
+            ("pipeline seconds", pipe),
+            ("NaN / Inf in result", f"{report.nan} / {report.inf}"),
+        ]:
+            table.add_row(name, value)
+        if report.symmetry_error is not None:
+            table.add_row("symmetry max|H - Hᵀ|", f"{report.symmetry_error:.3e}")
+        for key, value in report.extra.items():
+            table.add_row(key, str(value))
+        _console().print(table)
+        for p in report.problems:
+            _err(p)
+        verdict = "MATCH" if report.ok else "MISMATCH"
+        typer.secho(verdict, fg=typer.colors.GREEN if report.ok else typer.colors.RED, bold=True)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command("compare")
+@user_errors
+def compare_cmd(
+    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
+    rows: int = typer.Option(None, "--rows", help="Check K sampled rows (one autograd.grad each)."),
+    all_rows: bool = typer.Option(False, "--all", help="Check every row with autograd.functional."),
+    rtol: float = typer.Option(None, "--rtol", help="Relative tolerance [1e-5 float32, 1e-10 float64]."),
+    atol: float = typer.Option(None, "--atol", help="Absolute tolerance [rtol * max|reference|]."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Check a result against torch.autograd.functional in one process; exit 1 on mismatch.
+
+    The whole reference is computed when it fits in memory, else --rows K
+    sampled rows (64 by default).
+    """
+    if rows is not None and all_rows:
+        raise JacpipeError("give --rows K or --all, not both")
+    _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol, as_json=as_json)
+
+
+# ---------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
+    from pipeline.summary import summarize
+
+    info = summarize(out)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"jacpipe inspect {info['out']}")
+        table.add_column("fact")
+        table.add_column("value", justify="right")
+        zf = info["zero_fraction"]
+        for name, value in [
+            ("job", f"{info['job']} {json.dumps(info['params'])}"),
+            ("kind / layout / method", f"{info['kind']} / {info['layout']} / {info['method']}"),
+            ("shape (rows x cols)", "x".join(map(str, info["shape"])) + f" {info['dtype']}"),
+            ("full shape", "x".join(map(str, info["full_shape"]))),
+            ("status", str(info["status"])),
+            ("shards committed / planned",
+             f"{info['shards_committed']} / {info['shards_planned']}"),
+            ("shard seconds total / median / max",
+             " / ".join(str(info["shard_seconds"][k]) for k in ("total", "median", "max"))),
+            ("wall seconds", str(info["wall_seconds"])),
+            ("nodes", ", ".join(n[:12] for n in info["nodes"])),
+            ("devices", ", ".join(info["devices"])),
+            ("Frobenius norm", f"{info['frobenius_norm']:.6g}"),
+            ("max |entry|", f"{info['max_abs']:.6g}"),
+            ("zero fraction", "-" if zf is None else f"{zf:.4f}"),
+            ("NaN / Inf", f"{info['nan']} / {info['inf']}"),
+        ]:
+            table.add_row(name, value)
+        _console().print(table)
+        shards = Table(title="shards")
+        for col in ("index", "rows", "seconds", "node", "device", "attempt", "NaN/Inf"):
+            shards.add_column(col, justify="right")
+        for s in info["shards"][:50]:
+            shards.add_row(str(s["index"]), str(s["rows"]), f"{s['seconds']:.3f}",
+                           str(s["node_id"])[:12], str(s["device"]), str(s["attempt"]),
+                           f"{s['nan'] or 0}/{s['inf'] or 0}")
+        if len(info["shards"]) > 50:
+            shards.add_row("...", f"{len(info['shards']) - 50} more", "", "", "", "", "")
+        _console().print(shards)
+        for p in info["problems"]:
+            _err(p)
+    if info["problems"]:
+        raise typer.Exit(code=1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="jacpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,582 @@
+"""The driver: prepare the folder, connect Ray, run shards in a bounded window, commit.
+
+The driver holds metadata only: each Ray task computes and writes its own
+shard and returns a small dict; the driver appends it to the manifest
+(rewritten atomically after every shard), so a killed driver loses nothing
+that was committed, and a rerun resumes from the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import plan as planning
+from pipeline.errors import JacpipeError, ShardFailedError
+from pipeline.problem import (
+    Shapes,
+    build_problem,
+    fingerprint,
+    job_parameters,
+    parse_params,
+    resolve_builder,
+    validate,
+)
+
+#: How often Ray retries a shard whose worker process died (SIGKILL, OOM).
+MAX_RETRIES = 3
+
+
+class Interrupted(JacpipeError):
+    """Ctrl-C: tasks cancelled, folder left resumable."""
+
+    exit_code = 130
+
+
+@dataclass
+class RunOptions:
+    """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``)."""
+
+    job: str
+    params: list[str] = field(default_factory=list)
+    out: str | None = None
+    shards: int | None = None
+    rows_per_shard: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    method: str = "auto"
+    memory_budget: str | None = None
+    chunk_size: int | None = None
+    resume: bool = True
+    overwrite: bool = False
+    max_in_flight: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports."""
+
+    out: str
+    manifest: dict[str, Any]
+    computed: int
+    skipped: int
+    notes: list[str]
+
+
+def _uri_or_abspath(out: str) -> str:
+    import os
+
+    return out if "://" in out else os.path.abspath(out)
+
+
+# ---------------------------------------------------------------------------
+# Preparing the output folder
+# ---------------------------------------------------------------------------
+
+OUR_FILES = ("part-", ".part-", ".attempt-", "._manifest.json", "_manifest.json")
+
+
+def _clear(storage: Any) -> None:
+    for name in storage.listdir():
+        if name.startswith(OUR_FILES):
+            storage.delete(name)
+
+
+def prepare_output(
+    storage: Any, identity: dict[str, Any], *, resume: bool, overwrite: bool
+) -> dict[int, dict[str, Any]]:
+    """Make ``storage`` ready for the run described by ``identity``.
+
+    Returns:
+        Committed shards that can be kept (resume), by index.
+
+    Raises:
+        JacpipeError: the folder holds another job's result (without
+            ``overwrite``) or unrelated files.
+    """
+    from pipeline.store import read_manifest
+
+    names = storage.listdir()
+    old = read_manifest(storage) if names else None
+    if old is None:
+        foreign = [n for n in names if not n.startswith(OUR_FILES)]
+        if foreign:
+            raise JacpipeError(
+                f"--out {storage.uri} is not empty and holds no jacpipe result "
+                f"({', '.join(foreign[:3])}{'...' if len(foreign) > 3 else ''}); "
+                "give an empty or new folder"
+            )
+        _clear(storage)
+        return {}
+    same = all(old.get(k) == v for k, v in identity.items())
+    if not same:
+        if not overwrite:
+            what = f"job {old.get('job')!r} with params {json.dumps(old.get('params'))}"
+            differs = [k for k, v in identity.items() if old.get(k) != v]
+            raise JacpipeError(
+                f"--out {storage.uri} holds a result of {what} (differs in: "
+                f"{', '.join(differs)}); pass --overwrite to replace it or choose another --out"
+            )
+        _clear(storage)
+        return {}
+    if not resume:
+        _clear(storage)
+        return {}
+    from pipeline.store import JacobianResult
+
+    result = JacobianResult(storage.uri)
+    bad = {p.index for p in result.check(checksums=True)}
+    keep = {s["index"]: s for s in result.committed if s["index"] not in bad}
+    # Uncommitted or corrupt parts and leftover temp files are recomputed.
+    for name in names:
+        if name.startswith(".part-") or name.startswith(".attempt-"):
+            storage.delete(name)
+    return keep
+
+
+# ---------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------
+
+
+def _probe_address(address: str) -> None:
+    """Fail fast (instead of Ray's long retries) when nothing listens at ``address``."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.removeprefix("http://").removeprefix("https://") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except ValueError:
+        raise JacpipeError(f"--address {address!r}: expected HOST:PORT or auto") from None
+    except OSError as exc:
+        raise JacpipeError(
+            f"--address {address}: no Ray cluster reachable ({exc.strerror or exc}); "
+            "start one with `ray start --head` or `make cluster-up`, or omit --address "
+            "to use an embedded local Ray"
+        ) from None
+
+
+def connect(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray; returns True if this call started it (and should stop it).
+
+    Raises:
+        JacpipeError: the cluster cannot be reached.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if address:
+        _probe_address(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise JacpipeError(f"--address {address}: cannot connect to Ray ({first})") from None
+        return True
+    if num_cpus is not None and num_cpus < 1:
+        raise JacpipeError(f"--num-cpus must be at least 1, got {num_cpus}")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return True
+
+
+def _shard_task(spec: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.worker import compute_shard
+
+    return compute_shard(spec)
+
+
+_REMOTE: Any = None
+
+
+def _remote() -> Any:
+    """The Ray task: thin wrapper around :func:`pipeline.worker.compute_shard`.
+
+    ``max_calls=0`` keeps worker processes (and their imported torch and
+    cached problem) across shards, GPU tasks included (Ray's default for GPU
+    tasks would start a new process per task). Worker deaths are retried;
+    exceptions of the user's code are not.
+    """
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+
+        _REMOTE = ray.remote(max_calls=0, max_retries=MAX_RETRIES, retry_exceptions=False)(
+            _shard_task
+        )
+    return _REMOTE
+
+
+def _describe_failure(exc: BaseException, shard: planning.Shard) -> JacpipeError:
+    import ray.exceptions as rex
+
+    where = f"shard {shard.index} (rows {shard.start}..{shard.stop})"
+    if isinstance(exc, rex.RayTaskError):
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, JacpipeError):
+            return JacpipeError(f"{where}: {cause}", exit_code=cause.exit_code)
+        name = type(cause).__name__ if cause is not None else "error"
+        msg = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        frames = [
+            line.strip()
+            for line in str(getattr(exc, "traceback_str", "")).splitlines()
+            if line.strip().startswith("File ")
+        ]
+        user = [f for f in frames if "/pipeline/" not in f and "/torch/" not in f
+                and "/ray/" not in f]
+        at = f" [{(user or frames or [''])[-1]}]" if frames else ""
+        return ShardFailedError(f"{where} failed: {name}: {msg}{at}")
+    if isinstance(exc, rex.OutOfMemoryError):
+        return ShardFailedError(
+            f"{where}: the worker ran out of memory {MAX_RETRIES + 1} times; "
+            "lower --memory-budget or use more shards"
+        )
+    if isinstance(exc, (rex.WorkerCrashedError, rex.NodeDiedError)):
+        return ShardFailedError(
+            f"{where}: the worker process died {MAX_RETRIES + 1} times ({type(exc).__name__})"
+        )
+    return ShardFailedError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
+    """Run a job end to end (see the module docstring).
+
+    Raises:
+        JacpipeError: any user-fixable problem, before anything is scheduled
+            where it can be detected early.
+        ShardFailedError: the user's function raised in a shard.
+        Interrupted: Ctrl-C.
+    """
+    from pipeline.store import Storage, utcnow, versions, write_manifest
+
+    t_start = time.perf_counter()
+    notes: list[str] = []
+    if opts.device not in ("auto", "cpu", "cuda"):
+        raise JacpipeError(f"--device must be auto, cpu or cuda, got {opts.device!r}")
+    builder = resolve_builder(opts.job)
+    params = parse_params(builder, opts.params)
+    if opts.dtype is not None:
+        if opts.dtype not in ("float32", "float64"):
+            raise JacpipeError(f"--dtype must be float32 or float64, got {opts.dtype!r}")
+        if "dtype" not in job_parameters(builder):
+            raise JacpipeError(f"--dtype: job {opts.job!r} has no dtype parameter")
+        params["dtype"] = opts.dtype
+    problem = build_problem(opts.job, params)
+    shapes = validate(problem, opts.job)
+    fp = fingerprint(problem, shapes)
+    device_param = "device" in job_parameters(builder)
+    del problem  # the driver holds metadata only
+
+    out = _uri_or_abspath(opts.out or f"out/{opts.job.replace(':', '_').replace('.', '_')}")
+    storage = Storage(out)
+
+    started = connect(opts.address, opts.num_cpus)
+    try:
+        return _run_connected(
+            opts, builder, params, shapes, fp, device_param, storage, notes, t_start, echo,
+            utcnow=utcnow, versions=versions, write_manifest=write_manifest,
+        )
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _cluster_resources() -> tuple[float, float, int]:
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    mem = min((int(n["Resources"].get("memory", 0)) for n in nodes), default=0)
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), mem
+
+
+def _run_connected(
+    opts: RunOptions,
+    builder: Any,
+    params: dict[str, Any],
+    shapes: Shapes,
+    fp: dict[str, Any],
+    device_param: bool,
+    storage: Any,
+    notes: list[str],
+    t_start: float,
+    echo: Callable[[str], None],
+    *,
+    utcnow: Callable[[], str],
+    versions: Callable[[], dict[str, str]],
+    write_manifest: Callable[[Any, dict[str, Any]], None],
+) -> RunSummary:
+    import ray
+
+    cpus, gpus, node_memory = _cluster_resources()
+    if opts.device == "cuda" and gpus == 0:
+        raise JacpipeError(
+            "--device cuda: the Ray cluster has no GPUs (cluster resources: "
+            f"{cpus:g} CPUs, 0 GPUs); use --device cpu or a cluster with GPUs"
+        )
+    gpus_per_shard = opts.gpus_per_shard
+    if gpus_per_shard is None:
+        gpus_per_shard = 1.0 if gpus > 0 and opts.device != "cpu" else 0.0
+    if gpus_per_shard < 0 or gpus_per_shard > max(gpus, 0) and gpus_per_shard > 0:
+        raise JacpipeError(
+            f"--gpus-per-shard {gpus_per_shard:g}: the cluster has {gpus:g} GPUs"
+        )
+    if opts.cpus_per_shard <= 0 or opts.cpus_per_shard > cpus:
+        raise JacpipeError(f"--cpus-per-shard {opts.cpus_per_shard:g}: the cluster has {cpus:g} CPUs")
+    slots = max(1, int(cpus // opts.cpus_per_shard))
+    if gpus_per_shard > 0:
+        slots = min(slots, max(1, int(gpus // gpus_per_shard)))
+    itemsize = 4 if shapes.dtype == "float32" else 8
+    budget = (
+        planning.parse_size(opts.memory_budget)
+        if opts.memory_budget
+        else planning.default_memory_budget(node_memory or 8 * 2**30, slots)
+    )
+    align = shapes.m if shapes.kind == "batched" else 1
+    shards, note = planning.plan_shards(
+        shapes.total_rows,
+        shards=opts.shards,
+        rows_per_shard=opts.rows_per_shard,
+        row_bytes=shapes.n * itemsize,
+        workers=slots,
+        align=align,
+    )
+    if note:
+        notes.append(note)
+        echo(f"note: {note}")
+    if shapes.kind == "batched":
+        # Every sample's rows sit in (about) one shard: per sample, rev costs m
+        # VJPs and fwd n JVPs.
+        method = planning.choose_method(opts.method, m=shapes.m, n=shapes.n, shards=1)
+    else:
+        method = planning.choose_method(opts.method, m=shapes.m, n=shapes.n, shards=len(shards))
+    layout = "dense"
+    group_rows = planning.group_rows(shapes.n, itemsize)
+
+    identity = {
+        "job": opts.job,
+        "params": json.loads(json.dumps(params, default=str)),
+        "fingerprint": fp,
+        "method": method,
+        "layout": layout,
+        "plan": [[s.start, s.stop] for s in shards],
+    }
+    if storage.is_dir():
+        keep = prepare_output(storage, identity, resume=opts.resume, overwrite=opts.overwrite)
+    else:
+        storage.makedirs()
+        keep = {}
+    run_id = uuid.uuid4().hex[:12]
+    manifest: dict[str, Any] = {
+        "format_version": 1,
+        **identity,
+        "kind": shapes.kind,
+        "shapes": shapes.to_json(),
+        "dtype": shapes.dtype,
+        "options": {
+            "memory_budget": budget,
+            "cpus_per_shard": opts.cpus_per_shard,
+            "gpus_per_shard": gpus_per_shard,
+            "device": opts.device,
+            "group_rows": group_rows,
+        },
+        "shards": [keep[i] for i in sorted(keep)],
+        "status": "running",
+        "run_id": run_id,
+        "created": utcnow(),
+        "versions": versions(),
+    }
+    write_manifest(storage, manifest)
+    todo = [s for s in shards if s.index not in keep]
+    if keep:
+        echo(f"resuming: {len(keep)} of {len(shards)} shards already committed")
+
+    meta_common = {
+        "format_version": 1,
+        "job": opts.job,
+        "params": identity["params"],
+        "shapes": shapes.to_json(),
+        "dtype": shapes.dtype,
+        "method": method,
+        "fingerprint": fp,
+    }
+    spec_common = {
+        "job": opts.job,
+        "params": identity["params"],
+        "fingerprint": fp,
+        "shapes": shapes.to_json(),
+        "out": storage.uri,
+        "method": method,
+        "memory_budget": budget,
+        "threads": max(1, int(math.floor(opts.cpus_per_shard))),
+        "device": "cpu" if gpus_per_shard == 0 else opts.device,
+        "device_param": device_param,
+        "run_id": run_id,
+        "chunk_size": opts.chunk_size,
+        "group_rows": group_rows,
+        "layout": layout,
+        "meta": meta_common,
+    }
+    remote = _remote().options(num_cpus=opts.cpus_per_shard, num_gpus=gpus_per_shard)
+    window = opts.max_in_flight or 2 * slots
+    in_flight: dict[Any, planning.Shard] = {}
+    pending = list(todo)
+    progress = _Progress(len(shards), shapes.total_rows, enabled=opts.progress, echo=echo)
+    progress.advance_committed(len(keep), sum(s["rows"] for s in keep.values()))
+    t_compute = time.perf_counter()
+    try:
+        with progress:
+            while pending or in_flight:
+                while pending and len(in_flight) < window:
+                    shard = pending.pop(0)
+                    spec = dict(spec_common, index=shard.index, start=shard.start, stop=shard.stop)
+                    in_flight[remote.remote(spec)] = shard
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    shard = in_flight.pop(ref)
+                    try:
+                        entry = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - turned into one message
+                        raise _describe_failure(exc, shard) from None
+                    manifest["shards"].append(entry)
+                    manifest["shards"].sort(key=lambda s: s["index"])
+                    write_manifest(storage, manifest)
+                    progress.advance(entry)
+    except KeyboardInterrupt:
+        _cancel(in_flight)
+        manifest["status"] = "interrupted"
+        write_manifest(storage, manifest)
+        raise Interrupted(
+            f"interrupted: {len(manifest['shards'])} of {len(shards)} shards committed in "
+            f"{storage.uri}; rerun the same command to resume"
+        ) from None
+    except BaseException:
+        _cancel(in_flight)
+        manifest["status"] = "failed"
+        write_manifest(storage, manifest)
+        raise
+    manifest["status"] = "complete"
+    manifest["wall_seconds"] = round(time.perf_counter() - t_start, 4)
+    manifest["compute_seconds"] = round(time.perf_counter() - t_compute, 4)
+    manifest["nan"] = sum(int(s.get("nan", 0)) for s in manifest["shards"])
+    manifest["inf"] = sum(int(s.get("inf", 0)) for s in manifest["shards"])
+    write_manifest(storage, manifest)
+    for name in storage.listdir():
+        if name.startswith(".attempt-") or name.startswith(".part-"):
+            storage.delete(name)
+    if manifest["nan"] or manifest["inf"]:
+        bad = [s["index"] for s in manifest["shards"] if s.get("nan") or s.get("inf")]
+        notes.append(
+            f"the result holds {manifest['nan']} NaN and {manifest['inf']} Inf values "
+            f"(shards {', '.join(map(str, bad[:10]))}{'...' if len(bad) > 10 else ''})"
+        )
+        echo(f"warning: {notes[-1]}")
+    return RunSummary(
+        out=storage.uri, manifest=manifest, computed=len(todo), skipped=len(keep), notes=notes
+    )
+
+
+def _cancel(in_flight: dict[Any, Any]) -> None:
+    import ray
+
+    for ref in in_flight:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - best effort: the task may have finished
+            pass
+
+
+class _Progress:
+    """A rich progress bar (shards, rows/s, ETA) or plain lines when not a terminal."""
+
+    def __init__(
+        self, shards: int, rows: int, *, enabled: bool, echo: Callable[[str], None]
+    ) -> None:
+        self.shards, self.rows, self.enabled, self.echo = shards, rows, enabled, echo
+        self.done_shards = 0
+        self.done_rows = 0
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = time.perf_counter()
+        self._last_line = 0.0
+
+    def __enter__(self) -> _Progress:
+        if self.enabled and sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]shards"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[rate]} rows/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task(
+                "run", total=self.shards, completed=self.done_shards, rate="-"
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def advance_committed(self, shards: int, rows: int) -> None:
+        self.done_shards += shards
+        self._rows_before = rows
+
+    def advance(self, entry: dict[str, Any]) -> None:
+        self.done_shards += 1
+        self.done_rows += int(entry["rows"])
+        rate = self.done_rows / max(time.perf_counter() - self._t0, 1e-9)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done_shards, rate=f"{rate:,.0f}")
+        elif self.enabled:
+            now = time.perf_counter()
+            if now - self._last_line > 5 or self.done_shards == self.shards:
+                self._last_line = now
+                self.echo(
+                    f"shards {self.done_shards}/{self.shards}  {rate:,.0f} rows/s  "
+                    f"elapsed {now - self._t0:.1f}s"
+                )
+
+
+def format_exception_line(exc: BaseException) -> str:
+    """One line for an unexpected exception (used by the CLI's last-resort handler)."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -1,0 +1,211 @@
+"""What one shard does, wherever it runs: rebuild, check, compute in chunks, write.
+
+:func:`compute_shard` is a plain function of a JSON-able spec: the Ray task in
+``runner.py`` is a thin wrapper around it, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import engine, plan
+from pipeline.errors import JacpipeError
+from pipeline.problem import Problem, Shapes, build_problem, check_fingerprint, fingerprint
+from pipeline.store import PartWriter, Storage, dense_schema, sparse_schema
+
+# One built problem per (job, params, device) per worker process: a worker that
+# runs many shards builds once (weights, x, the measured activation size).
+_CACHE: dict[str, tuple[Problem, int]] = {}
+
+
+def _cache_key(spec: dict[str, Any], device: str) -> str:
+    return json.dumps([spec["job"], spec["params"], device], sort_keys=True, default=str)
+
+
+def activation_numel(problem: Problem) -> int:
+    """Elements autograd saves in one forward pass of ``fn`` at ``x`` (one sample).
+
+    Measured with ``saved_tensors_hooks``: this is what a batched backward pass
+    carries per row, and what the chunk size is budgeted against.
+    """
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel()
+        return t
+
+    x = problem.x[0] if problem.kind == "batched" else problem.x
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = problem.fn(x)
+        if problem.kind == "hessian":
+            # Reverse-over-reverse also records the first backward pass.
+            (g,) = torch.autograd.grad(y.reshape(()), x, create_graph=True)
+            del g
+    return total
+
+
+def _device(requested: str) -> str:
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise JacpipeError("--device cuda: this worker has no CUDA device visible to torch")
+    return "cpu"
+
+
+def _problem(spec: dict[str, Any], device: str) -> tuple[Problem, int]:
+    key = _cache_key(spec, device)
+    if key not in _CACHE:
+        params = dict(spec["params"])
+        if device != "cpu" and spec.get("device_param"):
+            params["device"] = device
+        problem = build_problem(spec["job"], params)
+        shapes = Shapes.from_json(spec["shapes"])
+        check_fingerprint(spec["fingerprint"], fingerprint(problem, shapes))
+        _CACHE[key] = (problem, activation_numel(problem))
+    return _CACHE[key]
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node id
+        pass
+    return "local"
+
+
+def _attempt(storage: Storage, run_id: str, index: int) -> int:
+    """Count this shard's attempts in this run by marker files (``.attempt-*``)."""
+    prefix = f".attempt-{run_id}-{index:05d}-"
+    earlier = sum(1 for name in storage.listdir() if name.startswith(prefix))
+    storage.write_atomic(f"{prefix}{uuid.uuid4().hex[:8]}", b"")
+    return earlier + 1
+
+
+def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compute one shard and commit its part file; return its manifest entry.
+
+    Args:
+        spec: ``job``, ``params``, ``fingerprint``, ``shapes``, ``index``,
+            ``start``, ``stop``, ``out``, ``method``, ``memory_budget`` (bytes),
+            ``threads``, ``device``, ``run_id``, ``chunk_size`` (optional
+            override), ``group_rows``, ``meta`` (JSON facts for the file).
+
+    Returns:
+        The shard's manifest entry (file, rows, checksum, bytes, seconds, ...).
+    """
+    t0 = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = _device(spec.get("device", "auto"))
+    storage = Storage(spec["out"])
+    attempt = _attempt(storage, spec["run_id"], spec["index"])
+    problem, activations = _problem(spec, device)
+    shapes = Shapes.from_json(spec["shapes"])
+    itemsize = 4 if shapes.dtype == "float32" else 8
+    start, stop, index = int(spec["start"]), int(spec["stop"]), int(spec["index"])
+    group_rows = int(spec["group_rows"])
+    chunk = spec.get("chunk_size") or plan.chunk_rows(
+        budget=int(spec["memory_budget"]),
+        baseline=_rss() if device == "cpu" else 0,
+        m=shapes.m,
+        n=shapes.n,
+        activations=activations,
+        itemsize=itemsize,
+        group_bytes=2 * group_rows * shapes.n * itemsize,
+        method=spec["method"],
+    )
+    if spec["method"] == "rev":
+        # A chunk never needs more rows than one row group: the writer flushes
+        # whole groups, so larger chunks only raise the peak.
+        chunk = min(chunk, max(group_rows, 1))
+    meta = dict(spec.get("meta", {}), shard={"index": index, "start": start, "stop": stop})
+    layout = spec.get("layout", "dense")
+    schema = (
+        sparse_schema(shapes.dtype)
+        if layout == "sparse"
+        else dense_schema(shapes.n, shapes.dtype, batched=shapes.kind == "batched")
+    )
+    writer = PartWriter(storage, f"part-{index:05d}.parquet", schema, meta, group_rows=group_rows)
+    try:
+        if layout == "sparse":
+            _write_sparse(writer, problem, spec, start, stop, chunk)
+        else:
+            blocks = engine.iter_rows(
+                problem, start, stop, chunk_size=chunk, method=spec["method"]
+            )
+            for a, block in blocks:
+                arr = block.detach().cpu().numpy()
+                samples = None
+                if shapes.kind == "batched":
+                    samples = np.arange(a, a + len(arr), dtype=np.int64) // shapes.m
+                writer.write(a, arr, samples=samples)
+        info = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if info.rows != stop - start:
+        raise RuntimeError(f"shard {index}: wrote {info.rows} rows, expected {stop - start}")
+    return {
+        "index": index,
+        "start": start,
+        "stop": stop,
+        "file": info.file,
+        "rows": info.rows,
+        "checksum": info.checksum,
+        "bytes": info.bytes,
+        "nan": info.nan,
+        "inf": info.inf,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "node_id": _node_id(),
+        "device": device,
+        "gpu_ids": _gpu_ids(),
+        "chunk_size": int(chunk),
+        "peak_rss": _peak_rss(),
+        "pid": os.getpid(),
+        "attempt": attempt,
+    }
+
+
+def _write_sparse(
+    writer: PartWriter, problem: Problem, spec: dict[str, Any], start: int, stop: int, chunk: int
+) -> None:
+    from pipeline import sparse
+
+    rows = sparse.evaluate_rows(problem, start, stop, spec["coloring"], chunk_size=chunk)
+    writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values)
+
+
+def _gpu_ids() -> list[str]:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+    except Exception:  # noqa: BLE001
+        pass
+    return []
+
+
+def _peak_rss() -> int:
+    import resource
+
+    # ru_maxrss is KiB on Linux.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
