@@ -23,14 +23,19 @@ ALPHA = (math.pi / 2, 0.0, 0.0, math.pi / 2, -math.pi / 2, 0.0)
 
 
 def dh_transform(theta: torch.Tensor, d: float, a: float, alpha: float) -> torch.Tensor:
-    """The 4x4 homogeneous transform of one DH link (built without in-place writes)."""
+    """The 4x4 homogeneous transform of one DH link (built without in-place writes).
+
+    Constants are tensors of theta's dtype: in torch 2.13 a Python float times a
+    0-d tensor gives a float64 tangent under forward-mode AD, even for float32.
+    """
     ct, st = torch.cos(theta), torch.sin(theta)
-    ca, sa = math.cos(alpha), math.sin(alpha)
     zero, one = torch.zeros_like(theta), torch.ones_like(theta)
+    ca, sa = one * math.cos(alpha), one * math.sin(alpha)
+    a, d = one * a, one * d
     rows = [
         torch.stack([ct, -st * ca, st * sa, a * ct]),
         torch.stack([st, ct * ca, -ct * sa, a * st]),
-        torch.stack([zero, sa * one, ca * one, d * one]),
+        torch.stack([zero, sa, ca, d]),
         torch.stack([zero, zero, zero, one]),
     ]
     return torch.stack(rows)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import JacpipeError
 
 if TYPE_CHECKING:  # torch is imported lazily: `jacpipe --help` must stay fast
-    from torch import Tensor
+    pass
 
 KINDS = ("jacobian", "hessian", "batched")
 

@@ -179,11 +179,12 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     """
     import ray
 
+    if address:
+        _probe_address(address)
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
     if address:
-        _probe_address(address)
         try:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -345,7 +346,9 @@ def _run_connected(
             f"--gpus-per-shard {gpus_per_shard:g}: the cluster has {gpus:g} GPUs"
         )
     if opts.cpus_per_shard <= 0 or opts.cpus_per_shard > cpus:
-        raise JacpipeError(f"--cpus-per-shard {opts.cpus_per_shard:g}: the cluster has {cpus:g} CPUs")
+        raise JacpipeError(
+            f"--cpus-per-shard {opts.cpus_per_shard:g}: the cluster has {cpus:g} CPUs"
+        )
     slots = max(1, int(cpus // opts.cpus_per_shard))
     if gpus_per_shard > 0:
         slots = min(slots, max(1, int(gpus // gpus_per_shard)))

@@ -237,7 +237,10 @@ class PartWriter:
             compression="zstd",
             use_dictionary=False,
             write_statistics=["row"],
-            column_encoding=None if sparse else {"row": "PLAIN", "values": "BYTE_STREAM_SPLIT"},
+            column_encoding=(
+                {"values.list.element": "BYTE_STREAM_SPLIT"} if sparse
+                else {"row": "PLAIN", "values.list.element": "BYTE_STREAM_SPLIT"}
+            ),
         )
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0

@@ -1,0 +1,176 @@
+"""The engine against torch's references, in float32 and float64."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.autograd.functional import hessian, jacobian
+
+from pipeline.engine import (
+    VmapFallbackWarning,
+    batched_rows,
+    hessian_rows,
+    iter_jacobian_rows,
+    jacobian_rows,
+)
+from pipeline.problem import build_problem
+from tests.userjobs import matrix_io
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+JOBS = {
+    "mlp": {"n": 40, "m": 30, "hidden": 16},
+    "robot_arm": {},
+    "heat": {"N": 6, "pattern": False},
+}
+
+
+def flat_reference(fn, x):
+    return jacobian(fn, x).reshape(-1, x.numel())
+
+
+def assert_close(got, ref, dtype):
+    assert got.dtype == ref.dtype == dtype
+    torch.testing.assert_close(got, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("job", sorted(JOBS))
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_every_job_matches_autograd_and_jacrev(job, dtype, method):
+    problem = build_problem(job, {**JOBS[job], "dtype": dtype})
+    fn, x = problem.fn, problem.x
+    ref = flat_reference(fn, x)
+    got = jacobian_rows(fn, x, 0, ref.shape[0], chunk_size=7, method=method)
+    assert_close(got, ref, x.dtype)
+    jr = torch.func.jacrev(lambda t: fn(t.reshape(x.shape)).reshape(-1))(x.reshape(-1))
+    assert_close(got, jr, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_multidimensional_input_and_output(dtype):
+    problem = matrix_io(rows=3, cols=5, dtype=dtype)
+    ref = flat_reference(problem.fn, problem.x)
+    assert ref.shape == (2 * 3 * 5, 15)
+    for method in ("rev", "fwd"):
+        got = jacobian_rows(problem.fn, problem.x, 0, 30, chunk_size=4, method=method)
+        assert_close(got, ref, problem.x.dtype)
+
+
+@pytest.mark.parametrize("bounds", [[0, 30], [0, 7, 30], [0, 1, 2, 29, 30], [0, 10, 20, 30],
+                                    [0, 13, 13, 30]])
+def test_shards_concatenate_to_the_whole_matrix(bounds):
+    problem = matrix_io(rows=3, cols=5)
+    ref = flat_reference(problem.fn, problem.x)
+    parts = [jacobian_rows(problem.fn, problem.x, a, b, chunk_size=3)
+             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    torch.testing.assert_close(torch.cat(parts), ref, rtol=1e-12, atol=1e-13)
+
+
+def test_empty_range_and_bad_range():
+    problem = matrix_io()
+    for method in ("rev", "fwd"):
+        empty = jacobian_rows(problem.fn, problem.x, 5, 5, chunk_size=4, method=method)
+        assert empty.shape == (0, problem.x.numel())
+    with pytest.raises(ValueError, match="outside"):
+        jacobian_rows(problem.fn, problem.x, 0, 10**6)
+
+
+def test_chunks_are_streamed_in_order():
+    problem = matrix_io()
+    starts = [a for a, _ in iter_jacobian_rows(problem.fn, problem.x, 3, 20, chunk_size=5)]
+    assert starts == [3, 8, 13, 18]
+
+
+class OldStyle(torch.autograd.Function):
+    """An old-style autograd.Function: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return v**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return 3 * v**2 * g
+
+
+class DataDependentBackward(torch.autograd.Function):
+    """A backward with Python control flow on tensor values: vmap cannot batch it."""
+
+    @staticmethod
+    def forward(v):
+        return torch.sin(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        if g.abs().sum() > 0:  # data-dependent: fails under vmap
+            return torch.cos(v) * g
+        return g * 0
+
+
+def with_item(v):
+    return v * v.sum().item() + v**2
+
+
+def inplace_into_fresh(v):
+    out = torch.zeros(v.shape[0] + 1, dtype=v.dtype)
+    out[0] = v[0] * v[1]
+    out[1:] = v.sin()
+    return out
+
+
+@pytest.mark.parametrize("fn,falls_back", [
+    (OldStyle.apply, True),
+    (DataDependentBackward.apply, True),
+    (with_item, False),
+    (inplace_into_fresh, False),
+])
+def test_non_vectorisable_functions_fall_back_with_one_warning(fn, falls_back):
+    x = torch.linspace(0.3, 1.7, 6, dtype=torch.float64)
+    ref = jacobian(fn, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = jacobian_rows(fn, x, 0, ref.shape[0], chunk_size=2)
+    fallbacks = [w for w in caught if issubclass(w.category, VmapFallbackWarning)]
+    assert len(fallbacks) == (1 if falls_back else 0)
+    torch.testing.assert_close(got, ref.reshape(ref.shape[0], -1), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_hessian_rows_match_autograd_hessian(dtype, method):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 8, generator=g, dtype=dtype)
+    x = torch.randn(2, 4, generator=g, dtype=dtype)
+
+    def f(v):
+        return torch.logsumexp(torch.tanh(w @ v.reshape(-1)), 0) + 0.5 * (v**2).sum()
+
+    ref = hessian(f, x).reshape(8, 8)
+    got = torch.cat([hessian_rows(f, x, 0, 3, chunk_size=2, method=method),
+                     hessian_rows(f, x, 3, 8, chunk_size=2, method=method)])
+    assert_close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_batched_rows_are_per_sample_never_cross_terms(dtype, method):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 4, generator=g, dtype=dtype)
+    xs = torch.randn(5, 4, generator=g, dtype=dtype)
+
+    def f(v):
+        return torch.tanh(w @ v)
+
+    ref = torch.cat([jacobian(f, xs[b]) for b in range(5)])  # (5*3, 4)
+    for a, b in [(0, 15), (2, 11), (4, 5), (7, 7)]:
+        got = batched_rows(f, xs, a, b, chunk_size=4, method=method)
+        assert_close(got, ref[a:b], dtype)

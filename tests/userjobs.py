@@ -1,0 +1,68 @@
+"""Jobs used by the tests as `tests.userjobs:NAME`: odd shapes and every way to get a job wrong."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import Problem
+
+
+def matrix_io(rows: int = 3, cols: int = 4, dtype: str = "float64", seed: int = 1) -> Problem:
+    """A map from a (rows, cols) matrix to a (2, rows, cols) tensor: multi-dim in and out."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows * cols, rows * cols, generator=g, dtype=dt) / (rows * cols)
+    x = torch.randn(rows, cols, generator=g, dtype=dt)
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        h = torch.sin(w @ v.reshape(-1)).reshape(rows, cols)
+        return torch.stack([h * v, h.exp()])
+
+    return Problem(fn=fn, x=x)
+
+
+def returns_list() -> Problem:
+    return Problem(fn=lambda v: [v], x=torch.ones(3))
+
+
+def returns_int() -> Problem:
+    return Problem(fn=lambda v: (v > 0).long(), x=torch.ones(3))
+
+
+def integer_input() -> Problem:
+    return Problem(fn=lambda v: v * 2, x=torch.arange(4))
+
+
+def not_a_problem() -> dict:
+    return {"fn": None}
+
+
+def nondeterministic(n: int = 30) -> Problem:
+    """Unseeded weights: every worker builds a different function."""
+    w = torch.randn(n, n, dtype=torch.float64)
+    return Problem(fn=lambda v: torch.tanh(w @ v), x=torch.ones(n, dtype=torch.float64))
+
+
+def raises_in_shard(n: int = 40, bad_row: int = 25) -> Problem:
+    """fn is fine at build time but its backward raises for one row's shard."""
+
+    class Boom(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(v):
+            return v.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            raise ValueError("boom: the user's backward failed")
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        head = Boom.apply(v[bad_row : bad_row + 1])
+        return torch.cat([v[:bad_row] * 2, head, v[bad_row + 1 :] * 2])
+
+    return Problem(fn=fn, x=torch.ones(n, dtype=torch.float64))
