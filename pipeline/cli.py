@@ -213,16 +213,67 @@ def compare_cmd(
     all_rows: bool = typer.Option(False, "--all", help="Check every row with autograd.functional."),
     rtol: float = typer.Option(None, "--rtol", help="Relative tolerance [1e-5 float32, 1e-10 float64]."),
     atol: float = typer.Option(None, "--atol", help="Absolute tolerance [rtol * max|reference|]."),
+    fd: bool = typer.Option(False, "--fd", help="Also check sampled input columns by finite differences and flag non-smooth inputs (kinks) at x."),
+    fd_columns: int = typer.Option(16, "--fd-columns", help="With --fd: input columns to check."),
+    sample: int = typer.Option(0, "--sample", help="With --fd on a batched result: which sample."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Check a result against torch.autograd.functional in one process; exit 1 on mismatch.
 
     The whole reference is computed when it fits in memory, else --rows K
-    sampled rows (64 by default).
+    sampled rows (64 by default). With --fd, central finite differences are
+    compared with the stored AD columns, and forward/backward one-sided
+    differences at two step sizes reveal inputs along which the function has
+    a kink at x (AD is then only one of the one-sided derivatives). Steps:
+    h_j = eps^(1/3) * max(1, |x_j|), eps of the dtype the differences run in.
     """
     if rows is not None and all_rows:
         raise JacpipeError("give --rows K or --all, not both")
-    _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol, as_json=as_json)
+    failed = False
+    try:
+        _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
+                           as_json=as_json and not fd)
+    except typer.Exit as exc:
+        if not fd or exc.exit_code != 1:
+            raise
+        failed = True
+    if fd:
+        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=as_json) or failed
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool) -> bool:
+    """Print the finite-difference report; True when AD and FD disagree."""
+    from pipeline.analysis import fd_report
+
+    report = fd_report(out, columns=columns, sample=sample)
+    if as_json:
+        typer.echo(report.dumps())
+        return not report.ok
+    from rich.table import Table
+
+    table = Table(title=f"finite differences ({report.fd_dtype}; {report.fd_dtype_reason})")
+    for col in report.HEADER:
+        table.add_column(col, justify="right")
+    for row in report.rows():
+        table.add_row(*row)
+    _console().print(table)
+    for note in report.notes:
+        typer.echo(f"note: {note}")
+    if report.nonsmooth_inputs:
+        typer.secho(
+            "non-smooth at x along inputs "
+            + ", ".join(map(str, report.nonsmooth_inputs))
+            + ": f is not differentiable there; AD gives one one-sided derivative",
+            fg=typer.colors.YELLOW,
+        )
+    else:
+        typer.echo("no non-smooth inputs found among the checked columns")
+    if report.disagreeing_columns:
+        _err("AD and FD disagree on input columns "
+             + ", ".join(map(str, report.disagreeing_columns)))
+    return not report.ok
 
 
 # ---------------------------------------------------------------------------
@@ -235,11 +286,21 @@ def compare_cmd(
 def inspect_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG: heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
+    svd: int = typer.Option(None, "--svd", help="Top K singular values (and a condition estimate) by randomized range-finding over streamed row blocks."),
 ) -> None:
     """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
     from pipeline.summary import summarize
 
     info = summarize(out)
+    if plot:
+        from pipeline.analysis import plot_result
+
+        info["plot"] = plot_result(out, plot)
+    if svd is not None:
+        from pipeline.analysis import svd_result
+
+        info["svd"] = svd_result(out, svd).to_json()
     if as_json:
         typer.echo(json.dumps(info, indent=1))
     else:
@@ -279,6 +340,14 @@ def inspect_cmd(
         if len(info["shards"]) > 50:
             shards.add_row("...", f"{len(info['shards']) - 50} more", "", "", "", "", "")
         _console().print(shards)
+        if "svd" in info:
+            sv = info["svd"]
+            typer.echo("top singular values: " + ", ".join(f"{v:.6g}" for v in sv["singular_values"]))
+            if sv["condition_estimate"] is not None or sv["singular"]:
+                typer.echo(f"condition estimate: {sv['condition_estimate'] or 'inf (singular)'}")
+            typer.echo(f"({sv['note']})")
+        if "plot" in info:
+            typer.echo(f"wrote {info['plot']}")
         for p in info["problems"]:
             _err(p)
     if info["problems"]:
