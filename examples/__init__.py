@@ -1,0 +1,1 @@
+"""Example user jobs (see the README)."""

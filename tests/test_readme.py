@@ -1,0 +1,75 @@
+"""Every command and code example of the README runs here."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    lang, first = BLOCKS[0]
+    commands = [line.split("#")[0].strip() for line in first.strip().splitlines()]
+    assert commands == ["make run", "make test"]
+    assert README.index("```") < README.index("## ")
+
+
+def test_user_job_example_is_the_shipped_file():
+    block = next(code for lang, code in BLOCKS if lang == "python" and "def build" in code)
+    shipped = (Path(__file__).resolve().parents[1] / "examples" / "my_job.py").read_text()
+    assert block.strip() == shipped.strip()
+
+
+def tour_commands():
+    block = next(code for lang, code in BLOCKS if lang == "bash" and "jacpipe jobs" in code)
+    for line in block.strip().splitlines():
+        for part in line.split("#")[0].split("&&"):
+            if part.strip():
+                yield shlex.split(part.strip())
+
+
+def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
+    runner = CliRunner()
+    monkeypatch.chdir(tmp_path)
+    # Workers import examples.my_job from the repository, as a user's workers
+    # import their package from the driver's working directory.
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    del sys
+    ran = 0
+    for argv in tour_commands():
+        assert argv[0] == "jacpipe"
+        result = runner.invoke(app, argv[1:], catch_exceptions=False)
+        assert result.exit_code == 0, (argv, result.output)
+        ran += 1
+    assert ran >= 7
+    assert (tmp_path / "J.png").exists() and (tmp_path / "out/mine/_manifest.json").exists()
+
+
+def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
+    out = tmp_path / "make-run"
+    result = CliRunner().invoke(app, ["run", "mlp", "-p", "n=120", "-p", "m=100",
+                                      "--shards", 3, "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    examples = [code for lang, code in BLOCKS
+                if lang == "python" and "out/make-run" in code]
+    assert len(examples) >= 2
+    scope: dict = {}
+    for code in examples:
+        exec(compile(code.replace("out/make-run", str(out)), "README.md", "exec"), scope)
+    assert scope["J"].shape == (100, 120)
+
+
+@pytest.mark.parametrize("command", ["jobs", "run", "compare", "inspect"])
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
