@@ -24,6 +24,7 @@ from pipeline.errors import JacpipeError, ShardFailedError
 from pipeline.problem import (
     Shapes,
     build_problem,
+    check_fingerprint,
     fingerprint,
     job_parameters,
     parse_params,
@@ -86,13 +87,43 @@ def _uri_or_abspath(out: str) -> str:
 # Preparing the output folder
 # ---------------------------------------------------------------------------
 
-OUR_FILES = ("part-", ".part-", ".attempt-", "._manifest.json", "_manifest.json")
+OUR_FILES = ("part-", ".part-", ".attempt-", "..attempt-", "._manifest.json", "_manifest.json")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is a temp file or attempt marker of a run, never part of a result.
+
+    ``.part-*.tmp`` (a part being written), ``._manifest.json.*.tmp`` (a
+    manifest being rewritten), ``.attempt-*`` markers and their own temp
+    files ``..attempt-*.tmp``. A crash at any moment leaves only these, and
+    every reader skips them (they start with ``.``).
+    """
+    return name.startswith((".part-", ".attempt-", "..attempt-", "._manifest.json."))
 
 
 def _clear(storage: Any) -> None:
     for name in storage.listdir():
         if name.startswith(OUR_FILES):
             storage.delete(name)
+
+
+def _same_run(old: dict[str, Any], identity: dict[str, Any]) -> list[str]:
+    """Keys of ``identity`` in which the folder's manifest ``old`` differs.
+
+    The fingerprint is compared with :func:`check_fingerprint`'s tolerance, so
+    a resume on a machine whose BLAS rounds the last bits differently is
+    still the same run.
+    """
+    differs = []
+    for key, value in identity.items():
+        if key == "fingerprint" and isinstance(old.get(key), dict):
+            try:
+                check_fingerprint(old[key], value)
+            except (JacpipeError, KeyError, TypeError, ValueError):
+                differs.append(key)
+        elif old.get(key) != value:
+            differs.append(key)
+    return differs
 
 
 def prepare_output(
@@ -110,7 +141,15 @@ def prepare_output(
     from pipeline.store import read_manifest
 
     names = storage.listdir()
-    old = read_manifest(storage) if names else None
+    try:
+        old = read_manifest(storage) if names else None
+    except JacpipeError:
+        # A garbage manifest is no commit record: nothing in the folder can be
+        # trusted. Only --overwrite may start again there.
+        if not overwrite:
+            raise
+        _clear(storage)
+        return {}
     if old is None:
         foreign = [n for n in names if not n.startswith(OUR_FILES)]
         if foreign:
@@ -121,11 +160,10 @@ def prepare_output(
             )
         _clear(storage)
         return {}
-    same = all(old.get(k) == v for k, v in identity.items())
-    if not same:
+    differs = _same_run(old, identity)
+    if differs:
         if not overwrite:
             what = f"job {old.get('job')!r} with params {json.dumps(old.get('params'))}"
-            differs = [k for k, v in identity.items() if old.get(k) != v]
             raise JacpipeError(
                 f"--out {storage.uri} holds a result of {what} (differs in: "
                 f"{', '.join(differs)}); pass --overwrite to replace it or choose another --out"
@@ -140,9 +178,10 @@ def prepare_output(
     result = JacobianResult(storage.uri)
     bad = {p.index for p in result.check(checksums=True)}
     keep = {s["index"]: s for s in result.committed if s["index"] not in bad}
-    # Uncommitted or corrupt parts and leftover temp files are recomputed.
+    # Uncommitted or corrupt parts are recomputed (their new file replaces
+    # them by rename); leftover temp files and markers of the crashed run go.
     for name in names:
-        if name.startswith(".part-") or name.startswith(".attempt-"):
+        if is_leftover(name):
             storage.delete(name)
     return keep
 
@@ -181,6 +220,8 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
 
     if address:
         _probe_address(address)
+    if num_cpus is not None and num_cpus < 1:
+        raise JacpipeError(f"--num-cpus must be at least 1, got {num_cpus}")
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
@@ -191,8 +232,6 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JacpipeError(f"--address {address}: cannot connect to Ray ({first})") from None
         return True
-    if num_cpus is not None and num_cpus < 1:
-        raise JacpipeError(f"--num-cpus must be at least 1, got {num_cpus}")
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
 
@@ -390,7 +429,12 @@ def _run_connected(
     if storage.is_dir():
         keep = prepare_output(storage, identity, resume=opts.resume, overwrite=opts.overwrite)
     else:
-        storage.makedirs()
+        try:
+            storage.makedirs()
+        except OSError as exc:
+            raise JacpipeError(
+                f"--out {storage.uri}: cannot create the folder ({exc.strerror or exc})"
+            ) from None
         keep = {}
     run_id = uuid.uuid4().hex[:12]
     manifest: dict[str, Any] = {
@@ -464,6 +508,10 @@ def _run_connected(
                         entry = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - turned into one message
                         raise _describe_failure(exc, shard) from None
+                    # One entry per shard, whatever happened before: rows exactly once.
+                    manifest["shards"] = [
+                        s for s in manifest["shards"] if s["index"] != entry["index"]
+                    ]
                     manifest["shards"].append(entry)
                     manifest["shards"].sort(key=lambda s: s["index"])
                     write_manifest(storage, manifest)
@@ -488,7 +536,7 @@ def _run_connected(
     manifest["inf"] = sum(int(s.get("inf", 0)) for s in manifest["shards"])
     write_manifest(storage, manifest)
     for name in storage.listdir():
-        if name.startswith(".attempt-") or name.startswith(".part-"):
+        if is_leftover(name):
             storage.delete(name)
     if manifest["nan"] or manifest["inf"]:
         bad = [s["index"] for s in manifest["shards"] if s.get("nan") or s.get("inf")]

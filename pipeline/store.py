@@ -347,7 +347,66 @@ def read_manifest(storage: Storage) -> dict[str, Any] | None:
         raise JacpipeError(
             f"{storage.path(MANIFEST)}: not a jacpipe manifest of format_version {FORMAT_VERSION}"
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise JacpipeError(
+            f"{storage.path(MANIFEST)} is corrupt ({problem}); its shards cannot be trusted: "
+            "rerun `jacpipe run` with --overwrite to recompute the result"
+        )
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is structurally wrong with a parsed manifest, or ``None``.
+
+    A reader must never index a missing key or trust a shard entry that does
+    not describe exactly its planned rows and file: a hand-edited or
+    bit-rotted manifest is one clear error, not a traceback or a wrong read.
+    """
+    try:
+        shapes = Shapes.from_json(manifest["shapes"])
+        total = shapes.total_rows
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"bad or missing 'shapes': {exc!r}"
+    plan = manifest.get("plan")
+    if not isinstance(plan, list) or not plan:
+        return "bad or missing 'plan'"
+    edge = 0
+    for i, bounds in enumerate(plan):
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) for b in bounds)
+            or bounds[0] != edge
+            or bounds[1] <= bounds[0]
+        ):
+            return f"plan entry {i} is {bounds!r}"
+        edge = bounds[1]
+    if edge != total:
+        return f"the plan covers {edge} rows, the shapes say {total}"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        return "bad or missing 'shards'"
+    seen: set[int] = set()
+    for entry in shards:
+        try:
+            index = entry["index"]
+            ok = (
+                isinstance(index, int)
+                and 0 <= index < len(plan)
+                and index not in seen
+                and [entry["start"], entry["stop"]] == plan[index]
+                and entry["rows"] == entry["stop"] - entry["start"]
+                and entry["file"] == f"part-{index:05d}.parquet"
+                and isinstance(entry["checksum"], str)
+                and len(entry["checksum"]) == 64
+            )
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            return f"shard entry {json.dumps(entry, default=str)[:120]} does not match the plan"
+        seen.add(index)
+    return None
 
 
 def write_manifest(storage: Storage, manifest: dict[str, Any]) -> None:

@@ -20,13 +20,18 @@ from pipeline.errors import JacpipeError
 from pipeline.problem import Problem, Shapes, build_problem, check_fingerprint, fingerprint
 from pipeline.store import PartWriter, Storage, dense_schema, sparse_schema
 
-# One built problem per (job, params, device) per worker process: a worker that
-# runs many shards builds once (weights, x, the measured activation size).
+# One built problem per (job, params, device, driver fingerprint) per worker
+# process: a worker that runs many shards builds once (weights, x, the measured
+# activation size). The fingerprint is part of the key so that a worker kept
+# from an earlier run checks its build again when the driver's build changed
+# (a job whose code or data changed between runs), instead of reusing a stale one.
 _CACHE: dict[str, tuple[Problem, int]] = {}
 
 
 def _cache_key(spec: dict[str, Any], device: str) -> str:
-    return json.dumps([spec["job"], spec["params"], device], sort_keys=True, default=str)
+    return json.dumps(
+        [spec["job"], spec["params"], device, spec["fingerprint"]], sort_keys=True, default=str
+    )
 
 
 def activation_numel(problem: Problem) -> int:
@@ -109,7 +114,8 @@ def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
             override), ``group_rows``, ``meta`` (JSON facts for the file).
 
     Returns:
-        The shard's manifest entry (file, rows, checksum, bytes, seconds, ...).
+        The shard's manifest entry (file, rows, checksum, bytes, seconds, the
+        ``run_id`` that computed it and its ``attempt`` within that run, ...).
     """
     t0 = time.perf_counter()
     if spec.get("threads"):
@@ -180,6 +186,7 @@ def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
         "chunk_size": int(chunk),
         "peak_rss": _peak_rss(),
         "pid": os.getpid(),
+        "run_id": spec["run_id"],
         "attempt": attempt,
     }
 

@@ -56,6 +56,7 @@ class RayCluster:
         env: environment for subprocesses (ray CLI, drivers, ``jacpipe``): token
             auth on, this venv first on PATH, ``RAY_API_SERVER_ADDRESS`` set.
         auth_env: only the auth variables, for ``monkeypatch.setenv`` in-process.
+        token: the cluster's auth token (also in the file ``auth_env`` names).
         temp_dir: the cluster's private ``--temp-dir`` (logs are under it).
         resources: the custom resource name of each node, head first.
         startup_s: seconds the two ``ray start`` calls took until both nodes were up.
@@ -65,17 +66,13 @@ class RayCluster:
     gcs_address: str
     env: dict[str, str]
     auth_env: dict[str, str]
+    token: str
     temp_dir: Path
     resources: tuple[str, ...] = NODE_RESOURCES
     startup_s: float = 0.0
     _pgids: list[int] = field(default_factory=list, repr=False)
     _root: Path | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def token(self) -> str:
-        """The cluster's auth token."""
-        return Path(self.auth_env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
 
     def headers(self) -> dict[str, str]:
         """HTTP headers that authenticate against the dashboard."""
@@ -175,7 +172,8 @@ def start_cluster(num_cpus: int = 1) -> RayCluster:
     root = Path(tempfile.mkdtemp(prefix="jpray-", dir="/tmp"))
     temp_dir = root / "ray"
     token_file = root / "auth_token"
-    token_file.write_text(secrets.token_hex(32))
+    token = secrets.token_hex(32)
+    token_file.write_text(token)
     token_file.chmod(0o600)
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
 
@@ -204,6 +202,7 @@ def start_cluster(num_cpus: int = 1) -> RayCluster:
         gcs_address=gcs_address,
         env={**base, "RAY_API_SERVER_ADDRESS": dashboard_url},
         auth_env=auth_env,
+        token=token,
         temp_dir=temp_dir,
         _root=root,
     )

@@ -53,9 +53,7 @@ def test_normalize_address(clean_env: Path, given: str, want: str) -> None:
     assert sub.normalize_address(given) == want
 
 
-def test_normalize_address_env_fallback(
-    clean_env: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_normalize_address_env_fallback(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "h2:8265")
     assert sub.normalize_address(None) == "http://h2:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://h1:8265")
@@ -179,7 +177,7 @@ def test_not_a_dashboard(clean_env: Path) -> None:
 
 
 @pytest.fixture
-def cluster(ray_cluster, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+def cluster(ray_cluster, monkeypatch: pytest.MonkeyPatch):
     """The session cluster, with its token visible to the in-process client only."""
     for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
         monkeypatch.delenv(var, raising=False)
