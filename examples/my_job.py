@@ -1,5 +1,7 @@
 import torch
+
 from pipeline import Problem
+
 
 def build(n: int = 1000, seed: int = 0) -> Problem:
     g = torch.Generator().manual_seed(seed)
