@@ -17,6 +17,7 @@ def build(
     activation: str = "tanh",
     dtype: str = "float32",
     seed: int = 0,
+    device: str = "cpu",
 ) -> Problem:
     """Build the MLP Jacobian problem.
 
@@ -27,6 +28,9 @@ def build(
         activation: tanh, relu or softplus.
         dtype: float32 or float64.
         seed: seed of the weights and of x.
+        device: where the weights and x live (``cpu`` or ``cuda``); workers
+            given a GPU pass ``cuda``. Drawn on the CPU first, so every
+            device gets the same numbers.
     """
     from pipeline.errors import JacpipeError
 
@@ -41,6 +45,8 @@ def build(
     w2 = torch.randn(m, hidden, generator=g, dtype=dt) / hidden**0.5
     b2 = torch.randn(m, generator=g, dtype=dt) * 0.1
     x = torch.randn(n, generator=g, dtype=dt)
+    if device != "cpu":
+        w1, b1, w2, b2, x = (t.to(device) for t in (w1, b1, w2, b2, x))
     act = ACTIVATIONS[activation]
 
     def fn(v: torch.Tensor) -> torch.Tensor:
