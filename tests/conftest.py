@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.cluster", "tests.s3server"]
+
 # Workers must find `tests.userjobs`: Ray puts the driver's cwd on their path.
 os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
