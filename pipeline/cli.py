@@ -112,7 +112,8 @@ def run_cmd(
     gpus_per_shard: float = typer.Option(None, "--gpus-per-shard", help="GPUs per shard task, fractions allowed [default: 1 if the cluster has GPUs, else 0]."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option(None, "--dtype", help="float32 or float64 (passed to the job's dtype parameter)."),
-    method: str = typer.Option("auto", "--method", help="auto (cost model), rev (VJP per row) or fwd (JVP per column)."),
+    method: str = typer.Option("auto", "--method", help="auto (sparse when a pattern is known, else the fwd/rev cost model), rev (VJP per row), fwd (JVP per column) or sparse (graph colouring: one compressed pass per colour)."),
+    sparsity: str = typer.Option(None, "--sparsity", help="Sparsity pattern FILE (.npz scipy matrix, or Parquet with row/col columns); overrides the job's."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="Peak memory per task, e.g. 2GiB [default: half the node's memory over its task slots]."),
     chunk_size: int = typer.Option(None, "--chunk-size", help="Override the rows per vectorised pass (normally from --memory-budget)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep committed shards of the same job in --out."),
@@ -140,6 +141,7 @@ def run_cmd(
             method=method,
             memory_budget=memory_budget,
             chunk_size=chunk_size,
+            sparsity=sparsity,
             resume=resume,
             overwrite=overwrite,
             progress=progress,
@@ -326,6 +328,9 @@ def inspect_cmd(
             ("Frobenius norm", f"{info['frobenius_norm']:.6g}"),
             ("max |entry|", f"{info['max_abs']:.6g}"),
             ("zero fraction", "-" if zf is None else f"{zf:.4f}"),
+            *([("nonzeros / density / colours",
+                f"{info['nnz']} / {info['density']:.3g} / {info['colours']} "
+                f"({info['coloring_mode']} mode)")] if info["layout"] == "sparse" else []),
             ("NaN / Inf", f"{info['nan']} / {info['inf']}"),
         ]:
             table.add_row(name, value)
@@ -352,6 +357,8 @@ def inspect_cmd(
             _err(p)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+from pipeline.cli_cluster import register as _register_cluster; _register_cluster(app)  # noqa: E402, E702, I001
 
 
 def main() -> None:

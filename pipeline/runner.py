@@ -60,6 +60,7 @@ class RunOptions:
     method: str = "auto"
     memory_budget: str | None = None
     chunk_size: int | None = None
+    sparsity: str | None = None
     resume: bool = True
     overwrite: bool = False
     max_in_flight: int | None = None
@@ -193,10 +194,17 @@ def prepare_output(
 
 def _probe_address(address: str) -> None:
     """Fail fast (instead of Ray's long retries) when nothing listens at ``address``."""
+    if address.startswith(("http://", "https://")):
+        raise JacpipeError(
+            f"--address {address}: that is a dashboard (Jobs API) address; `jacpipe run "
+            "--address` expects the cluster's GCS address HOST:PORT (usually port 6379) or "
+            f"auto on a cluster node; to run through the dashboard use `jacpipe submit JOB "
+            f"... --address {address}`"
+        )
     if address in ("auto", "local") or address.startswith("ray://"):
         return
     host, _, port = address.rpartition(":")
-    host = host.removeprefix("http://").removeprefix("https://") or "127.0.0.1"
+    host = host.strip("[]") or "127.0.0.1"
     try:
         with socket.create_connection((host, int(port)), timeout=5):
             return
@@ -213,8 +221,14 @@ def _probe_address(address: str) -> None:
 def connect(address: str | None, num_cpus: int | None) -> bool:
     """Connect to Ray; returns True if this call started it (and should stop it).
 
+    Args:
+        address: ``HOST:PORT`` of a cluster's GCS, ``auto`` (on a cluster node,
+            e.g. inside a submitted job) or ``ray://``; None starts an embedded Ray.
+        num_cpus: CPUs of the embedded Ray (ignored with ``address``).
+
     Raises:
-        JacpipeError: the cluster cannot be reached.
+        JacpipeError: the cluster cannot be reached, refuses us (auth), or the
+            address is a dashboard URL.
     """
     import ray
 
@@ -230,16 +244,27 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
             ray.init(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise JacpipeError(f"--address {address}: cannot connect to Ray ({first})") from None
+            hint = ""
+            if isinstance(exc, ConnectionError):
+                # A token-auth cluster answers a client without a token like a dead one.
+                hint = (
+                    "; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
+                    "and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN)"
+                )
+            raise JacpipeError(
+                f"--address {address}: cannot connect to Ray ({first}){hint}"
+            ) from None
         return True
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
 
 
-def _shard_task(spec: dict[str, Any]) -> dict[str, Any]:
+def _shard_task(
+    spec: dict[str, Any], pattern: Any = None, coloring: Any = None
+) -> dict[str, Any]:
     from pipeline.worker import compute_shard
 
-    return compute_shard(spec)
+    return compute_shard(spec, pattern=pattern, coloring=coloring)
 
 
 _REMOTE: Any = None
@@ -273,9 +298,12 @@ def _describe_failure(exc: BaseException, shard: planning.Shard) -> JacpipeError
             return JacpipeError(f"{where}: {cause}", exit_code=cause.exit_code)
         name = type(cause).__name__ if cause is not None else "error"
         msg = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else ""
+        # The remote traceback: ``traceback_str`` on a plain RayTaskError, only
+        # its text on the subclass Ray raises for the user's exception type.
+        remote_tb = getattr(exc, "traceback_str", None) or str(exc)
         frames = [
             line.strip()
-            for line in str(getattr(exc, "traceback_str", "")).splitlines()
+            for line in str(remote_tb).splitlines()
             if line.strip().startswith("File ")
         ]
         user = [f for f in frames if "/pipeline/" not in f and "/torch/" not in f
@@ -326,7 +354,8 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     shapes = validate(problem, opts.job)
     fp = fingerprint(problem, shapes)
     device_param = "device" in job_parameters(builder)
-    del problem  # the driver holds metadata only
+    pattern = _pattern(opts, problem.sparsity, shapes)
+    del problem  # the driver holds metadata only (and a sparsity pattern if any)
 
     out = _uri_or_abspath(opts.out or f"out/{opts.job.replace(':', '_').replace('.', '_')}")
     storage = Storage(out)
@@ -335,7 +364,7 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     try:
         return _run_connected(
             opts, builder, params, shapes, fp, device_param, storage, notes, t_start, echo,
-            utcnow=utcnow, versions=versions, write_manifest=write_manifest,
+            utcnow=utcnow, versions=versions, write_manifest=write_manifest, pattern=pattern,
         )
     finally:
         if started:
@@ -344,13 +373,67 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
             ray.shutdown()
 
 
-def _cluster_resources() -> tuple[float, float, int]:
+def _pattern(opts: RunOptions, job_pattern: Any, shapes: Shapes) -> Any:
+    """The sparsity pattern to use: ``--sparsity FILE``, else the job's, else None.
+
+    Raises:
+        JacpipeError: ``--method sparse`` without a pattern, or a pattern of the
+            wrong shape.
+    """
+    if opts.method not in ("auto", "sparse"):
+        return None
+    if opts.sparsity:
+        from pipeline.sparse import load_pattern
+
+        pattern = load_pattern(opts.sparsity)
+    elif job_pattern is not None:
+        from pipeline.coloring import as_pattern
+
+        pattern = as_pattern(job_pattern)
+    else:
+        if opts.method == "sparse":
+            raise JacpipeError(
+                f"--method sparse: job {opts.job!r} has no sparsity pattern; give one with "
+                "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns)"
+            )
+        return None
+    if pattern.shape != (shapes.m, shapes.n):
+        raise JacpipeError(
+            f"sparsity pattern has shape {pattern.shape}, expected {(shapes.m, shapes.n)} "
+            f"(rows x columns of the {shapes.kind})"
+        )
+    if shapes.kind == "batched":
+        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
+    return pattern
+
+
+def _pattern_hash(pattern: Any) -> str:
+    import hashlib
+
+    import numpy as np
+
+    csr = pattern.tocsr()
+    h = hashlib.sha256()
+    h.update(np.asarray(csr.shape, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indptr, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indices, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _cluster_resources() -> tuple[float, float, int, float, float]:
+    """``(CPUs, GPUs, smallest node memory, most CPUs on one node, most GPUs on one node)``.
+
+    The per-node maxima matter: a task asking more than any one node has is
+    never scheduled (Ray waits forever), whatever the cluster's total.
+    """
     import ray
 
     res = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     mem = min((int(n["Resources"].get("memory", 0)) for n in nodes), default=0)
-    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), mem
+    node_cpus = max((float(n["Resources"].get("CPU", 0)) for n in nodes), default=0.0)
+    node_gpus = max((float(n["Resources"].get("GPU", 0)) for n in nodes), default=0.0)
+    return float(res.get("CPU", 0)), float(res.get("GPU", 0)), mem, node_cpus, node_gpus
 
 
 def _run_connected(
@@ -368,25 +451,60 @@ def _run_connected(
     utcnow: Callable[[], str],
     versions: Callable[[], dict[str, str]],
     write_manifest: Callable[[Any, dict[str, Any]], None],
+    pattern: Any = None,
 ) -> RunSummary:
     import ray
 
-    cpus, gpus, node_memory = _cluster_resources()
+    cpus, gpus, node_memory, node_cpus, node_gpus = _cluster_resources()
     if opts.device == "cuda" and gpus == 0:
         raise JacpipeError(
             "--device cuda: the Ray cluster has no GPUs (cluster resources: "
             f"{cpus:g} CPUs, 0 GPUs); use --device cpu or a cluster with GPUs"
         )
+    if opts.device == "cuda" and not device_param:
+        raise JacpipeError(
+            f"--device cuda: job {opts.job!r} has no `device` parameter, so its problem is "
+            "built on the CPU; add `device: str = \"cpu\"` to its build() (see jobs/mlp.py) "
+            "or use --device auto/cpu"
+        )
     gpus_per_shard = opts.gpus_per_shard
     if gpus_per_shard is None:
-        gpus_per_shard = 1.0 if gpus > 0 and opts.device != "cpu" else 0.0
-    if gpus_per_shard < 0 or gpus_per_shard > max(gpus, 0) and gpus_per_shard > 0:
+        # A job without a `device` parameter builds on the CPU: a GPU would idle.
+        gpus_per_shard = 1.0 if gpus > 0 and opts.device != "cpu" and device_param else 0.0
+    if not gpus_per_shard >= 0 or gpus_per_shard > max(gpus, 0) and gpus_per_shard > 0:
         raise JacpipeError(
             f"--gpus-per-shard {gpus_per_shard:g}: the cluster has {gpus:g} GPUs"
         )
-    if opts.cpus_per_shard <= 0 or opts.cpus_per_shard > cpus:
+    if gpus_per_shard > node_gpus:
+        raise JacpipeError(
+            f"--gpus-per-shard {gpus_per_shard:g}: no node has that many (at most "
+            f"{node_gpus:g} GPUs on one node, {gpus:g} in the cluster); a shard runs on one node"
+        )
+    if gpus_per_shard > 1 and not float(gpus_per_shard).is_integer():
+        raise JacpipeError(
+            f"--gpus-per-shard {gpus_per_shard:g}: Ray accepts fractions of one GPU "
+            "(e.g. 0.5) or whole numbers, not fractions above 1"
+        )
+    if opts.device == "cuda" and gpus_per_shard == 0:
+        raise JacpipeError(
+            "--device cuda with --gpus-per-shard 0: a shard computes on a GPU only when "
+            "Ray gives it one; give --gpus-per-shard > 0 or leave it out"
+        )
+    if gpus_per_shard > 0 and not device_param and opts.device != "cpu":
+        raise JacpipeError(
+            f"--gpus-per-shard {gpus_per_shard:g}: job {opts.job!r} has no `device` "
+            "parameter, so its problem is built on the CPU and cannot use a GPU; add "
+            "`device: str = \"cpu\"` to its build() (see jobs/mlp.py) or leave "
+            "--gpus-per-shard out"
+        )
+    if not opts.cpus_per_shard > 0 or opts.cpus_per_shard > cpus:
         raise JacpipeError(
             f"--cpus-per-shard {opts.cpus_per_shard:g}: the cluster has {cpus:g} CPUs"
+        )
+    if opts.cpus_per_shard > node_cpus:
+        raise JacpipeError(
+            f"--cpus-per-shard {opts.cpus_per_shard:g}: no node has that many (at most "
+            f"{node_cpus:g} CPUs on one node, {cpus:g} in the cluster); a shard runs on one node"
         )
     slots = max(1, int(cpus // opts.cpus_per_shard))
     if gpus_per_shard > 0:
@@ -402,21 +520,40 @@ def _run_connected(
         shapes.total_rows,
         shards=opts.shards,
         rows_per_shard=opts.rows_per_shard,
-        row_bytes=shapes.n * itemsize,
+        # A sparse row stores its nonzeros only: (int64 column, value) each.
+        row_bytes=(
+            shapes.n * itemsize
+            if pattern is None or opts.method not in ("auto", "sparse")
+            else max(1, int(pattern.nnz) // max(shapes.m, 1)) * (8 + itemsize)
+        ),
         workers=slots,
         align=align,
     )
     if note:
         notes.append(note)
         echo(f"note: {note}")
-    if shapes.kind == "batched":
+    coloring = None
+    if pattern is not None and opts.method in ("auto", "sparse"):
+        # NOTE: a known pattern beats both dense modes: one compressed pass per
+        # colour instead of one per row (rev) or column (fwd).
+        from pipeline.coloring import choose_coloring
+
+        coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
+        method, layout = "sparse", "sparse"
+        echo(f"sparse: {int(pattern.nnz)} nonzeros, {coloring.num_colors} colours "
+             f"({coloring.mode} mode) instead of {min(shapes.m, shapes.n)} dense passes")
+    elif shapes.kind == "batched":
         # Every sample's rows sit in (about) one shard: per sample, rev costs m
         # VJPs and fwd n JVPs.
         method = planning.choose_method(opts.method, m=shapes.m, n=shapes.n, shards=1)
+        layout = "dense"
     else:
         method = planning.choose_method(opts.method, m=shapes.m, n=shapes.n, shards=len(shards))
-    layout = "dense"
-    group_rows = planning.group_rows(shapes.n, itemsize)
+        layout = "dense"
+    if layout == "sparse":
+        group_rows = planning.group_rows(max(1, int(pattern.nnz) // max(shapes.m, 1)), 8 + itemsize)
+    else:
+        group_rows = planning.group_rows(shapes.n, itemsize)
 
     identity = {
         "job": opts.job,
@@ -426,6 +563,13 @@ def _run_connected(
         "layout": layout,
         "plan": [[s.start, s.stop] for s in shards],
     }
+    if coloring is not None:
+        identity["coloring"] = {
+            "mode": coloring.mode,
+            "num_colors": int(coloring.num_colors),
+            "nnz": int(pattern.nnz),
+            "pattern_sha256": _pattern_hash(pattern),
+        }
     if storage.is_dir():
         keep = prepare_output(storage, identity, resume=opts.resume, overwrite=opts.overwrite)
     else:
@@ -488,6 +632,8 @@ def _run_connected(
         "meta": meta_common,
     }
     remote = _remote().options(num_cpus=opts.cpus_per_shard, num_gpus=gpus_per_shard)
+    # The pattern and colouring go to the object store once, not once per task.
+    sparse_args = () if coloring is None else (ray.put(pattern), ray.put(coloring))
     window = opts.max_in_flight or 2 * slots
     in_flight: dict[Any, planning.Shard] = {}
     pending = list(todo)
@@ -500,7 +646,7 @@ def _run_connected(
                 while pending and len(in_flight) < window:
                     shard = pending.pop(0)
                     spec = dict(spec_common, index=shard.index, start=shard.start, stop=shard.stop)
-                    in_flight[remote.remote(spec)] = shard
+                    in_flight[remote.remote(spec, *sparse_args)] = shard
                 done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in done:
                     shard = in_flight.pop(ref)
@@ -553,10 +699,23 @@ def _run_connected(
 def _cancel(in_flight: dict[Any, Any]) -> None:
     import ray
 
-    for ref in in_flight:
+    refs = list(in_flight)
+    for ref in refs:
         try:
             ray.cancel(ref, force=True)
         except Exception:  # noqa: BLE001 - best effort: the task may have finished
+            pass
+    # Fetch the outcomes that are in (errors, cancellations): Ray would log any
+    # it thinks nobody saw as "Unhandled error" tracebacks, after the run has
+    # already reported its one-line error.
+    try:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0) if refs else ([], [])
+    except Exception:  # noqa: BLE001 - best effort
+        return
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - already reported or cancelled by us
             pass
 
 

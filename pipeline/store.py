@@ -14,9 +14,11 @@ and the Parquet key-value metadata are JSON.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -68,22 +70,46 @@ def utcnow() -> str:
 class Storage:
     """A result folder on a local disk or on any ``pyarrow.fs`` filesystem.
 
-    Local folders get fsync + atomic ``os.replace``; object stores get
-    ``FileSystem.move`` (their PUT of the final name is atomic).
+    Local folders: temp name, ``fsync``, atomic ``os.replace``. Object stores
+    (``s3://...``): every write goes straight to its final key. An upload
+    becomes visible only when its stream is closed, as a whole, so a reader
+    never sees half an object; a temp key plus ``move`` would add a server-side
+    copy (CopyObject, limited to 5 GiB) and a delete for nothing.
+
+    ``uri`` is what the user gave (it may hold credentials and is what workers
+    need); ``display`` is the same with any secret masked, for messages.
     """
+
+    #: ``scheme://KEY:SECRET@`` and ``secret_key=`` / ``session_token=`` query values.
+    _SECRET_RE = re.compile(
+        r"(?P<a>[a-z][a-z0-9+.-]*://[^:/@?#\s]*:)[^@/?#\s]+(?=@)"
+        r"|(?P<b>[?&](?:secret_key|session_token|secret|password)=)[^&#\s]+",
+        re.IGNORECASE,
+    )
 
     def __init__(self, out: str) -> None:
         self.uri = str(out)
+        self.display = self.redact(self.uri)
         if "://" in self.uri and not self.uri.startswith("file://"):
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise JacpipeError(f"output {out!r}: cannot open ({exc})") from None
+            except (pa.ArrowInvalid, OSError, ValueError) as exc:
+                raise JacpipeError(
+                    f"output {self.display!r}: cannot open it ({self.redact(str(exc))}); "
+                    "expected a local folder or a URI like s3://bucket/prefix"
+                ) from None
             self.local = False
         else:
             path = self.uri.removeprefix("file://")
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
             self.local = True
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        """``text`` with the secrets of any URI in it replaced by ``***``."""
+        return cls._SECRET_RE.sub(
+            lambda m: (m.group("a") or m.group("b")) + "***", text
+        )
 
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
@@ -102,9 +128,13 @@ class Storage:
         if not self.is_dir():
             return []
         sel = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(sel))
+        # A set: an object store may list a name twice (an object and a "dir/" marker).
+        return sorted({i.base_name for i in self.fs.get_file_info(sel)})
 
     def makedirs(self) -> None:
+        if not self.local and self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            # Object stores would happily put keys "under" an object.
+            raise NotADirectoryError(errno.ENOTDIR, "an object with this name exists")
         self.fs.create_dir(self.root, recursive=True)
 
     def delete(self, name: str) -> None:
@@ -119,17 +149,26 @@ class Storage:
 
     def write_atomic(self, name: str, data: bytes) -> None:
         """Write ``name`` so a reader sees the old or the new bytes, never a mix."""
-        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
-        if self.local:
-            with open(self.path(tmp), "wb") as f:
+        if not self.local:
+            with self.fs.open_output_stream(self.path(name)) as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(self.path(tmp), self.path(name))
             return
-        with self.fs.open_output_stream(self.path(tmp)) as f:
+        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        with open(self.path(tmp), "wb") as f:
             f.write(data)
-        self.fs.move(self.path(tmp), self.path(name))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self.path(tmp), self.path(name))
+
+    def temp_name(self, name: str) -> str:
+        """Where a file is written before it is ``finish``-ed as ``name``.
+
+        Local: a hidden ``.NAME.<uuid>.tmp`` that readers skip. Object stores:
+        ``name`` itself (see the class docstring).
+        """
+        if not self.local:
+            return name
+        return f".{name.removesuffix('.parquet')}.{uuid.uuid4().hex}.tmp"
 
     def open_sink(self, name: str) -> Any:
         if self.local:
@@ -143,8 +182,9 @@ class Storage:
             os.fsync(sink.fileno())
             sink.close()
             os.replace(self.path(tmp), self.path(name))
-        else:
-            sink.close()
+            return
+        sink.close()  # the object appears now, whole
+        if tmp != name:
             self.fs.move(self.path(tmp), self.path(name))
 
     def sha256(self, name: str) -> str:
@@ -223,7 +263,7 @@ class PartWriter:
     ) -> None:
         self.storage = storage
         self.file = file
-        self.tmp = f".{file.removesuffix('.parquet')}.{uuid.uuid4().hex}.tmp"
+        self.tmp = storage.temp_name(file)
         self.schema = schema.with_metadata({META_KEY: json.dumps(dict(meta)).encode()})
         self.group_rows = max(1, group_rows)
         self._sink = storage.open_sink(self.tmp)
@@ -335,14 +375,18 @@ def read_manifest(storage: Storage) -> dict[str, Any] | None:
     """The manifest of a folder, or ``None`` if it has none.
 
     Raises:
-        JacpipeError: the manifest exists but is not a jacpipe manifest.
+        JacpipeError: the manifest exists but is not a jacpipe manifest, or is
+            corrupt (not JSON, or entries that do not match its plan).
     """
     if not storage.exists(MANIFEST):
         return None
     try:
         manifest = json.loads(storage.read_bytes(MANIFEST))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise JacpipeError(f"{storage.path(MANIFEST)} is not valid JSON ({exc})") from None
+        raise JacpipeError(
+            f"{storage.path(MANIFEST)} is corrupt (not valid JSON: {exc}); its shards cannot "
+            "be trusted: rerun `jacpipe run` with --overwrite to recompute the result"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise JacpipeError(
             f"{storage.path(MANIFEST)}: not a jacpipe manifest of format_version {FORMAT_VERSION}"
@@ -576,13 +620,18 @@ class JacobianResult:
         self,
         rows: Sequence[int] | np.ndarray | slice | None = None,
         *,
-        as_: str = "numpy",
+        as_: str | None = None,
         verify: bool = True,
         reshape: bool = False,
+        sample: int | Sequence[int] | np.ndarray | None = None,
     ) -> Any:
         """The requested rows as one array (see :func:`read_jacobian`)."""
+        if as_ is None:
+            as_ = "scipy" if self.layout == "sparse" else "numpy"
         if as_ not in ("numpy", "torch", "scipy"):
             raise JacpipeError(f"as_ must be numpy, torch or scipy, got {as_!r}")
+        if sample is not None:
+            return self._read_samples(sample, rows, as_=as_, verify=verify, reshape=reshape)
         if self.layout == "sparse":
             return self._read_sparse(rows, as_=as_, verify=verify)
         wanted = self._normalise_rows(rows)
@@ -615,6 +664,40 @@ class JacobianResult:
             import scipy.sparse as sp
 
             return sp.csr_matrix(out.reshape(-1, self.shapes.n))
+        return out
+
+    def _read_samples(
+        self, sample: Any, rows: Any, *, as_: str, verify: bool, reshape: bool
+    ) -> Any:
+        """Whole samples of a batched result: ``(m, n)`` for one, ``(k, m, n)`` for k."""
+        s = self.shapes
+        if s.kind != "batched":
+            raise JacpipeError(
+                f"sample=: only batched results have samples; this one is kind {s.kind!r} "
+                "(read rows instead)"
+            )
+        if rows is not None:
+            raise JacpipeError("give rows or sample, not both")
+        picked = np.asarray(sample, dtype=np.int64)
+        one = picked.ndim == 0
+        picked = picked.reshape(-1)
+        if picked.size and (picked.min() < 0 or picked.max() >= s.batch):
+            raise JacpipeError(
+                f"sample {picked[(picked < 0) | (picked >= s.batch)][0]} out of range: "
+                f"the result has {s.batch} samples (0..{s.batch - 1})"
+            )
+        flat = (picked[:, None] * s.m + np.arange(s.m)).reshape(-1)
+        out = np.asarray(self.read(flat, verify=verify))
+        if as_ == "scipy":
+            import scipy.sparse as sp
+
+            return sp.csr_matrix(out)
+        block = tuple(s.out_shape) + tuple(s.in_shape) if reshape else (s.m, s.n)
+        out = out.reshape(block if one else (len(picked), *block))
+        if as_ == "torch":
+            import torch
+
+            return torch.from_numpy(out)
         return out
 
     def _read_sparse(self, rows: Any, *, as_: str, verify: bool) -> Any:
@@ -680,24 +763,31 @@ def read_jacobian(
     out: str | os.PathLike[str],
     rows: Sequence[int] | np.ndarray | slice | None = None,
     *,
-    as_: str = "numpy",
+    as_: str | None = None,
     verify: bool = True,
     reshape: bool = False,
+    sample: int | Sequence[int] | np.ndarray | None = None,
 ) -> Any:
     """Read a result (or some of its rows) into memory.
 
     Args:
         out: the result folder (local path or ``s3://`` URI).
         rows: flat rows to read, in the order given; ``None`` reads all.
-        as_: ``"numpy"``, ``"torch"`` or ``"scipy"`` (a CSR matrix).
+        as_: ``"numpy"``, ``"torch"`` or ``"scipy"`` (a CSR matrix); default:
+            CSR for sparse results, numpy for dense ones.
         verify: check part files' sha256 against the manifest first.
-        reshape: restore ``out_shape + in_shape`` (all rows only).
+        reshape: restore ``out_shape + in_shape`` (all rows, or ``sample``).
+        sample: batched results only, instead of ``rows``: one sample's block
+            ``(m, n)`` (an int) or several ``(k, m, n)`` (a sequence).
 
     Returns:
         ``(m, n)`` for a Jacobian or Hessian, ``(B, m, n)`` for a batched result
-        read whole, ``(len(rows), n)`` for selected rows; CSR for sparse results.
+        read whole, ``(len(rows), n)`` for selected rows, ``(m, n)`` for one
+        ``sample``; CSR for sparse results.
 
     Raises:
         JacpipeError: not a result, or a needed shard is missing or corrupt.
     """
-    return open_jacobian(out).read(rows, as_=as_, verify=verify, reshape=reshape)
+    return open_jacobian(out).read(
+        rows, as_=as_, verify=verify, reshape=reshape, sample=sample
+    )

@@ -45,7 +45,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
                 entries += block.size
         nnz = entries - zeros
     else:
-        mat = result.read(verify=False) if not broken else None
+        mat = result.read(as_="scipy", verify=False) if not broken else None
         nnz = int(mat.nnz) if mat is not None else 0
         if mat is not None:
             vals = mat.data.astype(np.float64)
@@ -82,6 +82,9 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         "max_abs": max_abs,
         "zero_fraction": zeros / entries if entries else None,
         "nnz": nnz,
+        "density": nnz / (result.shape[0] * result.shape[1]) if result.shape[0] else None,
+        "colours": man.get("coloring", {}).get("num_colors"),
+        "coloring_mode": man.get("coloring", {}).get("mode"),
         "nan": nan,
         "inf": inf,
         "nan_inf_by_shard": {

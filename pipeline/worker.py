@@ -40,6 +40,8 @@ def activation_numel(problem: Problem) -> int:
     Measured with ``saved_tensors_hooks``: this is what a batched backward pass
     carries per row, and what the chunk size is budgeted against.
     """
+    if problem.kind == "jacobian":  # saved weights are shared by all rows (engine NOTE)
+        return engine.intermediate_numel(problem.fn, problem.x)
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -58,11 +60,31 @@ def activation_numel(problem: Problem) -> int:
     return total
 
 
+#: ``CUDA_VISIBLE_DEVICES`` when this process first used CUDA: torch keeps that
+#: view for the life of the process, whatever Ray sets for later tasks.
+_CUDA_VIEW: str | None = None
+
+
 def _device(requested: str) -> str:
-    if requested in ("auto", "cuda") and torch.cuda.is_available():
+    """Where this shard computes: ``cuda`` or ``cpu``.
+
+    ``cuda`` when Ray gave the task a GPU (or outside a Ray task) and torch
+    sees one; else the CPU, also for ``auto`` on nodes whose GPUs torch cannot
+    use (the manifest records the ``cpu`` fallback and the GPU ids Ray gave).
+
+    Raises:
+        JacpipeError: ``cuda`` was asked for and cannot be had here.
+    """
+    global _CUDA_VIEW
+    in_task, ids = _ray_gpus()
+    allowed = bool(ids) or not in_task
+    if requested in ("auto", "cuda") and allowed and torch.cuda.is_available():
+        if _CUDA_VIEW is None:
+            _CUDA_VIEW = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         return "cuda"
     if requested == "cuda":
-        raise JacpipeError("--device cuda: this worker has no CUDA device visible to torch")
+        why = "Ray gave this task no GPU" if not allowed else "torch sees no CUDA device"
+        raise JacpipeError(f"--device cuda: {why} on node {_node_id()[:12]}")
     return "cpu"
 
 
@@ -104,7 +126,9 @@ def _attempt(storage: Storage, run_id: str, index: int) -> int:
     return earlier + 1
 
 
-def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
+def compute_shard(
+    spec: dict[str, Any], *, pattern: Any = None, coloring: Any = None
+) -> dict[str, Any]:
     """Compute one shard and commit its part file; return its manifest entry.
 
     Args:
@@ -135,7 +159,7 @@ def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
         n=shapes.n,
         activations=activations,
         itemsize=itemsize,
-        group_bytes=2 * group_rows * shapes.n * itemsize,
+        group_bytes=2 * group_rows * _stored_row_bytes(shapes.n, itemsize, pattern),
         method=spec["method"],
     )
     if spec["method"] == "rev":
@@ -152,7 +176,7 @@ def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
     writer = PartWriter(storage, f"part-{index:05d}.parquet", schema, meta, group_rows=group_rows)
     try:
         if layout == "sparse":
-            _write_sparse(writer, problem, spec, start, stop, chunk)
+            _write_sparse(writer, problem, pattern, coloring, start, stop, chunk)
         else:
             blocks = engine.iter_rows(
                 problem, start, stop, chunk_size=chunk, method=spec["method"]
@@ -191,24 +215,68 @@ def compute_shard(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _stored_row_bytes(n: int, itemsize: int, pattern: Any) -> int:
+    """Bytes one row takes in a part file: dense values, or (column, value) pairs."""
+    if pattern is None:
+        return n * itemsize
+    return max(1, int(pattern.nnz) // max(pattern.shape[0], 1)) * (8 + itemsize)
+
+
 def _write_sparse(
-    writer: PartWriter, problem: Problem, spec: dict[str, Any], start: int, stop: int, chunk: int
+    writer: PartWriter,
+    problem: Problem,
+    pattern: Any,
+    coloring: Any,
+    start: int,
+    stop: int,
+    chunk: int,
 ) -> None:
+    """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows)."""
     from pipeline import sparse
 
-    rows = sparse.evaluate_rows(problem, start, stop, spec["coloring"], chunk_size=chunk)
-    writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values)
+    if pattern is None or coloring is None:
+        raise RuntimeError("a sparse shard needs the pattern and its colouring")
+    # Arrays from Ray's object store are read-only views; scipy tidies in place.
+    pattern = pattern.copy()
+    if problem.kind == "hessian":
+        rows = sparse.sparse_hessian_rows(
+            problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk
+        )
+    else:
+        rows = sparse.sparse_jacobian_rows(
+            problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk
+        )
+    writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values.detach().cpu().numpy())
 
 
-def _gpu_ids() -> list[str]:
+def _ray_gpus() -> tuple[bool, list[str]]:
+    """``(inside a Ray task, the GPU ids Ray gave it)``; ``(False, [])`` outside Ray."""
     try:
         import ray
 
         if ray.is_initialized():
-            return [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
-    except Exception:  # noqa: BLE001
+            ctx = ray.get_runtime_context()
+            ids = [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])]
+            return ctx.get_task_id() is not None, ids
+    except Exception:  # noqa: BLE001 - outside Ray there are no assigned GPUs
         pass
-    return []
+    return False, []
+
+
+def _gpu_ids() -> list[str]:
+    """The GPU ids this shard holds: Ray's assignment, or torch's if they differ.
+
+    A reused worker (``max_calls=0``) may be given another GPU than the one
+    torch opened for its first task; torch stays on the first one, and that
+    is what is recorded then.
+    """
+    ids = _ray_gpus()[1]
+    if _CUDA_VIEW and torch.cuda.is_initialized():
+        view = [d.strip() for d in _CUDA_VIEW.split(",") if d.strip()]
+        if ids and not set(ids) <= set(view):
+            current = torch.cuda.current_device()
+            return view[current : current + 1] or ids
+    return ids
 
 
 def _peak_rss() -> int:
