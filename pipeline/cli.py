@@ -101,7 +101,7 @@ PARAM_HELP = "Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."
 @app.command("run")
 @user_errors
 def run_cmd(
-    job: str = typer.Argument(..., help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
+    job: str = typer.Argument(..., metavar="JOB", help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
     param: list[str] = typer.Option([], "--param", "-p", help=PARAM_HELP),
     out: str = typer.Option(None, "--out", "-o", help="Result folder or s3:// URI [default: out/JOB]."),
     shards: int = typer.Option(None, "--shards", help="Number of shards of output rows."),
@@ -201,6 +201,10 @@ def _compare_and_print(
         _console().print(table)
         for p in report.problems:
             _err(p)
+        if report.nan or report.inf:
+            typer.secho(
+                f"warning: the result holds {report.nan} NaN and {report.inf} Inf values "
+                "(see `jacpipe inspect` for the shards)", fg=typer.colors.YELLOW, err=True)
         verdict = "MATCH" if report.ok else "MISMATCH"
         typer.secho(verdict, fg=typer.colors.GREEN if report.ok else typer.colors.RED, bold=True)
     if not report.ok:
@@ -362,8 +366,22 @@ from pipeline.cli_cluster import register as _register_cluster; _register_cluste
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="jacpipe")
+    """Console-script entry point.
+
+    An unexpected exception (a bug, a full disk) is still one line; set
+    ``JACPIPE_DEBUG=1`` to see its traceback.
+    """
+    import os
+
+    try:
+        app(prog_name="jacpipe")
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, exit 1
+        if os.environ.get("JACPIPE_DEBUG"):
+            raise
+        from pipeline.runner import format_exception_line
+
+        _err(f"{format_exception_line(exc)} (set JACPIPE_DEBUG=1 for the traceback)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
