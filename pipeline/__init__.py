@@ -14,7 +14,7 @@ from pipeline.problem import Problem as Problem
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pipeline.compare import compare as compare
+    from pipeline.compare import compare as compare_result
     from pipeline.engine import batched_rows as batched_rows
     from pipeline.engine import hessian_rows as hessian_rows
     from pipeline.engine import jacobian_rows as jacobian_rows
@@ -31,15 +31,19 @@ _LAZY = {
     "open_jacobian": "pipeline.store",
     "run": "pipeline.runner",
     "RunOptions": "pipeline.runner",
-    "compare": "pipeline.compare",
+    "compare_result": "pipeline.compare",
 }
 
 __all__ = ["JacpipeError", "Problem", *_LAZY]
+
+
+# ``pipeline.compare`` is the module; its function is exported as ``compare_result``.
+_RENAMED = {"compare_result": "compare"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), _RENAMED.get(name, name))
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -35,29 +35,22 @@ def _cache_key(spec: dict[str, Any], device: str) -> str:
 
 
 def activation_numel(problem: Problem) -> int:
-    """Elements autograd saves in one forward pass of ``fn`` at ``x`` (one sample).
+    """Elements one basis vector carries through one vectorised pass (one sample).
 
-    Measured with ``saved_tensors_hooks``: this is what a batched backward pass
-    carries per row, and what the chunk size is budgeted against.
+    The differentiable intermediates of the forward pass (for Hessians, of the
+    gradient's graph): see NOTE [Memory of one basis vector] in ``engine``.
+    Saved weights are shared by every row and are already in the measured RSS.
     """
-    if problem.kind == "jacobian":  # saved weights are shared by all rows (engine NOTE)
-        return engine.intermediate_numel(problem.fn, problem.x)
-    total = 0
+    if problem.kind == "hessian":
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel()
-        return t
+        def grad(t: torch.Tensor) -> torch.Tensor:
+            (g,) = torch.autograd.grad(problem.fn(t).reshape(()), t, create_graph=True)
+            return g
 
-    x = problem.x[0] if problem.kind == "batched" else problem.x
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = problem.fn(x)
-        if problem.kind == "hessian":
-            # Reverse-over-reverse also records the first backward pass.
-            (g,) = torch.autograd.grad(y.reshape(()), x, create_graph=True)
-            del g
-    return total
+        return engine.intermediate_numel(grad, problem.x)
+    if problem.kind == "batched":
+        return engine.intermediate_numel(problem.fn, problem.x[0])
+    return engine.intermediate_numel(problem.fn, problem.x)
 
 
 #: ``CUDA_VISIBLE_DEVICES`` when this process first used CUDA: torch keeps that
