@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= out/make-run
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean cluster-up cluster-down cluster-status
 
 setup: $(STAMP)
 
@@ -33,3 +33,14 @@ bench: setup
 
 clean:
 	rm -rf out .pytest_cache
+
+# A two-node Ray cluster on 127.0.0.1 (token auth, dashboard on 127.0.0.1:8265 when
+# free) for `jacpipe submit`; state in .cluster/, `cluster-down` stops only it.
+cluster-up: setup
+	PYTHON=$(BIN)/python scripts/cluster.sh up
+
+cluster-status:
+	PYTHON=$(BIN)/python scripts/cluster.sh status
+
+cluster-down:
+	PYTHON=$(BIN)/python scripts/cluster.sh down

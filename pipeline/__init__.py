@@ -14,7 +14,7 @@ from pipeline.problem import Problem as Problem
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pipeline.compare import compare as compare_result
+    from pipeline.compare import compare as compare_result  # noqa: F401
     from pipeline.engine import batched_rows as batched_rows
     from pipeline.engine import hessian_rows as hessian_rows
     from pipeline.engine import jacobian_rows as jacobian_rows

@@ -124,6 +124,7 @@ def run_cmd(
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
     from pipeline.runner import RunOptions, run
+    from pipeline.store import Storage
 
     summary = run(
         RunOptions(
@@ -151,7 +152,7 @@ def run_cmd(
     man = summary.manifest
     shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
     typer.echo(
-        f"wrote {summary.out}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
+        f"wrote {Storage.redact(summary.out)}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
         f"{len(man['plan'])} shards ({summary.computed} computed, {summary.skipped} resumed) "
         f"in {man.get('wall_seconds', 0):.2f}s"
     )

@@ -214,7 +214,7 @@ def compare(
         check_fingerprint(man["fingerprint"], fingerprint(problem, shapes))
     except JacpipeError as exc:
         raise JacpipeError(
-            f"{result.storage.uri}: job {man['job']!r} now builds a different problem than "
+            f"{result.storage.display}: job {man['job']!r} now builds a different problem than "
             f"the one stored ({str(exc).removeprefix('nondeterministic job: ')}); "
             "rerun `jacpipe run` to recompute the result"
         ) from None
@@ -283,7 +283,7 @@ def compare(
             f"{int(np.isnan(ref).sum())} / {int(np.isinf(ref).sum())}"
         )
     return CompareReport(
-        out=result.storage.uri,
+        out=result.storage.display,
         job=man["job"],
         shape=[total, n],
         dtype=result.dtype,

@@ -155,7 +155,7 @@ def prepare_output(
         foreign = [n for n in names if not n.startswith(OUR_FILES)]
         if foreign:
             raise JacpipeError(
-                f"--out {storage.uri} is not empty and holds no jacpipe result "
+                f"--out {storage.display} is not empty and holds no jacpipe result "
                 f"({', '.join(foreign[:3])}{'...' if len(foreign) > 3 else ''}); "
                 "give an empty or new folder"
             )
@@ -166,7 +166,7 @@ def prepare_output(
         if not overwrite:
             what = f"job {old.get('job')!r} with params {json.dumps(old.get('params'))}"
             raise JacpipeError(
-                f"--out {storage.uri} holds a result of {what} (differs in: "
+                f"--out {storage.display} holds a result of {what} (differs in: "
                 f"{', '.join(differs)}); pass --overwrite to replace it or choose another --out"
             )
         _clear(storage)
@@ -577,7 +577,7 @@ def _run_connected(
             storage.makedirs()
         except OSError as exc:
             raise JacpipeError(
-                f"--out {storage.uri}: cannot create the folder ({exc.strerror or exc})"
+                f"--out {storage.display}: cannot create the folder ({exc.strerror or exc})"
             ) from None
         keep = {}
     run_id = uuid.uuid4().hex[:12]
@@ -668,7 +668,7 @@ def _run_connected(
         write_manifest(storage, manifest)
         raise Interrupted(
             f"interrupted: {len(manifest['shards'])} of {len(shards)} shards committed in "
-            f"{storage.uri}; rerun the same command to resume"
+            f"{storage.display}; rerun the same command to resume"
         ) from None
     except BaseException:
         _cancel(in_flight)

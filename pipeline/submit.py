@@ -386,8 +386,18 @@ def submit(
         The submission id.
 
     Raises:
-        JacpipeError: unreachable cluster, auth failure, missing module, duplicate id.
+        JacpipeError: unreachable cluster, auth failure, missing module, duplicate id,
+            a secret (credentials in a URI) among ``run_args``.
     """
+    from pipeline.store import Storage
+
+    for arg in run_args:
+        if Storage.redact(arg) != arg:
+            raise JacpipeError(
+                f"run argument {Storage.redact(arg)!r} holds a secret: it would be stored in "
+                "the job's entrypoint on the cluster; give the nodes credentials through "
+                "their environment (AWS_ACCESS_KEY_ID, ...) or a role instead"
+            )
     return _submit_entrypoint(
         build_entrypoint(job, run_args),
         address=address,

@@ -57,7 +57,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
             zeros = entries - nnz
     seconds = [float(s.get("seconds", 0.0)) for s in result.committed]
     return {
-        "out": result.storage.uri,
+        "out": result.storage.display,
         "job": man["job"],
         "params": man["params"],
         "kind": man["kind"],

@@ -1,0 +1,325 @@
+"""``jacpipe submit | status | logs | stop | list``: runs on a Ray cluster via its Jobs API.
+
+Thin Typer commands over :mod:`pipeline.submit`; ``pipeline/cli.py`` adds them to
+its app with :func:`register`. Ray and pyarrow are imported inside the
+commands, so ``jacpipe --help`` stays fast. Errors a user can cause (bad run
+options, unreachable dashboard, missing token, unknown id) are one line and a
+non-zero exit, through ``cli.py``'s ``user_errors``.
+
+``submit`` forwards every ``jacpipe run`` option unchanged (so new ``run``
+options work without touching this file), after checking them with ``run``'s
+own parser. It always passes an absolute ``--out``: the job runs in a temporary
+working directory on the head node, where a relative path would vanish.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.errors import JacpipeError
+
+ADDRESS_HELP = (
+    "Dashboard (Jobs API) address of the head node, http://HEAD:8265 "
+    "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
+)
+Address = Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP, show_default=False)]
+SubmissionId = Annotated[str, typer.Argument(help="Submission id printed by `jacpipe submit`.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+#: ``jacpipe run`` options whose value is the output folder.
+_OUT_FLAGS = ("--out", "-o")
+#: Ray SDK loggers whose INFO lines (package upload, websocket closed) are noise here.
+_CHATTY_LOGGERS = (
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+)
+
+
+def _quiet_ray_sdk() -> None:
+    import logging
+
+    import ray.dashboard.modules.job.sdk  # noqa: F401 - it sets INFO on import: import first
+
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the cluster commands to the ``jacpipe`` Typer app."""
+    from pipeline.cli import user_errors
+
+    app.command(
+        "submit",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(user_errors(submit_cmd))
+    app.command("status")(user_errors(status_cmd))
+    app.command("logs")(user_errors(logs_cmd))
+    app.command("stop")(user_errors(stop_cmd))
+    app.command("list")(user_errors(list_cmd))
+
+
+# ---------------------------------------------------------------------------
+# submit
+# ---------------------------------------------------------------------------
+
+
+def submit_cmd(
+    ctx: typer.Context,
+    job: Annotated[str, typer.Argument(
+        help="Built-in job name or 'module:function' (local modules are shipped).")],
+    address: Address = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Stream the job's log until it ends; exit 1 unless it "
+        "SUCCEEDED.")] = False,
+    submission_id: Annotated[str | None, typer.Option(
+        "--submission-id", help="Use this id instead of a generated one.",
+        show_default=False)] = None,
+    extra_module: Annotated[list[str] | None, typer.Option(
+        "--extra-module", help="Another local module or .py file the job imports "
+        "(repeatable); shipped with pipeline/ and jobs/.", show_default=False)] = None,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="With --wait: give up waiting after this many seconds "
+        "(the job keeps running).", show_default=False)] = None,
+) -> None:
+    """Run `jacpipe run JOB ...` (any run options) on a Ray cluster through its Jobs API.
+
+    Every option of `jacpipe run` is forwarded (-p, --out, --shards, --verify and
+    the others); --address here is the cluster's dashboard. A relative --out is
+    made absolute: it must be a path every node can reach, or s3://bucket/prefix.
+    Prints the submission id; follow the job with `jacpipe logs ID --follow`.
+    """
+    from pipeline import submit as sub
+
+    _quiet_ray_sdk()
+    run_args = list(ctx.args)
+    run_args, out = _absolute_out(job, run_args, _parse_run_args(job, run_args))
+    sid = sub.submit(
+        job, run_args, address=address, submission_id=submission_id,
+        extra_modules=list(extra_module or []),
+    )
+    typer.echo(sid)
+    typer.echo(f"output: {out}", err=True)
+    if not wait:
+        typer.echo(f"follow it with: jacpipe logs {sid} --follow", err=True)
+        return
+    _wait_streaming(sid, address, timeout=timeout)
+
+
+def _run_command() -> Any:
+    """The click command behind `jacpipe run`, to parse forwarded options with."""
+    from pipeline.cli import app
+
+    return typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+
+
+def _parse_run_args(job: str, args: list[str]) -> dict[str, Any]:
+    """The options `jacpipe run JOB ARGS` would get; one clear error if it would not parse."""
+    for arg in args:
+        if arg == "--address" or arg.startswith("--address="):
+            raise JacpipeError(
+                "--address was given twice: `jacpipe submit` takes the dashboard address "
+                "once, and runs the job on the cluster with --address auto"
+            )
+    try:
+        return dict(_run_command().make_context("jacpipe run", [job, *args]).params)
+    except typer.TyperException as exc:  # typer's (vendored) click usage errors
+        text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise JacpipeError(
+            f"run options {' '.join(args)!r}: {text}; "
+            "see `jacpipe run --help`"
+        ) from None
+
+
+def _absolute_out(job: str, args: list[str], params: dict[str, Any]) -> tuple[list[str], str]:
+    """``args`` with ``--out`` made absolute (added when missing), and that output.
+
+    The job's working directory on the cluster is a temporary folder, so a
+    relative ``--out`` (or run's default ``out/JOB``) would be lost there.
+    """
+    out = params.get("out") or f"out/{job.replace(':', '_').replace('.', '_')}"
+    if "://" in out and not out.startswith("file://"):
+        from pipeline.store import Storage
+
+        if Storage.redact(out) != out:
+            raise JacpipeError(
+                f"--out {Storage.redact(out)}: credentials in the URI would be stored in the "
+                "job's entrypoint on the cluster (shown by `jacpipe list`); give the nodes "
+                "credentials through their environment (AWS_ACCESS_KEY_ID, ...) or a role, "
+                "and pass s3://bucket/prefix"
+            )
+    else:
+        out = os.path.abspath(os.path.expanduser(out.removeprefix("file://")))
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in _OUT_FLAGS:
+            skip = True
+        elif not arg.startswith(("--out=", "-o")):
+            kept.append(arg)
+    return [*kept, "--out", out], out
+
+
+def _wait_streaming(sid: str, address: str | None, *, timeout: float | None) -> None:
+    """Print the job's log as it comes while polling its status until it ends.
+
+    The status poll decides when the job is over (reliable); the log stream is
+    best effort, in a daemon thread that stops printing once we return.
+    """
+    from pipeline import submit as sub
+
+    started = time.monotonic()
+    done = threading.Event()
+    streamer = threading.Thread(
+        target=_print_log_stream, args=(sid, address, done), daemon=True
+    )
+    streamer.start()
+    try:
+        state = sub.wait(sid, address, timeout=timeout)
+        streamer.join(timeout=10)  # the stream ends with the job: let it print the tail
+    except KeyboardInterrupt:
+        raise JacpipeError(
+            f"stopped waiting; job {sid} keeps running on the cluster: "
+            f"`jacpipe stop {sid}` ends it", exit_code=130,
+        ) from None
+    finally:
+        done.set()
+    seconds = time.monotonic() - started
+    if state != "SUCCEEDED":
+        message = (sub.info(sid, address).get("message") or "").strip().splitlines()
+        # Ray appends ", last available logs ...:" and the log itself: we streamed it.
+        first = message[0].split(", last available logs")[0].rstrip(": ") if message else ""
+        why = f": {_masked(first)}" if first else ""
+        raise JacpipeError(
+            f"job {sid} {state} after {seconds:.1f} s{why}; see `jacpipe logs {sid}`",
+            exit_code=1,
+        )
+    typer.echo(f"job {sid} SUCCEEDED in {seconds:.1f} s", err=True)
+
+
+def _print_log_stream(sid: str, address: str | None, done: threading.Event) -> None:
+    try:
+        for chunk in _follow(sid, address):
+            if done.is_set():
+                return
+            typer.echo(chunk, nl=False)
+    except Exception:  # noqa: BLE001 - best effort: the status poll reports what matters
+        return
+
+
+def _follow(sid: str, address: str | None) -> Any:
+    from pipeline import submit as sub
+
+    _quiet_ray_sdk()
+    return sub.follow_logs(sid, address)
+
+
+# ---------------------------------------------------------------------------
+# status, logs, stop, list
+# ---------------------------------------------------------------------------
+
+
+def _masked(text: str | None) -> str:
+    from pipeline.store import Storage
+
+    return Storage.redact(text or "")
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def status_cmd(sid: SubmissionId, address: Address = None, as_json: AsJson = False) -> None:
+    """Status of a submitted job: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    import json
+
+    from pipeline import submit as sub
+
+    info = sub.info(sid, address)
+    info["entrypoint"] = _masked(info.get("entrypoint"))
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    typer.echo(f"{sid}: {info['status']}")
+    if info.get("message"):
+        typer.echo(f"  {_masked(info['message']).strip().splitlines()[0]}")
+    ended = f", ended {_when(info['end_time'])}" if info.get("end_time") else ""
+    typer.echo(f"  started {_when(info.get('start_time'))}{ended}")
+
+
+def logs_cmd(
+    sid: SubmissionId,
+    address: Address = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing new output until the job ends.")] = False,
+) -> None:
+    """Print what a submitted job has written to its log."""
+    from pipeline import submit as sub
+
+    if not follow:
+        typer.echo(sub.logs(sid, address), nl=False)
+        return
+    try:
+        for chunk in _follow(sid, address):
+            typer.echo(chunk, nl=False)
+    except KeyboardInterrupt:
+        typer.echo(f"(stopped following; job {sid} keeps running)", err=True)
+
+
+def stop_cmd(
+    sid: SubmissionId,
+    address: Address = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Wait until the job has stopped.")] = False,
+) -> None:
+    """Stop a submitted job (its driver and its shard tasks)."""
+    from pipeline import submit as sub
+
+    if not sub.stop(sid, address):
+        typer.echo(f"job {sid} had already ended: {sub.status(sid, address)}")
+        return
+    typer.echo(f"stop requested for job {sid}")
+    if wait:
+        typer.echo(f"job {sid}: {sub.wait(sid, address, timeout=120)}")
+
+
+def list_cmd(address: Address = None, as_json: AsJson = False) -> None:
+    """List the jobs the cluster knows, oldest first."""
+    import json
+
+    from pipeline import submit as sub
+
+    jobs = sub.list_jobs(address)
+    for job in jobs:
+        job["entrypoint"] = _masked(job.get("entrypoint"))
+        job["message"] = _masked(job.get("message"))
+    if as_json:
+        typer.echo(json.dumps(jobs, indent=1))
+        return
+    if not jobs:
+        typer.echo("no jobs on this cluster")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"jobs on {sub.normalize_address(address)}")
+    table.add_column("submission id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("started")
+    table.add_column("entrypoint")
+    for job in jobs:
+        entry = job["entrypoint"] or ""
+        entry = entry.removeprefix("python -m pipeline.cli ").replace(" --address auto", "")
+        table.add_row(str(job["submission_id"] or job["job_id"]), job["status"],
+                      _when(job["start_time"]), entry)
+    Console().print(table)
