@@ -38,7 +38,7 @@ _SCRIPT = """
             return {"error": str(exc)}
 
     def cli(name, *args):
-        # The command line, as in docs/cluster.md; run() finds this Ray initialised.
+        # The command line, as in the README's GPU section; run() finds this Ray initialised.
         from typer.testing import CliRunner
         from pipeline.cli import app
 

@@ -2,7 +2,7 @@
 
 Worker SIGKILLs mid-shard, a driver SIGKILL, Ctrl-C, corrupt and missing part
 files, crash leftovers, a garbage manifest, nondeterministic jobs, user
-exceptions and NaN/Inf, plus every row of ``docs/bad-inputs.md`` that
+exceptions and NaN/Inf, plus every row of the README's bad-input table that
 ``tests/test_cli.py`` does not already cover. Fault-injecting jobs live in
 ``tests/faultjobs.py``.
 """
@@ -403,7 +403,7 @@ def test_non_finite_entries_match_only_the_same_non_finite_reference():
 
 
 # ---------------------------------------------------------------------------
-# The rows of docs/bad-inputs.md that tests/test_cli.py does not cover
+# The rows of the README's bad-input table that tests/test_cli.py does not cover
 # ---------------------------------------------------------------------------
 
 
@@ -476,7 +476,9 @@ def test_job_changed_since_the_run_is_named(ray_session, tmp_path, clean):
 def test_every_row_of_the_bad_input_table_names_an_existing_test():
     import re
 
-    doc = Path("docs/bad-inputs.md").read_text()
+    readme = Path("README.md").read_text()
+    doc = readme[readme.index("## When something goes wrong"):]
+    doc = doc[: doc.find("\n## ", 1)] if "\n## " in doc[1:] else doc
     rows = [line for line in doc.splitlines()
             if line.startswith("| ") and not line.startswith("| You give")]
     assert len(rows) >= 40
