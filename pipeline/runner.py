@@ -516,9 +516,16 @@ def _run_connected(
         else planning.default_memory_budget(node_memory or 8 * 2**30, slots)
     )
     align = shapes.m if shapes.kind == "batched" else 1
+    sparse_planned = pattern is not None and opts.method in ("auto", "sparse")
     shards, note = planning.plan_shards(
         shapes.total_rows,
-        shards=opts.shards,
+        # NOTE: a sparse shard evaluates fn on all of x once per colour whatever
+        # its rows, so more shards than task slots only repeats that work.
+        shards=(
+            min(slots, shapes.total_rows)
+            if sparse_planned and opts.shards is None and opts.rows_per_shard is None
+            else opts.shards
+        ),
         rows_per_shard=opts.rows_per_shard,
         # A sparse row stores its nonzeros only: (int64 column, value) each.
         row_bytes=(

@@ -226,11 +226,10 @@ def sparse_hessian_rows(
     xf = x.detach().reshape(-1)
     # NOTE: the transposed reads B[j, .] need whole colour classes, so seeds
     # cover every column of each needed colour (not only this shard's).
-    needed = np.unique(read_color)
+    needed, pos = _distinct(read_color)
     every = np.arange(xf.numel(), dtype=np.int64)
     in_needed = np.isin(colors, needed)
     _, _, seeds = _seeds(colors[in_needed], every[in_needed], xf.numel(), xf)
-    pos = np.searchsorted(needed, read_color)
 
     def scalar(t: torch.Tensor) -> torch.Tensor:
         y = fn(t.reshape(x.shape))
@@ -385,10 +384,23 @@ def _seeds(
     Returns the ``k`` distinct colours used, each entry's row in the seed
     matrix, and the seeds (dtype and device of ``like``).
     """
-    needed, pos = np.unique(colors, return_inverse=True)
+    needed, pos = _distinct(colors)
     seeds = like.new_zeros(needed.size, size)
     seeds[_index(pos, like), _index(positions, like)] = 1
     return needed, pos, seeds
+
+
+def _distinct(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(colors, return_inverse=True)`` for small non-negative integers.
+
+    A presence table instead of a sort: O(len(colors)), about 10x faster than
+    ``np.unique`` on the 5e6 entries of a 1000 x 1000 5-point stencil.
+    """
+    colors = np.asarray(colors, dtype=np.int64)
+    present = np.zeros(int(colors.max()) + 1 if colors.size else 0, dtype=bool)
+    present[colors] = True
+    rank = np.cumsum(present) - 1  # rank[c]: position of colour c among the present ones
+    return np.flatnonzero(present), rank[colors]
 
 
 def _index(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
