@@ -27,8 +27,7 @@ lint: setup
 	$(BIN)/ruff check pipeline jobs tests benchmarks
 
 bench: setup
-	$(BIN)/python -m benchmarks.engine
-	$(BIN)/python -m benchmarks.end_to_end
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf out .pytest_cache

@@ -40,10 +40,10 @@ def build(
         raise JacpipeError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     dt = dtype_of(dtype)
     g = generator(seed)
-    w1 = torch.randn(hidden, n, generator=g, dtype=dt) / n**0.5
-    b1 = torch.randn(hidden, generator=g, dtype=dt) * 0.1
-    w2 = torch.randn(m, hidden, generator=g, dtype=dt) / hidden**0.5
-    b2 = torch.randn(m, generator=g, dtype=dt) * 0.1
+    w1 = torch.randn(hidden, n, generator=g, dtype=dt).div_(n**0.5)  # in place: no 2nd copy
+    b1 = torch.randn(hidden, generator=g, dtype=dt).mul_(0.1)
+    w2 = torch.randn(m, hidden, generator=g, dtype=dt).div_(hidden**0.5)
+    b2 = torch.randn(m, generator=g, dtype=dt).mul_(0.1)
     x = torch.randn(n, generator=g, dtype=dt)
     if device != "cpu":
         w1, b1, w2, b2, x = (t.to(device) for t in (w1, b1, w2, b2, x))

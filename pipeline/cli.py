@@ -366,6 +366,28 @@ def inspect_cmd(
 from pipeline.cli_cluster import register as _register_cluster; _register_cluster(app)  # noqa: E402, E702, I001
 
 
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_cmd(
+    ctx: typer.Context,
+    quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run, under a minute each."),
+    only: str = typer.Option(None, "--only", help="Comma-separated subset: engine, parquet_io, end_to_end, memory, batched_hessian, sparse."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a target is missed, too."),
+) -> None:
+    """Side-by-side benchmarks against the torch baselines; prints medians, ratios, MET/MISSED.
+
+    Each benchmark runs in its own process from the repository root and writes
+    benchmarks/results/NAME.json. Same as `make bench` or `python -m benchmarks`.
+    """
+    try:
+        from benchmarks.run_all import main as run_all
+    except ImportError:
+        _err("the benchmarks package is not installed: run from a jacpipe checkout")
+        raise typer.Exit(code=2) from None
+    argv = (["--quick"] if quick else []) + (["--only", only] if only else [])
+    argv += (["--strict"] if strict else []) + list(ctx.args)
+    raise typer.Exit(code=run_all(argv))
+
+
 def main() -> None:
     """Console-script entry point.
 

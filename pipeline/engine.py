@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 METHODS = ("rev", "fwd")
 
@@ -145,20 +146,35 @@ def _iter_rows_fwd(
     x_flat = x.detach().reshape(-1)
     n = x_flat.numel()
     f = _flat_fn(fn, x.shape)
-    with torch.no_grad():
-        m = f(x_flat).numel()
-    _check_range(start, stop, m)
-    if stop <= start:
-        return
-    out = x_flat.new_empty(stop - start, n)
 
-    def column(v: Tensor) -> Tensor:
-        return torch.func.jvp(f, (x_flat,), (v,))[1][start:stop]
+    def columns(v: Tensor) -> Tensor:
+        return torch.func.jvp(f, (x_flat,), (v,))[1]
 
-    vectorised = torch.func.vmap(column)
+    vectorised = torch.func.vmap(columns)
+    out = None
     for a, b in _chunks(0, n, chunk_size):
-        out[:, a:b] = vectorised(basis_rows(a, b, n, x_flat)).T
-    yield start, out
+        tangents = vectorised(basis_rows(a, b, n, x_flat))  # (b - a, m): J[:, a:b].T
+        if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
+            m = tangents.shape[1]
+            _check_range(start, stop, m)
+            rows = tangents[:, start:stop].T
+            if stop > start:  # a shard's slice is copied: the view would keep all m rows
+                yield start, rows if stop - start == m else rows.clone()
+            return
+        if out is None:
+            # m comes from the first pass: no separate forward pass (it reads
+            # every weight once more, ~15% of a tall Jacobian's time).
+            _check_range(start, stop, tangents.shape[1])
+            if stop <= start:
+                return
+            out = x_flat.new_empty(stop - start, n)
+        out[:, a:b] = tangents[:, start:stop].T
+    if out is None:  # no input columns at all
+        with torch.no_grad():
+            _check_range(start, stop, f(x_flat).numel())
+        out = x_flat.new_empty(stop - start, 0)
+    if stop > start:
+        yield start, out
 
 
 def jacobian_rows(
@@ -180,14 +196,80 @@ def jacobian_rows(
         method: ``"rev"`` or ``"fwd"``.
 
     Returns:
-        A ``(stop - start, x.numel())`` tensor.
+        A ``(stop - start, x.numel())`` tensor. Like ``torch.func.jacrev`` it
+        may be column-major (``w @ x`` layers give transposed batched
+        products); call ``.contiguous()`` where rows must be contiguous.
     """
-    blocks = [blk for _, blk in iter_jacobian_rows(
+    out = None
+    for a, block in iter_jacobian_rows(
         fn, x, start, stop, chunk_size=chunk_size, method=method
-    )]
-    if not blocks:
-        return x.new_empty(0, x.numel())
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+    ):
+        if a == start and block.shape[0] == stop - start:
+            return block  # one chunk: no copy
+        if out is None:
+            out = _empty_like_layout(block, stop - start)
+        out[a - start : a - start + block.shape[0]] = block
+    return out if out is not None else x.new_empty(0, x.numel())
+
+
+def _empty_like_layout(block: Tensor, rows: int) -> Tensor:
+    """An empty ``(rows, n)`` tensor with ``block``'s memory order.
+
+    Copying column-major blocks into a column-major result is a plain strided
+    copy; ``torch.cat`` would transpose every block (about 3x slower).
+    """
+    if block.dim() == 2 and block.shape[0] > 1 and block.stride(0) == 1:
+        return block.new_empty(block.shape[1], rows).T
+    return block.new_empty(rows, block.shape[1])
+
+
+class _IntermediateCounter(TorchFunctionMode):
+    """Counts the elements of every differentiable tensor a forward pass creates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        del types
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, Tensor) and t.requires_grad:
+                self.total += t.numel()
+        return out
+
+
+def intermediate_numel(
+    fn: Callable[[Tensor], Tensor], x: Tensor, *, warm_up: bool = True
+) -> int:
+    """Elements of the differentiable intermediates of one forward pass of ``fn`` at ``x``.
+
+    NOTE: [Memory of one basis vector]
+        A vectorised pass over ``c`` basis vectors carries ``c`` cotangents
+        (``rev``) or tangents (``fwd``) of every intermediate, so its memory is
+        ``c`` times this count, plus the basis and result rows. Tensors autograd
+        *saves* (weights, activations) are shared by all ``c`` and are already
+        in the process's measured baseline: counting them per row, as
+        ``saved_tensors_hooks`` would, makes a 40,000-wide MLP cost 160 MiB
+        "per row" instead of 0.6 MiB. The count is a sum over the whole
+        graph, an upper bound of what is alive at once.
+
+    With ``warm_up`` it also runs a tiny vectorised VJP (of a fixed function,
+    never ``fn``): torch.func's one-time setup (~70 MiB of RSS, measured)
+    then happens here, before a worker measures the baseline its chunks are
+    budgeted against, not inside the first chunk.
+    """
+    xg = x.detach().reshape(-1).clone().requires_grad_(True)
+    counter = _IntermediateCounter()
+    with torch.enable_grad(), counter:
+        fn(xg.reshape(x.shape))
+    if warm_up:
+        w = x.new_ones(8, 8)
+        for _ in iter_jacobian_rows(lambda t: w @ torch.tanh(w @ t), x.new_ones(8), 0, 1):
+            pass
+    return counter.total
 
 
 def _check_range(start: int, stop: int, m: int) -> None:
@@ -200,6 +282,10 @@ def _check_range(start: int, stop: int, m: int) -> None:
 # ---------------------------------------------------------------------------
 
 
+#: What ``method="auto"`` means for Hessians (see NOTE: [Hessian rows: which mode]).
+HESSIAN_AUTO = "rev"
+
+
 def iter_hessian_rows(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -209,28 +295,45 @@ def iter_hessian_rows(
     chunk_size: int | None = None,
     method: str = "rev",
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield rows ``[start, stop)`` of the Hessian of a scalar ``fn`` at ``x``.
+    """Yield ``(first_row, block)`` for rows ``[start, stop)`` of the Hessian of scalar ``fn``.
 
-    ``rev`` is reverse-over-reverse (a VJP of the gradient, vmapped over basis
-    rows); ``fwd`` is forward-over-reverse (``H e_i`` by a JVP of the gradient,
-    which equals row ``i`` since ``H`` is symmetric).
+    NOTE: [Hessian rows: which mode]
+        ``rev`` is reverse-over-reverse: the gradient's graph is recorded once
+        (one ``vjp`` of ``grad``) and its pullback is vmapped over basis rows,
+        so a chunk of ``c`` rows costs one batched backward-of-backward pass.
+        ``fwd`` is forward-over-reverse: ``H e_i`` by a JVP of the gradient,
+        which is row ``i`` because ``H`` is symmetric; each chunk re-runs the
+        gradient with ``c`` batched tangents. Both cost about the same flops
+        per row; measured on the n = 4000 dense benchmark
+        (``benchmarks/batched_hessian.py``), ``rev`` is the faster at every
+        chunk size up to 1024 rows, so ``auto`` means ``rev``.
+
+    Args:
+        fn: scalar function of ``x`` (any input shape).
+        x: the point; float32 or float64 (kept in the result).
+        start, stop: flat row range over ``x.reshape(-1)``.
+        chunk_size: rows per vectorised pass (both modes); ``None`` = all at once.
+        method: ``"rev"``, ``"fwd"`` or ``"auto"`` (= :data:`HESSIAN_AUTO`).
+
+    Yields:
+        ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``.
     """
+    if method == "auto":
+        method = HESSIAN_AUTO
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or 'auto', got {method!r}")
     x_flat = x.detach().reshape(-1)
     n = x_flat.numel()
     _check_range(start, stop, n)
+    if stop <= start:  # chunked vmap over zero rows raises
+        return
     f = _flat_fn(fn, x.shape)
-
-    def scalar(t: Tensor) -> Tensor:
-        return f(t).reshape(())
-
-    grad = torch.func.grad(scalar)
+    grad = torch.func.grad(lambda t: f(t).reshape(()))
     if method == "rev":
         _, pullback = torch.func.vjp(grad, x_flat)
         rows_of = torch.func.vmap(lambda v: pullback(v)[0])
-    elif method == "fwd":
-        rows_of = torch.func.vmap(lambda v: torch.func.jvp(grad, (x_flat,), (v,))[1])
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        rows_of = torch.func.vmap(lambda v: torch.func.jvp(grad, (x_flat,), (v,))[1])
     for a, b in _chunks(start, stop, chunk_size):
         yield a, rows_of(basis_rows(a, b, n, x_flat))
 
@@ -244,7 +347,14 @@ def hessian_rows(
     chunk_size: int | None = None,
     method: str = "rev",
 ) -> Tensor:
-    """Rows ``[start, stop)`` of the Hessian of scalar ``fn`` at ``x`` (flat indices)."""
+    """Rows ``[start, stop)`` of the Hessian of scalar ``fn`` at ``x`` (flat indices).
+
+    Args:
+        fn, x, start, stop, chunk_size, method: as :func:`iter_hessian_rows`.
+
+    Returns:
+        A ``(stop - start, x.numel())`` tensor.
+    """
     blocks = [b for _, b in iter_hessian_rows(
         fn, x, start, stop, chunk_size=chunk_size, method=method
     )]
@@ -265,36 +375,79 @@ def iter_batched_rows(
     chunk_size: int | None = None,
     method: str = "rev",
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield rows ``[start, stop)`` of the per-sample Jacobians of ``fn`` over ``xs``.
+    """Yield ``(first_row, block)`` for rows ``[start, stop)`` of the per-sample Jacobians.
 
     Row ``r`` is row ``r % m`` of the Jacobian of ``fn`` at sample ``r // m``
-    (``m`` outputs per sample); never the ``B²`` cross terms. Samples are
-    vectorised together with their rows: ``vmap`` over samples of
-    ``vmap`` over basis rows (``rev``) or basis columns (``fwd``).
+    (``m`` outputs per sample); never the ``B²`` cross terms.
+
+    NOTE: [Per-sample rows: samples and rows in one pass]
+        Whole samples are vectorised together with their rows: ``vmap`` over
+        samples of ``jacrev`` (``m`` VJPs per sample) or ``jacfwd`` (``n`` JVPs
+        per sample), so one pass over ``s`` samples carries ``s * m`` cotangents
+        (``rev``) or ``s * n`` tangents (``fwd``). ``chunk_size`` counts those
+        basis vectors, like the rows / columns of :func:`iter_jacobian_rows`
+        and the worker's memory budget, and is rounded down to whole samples.
+        A shard boundary may cut a sample: its partial rows, and every sample
+        whose rows alone exceed one chunk, go through
+        :func:`iter_jacobian_rows` on that sample, chunked the same way.
 
     Args:
-        chunk_size: rows per vectorised pass, rounded to whole samples.
+        fn: maps one sample ``xs[b]`` to any output shape (``m`` entries).
+        xs: the batch ``(B, *in_shape)``; float32 or float64.
+        start, stop: row range over ``(sample, row)`` flattened as ``b * m + i``.
+        chunk_size: basis vectors per vectorised pass; ``None`` = all at once.
+        method: ``"rev"`` or ``"fwd"``.
+
+    Yields:
+        ``(a, block)`` with ``block`` of shape ``(rows, xs[0].numel())``.
     """
-    sample_shape = xs.shape[1:]
-    flat = xs.detach().reshape(xs.shape[0], -1)
-    n = flat.shape[1]
-    f = _flat_fn(fn, sample_shape)
-    with torch.no_grad():
-        m = f(flat[0]).numel()
-    _check_range(start, stop, m * xs.shape[0])
-    if stop <= start:
-        return
-    per_sample = torch.func.jacfwd(f) if method == "fwd" else torch.func.jacrev(f)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    vectorised = torch.func.vmap(per_sample)
-    step = max(1, (chunk_size or (stop - start)) // m)
+    batch = xs.shape[0]
+    flat = xs.detach().reshape(batch, -1)
+    n = flat.shape[1]
+    f = _flat_fn(fn, xs.shape[1:])
+    with torch.no_grad():
+        m = f(flat[0]).numel() if batch else 0
+    _check_range(start, stop, m * batch)
+    if stop <= start:
+        return
+
+    def one_sample(s: int, r0: int, r1: int) -> Iterator[tuple[int, Tensor]]:
+        for a, block in iter_jacobian_rows(
+            fn, xs[s].detach(), r0, r1, chunk_size=chunk_size, method=method
+        ):
+            yield s * m + a, block
+
+    per_sample = n if method == "fwd" else m
+    step = (chunk_size // per_sample) if chunk_size else batch
     first, last = start // m, (stop - 1) // m + 1
-    for s0 in range(first, last, step):
-        s1 = min(s0 + step, last)
-        block = vectorised(flat[s0:s1]).reshape((s1 - s0) * m, n)
-        a, b = max(start, s0 * m), min(stop, s1 * m)
-        yield a, block[a - s0 * m : b - s0 * m]
+    whole_a = first if start % m == 0 else first + 1  # whole samples [whole_a, whole_b)
+    whole_b = last if stop % m == 0 else last - 1
+    if step < 1 or whole_a >= whole_b:
+        for s in range(first, last):
+            yield from one_sample(s, max(start - s * m, 0), min(stop - s * m, m))
+        return
+    if whole_a > first:
+        yield from one_sample(first, start - first * m, min(stop - first * m, m))
+    vectorised = torch.func.vmap(torch.func.jacfwd(f) if method == "fwd" else torch.func.jacrev(f))
+    for s0 in range(whole_a, whole_b, step):
+        s1 = min(s0 + step, whole_b)
+        try:
+            block = vectorised(flat[s0:s1])
+        except RuntimeError as exc:
+            warnings.warn(
+                f"fn cannot be vectorised over samples ({str(exc).splitlines()[0][:160]}); "
+                "computing the per-sample Jacobians one sample at a time",
+                VmapFallbackWarning,
+                stacklevel=2,
+            )
+            for s in range(s0, whole_b):
+                yield from one_sample(s, 0, m)
+            break
+        yield s0 * m, block.reshape((s1 - s0) * m, n)
+    if whole_b < last:
+        yield from one_sample(whole_b, 0, stop - whole_b * m)
 
 
 def batched_rows(
@@ -306,7 +459,15 @@ def batched_rows(
     chunk_size: int | None = None,
     method: str = "rev",
 ) -> Tensor:
-    """Rows ``[start, stop)`` over ``(sample, row)`` of the per-sample Jacobians."""
+    """Rows ``[start, stop)`` over ``(sample, row)`` of the per-sample Jacobians.
+
+    Args:
+        fn, xs, start, stop, chunk_size, method: as :func:`iter_batched_rows`.
+
+    Returns:
+        A ``(stop - start, xs[0].numel())`` tensor; ``.reshape(B, m, n)`` of a
+        whole range gives the per-sample Jacobians.
+    """
     blocks = [b for _, b in iter_batched_rows(
         fn, xs, start, stop, chunk_size=chunk_size, method=method
     )]

@@ -70,7 +70,10 @@ def plan_shards(
         shards = math.ceil(total_rows / rows_per_shard)
     elif shards is None:
         by_size = math.ceil(total_rows * row_bytes / TARGET_PART_BYTES) if row_bytes else 1
-        shards = max(2 * max(workers, 1), by_size)
+        slots = max(workers, 1)
+        # A whole number of rounds: 5 shards on 2 workers leave one idle for a
+        # fifth of the run (measured: 20.4 s instead of ~18.5 s end to end).
+        shards = -(-max(2 * slots, by_size) // slots) * slots
         shards = min(shards, total_rows)
     if shards > total_rows:
         note = f"--shards {shards} is more than the {total_rows} rows; using {total_rows} shards"
@@ -130,13 +133,31 @@ def default_memory_budget(total_memory: int, slots: int) -> int:
 
 # NOTE: [Chunk size from a memory budget]
 #   One vectorised pass over c rows holds, per row: the basis row (m), the
-#   result row (n), and the batched cotangents flowing back through the graph,
-#   at most the size of the saved activations (a). With itemsize s the pass
-#   needs about  c * s * (m + n + a) * SAFETY  bytes. The shard also keeps one
-#   Parquet row group of output (`group` bytes) while writing. What the process
-#   already holds (the interpreter, torch, the problem) is measured, not
-#   guessed, and subtracted from the budget.
+#   result row (n), and the batched cotangents (rev) or tangents (fwd) of every
+#   differentiable intermediate of fn (a, counted by
+#   engine.intermediate_numel: NOT the tensors autograd saves, which all rows
+#   share and which are already in the baseline). With itemsize s the pass
+#   needs about  c * s * (m + n + a) * SAFETY  bytes; SAFETY covers the
+#   backward kernels' temporaries and the copy that makes a column-major block
+#   row-major for the writer. The shard also keeps the writer's row group
+#   (`group_bytes`), and forward mode keeps its whole (rows, n) result. What
+#   the process already holds (interpreter, torch, Ray, the problem) is
+#   measured, not guessed, and subtracted from the budget; so is WRITER_BYTES,
+#   what Parquet writing adds on first use (code, zstd contexts: 48 MiB
+#   measured), which the first shard's baseline cannot contain yet.
+#
+#   Within the budget, bigger is not faster: a pass whose working set
+#   c * s * (m + n + a) outgrows the caches streams every intermediate through
+#   memory. Measured on 2 cores (benchmarks/engine.py, heat N=64, float64,
+#   4096 rows): 64 rows per pass 0.42 s, 177 (this model) 0.53 s, 256 rows
+#   0.58 s, all at once 1.6 s (jacrev 1.57 s). Matmul-bound MLPs prefer big
+#   passes (mlp 2000: 2000 rows 44 ms, 1000 rows 50 ms), so the cap is a
+#   compromise. CACHE_BYTES caps the working set; MIN_CHUNK keeps matrix
+#   products efficient.
 SAFETY = 2.0
+WRITER_BYTES = 64 * 2**20
+CACHE_BYTES = 128 * 2**20
+MIN_CHUNK = 32
 
 
 def chunk_rows(
@@ -149,26 +170,45 @@ def chunk_rows(
     itemsize: int,
     group_bytes: int,
     method: str = "rev",
+    rows: int = 0,
+    cache_bytes: int | None = CACHE_BYTES,
 ) -> int:
     """Rows (``rev``) or columns (``fwd``) per vectorised pass under ``budget`` bytes.
+
+    Args:
+        budget: bytes this process may peak at (``--memory-budget``).
+        baseline: bytes it holds already (measured RSS).
+        m, n: rows and columns of the Jacobian.
+        activations: elements of fn's differentiable intermediates per basis
+            vector (:func:`pipeline.engine.intermediate_numel`).
+        itemsize: 4 or 8.
+        group_bytes: what the Parquet writer holds (a row group and its copy).
+        method: ``rev`` (chunk over rows) or ``fwd`` (chunk over columns).
+        rows: rows of the shard; ``fwd`` keeps all of them until written.
+        cache_bytes: cap of one pass's working set (see the NOTE); ``None``
+            means budget only.
+
+    Returns:
+        The chunk size; at most the budget allows, never below 1.
 
     Raises:
         JacpipeError: the budget does not leave room for even one row.
     """
-    free = budget - baseline - group_bytes
-    if method == "fwd":
-        # A JVP pass over c columns carries c tangents of every activation and
-        # output, plus the shard's (rows, c) slice that is kept.
-        per = itemsize * (n + m + activations) * SAFETY
-    else:
-        per = itemsize * (m + n + activations) * SAFETY
+    kept = rows * n * itemsize if method == "fwd" else 0
+    free = budget - baseline - group_bytes - kept - WRITER_BYTES
+    width = itemsize * (m + n + activations)
+    per = width * SAFETY
     if free < per:
         raise JacpipeError(
             f"--memory-budget {format_size(budget)} is too small: the worker already "
-            f"holds {format_size(baseline)} and one row needs {format_size(per + group_bytes)}; "
-            f"give at least {format_size(baseline + per + group_bytes)}"
+            f"holds {format_size(baseline)} and one row needs "
+            f"{format_size(per + group_bytes + kept + WRITER_BYTES)}; "
+            f"give at least {format_size(baseline + per + group_bytes + kept + WRITER_BYTES)}"
         )
-    return max(1, int(free // per))
+    by_budget = max(1, int(free // per))
+    if cache_bytes is None:
+        return by_budget
+    return min(by_budget, max(MIN_CHUNK, int(cache_bytes // width)))
 
 
 def group_rows(n: int, itemsize: int, target: int = 32 * 2**20) -> int:
@@ -183,8 +223,9 @@ def group_rows(n: int, itemsize: int, target: int = 32 * 2**20) -> int:
 #   A JVP and a VJP cost about the same (a small constant times one forward
 #   pass), so forward mode wins when n * shards < m / FWD_MARGIN. The margin
 #   keeps square-ish problems on the reverse path, where vmap over VJPs also
-#   reuses one recorded forward pass. Hessians and per-sample Jacobians use the
-#   same rule with their own m and n.
+#   reuses one recorded forward pass. Measured (benchmarks/engine.py, 2 cores):
+#   m = 50,000, n = 16: fwd 69 ms, rev ~15 s; m = n = 2000: rev 44 ms, fwd 78 ms.
+#   Hessians and per-sample Jacobians use the same rule with their own m and n.
 FWD_MARGIN = 2.0
 
 

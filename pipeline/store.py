@@ -681,7 +681,11 @@ class JacobianResult:
         filled = 0
         for row_idx, block in self.iter_blocks(wanted, verify=verify):
             if wanted is None:
-                out[row_idx] = block
+                lo = int(row_idx[0])
+                if int(row_idx[-1]) - lo + 1 == len(row_idx):  # contiguous: a slice, no gather
+                    out[lo : lo + len(row_idx)] = block
+                else:
+                    out[row_idx] = block
             else:
                 position = order[np.searchsorted(sorted_rows, row_idx)]
                 out[position] = block

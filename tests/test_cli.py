@@ -168,3 +168,9 @@ def test_real_subprocess_run_on_embedded_ray(tmp_path):
     man = json.loads((out / "_manifest.json").read_text())
     assert man["status"] == "complete" and len(man["shards"]) == 4
     assert all(s["node_id"] != "local" and s["device"] == "cpu" for s in man["shards"])
+
+
+def test_bench_command_refuses_an_unknown_benchmark():
+    result = runner.invoke(app, ["bench", "--only", "nonsense"])
+    assert result.exit_code == 2
+    assert "unknown benchmark" in result.output or "unknown benchmark" in str(result.stderr)

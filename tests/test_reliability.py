@@ -452,7 +452,7 @@ def test_out_that_cannot_be_created_is_one_line(ray_session, tmp_path):
 
 def test_missing_job_argument_is_a_usage_error():
     result = invoke("run")
-    assert result.exit_code == 2 and "Missing argument 'job'" in result.output
+    assert result.exit_code == 2 and "Missing argument 'JOB'" in result.output
 
 
 def test_compare_option_errors(clean):
