@@ -200,16 +200,22 @@ def jacobian_rows(
         may be column-major (``w @ x`` layers give transposed batched
         products); call ``.contiguous()`` where rows must be contiguous.
     """
+    blocks = iter_jacobian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method)
+    return _assemble(blocks, start, stop, x.new_empty(0, x.numel()))
+
+
+def _assemble(
+    blocks: Iterator[tuple[int, Tensor]], start: int, stop: int, empty: Tensor
+) -> Tensor:
+    """Rows ``[start, stop)`` from ``(first_row, block)`` chunks, copying only if several."""
     out = None
-    for a, block in iter_jacobian_rows(
-        fn, x, start, stop, chunk_size=chunk_size, method=method
-    ):
+    for a, block in blocks:
         if a == start and block.shape[0] == stop - start:
             return block  # one chunk: no copy
         if out is None:
             out = _empty_like_layout(block, stop - start)
         out[a - start : a - start + block.shape[0]] = block
-    return out if out is not None else x.new_empty(0, x.numel())
+    return out if out is not None else empty
 
 
 def _empty_like_layout(block: Tensor, rows: int) -> Tensor:
@@ -355,10 +361,8 @@ def hessian_rows(
     Returns:
         A ``(stop - start, x.numel())`` tensor.
     """
-    blocks = [b for _, b in iter_hessian_rows(
-        fn, x, start, stop, chunk_size=chunk_size, method=method
-    )]
-    return torch.cat(blocks) if blocks else x.new_empty(0, x.numel())
+    blocks = iter_hessian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method)
+    return _assemble(blocks, start, stop, x.new_empty(0, x.numel()))
 
 
 # ---------------------------------------------------------------------------
@@ -468,11 +472,8 @@ def batched_rows(
         A ``(stop - start, xs[0].numel())`` tensor; ``.reshape(B, m, n)`` of a
         whole range gives the per-sample Jacobians.
     """
-    blocks = [b for _, b in iter_batched_rows(
-        fn, xs, start, stop, chunk_size=chunk_size, method=method
-    )]
-    n = xs[0].numel()
-    return torch.cat(blocks) if blocks else xs.new_empty(0, n)
+    blocks = iter_batched_rows(fn, xs, start, stop, chunk_size=chunk_size, method=method)
+    return _assemble(blocks, start, stop, xs.new_empty(0, xs[0].numel()))
 
 
 def iter_rows(
