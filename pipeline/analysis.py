@@ -83,10 +83,19 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     """
     from pipeline.store import open_jacobian
 
+    if not str(path).lower().endswith(".png"):
+        raise JacpipeError(f"--plot {path}: expected a .png file name")
     result = open_jacobian(out)
     problems = result.check(checksums=False)
     if problems:
         raise JacpipeError(f"cannot plot an incomplete result: {problems[0]}")
+    try:
+        return _plot(result, path, max_pixels=max_pixels)
+    except OSError as exc:
+        raise JacpipeError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _plot(result: Any, path: str, *, max_pixels: int) -> str:
     man = result.manifest
     title = f"{man['job']} {man['kind']} {result.shape[0]}x{result.shape[1]} {result.dtype}"
     if result.layout == "sparse":

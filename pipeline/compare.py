@@ -204,6 +204,9 @@ def compare(
     from pipeline.problem import build_problem, check_fingerprint, fingerprint, validate
     from pipeline.store import open_jacobian
 
+    for name, value in (("--rtol", rtol), ("--atol", atol)):
+        if value is not None and not value >= 0:
+            raise JacpipeError(f"{name} must be >= 0, got {value}")
     result = open_jacobian(out)
     man = result.manifest
     broken = result.check(checksums=True)

@@ -137,6 +137,14 @@ def resolve_builder(spec: str) -> Callable[..., Problem]:
                 "or 'package.module:function' (see `jacpipe jobs`)"
             )
         mod_name, fn_name = f"jobs.{spec}", "build"
+    # A user's module in the current directory, as `python -m` would find it
+    # (the console script's sys.path starts with its own bin/ folder); Ray
+    # workers get the driver's working directory on their path too.
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as exc:
@@ -183,6 +191,8 @@ def parse_params(builder: Callable[..., Problem], pairs: list[str]) -> dict[str,
         name = name.strip()
         if not sep or not name:
             raise JacpipeError(f"parameter {pair!r}: expected NAME=VALUE, e.g. -p n=4000")
+        if name in out:
+            raise JacpipeError(f"parameter {name!r} given twice (-p {name}=...)")
         if name not in known:
             choices = ", ".join(known) or "none"
             raise JacpipeError(f"unknown parameter {name!r}: this job takes {choices}")

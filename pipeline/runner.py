@@ -340,6 +340,8 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
 
     t_start = time.perf_counter()
     notes: list[str] = []
+    if opts.chunk_size is not None and opts.chunk_size < 1:
+        raise JacpipeError(f"--chunk-size must be at least 1, got {opts.chunk_size}")
     if opts.device not in ("auto", "cpu", "cuda"):
         raise JacpipeError(f"--device must be auto, cpu or cuda, got {opts.device!r}")
     builder = resolve_builder(opts.job)

@@ -671,6 +671,14 @@ class JacobianResult:
         if self.layout == "sparse":
             return self._read_sparse(rows, as_=as_, verify=verify)
         wanted = self._normalise_rows(rows)
+        inverse = None
+        if wanted is not None:
+            # Repeated rows are read once and repeated in the output, as numpy indexing does.
+            unique, inverse = np.unique(wanted, return_inverse=True)
+            if len(unique) == len(wanted):
+                inverse = None
+            else:
+                wanted = unique
         count = self.shapes.total_rows if wanted is None else len(wanted)
         out = np.empty((count, self.shapes.n), dtype=_NUMPY_FLOAT[self.dtype])
         if wanted is None:
@@ -692,6 +700,8 @@ class JacobianResult:
             filled += len(row_idx)
         if filled != count:
             raise JacpipeError(f"{self.storage.display}: expected {count} rows, found {filled}")
+        if inverse is not None:
+            out = out[inverse]
         if reshape and wanted is None:
             out = out.reshape(self.full_shape)
         elif self.shapes.kind == "batched" and wanted is None:

@@ -174,3 +174,49 @@ def test_bench_command_refuses_an_unknown_benchmark():
     result = runner.invoke(app, ["bench", "--only", "nonsense"])
     assert result.exit_code == 2
     assert "unknown benchmark" in result.output or "unknown benchmark" in str(result.stderr)
+
+
+def test_user_job_module_in_the_current_directory(tmp_path):
+    """`jacpipe run localjob:build` finds ./localjob.py without PYTHONPATH (driver and workers)."""
+    (tmp_path / "localjob.py").write_text(
+        "import torch\nfrom pipeline import Problem\n\n\n"
+        "def build(n: int = 7) -> Problem:\n"
+        "    w = torch.arange(n * n, dtype=torch.float64).reshape(n, n) / n**2\n"
+        "    return Problem(fn=lambda v: torch.sin(w @ v), x=torch.ones(n, dtype=torch.float64))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    jacpipe = os.path.join(os.path.dirname(sys.executable), "jacpipe")
+    proc = subprocess.run(
+        [jacpipe, "run", "localjob:build", "-p", "n=9", "--shards", "2", "--num-cpus", "2",
+         "--out", "o", "--verify"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "MATCH" in proc.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["compare", "__out__", "--rtol", "-1"], "--rtol must be >= 0"),
+    (["compare", "__out__", "--all", "--atol", "-1"], "--atol must be >= 0"),
+    (["inspect", "__out__", "--plot", "__file__/J.png"], "cannot write it"),
+    (["inspect", "__out__", "--plot", "J.txt"], "expected a .png file name"),
+    (["run", "mlp", "-p", "n=5", "-p", "n=6"], "parameter 'n' given twice"),
+    (["run", "mlp", "--chunk-size", "0"], "--chunk-size must be at least 1"),
+])
+def test_more_user_errors(ray_session, tmp_path, args, match):
+    out = tmp_path / "r"
+    if "__out__" in args:
+        assert invoke("run", "mlp", *SMALL, "--shards", 2, "--out", out).exit_code == 0
+    (tmp_path / "afile").write_text("x")
+    args = [str(out) if a == "__out__" else a.replace("__file__", str(tmp_path / "afile"))
+            for a in args]
+    if args[0] == "run":
+        args += ["--out", str(tmp_path / "o2")]
+    assert_one_line_error(invoke(*args), match, code=2)
+
+
+def test_read_jacobian_repeats_duplicate_rows(ray_session, tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", "mlp", *SMALL, "--shards", 3, "--out", out).exit_code == 0
+    full = read_jacobian(out)
+    np.testing.assert_array_equal(read_jacobian(out, rows=[3, 3, 49, 0, 3]), full[[3, 3, 49, 0, 3]])
