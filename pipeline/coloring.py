@@ -87,7 +87,8 @@ def as_pattern(pattern: Any) -> sp.csr_matrix:
             raise ValueError(
                 f"sparsity pattern must be a 2-D (m, n) matrix, got shape {pattern.shape}"
             )
-        out = sp.csr_matrix(pattern, dtype=bool)
+        # copy: tidying below must not write into the caller's (maybe read-only) arrays
+        out = sp.csr_matrix(pattern, dtype=bool, copy=True)
     elif isinstance(pattern, np.ndarray):
         if pattern.ndim != 2:
             raise ValueError(

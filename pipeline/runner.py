@@ -336,7 +336,7 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
         ShardFailedError: the user's function raised in a shard.
         Interrupted: Ctrl-C.
     """
-    from pipeline.store import Storage, utcnow, versions, write_manifest
+    from pipeline.store import Storage
 
     t_start = time.perf_counter()
     notes: list[str] = []
@@ -365,8 +365,8 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     started = connect(opts.address, opts.num_cpus)
     try:
         return _run_connected(
-            opts, builder, params, shapes, fp, device_param, storage, notes, t_start, echo,
-            utcnow=utcnow, versions=versions, write_manifest=write_manifest, pattern=pattern,
+            opts, params, shapes, fp, device_param, storage, notes, t_start, echo,
+            pattern=pattern,
         )
     finally:
         if started:
@@ -440,7 +440,6 @@ def _cluster_resources() -> tuple[float, float, int, float, float]:
 
 def _run_connected(
     opts: RunOptions,
-    builder: Any,
     params: dict[str, Any],
     shapes: Shapes,
     fp: dict[str, Any],
@@ -450,12 +449,11 @@ def _run_connected(
     t_start: float,
     echo: Callable[[str], None],
     *,
-    utcnow: Callable[[], str],
-    versions: Callable[[], dict[str, str]],
-    write_manifest: Callable[[Any, dict[str, Any]], None],
     pattern: Any = None,
 ) -> RunSummary:
     import ray
+
+    from pipeline.store import utcnow, versions, write_manifest
 
     cpus, gpus, node_memory, node_cpus, node_gpus = _cluster_resources()
     if opts.device == "cuda" and gpus == 0:
@@ -646,8 +644,8 @@ def _run_connected(
     window = opts.max_in_flight or 2 * slots
     in_flight: dict[Any, planning.Shard] = {}
     pending = list(todo)
-    progress = _Progress(len(shards), shapes.total_rows, enabled=opts.progress, echo=echo)
-    progress.advance_committed(len(keep), sum(s["rows"] for s in keep.values()))
+    progress = _Progress(len(shards), enabled=opts.progress, echo=echo)
+    progress.done_shards = len(keep)
     t_compute = time.perf_counter()
     try:
         with progress:
@@ -731,10 +729,8 @@ def _cancel(in_flight: dict[Any, Any]) -> None:
 class _Progress:
     """A rich progress bar (shards, rows/s, ETA) or plain lines when not a terminal."""
 
-    def __init__(
-        self, shards: int, rows: int, *, enabled: bool, echo: Callable[[str], None]
-    ) -> None:
-        self.shards, self.rows, self.enabled, self.echo = shards, rows, enabled, echo
+    def __init__(self, shards: int, *, enabled: bool, echo: Callable[[str], None]) -> None:
+        self.shards, self.enabled, self.echo = shards, enabled, echo
         self.done_shards = 0
         self.done_rows = 0
         self._bar: Any = None
@@ -773,10 +769,6 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
-
-    def advance_committed(self, shards: int, rows: int) -> None:
-        self.done_shards += shards
-        self._rows_before = rows
 
     def advance(self, entry: dict[str, Any]) -> None:
         self.done_shards += 1

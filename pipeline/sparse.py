@@ -61,11 +61,14 @@ def evaluate_rows(
     coloring: Coloring | Mapping[str, Any],
     *,
     chunk_size: int | None = None,
+    pattern: Any = None,
 ) -> SparseRows:
     """Rows ``[start, stop)`` of a problem's sparse Jacobian or Hessian (the worker's entry).
 
     Args:
-        problem: a ``"jacobian"`` or ``"hessian"`` problem with ``sparsity`` set.
+        problem: a ``"jacobian"`` or ``"hessian"`` problem.
+        pattern: the pattern ``coloring`` colours (``--sparsity FILE``);
+            default ``problem.sparsity``.
         start: first row.
         stop: one past the last row.
         coloring: a :class:`~pipeline.coloring.Coloring`, or a mapping with
@@ -77,7 +80,7 @@ def evaluate_rows(
         The rows as :class:`SparseRows`.
 
     Raises:
-        ValueError: no sparsity pattern, a ``"batched"`` problem, or any error
+        ValueError: no pattern given nor in the problem, a ``"batched"`` problem, or any error
             of :func:`sparse_jacobian_rows` / :func:`sparse_hessian_rows`.
     """
     if isinstance(coloring, Mapping):
@@ -86,7 +89,9 @@ def evaluate_rows(
             num_colors=int(coloring["num_colors"]),
             mode=str(coloring["mode"]),
         )
-    if problem.sparsity is None:
+    if pattern is None:
+        pattern = problem.sparsity
+    if pattern is None:
         raise ValueError(
             "sparse evaluation needs Problem.sparsity (a scipy.sparse pattern); "
             "set it in build() or use a dense method"
@@ -99,9 +104,7 @@ def evaluate_rows(
         raise ValueError(
             f"sparse evaluation supports kind 'jacobian' and 'hessian', got {problem.kind!r}"
         )
-    return rows(
-        problem.fn, problem.x, start, stop, problem.sparsity, coloring, chunk_size=chunk_size
-    )
+    return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size)
 
 
 def sparse_jacobian_rows(

@@ -227,18 +227,9 @@ def _write_sparse(
     """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows)."""
     from pipeline import sparse
 
-    if pattern is None or coloring is None:
-        raise RuntimeError("a sparse shard needs the pattern and its colouring")
-    # Arrays from Ray's object store are read-only views; scipy tidies in place.
-    pattern = pattern.copy()
-    if problem.kind == "hessian":
-        rows = sparse.sparse_hessian_rows(
-            problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk
-        )
-    else:
-        rows = sparse.sparse_jacobian_rows(
-            problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk
-        )
+    if coloring is None:
+        raise RuntimeError("a sparse shard needs the colouring of its pattern")
+    rows = sparse.evaluate_rows(problem, start, stop, coloring, chunk_size=chunk, pattern=pattern)
     writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values.detach().cpu().numpy())
 
 
