@@ -366,7 +366,7 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     try:
         return _run_connected(
             opts, params, shapes, fp, device_param, storage, notes, t_start, echo,
-            pattern=pattern,
+            pattern=pattern, owns_ray=started,
         )
     finally:
         if started:
@@ -450,6 +450,7 @@ def _run_connected(
     echo: Callable[[str], None],
     *,
     pattern: Any = None,
+    owns_ray: bool = False,
 ) -> RunSummary:
     import ray
 
@@ -670,17 +671,20 @@ def _run_connected(
                     write_manifest(storage, manifest)
                     progress.advance(entry)
     except KeyboardInterrupt:
-        _cancel(in_flight)
+        # The manifest first: whatever happens next, the folder says what it holds.
         manifest["status"] = "interrupted"
         write_manifest(storage, manifest)
+        if not owns_ray:
+            _cancel(in_flight)
         raise Interrupted(
             f"interrupted: {len(manifest['shards'])} of {len(shards)} shards committed in "
             f"{storage.display}; rerun the same command to resume"
         ) from None
     except BaseException:
-        _cancel(in_flight)
         manifest["status"] = "failed"
         write_manifest(storage, manifest)
+        if not owns_ray:
+            _cancel(in_flight)
         raise
     manifest["status"] = "complete"
     manifest["wall_seconds"] = round(time.perf_counter() - t_start, 4)
@@ -704,6 +708,14 @@ def _run_connected(
 
 
 def _cancel(in_flight: dict[Any, Any]) -> None:
+    """Best-effort cancel of the tasks in flight on a Ray session we do not own.
+
+    Only for a caller's or a cluster's Ray: an embedded Ray is shut down right
+    after, which kills its workers. ``ray.cancel`` can race with a task's
+    completion inside Ray's core worker (a ``RAY_CHECK`` abort of the whole
+    driver, "Tried to complete task that was not pending"; ray-project/ray
+    PR 54527 fixed one path of it), so the manifest is always written first.
+    """
     import ray
 
     refs = list(in_flight)

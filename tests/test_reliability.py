@@ -200,10 +200,10 @@ def test_ctrl_c_exits_130_and_leaves_the_folder_resumable(ray_session, tmp_path,
         finally:
             # Like a terminal's Ctrl-C: SIGINT to the whole foreground process group.
             reaped = kill_session(proc, sig=signal.SIGINT)
-    assert proc.returncode == 130
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, stderr
     assert reaped == 0 and session_processes(proc.pid) == []  # embedded Ray went down too
-    errors = [line for line in (tmp_path / "stderr.txt").read_text().splitlines()
-              if line.startswith("error:")]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     man = manifest(out)
     k = len(man["shards"])
     assert man["status"] == "interrupted" and 2 <= k < 12
