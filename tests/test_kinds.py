@@ -108,11 +108,13 @@ def test_hessian_methods_and_ranges():
 
 
 def test_benchmark_hand_derived_hessian_is_the_hessian():
-    from benchmarks.batched_hessian import hand_hessian, hessian_problem
+    from benchmarks.batched_hessian import hand_hessian, hessian_problem, two_product_rows
 
     f, x, w = hessian_problem(40, "float64")
     ref = hessian(f, x)
     torch.testing.assert_close(hand_hessian(x, w), ref, rtol=1e-12, atol=1e-12)
+    # The benchmark's floor of row methods: the same matrix, blocks that do not divide n.
+    torch.testing.assert_close(two_product_rows(x, w, 16), ref, rtol=1e-12, atol=1e-12)
     for method in ("rev", "fwd"):
         torch.testing.assert_close(hessian_rows(f, x, 0, 40, chunk_size=16, method=method),
                                    ref, rtol=1e-12, atol=1e-12)
