@@ -711,17 +711,19 @@ def _cancel(in_flight: dict[Any, Any]) -> None:
     """Best-effort cancel of the tasks in flight on a Ray session we do not own.
 
     Only for a caller's or a cluster's Ray: an embedded Ray is shut down right
-    after, which kills its workers. ``ray.cancel`` can race with a task's
-    completion inside Ray's core worker (a ``RAY_CHECK`` abort of the whole
-    driver, "Tried to complete task that was not pending"; ray-project/ray
-    PR 54527 fixed one path of it), so the manifest is always written first.
+    after, which kills its workers. Not ``force``: killing a worker makes Ray
+    retry its task (``max_retries``) while the cancel is in progress, a race
+    inside Ray's core worker that aborts the whole driver ("Tried to complete
+    task that was not pending"; ray-project/ray issue 54260, measured here: 2
+    of 6 Ctrl-C runs). A plain cancel interrupts the task's Python code instead
+    and never kills its worker. The manifest is always written before this.
     """
     import ray
 
     refs = list(in_flight)
     for ref in refs:
         try:
-            ray.cancel(ref, force=True)
+            ray.cancel(ref, force=False)
         except Exception:  # noqa: BLE001 - best effort: the task may have finished
             pass
     # Fetch the outcomes that are in (errors, cancellations): Ray would log any
