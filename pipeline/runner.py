@@ -37,7 +37,7 @@ MAX_RETRIES = 3
 
 
 class Interrupted(JacpipeError):
-    """Ctrl-C: tasks cancelled, folder left resumable."""
+    """Ctrl-C: tasks stopped (NOTE: [Stopping tasks without ray.cancel]), folder resumable."""
 
     exit_code = 130
 
@@ -675,7 +675,7 @@ def _run_connected(
         manifest["status"] = "interrupted"
         write_manifest(storage, manifest)
         if not owns_ray:
-            _cancel(in_flight)
+            _abandon(in_flight)
         raise Interrupted(
             f"interrupted: {len(manifest['shards'])} of {len(shards)} shards committed in "
             f"{storage.display}; rerun the same command to resume"
@@ -684,7 +684,7 @@ def _run_connected(
         manifest["status"] = "failed"
         write_manifest(storage, manifest)
         if not owns_ray:
-            _cancel(in_flight)
+            _abandon(in_flight)
         raise
     manifest["status"] = "complete"
     manifest["wall_seconds"] = round(time.perf_counter() - t_start, 4)
@@ -707,36 +707,40 @@ def _run_connected(
     )
 
 
-def _cancel(in_flight: dict[Any, Any]) -> None:
-    """Best-effort cancel of the tasks in flight on a Ray session we do not own.
+def _abandon(in_flight: dict[Any, Any]) -> None:
+    """Leave the tasks in flight on a Ray session we do not own, fetching what is done.
 
-    Only for a caller's or a cluster's Ray: an embedded Ray is shut down right
-    after, which kills its workers. Not ``force``: killing a worker makes Ray
-    retry its task (``max_retries``) while the cancel is in progress, a race
-    inside Ray's core worker that aborts the whole driver ("Tried to complete
-    task that was not pending"; ray-project/ray issue 54260, measured here: 2
-    of 6 Ctrl-C runs). A plain cancel interrupts the task's Python code instead
-    and never kills its worker. The manifest is always written before this.
+    NOTE: [Stopping tasks without ray.cancel]
+        ``ray.cancel`` (forced or not) races with a task that completes or is
+        retried at that moment, inside Ray's core worker: a ``RAY_CHECK``
+        aborts the whole driver process ("Tried to complete task that was not
+        pending", ray-project/ray issue 54260; measured here with Ray 2.60 in 2
+        of 6 Ctrl-C runs, and in the fake-GPU test's failing runs). So jacpipe
+        never cancels. An embedded Ray is shut down right after, which kills
+        its workers; a driver of a cluster (``--address``, ``jacpipe submit``)
+        exits, and Ray kills the tasks it owns. Only a caller's own Ray session
+        (the Python API after ``ray.init``) lets the shards in flight run to
+        their end; what they write is never committed (the manifest was written
+        before this). Should one of them replace a part that a rerun started
+        meanwhile has committed, that part fails its checksum on reading and
+        the next resume recomputes it: detected, never silently mixed.
+
+    Outcomes already in are fetched, so Ray does not log them later as
+    "Unhandled error" tracebacks after the run reported its one-line error.
     """
     import ray
 
     refs = list(in_flight)
-    for ref in refs:
-        try:
-            ray.cancel(ref, force=False)
-        except Exception:  # noqa: BLE001 - best effort: the task may have finished
-            pass
-    # Fetch the outcomes that are in (errors, cancellations): Ray would log any
-    # it thinks nobody saw as "Unhandled error" tracebacks, after the run has
-    # already reported its one-line error.
+    if not refs:
+        return
     try:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0) if refs else ([], [])
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
     except Exception:  # noqa: BLE001 - best effort
         return
     for ref in ready:
         try:
             ray.get(ref, timeout=0)
-        except Exception:  # noqa: BLE001 - already reported or cancelled by us
+        except Exception:  # noqa: BLE001 - already reported
             pass
 
 
