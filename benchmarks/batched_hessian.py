@@ -70,6 +70,16 @@ def hessian_problem(n: int, dtype: str, seed: int = 0) -> tuple[Any, Any, Any]:
     return f, x, w
 
 
+def _hand_terms(x: Any, w: Any) -> tuple[Any, Any]:
+    """``d`` and ``q`` of :func:`hand_hessian`'s NOTE: H = Wᵀ diag(d) W - q qᵀ + I."""
+    import torch
+
+    t = torch.tanh(w @ x)
+    p = torch.softmax(t, 0)
+    u = 1 - t * t
+    return p * u * u - 2 * p * t * u, w.T @ (p * u)
+
+
 def hand_hessian(x: Any, w: Any) -> Any:
     """The Hessian of :func:`hessian_problem`'s f, derived by hand.
 
@@ -80,11 +90,7 @@ def hand_hessian(x: Any, w: Any) -> Any:
     """
     import torch
 
-    t = torch.tanh(w @ x)
-    p = torch.softmax(t, 0)
-    u = 1 - t * t
-    d = p * u * u - 2 * p * t * u
-    q = w.T @ (p * u)
+    d, q = _hand_terms(x, w)
     h = w.T @ (d[:, None] * w)
     h -= torch.outer(q, q)
     h.diagonal().add_(1)
@@ -105,11 +111,7 @@ def two_product_rows(x: Any, w: Any, chunk: int) -> Any:
     import torch
 
     n = x.numel()
-    t = torch.tanh(w @ x)
-    p = torch.softmax(t, 0)
-    u = 1 - t * t
-    d = p * u * u - 2 * p * t * u
-    q = w.T @ (p * u)
+    d, q = _hand_terms(x, w)
     out = x.new_empty(n, n)
     for a in range(0, n, chunk):
         c = min(chunk, n - a)

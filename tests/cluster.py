@@ -52,6 +52,17 @@ def ray_cluster() -> Iterator[RayCluster]:
         cluster.stop()  # a no-op after down(); kept for a state dir removed by hand
 
 
+@pytest.fixture
+def cluster(ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch) -> RayCluster:
+    """The session cluster, its token in this process's environment only (like
+    ``source .cluster/env.sh``), and no other Ray address or token inherited."""
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in ray_cluster.auth_env.items():
+        monkeypatch.setenv(key, value)
+    return ray_cluster
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Register the ``cluster`` marker."""
     config.addinivalue_line(

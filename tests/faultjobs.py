@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -63,6 +64,29 @@ def _mlp(n: int, m: int, hidden: int, seed: int) -> tuple[object, torch.Tensor]:
     return (lambda v: w2 @ torch.tanh(w1 @ v)), x
 
 
+def _identity_with_backward(
+    backward: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The identity, with ``backward(grad)`` as its pullback (vmap-able: a fault hook)."""
+
+    class Hooked(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            return v.clone()
+
+        @staticmethod
+        def setup_context(ctx: object, inputs: object, output: object) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            return backward(grad)
+
+    return Hooked.apply
+
+
 def crashy(
     n: int = 60,
     m: int = 48,
@@ -88,39 +112,28 @@ def crashy(
     mlp, x = _mlp(n, m, hidden, seed)
     doomed = _indices(kill)
 
-    class Fault(torch.autograd.Function):
-        generate_vmap_rule = True
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        if delay:
+            time.sleep(delay)
+        spec = current_spec()
+        if spec is not None and markers:
+            index = int(spec["index"])
+            key = (markers, str(spec["run_id"]), index)
+            _CALLS[key] = _CALLS.get(key, 0) + 1
+            if index in doomed and _CALLS[key] == kill_chunk:
+                temps = [
+                    name for name in os.listdir(spec["out"])
+                    if name.startswith(f".part-{index:05d}.")
+                ]
+                marker = os.path.join(markers, f"killed-{index:05d}")
+                if kill_always:
+                    marker += f"-{os.getpid()}"
+                if _claim(marker, json.dumps({"pid": os.getpid(), "temps": temps})):
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return grad
 
-        @staticmethod
-        def forward(v: torch.Tensor) -> torch.Tensor:
-            return v.clone()
-
-        @staticmethod
-        def setup_context(ctx: object, inputs: object, output: object) -> None:
-            pass
-
-        @staticmethod
-        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-            if delay:
-                time.sleep(delay)
-            spec = current_spec()
-            if spec is not None and markers:
-                index = int(spec["index"])
-                key = (markers, str(spec["run_id"]), index)
-                _CALLS[key] = _CALLS.get(key, 0) + 1
-                if index in doomed and _CALLS[key] == kill_chunk:
-                    temps = [
-                        name for name in os.listdir(spec["out"])
-                        if name.startswith(f".part-{index:05d}.")
-                    ]
-                    marker = os.path.join(markers, f"killed-{index:05d}")
-                    if kill_always:
-                        marker += f"-{os.getpid()}"
-                    if _claim(marker, json.dumps({"pid": os.getpid(), "temps": temps})):
-                        os.kill(os.getpid(), signal.SIGKILL)
-            return grad
-
-    return Problem(fn=lambda v: Fault.apply(mlp(v)), x=x)
+    fault = _identity_with_backward(backward)
+    return Problem(fn=lambda v: fault(mlp(v)), x=x)
 
 
 def raises_counted(
@@ -133,27 +146,16 @@ def raises_counted(
     """
     mlp, x = _mlp(n, m, hidden, seed)
 
-    class Boom(torch.autograd.Function):
-        generate_vmap_rule = True
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        spec = current_spec()
+        if spec is not None and int(spec["index"]) == shard:
+            with open(os.path.join(markers, "raised"), "a") as f:
+                f.write(f"{os.getpid()}\n")
+            raise ValueError(f"boom: the user's backward failed in shard {shard}")
+        return grad
 
-        @staticmethod
-        def forward(v: torch.Tensor) -> torch.Tensor:
-            return v.clone()
-
-        @staticmethod
-        def setup_context(ctx: object, inputs: object, output: object) -> None:
-            pass
-
-        @staticmethod
-        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-            spec = current_spec()
-            if spec is not None and int(spec["index"]) == shard:
-                with open(os.path.join(markers, "raised"), "a") as f:
-                    f.write(f"{os.getpid()}\n")
-                raise ValueError(f"boom: the user's backward failed in shard {shard}")
-            return grad
-
-    return Problem(fn=lambda v: Boom.apply(mlp(v)), x=x)
+    boom = _identity_with_backward(backward)
+    return Problem(fn=lambda v: boom(mlp(v)), x=x)
 
 
 def nonfinite(
@@ -174,20 +176,9 @@ def nonfinite(
     scale[sorted(_indices(nan_rows))] = float("nan")
     scale[sorted(_indices(inf_rows))] = float("inf")
 
-    class Odd(torch.autograd.Function):
-        generate_vmap_rule = True
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        # Only the rows a cotangent actually reaches turn non-finite (0 * NaN is NaN).
+        return torch.where(grad != 0, grad * scale, torch.zeros_like(grad))
 
-        @staticmethod
-        def forward(v: torch.Tensor) -> torch.Tensor:
-            return v.clone()
-
-        @staticmethod
-        def setup_context(ctx: object, inputs: object, output: object) -> None:
-            pass
-
-        @staticmethod
-        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-            # Only the rows a cotangent actually reaches turn non-finite (0 * NaN is NaN).
-            return torch.where(grad != 0, grad * scale, torch.zeros_like(grad))
-
-    return Problem(fn=lambda v: mlp(v) + Odd.apply(v[:m]), x=x)
+    odd = _identity_with_backward(backward)
+    return Problem(fn=lambda v: mlp(v) + odd(v[:m]), x=x)

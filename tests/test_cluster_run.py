@@ -40,16 +40,6 @@ def assert_one_line_error(result, match: str) -> None:
     assert match in errors[0], errors[0]
 
 
-@pytest.fixture
-def cluster(ray_cluster, monkeypatch: pytest.MonkeyPatch):
-    """The session cluster; its token (like `source .cluster/env.sh`) in this process."""
-    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    for key, value in ray_cluster.auth_env.items():
-        monkeypatch.setenv(key, value)
-    return ray_cluster
-
-
 def _wait_for(sid: str, address: str, states: set[str], timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while True:
