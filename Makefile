@@ -24,7 +24,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check pipeline jobs tests benchmarks
+	$(BIN)/ruff check pipeline jobs tests benchmarks scripts examples
 
 bench: setup
 	$(BIN)/python -m benchmarks

@@ -68,23 +68,27 @@ def _jacpipe(
 
     from pipeline.plan import parse_size, plan_shards
     from pipeline.problem import build_problem, fingerprint, validate
+    from pipeline.shard import ShardSpec
     from pipeline.worker import compute_shard
 
     problem = build_problem("mlp", params)
     shapes = validate(problem)
-    spec = {
-        "job": "mlp", "params": params, "fingerprint": fingerprint(problem, shapes),
-        "shapes": shapes.to_json(), "out": out, "method": "rev",
-        "memory_budget": parse_size(budget), "threads": 4, "device": device,
-        "device_param": True, "run_id": "gpu", "group_rows": 1024, "layout": "dense",
-    }
     plan, _ = plan_shards(shapes.total_rows, shards=shards)
+    specs = [
+        ShardSpec(
+            job="mlp", params=params, fingerprint=fingerprint(problem, shapes), shapes=shapes,
+            index=s.index, start=s.start, stop=s.stop, out=out, method="rev", layout="dense",
+            memory_budget=parse_size(budget), threads=4, device=device, device_param=True,
+            run_id="gpu", group_rows=1024,
+        )
+        for s in plan
+    ]
 
     def go() -> None:
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
-        for s in plan:
-            compute_shard(dict(spec, index=s.index, start=s.start, stop=s.stop))
+        for spec in specs:
+            compute_shard(spec)
 
     return f"worker.compute_shard on {device}, shards in sequence, no Ray", go
 

@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from pipeline.manifest import Manifest
+    from pipeline.parts import PartWriter, dense_schema
     from pipeline.plan import group_rows
     from pipeline.problem import Shapes
-    from pipeline.store import PartWriter, Storage, dense_schema, read_jacobian, write_manifest
+    from pipeline.reader import read_jacobian
+    from pipeline.storage import Storage
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dir", default=None, help="scratch folder (default: a temp dir in /tmp)")
@@ -96,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             "pq.write_table + fsync": lambda: raw_write(fsync=True),
         }
         wt = interleaved(writes, repeats=repeats)
-        write_manifest(Storage(str(out)), {
+        Manifest.from_json({
             "format_version": 1, "kind": "jacobian", "shapes": shapes.to_json(),
             "dtype": "float32", "plan": [[0, rows]], "shards": [entry], "status": "complete",
-        })
+        }).write(Storage(str(out)))
         assert np.array_equal(read_jacobian(out), data) and np.array_equal(raw_read(), data)
         reads = {
             "read_jacobian (sha256 verify)": lambda: read_jacobian(out),

@@ -217,7 +217,8 @@ def soak(
         lost or duplicated and the values equal the clean run's.
     """
     from pipeline import read_jacobian
-    from pipeline.runner import RunOptions, is_leftover, run
+    from pipeline.folder import is_leftover
+    from pipeline.runner import RunOptions, run
 
     work = Path(workdir or tempfile.mkdtemp(prefix="jacpipe-soak-"))
     out, clean = work / "soak", work / "clean"

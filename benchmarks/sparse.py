@@ -345,8 +345,8 @@ def bench_end_to_end(report: Report, N: int, repeats: int, reference: Any) -> No
     """Section (3); ``reference`` is section (1)'s Jacobian, compared with the Parquet result."""
     import ray
 
+    from pipeline.reader import read_jacobian
     from pipeline.runner import RunOptions, run
-    from pipeline.store import read_jacobian
 
     root = Path(tempfile.mkdtemp(prefix="jacpipe-sparse-"))
     manifests: list[dict[str, Any]] = []

@@ -18,19 +18,19 @@ if TYPE_CHECKING:
     from pipeline.engine import batched_rows as batched_rows
     from pipeline.engine import hessian_rows as hessian_rows
     from pipeline.engine import jacobian_rows as jacobian_rows
-    from pipeline.runner import RunOptions as RunOptions
+    from pipeline.plan import RunOptions as RunOptions
+    from pipeline.reader import open_jacobian as open_jacobian
+    from pipeline.reader import read_jacobian as read_jacobian
     from pipeline.runner import run as run
-    from pipeline.store import open_jacobian as open_jacobian
-    from pipeline.store import read_jacobian as read_jacobian
 
 _LAZY = {
     "jacobian_rows": "pipeline.engine",
     "hessian_rows": "pipeline.engine",
     "batched_rows": "pipeline.engine",
-    "read_jacobian": "pipeline.store",
-    "open_jacobian": "pipeline.store",
+    "read_jacobian": "pipeline.reader",
+    "open_jacobian": "pipeline.reader",
     "run": "pipeline.runner",
-    "RunOptions": "pipeline.runner",
+    "RunOptions": "pipeline.plan",
     "compare_result": "pipeline.compare",
 }
 

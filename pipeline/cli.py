@@ -7,14 +7,15 @@ exit non-zero; they never show a traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import typer
 
+from pipeline import cli_cluster
+from pipeline.cli_common import console as _console
+from pipeline.cli_common import err as _err
+from pipeline.cli_common import user_errors
 from pipeline.errors import JacpipeError
 
 app = typer.Typer(
@@ -28,35 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _err(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-
-
-def user_errors(fn: F) -> F:
-    """Turn :class:`JacpipeError` and Ctrl-C into one line and an exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except JacpipeError as exc:
-            _err(str(exc))
-            raise typer.Exit(code=exc.exit_code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(code=130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console()
 
 
 # ---------------------------------------------------------------------------
@@ -123,8 +95,9 @@ def run_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
-    from pipeline.runner import RunOptions, run
-    from pipeline.store import Storage
+    from pipeline.plan import RunOptions
+    from pipeline.runner import run
+    from pipeline.storage import Storage
 
     summary = run(
         RunOptions(
@@ -252,7 +225,7 @@ def compare_cmd(
 
 def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool) -> bool:
     """Print the finite-difference report; True when AD and FD disagree."""
-    from pipeline.analysis import fd_report
+    from pipeline.compare import fd_report
 
     report = fd_report(out, columns=columns, sample=sample)
     if as_json:
@@ -297,15 +270,15 @@ def inspect_cmd(
     svd: int = typer.Option(None, "--svd", help="Top K singular values (and a condition estimate) by randomized range-finding over streamed row blocks."),
 ) -> None:
     """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
-    from pipeline.summary import summarize
+    from pipeline.inspection import summarize
 
     info = summarize(out)
     if plot:
-        from pipeline.analysis import plot_result
+        from pipeline.inspection import plot_result
 
         info["plot"] = plot_result(out, plot)
     if svd is not None:
-        from pipeline.analysis import svd_result
+        from pipeline.inspection import svd_result
 
         info["svd"] = svd_result(out, svd).to_json()
     if as_json:
@@ -363,7 +336,14 @@ def inspect_cmd(
     if info["problems"]:
         raise typer.Exit(code=1)
 
-from pipeline.cli_cluster import register as _register_cluster; _register_cluster(app)  # noqa: E402, E702, I001
+# The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
+app.command(
+    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)(user_errors(cli_cluster.submit_cmd))
+app.command("status")(user_errors(cli_cluster.status_cmd))
+app.command("logs")(user_errors(cli_cluster.logs_cmd))
+app.command("stop")(user_errors(cli_cluster.stop_cmd))
+app.command("list")(user_errors(cli_cluster.list_cmd))
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -378,6 +358,12 @@ def bench_cmd(
     Each benchmark runs in its own process from the repository root and writes
     benchmarks/results/NAME.json. Same as `make bench` or `python -m benchmarks`.
     """
+    import os
+
+    if os.path.isdir("benchmarks") and os.getcwd() not in sys.path:
+        # Benchmarks are not installed: they run from a checkout (console
+        # scripts do not put the current directory on sys.path).
+        sys.path.insert(0, os.getcwd())
     try:
         from benchmarks.run_all import main as run_all
     except ImportError:
@@ -401,9 +387,11 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, exit 1
         if os.environ.get("JACPIPE_DEBUG"):
             raise
-        from pipeline.runner import format_exception_line
+        import traceback
 
-        _err(f"{format_exception_line(exc)} (set JACPIPE_DEBUG=1 for the traceback)")
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+        _err(f"{type(exc).__name__}: {exc}{where} (set JACPIPE_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

@@ -1,7 +1,7 @@
 """``jacpipe submit | status | logs | stop | list``: runs on a Ray cluster via its Jobs API.
 
-Thin Typer commands over :mod:`pipeline.submit`; ``pipeline/cli.py`` adds them to
-its app with :func:`register`. Ray and pyarrow are imported inside the
+Thin Typer commands over :mod:`pipeline.submit`; ``pipeline/cli.py`` registers
+them on its app (this module never imports it). Ray and pyarrow are imported inside the
 commands, so ``jacpipe --help`` stays fast. Errors a user can cause (bad run
 options, unreachable dashboard, missing token, unknown id) are one line and a
 non-zero exit, through ``cli.py``'s ``user_errors``.
@@ -51,20 +51,6 @@ def _quiet_ray_sdk() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the cluster commands to the ``jacpipe`` Typer app."""
-    from pipeline.cli import user_errors
-
-    app.command(
-        "submit",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(user_errors(submit_cmd))
-    app.command("status")(user_errors(status_cmd))
-    app.command("logs")(user_errors(logs_cmd))
-    app.command("stop")(user_errors(stop_cmd))
-    app.command("list")(user_errors(list_cmd))
-
-
 # ---------------------------------------------------------------------------
 # submit
 # ---------------------------------------------------------------------------
@@ -99,7 +85,7 @@ def submit_cmd(
 
     _quiet_ray_sdk()
     run_args = list(ctx.args)
-    run_args, out = _absolute_out(job, run_args, _parse_run_args(job, run_args))
+    run_args, out = _absolute_out(job, run_args, _parse_run_args(ctx, job, run_args))
     sid = sub.submit(
         job, run_args, address=address, submission_id=submission_id,
         extra_modules=list(extra_module or []),
@@ -112,14 +98,13 @@ def submit_cmd(
     _wait_streaming(sid, address, timeout=timeout)
 
 
-def _run_command() -> Any:
-    """The click command behind `jacpipe run`, to parse forwarded options with."""
-    from pipeline.cli import app
+def _run_command(ctx: typer.Context) -> Any:
+    """The click command behind `jacpipe run` (a sibling of this command), to parse with."""
+    root = ctx.find_root()
+    return root.command.get_command(root, "run")  # type: ignore[attr-defined]
 
-    return typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
 
-
-def _parse_run_args(job: str, args: list[str]) -> dict[str, Any]:
+def _parse_run_args(ctx: typer.Context, job: str, args: list[str]) -> dict[str, Any]:
     """The options `jacpipe run JOB ARGS` would get; one clear error if it would not parse."""
     for arg in args:
         if arg == "--address" or arg.startswith("--address="):
@@ -128,7 +113,7 @@ def _parse_run_args(job: str, args: list[str]) -> dict[str, Any]:
                 "once, and runs the job on the cluster with --address auto"
             )
     try:
-        return dict(_run_command().make_context("jacpipe run", [job, *args]).params)
+        return dict(_run_command(ctx).make_context("jacpipe run", [job, *args]).params)
     except typer.TyperException as exc:  # typer's (vendored) click usage errors
         text = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         raise JacpipeError(
@@ -143,17 +128,13 @@ def _absolute_out(job: str, args: list[str], params: dict[str, Any]) -> tuple[li
     The job's working directory on the cluster is a temporary folder, so a
     relative ``--out`` (or run's default ``out/JOB``) would be lost there.
     """
-    out = params.get("out") or f"out/{job.replace(':', '_').replace('.', '_')}"
-    if "://" in out and not out.startswith("file://"):
-        from pipeline.store import Storage
+    from pipeline.folder import default_out
 
-        if Storage.redact(out) != out:
-            raise JacpipeError(
-                f"--out {Storage.redact(out)}: credentials in the URI would be stored in the "
-                "job's entrypoint on the cluster (shown by `jacpipe list`); give the nodes "
-                "credentials through their environment (AWS_ACCESS_KEY_ID, ...) or a role, "
-                "and pass s3://bucket/prefix"
-            )
+    out = params.get("out") or default_out(job)
+    if "://" in out and not out.startswith("file://"):
+        from pipeline.storage import refuse_secret
+
+        refuse_secret(out, "--out")
     else:
         out = os.path.abspath(os.path.expanduser(out.removeprefix("file://")))
     kept: list[str] = []
@@ -228,7 +209,7 @@ def _follow(sid: str, address: str | None) -> Any:
 
 
 def _masked(text: str | None) -> str:
-    from pipeline.store import Storage
+    from pipeline.storage import Storage
 
     return Storage.redact(text or "")
 

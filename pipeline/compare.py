@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import JacpipeError
+from pipeline.kinds import kind_of
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10}
 #: Batched results with more samples are checked on sampled rows unless ``--all``.
@@ -65,53 +66,77 @@ def reference_rows(problem: Any, rows: Any) -> Any:
     Returns:
         numpy array ``(len(rows), n)``.
     """
-    import numpy as np
-    import torch
-
-    kind = problem.kind
-    out = []
-    if kind == "batched":
-        from torch.autograd.functional import jacobian
-
-        xs = problem.x
-        n = xs[0].numel()
-        m = problem.fn(xs[0]).numel()
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        result = np.empty((len(rows), n), dtype=xs.detach().cpu().numpy().dtype)
-        for b in np.unique(rows // m):
-            here = np.flatnonzero(rows // m == b)
-            jac = jacobian(problem.fn, xs[int(b)].detach()).reshape(m, n)
-            result[here] = jac[torch.as_tensor(rows[here] % m)].detach().cpu().numpy()
-        return result
-    x = problem.x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        if kind == "hessian":
-            (grad,) = torch.autograd.grad(problem.fn(x).reshape(()), x, create_graph=True)
-            y = grad.reshape(-1)
-        else:
-            y = problem.fn(x).reshape(-1)
-    for r in rows:
-        (g,) = torch.autograd.grad(y[int(r)], x, retain_graph=True, allow_unused=True)
-        out.append(torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1))
-    return torch.stack(out).detach().cpu().numpy() if out else np.zeros((0, x.numel()))
+    return kind_of(problem.kind).reference_rows(problem, rows)
 
 
 def reference_full(problem: Any) -> Any:
     """The whole derivative with torch's one-process functions, as numpy ``(rows, n)``."""
-    import torch
-    from torch.autograd.functional import hessian, jacobian
+    return kind_of(problem.kind).reference(problem)
 
-    if problem.kind == "hessian":
-        h = hessian(lambda t: problem.fn(t).reshape(()), problem.x)
-        return h.reshape(problem.x.numel(), -1).detach().cpu().numpy()
-    if problem.kind == "batched":
-        blocks = [
-            jacobian(problem.fn, problem.x[b]).reshape(-1, problem.x[b].numel())
-            for b in range(problem.x.shape[0])
-        ]
-        return torch.cat(blocks).detach().cpu().numpy()
+
+def jacobian_reference(problem: Any) -> Any:
+    """``torch.autograd.functional.jacobian`` at ``x``, as ``(m, n)`` numpy."""
+    from torch.autograd.functional import jacobian
+
     j = jacobian(problem.fn, problem.x)
     return j.reshape(-1, problem.x.numel()).detach().cpu().numpy()
+
+
+def hessian_reference(problem: Any) -> Any:
+    """``torch.autograd.functional.hessian`` at ``x``, as ``(n, n)`` numpy."""
+    from torch.autograd.functional import hessian
+
+    h = hessian(lambda t: problem.fn(t).reshape(()), problem.x)
+    return h.reshape(problem.x.numel(), -1).detach().cpu().numpy()
+
+
+def batched_reference(problem: Any) -> Any:
+    """``torch.autograd.functional.jacobian`` of every sample, stacked as ``(B * m, n)``."""
+    import torch
+    from torch.autograd.functional import jacobian
+
+    blocks = [
+        jacobian(problem.fn, problem.x[b]).reshape(-1, problem.x[b].numel())
+        for b in range(problem.x.shape[0])
+    ]
+    return torch.cat(blocks).detach().cpu().numpy()
+
+
+def batched_reference_rows(problem: Any, rows: Any) -> Any:
+    """Rows of per-sample Jacobians: ``autograd.functional.jacobian`` of each sample touched."""
+    import numpy as np
+    import torch
+    from torch.autograd.functional import jacobian
+
+    xs = problem.x
+    n = xs[0].numel()
+    m = problem.fn(xs[0]).numel()
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    result = np.empty((len(rows), n), dtype=xs.detach().cpu().numpy().dtype)
+    for b in np.unique(rows // m):
+        here = np.flatnonzero(rows // m == b)
+        jac = jacobian(problem.fn, xs[int(b)].detach()).reshape(m, n)
+        result[here] = jac[torch.as_tensor(rows[here] % m)].detach().cpu().numpy()
+    return result
+
+
+def gradient_reference_rows(problem: Any, rows: Any) -> Any:
+    """Rows of a Jacobian (Hessian kind: of the gradient's Jacobian), one autograd.grad each."""
+    import numpy as np
+    import torch
+
+    x = problem.x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        if kind_of(problem.kind).symmetric:
+            (grad,) = torch.autograd.grad(problem.fn(x).reshape(()), x, create_graph=True)
+            y = grad.reshape(-1)
+        else:
+            y = problem.fn(x).reshape(-1)
+    out = []
+    for r in rows:
+        (g,) = torch.autograd.grad(y[int(r)], x, retain_graph=True, allow_unused=True)
+        out.append(torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1))
+    return torch.stack(out).detach().cpu().numpy() if out else np.zeros((0, x.numel()))
 
 
 def sample_rows(total: int, k: int, seed: int = 0) -> Any:
@@ -199,98 +224,42 @@ def compare(
     Raises:
         JacpipeError: not a result, or the job cannot be rebuilt identically.
     """
-    import numpy as np
-
-    from pipeline.problem import build_problem, check_fingerprint, fingerprint, validate
-    from pipeline.store import open_jacobian
-
     for name, value in (("--rtol", rtol), ("--atol", atol)):
         if value is not None and not value >= 0:
             raise JacpipeError(f"{name} must be >= 0, got {value}")
+    from pipeline.reader import open_jacobian
+
     result = open_jacobian(out)
-    man = result.manifest
     broken = result.check(checksums=True)
     problems = [str(p) for p in broken]
-    problem = build_problem(man["job"], man["params"])
-    shapes = validate(problem, man["job"])
-    try:
-        check_fingerprint(man["fingerprint"], fingerprint(problem, shapes))
-    except JacpipeError as exc:
-        raise JacpipeError(
-            f"{result.storage.display}: job {man['job']!r} now builds a different problem than "
-            f"the one stored ({str(exc).removeprefix('nondeterministic job: ')}); "
-            "rerun `jacpipe run` to recompute the result"
-        ) from None
-    total, n = result.shape
-    itemsize = 4 if result.dtype == "float32" else 8
-    fits = total * n * itemsize * 3 <= memory_budget
-    if man["kind"] == "batched":
-        # The per-sample reference loop costs one autograd.functional.jacobian
-        # per sample (~10 ms for robot_arm): beyond a few thousand, sample rows.
-        fits = fits and (shapes.batch or 0) <= MAX_FULL_SAMPLES
+    problem = rebuilt(result)
     bad = {p.index for p in broken}
-    good_rows = np.concatenate(
-        [np.arange(s["start"], s["stop"]) for s in result.committed if s["index"] not in bad]
-        or [np.zeros(0, np.int64)]
-    )
+    good = [s for s in result.committed if s.index not in bad]
     t0 = time.perf_counter()
-    if (all_rows or (rows is None and fits)) and not problems:
-        mode = "all"
+    if (all_rows or (rows is None and _fits(result, memory_budget))) and not problems:
+        mode, idx = "all", None
         ref = reference_full(problem)
         ref_seconds = time.perf_counter() - t0
-        got = result.read(verify=False, as_="numpy").reshape(total, n)
-        checked = total
+        got = result.read(verify=False, as_="numpy").reshape(result.shape)
     else:
         mode = "sampled"
-        k = rows if rows is not None else 64
-        if k < 1:
-            raise JacpipeError(f"--rows must be at least 1, got {k}")
-        pick = good_rows[sample_rows(len(good_rows), k, seed)] if len(good_rows) else good_rows
-        ref = reference_rows(problem, pick)
+        idx = _sampled_rows(good, rows, seed)
+        ref = reference_rows(problem, idx)
         ref_seconds = time.perf_counter() - t0
-        got = result.read(pick, verify=False, as_="numpy") if len(pick) else ref
-        checked = len(pick)
+        got = result.read(idx, verify=False, as_="numpy") if len(idx) else ref
     r = rtol if rtol is not None else DEFAULT_RTOL[result.dtype]
-    finite = np.abs(ref[np.isfinite(ref)])
-    a = atol if atol is not None else r * (float(finite.max()) if finite.size else 1.0)
+    a = atol if atol is not None else r * _finite_max(ref)
     max_abs, max_rel, worst = errors(got, ref, rtol=r, atol=a)
-    symmetry = None
-    if man["kind"] == "hessian" and checked:
-        # NOTE: the stored rows R hold H[R, :]; both H[i, j] and H[j, i] are
-        # among them only for i, j in R, so the symmetry error is taken on the
-        # principal sub-block H[R, R] (all of H when every row is checked).
-        idx = np.arange(total) if mode == "all" else pick
-        sub = got[:, idx]
-        symmetry = float(np.abs(sub - sub.T).max())
     extra: dict[str, Any] = {}
-    if result.layout == "sparse" and checked:
-        idx = np.arange(total) if mode == "all" else pick
-        outside = outside_pattern(result.read(idx, as_="scipy", verify=False), ref, idx)
-        coloring = man.get("coloring", {})
-        extra["colours"] = f"{coloring.get('num_colors')} ({coloring.get('mode')} mode)"
-        if outside:
-            shown = ", ".join(f"J[{i}, {j}] = {v:.3g}" for i, j, v in outside[:5])
-            problems.append(
-                f"the sparsity pattern is too sparse: {len(outside)} nonzero entries of the "
-                f"reference lie outside it ({shown}{', ...' if len(outside) > 5 else ''}); "
-                "the compressed evaluation folded them into other entries"
-            )
-    nan = sum(int(s.get("nan", 0)) for s in result.committed)
-    inf = sum(int(s.get("inf", 0)) for s in result.committed)
-    if nan or inf or not np.isfinite(ref).all():
-        # NOTE: non-finite entries are compared, not skipped: a NaN passes only
-        # where the reference has a NaN, an Inf only where it has the same Inf
-        # (see `errors`). The counts are shown so they never pass silently.
-        extra["NaN / Inf in checked rows (result | reference)"] = (
-            f"{int(np.isnan(got).sum())} / {int(np.isinf(got).sum())} | "
-            f"{int(np.isnan(ref).sum())} / {int(np.isinf(ref).sum())}"
-        )
+    problems += _pattern_problems(result, got, ref, idx, extra)
+    _nonfinite_counts(result, got, ref, extra)
+    man = result.manifest
     return CompareReport(
         out=result.storage.display,
-        job=man["job"],
-        shape=[total, n],
+        job=man.job,
+        shape=list(result.shape),
         dtype=result.dtype,
-        rows_checked=int(checked),
+        rows_checked=int(len(got)),
         mode=mode,
         max_abs_error=max_abs,
         max_rel_error=max_rel,
@@ -298,10 +267,164 @@ def compare(
         rtol=r,
         atol=a,
         reference_seconds=round(ref_seconds, 4),
-        pipeline_seconds=man.get("compute_seconds"),
-        nan=nan,
-        inf=inf,
+        pipeline_seconds=man.compute_seconds,
+        nan=man.nan,
+        inf=man.inf,
         problems=problems,
-        symmetry_error=symmetry,
+        symmetry_error=_symmetry_error(result, got, idx),
         extra=extra,
     )
+
+
+def rebuilt(result: Any) -> Any:
+    """The stored result's problem, built again and checked against its fingerprint.
+
+    Raises:
+        JacpipeError: the job now builds a different problem.
+    """
+    from pipeline.problem import rebuild
+
+    man = result.manifest
+    try:
+        return rebuild(man.job, man.params, man.fingerprint)
+    except JacpipeError as exc:
+        if "nondeterministic job" not in str(exc):
+            raise
+        raise JacpipeError(
+            f"{result.storage.display}: job {man.job!r} now builds a different problem than "
+            f"the one stored ({str(exc).removeprefix('nondeterministic job: ')}); "
+            "rerun `jacpipe run` to recompute the result"
+        ) from None
+
+
+def _fits(result: Any, memory_budget: int) -> bool:
+    """Whether the whole reference fits (and, per sample, is not too slow)."""
+    total, n = result.shape
+    fits = total * n * result.shapes.itemsize * 3 <= memory_budget
+    if result.shapes.kind == "batched":
+        # The per-sample reference loop costs one autograd.functional.jacobian
+        # per sample (~10 ms for robot_arm): beyond a few thousand, sample rows.
+        fits = fits and (result.shapes.batch or 0) <= MAX_FULL_SAMPLES
+    return fits
+
+
+def _sampled_rows(good: list[Any], rows: int | None, seed: int) -> Any:
+    import numpy as np
+
+    k = rows if rows is not None else 64
+    if k < 1:
+        raise JacpipeError(f"--rows must be at least 1, got {k}")
+    good_rows = np.concatenate(
+        [np.arange(s.start, s.stop) for s in good] or [np.zeros(0, np.int64)]
+    )
+    return good_rows[sample_rows(len(good_rows), k, seed)] if len(good_rows) else good_rows
+
+
+def _finite_max(ref: Any) -> float:
+    import numpy as np
+
+    finite = np.abs(ref[np.isfinite(ref)])
+    return float(finite.max()) if finite.size else 1.0
+
+
+def _symmetry_error(result: Any, got: Any, idx: Any) -> float | None:
+    """max |H[R, R] - H[R, R]^T| over the checked rows R of a Hessian, else None.
+
+    NOTE: the stored rows R hold H[R, :]; both H[i, j] and H[j, i] are among
+    them only for i, j in R, so the symmetry error is taken on the principal
+    sub-block H[R, R] (all of H when every row is checked).
+    """
+    import numpy as np
+
+    if not kind_of(result.shapes.kind).symmetric or not len(got):
+        return None
+    cols = np.arange(result.shape[0]) if idx is None else idx
+    sub = got[:, cols]
+    return float(np.abs(sub - sub.T).max())
+
+
+def _pattern_problems(result: Any, got: Any, ref: Any, idx: Any, extra: dict[str, Any]
+                      ) -> list[str]:
+    """A sparse result's colour count, and reference nonzeros its pattern missed."""
+    import numpy as np
+
+    if result.layout != "sparse" or not len(got):
+        return []
+    idx = np.arange(result.shape[0]) if idx is None else idx
+    outside = outside_pattern(result.read(idx, as_="scipy", verify=False), ref, idx)
+    coloring = result.manifest.coloring or {}
+    extra["colours"] = f"{coloring.get('num_colors')} ({coloring.get('mode')} mode)"
+    if not outside:
+        return []
+    shown = ", ".join(f"J[{i}, {j}] = {v:.3g}" for i, j, v in outside[:5])
+    return [
+        f"the sparsity pattern is too sparse: {len(outside)} nonzero entries of the "
+        f"reference lie outside it ({shown}{', ...' if len(outside) > 5 else ''}); "
+        "the compressed evaluation folded them into other entries"
+    ]
+
+
+def _nonfinite_counts(result: Any, got: Any, ref: Any, extra: dict[str, Any]) -> None:
+    """NOTE: non-finite entries are compared, not skipped: a NaN passes only
+    where the reference has a NaN, an Inf only where it has the same Inf (see
+    :func:`errors`). The counts are shown so they never pass silently.
+    """
+    import numpy as np
+
+    man = result.manifest
+    if man.nan or man.inf or not np.isfinite(ref).all():
+        extra["NaN / Inf in checked rows (result | reference)"] = (
+            f"{int(np.isnan(got).sum())} / {int(np.isinf(got).sum())} | "
+            f"{int(np.isnan(ref).sum())} / {int(np.isinf(ref).sum())}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Finite differences against the stored AD columns
+# ---------------------------------------------------------------------------
+
+
+def fd_report(out: str, *, columns: int = 16, sample: int = 0, seed: int = 0) -> Any:
+    """Finite differences on sampled input columns against the stored AD columns.
+
+    Also flags inputs along which ``fn`` has a kink at ``x`` (see
+    :func:`pipeline.fd.fd_check` for the step sizes and the error model).
+
+    Args:
+        out: result folder.
+        columns: how many input columns to check (all when ``n`` is smaller).
+        sample: for batched results, which sample to check.
+        seed: seed of the column sample.
+
+    Returns:
+        A :class:`pipeline.fd.FDReport`.
+
+    Raises:
+        JacpipeError: not a result, a bad option, or the job builds differently now.
+    """
+    import numpy as np
+
+    from pipeline.fd import fd_check, sample_columns
+    from pipeline.reader import open_jacobian
+
+    result = open_jacobian(out)
+    problem = rebuilt(result)
+    shapes = result.shapes
+    if columns < 1:
+        raise JacpipeError(f"--fd-columns must be at least 1, got {columns}")
+    kind = kind_of(shapes.kind)
+    rows = None
+    if kind.per_sample:
+        if not 0 <= sample < (shapes.batch or 0):
+            raise JacpipeError(f"--sample {sample}: the result has {shapes.batch} samples")
+        rows = np.arange(sample * shapes.m, (sample + 1) * shapes.m)
+    fn, x = kind.differentiated(problem, sample)
+
+    def ad_columns(wanted: Any) -> Any:
+        wanted = np.asarray(wanted, dtype=np.int64)
+        if result.layout == "sparse":
+            return result.read(rows, as_="scipy")[:, wanted].toarray()
+        parts = [block[:, wanted] for _, block in result.iter_blocks(rows)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(wanted)))
+
+    return fd_check(fn, x, ad_columns, sample_columns(shapes.n, columns, seed=seed))

@@ -28,3 +28,16 @@ class ShardFailedError(JacpipeError):
     """A user's function raised inside a shard; not retried."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException | str, *, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none).
+
+    Used wherever a foreign error (Ray, torch, a user's job) is folded into
+    one of our one-line messages.
+    """
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    line = text.splitlines()[0]
+    return line[:limit] if limit is not None else line

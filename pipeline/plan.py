@@ -1,15 +1,356 @@
-"""Planning: shards of output rows, chunk sizes from a memory budget, and the cost model.
+"""Planning: every decision of a run, as a pure function of shapes, options and resources.
 
-Pure Python (no torch, no Ray) so it is cheap to import and easy to test.
+:func:`make_plan` turns what the user asked for (:class:`RunOptions`), what
+the problem is (:class:`~pipeline.problem.Shapes`, a sparsity pattern) and
+what the cluster has (:class:`Resources`) into a :class:`RunPlan`: task
+slots, shards, method, layout, colouring, memory budget, GPU share, row
+groups. No torch, no Ray: it is tested with made-up resources, GPU rules
+included. Chunk sizes are chosen later, on the worker, from the same
+budget (:func:`chunk_rows`), because only the worker can measure what it holds.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.errors import JacpipeError
+from pipeline.problem import Shapes
+
+DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("auto", "rev", "fwd", "sparse")
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class RunOptions:
+    """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``)."""
+
+    job: str
+    params: list[str] = field(default_factory=list)
+    out: str | None = None
+    shards: int | None = None
+    rows_per_shard: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    method: str = "auto"
+    memory_budget: str | None = None
+    chunk_size: int | None = None
+    sparsity: str | None = None
+    resume: bool = True
+    overwrite: bool = False
+    max_in_flight: int | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse option values that are wrong whatever the job and cluster.
+
+        Raises:
+            JacpipeError: one line naming the option, what arrived and what is allowed.
+        """
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise JacpipeError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        if self.device not in DEVICES:
+            raise JacpipeError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise JacpipeError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.method not in METHODS:
+            raise JacpipeError(
+                f"--method must be auto, rev or fwd (or sparse, given a pattern), "
+                f"got {self.method!r}"
+            )
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the cluster offers (from ``ray.cluster_resources()`` and ``ray.nodes()``).
+
+    The per-node maxima matter: a task asking more than any one node has is
+    never scheduled (Ray waits forever), whatever the cluster's total.
+    """
+
+    cpus: float
+    gpus: float = 0.0
+    node_memory: int = 0  # the smallest node's memory, bytes (0: unknown)
+    node_cpus: float = 0.0  # most CPUs on one node
+    node_gpus: float = 0.0  # most GPUs on one node
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every decision of a run (see :func:`make_plan`).
+
+    Args:
+        slots: shard tasks that run at once.
+        shards: the row ranges, one part file each.
+        method: ``rev``, ``fwd`` or ``sparse``.
+        layout: ``dense`` or ``sparse``.
+        memory_budget: bytes per task.
+        cpus_per_shard, gpus_per_shard: Ray resources per task.
+        threads: torch threads per task.
+        device: where tasks compute (``cpu`` when no GPU is given to them).
+        group_rows: rows per Parquet row group.
+        coloring: the colouring of a sparse run, else None.
+        pattern: its sparsity pattern, else None.
+        notes: lines for the user (clamped requests, the sparse summary).
+    """
+
+    slots: int
+    shards: list[Shard]
+    method: str
+    layout: str
+    memory_budget: int
+    cpus_per_shard: float
+    gpus_per_shard: float
+    threads: int
+    device: str
+    group_rows: int
+    coloring: Any = None
+    pattern: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def coloring_facts(self) -> dict[str, Any] | None:
+        """The colouring as the manifest records it (None for dense runs)."""
+        if self.coloring is None:
+            return None
+        return {
+            "mode": self.coloring.mode,
+            "num_colors": int(self.coloring.num_colors),
+            "nnz": int(self.pattern.nnz),
+            "pattern_sha256": pattern_hash(self.pattern),
+        }
+
+
+def make_plan(
+    shapes: Shapes,
+    options: RunOptions,
+    resources: Resources,
+    *,
+    pattern: Any = None,
+    device_param: bool = False,
+) -> RunPlan:
+    """Plan a run: slots, shards, method, layout, colouring, budget, GPU share.
+
+    Args:
+        shapes: the derivative's shapes.
+        options: what the user asked for.
+        resources: what the cluster has.
+        pattern: the sparsity pattern to use (:func:`run_pattern`), or None.
+        device_param: the job's ``build`` takes a ``device`` (it can build on a GPU).
+
+    Returns:
+        The :class:`RunPlan`.
+
+    Raises:
+        JacpipeError: a request the cluster or the job cannot satisfy.
+    """
+    gpus = gpu_share(options, resources, device_param=device_param)
+    slots = task_slots(options.cpus_per_shard, gpus, resources)
+    budget = (
+        parse_size(options.memory_budget)
+        if options.memory_budget
+        else default_memory_budget(resources.node_memory or 8 * 2**30, slots)
+    )
+    sparse = pattern is not None and options.method in ("auto", "sparse")
+    row_bytes = stored_row_bytes(shapes, pattern if sparse else None)
+    shards, note = plan_shards(
+        shapes.total_rows,
+        # NOTE: a sparse shard evaluates fn on all of x once per colour whatever
+        # its rows, so more shards than task slots only repeats that work.
+        shards=(
+            min(slots, shapes.total_rows)
+            if sparse and options.shards is None and options.rows_per_shard is None
+            else options.shards
+        ),
+        rows_per_shard=options.rows_per_shard,
+        row_bytes=row_bytes,
+        workers=slots,
+        align=shapes.m if shapes.kind == "batched" else 1,
+    )
+    notes = [note] if note else []
+    coloring = None
+    if sparse:
+        # NOTE: a known pattern beats both dense modes: one compressed pass per
+        # colour instead of one per row (rev) or column (fwd).
+        from pipeline.coloring import choose_coloring
+
+        coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
+        method, layout = "sparse", "sparse"
+        notes.append(
+            f"sparse: {int(pattern.nnz)} nonzeros, {coloring.num_colors} colours "
+            f"({coloring.mode} mode) instead of {min(shapes.m, shapes.n)} dense passes"
+        )
+    else:
+        # Per-sample rows: every sample's rows sit in (about) one shard, so per
+        # sample rev costs m VJPs and fwd n JVPs.
+        per = 1 if shapes.kind == "batched" else len(shards)
+        method = choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
+        layout = "dense"
+    return RunPlan(
+        slots=slots,
+        shards=shards,
+        method=method,
+        layout=layout,
+        memory_budget=budget,
+        cpus_per_shard=options.cpus_per_shard,
+        gpus_per_shard=gpus,
+        threads=max(1, int(math.floor(options.cpus_per_shard))),
+        device="cpu" if gpus == 0 else options.device,
+        group_rows=group_rows(row_bytes, 1),
+        coloring=coloring,
+        pattern=pattern if sparse else None,
+        notes=notes,
+    )
+
+
+def stored_row_bytes(shapes: Shapes, pattern: Any = None) -> int:
+    """Bytes one row takes in a part file: dense values, or (int64 column, value) pairs."""
+    if pattern is None:
+        return shapes.n * shapes.itemsize
+    return max(1, int(pattern.nnz) // max(shapes.m, 1)) * (8 + shapes.itemsize)
+
+
+def gpu_share(options: RunOptions, resources: Resources, *, device_param: bool) -> float:
+    """GPUs per shard task: the request checked against the cluster and the job.
+
+    By default 1 when the cluster has GPUs and the job can build on one
+    (a job without a ``device`` parameter builds on the CPU: a GPU would idle).
+
+    Raises:
+        JacpipeError: more than the cluster or a node has, a GPU the job
+            cannot use, or ``--device cuda`` without a GPU.
+    """
+    _check_device(options, resources, device_param=device_param)
+    share = options.gpus_per_shard
+    if share is None:
+        usable = resources.gpus > 0 and options.device != "cpu" and device_param
+        share = 1.0 if usable else 0.0
+    _check_gpu_share(share, options, resources, device_param=device_param)
+    return share
+
+
+def _check_device(options: RunOptions, resources: Resources, *, device_param: bool) -> None:
+    if options.device == "cuda" and resources.gpus == 0:
+        raise JacpipeError(
+            "--device cuda: the Ray cluster has no GPUs (cluster resources: "
+            f"{resources.cpus:g} CPUs, 0 GPUs); use --device cpu or a cluster with GPUs"
+        )
+    if options.device == "cuda" and not device_param:
+        raise JacpipeError(
+            f"--device cuda: job {options.job!r} has no `device` parameter, so its problem is "
+            "built on the CPU; add `device: str = \"cpu\"` to its build() (see jobs/mlp.py) "
+            "or use --device auto/cpu"
+        )
+
+
+def _check_gpu_share(
+    share: float, options: RunOptions, resources: Resources, *, device_param: bool
+) -> None:
+    gpus, node_gpus = resources.gpus, resources.node_gpus
+    if not share >= 0 or share > max(gpus, 0) and share > 0:
+        raise JacpipeError(f"--gpus-per-shard {share:g}: the cluster has {gpus:g} GPUs")
+    if share > node_gpus:
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: no node has that many (at most "
+            f"{node_gpus:g} GPUs on one node, {gpus:g} in the cluster); a shard runs on one node"
+        )
+    if share > 1 and not float(share).is_integer():
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: Ray accepts fractions of one GPU "
+            "(e.g. 0.5) or whole numbers, not fractions above 1"
+        )
+    if options.device == "cuda" and share == 0:
+        raise JacpipeError(
+            "--device cuda with --gpus-per-shard 0: a shard computes on a GPU only when "
+            "Ray gives it one; give --gpus-per-shard > 0 or leave it out"
+        )
+    if share > 0 and not device_param and options.device != "cpu":
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: job {options.job!r} has no `device` "
+            "parameter, so its problem is built on the CPU and cannot use a GPU; add "
+            "`device: str = \"cpu\"` to its build() (see jobs/mlp.py) or leave "
+            "--gpus-per-shard out"
+        )
+
+
+def task_slots(cpus_per_shard: float, gpus_per_shard: float, resources: Resources) -> int:
+    """How many shard tasks run at once on the cluster.
+
+    Raises:
+        JacpipeError: ``cpus_per_shard`` is not positive or more than a node has.
+    """
+    cpus, node_cpus = resources.cpus, resources.node_cpus
+    if not cpus_per_shard > 0 or cpus_per_shard > cpus:
+        raise JacpipeError(f"--cpus-per-shard {cpus_per_shard:g}: the cluster has {cpus:g} CPUs")
+    if cpus_per_shard > node_cpus:
+        raise JacpipeError(
+            f"--cpus-per-shard {cpus_per_shard:g}: no node has that many (at most "
+            f"{node_cpus:g} CPUs on one node, {cpus:g} in the cluster); a shard runs on one node"
+        )
+    slots = max(1, int(cpus // cpus_per_shard))
+    if gpus_per_shard > 0:
+        slots = min(slots, max(1, int(resources.gpus // gpus_per_shard)))
+    return slots
+
+
+def run_pattern(options: RunOptions, job_pattern: Any, shapes: Shapes) -> Any:
+    """The sparsity pattern a run uses: ``--sparsity FILE``, else the job's, else None.
+
+    Dense methods (``rev``, ``fwd``) use none.
+
+    Raises:
+        JacpipeError: ``--method sparse`` without a pattern, a pattern of the
+            wrong shape, or a pattern for per-sample Jacobians.
+    """
+    if options.method not in ("auto", "sparse"):
+        return None
+    if options.sparsity:
+        from pipeline.sparse import load_pattern
+
+        pattern = load_pattern(options.sparsity)
+    elif job_pattern is not None:
+        from pipeline.coloring import as_pattern
+
+        pattern = as_pattern(job_pattern)
+    elif options.method == "sparse":
+        raise JacpipeError(
+            f"--method sparse: job {options.job!r} has no sparsity pattern; give one with "
+            "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns)"
+        )
+    else:
+        return None
+    if pattern.shape != (shapes.m, shapes.n):
+        raise JacpipeError(
+            f"sparsity pattern has shape {pattern.shape}, expected {(shapes.m, shapes.n)} "
+            f"(rows x columns of the {shapes.kind})"
+        )
+    if shapes.kind == "batched":
+        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
+    return pattern
+
+
+def pattern_hash(pattern: Any) -> str:
+    """sha256 of a pattern's structure (shape, indptr, indices), for the manifest."""
+    import hashlib
+
+    import numpy as np
+
+    csr = pattern.tocsr()
+    h = hashlib.sha256()
+    h.update(np.asarray(csr.shape, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indptr, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indices, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 #: Default target size of one part file; a shard bigger than this is split.
 TARGET_PART_BYTES = 256 * 2**20
@@ -212,7 +553,7 @@ def chunk_rows(
 
 
 def group_rows(n: int, itemsize: int, target: int = 32 * 2**20) -> int:
-    """Rows per Parquet row group: tens of MiB per group."""
+    """Rows per Parquet row group of ``n`` entries of ``itemsize`` bytes: tens of MiB per group."""
     return max(1, target // max(1, n * itemsize))
 
 

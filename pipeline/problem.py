@@ -14,14 +14,13 @@ import json
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal, get_args
 
 from pipeline.errors import JacpipeError
 
-if TYPE_CHECKING:  # torch is imported lazily: `jacpipe --help` must stay fast
-    pass
-
-KINDS = ("jacobian", "hessian", "batched")
+#: What is differentiated: see :mod:`pipeline.kinds` for what each one means.
+Kind = Literal["jacobian", "hessian", "batched"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Problem:
 
     fn: Callable[..., Any]
     x: Any
-    kind: str = "jacobian"
+    kind: Kind = "jacobian"
     sparsity: Any = None
 
 
@@ -52,7 +51,7 @@ class Shapes:
     ``x.reshape(-1)`` (batched: one sample).
     """
 
-    kind: str
+    kind: Kind
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     batch: int | None
@@ -72,6 +71,11 @@ class Shapes:
     def total_rows(self) -> int:
         """Rows over the whole result (batched: ``B * m``)."""
         return self.m * (self.batch or 1)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes of one entry (4 for float32, 8 for float64)."""
+        return 4 if self.dtype == "float32" else 8
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -247,6 +251,21 @@ def build_problem(spec: str, params: Mapping[str, Any]) -> Problem:
     return problem
 
 
+def rebuild(spec: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -> Problem:
+    """Build job ``spec`` again and check it against the fingerprint ``expected``.
+
+    The one place where a worker, ``compare`` or ``inspect`` gets back the
+    problem a run was computed for: a different build is an error, never a
+    silently different result.
+
+    Raises:
+        JacpipeError: the build fails or its fingerprint differs.
+    """
+    problem = build_problem(spec, params)
+    check_fingerprint(expected, fingerprint(problem, validate(problem, spec)))
+    return problem
+
+
 def validate(problem: Problem, spec: str = "job") -> Shapes:
     """Check a problem and return its :class:`Shapes`.
 
@@ -254,6 +273,37 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
         JacpipeError: wrong types, an integer input, a non-floating or
             non-tensor output, an unknown kind.
     """
+    x = _checked_input(problem, spec)
+    sample = x[0] if problem.kind == "batched" else x
+    y = _checked_output(problem, spec, sample)
+    if problem.kind == "hessian":
+        if y.numel() != 1:
+            raise JacpipeError(
+                f"{spec}: hessian kind needs a scalar fn(x), got shape {tuple(y.shape)}"
+            )
+        out_shape = tuple(x.shape)
+    else:
+        out_shape = tuple(y.shape)
+    shapes = Shapes(
+        kind=problem.kind,
+        in_shape=tuple(sample.shape),
+        out_shape=out_shape,
+        batch=int(x.shape[0]) if problem.kind == "batched" else None,
+        dtype=str(x.dtype).removeprefix("torch."),
+    )
+    if shapes.n == 0 or shapes.total_rows == 0:
+        raise JacpipeError(f"{spec}: empty problem (shape {shapes.to_json()})")
+    if problem.sparsity is not None and not isinstance(problem.sparsity, str):
+        sp_shape = tuple(getattr(problem.sparsity, "shape", ()))
+        if sp_shape != (shapes.m, shapes.n):
+            raise JacpipeError(
+                f"{spec}: sparsity pattern has shape {sp_shape}, expected {(shapes.m, shapes.n)}"
+            )
+    return shapes
+
+
+def _checked_input(problem: Problem, spec: str) -> Any:
+    """``problem.x`` after checking the problem's type, kind and input dtype."""
     import torch
 
     if not isinstance(problem, Problem):
@@ -274,7 +324,13 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
         raise JacpipeError(f"{spec}: x has dtype {x.dtype}; expected float32 or float64")
     if problem.kind == "batched" and x.dim() < 1:
         raise JacpipeError(f"{spec}: batched kind needs x of shape (B, *in_shape)")
-    sample = x[0] if problem.kind == "batched" else x
+    return x
+
+
+def _checked_output(problem: Problem, spec: str, sample: Any) -> Any:
+    """``fn(sample)`` after checking it is a floating tensor of the input's dtype."""
+    import torch
+
     try:
         with torch.no_grad():
             y = problem.fn(sample)
@@ -286,34 +342,11 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
         raise JacpipeError(
             f"{spec}: fn(x) returned dtype {y.dtype}; a Jacobian needs a floating output"
         )
-    if y.dtype != x.dtype:
+    if y.dtype != sample.dtype:
         raise JacpipeError(
-            f"{spec}: fn(x) returned {y.dtype} for an input of {x.dtype}; keep one dtype"
+            f"{spec}: fn(x) returned {y.dtype} for an input of {sample.dtype}; keep one dtype"
         )
-    if problem.kind == "hessian":
-        if y.numel() != 1:
-            raise JacpipeError(
-                f"{spec}: hessian kind needs a scalar fn(x), got shape {tuple(y.shape)}"
-            )
-        out_shape = tuple(x.shape)
-    else:
-        out_shape = tuple(y.shape)
-    shapes = Shapes(
-        kind=problem.kind,
-        in_shape=tuple(sample.shape),
-        out_shape=out_shape,
-        batch=int(x.shape[0]) if problem.kind == "batched" else None,
-        dtype=str(x.dtype).removeprefix("torch."),
-    )
-    if shapes.n == 0 or shapes.total_rows == 0:
-        raise JacpipeError(f"{spec}: empty problem (shape {shapes.to_json()})")
-    if problem.sparsity is not None:
-        sp_shape = tuple(getattr(problem.sparsity, "shape", ()))
-        if sp_shape != (shapes.m, shapes.n):
-            raise JacpipeError(
-                f"{spec}: sparsity pattern has shape {sp_shape}, expected {(shapes.m, shapes.n)}"
-            )
-    return shapes
+    return y
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.errors import JacpipeError
+from pipeline.errors import JacpipeError, first_line
 
 DEFAULT_DASHBOARD_PORT = 8265
 #: (connect, read) seconds for every HTTP request to the dashboard.
@@ -178,7 +178,7 @@ def _errors(url: str, submission_id: str | None = None) -> Iterator[None]:
     except JacpipeError:
         raise
     except AuthenticationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise JacpipeError(
             f"Ray cluster at {url} refused the request ({first}): expected a valid auth "
             "token; copy the cluster's token into ~/.ray/auth_token, or set "
@@ -207,7 +207,7 @@ def _errors(url: str, submission_id: str | None = None) -> Iterator[None]:
                 f"{url} is not a Ray dashboard (no Jobs API there): expected the head's "
                 f"dashboard address, usually port {DEFAULT_DASHBOARD_PORT}"
             ) from None
-        line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        line = first_line(text) or type(exc).__name__
         raise JacpipeError(f"Ray Jobs API at {url} failed: {line}") from None
 
 
@@ -389,15 +389,10 @@ def submit(
         JacpipeError: unreachable cluster, auth failure, missing module, duplicate id,
             a secret (credentials in a URI) among ``run_args``.
     """
-    from pipeline.store import Storage
+    from pipeline.storage import refuse_secret
 
     for arg in run_args:
-        if Storage.redact(arg) != arg:
-            raise JacpipeError(
-                f"run argument {Storage.redact(arg)!r} holds a secret: it would be stored in "
-                "the job's entrypoint on the cluster; give the nodes credentials through "
-                "their environment (AWS_ACCESS_KEY_ID, ...) or a role instead"
-            )
+        refuse_secret(arg, "run argument")
     return _submit_entrypoint(
         build_entrypoint(job, run_args),
         address=address,

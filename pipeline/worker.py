@@ -1,7 +1,7 @@
 """What one shard does, wherever it runs: rebuild, check, compute in chunks, write.
 
-:func:`compute_shard` is a plain function of a JSON-able spec: the Ray task in
-``runner.py`` is a thin wrapper around it, and tests call it directly.
+:func:`compute_shard` is a plain function of a :class:`~pipeline.shard.ShardSpec`:
+the Ray task in ``runner.py`` is a thin wrapper around it, and tests call it directly.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,12 @@ import torch
 
 from pipeline import engine, plan
 from pipeline.errors import JacpipeError
-from pipeline.problem import Problem, Shapes, build_problem, check_fingerprint, fingerprint
-from pipeline.store import PartWriter, Storage, dense_schema, sparse_schema
+from pipeline.folder import record_attempt
+from pipeline.kinds import iter_rows, kind_of
+from pipeline.parts import PartWriter, dense_schema, part_name, sparse_schema
+from pipeline.problem import Problem, rebuild
+from pipeline.shard import ShardResult, ShardSpec
+from pipeline.storage import Storage
 
 # One built problem per (job, params, device, driver fingerprint) per worker
 # process: a worker that runs many shards builds once (weights, x, the measured
@@ -28,9 +31,22 @@ from pipeline.store import PartWriter, Storage, dense_schema, sparse_schema
 _CACHE: dict[str, tuple[Problem, int]] = {}
 
 
-def _cache_key(spec: dict[str, Any], device: str) -> str:
+#: The shard this process is computing (see :func:`current_shard`).
+_CURRENT: ShardSpec | None = None
+
+
+def current_shard() -> ShardSpec | None:
+    """The spec of the shard being computed in this process, or None between shards.
+
+    For a job's own diagnostics (and fault-injection tests): which shard, run
+    and folder a call of ``fn`` belongs to.
+    """
+    return _CURRENT
+
+
+def _cache_key(spec: ShardSpec, device: str) -> str:
     return json.dumps(
-        [spec["job"], spec["params"], device, spec["fingerprint"]], sort_keys=True, default=str
+        [spec.job, dict(spec.params), device, dict(spec.fingerprint)], sort_keys=True, default=str
     )
 
 
@@ -41,16 +57,8 @@ def activation_numel(problem: Problem) -> int:
     gradient's graph): see NOTE [Memory of one basis vector] in ``engine``.
     Saved weights are shared by every row and are already in the measured RSS.
     """
-    if problem.kind == "hessian":
-
-        def grad(t: torch.Tensor) -> torch.Tensor:
-            (g,) = torch.autograd.grad(problem.fn(t).reshape(()), t, create_graph=True)
-            return g
-
-        return engine.intermediate_numel(grad, problem.x)
-    if problem.kind == "batched":
-        return engine.intermediate_numel(problem.fn, problem.x[0])
-    return engine.intermediate_numel(problem.fn, problem.x)
+    fn, x = kind_of(problem.kind).differentiated(problem)
+    return engine.intermediate_numel(fn, x)
 
 
 #: ``CUDA_VISIBLE_DEVICES`` when this process first used CUDA: torch keeps that
@@ -81,15 +89,13 @@ def _device(requested: str) -> str:
     return "cpu"
 
 
-def _problem(spec: dict[str, Any], device: str) -> tuple[Problem, int]:
+def _problem(spec: ShardSpec, device: str) -> tuple[Problem, int]:
     key = _cache_key(spec, device)
     if key not in _CACHE:
-        params = dict(spec["params"])
-        if device != "cpu" and spec.get("device_param"):
+        params = dict(spec.params)
+        if device != "cpu" and spec.device_param:
             params["device"] = device
-        problem = build_problem(spec["job"], params)
-        shapes = Shapes.from_json(spec["shapes"])
-        check_fingerprint(spec["fingerprint"], fingerprint(problem, shapes))
+        problem = rebuild(spec.job, params, spec.fingerprint)
         _CACHE[key] = (problem, activation_numel(problem))
     return _CACHE[key]
 
@@ -111,108 +117,106 @@ def _node_id() -> str:
     return "local"
 
 
-def _attempt(storage: Storage, run_id: str, index: int) -> int:
-    """Count this shard's attempts in this run by marker files (``.attempt-*``)."""
-    prefix = f".attempt-{run_id}-{index:05d}-"
-    earlier = sum(1 for name in storage.listdir() if name.startswith(prefix))
-    storage.write_atomic(f"{prefix}{uuid.uuid4().hex[:8]}", b"")
-    return earlier + 1
-
-
-def compute_shard(
-    spec: dict[str, Any], *, pattern: Any = None, coloring: Any = None
-) -> dict[str, Any]:
+def compute_shard(spec: ShardSpec, *, pattern: Any = None, coloring: Any = None) -> ShardResult:
     """Compute one shard and commit its part file; return its manifest entry.
 
     Args:
-        spec: ``job``, ``params``, ``fingerprint``, ``shapes``, ``index``,
-            ``start``, ``stop``, ``out``, ``method``, ``memory_budget`` (bytes),
-            ``threads``, ``device``, ``run_id``, ``chunk_size`` (optional
-            override), ``group_rows``, ``meta`` (JSON facts for the file).
+        spec: the shard (see :class:`~pipeline.shard.ShardSpec`).
+        pattern, coloring: the sparsity pattern and its colouring (sparse layout).
 
     Returns:
-        The shard's manifest entry (file, rows, checksum, bytes, seconds, the
-        ``run_id`` that computed it and its ``attempt`` within that run, ...).
+        The shard's :class:`~pipeline.shard.ShardResult` (file, rows, checksum,
+        bytes, seconds, where it ran, the ``run_id`` that computed it and its
+        ``attempt`` within that run, ...).
     """
+    global _CURRENT
     t0 = time.perf_counter()
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    device = _device(spec.get("device", "auto"))
-    storage = Storage(spec["out"])
-    attempt = _attempt(storage, spec["run_id"], spec["index"])
+    torch.set_num_threads(spec.threads)  # Ray sets OMP_NUM_THREADS from num_cpus: be explicit
+    device = _device(spec.device)
+    storage = Storage(spec.out)
+    attempt = record_attempt(storage, spec.run_id, spec.index)
     problem, activations = _problem(spec, device)
-    shapes = Shapes.from_json(spec["shapes"])
-    itemsize = 4 if shapes.dtype == "float32" else 8
-    start, stop, index = int(spec["start"]), int(spec["stop"]), int(spec["index"])
-    group_rows = int(spec["group_rows"])
-    chunk = spec.get("chunk_size") or plan.chunk_rows(
-        budget=int(spec["memory_budget"]),
-        baseline=_rss() if device == "cpu" else 0,
-        m=shapes.m,
-        n=shapes.n,
-        activations=activations,
-        itemsize=itemsize,
-        group_bytes=2 * group_rows * _stored_row_bytes(shapes.n, itemsize, pattern),
-        method=spec["method"],
+    chunk = _chunk(spec, activations, pattern, baseline=_rss() if device == "cpu" else 0)
+    writer = PartWriter(
+        storage, part_name(spec.index), _schema(spec), spec.part_meta(), group_rows=spec.group_rows
     )
-    if spec["method"] == "rev":
-        # A chunk never needs more rows than one row group: the writer flushes
-        # whole groups, so larger chunks only raise the peak.
-        chunk = min(chunk, max(group_rows, 1))
-    meta = dict(spec.get("meta", {}), shard={"index": index, "start": start, "stop": stop})
-    layout = spec.get("layout", "dense")
-    schema = (
-        sparse_schema(shapes.dtype)
-        if layout == "sparse"
-        else dense_schema(shapes.n, shapes.dtype, batched=shapes.kind == "batched")
-    )
-    writer = PartWriter(storage, f"part-{index:05d}.parquet", schema, meta, group_rows=group_rows)
+    _CURRENT = spec
     try:
-        if layout == "sparse":
-            _write_sparse(writer, problem, pattern, coloring, start, stop, chunk)
+        if spec.layout == "sparse":
+            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk)
         else:
-            blocks = engine.iter_rows(
-                problem, start, stop, chunk_size=chunk, method=spec["method"]
-            )
-            for a, block in blocks:
-                arr = block.detach().cpu().numpy()
-                samples = None
-                if shapes.kind == "batched":
-                    samples = np.arange(a, a + len(arr), dtype=np.int64) // shapes.m
-                writer.write(a, arr, samples=samples)
+            _write_dense(writer, problem, spec, chunk)
         info = writer.commit()
     except BaseException:
         writer.abort()
         raise
-    if info.rows != stop - start:
-        raise RuntimeError(f"shard {index}: wrote {info.rows} rows, expected {stop - start}")
-    return {
-        "index": index,
-        "start": start,
-        "stop": stop,
-        "file": info.file,
-        "rows": info.rows,
-        "checksum": info.checksum,
-        "bytes": info.bytes,
-        "nan": info.nan,
-        "inf": info.inf,
-        "seconds": round(time.perf_counter() - t0, 4),
-        "node_id": _node_id(),
-        "device": device,
-        "gpu_ids": _gpu_ids(),
-        "chunk_size": int(chunk),
-        "peak_rss": _peak_rss(),
-        "pid": os.getpid(),
-        "run_id": spec["run_id"],
-        "attempt": attempt,
-    }
+    finally:
+        _CURRENT = None
+    if info.rows != spec.rows:
+        raise RuntimeError(f"shard {spec.index}: wrote {info.rows} rows, expected {spec.rows}")
+    return ShardResult(
+        index=spec.index,
+        start=spec.start,
+        stop=spec.stop,
+        file=info.file,
+        rows=info.rows,
+        checksum=info.checksum,
+        bytes=info.bytes,
+        nan=info.nan,
+        inf=info.inf,
+        seconds=round(time.perf_counter() - t0, 4),
+        node_id=_node_id(),
+        device=device,
+        gpu_ids=_gpu_ids(),
+        chunk_size=int(chunk),
+        peak_rss=_peak_rss(),
+        pid=os.getpid(),
+        run_id=spec.run_id,
+        attempt=attempt,
+    )
 
 
-def _stored_row_bytes(n: int, itemsize: int, pattern: Any) -> int:
-    """Bytes one row takes in a part file: dense values, or (column, value) pairs."""
-    if pattern is None:
-        return n * itemsize
-    return max(1, int(pattern.nnz) // max(pattern.shape[0], 1)) * (8 + itemsize)
+def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) -> int:
+    """Rows (rev) or columns (fwd) per vectorised pass: the override, else from the budget."""
+    if spec.chunk_size:
+        return spec.chunk_size
+    shapes = spec.shapes
+    stored = plan.stored_row_bytes(shapes, pattern if spec.layout == "sparse" else None)
+    chunk = plan.chunk_rows(
+        budget=spec.memory_budget,
+        baseline=baseline,
+        m=shapes.m,
+        n=shapes.n,
+        activations=activations,
+        itemsize=shapes.itemsize,
+        group_bytes=2 * spec.group_rows * stored,
+        method=spec.method,
+        # Forward-mode Jacobians keep every row of the shard until the last
+        # column pass (engine NOTE: [Rows by forward mode]); Hessian and
+        # per-sample rows are yielded chunk by chunk.
+        rows=spec.rows if shapes.kind == "jacobian" else 0,
+    )
+    if spec.method == "rev":
+        # A chunk never needs more rows than one row group: the writer flushes
+        # whole groups, so larger chunks only raise the peak.
+        chunk = min(chunk, max(spec.group_rows, 1))
+    return chunk
+
+
+def _schema(spec: ShardSpec) -> Any:
+    if spec.layout == "sparse":
+        return sparse_schema(spec.shapes.dtype)
+    return dense_schema(spec.shapes.n, spec.shapes.dtype, batched=spec.shapes.kind == "batched")
+
+
+def _write_dense(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk: int) -> None:
+    m = spec.shapes.m
+    for a, block in iter_rows(problem, spec.start, spec.stop, chunk_size=chunk, method=spec.method):
+        arr = block.detach().cpu().numpy()
+        samples = None
+        if spec.shapes.kind == "batched":
+            samples = np.arange(a, a + len(arr), dtype=np.int64) // m
+        writer.write(a, arr, samples=samples)
 
 
 def _write_sparse(

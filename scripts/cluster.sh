@@ -9,4 +9,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-exec "$PY" -m pipeline.localcluster "$@" --state-dir "${CLUSTER_STATE:-.cluster}"
+exec "$PY" -m scripts.localcluster "$@" --state-dir "${CLUSTER_STATE:-.cluster}"

@@ -2,7 +2,7 @@
 
 Register with ``pytest_plugins = ["tests.cluster"]`` in ``conftest.py``.
 
-The cluster logic lives in :mod:`pipeline.localcluster` (also behind
+The cluster logic lives in :mod:`scripts.localcluster` (also behind
 ``make cluster-up``): two ``ray start`` nodes on 127.0.0.1 sharing one private
 ``--temp-dir``, token authentication on with a private token file (``~/.ray`` is
 not touched), one custom resource per node. Teardown never uses ``ray stop``
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.localcluster import HOST, NODE_RESOURCES, LocalCluster, down, free_port, up
+from scripts.localcluster import HOST, NODE_RESOURCES, LocalCluster, down, free_port, up
 
 __all__ = ["HOST", "NODE_RESOURCES", "RayCluster", "ray_cluster", "start_cluster"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 
@@ -30,14 +29,11 @@ from pipeline import Problem
 _CALLS: dict[tuple[str, str, int], int] = {}
 
 
-def current_spec() -> dict | None:
-    """The spec of the ``compute_shard`` call on this stack (``index``, ``run_id``, ``out``)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "compute_shard" and "spec" in frame.f_locals:
-            return frame.f_locals["spec"]
-        frame = frame.f_back
-    return None
+def current_spec():
+    """The spec of the shard being computed in this process (``index``, ``run_id``, ``out``)."""
+    from pipeline.worker import current_shard
+
+    return current_shard()
 
 
 def _indices(text: str) -> set[int]:
@@ -117,12 +113,12 @@ def crashy(
             time.sleep(delay)
         spec = current_spec()
         if spec is not None and markers:
-            index = int(spec["index"])
-            key = (markers, str(spec["run_id"]), index)
+            index = spec.index
+            key = (markers, spec.run_id, index)
             _CALLS[key] = _CALLS.get(key, 0) + 1
             if index in doomed and _CALLS[key] == kill_chunk:
                 temps = [
-                    name for name in os.listdir(spec["out"])
+                    name for name in os.listdir(spec.out)
                     if name.startswith(f".part-{index:05d}.")
                 ]
                 marker = os.path.join(markers, f"killed-{index:05d}")
@@ -148,7 +144,7 @@ def raises_counted(
 
     def backward(grad: torch.Tensor) -> torch.Tensor:
         spec = current_spec()
-        if spec is not None and int(spec["index"]) == shard:
+        if spec is not None and spec.index == shard:
             with open(os.path.join(markers, "raised"), "a") as f:
                 f.write(f"{os.getpid()}\n")
             raise ValueError(f"boom: the user's backward failed in shard {shard}")

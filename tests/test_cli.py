@@ -84,7 +84,8 @@ def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.store import Storage, write_manifest
+    from pipeline.manifest import Manifest
+    from pipeline.storage import Storage
 
     f = out / "part-00001.parquet"
     table = pq.read_table(f)
@@ -95,7 +96,7 @@ def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
     storage = Storage(str(out))
     man["shards"][1]["checksum"] = storage.sha256("part-00001.parquet")
     man["shards"][1]["bytes"] = storage.size("part-00001.parquet")
-    write_manifest(storage, man)
+    Manifest.from_json(man).write(storage)
     result = invoke("compare", out)
     assert result.exit_code == 1 and "MISMATCH" in result.output
 

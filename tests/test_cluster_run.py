@@ -1,6 +1,6 @@
 """`jacpipe submit | status | logs | stop | list` against a real two-node Ray cluster.
 
-The cluster (fixture ``ray_cluster``, :mod:`pipeline.localcluster`, the same code
+The cluster (fixture ``ray_cluster``, :mod:`scripts.localcluster`, the same code
 as ``make cluster-up``) has 1 CPU per node, so a job with several shards uses
 both nodes. The CLI runs in-process through CliRunner: it is only a client of
 the cluster's Jobs API, the job itself runs on the cluster.
@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.localcluster import ClusterError, load, main, up
+from scripts.localcluster import ClusterError, load, main, up
 
 REPO = Path(__file__).resolve().parents[1]
 JACPIPE = str(Path(sys.executable).with_name("jacpipe"))

@@ -16,8 +16,11 @@ from typer.testing import CliRunner
 from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.errors import JacpipeError
+from pipeline.manifest import MANIFEST
+from pipeline.parts import PartWriter, dense_schema
 from pipeline.problem import build_problem
-from pipeline.store import MANIFEST, PartWriter, Storage, dense_schema, open_jacobian
+from pipeline.reader import open_jacobian
+from pipeline.storage import Storage
 
 pytest.importorskip("moto.server")
 
@@ -77,8 +80,8 @@ def test_run_to_s3_with_env_credentials_then_read_and_compare(
     np.testing.assert_allclose(read_jacobian(uri), _reference(), rtol=1e-12, atol=1e-14)
     result = open_jacobian(uri)
     assert result.check(checksums=True) == []
-    assert [s["index"] for s in result.committed] == [0, 1, 2, 3]
-    assert all(s["node_id"] and s["device"] == "cpu" for s in result.committed)
+    assert [s.index for s in result.committed] == [0, 1, 2, 3]
+    assert all(s.node_id and s.device == "cpu" for s in result.committed)
     cmp = invoke("compare", uri, "--json")
     assert cmp.exit_code == 0, cmp.output
     report = json.loads(cmp.output)

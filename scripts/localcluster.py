@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on 127.0.0.1, token auth on: for people and for tests.
 
-``make cluster-up`` / ``make cluster-down`` (``python -m pipeline.localcluster up|down``)
+``make cluster-up`` / ``make cluster-down`` (``python -m scripts.localcluster up|down``)
 and the test fixture ``ray_cluster`` (``tests/cluster.py``) both use :func:`start_cluster`.
 
 Two ``ray start`` nodes (head + one worker) share this machine and one private,
@@ -428,9 +428,9 @@ def _forget(state_dir: Path, cluster: LocalCluster) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.localcluster up|down|status [--state-dir .cluster]``."""
+    """``python -m scripts.localcluster up|down|status [--state-dir .cluster]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.localcluster",
+        prog="python -m scripts.localcluster",
         description="Start/stop a two-node Ray cluster on 127.0.0.1 with token auth.",
     )
     parser.add_argument("action", choices=["up", "down", "status"])

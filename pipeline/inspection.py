@@ -1,0 +1,194 @@
+"""``jacpipe inspect``: what a result folder holds, its picture and its singular values.
+
+Every function opens a result folder and streams its rows one row group at a
+time; none loads the whole matrix (except a sparse result, held as CSR).
+Nothing here rebuilds or runs the job: inspecting a result executes no code
+named in it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.errors import JacpipeError
+
+
+def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
+    """Facts about a result: shape, dtype, shards, timings, norms, zeros, NaN/Inf.
+
+    Rows are streamed one row group at a time; only trusted shards are read,
+    and missing or corrupt ones are listed under ``problems``.
+
+    Raises:
+        JacpipeError: the folder is not a jacpipe result.
+    """
+    import numpy as np
+
+    from pipeline.reader import open_jacobian
+
+    result = open_jacobian(out)
+    man = result.manifest
+    broken = result.check(checksums=checksums)
+    bad = {p.index for p in broken}
+    good = [s for s in result.committed if s.index not in bad]
+    if result.layout == "dense":
+        stats = _dense_stats(result, good)
+    else:
+        stats = _sparse_stats(result.read(as_="scipy", verify=False) if not broken else None,
+                              result.shape)
+    fro2, max_abs, zeros, entries, nan, inf = (
+        stats[k] for k in ("fro2", "max_abs", "zeros", "entries", "nan", "inf")
+    )
+    nnz = stats["nnz"]
+    seconds = [float(s.seconds) for s in result.committed]
+    return {
+        "out": result.storage.display,
+        "job": man.job,
+        "params": man.params,
+        "kind": man.kind,
+        "layout": result.layout,
+        "method": man.method,
+        "status": man.status,
+        "shape": list(result.shape),
+        "full_shape": list(result.full_shape),
+        "dtype": result.dtype,
+        "shards_planned": len(man.plan),
+        "shards_committed": len(result.committed),
+        "problems": [str(p) for p in broken],
+        "wall_seconds": man.wall_seconds,
+        "shard_seconds": {
+            "total": round(sum(seconds), 4),
+            "median": round(float(np.median(seconds)), 4) if seconds else None,
+            "max": round(max(seconds), 4) if seconds else None,
+        },
+        "nodes": sorted({s.node_id for s in result.committed}),
+        "devices": sorted({s.device for s in result.committed}),
+        "frobenius_norm": fro2**0.5,
+        "max_abs": max_abs,
+        "zero_fraction": zeros / entries if entries else None,
+        "nnz": nnz,
+        "density": nnz / (result.shape[0] * result.shape[1]) if result.shape[0] else None,
+        "colours": (man.coloring or {}).get("num_colors"),
+        "coloring_mode": (man.coloring or {}).get("mode"),
+        "nan": nan,
+        "inf": inf,
+        "nan_inf_by_shard": {
+            str(s.index): [s.nan, s.inf] for s in result.committed if s.nan or s.inf
+        },
+        "shards": [
+            {k: getattr(s, k) for k in ("index", "start", "stop", "rows", "seconds", "node_id",
+                                        "device", "attempt", "nan", "inf")}
+            for s in result.committed
+        ],
+        "versions": man.versions,
+    }
+
+
+def _dense_stats(result: Any, good: list[Any]) -> dict[str, Any]:
+    """Norm, max, zeros, NaN/Inf of the trusted shards of a dense result, streamed."""
+    import numpy as np
+
+    from pipeline.parts import count_nonfinite
+
+    out = dict(fro2=0.0, max_abs=0.0, zeros=0, entries=0, nan=0, inf=0)
+    rows = np.concatenate([np.arange(s.start, s.stop) for s in good] or [[]]).astype(np.int64)
+    if len(rows):
+        for _, block in result.iter_blocks(rows, verify=False):
+            nan, inf = count_nonfinite(block)
+            vals = np.where(np.isfinite(block), block, 0.0).astype(np.float64)
+            out["nan"] += nan
+            out["inf"] += inf
+            out["fro2"] += float((vals * vals).sum())
+            out["max_abs"] = max(out["max_abs"], float(np.abs(vals).max(initial=0.0)))
+            out["zeros"] += int((block == 0).sum())
+            out["entries"] += block.size
+    out["nnz"] = out["entries"] - out["zeros"]
+    return out
+
+
+def _sparse_stats(mat: Any, shape: tuple[int, int]) -> dict[str, Any]:
+    """The same facts for a sparse result's CSR matrix (None: the result is incomplete)."""
+    import numpy as np
+
+    from pipeline.parts import count_nonfinite
+
+    out = dict(fro2=0.0, max_abs=0.0, zeros=0, entries=0, nan=0, inf=0, nnz=0)
+    if mat is None:
+        return out
+    vals = mat.data.astype(np.float64)
+    out["nan"], out["inf"] = count_nonfinite(vals)
+    vals = vals[np.isfinite(vals)]
+    out["nnz"] = int(mat.nnz)
+    out["fro2"] = float((vals * vals).sum())
+    out["max_abs"] = float(np.abs(vals).max(initial=0.0))
+    out["entries"] = shape[0] * shape[1]
+    out["zeros"] = out["entries"] - out["nnz"]
+    return out
+
+
+def _dense_blocks(result: Any) -> Any:
+    for rows, block in result.iter_blocks():
+        yield int(rows[0]), block
+
+
+def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
+    """Write a picture of a result: heatmap (dense) or spy plot (sparse), with norm profiles.
+
+    Returns:
+        The path written.
+    """
+    from pipeline.reader import open_jacobian
+
+    if not str(path).lower().endswith(".png"):
+        raise JacpipeError(f"--plot {path}: expected a .png file name")
+    result = open_jacobian(out)
+    problems = result.check(checksums=False)
+    if problems:
+        raise JacpipeError(f"cannot plot an incomplete result: {problems[0]}")
+    try:
+        return _plot(result, path, max_pixels=max_pixels)
+    except OSError as exc:
+        raise JacpipeError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
+
+
+def _plot(result: Any, path: str, *, max_pixels: int) -> str:
+    man = result.manifest
+    title = f"{man.job} {man.kind} {result.shape[0]}x{result.shape[1]} {result.dtype}"
+    if result.layout == "sparse":
+        from pipeline.plot import plot_sparse
+
+        return str(plot_sparse(result.read(as_="scipy"), path, max_pixels=max_pixels, title=title))
+    from pipeline.plot import plot_dense
+
+    return str(plot_dense(_dense_blocks(result), result.shape, path, max_pixels=max_pixels,
+                          title=title))
+
+
+def svd_result(out: str, k: int, *, power_iters: int = 2, seed: int = 0) -> Any:
+    """Top-``k`` singular values by randomized range-finding over streamed row blocks.
+
+    Returns:
+        A :class:`pipeline.svd.SVDResult` (``s``, ``condition_estimate``, ...).
+    """
+    from pipeline.reader import open_jacobian
+    from pipeline.svd import streamed_svd
+
+    result = open_jacobian(out)
+    if k < 1:
+        raise JacpipeError(f"--svd must be at least 1, got {k}")
+    problems = result.check(checksums=True)
+    if problems:
+        raise JacpipeError(f"cannot take the SVD of an incomplete result: {problems[0]}")
+    if result.layout == "sparse":
+        mat = result.read(as_="scipy")
+        step = 4096
+
+        def blocks() -> Any:
+            for a in range(0, mat.shape[0], step):
+                yield mat[a : a + step].toarray()
+    else:
+        def blocks() -> Any:
+            for _, block in result.iter_blocks(verify=False):
+                yield block
+
+    return streamed_svd(blocks, result.shape[1], k, power_iters=power_iters, seed=seed)

@@ -1,0 +1,272 @@
+"""The manifest: a run's facts and its commit record, read, validated and written as one type.
+
+``OUT/_manifest.json`` (format_version 1) holds what was computed (job,
+params, fingerprint, shapes, method, layout, plan, colouring), how (options,
+versions), and one entry per committed shard. A shard is committed when its
+entry, with the sha256 of its part, is here. The file is JSON only: nothing
+in it is unpickled or executed when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.errors import JacpipeError
+from pipeline.kinds import LAYOUTS, Layout
+from pipeline.parts import part_name
+from pipeline.problem import Shapes
+from pipeline.shard import FORMAT_VERSION, ShardResult
+from pipeline.storage import Storage
+
+MANIFEST = "_manifest.json"
+#: Keys whose equality makes a folder's result "the same run" (resumable).
+IDENTITY = ("job", "params", "fingerprint", "method", "layout", "plan", "coloring")
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Versions of jacpipe and the libraries that produced a result."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("jacpipe", "torch", "ray", "pyarrow", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+@dataclass
+class Manifest:
+    """The facts of a run and its committed shards (see the module docstring).
+
+    Args:
+        job, params, fingerprint: what was built.
+        method, layout: how rows were computed and stored.
+        plan: ``(start, stop)`` of every shard, in index order.
+        shapes: the derivative's shapes (kind, dtype, in/out shapes).
+        coloring: ``mode``, ``num_colors``, ``nnz``, ``pattern_sha256`` of a
+            sparse run, else None.
+        options: budget, CPUs/GPUs per shard, device, row group size.
+        shards: committed shards by index.
+        status: ``running``, ``complete``, ``interrupted`` or ``failed``.
+        extra: any other keys (kept as they are when rewritten).
+    """
+
+    job: str
+    params: dict[str, Any]
+    fingerprint: dict[str, Any]
+    method: str
+    layout: Layout
+    plan: list[tuple[int, int]]
+    shapes: Shapes
+    coloring: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    shards: dict[int, ShardResult] = field(default_factory=dict)
+    status: str = "running"
+    run_id: str = ""
+    created: str = ""
+    updated: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    wall_seconds: float | None = None
+    compute_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- facts ------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.shapes.kind
+
+    @property
+    def dtype(self) -> str:
+        return self.shapes.dtype
+
+    @property
+    def committed(self) -> list[ShardResult]:
+        """Committed shards in index order."""
+        return [self.shards[i] for i in sorted(self.shards)]
+
+    @property
+    def nan(self) -> int:
+        return sum(s.nan for s in self.shards.values())
+
+    @property
+    def inf(self) -> int:
+        return sum(s.inf for s in self.shards.values())
+
+    def identity(self) -> dict[str, Any]:
+        """What must be equal for a folder to hold the same run (JSON values)."""
+        doc = self.to_json()
+        return {k: doc[k] for k in IDENTITY if k in doc}
+
+    def commit(self, result: ShardResult) -> None:
+        """Record a shard (replacing an earlier entry of the same index: rows exactly once)."""
+        self.shards[result.index] = result
+
+    # -- JSON -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "job": self.job,
+            "params": self.params,
+            "fingerprint": self.fingerprint,
+            "method": self.method,
+            "layout": self.layout,
+            "plan": [[int(a), int(b)] for a, b in self.plan],
+        }
+        if self.coloring is not None:
+            doc["coloring"] = self.coloring
+        doc.update(
+            kind=self.kind,
+            shapes=self.shapes.to_json(),
+            dtype=self.dtype,
+            options=self.options,
+            shards=[s.to_json() for s in self.committed],
+            status=self.status,
+            run_id=self.run_id,
+            created=self.created,
+            versions=self.versions,
+            updated=self.updated,
+        )
+        if self.status == "complete":
+            doc.update(wall_seconds=self.wall_seconds, compute_seconds=self.compute_seconds,
+                       nan=self.nan, inf=self.inf)
+        doc.update(self.extra)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Manifest:
+        """Validate and read a parsed manifest.
+
+        A reader must never index a missing key or trust a shard entry that
+        does not describe exactly its planned rows and file: a hand-edited or
+        bit-rotted manifest is one clear error, not a traceback or a wrong read.
+
+        Raises:
+            ValueError: what is structurally wrong (the caller adds where).
+        """
+        if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"not a jacpipe manifest of format_version {FORMAT_VERSION}")
+        try:
+            shapes = Shapes.from_json(doc["shapes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad or missing 'shapes': {exc!r}") from None
+        plan = _checked_plan(doc.get("plan"), shapes.total_rows)
+        shards = _checked_shards(doc.get("shards"), plan)
+        layout = doc.get("layout", "dense")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}")
+        known = set(cls.__dataclass_fields__) | {"format_version", "kind", "dtype", "nan", "inf"}
+        return cls(
+            job=str(doc.get("job", "?")),
+            params=dict(doc.get("params") or {}),
+            fingerprint=dict(doc.get("fingerprint") or {}),
+            method=str(doc.get("method", "?")),
+            layout=layout,
+            plan=plan,
+            shapes=shapes,
+            coloring=doc.get("coloring"),
+            options=dict(doc.get("options") or {}),
+            shards=shards,
+            status=str(doc.get("status", "?")),
+            run_id=str(doc.get("run_id", "")),
+            created=str(doc.get("created", "")),
+            updated=str(doc.get("updated", "")),
+            versions=dict(doc.get("versions") or {}),
+            wall_seconds=doc.get("wall_seconds"),
+            compute_seconds=doc.get("compute_seconds"),
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+    # -- storage ------------------------------------------------------------------
+    @classmethod
+    def read(cls, storage: Storage) -> Manifest | None:
+        """The manifest of a folder, or ``None`` if it has none.
+
+        Raises:
+            JacpipeError: the manifest exists but is not a jacpipe manifest, or
+                is corrupt (not JSON, or entries that do not match its plan).
+        """
+        if not storage.exists(MANIFEST):
+            return None
+        where = storage.display.rstrip("/") + "/" + MANIFEST
+        try:
+            doc = json.loads(storage.read_bytes(MANIFEST))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise JacpipeError(
+                f"{where} is corrupt (not valid JSON: {exc}); its shards cannot "
+                "be trusted: rerun `jacpipe run` with --overwrite to recompute the result"
+            ) from None
+        if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+            raise JacpipeError(
+                f"{where}: not a jacpipe manifest of format_version {FORMAT_VERSION}"
+            )
+        try:
+            return cls.from_json(doc)
+        except ValueError as exc:
+            raise JacpipeError(
+                f"{where} is corrupt ({exc}); its shards cannot be trusted: "
+                "rerun `jacpipe run` with --overwrite to recompute the result"
+            ) from None
+
+    def write(self, storage: Storage) -> None:
+        """Rewrite the manifest atomically (readers see the old or the new one)."""
+        self.updated = utcnow()
+        storage.write_atomic(MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+
+
+def _checked_plan(plan: Any, total: int) -> list[tuple[int, int]]:
+    if not isinstance(plan, list) or not plan:
+        raise ValueError("bad or missing 'plan'")
+    edge = 0
+    for i, bounds in enumerate(plan):
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) for b in bounds)
+            or bounds[0] != edge
+            or bounds[1] <= bounds[0]
+        ):
+            raise ValueError(f"plan entry {i} is {bounds!r}")
+        edge = bounds[1]
+    if edge != total:
+        raise ValueError(f"the plan covers {edge} rows, the shapes say {total}")
+    return [(a, b) for a, b in plan]
+
+
+def _checked_shards(shards: Any, plan: list[tuple[int, int]]) -> dict[int, ShardResult]:
+    if not isinstance(shards, list):
+        raise ValueError("bad or missing 'shards'")
+    out: dict[int, ShardResult] = {}
+    for entry in shards:
+        if not _entry_ok(entry, plan, out):
+            raise ValueError(
+                f"shard entry {json.dumps(entry, default=str)[:120]} does not match the plan"
+            )
+        out[entry["index"]] = ShardResult.from_json(entry)
+    return out
+
+
+def _entry_ok(entry: Any, plan: list[tuple[int, int]], seen: Mapping[int, Any]) -> bool:
+    try:
+        index = entry["index"]
+        return (
+            isinstance(index, int)
+            and 0 <= index < len(plan)
+            and index not in seen
+            and (entry["start"], entry["stop"]) == tuple(plan[index])
+            and entry["rows"] == entry["stop"] - entry["start"]
+            and entry["file"] == part_name(index)
+            and isinstance(entry["checksum"], str)
+            and len(entry["checksum"]) == 64
+        )
+    except (KeyError, TypeError):
+        return False
