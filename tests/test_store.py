@@ -11,14 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import JacpipeError
-from pipeline.store import (
-    PartWriter,
-    Storage,
-    dense_schema,
-    open_jacobian,
-    read_jacobian,
-    write_manifest,
-)
+from pipeline.manifest import Manifest
+from pipeline.parts import PartWriter, dense_schema
+from pipeline.reader import open_jacobian, read_jacobian
+from pipeline.storage import Storage
 
 
 def write_result(tmp_path, matrix, bounds, *, dtype="float64", group_rows=4):
@@ -42,7 +38,7 @@ def write_result(tmp_path, matrix, bounds, *, dtype="float64", group_rows=4):
         "dtype": dtype, "plan": [[a, b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
         "shards": shards, "status": "complete",
     }
-    write_manifest(storage, manifest)
+    Manifest.from_json(manifest).write(storage)
     return manifest
 
 
@@ -91,7 +87,7 @@ def test_readable_by_pyarrow_dataset_and_pandas(tmp_path, matrix):
 def test_readers_trust_committed_shards_only(tmp_path, matrix):
     manifest = write_result(tmp_path, matrix, [0, 12, 23])
     manifest["shards"] = manifest["shards"][:1]
-    write_manifest(Storage(str(tmp_path)), manifest)
+    Manifest.from_json(manifest).write(Storage(str(tmp_path)))
     with pytest.raises(JacpipeError, match="shard 1 .*not committed"):
         read_jacobian(tmp_path)
     np.testing.assert_array_equal(read_jacobian(tmp_path, rows=[3, 5]), matrix[[3, 5]])
@@ -115,3 +111,34 @@ def test_not_a_result(tmp_path):
     (tmp_path / "_manifest.json").write_text('{"hello": 1}')
     with pytest.raises(JacpipeError, match="not a jacpipe manifest"):
         open_jacobian(tmp_path)
+
+
+def test_shard_spec_and_result_round_trip_through_json():
+    from pipeline.problem import Shapes
+    from pipeline.shard import ShardResult, ShardSpec
+
+    spec = ShardSpec(job="mlp", params={"n": 4}, fingerprint={"x": "y"},
+                     shapes=Shapes("batched", (3,), (2,), 5, "float64"), index=1, start=2,
+                     stop=8, out="/o", method="rev", layout="dense", memory_budget=2**20,
+                     threads=1, device="cpu", device_param=True, run_id="r", group_rows=4)
+    assert ShardSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert spec.part_meta()["shard"] == {"index": 1, "start": 2, "stop": 8}
+    result = ShardResult(index=1, start=2, stop=8, file="part-00001.parquet", rows=6,
+                         checksum="0" * 64, gpu_ids=["0"], attempt=2)
+    assert ShardResult.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+def test_manifest_validates_itself(tmp_path, matrix):
+    doc = write_result(tmp_path, matrix, [0, 12, 23])
+    man = Manifest.read(Storage(str(tmp_path)))
+    assert [s.index for s in man.committed] == [0, 1] and man.dtype == "float64"
+    assert Manifest.from_json(man.to_json()).to_json() == man.to_json()
+    for edit, match in [
+        (lambda d: d["plan"].__setitem__(1, [12, 22]), "plan covers 22 rows"),
+        (lambda d: d["shards"][1].__setitem__("file", "part-00009.parquet"), "does not match"),
+        (lambda d: d.__setitem__("layout", "diagonal"), "unknown layout"),
+    ]:
+        bad = json.loads(json.dumps(doc))
+        edit(bad)
+        with pytest.raises(ValueError, match=match):
+            Manifest.from_json(bad)
