@@ -127,11 +127,28 @@ def _alive(p: psutil.Process) -> bool:
 
 
 def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The folder's manifest, or ``None`` before the driver wrote one."""
+    """The folder's manifest with its commit log merged, or ``None`` before the driver wrote one.
+
+    Read by hand (plain JSON, no jacpipe): the manifest's shards, then each
+    complete line of ``_commits.jsonl`` (a later commit of a shard wins).
+    """
     try:
-        return json.loads((Path(out) / "_manifest.json").read_text())
+        man = json.loads((Path(out) / "_manifest.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+    shards = {s["index"]: s for s in man["shards"]}
+    try:
+        lines = (Path(out) / "_commits.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line: not committed
+        shards[entry["index"]] = entry
+    man["shards"] = [shards[i] for i in sorted(shards)]
+    return man
 
 
 def wait_for_commits(

@@ -93,6 +93,7 @@ def run_cmd(
     verify: bool = typer.Option(False, "--verify", help="Compare against torch.autograd.functional at the end."),
     rows: int = typer.Option(None, "--rows", help="With --verify: sampled rows to check instead of all."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    shard_timeout: float = typer.Option(None, "--shard-timeout", help="Fail the run (resumably) when one shard runs longer than this many seconds; without it a shard running 10x the median (and over a minute) is only reported."),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
     from pipeline.plan import RunOptions
@@ -119,6 +120,7 @@ def run_cmd(
             resume=resume,
             overwrite=overwrite,
             progress=progress,
+            shard_timeout=shard_timeout,
         ),
         echo=lambda s: typer.echo(s, err=True),
     )

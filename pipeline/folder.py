@@ -20,12 +20,15 @@ import uuid
 from typing import Any
 
 from pipeline.errors import JacpipeError
-from pipeline.manifest import MANIFEST, Manifest
+from pipeline.manifest import COMMIT_LOG, COMMIT_OBJECT, MANIFEST, Manifest, append_commit
 from pipeline.shard import ShardResult
 from pipeline.storage import Storage
 
 #: Prefixes of every file a run writes into its folder.
-OUR_FILES = ("part-", ".part-", ".attempt-", "..attempt-", "._manifest.json", MANIFEST)
+OUR_FILES = (
+    "part-", ".part-", ".attempt-", "..attempt-", "._manifest.json", MANIFEST, COMMIT_LOG,
+    COMMIT_OBJECT,
+)
 
 
 def is_leftover(name: str) -> bool:
@@ -146,10 +149,10 @@ class ResultFolder:
 
     # -- during and after the run -------------------------------------------------
     def commit(self, result: ShardResult) -> None:
-        """Record a finished shard in the manifest (atomic rewrite)."""
+        """Commit a finished shard: one durable line in the commit log (NOTE: [Commit log])."""
         assert self.manifest is not None, "prepare() first"
+        append_commit(self.storage, result)
         self.manifest.commit(result)
-        self.manifest.write(self.storage)
 
     def finish(self, status: str, **facts: Any) -> None:
         """Write the final status (and facts such as timings); sweep leftovers when complete."""

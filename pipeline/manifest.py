@@ -23,6 +23,12 @@ from pipeline.shard import FORMAT_VERSION, ShardResult
 from pipeline.storage import Storage
 
 MANIFEST = "_manifest.json"
+#: The commit log next to the manifest: one JSON line per committed shard
+#: (local folders), or one ``_commit-NNNNN.json`` object per shard (object
+#: stores, which cannot append). Both start with ``_``: readers of the
+#: Parquet files skip them.
+COMMIT_LOG = "_commits.jsonl"
+COMMIT_OBJECT = "_commit-"
 #: Keys whose equality makes a folder's result "the same run" (resumable).
 IDENTITY = ("job", "params", "fingerprint", "method", "layout", "plan", "coloring")
 
@@ -210,17 +216,25 @@ class Manifest:
                 f"{where}: not a jacpipe manifest of format_version {FORMAT_VERSION}"
             )
         try:
-            return cls.from_json(doc)
+            manifest = cls.from_json(doc)
+            for entry in read_commit_log(storage):
+                manifest.commit(_checked_entry(entry, manifest.plan))
         except ValueError as exc:
             raise JacpipeError(
                 f"{where} is corrupt ({exc}); its shards cannot be trusted: "
                 "rerun `jacpipe run` with --overwrite to recompute the result"
             ) from None
+        return manifest
 
     def write(self, storage: Storage) -> None:
-        """Rewrite the manifest atomically (readers see the old or the new one)."""
+        """Rewrite the manifest atomically (readers see the old or the new one).
+
+        The commit log is compacted into it: the log's entries are in ``shards``
+        (see :meth:`read`), so the log is removed once the manifest is durable.
+        """
         self.updated = utcnow()
         storage.write_atomic(MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+        clear_commit_log(storage)
 
 
 def _checked_plan(plan: Any, total: int) -> list[tuple[int, int]]:
@@ -247,12 +261,78 @@ def _checked_shards(shards: Any, plan: list[tuple[int, int]]) -> dict[int, Shard
         raise ValueError("bad or missing 'shards'")
     out: dict[int, ShardResult] = {}
     for entry in shards:
-        if not _entry_ok(entry, plan, out):
-            raise ValueError(
-                f"shard entry {json.dumps(entry, default=str)[:120]} does not match the plan"
-            )
-        out[entry["index"]] = ShardResult.from_json(entry)
+        if isinstance(entry, dict) and entry.get("index") in out:
+            raise ValueError(f"shard {entry['index']} is listed twice")
+        result = _checked_entry(entry, plan)
+        out[result.index] = result
     return out
+
+
+def _checked_entry(entry: Any, plan: list[tuple[int, int]]) -> ShardResult:
+    if not _entry_ok(entry, plan, {}):
+        raise ValueError(
+            f"shard entry {json.dumps(entry, default=str)[:120]} does not match the plan"
+        )
+    try:
+        return ShardResult.from_json(entry)
+    except TypeError as exc:
+        raise ValueError(f"shard entry {entry.get('index')}: {exc}") from None
+
+
+# NOTE: [Commit log]
+#   Rewriting the whole manifest per committed shard is quadratic in shards
+#   (measured before: 28 s of manifest writes at 2,000 shards, as long as the
+#   compute). A commit appends one line to _commits.jsonl and fsyncs it: O(1).
+#   The manifest is rewritten (the log compacted into it, then the log
+#   removed) only at the start, the end and on resume. A crash mid-append
+#   leaves at most a torn last line: it is ignored, its part is not
+#   committed and is recomputed on resume. Readers merge an uncompacted log
+#   (a killed run) into the manifest; later lines win, as later commits.
+
+
+def append_commit(storage: Storage, result: ShardResult) -> None:
+    """Commit one shard: append its entry to the commit log (durably)."""
+    line = json.dumps(result.to_json(), separators=(",", ":"))
+    if not storage.local:
+        storage.write_atomic(f"{COMMIT_OBJECT}{result.index:05d}.json", line.encode())
+        return
+    import os
+
+    with open(storage.path(COMMIT_LOG), "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_commit_log(storage: Storage) -> list[Any]:
+    """The entries of an uncompacted commit log, in commit order (a torn last line dropped).
+
+    Raises:
+        ValueError: a line before the last is not JSON (the log was edited).
+    """
+    if not storage.local:
+        names = sorted(n for n in storage.listdir() if n.startswith(COMMIT_OBJECT))
+        return [json.loads(storage.read_bytes(n)) for n in names]
+    if not storage.exists(COMMIT_LOG):
+        return []
+    lines = storage.read_bytes(COMMIT_LOG).decode("utf-8", errors="replace").split("\n")
+    entries = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 and any(rest.strip() for rest in lines[i + 1:]):
+                raise ValueError(f"{COMMIT_LOG} line {i + 1} is not JSON") from None
+    return entries
+
+
+def clear_commit_log(storage: Storage) -> None:
+    """Remove the commit log (after its entries are in the manifest)."""
+    for name in storage.listdir():
+        if name == COMMIT_LOG or name.startswith(COMMIT_OBJECT):
+            storage.delete(name)
 
 
 def _entry_ok(entry: Any, plan: list[tuple[int, int]], seen: Mapping[int, Any]) -> bool:

@@ -47,6 +47,7 @@ class RunOptions:
     overwrite: bool = False
     max_in_flight: int | None = None
     progress: bool = True
+    shard_timeout: float | None = None
 
     def check(self) -> None:
         """Refuse option values that are wrong whatever the job and cluster.
@@ -69,6 +70,8 @@ class RunOptions:
             raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
+        if self.shard_timeout is not None and not self.shard_timeout > 0:
+            raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
 
 
 @dataclass(frozen=True)

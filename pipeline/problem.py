@@ -12,11 +12,12 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pipeline.errors import JacpipeError
+from pipeline.errors import JacpipeError, first_line
 
 #: What is differentiated: see :mod:`pipeline.kinds` for what each one means.
 Kind = Literal["jacobian", "hessian", "batched"]
@@ -121,6 +122,36 @@ def builtin_jobs() -> list[str]:
     )
 
 
+#: ``package.module:function``: dotted Python identifiers, nothing else (no paths).
+_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``(module, function)`` of a job spec, validated before anything is imported.
+
+    Args:
+        spec: a built-in job name (``"mlp"``) or ``"package.module:function"``.
+
+    Raises:
+        JacpipeError: an unknown built-in name, or a spec that is not dotted
+            module names and a function name (``../x:build``, ``.hidden:build``).
+    """
+    if ":" not in spec:
+        if spec not in builtin_jobs():
+            raise JacpipeError(
+                f"unknown job {spec!r}: expected one of {', '.join(builtin_jobs())} "
+                "or 'package.module:function' (see `jacpipe jobs`)"
+            )
+        return f"jobs.{spec}", "build"
+    if not _SPEC.match(spec):
+        raise JacpipeError(
+            f"job {spec!r}: expected 'package.module:function' with dotted Python names "
+            "(a module on PYTHONPATH or in the current directory, not a file path)"
+        )
+    mod_name, _, fn_name = spec.partition(":")
+    return mod_name, fn_name
+
+
 def resolve_builder(spec: str) -> Callable[..., Problem]:
     """Find the ``build`` function named by ``spec``.
 
@@ -128,19 +159,10 @@ def resolve_builder(spec: str) -> Callable[..., Problem]:
         spec: a built-in job name (``"mlp"``) or ``"package.module:function"``.
 
     Raises:
-        JacpipeError: the job or function does not exist.
+        JacpipeError: the job or function does not exist, or its module fails
+            to import (a syntax error, an exception at import): one line, exit 2.
     """
-    if ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        if not mod_name or not fn_name:
-            raise JacpipeError(f"job {spec!r}: expected 'package.module:function'")
-    else:
-        if spec not in builtin_jobs():
-            raise JacpipeError(
-                f"unknown job {spec!r}: expected one of {', '.join(builtin_jobs())} "
-                "or 'package.module:function' (see `jacpipe jobs`)"
-            )
-        mod_name, fn_name = f"jobs.{spec}", "build"
+    mod_name, fn_name = split_spec(spec)
     # A user's module in the current directory, as `python -m` would find it
     # (the console script's sys.path starts with its own bin/ folder); Ray
     # workers get the driver's working directory on their path too.
@@ -155,6 +177,16 @@ def resolve_builder(spec: str) -> Callable[..., Problem]:
         raise JacpipeError(
             f"job {spec!r}: cannot import module {mod_name!r} ({exc}); "
             "is it on PYTHONPATH or in the current directory?"
+        ) from None
+    except SyntaxError as exc:
+        raise JacpipeError(
+            f"job {spec!r}: module {mod_name!r} has a syntax error "
+            f"({exc.msg}, {os.path.basename(exc.filename or '?')} line {exc.lineno})"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a user's module raised at import: one line
+        raise JacpipeError(
+            f"job {spec!r}: importing module {mod_name!r} raised {type(exc).__name__}: "
+            f"{first_line(exc)}"
         ) from None
     builder = getattr(module, fn_name, None)
     if not callable(builder):

@@ -11,14 +11,17 @@ schedules, shows progress and reports failures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -357,7 +360,7 @@ def _execute(
     progress.done_shards = len(keep)
     t_compute = time.perf_counter()
     _schedule(specs, plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
-              owns_ray=owns_ray)
+              owns_ray=owns_ray, shard_timeout=opts.shard_timeout, echo=echo)
     folder.finish(
         "complete",
         wall_seconds=round(time.perf_counter() - t_start, 4),
@@ -377,6 +380,114 @@ def _execute(
     )
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a stopped cluster job, ``kill``): handled like Ctrl-C."""
+
+
+class ShardTimeout(JacpipeError):
+    """A shard ran past ``--shard-timeout``; the folder is resumable."""
+
+    exit_code = 1
+
+
+#: A shard running this many times the median shard time (and at least
+#: STALL_MIN_SECONDS) is reported as stalled on the progress line.
+STALL_FACTOR = 10.0
+STALL_MIN_SECONDS = 60.0
+#: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports it).
+SIGTERM_EXIT = 143
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread for the duration.
+
+    Installed after Ray starts, so it replaces the handler Ray's core worker
+    installs (which dumps a C++ stack and aborts): the manifest is written
+    ``interrupted`` and the run exits with :data:`SIGTERM_EXIT`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        del signum, frame
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class _Scheduler:
+    """Ray tasks for ``specs``, at most ``window`` in flight, committed as they end.
+
+    Watches for stalls: a shard running far past its peers (NOTE: STALL_FACTOR)
+    is reported once; one past ``shard_timeout`` seconds fails the run.
+    """
+
+    def __init__(self, plan: RunPlan, folder: ResultFolder, progress: _Progress, *,
+                 window: int, shard_timeout: float | None, echo: Callable[[str], None]) -> None:
+        self.plan, self.folder, self.progress, self.echo = plan, folder, progress, echo
+        self.window, self.shard_timeout = window, shard_timeout
+        self.in_flight: dict[Any, ShardSpec] = {}
+        self.started: dict[Any, float] = {}  # when a task got (about) a slot
+        # shard times so far, kept shards of a resumed result included
+        self.seconds = [s.seconds for s in folder.manifest.committed] if folder.manifest else []
+        self.warned: set[int] = set()
+
+    def run(self, specs: list[ShardSpec]) -> None:
+        import ray
+
+        remote = _remote().options(
+            num_cpus=self.plan.cpus_per_shard, num_gpus=self.plan.gpus_per_shard
+        )
+        # The pattern and colouring go to the object store once, not once per task.
+        sparse_args = (
+            () if self.plan.coloring is None
+            else (ray.put(self.plan.pattern), ray.put(self.plan.coloring))
+        )
+        pending = list(specs)
+        while pending or self.in_flight:
+            while pending and len(self.in_flight) < self.window:
+                spec = pending.pop(0)
+                self.in_flight[remote.remote(spec, *sparse_args)] = spec
+            self._watch(time.perf_counter())
+            done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                result = _outcome(ref, self.in_flight.pop(ref))
+                self.started.pop(ref, None)
+                self.seconds.append(result.seconds)
+                self.folder.commit(result)
+                self.progress.advance(result)
+
+    def _watch(self, now: float) -> None:
+        """Start clocks of the tasks holding a slot; report stalls; enforce the timeout."""
+        for ref in list(self.in_flight)[: self.plan.slots]:
+            self.started.setdefault(ref, now)
+        median = sorted(self.seconds)[len(self.seconds) // 2] if self.seconds else None
+        for ref, t0 in self.started.items():
+            age, spec = now - t0, self.in_flight[ref]
+            if self.shard_timeout is not None and age > self.shard_timeout:
+                raise ShardTimeout(
+                    f"shard {spec.index} (rows {spec.start}..{spec.stop}) ran past "
+                    f"--shard-timeout {self.shard_timeout:g}s; {len(self.folder.manifest.shards)}"
+                    f" shards are committed in {self.folder.storage.display}: rerun the same "
+                    "command to resume"
+                )
+            stalled = median is not None and age > max(STALL_FACTOR * median, STALL_MIN_SECONDS)
+            if stalled and spec.index not in self.warned:
+                self.warned.add(spec.index)
+                ratio = age / max(median, 1e-9)
+                self.echo(
+                    f"warning: shard {spec.index} has run {age:.0f}s, {ratio:.0f}x "
+                    f"the median shard ({median:.1f}s): a stalled or stopped worker? "
+                    "(--shard-timeout SECONDS fails the run, resumably)"
+                )
+
+
 def _schedule(
     specs: list[ShardSpec],
     plan: RunPlan,
@@ -385,45 +496,36 @@ def _schedule(
     *,
     window: int,
     owns_ray: bool,
+    shard_timeout: float | None = None,
+    echo: Callable[[str], None] = print,
 ) -> None:
-    """Run ``specs`` as Ray tasks, at most ``window`` in flight, committing each as it ends.
+    """Run ``specs`` as Ray tasks (:class:`_Scheduler`), committing each as it ends.
 
-    On Ctrl-C or a failure the manifest is written first (``interrupted`` /
-    ``failed``), then the tasks in flight are left (NOTE: [Stopping tasks
-    without ray.cancel]).
+    On Ctrl-C, SIGTERM or a failure the manifest is written first
+    (``interrupted`` / ``failed``), then the tasks in flight are left (NOTE:
+    [Stopping tasks without ray.cancel]).
     """
-    import ray
-
-    remote = _remote().options(num_cpus=plan.cpus_per_shard, num_gpus=plan.gpus_per_shard)
-    # The pattern and colouring go to the object store once, not once per task.
-    sparse_args = () if plan.coloring is None else (ray.put(plan.pattern), ray.put(plan.coloring))
-    in_flight: dict[Any, ShardSpec] = {}
-    pending = list(specs)
+    scheduler = _Scheduler(plan, folder, progress, window=window, shard_timeout=shard_timeout,
+                           echo=echo)
     try:
-        with progress:
-            while pending or in_flight:
-                while pending and len(in_flight) < window:
-                    spec = pending.pop(0)
-                    in_flight[remote.remote(spec, *sparse_args)] = spec
-                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-                for ref in done:
-                    result = _outcome(ref, in_flight.pop(ref))
-                    folder.commit(result)
-                    progress.advance(result)
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt(), progress:
+            scheduler.run(specs)
+    except (KeyboardInterrupt, Terminated) as exc:
         # The manifest first: whatever happens next, the folder says what it holds.
         folder.finish("interrupted")
         if not owns_ray:
-            _abandon(in_flight)
+            _abandon(scheduler.in_flight)
         committed = len(folder.manifest.shards) if folder.manifest else 0
         raise Interrupted(
-            f"interrupted: {committed} of {len(plan.shards)} shards committed in "
-            f"{folder.storage.display}; rerun the same command to resume"
+            f"{'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}: "
+            f"{committed} of {len(plan.shards)} shards committed in "
+            f"{folder.storage.display}; rerun the same command to resume",
+            exit_code=SIGTERM_EXIT if isinstance(exc, Terminated) else None,
         ) from None
     except BaseException:
         folder.finish("failed")
         if not owns_ray:
-            _abandon(in_flight)
+            _abandon(scheduler.in_flight)
         raise
 
 

@@ -178,3 +178,19 @@ def nonfinite(
 
     odd = _identity_with_backward(backward)
     return Problem(fn=lambda v: mlp(v) + odd(v[:m]), x=x)
+
+
+def slow_shard(
+    n: int = 20, m: int = 24, hidden: int = 8, seed: int = 0, shard: int = 1, seconds: float = 8.0
+) -> Problem:
+    """MLP whose backward sleeps ``seconds`` (once per chunk) in shard ``shard`` only: a straggler."""
+    mlp, x = _mlp(n, m, hidden, seed)
+
+    def backward(grad: torch.Tensor) -> torch.Tensor:
+        spec = current_spec()
+        if spec is not None and spec.index == shard:
+            time.sleep(seconds)
+        return grad
+
+    slow = _identity_with_backward(backward)
+    return Problem(fn=lambda v: slow(mlp(v)), x=x)

@@ -1,0 +1,138 @@
+"""Hardening (issue 14): signals, stalls, the commit log, job specs, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks.soak import kill_session, session_processes, wait_for_commits
+from pipeline import read_jacobian, runner
+from pipeline.cli import app
+from pipeline.errors import JacpipeError
+from pipeline.manifest import COMMIT_LOG, Manifest
+from pipeline.plan import RunOptions
+from pipeline.problem import resolve_builder
+from pipeline.storage import Storage
+
+CRASHY = "tests.faultjobs:crashy"
+CHUNKS = ["--chunk-size", "4", "--method", "rev"]
+cli = CliRunner()
+
+
+def _run(*args: object):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def _one_error(result) -> str:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("../../etc/passwd:build", "dotted Python names"),
+    (".hidden:build", "dotted Python names"),
+    ("tests.userjobs:", "dotted Python names"),
+    ("os.path:join extra", "dotted Python names"),
+])
+def test_job_specs_are_validated_before_any_import(spec, match):
+    with pytest.raises(JacpipeError, match=match):
+        resolve_builder(spec)
+
+
+def test_job_modules_that_fail_to_import_exit_2_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_syntax_job.py").write_text("def build(:\n")
+    (tmp_path / "raising_job.py").write_text("raise RuntimeError('no licence server')\n")
+    result = _run("run", "broken_syntax_job:build", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "syntax error" in _one_error(result)
+    result = _run("run", "raising_job:build", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "raised RuntimeError: no licence server" in _one_error(result)
+
+
+def test_sigterm_is_handled_like_ctrl_c(ray_session, tmp_path):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", CRASHY, "-p", f"markers={markers}",
+           "-p", "delay=0.3", "--shards", "12", *CHUNKS, "--num-cpus", "2", "--out", str(out),
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            wait_for_commits(out, 2, proc)
+            proc.send_signal(signal.SIGTERM)  # the driver only, as `kill PID` would
+            proc.wait(timeout=120)
+        finally:
+            kill_session(proc, sig=signal.SIGKILL)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == runner.SIGTERM_EXIT, stderr
+    assert "Traceback" not in stderr and "*** SIGTERM" not in stderr, stderr
+    assert session_processes(proc.pid) == []
+    man = Manifest.read(Storage(str(out)))
+    assert man.status == "interrupted" and 2 <= len(man.shards) < 12
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: terminated (SIGTERM): {len(man.shards)} of 12 shards committed "
+                      f"in {out}; rerun the same command to resume"]
+    result = _run("run", CRASHY, "-p", f"markers={markers}", "-p", "delay=0.3", "--shards", 12,
+                  *CHUNKS, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"{len(man.shards)} resumed" in result.output
+
+
+def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
+    ray_session, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runner, "STALL_FACTOR", 3.0)
+    monkeypatch.setattr(runner, "STALL_MIN_SECONDS", 1.0)
+    job = "tests.faultjobs:slow_shard"
+    # warm the workers (torch imported, job built) so only the straggler is slow
+    runner.run(RunOptions(job=job, params=["shard=99"], shards=2, out=str(tmp_path / "warm"),
+                          progress=False), echo=lambda _: None)
+    lines: list[str] = []
+    opts = dict(job=job, params=["seconds=6"], shards=6, chunk_size=64,
+                out=str(tmp_path / "out"), progress=False, max_in_flight=2)
+    with pytest.raises(runner.ShardTimeout, match="ran past --shard-timeout 4s"):
+        runner.run(RunOptions(**opts, shard_timeout=4), echo=lines.append)
+    man = Manifest.read(Storage(opts["out"]))
+    assert man.status == "failed" and 0 in man.shards and 1 not in man.shards
+    lines.clear()
+    summary = runner.run(RunOptions(**opts), echo=lines.append)  # resumes, waits it out
+    assert summary.skipped >= 1 and summary.manifest["status"] == "complete"
+    assert any("warning: shard 1 has run" in line and "median shard" in line for line in lines), (
+        lines, summary.manifest["shards"])
+
+
+def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_session, tmp_path):
+    out = tmp_path / "out"
+    opts = RunOptions(job="mlp", params=["n=20", "m=30", "hidden=8"], shards=5, out=str(out),
+                      progress=False)
+    runner.run(opts, echo=lambda _: None)
+    assert not (out / COMMIT_LOG).exists()  # compacted into the manifest at the end
+    full = read_jacobian(out)
+    # A killed run: the manifest lists 2 shards, the log holds the other 3 (and a torn line).
+    doc = json.loads((out / "_manifest.json").read_text())
+    tail = doc["shards"][2:]
+    doc["shards"], doc["status"] = doc["shards"][:2], "running"
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    with open(out / COMMIT_LOG, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in tail)
+        f.write('{"index": 4, "sta')  # torn by the crash: not a commit
+    np.testing.assert_array_equal(read_jacobian(out), full)
+    info = json.loads(_run("inspect", out, "--json").output)
+    assert info["shards_committed"] == 5 and info["problems"] == []
+    # Resume compacts the log into the manifest and keeps every shard.
+    summary = runner.run(opts, echo=lambda _: None)
+    assert summary.skipped == 5 and not (out / COMMIT_LOG).exists()
+    assert len(json.loads((out / "_manifest.json").read_text())["shards"]) == 5
