@@ -183,7 +183,7 @@ def nonfinite(
 def slow_shard(
     n: int = 20, m: int = 24, hidden: int = 8, seed: int = 0, shard: int = 1, seconds: float = 8.0
 ) -> Problem:
-    """MLP whose backward sleeps ``seconds`` (once per chunk) in shard ``shard`` only: a straggler."""
+    """MLP whose backward sleeps ``seconds`` (per chunk) in shard ``shard`` only: a straggler."""
     mlp, x = _mlp(n, m, hidden, seed)
 
     def backward(grad: torch.Tensor) -> torch.Tensor:
