@@ -16,6 +16,10 @@ What lives in ``OUT/`` and who may touch it:
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import time
 import uuid
 from typing import Any
 
@@ -27,8 +31,14 @@ from pipeline.storage import Storage
 #: Prefixes of every file a run writes into its folder.
 OUR_FILES = (
     "part-", ".part-", ".attempt-", "..attempt-", "._manifest.json", MANIFEST, COMMIT_LOG,
-    COMMIT_OBJECT,
+    COMMIT_OBJECT, ".lock", "_stray",
 )
+LOCK = ".lock"
+#: Where resume moves part-like files that the manifest does not own.
+STRAY = "_stray"
+_PART = re.compile(r"^part-(\d+)\.parquet$")
+#: An object-store lease not refreshed for this long belongs to a dead run.
+LEASE_SECONDS = 600.0
 
 
 def is_leftover(name: str) -> bool:
@@ -63,6 +73,80 @@ class ResultFolder:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.manifest: Manifest | None = None
+        self.notes: list[str] = []
+        self._lock: Any = None
+        self._lease_written = 0.0
+
+    # -- one run per folder -------------------------------------------------------
+    def lock(self, run_id: str) -> None:
+        """Hold the folder for this run: no second run may prepare or commit in it.
+
+        NOTE: [One run per folder]
+            Two runs sharing a folder would sweep each other's temporary files
+            and interleave commits. Locally the lock is ``flock`` on ``.lock``:
+            the kernel drops it when the process dies, so a stale lock of a
+            killed run never blocks (nothing to take over by hand). Object
+            stores have no locks: a lease object ``.lock`` holds the run id,
+            refreshed as shards commit; one older than LEASE_SECONDS belongs
+            to a dead run and is taken over.
+
+        Raises:
+            JacpipeError: another live run holds the folder (it is named).
+        """
+        holder = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                  "since": utcnow_compact()}
+        if self.storage.local:
+            self._flock(holder)
+        else:
+            self._lease(holder)
+
+    def _flock(self, holder: dict[str, Any]) -> None:
+        import fcntl
+
+        fd = os.open(self.storage.path(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            raise JacpipeError(
+                f"--out {self.storage.display} is in use by another run ({_holder(other)}); "
+                "wait for it to end or stop it, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(holder).encode())
+        self._lock = fd
+
+    def _lease(self, holder: dict[str, Any]) -> None:
+        if self.storage.exists(LOCK):
+            try:
+                other = json.loads(self.storage.read_bytes(LOCK))
+                age = time.time() - float(other.get("renewed", 0))
+            except (ValueError, TypeError, AttributeError):
+                other, age = {}, LEASE_SECONDS + 1
+            if age < LEASE_SECONDS and other.get("run_id") != holder["run_id"]:
+                raise JacpipeError(
+                    f"--out {self.storage.display} is in use by another run "
+                    f"({_holder(json.dumps(other))}, renewed {age:.0f}s ago; a lease older "
+                    f"than {LEASE_SECONDS:.0f}s is taken over); wait for it or choose another --out"
+                )
+        self._lock = holder
+        self._renew(force=True)
+
+    def _renew(self, *, force: bool = False) -> None:
+        if isinstance(self._lock, dict) and (force or time.time() - self._lease_written > 30):
+            self._lease_written = time.time()
+            self.storage.write_atomic(
+                LOCK, json.dumps(dict(self._lock, renewed=self._lease_written)).encode()
+            )
+
+    def unlock(self) -> None:
+        """Release the folder (also done by the OS when the process dies, locally)."""
+        if isinstance(self._lock, int):
+            os.close(self._lock)  # releases the flock; the file stays, harmless
+        elif isinstance(self._lock, dict):
+            self.storage.delete(LOCK)
+        self._lock = None
 
     # -- before the run ---------------------------------------------------------
     def prepare(
@@ -78,11 +162,14 @@ class ResultFolder:
             JacpipeError: the folder holds another job's result (without
                 ``overwrite``) or unrelated files, or cannot be created.
         """
-        if self.storage.is_dir():
-            keep = self._reuse(manifest.identity(), resume=resume, overwrite=overwrite)
-        else:
+        if not self.storage.is_dir():
             self._create()
-            keep = {}
+        self.lock(manifest.run_id)
+        try:
+            keep = self._reuse(manifest.identity(), resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.unlock()
+            raise
         for result in keep.values():
             manifest.commit(result)
         self.manifest = manifest
@@ -100,7 +187,7 @@ class ResultFolder:
     def _reuse(
         self, identity: dict[str, Any], *, resume: bool, overwrite: bool
     ) -> dict[int, ShardResult]:
-        names = self.storage.listdir()
+        names = [n for n in self.storage.listdir() if n != LOCK]
         try:
             old = Manifest.read(self.storage) if names else None
         except JacpipeError:
@@ -137,13 +224,26 @@ class ResultFolder:
         bad = {p.index for p in result.check(checksums=True)}
         keep = {s.index: s for s in result.manifest.committed if s.index not in bad}
         # Uncommitted or corrupt parts are recomputed (their new file replaces
-        # them by rename).
+        # them by rename); part-like files outside the plan are moved aside.
         self.sweep()
+        self._move_strays(len(result.manifest.plan))
         return keep
+
+    def _move_strays(self, planned: int) -> None:
+        strays = stray_parts(self.storage.listdir(), planned)
+        for name in strays:
+            self.storage.move(name, f"{STRAY}/{name}")
+        if strays:
+            self.notes.append(
+                f"moved {len(strays)} file(s) that look like parts but are not in the plan "
+                f"({', '.join(strays[:3])}{'...' if len(strays) > 3 else ''}) to "
+                f"{self.storage.display.rstrip('/')}/{STRAY}/ (readers of the folder would "
+                "count their rows)"
+            )
 
     def _clear(self) -> dict[int, ShardResult]:
         for name in self.storage.listdir():
-            if name.startswith(OUR_FILES):
+            if name.startswith(OUR_FILES) and name not in (LOCK, STRAY):
                 self.storage.delete(name)
         return {}
 
@@ -153,6 +253,7 @@ class ResultFolder:
         assert self.manifest is not None, "prepare() first"
         append_commit(self.storage, result)
         self.manifest.commit(result)
+        self._renew()
 
     def finish(self, status: str, **facts: Any) -> None:
         """Write the final status (and facts such as timings); sweep leftovers when complete."""
@@ -160,15 +261,42 @@ class ResultFolder:
         self.manifest.status = status
         for key, value in facts.items():
             setattr(self.manifest, key, value)
-        self.manifest.write(self.storage)
-        if status == "complete":
-            self.sweep()
+        try:
+            self.manifest.write(self.storage)
+            if status == "complete":
+                self.sweep()
+        finally:
+            self.unlock()
 
     def sweep(self) -> None:
         """Delete leftovers (temp files and attempt markers) of this or earlier runs."""
         for name in self.storage.listdir():
             if is_leftover(name):
                 self.storage.delete(name)
+
+
+def stray_parts(names: list[str], planned: int) -> list[str]:
+    """Names that look like part files but lie outside a plan of ``planned`` shards."""
+    out = []
+    for name in names:
+        match = _PART.match(name)
+        if name.startswith("part-") and (match is None or int(match.group(1)) >= planned):
+            out.append(name)
+    return out
+
+
+def utcnow_compact() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _holder(text: str) -> str:
+    """A lock holder's JSON as words (``run abc, pid 12 on host, since ...``)."""
+    try:
+        h = json.loads(text)
+        return (f"run {h.get('run_id')}, pid {h.get('pid')} on {h.get('host')}, "
+                f"since {h.get('since')}")
+    except (ValueError, AttributeError):
+        return "holder unknown"
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -24,6 +24,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
     """
     import numpy as np
 
+    from pipeline.folder import stray_parts
     from pipeline.reader import open_jacobian
 
     result = open_jacobian(out)
@@ -81,6 +82,9 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
             for s in result.committed
         ],
         "versions": man.versions,
+        # part-like files the manifest does not own: pandas or pyarrow.dataset
+        # on the folder would count their rows (a resume moves them aside)
+        "stray_files": stray_parts(result.storage.listdir(), len(man.plan)),
     }
 
 

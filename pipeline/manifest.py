@@ -161,10 +161,7 @@ class Manifest:
         """
         if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"not a jacpipe manifest of format_version {FORMAT_VERSION}")
-        try:
-            shapes = Shapes.from_json(doc["shapes"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad or missing 'shapes': {exc!r}") from None
+        shapes = _checked_shapes(doc.get("shapes"))
         plan = _checked_plan(doc.get("plan"), shapes.total_rows)
         shards = _checked_shards(doc.get("shards"), plan)
         layout = doc.get("layout", "dense")
@@ -201,9 +198,14 @@ class Manifest:
             JacpipeError: the manifest exists but is not a jacpipe manifest, or
                 is corrupt (not JSON, or entries that do not match its plan).
         """
-        if not storage.exists(MANIFEST):
-            return None
         where = storage.display.rstrip("/") + "/" + MANIFEST
+        kind = storage.kind(MANIFEST)
+        if kind == "missing":
+            return None
+        if kind != "file":
+            raise JacpipeError(
+                f"{where} is a folder, not a jacpipe manifest; move it away or give another --out"
+            )
         try:
             doc = json.loads(storage.read_bytes(MANIFEST))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -233,8 +235,51 @@ class Manifest:
         (see :meth:`read`), so the log is removed once the manifest is durable.
         """
         self.updated = utcnow()
-        storage.write_atomic(MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+        try:
+            storage.write_atomic(MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+        except OSError as exc:
+            raise JacpipeError(
+                f"cannot write {storage.display.rstrip('/')}/{MANIFEST} "
+                f"({exc.strerror or exc}); the shards committed so far are in the commit "
+                "log: free space (or fix permissions) and rerun the same command to resume"
+            ) from None
         clear_commit_log(storage)
+
+
+#: Limits no real result reaches; past them a manifest is taken as edited or
+#: corrupt before anything is allocated from its numbers.
+MAX_ROWS = 2**40
+MAX_COLUMNS = 2**34
+
+
+def _checked_shapes(doc: Any) -> Shapes:
+    """The manifest's shapes, every field checked for type and range."""
+    from pipeline.problem import KINDS
+
+    def dims(value: Any, name: str) -> tuple[int, ...]:
+        if not isinstance(value, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+        ):
+            raise ValueError(f"'shapes.{name}' must be a list of non-negative integers")
+        return tuple(value)
+
+    if not isinstance(doc, dict):
+        raise ValueError("bad or missing 'shapes'")
+    if doc.get("kind") not in KINDS or doc.get("dtype") not in ("float32", "float64"):
+        raise ValueError(f"'shapes' has kind {doc.get('kind')!r}, dtype {doc.get('dtype')!r}")
+    batch = doc.get("batch")
+    if (doc["kind"] == "batched") != isinstance(batch, int) or isinstance(batch, bool):
+        raise ValueError(f"'shapes.batch' is {batch!r} for kind {doc['kind']!r}")
+    shapes = Shapes(doc["kind"], dims(doc.get("in_shape"), "in_shape"),
+                    dims(doc.get("out_shape"), "out_shape"), batch, doc["dtype"])
+    if not 0 < shapes.total_rows <= MAX_ROWS or not 0 < shapes.n <= MAX_COLUMNS:
+        raise ValueError(f"'shapes' gives {shapes.total_rows} x {shapes.n}: out of range")
+    for key in ("m", "n", "total_rows"):
+        if key in doc and doc[key] != getattr(shapes, key):
+            raise ValueError(
+                f"'shapes.{key}' is {doc[key]!r}, the shapes give {getattr(shapes, key)}"
+            )
+    return shapes
 
 
 def _checked_plan(plan: Any, total: int) -> list[tuple[int, int]]:

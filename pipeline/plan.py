@@ -55,6 +55,10 @@ class RunOptions:
         Raises:
             JacpipeError: one line naming the option, what arrived and what is allowed.
         """
+        if self.out is not None and not str(self.out).strip():
+            raise JacpipeError(
+                "--out is empty; give a folder (or s3:// URI), or leave --out out for out/JOB"
+            )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise JacpipeError(f"--chunk-size must be at least 1, got {self.chunk_size}")
         if self.device not in DEVICES:

@@ -256,7 +256,7 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     t_start = time.perf_counter()
     opts.check()
     job = _check_job(opts)
-    storage = Storage(_uri_or_abspath(opts.out or default_out(opts.job)))
+    storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
     started = connect(opts.address, opts.num_cpus)
     try:
         plan = make_plan(
@@ -352,20 +352,25 @@ def _execute(
     """Prepare the folder, schedule the shards still to do, and finish the manifest."""
     manifest = _manifest(opts, job, plan)
     keep = folder.prepare(manifest, resume=opts.resume, overwrite=opts.overwrite)
-    todo = [s for s in plan.shards if s.index not in keep]
-    if keep:
-        echo(f"resuming: {len(keep)} of {len(plan.shards)} shards already committed")
-    specs = [_spec(opts, job, plan, s, folder.storage.uri, manifest.run_id) for s in todo]
-    progress = _Progress(len(plan.shards), enabled=opts.progress, echo=echo)
-    progress.done_shards = len(keep)
-    t_compute = time.perf_counter()
-    _schedule(specs, plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
-              owns_ray=owns_ray, shard_timeout=opts.shard_timeout, echo=echo)
-    folder.finish(
-        "complete",
-        wall_seconds=round(time.perf_counter() - t_start, 4),
-        compute_seconds=round(time.perf_counter() - t_compute, 4),
-    )
+    try:
+        for note in folder.notes:
+            echo(f"note: {note}")
+        todo = [s for s in plan.shards if s.index not in keep]
+        if keep:
+            echo(f"resuming: {len(keep)} of {len(plan.shards)} shards already committed")
+        specs = [_spec(opts, job, plan, s, folder.storage.uri, manifest.run_id) for s in todo]
+        progress = _Progress(len(plan.shards), enabled=opts.progress, echo=echo)
+        progress.done_shards = len(keep)
+        t_compute = time.perf_counter()
+        _schedule(specs, plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
+                  owns_ray=owns_ray, shard_timeout=opts.shard_timeout, echo=echo)
+        folder.finish(
+            "complete",
+            wall_seconds=round(time.perf_counter() - t_start, 4),
+            compute_seconds=round(time.perf_counter() - t_compute, 4),
+        )
+    finally:
+        folder.unlock()
     notes = list(plan.notes)
     if manifest.nan or manifest.inf:
         bad = [s.index for s in manifest.committed if s.nan or s.inf]

@@ -70,6 +70,13 @@ class Storage:
     def is_dir(self) -> bool:
         return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
+    def kind(self, name: str) -> str:
+        """``"file"``, ``"dir"`` or ``"missing"``."""
+        t = self.fs.get_file_info(self.path(name)).type
+        if t == pafs.FileType.File:
+            return "file"
+        return "dir" if t == pafs.FileType.Directory else "missing"
+
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
 
@@ -93,8 +100,15 @@ class Storage:
     def delete(self, name: str) -> None:
         try:
             self.fs.delete_file(self.path(name))
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError):
             pass
+
+    def move(self, name: str, dest: str) -> None:
+        """Rename ``name`` to ``dest`` (both relative to the folder; ``dest``'s folder is made)."""
+        parent = dest.rpartition("/")[0]
+        if parent:
+            self.fs.create_dir(self.path(parent), recursive=True)
+        self.fs.move(self.path(name), self.path(dest))
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:
@@ -107,11 +121,15 @@ class Storage:
                 f.write(data)
             return
         tmp = f".{name}.{uuid.uuid4().hex}.tmp"
-        with open(self.path(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(self.path(tmp), self.path(name))
+        try:
+            with open(self.path(tmp), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.path(tmp), self.path(name))
+        except BaseException:
+            self.delete(tmp)  # a full disk leaves no temporary file behind
+            raise
 
     def temp_name(self, name: str) -> str:
         """Where a file is written before it is ``finish``-ed as ``name``.

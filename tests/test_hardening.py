@@ -136,3 +136,75 @@ def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_sessio
     summary = runner.run(opts, echo=lambda _: None)
     assert summary.skipped == 5 and not (out / COMMIT_LOG).exists()
     assert len(json.loads((out / "_manifest.json").read_text())["shards"]) == 5
+
+
+def test_one_run_per_folder(tmp_path):
+    from pipeline.folder import ResultFolder
+
+    first, second = ResultFolder(Storage(str(tmp_path))), ResultFolder(Storage(str(tmp_path)))
+    first.lock("run-a")
+    with pytest.raises(JacpipeError, match=r"in use by another run \(run run-a, pid"):
+        second.lock("run-b")
+    first.unlock()
+    second.lock("run-b")  # free again
+    second.unlock()
+
+
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    code = ("import os, sys; from pipeline.folder import ResultFolder; "
+            "from pipeline.storage import Storage; "
+            f"ResultFolder(Storage({str(tmp_path)!r})).lock('dead'); os._exit(9)")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ,
+                          PYTHONPATH=os.getcwd()), timeout=60)
+    assert done.returncode == 9 and (tmp_path / ".lock").exists()
+    from pipeline.folder import ResultFolder
+
+    folder = ResultFolder(Storage(str(tmp_path)))
+    folder.lock("alive")  # the kernel dropped the dead process's flock
+    folder.unlock()
+
+
+def test_stray_parts_are_reported_and_moved_aside_on_resume(ray_session, tmp_path):
+    out = tmp_path / "out"
+    opts = RunOptions(job="mlp", params=["n=20", "m=30", "hidden=8"], shards=3, out=str(out),
+                      progress=False)
+    runner.run(opts, echo=lambda _: None)
+    full = read_jacobian(out)
+    (out / "part-00099.parquet").write_bytes((out / "part-00001.parquet").read_bytes())
+    info = json.loads(_run("inspect", out, "--json").output)
+    assert info["stray_files"] == ["part-00099.parquet"]
+    lines: list[str] = []
+    runner.run(opts, echo=lines.append)
+    assert any("moved 1 file(s)" in line and "_stray" in line for line in lines), lines
+    assert (out / "_stray" / "part-00099.parquet").exists()
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    assert len(pd.read_parquet(out)) == 30 and ds.dataset(out).count_rows() == 30
+    np.testing.assert_array_equal(read_jacobian(out), full)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["shapes"].__setitem__("out_shape", [10**13]), "out of range"),
+    (lambda d: d["shapes"].__setitem__("n", 7), "'shapes.n' is 7"),
+    (lambda d: d.__setitem__("layout", "diagonal"), "unknown layout"),
+    (lambda d: d["shapes"].__setitem__("dtype", "float16"), "dtype 'float16'"),
+])
+def test_tampered_manifests_are_one_line_exit_2(ray_session, tmp_path, edit, match):
+    out = tmp_path / "out"
+    runner.run(RunOptions(job="mlp", params=["n=8", "m=6", "hidden=4"], shards=2, out=str(out),
+                          progress=False), echo=lambda _: None)
+    doc = json.loads((out / "_manifest.json").read_text())
+    edit(doc)
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    for cmd in (["inspect", out], ["compare", out]):
+        result = _run(*cmd)
+        assert result.exit_code == 2 and match in _one_error(result)
+
+
+def test_folder_problems_exit_2(tmp_path):
+    (tmp_path / "o" / "_manifest.json").mkdir(parents=True)
+    result = _run("inspect", tmp_path / "o")
+    assert result.exit_code == 2 and "is a folder" in _one_error(result)
+    result = _run("run", "mlp", "--out", "")
+    assert result.exit_code == 2 and "--out is empty" in _one_error(result)
