@@ -24,8 +24,8 @@ NOTE: [Tolerance of the adjoint check]
     parameters, seeds 0..7, ``benchmarks/adjoint.py``): the largest
     ``|u.(Jv) - (Jᵀu).v| / scale`` is 2.6e-8 in float32 and 4.9e-17 in
     float64, about 0.2 of the unit roundoff; the default tolerance
-    :data:`ADJOINT_RTOL` is 100 unit roundoffs (1.2e-5 and 2.2e-14), over
-    400 times the largest value seen. The broken functions of
+    :data:`ADJOINT_RTOL` is 100 machine epsilons (1.2e-5 and 2.2e-14), over
+    100 times the largest value seen. The broken functions of
     ``tests/test_trust.py`` miss by 1e-2 or more (a random projection of a
     wrong derivative is off by a fraction of the derivative itself).
 """
@@ -44,7 +44,7 @@ from pipeline.engine import _fresh, _refuse_input_writes, hessian_vector_product
 
 KINDS = ("jacobian", "hessian", "batched")
 #: Default tolerance of :func:`adjoint_check`, relative to the Cauchy-Schwarz
-#: bound (see NOTE: [Tolerance of the adjoint check]): 100 unit roundoffs.
+#: bound (see NOTE: [Tolerance of the adjoint check]): 100 machine epsilons.
 ADJOINT_RTOL = {"float32": 100 * 2.0**-23, "float64": 100 * 2.0**-52}
 #: Samples of a batched problem the check differentiates (the first ones).
 SAMPLES = 4
@@ -146,12 +146,12 @@ def adjoint_check(
                 if g is not None:
                     reverse = g.reshape(-1)
     except Exception as exc:  # noqa: BLE001 - any failure of fn is reported, not raised
-        if kind != "hessian":
-            try:
-                _refuse_input_writes(fn, x)
-            except ValueError as write:
-                exc = write
-        return result(False, nan, nan, nan, f"reverse mode cannot run: {_one_line(exc)}")
+        reason = _one_line(exc)
+        try:
+            _refuse_input_writes(fn, x)
+        except ValueError as write:
+            reason = str(write)
+        return result(False, nan, nan, nan, f"reverse mode cannot run: {reason}")
     b = float((reverse.double() * v.double()).sum())
     try:
         forward = _forward(fn, x, v, kind)
