@@ -543,7 +543,8 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
                 y = torch.stack([problem.fn(xg[i]) for i in range(xg.shape[0])]).reshape(-1)
             else:
                 y = problem.fn(xg).reshape(-1)
-            u = torch.randn(y.numel(), generator=gen, dtype=torch.float64)
+            m = xg.numel() if problem.kind == "hessian" else y.numel()
+            u = torch.randn(m, generator=gen, dtype=torch.float64)
             v = torch.randn(xg.numel(), generator=gen, dtype=torch.float64)
             u, v = u.to(y.device, y.dtype), v.to(xg.device, xg.dtype)
             d = torch.zeros_like(v)
