@@ -135,7 +135,13 @@ def iter_jacobian_rows(
         method: ``"rev"`` (one VJP per row) or ``"fwd"`` (one JVP per column).
 
     Yields:
-        ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``.
+        ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``, in
+        ``x``'s dtype whatever ``fn(x)``'s dtype.
+
+    Raises:
+        InputWriteError: ``fn`` writes into its argument (see NOTE:
+            [Functions that write into their input]); ``x`` is never changed.
+        ValueError: an unknown method or a row range outside ``fn(x)``.
     """
     return _jacobian_blocks(fn, x, start, stop, chunk_size=chunk_size, method=method)
 
@@ -429,8 +435,17 @@ def iter_hessian_rows(
         chunk_size: rows per vectorised pass (both modes); ``None`` = all at once.
         method: ``"rev"``, ``"fwd"`` or ``"auto"`` (= :data:`HESSIAN_AUTO`).
 
+    Functions torch.func cannot transform (an old-style ``autograd.Function``)
+    fall back, with one :class:`VmapFallbackWarning`, to one double backward
+    per row (:func:`hessian_vector_products`), as
+    ``torch.autograd.functional.hessian`` computes them.
+
     Yields:
         ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``.
+
+    Raises:
+        InputWriteError: ``fn`` writes into its argument.
+        ValueError: an unknown method or a row range outside ``x``.
     """
     if method == "auto":
         method = HESSIAN_AUTO
@@ -598,6 +613,13 @@ def iter_batched_rows(
 
     Yields:
         ``(a, block)`` with ``block`` of shape ``(rows, xs[0].numel())``.
+
+    Raises:
+        SampleShapeError: a sample's output has another number of entries
+            than ``fn(xs[0])``; checked as each sample is computed, so rows are
+            never silently truncated.
+        InputWriteError: ``fn`` writes into its argument; ``xs`` is never changed.
+        ValueError: an unknown method or a row range outside ``B * m``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
