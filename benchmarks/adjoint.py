@@ -6,8 +6,8 @@
     unit roundoffs, against the default tolerance; a false alarm is any
     ``agree=False``. Target: none.
 (2) Cost: the check's wall time in units of one forward + backward pass
-    (``torch.autograd.grad`` of ``u . fn(x)``; Hessians: the gradient with
-    ``create_graph``) of the same job, and against its floor, that pass plus
+    (``torch.autograd.grad`` of ``u . fn(x)``; Hessians: one Hessian-vector
+    product by reverse over reverse) of the same job, and against its floor, that pass plus
     one bare ``torch.func.jvp`` (the two products it compares), timed
     interleaved (harness), medians of ``--repeats``. Measured at the
     sizes of :data:`COST_JOBS` (the small sizes with ``--quick``), one
@@ -102,9 +102,9 @@ def cost(report: Report, *, quick: bool, repeats: int) -> None:
         def fwd_bwd(fn=fn, x=x, kind=p.kind):
             xg = x.detach().clone().requires_grad_(True)
             y = fn(xg)
-            if kind == "hessian":  # the Hessian check's unit: one gradient with create_graph
+            if kind == "hessian":  # the Hessian's unit: one HVP by reverse over reverse
                 (g,) = torch.autograd.grad(y, xg, create_graph=True)
-                return g
+                return torch.autograd.grad(g, xg, torch.ones_like(g))
             return torch.autograd.grad(y, xg, torch.ones_like(y))
 
         def jvp(fn=fn, x=x, kind=p.kind):

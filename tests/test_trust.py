@@ -203,7 +203,7 @@ def test_adjoint_check_flags_what_forward_mode_ignores(dtype, case):
     for seed in range(3):
         check = adjoint_check(fn, x, seed=seed)
         assert isinstance(check, AdjointCheck) and not check.agree
-        assert check.rel_error > 100 * check.tolerance
+        assert check.rel_error > 10 * check.tolerance
         assert "use reverse mode" in check.reason
         json.dumps(check.to_json(), allow_nan=False)
 
