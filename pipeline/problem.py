@@ -378,9 +378,11 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
         ``v``, by plain ``torch.autograd`` (reverse mode, so every function
         autograd differentiates has one), compared relative to its
         Cauchy-Schwarz bound. It costs one forward + backward pass per
-        fingerprint. NaN / Inf entries of ``fn(x)`` or of ``Jᵀ u`` are
-        counted and left out of the sums, so a job with NaN at ``x`` matches
-        itself.
+        fingerprint, so the user's backward code runs once more in each
+        worker: an exception it raises there (not autograd's own
+        ``RuntimeError``, which is recorded) propagates from here. NaN / Inf
+        entries of ``fn(x)`` or of ``Jᵀ u`` are counted and left out of the
+        sums, so a job with NaN at ``x`` matches itself.
 
     Args:
         problem: the built problem.
@@ -394,6 +396,10 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
         A JSON-serialisable dict (non-finite floats written as strings):
         ``shapes``, ``x_sha256``, ``y_probe``, ``y_norm``, ``y_nonfinite``,
         ``derivative``, ``code_sha256``, ``source_sha256``.
+
+    Raises:
+        Exception: whatever ``fn`` (or its custom backward) raises, except
+            autograd's own ``RuntimeError`` in the derivative probe.
     """
     import torch
 
@@ -561,9 +567,12 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
                 if y.requires_grad:
                     (g,) = torch.autograd.grad(y, xg, u, allow_unused=True)
                     d = d if g is None else g.reshape(-1)
-    except Exception as exc:  # noqa: BLE001 - fn that autograd cannot differentiate
+    except RuntimeError as exc:  # autograd refuses fn (it writes into x, say): recorded
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         return {"error": f"{type(exc).__name__}: {first}"}
+    # NOTE: any other exception is the user's own code raising (a backward
+    # that fails on some worker): it propagates as it would from the first
+    # chunk, so the shard fails with the user's message and frame.
     d = d.detach().double().cpu()
     other = other.detach().double().cpu()
     finite = torch.isfinite(d)
