@@ -176,6 +176,65 @@ def errors(got: Any, ref: Any, *, rtol: float, atol: float) -> tuple[float, floa
     return max_abs, max_rel, worst
 
 
+def explain_nan_differences(got: Any, ref: Any) -> tuple[Any, str]:
+    """Accept NaN positions that differ only as ``0 * NaN`` does between AD modes.
+
+    NOTE: [NaN where one mode multiplies 0 by NaN]
+        Where a local derivative is not finite (``sqrt`` at 0, ``0 / 0``),
+        reverse mode multiplies the zero cotangents of the other rows by it
+        and gets NaN in entries that forward mode (or another row order)
+        gives as 0, and the other way round: both are what autograd computes
+        in that mode. Entries that are NaN on one side and exactly 0 on the
+        other are therefore taken as matching, and counted in the report;
+        any other NaN difference stays a mismatch.
+
+    Args:
+        got: the stored rows.
+        ref: the reference rows, same shape.
+
+    Returns:
+        ``got`` with those entries set to ``ref``'s, and a note (empty if none).
+    """
+    import numpy as np
+
+    got = np.asarray(got)
+    ref = np.asarray(ref)
+    if got.shape != ref.shape:
+        return got, ""
+    one_nan = np.isnan(got) != np.isnan(ref)
+    zero_vs_nan = one_nan & ((got == 0) | (ref == 0))
+    if not zero_vs_nan.any() or (one_nan & ~zero_vs_nan).any():
+        return got, ""
+    got = np.where(zero_vs_nan, ref, got)
+    i, j = np.argwhere(zero_vs_nan)[0]
+    return got, (
+        f"{int(zero_vs_nan.sum())} entries are NaN on one side and 0 on the other (first at "
+        f"checked row {int(i)}, column {int(j)}): a non-finite local derivative times 0 gives "
+        "NaN in one AD mode and 0 in the other; taken as matching"
+    )
+
+
+def disagreements(got: Any, ref: Any, *, rows: Any, rtol: float, atol: float, k: int = 3) -> str:
+    """The ``k`` worst entries outside the tolerance, as ``J[row, col] = got vs ref``."""
+    import numpy as np
+
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.abs(got - ref)
+        diff = np.where(np.isnan(got) & np.isnan(ref), 0.0, np.where(np.isnan(diff), np.inf, diff))
+        ratio = diff / (atol + rtol * np.abs(np.where(np.isfinite(ref), ref, 0.0)))
+    ratio = np.where(diff == 0, 0.0, ratio)
+    bad = np.flatnonzero(ratio.reshape(-1) > 1.0)
+    worst = bad[np.argsort(-ratio.reshape(-1)[bad], kind="stable")[:k]]
+    shown = []
+    for flat in worst:
+        i, j = divmod(int(flat), got.shape[1])
+        shown.append(f"J[{int(rows[i])}, {j}] = {got[i, j]:.6g} vs {ref[i, j]:.6g}")
+    more = f" (+{len(bad) - len(worst)} more)" if len(bad) > len(worst) else ""
+    return f"{len(bad)} entries: " + "; ".join(shown) + more
+
+
 def outside_pattern(stored: Any, ref: Any, rows: Any) -> list[tuple[int, int, float]]:
     """Entries ``(row, col, value)`` where the dense reference is nonzero but the
     stored sparse rows have no entry (the pattern missed them).
@@ -249,10 +308,18 @@ def compare(
         got = result.read(idx, verify=False, as_="numpy") if len(idx) else ref
     r = rtol if rtol is not None else DEFAULT_RTOL[result.dtype]
     a = atol if atol is not None else r * _finite_max(ref)
+    got, nan_note = explain_nan_differences(got, ref)
     max_abs, max_rel, worst = errors(got, ref, rtol=r, atol=a)
     extra: dict[str, Any] = {}
     problems += _pattern_problems(result, got, ref, idx, extra)
     _nonfinite_counts(result, got, ref, extra)
+    if nan_note:
+        extra["NaN positions that differ"] = nan_note
+    if worst > 1.0:
+        import numpy as np
+
+        rows_of = np.arange(len(got)) if idx is None else np.asarray(idx)
+        extra["where they disagree"] = disagreements(got, ref, rows=rows_of, rtol=r, atol=a)
     man = result.manifest
     return CompareReport(
         out=result.storage.display,

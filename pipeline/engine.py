@@ -29,11 +29,68 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from pipeline.errors import JacpipeError
+
 METHODS = ("rev", "fwd")
 
 
 class VmapFallbackWarning(UserWarning):
     """The function could not be vectorised; rows are computed one by one."""
+
+
+class InputWriteError(JacpipeError, ValueError):
+    """``fn`` writes into its input: no derivative of it is autograd's answer."""
+
+
+class SampleShapeError(JacpipeError, ValueError):
+    """A per-sample output has another number of entries than the first sample's."""
+
+
+INPUT_WRITE_MESSAGE = (
+    "fn writes into its input x (an in-place operation such as t.mul_(2) on its argument); "
+    "torch.autograd.functional.jacobian refuses such a function too. "
+    "Clone it first: t = t.clone()"
+)
+
+
+def _fresh(x: Tensor) -> Tensor:
+    """A copy of ``x`` for ``fn``: the caller's tensor is never handed to ``fn``.
+
+    NOTE: [Functions that write into their input]
+        ``torch.func.jvp`` and ``vmap`` let ``fn`` write into its argument: on
+        a view of the caller's ``x`` each forward-mode pass then starts from
+        the previous pass's values (``t.mul_(2)``: rows ``[10, 32, 96]``
+        instead of ``[10, 16, 24]`` at chunk size 1) and the caller's tensor
+        changes. Reverse mode and ``torch.autograd.functional.jacobian``
+        refuse it ("a leaf Variable that requires grad is being used in an
+        in-place operation"). Every mode therefore works on a copy and
+        refuses with :class:`InputWriteError`: forward mode by the copy's
+        version counter after each pass (free), reverse mode by one forward
+        pass on a copy after autograd raised (only on that failure path).
+    """
+    return x.detach().clone()
+
+
+def _check_untouched(t: Tensor, version: int) -> None:
+    """Raise :class:`InputWriteError` if ``fn`` wrote into ``t`` (see :func:`_fresh`)."""
+    if t._version != version:
+        raise InputWriteError(INPUT_WRITE_MESSAGE)
+
+
+def _refuse_input_writes(fn: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    """Raise :class:`InputWriteError` if ``fn`` writes into its argument, else return.
+
+    One forward pass without autograd on a copy of ``x``; called only after a
+    transform failed, to tell that failure's reason from any other.
+    """
+    probe = _fresh(x)
+    before = probe._version
+    try:
+        with torch.no_grad():
+            fn(probe)
+    except Exception:  # noqa: BLE001 - fn fails for another reason: reported by the caller
+        return
+    _check_untouched(probe, before)
 
 
 def _flat_fn(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable[[Tensor], Tensor]:
@@ -78,33 +135,61 @@ def iter_jacobian_rows(
         method: ``"rev"`` (one VJP per row) or ``"fwd"`` (one JVP per column).
 
     Yields:
-        ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``.
+        ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``, in
+        ``x``'s dtype whatever ``fn(x)``'s dtype.
+
+    Raises:
+        InputWriteError: ``fn`` writes into its argument (see NOTE:
+            [Functions that write into their input]); ``x`` is never changed.
+        ValueError: an unknown method or a row range outside ``fn(x)``.
     """
+    return _jacobian_blocks(fn, x, start, stop, chunk_size=chunk_size, method=method)
+
+
+def _jacobian_blocks(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    start: int,
+    stop: int,
+    *,
+    chunk_size: int | None,
+    method: str,
+    sample: tuple[int, int] | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """:func:`iter_jacobian_rows`; ``sample = (s, m)``: ``fn(x)`` must have ``m`` entries."""
     if method == "fwd":
         try:
-            blocks = list(_iter_rows_fwd(fn, x, start, stop, chunk_size=chunk_size))
+            blocks = list(_iter_rows_fwd(fn, x, start, stop, chunk_size=chunk_size, sample=sample))
         except RuntimeError as exc:
-            yield from _iter_rows_loop(fn, x, start, stop, chunk_size=chunk_size, reason=exc)
+            _refuse_input_writes(fn, x)
+            yield from _iter_rows_loop(
+                fn, x, start, stop, chunk_size=chunk_size, reason=exc, sample=sample
+            )
             return
         yield from blocks
         return
     if method != "rev":
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    x_flat = x.detach().reshape(-1)
+    x_flat = _fresh(x).reshape(-1)
     try:
         y, pullback = torch.func.vjp(_flat_fn(fn, x.shape), x_flat)
     except RuntimeError as exc:
-        yield from _iter_rows_loop(fn, x, start, stop, chunk_size=chunk_size, reason=exc)
+        _refuse_input_writes(fn, x)
+        yield from _iter_rows_loop(
+            fn, x, start, stop, chunk_size=chunk_size, reason=exc, sample=sample
+        )
         return
-    _check_range(start, stop, y.numel())
+    _check_range(start, stop, y.numel(), sample)
     vectorised = torch.func.vmap(pullback)
     for a, b in _chunks(start, stop, chunk_size):
         try:
             (rows,) = vectorised(basis_rows(a, b, y.numel(), y))
         except RuntimeError as exc:
-            yield from _iter_rows_loop(fn, x, a, stop, chunk_size=chunk_size, reason=exc)
+            yield from _iter_rows_loop(
+                fn, x, a, stop, chunk_size=chunk_size, reason=exc, sample=sample
+            )
             return
-        yield a, rows
+        yield a, rows.to(x.dtype)
 
 
 def _iter_rows_loop(
@@ -115,6 +200,7 @@ def _iter_rows_loop(
     *,
     chunk_size: int | None,
     reason: BaseException,
+    sample: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows one ``autograd.grad`` at a time: the fallback for non-vectorisable functions."""
     warnings.warn(
@@ -123,16 +209,25 @@ def _iter_rows_loop(
         VmapFallbackWarning,
         stacklevel=3,
     )
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = fn(xg).reshape(-1)
-    _check_range(start, stop, y.numel())
+    xg = _fresh(x).requires_grad_(True)
+    y = _forward_with_graph(fn, xg).reshape(-1)
+    _check_range(start, stop, y.numel(), sample)
     for a, b in _chunks(start, stop, chunk_size):
         block = x.new_empty(b - a, x.numel())
         for i in range(a, b):
             (g,) = torch.autograd.grad(y[i], xg, retain_graph=True, allow_unused=True)
             block[i - a] = 0 if g is None else g.reshape(-1)
         yield a, block
+
+
+def _forward_with_graph(fn: Callable[[Tensor], Tensor], xg: Tensor) -> Tensor:
+    """``fn(xg)`` recorded by autograd; a write into ``xg`` is an :class:`InputWriteError`."""
+    try:
+        with torch.enable_grad():
+            return fn(xg)
+    except RuntimeError:
+        _refuse_input_writes(fn, xg)
+        raise
 
 
 def _iter_rows_fwd(
@@ -142,8 +237,10 @@ def _iter_rows_fwd(
     stop: int,
     *,
     chunk_size: int | None,
+    sample: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    x_flat = x.detach().reshape(-1)
+    x_flat = _fresh(x).reshape(-1)
+    version = x_flat._version
     n = x_flat.numel()
     f = _flat_fn(fn, x.shape)
 
@@ -153,10 +250,12 @@ def _iter_rows_fwd(
     vectorised = torch.func.vmap(columns)
     out = None
     for a, b in _chunks(0, n, chunk_size):
-        tangents = vectorised(basis_rows(a, b, n, x_flat))  # (b - a, m): J[:, a:b].T
+        # (b - a, m): J[:, a:b].T, in x's dtype whatever fn(x)'s dtype (as rev mode)
+        tangents = vectorised(basis_rows(a, b, n, x_flat)).to(x_flat.dtype)
+        _check_untouched(x_flat, version)
         if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
             m = tangents.shape[1]
-            _check_range(start, stop, m)
+            _check_range(start, stop, m, sample)
             rows = tangents[:, start:stop].T
             if stop > start:  # a shard's slice is copied: the view would keep all m rows
                 yield start, rows if stop - start == m else rows.clone()
@@ -164,14 +263,14 @@ def _iter_rows_fwd(
         if out is None:
             # m comes from the first pass: no separate forward pass (it reads
             # every weight once more, ~15% of a tall Jacobian's time).
-            _check_range(start, stop, tangents.shape[1])
+            _check_range(start, stop, tangents.shape[1], sample)
             if stop <= start:
                 return
             out = x_flat.new_empty(stop - start, n)
         out[:, a:b] = tangents[:, start:stop].T
     if out is None:  # no input columns at all
         with torch.no_grad():
-            _check_range(start, stop, f(x_flat).numel())
+            _check_range(start, stop, f(x_flat).numel(), sample)
         out = x_flat.new_empty(stop - start, 0)
     if stop > start:
         yield start, out
@@ -278,9 +377,24 @@ def intermediate_numel(
     return counter.total
 
 
-def _check_range(start: int, stop: int, m: int) -> None:
+def _check_range(start: int, stop: int, m: int, sample: tuple[int, int] | None = None) -> None:
+    """Check a row range against ``m`` outputs; ``sample = (s, m_0)``: also ``m == m_0``.
+
+    Raises:
+        SampleShapeError: sample ``s`` has ``m != m_0`` outputs.
+        ValueError: the range is outside ``[0, m)``.
+    """
+    if sample is not None and m != sample[1]:
+        _wrong_sample_size(sample[0], m, sample[1])
     if not 0 <= start <= stop <= m:
         raise ValueError(f"row range [{start}, {stop}) outside [0, {m})")
+
+
+def _wrong_sample_size(s: int | str, got: int, m: int) -> None:
+    raise SampleShapeError(
+        f"fn(xs[{s}]) has {got} entries but fn(xs[0]) has {m}: a batched job's fn must "
+        "give every sample an output of the same shape (pad it, or use one job per size)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -321,27 +435,122 @@ def iter_hessian_rows(
         chunk_size: rows per vectorised pass (both modes); ``None`` = all at once.
         method: ``"rev"``, ``"fwd"`` or ``"auto"`` (= :data:`HESSIAN_AUTO`).
 
+    Functions torch.func cannot transform (an old-style ``autograd.Function``)
+    fall back, with one :class:`VmapFallbackWarning`, to one double backward
+    per row (:func:`hessian_vector_products`), as
+    ``torch.autograd.functional.hessian`` computes them.
+
     Yields:
         ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``.
+
+    Raises:
+        InputWriteError: ``fn`` writes into its argument.
+        ValueError: an unknown method or a row range outside ``x``.
     """
     if method == "auto":
         method = HESSIAN_AUTO
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or 'auto', got {method!r}")
-    x_flat = x.detach().reshape(-1)
+    x_flat = _fresh(x).reshape(-1)
+    version = x_flat._version
     n = x_flat.numel()
     _check_range(start, stop, n)
     if stop <= start:  # chunked vmap over zero rows raises
         return
     f = _flat_fn(fn, x.shape)
     grad = torch.func.grad(lambda t: f(t).reshape(()))
-    if method == "rev":
-        _, pullback = torch.func.vjp(grad, x_flat)
-        rows_of = torch.func.vmap(lambda v: pullback(v)[0])
-    else:
-        rows_of = torch.func.vmap(lambda v: torch.func.jvp(grad, (x_flat,), (v,))[1])
+    try:
+        if method == "rev":
+            _, pullback = torch.func.vjp(grad, x_flat)
+            rows_of = torch.func.vmap(lambda v: pullback(v)[0])
+        else:
+            rows_of = torch.func.vmap(lambda v: torch.func.jvp(grad, (x_flat,), (v,))[1])
+    except RuntimeError as exc:
+        _refuse_input_writes(fn, x)
+        yield from _iter_hessian_loop(fn, x, start, stop, chunk_size=chunk_size, reason=exc)
+        return
     for a, b in _chunks(start, stop, chunk_size):
-        yield a, rows_of(basis_rows(a, b, n, x_flat))
+        try:
+            rows = rows_of(basis_rows(a, b, n, x_flat))
+        except RuntimeError as exc:
+            _refuse_input_writes(fn, x)
+            yield from _iter_hessian_loop(fn, x, a, stop, chunk_size=chunk_size, reason=exc)
+            return
+        _check_untouched(x_flat, version)
+        yield a, rows.to(x.dtype)
+
+
+def _iter_hessian_loop(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    start: int,
+    stop: int,
+    *,
+    chunk_size: int | None,
+    reason: BaseException,
+) -> Iterator[tuple[int, Tensor]]:
+    """Hessian rows by double backward, one ``autograd.grad`` per row.
+
+    The fallback for functions torch.func cannot transform (an old-style
+    ``autograd.Function``, ``.item()`` under ``vmap``), as
+    ``torch.autograd.functional.hessian`` computes them: the gradient is
+    recorded with ``create_graph`` once, and row ``i`` is ``d g_i / d x``.
+    """
+    warnings.warn(
+        f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
+        "computing Hessian rows one at a time with torch.autograd.grad",
+        VmapFallbackWarning,
+        stacklevel=3,
+    )
+    grad_rows = hessian_vector_products(fn, x)
+    for a, b in _chunks(start, stop, chunk_size):
+        yield a, grad_rows(basis_rows(a, b, x.numel(), x))
+
+
+def hessian_vector_products(
+    fn: Callable[[Tensor], Tensor], x: Tensor
+) -> Callable[[Tensor], Tensor]:
+    """``V -> V @ H`` (rows ``H v``) by reverse-over-reverse ``torch.autograd``, no torch.func.
+
+    The gradient's graph is recorded once (``create_graph``); each row of
+    ``V`` then costs one backward pass of it. ``H`` is symmetric, so row ``k``
+    of the result is ``H V[k]``. Works for every function
+    ``torch.autograd.functional.hessian`` handles.
+
+    Args:
+        fn: scalar function of ``x``.
+        x: the point (any shape; ``V`` has ``x.numel()`` columns).
+
+    Returns:
+        A function of ``V`` ``(k, x.numel())`` returning ``(k, x.numel())`` in
+        ``x``'s dtype.
+
+    Raises:
+        InputWriteError: ``fn`` writes into its argument.
+        ValueError: ``fn(x)`` is not a scalar.
+    """
+    xg = _fresh(x).requires_grad_(True)
+    y = _forward_with_graph(fn, xg)
+    if y.numel() != 1:
+        raise ValueError(f"a Hessian needs a scalar fn(x), got shape {tuple(y.shape)}")
+    g = None
+    if y.requires_grad:
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(y.reshape(()), xg, create_graph=True, allow_unused=True)
+    g = g.reshape(-1) if g is not None and g.requires_grad else None  # None: H = 0
+
+    def products(vs: Tensor) -> Tensor:
+        out = x.new_zeros(vs.shape[0], x.numel())
+        if g is None:
+            return out
+        for k in range(vs.shape[0]):
+            (h,) = torch.autograd.grad(g, xg, vs[k].to(g.dtype), retain_graph=True,
+                                       allow_unused=True)
+            if h is not None:
+                out[k] = h.reshape(-1)
+        return out
+
+    return products
 
 
 def hessian_rows(
@@ -404,23 +613,34 @@ def iter_batched_rows(
 
     Yields:
         ``(a, block)`` with ``block`` of shape ``(rows, xs[0].numel())``.
+
+    Raises:
+        SampleShapeError: a sample's output has another number of entries
+            than ``fn(xs[0])``; checked as each sample is computed, so rows are
+            never silently truncated.
+        InputWriteError: ``fn`` writes into its argument; ``xs`` is never changed.
+        ValueError: an unknown method or a row range outside ``B * m``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     batch = xs.shape[0]
-    flat = xs.detach().reshape(batch, -1)
+    flat = _fresh(xs).reshape(batch, -1)  # fn never sees the caller's batch
+    version = flat._version
     n = flat.shape[1]
     f = _flat_fn(fn, xs.shape[1:])
     with torch.no_grad():
         m = f(flat[0]).numel() if batch else 0
+    _check_untouched(flat, version)
     _check_range(start, stop, m * batch)
     if stop <= start:
         return
 
     def one_sample(s: int, r0: int, r1: int) -> Iterator[tuple[int, Tensor]]:
-        for a, block in iter_jacobian_rows(
-            fn, xs[s].detach(), r0, r1, chunk_size=chunk_size, method=method
-        ):
+        blocks = _jacobian_blocks(
+            fn, flat[s].reshape(xs.shape[1:]), r0, r1, chunk_size=chunk_size, method=method,
+            sample=(s, m),
+        )
+        for a, block in blocks:
             yield s * m + a, block
 
     per_sample = n if method == "fwd" else m
@@ -440,6 +660,7 @@ def iter_batched_rows(
         try:
             block = vectorised(flat[s0:s1])
         except RuntimeError as exc:
+            _refuse_input_writes(f, flat[s0])
             warnings.warn(
                 f"fn cannot be vectorised over samples ({str(exc).splitlines()[0][:160]}); "
                 "computing the per-sample Jacobians one sample at a time",
@@ -449,7 +670,10 @@ def iter_batched_rows(
             for s in range(s0, whole_b):
                 yield from one_sample(s, 0, m)
             break
-        yield s0 * m, block.reshape((s1 - s0) * m, n)
+        _check_untouched(flat, version)
+        if block.numel() != (s1 - s0) * m * n:  # vmap gives every sample one shape
+            _wrong_sample_size(f"{s0}:{s1}", block.numel() // max((s1 - s0) * n, 1), m)
+        yield s0 * m, block.reshape((s1 - s0) * m, n).to(flat.dtype)
     if whole_b < last:
         yield from one_sample(whole_b, 0, stop - whole_b * m)
 

@@ -386,59 +386,330 @@ def _checked_output(problem: Problem, spec: str, sample: Any) -> Any:
 # ---------------------------------------------------------------------------
 
 _PROBE = 64  # number of output entries compared with a tolerance
+_PROBE_SAMPLES = 8  # batched kind: samples evaluated by the fingerprint
+_PROBE_SEED = 0  # seed of the derivative probe's u and v
+#: Relative tolerance of the fingerprint's probes, by dtype: two machines'
+#: BLAS kernels differ in the last bits, a nondeterministic job by far more.
+FINGERPRINT_RTOL = {"float32": 1e-4, "float64": 1e-9}
 
 
-def fingerprint(problem: Problem, shapes: Shapes) -> dict[str, Any]:
-    """Facts that identify a built problem, checked on every worker.
+def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) -> dict[str, Any]:
+    """Facts that identify a built problem, checked on every worker and on resume.
 
     ``x`` is hashed exactly (it comes from a seed). ``fn(x)`` is compared
     through a probe of evenly spaced entries with a tolerance, because two
     machines with different BLAS kernels may differ in the last bits while
     a nondeterministic job differs by far more.
+
+    NOTE: [The derivative probe]
+        ``fn(x)`` alone misses a job whose derivative changed while its value
+        did not: unseeded weights where ``fn(x)`` does not depend on them
+        (``tanh(w @ x)`` at ``x = 0``), or a custom ``backward`` edited
+        between two runs. The probe is ``(Jᵀ u) . v`` (Hessians:
+        ``u . (H v)``; batched: over the first 8 samples) with seeded ``u``,
+        ``v``, by plain ``torch.autograd`` (reverse mode, so every function
+        autograd differentiates has one), compared relative to its
+        Cauchy-Schwarz bound. It costs one forward + backward pass per
+        fingerprint, so the user's backward code runs once more in each
+        worker: an exception it raises there (not autograd's own
+        ``RuntimeError``, which is recorded) propagates from here. NaN / Inf
+        entries of ``fn(x)`` or of ``Jᵀ u`` are counted and left out of the
+        sums, so a job with NaN at ``x`` matches itself.
+
+    Args:
+        problem: the built problem.
+        shapes: its :class:`Shapes` (from :func:`validate`).
+        spec: the job spec it was built from (``"mlp"``, ``"pkg.mod:build"``):
+            its source files are hashed into ``source_sha256``. Pass the same
+            on the driver and on the workers; without it only ``fn``'s code
+            object is hashed (``code_sha256``, always present).
+
+    Returns:
+        A JSON-serialisable dict (non-finite floats written as strings):
+        ``shapes``, ``x_sha256``, ``y_probe``, ``y_norm``, ``y_nonfinite``,
+        ``derivative``, ``code_sha256``, ``source_sha256``.
+
+    Raises:
+        Exception: whatever ``fn`` (or its custom backward) raises, except
+            autograd's own ``RuntimeError`` in the derivative probe.
     """
     import torch
 
-    x = problem.x.detach().cpu().contiguous()
+    x_cpu = problem.x.detach().cpu().contiguous()
+    x_sha = hashlib.sha256(x_cpu.numpy().tobytes()).hexdigest()
+    x = problem.x.detach().clone()  # fn never sees the problem's own x
     with torch.no_grad():
         if problem.kind == "batched":
-            k = min(int(x.shape[0]), 8)
+            k = min(int(x.shape[0]), _PROBE_SAMPLES)
             y = torch.stack([problem.fn(x[i]) for i in range(k)])
         else:
             y = problem.fn(x)
     y = y.detach().cpu().reshape(-1).double()
     idx = torch.linspace(0, y.numel() - 1, min(_PROBE, y.numel())).round().long()
+    finite = torch.isfinite(y)
     return {
         "shapes": shapes.to_json(),
-        "x_sha256": hashlib.sha256(x.numpy().tobytes()).hexdigest(),
-        "y_probe": [float(v) for v in y[idx]],
-        "y_norm": float(y.norm()),
+        "x_sha256": x_sha,
+        "y_probe": [_json_float(float(v)) for v in y[idx]],
+        "y_norm": float(y[finite].norm()),
+        "y_nonfinite": int((~finite).sum()),
+        "derivative": _derivative_probe(problem),
+        "code_sha256": code_sha256(problem.fn),
+        "source_sha256": source_sha256(spec) if spec else None,
     }
 
 
 def check_fingerprint(expected: Mapping[str, Any], got: Mapping[str, Any]) -> None:
-    """Raise a :class:`JacpipeError` naming what differs between two fingerprints."""
-    import math
+    """Raise :class:`FingerprintMismatch` naming what differs between two fingerprints.
 
-    if expected["shapes"] != got["shapes"]:
-        raise JacpipeError(
-            f"nondeterministic job: shapes differ (driver {expected['shapes']}, "
-            f"worker {got['shapes']})"
+    Shapes, ``x`` and the source hashes are compared exactly, ``fn(x)`` and
+    the derivative probe with :data:`FINGERPRINT_RTOL`; NaN matches NaN (and
+    Inf the same Inf) at the same place. A source hash present on one side
+    only is not compared (the other side was fingerprinted without ``spec``).
+
+    Args:
+        expected: the driver's (or the stored) fingerprint.
+        got: the one just computed.
+
+    Raises:
+        FingerprintMismatch: with ``field`` one of ``"shapes"``, ``"x"``,
+            ``"y"``, ``"derivative"``, ``"source"``.
+    """
+    if expected.get("shapes") != got.get("shapes"):
+        raise FingerprintMismatch(
+            f"nondeterministic job: shapes differ (driver {expected.get('shapes')}, "
+            f"worker {got.get('shapes')})",
+            field="shapes",
         )
-    if expected["x_sha256"] != got["x_sha256"]:
-        raise JacpipeError(
+    if expected.get("x_sha256") != got.get("x_sha256"):
+        raise FingerprintMismatch(
             "nondeterministic job: x differs between the driver and a worker "
-            f"(sha256 {expected['x_sha256'][:12]} vs {got['x_sha256'][:12]}); "
-            "seed every random draw in build() (torch.Generator().manual_seed(...))"
+            f"(sha256 {str(expected.get('x_sha256'))[:12]} vs {str(got.get('x_sha256'))[:12]}); "
+            "seed every random draw in build() (torch.Generator().manual_seed(...))",
+            field="x",
         )
-    rtol = 1e-4 if expected["shapes"]["dtype"] == "float32" else 1e-9
-    scale = max(abs(expected["y_norm"]), 1e-30)
-    pairs = [(expected["y_norm"], got["y_norm"])] + list(
-        zip(expected["y_probe"], got["y_probe"], strict=True)
-    )
+    rtol = FINGERPRINT_RTOL.get(expected["shapes"]["dtype"], FINGERPRINT_RTOL["float32"])
+    try:
+        scale = max(abs(float(expected["y_norm"])), 1e-30)
+        pairs = [(expected["y_norm"], got["y_norm"])] + list(
+            zip(expected["y_probe"], got["y_probe"], strict=True)
+        )
+    except (KeyError, TypeError, ValueError):
+        pairs, scale = [(None, 0)], 1.0  # a malformed or partial fingerprint
+    same_count = expected.get("y_nonfinite", 0) == got.get("y_nonfinite", 0)
     for a, b in pairs:
-        if not (math.isclose(a, b, rel_tol=rtol, abs_tol=rtol * scale)):
-            raise JacpipeError(
+        if not (same_count and _same_number(a, b, rtol=rtol, atol=rtol * scale)):
+            raise FingerprintMismatch(
                 "nondeterministic job: fn(x) differs between the driver and a worker "
                 f"({a!r} vs {b!r}); seed every random draw in build() "
-                "(weights, noise) so each worker builds the same function"
+                "(weights, noise) so each worker builds the same function",
+                field="y",
             )
+    _check_derivative(expected.get("derivative"), got.get("derivative"), rtol)
+    for key in ("code_sha256", "source_sha256"):
+        a, b = expected.get(key), got.get(key)
+        if a is not None and b is not None and a != b:
+            what = "the job's source files" if key == "source_sha256" else "fn's code"
+            raise FingerprintMismatch(
+                f"job source changed: {what} differ between the driver and a worker "
+                f"(sha256 {a[:12]} vs {b[:12]}); run the same code everywhere",
+                field="source",
+            )
+
+
+class FingerprintMismatch(JacpipeError):
+    """Two fingerprints of one job differ (:func:`check_fingerprint`).
+
+    Args:
+        message: one line saying what differs and the fix.
+        field: what differs: ``"shapes"``, ``"x"``, ``"y"`` (``fn(x)``),
+            ``"derivative"`` (the probe ``u . (J v)``) or ``"source"`` (the
+            job's files or ``fn``'s code). A resume names it as "the job
+            changed since these shards were written".
+    """
+
+    def __init__(self, message: str, field: str = "fingerprint") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships it from a worker: keep the field
+        return (type(self), (str(self), self.field))
+
+
+def _check_derivative(expected: Any, got: Any, rtol: float) -> None:
+    """Compare two derivative probes (see NOTE: [The derivative probe])."""
+    if not isinstance(expected, Mapping) or not isinstance(got, Mapping):
+        raise FingerprintMismatch(
+            "the fingerprint has no derivative probe on one side (written by an older "
+            "jacpipe?); recompute the result",
+            field="derivative",
+        )
+    if "error" in expected or "error" in got:
+        if expected.get("error") != got.get("error"):
+            raise FingerprintMismatch(
+                "nondeterministic job: reverse mode differentiates fn on one side only "
+                f"({expected.get('error') or 'ok'} vs {got.get('error') or 'ok'})",
+                field="derivative",
+            )
+        return
+    a, b = expected.get("uJv"), got.get("uJv")
+    scale = max(_float(expected.get("scale", 0.0)), _float(got.get("scale", 0.0)))
+    if expected.get("nonfinite") != got.get("nonfinite") or not _same_number(
+        a, b, rtol=rtol, atol=rtol * scale
+    ):
+        raise FingerprintMismatch(
+            "nondeterministic job: the derivative of fn differs between the driver and a "
+            f"worker (probe u.(J v) = {a!r} vs {b!r}, scale {scale:.3g}) although fn(x) "
+            "agrees; seed every random draw in build() (weights, noise) and keep custom "
+            "backward functions unchanged",
+            field="derivative",
+        )
+
+
+def _derivative_probe(problem: Problem) -> dict[str, Any]:
+    """``(Jᵀ u) . v`` (Hessian: ``u . (H v)``) at ``x`` by ``torch.autograd``, seeded."""
+    import torch
+
+    x = problem.x.detach()
+    if problem.kind == "batched":
+        x = x[: min(int(x.shape[0]), _PROBE_SAMPLES)]
+    xg = x.clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    try:
+        with torch.enable_grad():
+            if problem.kind == "batched":
+                y = torch.stack([problem.fn(xg[i]) for i in range(xg.shape[0])]).reshape(-1)
+            else:
+                y = problem.fn(xg).reshape(-1)
+            m = xg.numel() if problem.kind == "hessian" else y.numel()
+            u = torch.randn(m, generator=gen, dtype=torch.float64)
+            v = torch.randn(xg.numel(), generator=gen, dtype=torch.float64)
+            u, v = u.to(y.device, y.dtype), v.to(xg.device, xg.dtype)
+            d = torch.zeros_like(v)
+            if problem.kind == "hessian":
+                other = u  # probe u . (H v): reverse over reverse, as autograd's hessian
+                if y.requires_grad:
+                    (g,) = torch.autograd.grad(y.reshape(()), xg, create_graph=True,
+                                               allow_unused=True)
+                    if g is not None and g.requires_grad:
+                        (h,) = torch.autograd.grad(g.reshape(-1), xg, v, allow_unused=True)
+                        d = d if h is None else h.reshape(-1)
+            else:
+                other = v  # probe (Jᵀ u) . v
+                if y.requires_grad:
+                    (g,) = torch.autograd.grad(y, xg, u, allow_unused=True)
+                    d = d if g is None else g.reshape(-1)
+    except RuntimeError as exc:  # autograd refuses fn (it writes into x, say): recorded
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        return {"error": f"{type(exc).__name__}: {first}"}
+    # NOTE: any other exception is the user's own code raising (a backward
+    # that fails on some worker): it propagates as it would from the first
+    # chunk, so the shard fails with the user's message and frame.
+    d = d.detach().double().cpu()
+    other = other.detach().double().cpu()
+    finite = torch.isfinite(d)
+    d = torch.where(finite, d, torch.zeros_like(d))
+    return {
+        "uJv": float(d @ other),
+        "scale": float(d.norm() * other.norm()),
+        "nonfinite": int((~finite).sum()),
+    }
+
+
+def code_sha256(fn: Any) -> str | None:
+    """sha256 of ``fn``'s code object (bytecode, constants, names), nested code included.
+
+    Args:
+        fn: a function, a callable object (its ``forward`` or ``__call__``),
+            or a ``functools.partial``.
+
+    Returns:
+        The hex digest, or ``None`` where there is no Python code (builtins).
+    """
+    target = getattr(fn, "func", fn)  # functools.partial
+    code = getattr(target, "__code__", None)
+    if code is None:
+        method = getattr(type(target), "forward", None)
+        if method is None and callable(target):
+            method = type(target).__call__
+        code = getattr(method, "__code__", None)
+    if code is None:
+        return None
+    return hashlib.sha256(_code_bytes(code)).hexdigest()
+
+
+def _code_bytes(code: Any) -> bytes:
+    parts = [code.co_code, repr(code.co_names).encode()]
+    for const in code.co_consts:
+        parts.append(_code_bytes(const) if hasattr(const, "co_code") else _const_repr(const))
+    return b"\0".join(parts)
+
+
+def _const_repr(const: Any) -> bytes:
+    """A constant's repr, stable across processes (frozenset order follows string hashes)."""
+    if isinstance(const, frozenset):
+        return b"frozenset(" + b",".join(sorted(_const_repr(c) for c in const)) + b")"
+    if isinstance(const, tuple):
+        return b"(" + b",".join(_const_repr(c) for c in const) + b")"
+    return repr(const).encode()
+
+
+def source_sha256(spec: str) -> str | None:
+    """sha256 of a job's source files: its module (built-ins: and ``jobs/_common.py``).
+
+    Args:
+        spec: a built-in job name (``"mlp"``: module ``jobs.mlp``) or
+            ``"package.module:function"``.
+
+    Returns:
+        The hex digest, or ``None`` when the module has no source file.
+    """
+    import importlib.util
+    import os
+
+    if ":" in spec:
+        modules = [spec.partition(":")[0]]
+    else:
+        modules = [f"jobs.{spec}", "jobs._common"]
+    digest = hashlib.sha256()
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        origin = getattr(found, "origin", None)
+        if not origin or not os.path.isfile(origin):
+            return None
+        with open(origin, "rb") as fh:
+            digest.update(hashlib.sha256(fh.read()).digest())
+    return digest.hexdigest()
+
+
+def _json_float(v: float) -> float | str:
+    """``v``, or ``"nan"`` / ``"inf"`` / ``"-inf"``: strict JSON has no non-finite numbers."""
+    if v != v:
+        return "nan"
+    if v in (float("inf"), float("-inf")):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _same_number(a: Any, b: Any, *, rtol: float, atol: float) -> bool:
+    """``math.isclose`` where NaN equals NaN and Inf the same Inf (values may be strings)."""
+    import math
+
+    if a is None or b is None:
+        return False
+    fa, fb = _float(a), _float(b)
+    if math.isnan(fa) or math.isnan(fb):
+        return math.isnan(fa) and math.isnan(fb)
+    if math.isinf(fa) or math.isinf(fb):
+        return fa == fb
+    return math.isclose(fa, fb, rel_tol=rtol, abs_tol=atol)

@@ -17,6 +17,7 @@ Everything here is pure torch/numpy; Ray tasks wrap it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.coloring import Coloring, as_pattern, star_direct
+from pipeline.engine import VmapFallbackWarning, hessian_vector_products
 from pipeline.problem import Problem
 
 
@@ -245,7 +247,21 @@ def sparse_hessian_rows(
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(grad, (xf,), (v,))[1]
 
-    compressed = torch.func.vmap(hvp, chunk_size=chunk_size)(seeds)  # (k, n): row c = H s_c
+    try:
+        compressed = torch.func.vmap(hvp, chunk_size=chunk_size)(seeds)  # (k, n): row c = H s_c
+    except RuntimeError as exc:
+        # NOTE: functions torch.func cannot transform (an old-style
+        # autograd.Function, .item() under vmap) get the same compressed
+        # matrix by reverse-over-reverse autograd, one HVP per needed colour,
+        # as torch.autograd.functional.hessian would compute them.
+        warnings.warn(
+            f"fn cannot be vectorised with torch.func ({str(exc).splitlines()[0][:160]}); "
+            "computing the Hessian-vector products one colour at a time with "
+            "torch.autograd.grad",
+            VmapFallbackWarning,
+            stacklevel=2,
+        )
+        compressed = hessian_vector_products(scalar, x)(seeds)
     values = compressed[_index(pos, x), _index(read_row, x)]
     return SparseRows(rows, block.indptr.astype(np.int64), cols, values)
 
