@@ -349,17 +349,16 @@ def rebuilt(result: Any) -> Any:
     Raises:
         JacpipeError: the job now builds a different problem.
     """
-    from pipeline.problem import rebuild
+    from pipeline.problem import FingerprintMismatch, rebuild
 
     man = result.manifest
     try:
         return rebuild(man.job, man.params, man.fingerprint)
-    except JacpipeError as exc:
-        if "nondeterministic job" not in str(exc):
-            raise
+    except FingerprintMismatch as exc:
+        why = str(exc).removeprefix("nondeterministic job: ")
         raise JacpipeError(
             f"{result.storage.display}: job {man.job!r} now builds a different problem than "
-            f"the one stored ({str(exc).removeprefix('nondeterministic job: ')}); "
+            f"the one stored (differs in: {exc.field}; {why}); "
             "rerun `jacpipe run` to recompute the result"
         ) from None
 

@@ -103,16 +103,25 @@ class ResultFolder:
     def _flock(self, holder: dict[str, Any]) -> None:
         import fcntl
 
-        fd = os.open(self.storage.path(LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
-            raise JacpipeError(
-                f"--out {self.storage.display} is in use by another run ({_holder(other)}); "
-                "wait for it to end or stop it, or choose another --out"
-            ) from None
+        path = self.storage.path(LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                raise JacpipeError(
+                    f"--out {self.storage.display} is in use by another run ({_holder(other)}); "
+                    "wait for it to end or stop it, or choose another --out"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed it as we opened it: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
         self._lock = fd
@@ -143,7 +152,9 @@ class ResultFolder:
     def unlock(self) -> None:
         """Release the folder (also done by the OS when the process dies, locally)."""
         if isinstance(self._lock, int):
-            os.close(self._lock)  # releases the flock; the file stays, harmless
+            # Unlink while holding it (a waiter re-checks the inode), then release.
+            self.storage.delete(LOCK)
+            os.close(self._lock)
         elif isinstance(self._lock, dict):
             self.storage.delete(LOCK)
         self._lock = None
@@ -207,6 +218,11 @@ class ResultFolder:
             return self._clear()
         differs = _differences(old.identity(), identity)
         if differs and not overwrite:
+            if all(d.startswith("fingerprint") for d in differs):
+                raise JacpipeError(
+                    f"--out {self.storage.display}: the job changed since these shards were "
+                    f"written (differs in: {', '.join(differs)}); --overwrite to start again"
+                )
             what = f"job {old.job!r} with params {json.dumps(old.params)}"
             raise JacpipeError(
                 f"--out {self.storage.display} holds a result of {what} (differs in: "
@@ -306,13 +322,15 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     tolerance, so a resume on a machine whose BLAS rounds the last bits
     differently is still the same run.
     """
-    from pipeline.problem import check_fingerprint
+    from pipeline.problem import FingerprintMismatch, check_fingerprint
 
     differs = []
     for key in sorted(set(old) | set(new)):
         if key == "fingerprint" and isinstance(old.get(key), dict):
             try:
                 check_fingerprint(old[key], new[key])
+            except FingerprintMismatch as exc:
+                differs.append(f"fingerprint: {exc.field}")
             except (JacpipeError, KeyError, TypeError, ValueError):
                 differs.append(key)
         elif old.get(key) != new.get(key):

@@ -145,6 +145,7 @@ def make_plan(
     *,
     pattern: Any = None,
     device_param: bool = False,
+    forward_disagrees: str | None = None,
 ) -> RunPlan:
     """Plan a run: slots, shards, method, layout, colouring, budget, GPU share.
 
@@ -154,6 +155,9 @@ def make_plan(
         resources: what the cluster has.
         pattern: the sparsity pattern to use (:func:`run_pattern`), or None.
         device_param: the job's ``build`` takes a ``device`` (it can build on a GPU).
+        forward_disagrees: why forward mode gives another derivative than
+            reverse mode at ``x`` (the adjoint check failed), else None:
+            ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned.
 
     Returns:
         The :class:`RunPlan`.
@@ -203,6 +207,12 @@ def make_plan(
         per = 1 if shapes.kind == "batched" else len(shards)
         method = choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
         layout = "dense"
+        if method == "fwd" and forward_disagrees:
+            if options.method == "auto":
+                method = "rev"
+                notes.append(f"reverse mode, not forward: {forward_disagrees}")
+            else:
+                notes.append(f"warning: --method fwd although {forward_disagrees}")
     return RunPlan(
         slots=slots,
         shards=shards,

@@ -294,7 +294,7 @@ def rebuild(spec: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -
         JacpipeError: the build fails or its fingerprint differs.
     """
     problem = build_problem(spec, params)
-    check_fingerprint(expected, fingerprint(problem, validate(problem, spec)))
+    check_fingerprint(expected, fingerprint(problem, validate(problem, spec), spec=spec))
     return problem
 
 

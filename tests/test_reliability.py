@@ -478,7 +478,8 @@ def test_job_changed_since_the_run_is_named(ray_session, tmp_path, clean):
     line = error_line(invoke("compare", out))
     assert "now builds a different problem than the one stored" in line
     line = error_line(run_crashy(out, clean.markers, "--shards", 6))
-    assert "(differs in: fingerprint)" in line and "--overwrite" in line
+    assert "the job changed since these shards were written" in line
+    assert "(differs in: fingerprint: y)" in line and "--overwrite" in line
 
 
 def test_every_row_of_the_bad_input_table_names_an_existing_test():

@@ -492,3 +492,56 @@ def test_disagreements_name_the_worst_entries():
     text = disagreements(got, ref, rows=np.array([10, 11, 12]), rtol=1e-5, atol=1e-5)
     assert text.startswith("2 entries") and "J[12, 3] = nan vs 0" in text
     assert "J[11, 2] = 5 vs 0" in text
+
+
+# ---------------------------------------------------------------------------
+# End to end through the CLI with Ray: the driver's wiring (issue 13)
+# ---------------------------------------------------------------------------
+
+
+def _cli(*args: object):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_auto_keeps_reverse_mode_when_forward_mode_disagrees(ray_session, tmp_path, dtype):
+    out = tmp_path / "out"
+    result = _cli("run", "tests.userjobs:tall_no_grad", "-p", f"dtype={dtype}", "--out", out,
+                  "--no-progress", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "note: reverse mode, not forward: forward and reverse mode give different" in \
+        result.output
+    man = json.loads((out / "_manifest.json").read_text())
+    assert man["method"] == "rev" and man["adjoint_check"]["agree"] is False
+    assert "MATCH" in result.output and "MISMATCH" not in result.output
+    forced = _cli("run", "tests.userjobs:tall_no_grad", "-p", f"dtype={dtype}", "--method",
+                  "fwd", "--out", tmp_path / "fwd", "--no-progress")
+    assert forced.exit_code == 0, forced.output
+    assert "warning: --method fwd although forward and reverse mode give" in forced.output
+    assert json.loads((tmp_path / "fwd" / "_manifest.json").read_text())["method"] == "fwd"
+
+
+def test_auto_takes_forward_mode_when_the_modes_agree(ray_session, tmp_path):
+    out = tmp_path / "out"
+    result = _cli("run", "tests.userjobs:tall", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    man = json.loads((out / "_manifest.json").read_text())
+    assert man["method"] == "fwd" and man["adjoint_check"]["agree"] is True
+
+
+def test_a_resume_after_a_backward_only_change_is_refused(ray_session, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ("run", "tests.userjobs:custom_backward", "--shards", 3, "--out", out, "--no-progress")
+    first = _cli(*args)
+    assert first.exit_code == 0, first.output
+    # The backward now scales by another constant (as after an edit of only the
+    # custom backward): fn(x), x and the shapes are unchanged.
+    monkeypatch.setenv("JACPIPE_TEST_BACKWARD_SCALE", "2.0")
+    again = _cli(*args)
+    assert again.exit_code == 2, again.output
+    assert "the job changed since these shards were written (differs in: fingerprint: " \
+           "derivative); --overwrite to start again" in again.output

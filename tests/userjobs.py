@@ -66,3 +66,52 @@ def raises_in_shard(n: int = 40, bad_row: int = 25) -> Problem:
         return torch.cat([v[:bad_row] * 2, head, v[bad_row + 1 :] * 2])
 
     return Problem(fn=fn, x=torch.ones(n, dtype=torch.float64))
+
+
+def tall(n: int = 4, m: int = 400, dtype: str = "float64") -> Problem:
+    """A tall Jacobian (m >> n): --method auto takes forward mode."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64).to(dt)
+    return Problem(fn=lambda v: torch.tanh(w @ v), x=torch.linspace(-1, 1, n, dtype=dt))
+
+
+def tall_no_grad(n: int = 4, m: int = 400, dtype: str = "float64") -> Problem:
+    """A tall Jacobian whose second term is computed under torch.no_grad.
+
+    Reverse mode (autograd) drops that term's derivative; forward mode
+    (torch.func.jvp) keeps it: the modes disagree, and autograd's answer is
+    the reference.
+    """
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64).to(dt)
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            frozen = 10 * torch.sin(w @ v)
+        return torch.tanh(w @ v) + frozen
+
+    return Problem(fn=fn, x=torch.linspace(-1, 1, n, dtype=dt))
+
+
+def custom_backward(n: int = 12) -> Problem:
+    """``2 v`` with a hand-written backward scaled by ``$JACPIPE_TEST_BACKWARD_SCALE`` (1.0).
+
+    Changing the variable changes only the derivative, as an edit of a custom
+    backward would: fn(x) is the same.
+    """
+    import os
+
+    scale = float(os.environ.get("JACPIPE_TEST_BACKWARD_SCALE", "1.0"))
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return 2 * v
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * scale * g
+
+    return Problem(fn=Twice.apply, x=torch.linspace(0, 1, n, dtype=torch.float64))
