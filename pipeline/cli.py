@@ -133,7 +133,7 @@ def run_cmd(
     )
     if verify:
         _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
-                           as_json=False)
+                           as_json=False, job=job)
 
 
 # ---------------------------------------------------------------------------
@@ -143,11 +143,12 @@ def run_cmd(
 
 def _compare_and_print(
     out: str, *, rows: int | None, all_rows: bool, rtol: float | None, atol: float | None,
-    as_json: bool,
+    as_json: bool, job: str | None = None, trust_job: bool = False,
 ) -> None:
     from pipeline.compare import compare
 
-    report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol)
+    report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol, job=job,
+                     trust_job=trust_job)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -199,6 +200,8 @@ def compare_cmd(
     fd_columns: int = typer.Option(16, "--fd-columns", help="With --fd: input columns to check."),
     sample: int = typer.Option(0, "--sample", help="With --fd on a batched result: which sample."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    job: str = typer.Option(None, "--job", help="The 'module:function' job that computed OUT: confirms that it may be imported and run to build the reference (built-in jobs need nothing)."),
+    trust_job: bool = typer.Option(False, "--trust-job", help="Import and run whatever 'module:function' job the result folder names."),
 ) -> None:
     """Check a result against torch.autograd.functional in one process; exit 1 on mismatch.
 
@@ -214,22 +217,24 @@ def compare_cmd(
     failed = False
     try:
         _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
-                           as_json=as_json and not fd)
+                           as_json=as_json and not fd, job=job, trust_job=trust_job)
     except typer.Exit as exc:
         if not fd or exc.exit_code != 1:
             raise
         failed = True
     if fd:
-        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=as_json) or failed
+        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=as_json,
+                               job=job, trust_job=trust_job) or failed
     if failed:
         raise typer.Exit(code=1)
 
 
-def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool) -> bool:
+def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool,
+                  job: str | None = None, trust_job: bool = False) -> bool:
     """Print the finite-difference report; True when AD and FD disagree."""
     from pipeline.compare import fd_report
 
-    report = fd_report(out, columns=columns, sample=sample)
+    report = fd_report(out, columns=columns, sample=sample, job=job, trust_job=trust_job)
     if as_json:
         typer.echo(report.dumps())
         return not report.ok

@@ -264,6 +264,8 @@ def compare(
     atol: float | None = None,
     memory_budget: int = 2 * 2**30,
     seed: int = 0,
+    job: str | None = None,
+    trust_job: bool = False,
 ) -> CompareReport:
     """Compare a result folder against the single-process torch reference.
 
@@ -274,6 +276,7 @@ def compare(
         rtol: relative tolerance (default 1e-5 float32, 1e-10 float64).
         atol: absolute tolerance (default ``rtol * max|reference|``).
         memory_budget: the whole reference is used only if it fits this.
+        job, trust_job: allow rebuilding a ``module:function`` job (see :func:`rebuilt`).
 
     NaN and Inf entries of the result match only the same NaN / Inf of the
     reference at the same place (torch gives them too where the maths is not
@@ -291,7 +294,7 @@ def compare(
     result = open_jacobian(out)
     broken = result.check(checksums=True)
     problems = [str(p) for p in broken]
-    problem = rebuilt(result)
+    problem = rebuilt(result, job=job, trust_job=trust_job)
     bad = {p.index for p in broken}
     good = [s for s in result.committed if s.index not in bad]
     t0 = time.perf_counter()
@@ -343,15 +346,38 @@ def compare(
     )
 
 
-def rebuilt(result: Any) -> Any:
+def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> Any:
     """The stored result's problem, built again and checked against its fingerprint.
 
+    NOTE: [Reading never runs stored code]
+        The manifest names the job that computed the result, and anyone who
+        can write the folder can edit it (``os:system`` with a ``command``
+        parameter). A built-in job (``jobs/<name>.py``) is code shipped with
+        jacpipe and is rebuilt by name; a ``module:function`` job is imported
+        and called only when the user names the same spec now (``--job``,
+        or ``run --verify`` of that job) or passes ``--trust-job``. Specs are
+        validated as dotted names before any import.
+
+    Args:
+        result: the opened result.
+        job: the job spec the user gives now; must equal the stored one.
+        trust_job: import and run the stored ``module:function`` job as it is.
+
     Raises:
-        JacpipeError: the job now builds a different problem.
+        JacpipeError: a ``module:function`` job that was not named or trusted,
+            or the job now builds a different problem.
     """
-    from pipeline.problem import FingerprintMismatch, rebuild
+    from pipeline.problem import FingerprintMismatch, rebuild, split_spec
 
     man = result.manifest
+    split_spec(man.job)  # a dotted name or a built-in job, before anything is imported
+    if ":" in man.job and not trust_job and job != man.job:
+        named = "" if job is None else f" (--job {job} names another)"
+        raise JacpipeError(
+            f"{result.storage.display} was computed by job {man.job!r}{named}; rebuilding the "
+            "reference would import and run that code, which the result folder names: pass "
+            f"--job {man.job} to confirm it, or --trust-job"
+        )
     try:
         return rebuild(man.job, man.params, man.fingerprint)
     except FingerprintMismatch as exc:
@@ -450,7 +476,10 @@ def _nonfinite_counts(result: Any, got: Any, ref: Any, extra: dict[str, Any]) ->
 # ---------------------------------------------------------------------------
 
 
-def fd_report(out: str, *, columns: int = 16, sample: int = 0, seed: int = 0) -> Any:
+def fd_report(
+    out: str, *, columns: int = 16, sample: int = 0, seed: int = 0, job: str | None = None,
+    trust_job: bool = False,
+) -> Any:
     """Finite differences on sampled input columns against the stored AD columns.
 
     Also flags inputs along which ``fn`` has a kink at ``x`` (see
@@ -461,6 +490,7 @@ def fd_report(out: str, *, columns: int = 16, sample: int = 0, seed: int = 0) ->
         columns: how many input columns to check (all when ``n`` is smaller).
         sample: for batched results, which sample to check.
         seed: seed of the column sample.
+        job, trust_job: allow rebuilding a ``module:function`` job (see :func:`rebuilt`).
 
     Returns:
         A :class:`pipeline.fd.FDReport`.
@@ -474,7 +504,7 @@ def fd_report(out: str, *, columns: int = 16, sample: int = 0, seed: int = 0) ->
     from pipeline.reader import open_jacobian
 
     result = open_jacobian(out)
-    problem = rebuilt(result)
+    problem = rebuilt(result, job=job, trust_job=trust_job)
     shapes = result.shapes
     if columns < 1:
         raise JacpipeError(f"--fd-columns must be at least 1, got {columns}")

@@ -208,3 +208,27 @@ def test_folder_problems_exit_2(tmp_path):
     assert result.exit_code == 2 and "is a folder" in _one_error(result)
     result = _run("run", "mlp", "--out", "")
     assert result.exit_code == 2 and "--out is empty" in _one_error(result)
+
+
+def test_reading_never_runs_the_job_a_manifest_names(ray_session, tmp_path):
+    out = tmp_path / "out"
+    runner.run(RunOptions(job="tests.userjobs:matrix_io", shards=2, out=str(out),
+                          progress=False), echo=lambda _: None)
+    doc = json.loads((out / "_manifest.json").read_text())
+    marker = tmp_path / "pwned"
+    doc["job"], doc["params"] = "os:system", {"command": f"touch {marker}"}
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    for cmd in (["compare", out], ["compare", out, "--fd"], ["inspect", out],
+                ["compare", out, "--job", "tests.userjobs:matrix_io"]):
+        _run(*cmd)
+        assert not marker.exists(), cmd
+    line = _one_error(_run("compare", out))
+    assert "computed by job 'os:system'" in line and "--job os:system" in line
+    doc["job"] = "../../etc/passwd:build"
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    assert "dotted Python names" in _one_error(_run("compare", out, "--trust-job"))
+    # The user's own module:function job: named now, it is rebuilt and compared.
+    doc["job"], doc["params"] = "tests.userjobs:matrix_io", {}
+    (out / "_manifest.json").write_text(json.dumps(doc))
+    assert "MATCH" in _run("compare", out, "--job", "tests.userjobs:matrix_io").output
+    assert "--job tests.userjobs:matrix_io" in _one_error(_run("compare", out))

@@ -259,12 +259,12 @@ def test_corrupt_and_missing_parts_are_named_and_exactly_they_are_recomputed(
     problems = json.loads(info.output)["problems"]
     assert len(problems) == 3
     assert all(p.startswith(e) for p, e in zip(problems, expected.values(), strict=True))
-    for command in (["inspect", out], ["compare", out]):
+    for command in (["inspect", out], ["compare", out, "--job", CRASHY]):
         result = invoke(*command)
         assert result.exit_code == 1 and "Traceback" not in result.output
         errors = [line for line in result.output.splitlines() if line.startswith("error:")]
         assert [any(f in line for line in errors) for f in expected] == [True] * 3
-    assert "MISMATCH" in invoke("compare", out).output
+    assert "MISMATCH" in invoke("compare", out, "--job", CRASHY).output
     with pytest.raises(JacpipeError, match="part-00002.parquet"):
         read_jacobian(out)
 
@@ -302,7 +302,7 @@ def test_crash_leftovers_are_ignored_by_every_reader_and_cleaned_on_resume(
     assert np.array_equal(read_jacobian(out), clean.values)
     info = invoke("inspect", out, "--json")
     assert info.exit_code == 0 and json.loads(info.output)["problems"] == []
-    cmp = invoke("compare", out, "--json")
+    cmp = invoke("compare", out, "--json", "--job", CRASHY)
     assert cmp.exit_code == 0 and json.loads(cmp.output)["ok"] is True
     table = ds.dataset(out, format="parquet").to_table(columns=["row"])
     assert sorted(table.column("row").to_pylist()) == list(range(ROWS))
@@ -392,12 +392,12 @@ def test_nan_and_inf_are_counted_per_shard_and_reported(ray_session, tmp_path):
     assert "1/0" in table and "0/2" in table
 
     # The reference has the same NaN/Inf at the same entries: a match, with the counts shown.
-    cmp = invoke("compare", out, "--json")
+    cmp = invoke("compare", out, "--json", "--job", "tests.faultjobs:nonfinite")
     report = json.loads(cmp.output)
     assert cmp.exit_code == 0 and report["ok"] is True and report["mode"] == "all"
     assert (report["nan"], report["inf"]) == (1, 2)
     assert report["extra"] == {"NaN / Inf in checked rows (result | reference)": "1 / 2 | 1 / 2"}
-    shown = invoke("compare", out).output
+    shown = invoke("compare", out, "--job", "tests.faultjobs:nonfinite").output
     assert "MATCH" in shown and "1 / 2 | 1 / 2" in shown
 
 
@@ -464,9 +464,9 @@ def test_missing_job_argument_is_a_usage_error():
 
 
 def test_compare_option_errors(clean):
-    line = error_line(invoke("compare", clean.out, "--rows", 1, "--all"))
+    line = error_line(invoke("compare", clean.out, "--rows", 1, "--all", "--job", CRASHY))
     assert "give --rows K or --all, not both" in line
-    line = error_line(invoke("compare", clean.out, "--rows", 0))
+    line = error_line(invoke("compare", clean.out, "--rows", 0, "--job", CRASHY))
     assert "--rows must be at least 1" in line
 
 
@@ -475,7 +475,7 @@ def test_job_changed_since_the_run_is_named(ray_session, tmp_path, clean):
     man = manifest(out)
     man["fingerprint"]["y_norm"] *= 1.5  # as if build() now made another function
     (out / "_manifest.json").write_text(json.dumps(man))
-    line = error_line(invoke("compare", out))
+    line = error_line(invoke("compare", out, "--job", CRASHY))
     assert "now builds a different problem than the one stored" in line
     line = error_line(run_crashy(out, clean.markers, "--shards", 6))
     assert "the job changed since these shards were written" in line
