@@ -55,8 +55,11 @@ DEFAULT_MAX_DENSITY = 0.25
 DEFAULT_MAX_BYTES = 2**29  # 512 MiB of column indices in one tensor's pattern
 # Ops whose result is a Python value or a data-dependent shape: fine on constants,
 # control flow on x when fed a tensor computed from x.
-_DATA_DEPENDENT = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero",
-                   "masked_select", "unique", "_unique2", "unique_consecutive", "unique_dim")
+_DATA_DEPENDENT_ERRORS = ("_local_scalar_dense", "DataDependent", "data-dependent",
+                          "data dependent", "DynamicOutputShape", "Could not guard",
+                          "GuardOnDataDependent", "is_nonzero", "item()")
+_DATA_DEPENDENT = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "argwhere",
+                   "unique", "_unique2", "unique_consecutive", "unique_dim")
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def trace_sparsity(
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     xd = x.detach()
     n = xd.numel()
-    gm = _trace(_target(fn, kind), xd)
+    gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
     out = next(iter(node for node in gm.graph.nodes if node.op == "output")).args[0]
     val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
@@ -219,21 +222,33 @@ def _decompositions() -> dict:
     return {op: f for op, f in table.items() if rule_for(op) is None and not is_random(op)}
 
 
-def _trace(target: Callable, x: torch.Tensor) -> torch.fx.GraphModule:
+def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    # NOTE: real tracing with _error_on_data_dependent_ops=False lets `.item()`
-    # return the value at x; _propagate then refuses it in global mode (it
-    # knows which tensors depend on x) and follows it in local mode.
+    # NOTE: global mode traces with fake tensors: reading a value computed
+    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
+    # quietly burning in the value at this x. Local mode traces with real
+    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
+    # value at x and the branch taken is recorded.
     try:
         return make_fx(torch.func.functionalize(target), decomposition_table=_decompositions(),
-                       tracing_mode="real", _error_on_data_dependent_ops=False)(x)
+                       tracing_mode="fake" if mode == "global" else "real",
+                       _allow_non_fake_inputs=True,
+                       _error_on_data_dependent_ops=mode == "global")(x)
     except SparsityError:
         raise
     except Exception as exc:  # torch raises many kinds here; say where it came from
+        text = f"{type(exc).__name__}: {exc}".strip()
+        if mode == "global" and any(k in text for k in _DATA_DEPENDENT_ERRORS):
+            raise SparsityError(
+                "global sparsity detection cannot follow data-dependent control flow or "
+                "shapes on x (`.item()`, `if tensor:`, `bool(tensor)`, nonzero/masked_select "
+                "of a tensor computed from x): the pattern could change with x. Use "
+                "mode='local' for the pattern at this x only, or rewrite the branch with "
+                f"torch.where. ({text.splitlines()[0][:200]})") from exc
         raise SparsityError(
-            f"could not trace fn to ATen ops for sparsity detection: {type(exc).__name__}: "
-            f"{exc}. fn must be a torch function of x (no .numpy(), no Python-side state)"
+            f"could not trace fn to ATen ops for sparsity detection: {text.splitlines()[0]}. "
+            "fn must be a torch function of x (no .numpy(), no Python-side state)"
         ) from exc
 
 
@@ -297,8 +312,11 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
           ) -> tuple[Any, Any]:
     out = func(*args, **kwargs)
     name = op_name(func)
-    if name in _DATA_DEPENDENT and any(
-        d.tainted for d in _all_deps(deps) + _all_deps(list(kwdeps.values()))
+    # Which inputs decide a value or a shape: all for .item()/nonzero, the
+    # indices or mask (not the source) for index.Tensor/masked_select.
+    deciding = deps if name in _DATA_DEPENDENT else deps[1:]
+    if (name in _DATA_DEPENDENT or torch.Tag.dynamic_output_shape in func.tags) and any(
+        d.tainted for d in _all_deps(deciding) + _all_deps(list(kwdeps.values()))
     ):
         what = (f"data-dependent control flow or shapes on x ({func}: `.item()`, "
                 "`if tensor:`, `bool(tensor)`, nonzero/masked_select/unique of a tensor "
