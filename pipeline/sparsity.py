@@ -40,6 +40,7 @@ from pipeline.sparsity_rules import (
     Op,
     SparsityError,
     SparsityWarning,
+    constant,
     fallback,
     is_random,
     op_name,
@@ -53,6 +54,7 @@ KINDS = ("jacobian", "hessian")
 MODES = ("global", "local")
 DEFAULT_MAX_DENSITY = 0.25
 DEFAULT_MAX_BYTES = 2**29  # 512 MiB of column indices in one tensor's pattern
+_PROBE_ROWS = 4  # NOTE: [dense probe]
 # Ops whose result is a Python value or a data-dependent shape: fine on constants,
 # control flow on x when fed a tensor computed from x.
 _DATA_DEPENDENT_ERRORS = ("_local_scalar_dense", "DataDependent", "data-dependent",
@@ -167,6 +169,10 @@ def trace_sparsity(
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     xd = x.detach()
     n = xd.numel()
+    if kind == "jacobian" and max_density is not None:
+        reason = _dense_probe(fn, xd, max_density, max_bytes)
+        if reason is not None:
+            return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
     gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
     out = next(iter(node for node in gm.graph.nodes if node.op == "output")).args[0]
@@ -197,6 +203,45 @@ def trace_sparsity(
 # ---------------------------------------------------------------------------
 # Tracing
 # ---------------------------------------------------------------------------
+
+
+def _dense_probe(fn: Callable, x: torch.Tensor, max_density: float, max_bytes: int | None
+                 ) -> str | None:
+    """Why the Jacobian is dense, judged from a few of its rows at x; None if not clearly so.
+
+    NOTE: [dense probe]
+    Nonzeros of J at x lie inside any valid pattern, so if every sampled row
+    (_PROBE_ROWS rows spread over the output, plain reverse-mode autograd
+    from one recorded forward pass) is denser than ``max_density``,
+    colouring is pointless and tracing is skipped. The first sparse row ends
+    the probe: on a sparse problem it costs one forward and one backward. On
+    jobs/mlp.py at n = m = 20,000 tracing alone costs about 15 forward passes,
+    the probe about 3. (torch.func.vjp with vmap over the rows was 10x slower
+    on the heat residual: functorch's per-op overhead.)
+    """
+    try:
+        xr = x.detach().reshape(-1).clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(xr.reshape(x.shape)).reshape(-1)
+            m, n = y.numel(), x.numel()
+            if m == 0 or n == 0 or not y.requires_grad:
+                return None
+            rows = torch.linspace(0, m - 1, min(_PROBE_ROWS, m)).round().long().unique()
+            fewest = n
+            for k, row in enumerate(rows.tolist()):
+                (g,) = torch.autograd.grad(y[row], xr, retain_graph=k < rows.numel() - 1,
+                                           allow_unused=True)
+                count = 0 if g is None else int(torch.count_nonzero(g))
+                if count <= max_density * n:
+                    return None
+                fewest = min(fewest, count)
+    except Exception:  # the probe is an optimisation: tracing gives the real answer
+        return None
+    ctx = Context(n, m, "global", max_density, max_bytes)
+    if fewest * m > ctx.cap(m):
+        return (f"dense probe: each of {rows.numel()} sampled rows of J at x has at least "
+                f"{fewest:,} of {n:,} entries nonzero (cap: density {max_density:g})")
+    return None
 
 
 def _target(fn: Callable, kind: str) -> Callable:
@@ -293,7 +338,7 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
                 env[node] = (args[0][args[1]], deps[0][args[1]])
             else:
                 env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
-                                  dict(kwdeps), ctx)
+                                  dict(kwdeps), ctx, node.meta.get("val"))
         elif node.op == "output":
             out = node.args[0]
             if isinstance(out, tuple | list):
@@ -308,9 +353,21 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     raise SparsityError("traced graph has no output")
 
 
-def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context
-          ) -> tuple[Any, Any]:
-    out = func(*args, **kwargs)
+def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context,
+          fake: Any) -> tuple[Any, Any]:
+    rule = rule_for(func) or fallback
+    tainted = any(d.tainted for d in _all_deps(deps) + _all_deps(list(kwdeps.values())))
+    # NOTE: global mode never reads a value computed from x (the rules use
+    # only its shape and dtype), so those values are not computed: the fake
+    # tensor of the trace stands in. Constants are computed for real (they
+    # are read as data: supports, indices, masks); so are creation ops fed a
+    # value of x (zeros_like(x)), from real stand-ins of the same shape.
+    if ctx.local or not tainted or fake is None:
+        out = func(*args, **kwargs)
+    elif rule is constant:
+        out = func(*_realized(args), **_realized(kwargs))
+    else:
+        out = fake
     name = op_name(func)
     # Which inputs decide a value or a shape: all for .item()/nonzero, the
     # indices or mask (not the source) for index.Tensor/masked_select.
@@ -327,9 +384,21 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
                 "with x. Use mode='local' for the pattern at this x only, or rewrite the "
                 "branch with torch.where")
         ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
-    rule = rule_for(func) or fallback
     dep = rule(Op(func, args, kwargs, deps, kwdeps, out, ctx))
     return out, _non_float(out, dep)
+
+
+def _realized(values: Any) -> Any:
+    """Fake tensors replaced by real empty ones of the same shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(values, FakeTensor):
+        return torch.empty(values.shape, dtype=values.dtype)
+    if isinstance(values, list | tuple):
+        return type(values)(_realized(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _realized(v) for k, v in values.items()}
+    return values
 
 
 def _non_float(out: Any, dep: Any) -> Any:
