@@ -311,12 +311,10 @@ def where(op: Op) -> Dep:
     pa = broadcast(da.pattern, _shape(a), shape, n) if isinstance(da, Dep) else None
     pb = broadcast(db.pattern, _shape(b), shape, n) if isinstance(db, Dep) else None
     tainted = _tainted(op.deps)
-    if (dc.tainted and not op.ctx.local) or pa is None or pb is None:
-        if pa is not None and pb is None and not (dc.tainted and not op.ctx.local):
-            return Dep(_select(cond.expand(shape), pa, None, n), tainted)
-        if pb is not None and pa is None and not (dc.tainted and not op.ctx.local):
-            return Dep(_select(cond.expand(shape), None, pb, n), tainted)
-        return Dep(union([pa, pb]), tainted)
+    if pa is None and pb is None:
+        return Dep(None, tainted)
+    if dc.tainted and not op.ctx.local:  # the branch taken may change with x
+        return Dep(op.ctx.check(union([pa, pb]), str(op.func)), tainted)
     return Dep(_select(cond.expand(shape), pa, pb, n), tainted)
 
 
