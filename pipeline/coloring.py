@@ -208,25 +208,25 @@ def choose_coloring(pattern: Any, *, symmetric: bool = False) -> Coloring:
     if symmetric:
         colors = symmetric_coloring(p)
         return Coloring(colors=colors, num_colors=_count(colors), mode="symmetric")
-    sides = [("fwd", p)]
     # A structurally symmetric pattern has the same row and column colourings.
     pt = p.T.tocsr()
     pt.sort_indices()
+    sides = [("fwd", p, pt)]
     # Structural symmetry by the index arrays: 10x faster than (p != p.T).nnz.
     if p.shape[0] != p.shape[1] or not (
         np.array_equal(p.indptr, pt.indptr) and np.array_equal(p.indices, pt.indices)
     ):
-        sides.append(("rev", pt))
+        sides.append(("rev", pt, p))
     # The side with the smaller lower bound first; the other only if it can
     # win (ties go to forward mode), so a dense row or column costs nothing.
     sides.sort(key=lambda side: _lower_bound(side[1]))
     best: Coloring | None = None
-    for mode, q in sides:
+    for mode, q, qt in sides:
         if best is not None:
             bound = _lower_bound(q)
             if bound > best.num_colors or (bound == best.num_colors and mode == "rev"):
                 continue
-        colors = _color_columns(q)
+        colors = _color_columns(q, qt)
         count = _count(colors)
         if best is None or count < best.num_colors or (count == best.num_colors and mode == "fwd"):
             best = Coloring(colors=colors, num_colors=count, mode=mode)
@@ -294,16 +294,17 @@ def _i64(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def _structure(p: sp.csr_matrix) -> tuple[np.ndarray, ...]:
+def _structure(p: sp.csr_matrix, pt: sp.csr_matrix | None = None) -> tuple[np.ndarray, ...]:
     """CSR and CSC index arrays of ``p`` for the kernels (int32 when they fit: half the memory
     traffic, measured 1.3x faster on the 1e6 stencil)."""
-    pc = p.tocsc()
+    pc = pt if pt is not None else p.tocsc()
     dtype = np.int32 if max(p.nnz, *p.shape) < 2**31 - 1 else np.int64
     return tuple(np.ascontiguousarray(a, dtype=dtype)
                  for a in (p.indptr, p.indices, pc.indptr, pc.indices))
 
 
-def _color_columns(p: sp.csr_matrix) -> np.ndarray:
+def _color_columns(p: sp.csr_matrix, pt: sp.csr_matrix | None = None) -> np.ndarray:
+    """Column colouring of ``p``; ``pt``, if given, is ``p.T`` as CSR (its CSC structure)."""
     n = p.shape[1]
     if p.nnz == 0:
         return np.zeros(n, dtype=np.int64)
@@ -311,7 +312,7 @@ def _color_columns(p: sp.csr_matrix) -> np.ndarray:
     if lower_bound == n:  # a dense row: every column needs its own colour
         return np.arange(n, dtype=np.int64)
     k = _kernels()
-    structure = _structure(p)
+    structure = _structure(p, pt)
     row_nnz = np.diff(p.indptr).astype(np.float64)
     best = None
     if float((row_nnz**2).sum()) <= _GRAPH_MAX_PRODUCTS:
