@@ -1,11 +1,14 @@
 """Automatic sparsity detection: the Jacobian (or Hessian) pattern of a torch function.
 
 ``fn`` is traced once to ATen ops (``make_fx`` over ``functionalize``, so
-in-place writes arrive as ``slice_scatter``/``index_put``..., with the core
-ATen decompositions for ops that have no rule of their own), then the graph
-is run once more with real values while every tensor carries its dependency
-pattern on ``x.reshape(-1)`` as a boolean ``scipy.sparse`` matrix. The rules,
-one per op family, live in :mod:`pipeline.sparsity_rules`.
+in-place writes arrive as ``slice_scatter``/``index_put``..., with the ATen
+decompositions for ops that have no rule of their own), then the graph is
+walked once while every tensor carries its dependency pattern on
+``x.reshape(-1)`` as a boolean ``scipy.sparse`` matrix; constants (weights,
+index tensors, masks) are computed for real and read as data, on the CPU.
+The rules, one per op family, live in :mod:`pipeline.sparsity_rules`. With a
+density cap, a few reverse-mode rows of J at x are looked at first (NOTE:
+[dense probe]), so a dense problem is given up in a few forward passes.
 
 Two modes:
 
@@ -326,9 +329,9 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     for i, node in enumerate(nodes):
         if node.op == "placeholder":
             eye = sp.identity(ctx.n, dtype=bool, format="csr")
-            env[node] = (x, Dep(eye, True))
+            env[node] = (x.cpu(), Dep(eye, True))
         elif node.op == "get_attr":
-            env[node] = (getattr(gm, node.target), CONST)
+            env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
         elif node.op == "call_function":
             args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
             kwargs = map_aggregate(node.kwargs,
@@ -365,9 +368,9 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
     # are read as data: supports, indices, masks); so are creation ops fed a
     # value of x (zeros_like(x)), from real stand-ins of the same shape.
     if ctx.local or not tainted or fake is None:
-        out = func(*args, **kwargs)
+        out = func(*_on_cpu(args), **_on_cpu(kwargs))
     elif rule is constant:
-        out = func(*_realized(args), **_realized(kwargs))
+        out = func(*_on_cpu(_realized(args)), **_on_cpu(_realized(kwargs)))
     else:
         out = fake
     name = op_name(func)
@@ -388,6 +391,21 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
         ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
     dep = rule(Op(func, args, kwargs, deps, kwdeps, out, ctx))
     return out, _non_float(out, dep)
+
+
+def _on_cpu(values: Any) -> Any:
+    """Real tensors moved to the CPU and ``device=`` set to it: patterns are built there."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(values, torch.Tensor) and not isinstance(values, FakeTensor):
+        return values.cpu()
+    if isinstance(values, torch.device):
+        return torch.device("cpu")
+    if isinstance(values, list | tuple):
+        return type(values)(_on_cpu(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _on_cpu(v) for k, v in values.items()}
+    return values
 
 
 def _realized(values: Any) -> Any:

@@ -558,7 +558,9 @@ def slice_reduction(op: Op) -> Any:
         return res if isinstance(op.out, tuple | list) else res[0]
     shape = _shape(values["self"])
     dim = values.get("dim")
-    dims = _dims(-1 if dim is None else dim, len(shape))
+    if dim is None:  # msort sorts along the first dim; the others default to the last
+        dim = 0 if op_name(op.func) == "msort" else -1
+    dims = _dims(dim, len(shape))
     reduced, kept = _reduce(dep.pattern, shape, dims, op.ctx.n)
     res = []
     for o in outs:

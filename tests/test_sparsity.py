@@ -171,6 +171,11 @@ RULES = [
     ("sort_topk_max", lambda v: v.sort().values[:4] + v.topk(4).values
      + v.reshape(3, 4).max(1).values.repeat(2)[:4], 12, False),
     ("data_index_global", lambda v: v.gather(0, v.argsort()), 12, False),
+    ("decomposed_ops", lambda v: F.pixel_shuffle(v.reshape(1, 4, 1, 3), 2).reshape(-1)
+     + F.interpolate(v.reshape(1, 1, 12)[..., ::2], scale_factor=2.0).reshape(-1)
+     + F.layer_norm(v.reshape(3, 4), (4,)).reshape(-1), 12, False),
+    ("msort_detach", lambda v: v.reshape(3, 4).msort().reshape(-1) + v.detach() * v, 12,
+     False),
 ]
 
 
