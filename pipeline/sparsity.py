@@ -36,6 +36,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.sparsity_rules import (
+    ACTIVE,
     CONST,
     Context,
     Dense,
@@ -182,11 +183,14 @@ def trace_sparsity(
     val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
     m = n if kind == "hessian" else (val.numel() if isinstance(val, torch.Tensor) else n)
     ctx = Context(n, m, mode, max_density, max_bytes)
+    ACTIVE.append(ctx)
     try:
         dep = _propagate(gm, xd, ctx)
     except Dense as exc:
         return SparsityReport(None, True, time.perf_counter() - began, str(exc), mode,
                               tuple(ctx.warnings))
+    finally:
+        ACTIVE.remove(ctx)
     if dep.pattern is None:
         pattern = sp.csr_matrix((m, n), dtype=bool)
     else:

@@ -56,6 +56,19 @@ class Dep:
 
 CONST = Dep(None, False)
 
+# The context of the propagation under way: take_rows and _repeat_row check
+# the cap *before* allocating (a row of x.sum() broadcast to 1e6 rows would be
+# 1e12 entries). Set by pipeline.sparsity for the duration of one detection.
+ACTIVE: list[Context] = []
+
+
+def _precheck_size(total: float, rows: int) -> None:
+    if ACTIVE:
+        ctx = ACTIVE[-1]
+        if total > ctx.cap(rows):
+            raise Dense(f"a pattern of {total:,.0f} nonzeros over {rows:,} x {ctx.n:,} "
+                        f"would exceed the cap ({ctx.cap(rows):,.0f})")
+
 
 class Context:
     """What the rules share: sizes, mode, the cap and the warnings so far."""
@@ -163,6 +176,7 @@ def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matri
         has = valid & (indptr[r + 1] > starts)
         out_ptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(has, out=out_ptr[1:])
+        _precheck_size(float(out_ptr[-1]), rows.size)
         cols = p.indices[starts[has]]
         return sp.csr_matrix((np.ones(cols.size, dtype=bool), cols, out_ptr),
                              shape=(rows.size, n))
@@ -171,6 +185,7 @@ def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matri
     out_ptr = np.zeros(rows.size + 1, dtype=np.int64)
     np.cumsum(lens, out=out_ptr[1:])
     total = int(out_ptr[-1])
+    _precheck_size(float(total), rows.size)
     src = np.repeat(starts - out_ptr[:-1], lens) + np.arange(total, dtype=np.int64)
     return sp.csr_matrix((np.ones(total, dtype=bool), p.indices[src], out_ptr),
                          shape=(rows.size, n))
@@ -406,6 +421,7 @@ def _stack(patterns: list, sizes: list[int], n: int) -> sp.csr_matrix:
 def _repeat_row(cols: np.ndarray, rows: int, n: int) -> sp.csr_matrix:
     """Every one of ``rows`` rows holds the sorted columns ``cols`` (a dense block)."""
     k = cols.size
+    _precheck_size(float(rows) * k, rows)
     indptr = np.arange(rows + 1, dtype=np.int64) * k
     return sp.csr_matrix((np.ones(rows * k, dtype=bool), np.tile(cols, rows), indptr),
                          shape=(rows, n))

@@ -299,6 +299,12 @@ def test_dense_problems_give_up_quickly():
         detect_sparsity(mlp, x, max_density=0.25)
     outer = trace_sparsity(lambda v: v * v.sum(), torch.randn(2000, dtype=torch.float64))
     assert outer.dense
+    # 1e5 x 1e5 would be 1e10 entries: the cap is checked before allocating.
+    began = time.perf_counter()
+    big = trace_sparsity(lambda v: torch.tanh(v) * v.sum(), torch.randn(100_000))
+    assert big.dense and time.perf_counter() - began < 5
+    with pytest.raises(SparsityError, match="gave up"):
+        detect_sparsity(lambda v: v * v.sum(), torch.randn(100_000))  # the byte cap
 
 
 def test_a_dense_row_is_not_a_dense_problem():
