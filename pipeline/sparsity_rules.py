@@ -741,6 +741,52 @@ def convolution(op: Op) -> Dep:
     return Dep(ctx.check(union(parts), what), _tainted(op.deps))
 
 
+def window(op: Op) -> Any:
+    """Pooling (avg/max, 1-3 d): every output depends on its whole window (index-map patches)."""
+    values, deps = op.named()
+    x, dep = values["self"], deps["self"]
+    outs = op.out if isinstance(op.out, tuple | list) else [op.out]
+    if dep.pattern is None:
+        res = [Dep(None, dep.tainted) for _ in outs]
+        return res if isinstance(op.out, tuple | list) else res[0]
+
+    kernel = list(values["kernel_size"])
+    d = len(kernel)
+
+    def per_dim(v: Any, default: Any) -> list[int]:
+        v = default if v is None or (isinstance(v, list | tuple) and len(v) == 0) else v
+        v = list(v) if isinstance(v, list | tuple) else [v]
+        return v * d if len(v) == 1 else v
+
+    stride = per_dim(values.get("stride"), kernel)
+    padding = per_dim(values.get("padding"), 0)
+    dilation = per_dim(values.get("dilation"), 1)
+    spatial_in = list(x.shape[-d:])
+    spatial_out = list(outs[0].shape[-d:])
+    lead = int(np.prod(x.shape[:-d], dtype=np.int64))
+    idx = index_map(x).reshape(lead, *spatial_in)
+    pads: list[int] = []
+    for s in reversed(range(d)):
+        span = dilation[s] * (kernel[s] - 1) + 1
+        # ceil_mode: windows may run past the padded end; pad those with "no element".
+        extra = max(0, (spatial_out[s] - 1) * stride[s] + span - (spatial_in[s] + 2 * padding[s]))
+        pads += [padding[s], padding[s] + extra]
+    idx = torch.nn.functional.pad(idx, pads, value=0)
+    for s in range(d):
+        span = dilation[s] * (kernel[s] - 1) + 1
+        idx = idx.unfold(1 + s, span, stride[s])[..., :: dilation[s]]
+    idx = idx[(slice(None), *(slice(0, o) for o in spatial_out))]
+    taps = int(np.prod(kernel))
+    out_numel = lead * int(np.prod(spatial_out))
+    op.ctx.precheck(float(out_numel * taps), 0.0, float(out_numel * taps), out_numel,
+                    str(op.func))
+    rows = np.repeat(np.arange(out_numel, dtype=np.int64), taps)
+    m = from_pairs(rows, _rows(idx.reshape(out_numel, taps)), (out_numel, x.numel()))
+    pattern = apply_map(op.ctx, m, dep.pattern, str(op.func))
+    res = [Dep(pattern, True) if _floating(o) else Dep(None, True) for o in outs]
+    return res if isinstance(op.out, tuple | list) else res[0]
+
+
 def fallback(op: Op) -> Any:
     """No rule: every output element depends on every input's dependencies (one warning)."""
     leaves = [d for d in _leaves(list(op.deps) + list(op.kwdeps.values()))]
@@ -799,6 +845,8 @@ _REDUCTION = ["sum", "mean", "amax", "amin", "prod", "var", "std", "var_mean", "
 _SLICE = ["_softmax", "_log_softmax", "softmax", "log_softmax", "sort", "topk", "msort"]
 _PREFIX = ["cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"]
 _CONTRACTION = ["mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv"]
+_WINDOW = ["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
+           "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]
 _RANDOM = ["rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
            "bernoulli", "normal", "uniform", "exponential", "geometric", "cauchy",
            "log_normal", "multinomial", "native_dropout", "dropout", "poisson"]
@@ -810,7 +858,7 @@ def _table() -> dict[str, Callable[[Op], Any]]:
                         (_MOVEMENT, movement), (_IDENTITY, identity), (_WRITE, write),
                         (_ACCUMULATE, accumulate), (_REDUCTION, reduction),
                         (_SLICE, slice_reduction), (_PREFIX, prefix),
-                        (_CONTRACTION, contraction)):
+                        (_CONTRACTION, contraction), (_WINDOW, window)):
         for name in names:
             table[name] = rule
     table.update(where=where, masked_fill=masked_fill, copy=copy, convolution=convolution,

@@ -166,6 +166,13 @@ RULES = [
      True),
     ("conv2d_groups_stride", lambda v: F.conv2d(v.reshape(1, 2, 4, 4), torch.ones(
         4, 1, 2, 2, dtype=v.dtype), stride=2, dilation=1, groups=2).reshape(-1), 32, True),
+    ("avg_pool_exact", lambda v: torch.cat([
+        F.avg_pool2d(v.reshape(1, 2, 4, 4), 2, stride=1, padding=1).reshape(-1),
+        F.avg_pool1d(v.reshape(4, 8), 3, stride=2, ceil_mode=True).reshape(-1)]), 32, True),
+    ("pooling", lambda v: torch.cat([
+        F.avg_pool2d(v.reshape(1, 2, 4, 4), 2).reshape(-1),
+        F.max_pool2d(v.reshape(2, 4, 4), 3, stride=2, padding=1, ceil_mode=True).reshape(-1),
+        F.avg_pool1d(v.reshape(4, 8), 3, stride=2, ceil_mode=True).reshape(-1)]), 32, False),
     ("cumsum_cumprod", lambda v: v.reshape(3, 4).cumsum(1) + v.reshape(3, 4).cumprod(0), 12,
      True),
     ("sort_topk_max", lambda v: v.sort().values[:4] + v.topk(4).values
