@@ -332,6 +332,21 @@ def test_linear_terms_vanish_from_the_hessian():
     assert sorted(zip(*got.nonzero(), strict=True)) == [(0, 1), (1, 0)]
 
 
+def test_hessian_in_local_mode_follows_the_branch():
+    def fn(v):
+        if v[0] > 0:
+            return (v[1:] * v[:-1]).sum()
+        return (v**3).sum()
+
+    x = torch.ones(5, dtype=torch.float64)
+    with pytest.raises(SparsityError, match="mode='local'"):
+        detect_sparsity(fn, x, kind="hessian")
+    got = detect_sparsity(fn, x, kind="hessian", mode="local").toarray()
+    assert np.array_equal(got, _dense(fn, x, "hessian"))
+    assert np.array_equal(detect_sparsity(fn, -x, kind="hessian", mode="local").toarray(),
+                          np.eye(5, dtype=bool))
+
+
 QUAD = torch.tensor(banded_pattern(10, 5).toarray() * np.triu(np.ones((10, 10))),
                     dtype=torch.float64)
 
