@@ -688,6 +688,43 @@ def _disjoint(p: sp.csr_matrix, n: int) -> bool:
     return p.nnz == 0 or int(np.bincount(p.indices, minlength=n).max()) <= 1
 
 
+def _conv_map(x_shape: tuple, w: torch.Tensor, wdep: Any, values: dict, out_shape: tuple,
+              ctx: Context, what: str) -> sp.csr_matrix:
+    """The boolean map input -> output of a (not transposed) convolution, ``|weight| > 0``."""
+    d = w.ndim - 2
+    stride, padding, dilation = values["stride"], values["padding"], values["dilation"]
+    numel_in = int(np.prod(x_shape, dtype=np.int64))
+    idx = torch.arange(1, numel_in + 1, dtype=torch.int64).reshape(x_shape)
+    pad = []
+    for s in reversed(range(d)):
+        pad += [padding[s], padding[s]]
+    idx = torch.nn.functional.pad(idx, pad, value=0)
+    for s in range(d):
+        span = dilation[s] * (w.shape[2 + s] - 1) + 1
+        idx = idx.unfold(2 + s, span, stride[s])[..., :: dilation[s]]
+    idx = idx[(slice(None), slice(None), *(slice(0, o) for o in out_shape[2:]))]
+    # idx: (B, C, O..., K...) -> (C, K..., B, O...)
+    bsz, cin = idx.shape[:2]
+    perm = [1, *range(2 + d, 2 + 2 * d), 0, *range(2, 2 + d)]
+    patches = idx.permute(perm).reshape(cin * int(np.prod(w.shape[2:])), -1)
+    sw = _support(w, wdep if isinstance(wdep, Dep) else CONST, ctx)
+    co, ci, *k = torch.nonzero(sw, as_tuple=True)
+    cog = w.shape[0] // values["groups"]
+    c = (co // cog) * w.shape[1] + ci
+    kflat = torch.zeros_like(co)
+    for s in range(d):
+        kflat = kflat * w.shape[2 + s] + k[s]
+    taps = c * int(np.prod(w.shape[2:])) + kflat
+    odims = int(np.prod(out_shape[2:]))
+    pairs = taps.numel() * bsz * odims
+    ctx.precheck(float(pairs), 0.0, float(pairs), int(np.prod(out_shape)), what)
+    cols = patches[taps]  # (taps, B * O)
+    b_o = torch.arange(bsz * odims)
+    rows = (b_o // odims * w.shape[0])[None, :] * odims + co[:, None] * odims + \
+        (b_o % odims)[None, :]
+    return from_pairs(rows.reshape(-1).numpy(), _rows(cols), (int(np.prod(out_shape)), numel_in))
+
+
 def convolution(op: Op) -> Dep:
     """``aten.convolution`` (not transposed): patches of the input's index map x |weight| > 0."""
     values, deps = op.named()
@@ -699,38 +736,8 @@ def convolution(op: Op) -> Dep:
     out_shape = _shape(op.out)
     parts = []
     d = w.ndim - 2
-    stride, padding, dilation = values["stride"], values["padding"], values["dilation"]
-    groups = values["groups"]
     if dx.pattern is not None:
-        idx = index_map(x)
-        pad = []
-        for s in reversed(range(d)):
-            pad += [padding[s], padding[s]]
-        idx = torch.nn.functional.pad(idx, pad, value=0)
-        for s in range(d):
-            span = dilation[s] * (w.shape[2 + s] - 1) + 1
-            idx = idx.unfold(2 + s, span, stride[s])[..., :: dilation[s]]
-        # idx: (B, C, O..., K...) -> (C, K..., B, O...)
-        bsz, cin = idx.shape[:2]
-        perm = [1, *range(2 + d, 2 + 2 * d), 0, *range(2, 2 + d)]
-        patches = idx.permute(perm).reshape(cin * int(np.prod(w.shape[2:])), -1)
-        sw = _support(w, dw if isinstance(dw, Dep) else CONST, ctx)
-        co, ci, *k = torch.nonzero(sw, as_tuple=True)
-        cog = w.shape[0] // groups
-        c = (co // cog) * w.shape[1] + ci
-        kflat = torch.zeros_like(co)
-        for s in range(d):
-            kflat = kflat * w.shape[2 + s] + k[s]
-        taps = c * int(np.prod(w.shape[2:])) + kflat
-        odims = int(np.prod(out_shape[2:]))
-        pairs = taps.numel() * bsz * odims
-        ctx.precheck(float(pairs), 0.0, float(pairs), int(np.prod(out_shape)), what)
-        cols = patches[taps]  # (taps, B * O)
-        b_o = torch.arange(bsz * odims)
-        rows = (b_o // odims * w.shape[0])[None, :] * odims + co[:, None] * odims + \
-            (b_o % odims)[None, :]
-        m = from_pairs(rows.reshape(-1).numpy(), _rows(cols),
-                       (int(np.prod(out_shape)), x.numel()))
+        m = _conv_map(_shape(x), w, dw, values, out_shape, ctx, what)
         parts.append(apply_map(ctx, m, dx.pattern, what))
     if isinstance(dw, Dep) and dw.pattern is not None:
         per_co, _ = _reduce(dw.pattern, _shape(w), list(range(1, w.ndim)), n)
@@ -741,15 +748,34 @@ def convolution(op: Op) -> Dep:
     return Dep(ctx.check(union(parts), what), _tainted(op.deps))
 
 
-def window(op: Op) -> Any:
-    """Pooling (avg/max, 1-3 d): every output depends on its whole window (index-map patches)."""
+def convolution_backward(op: Op) -> Any:
+    """Gradient of a convolution (Hessian traces): grad_input through the transposed map;
+    grad_weight and grad_bias as dense blocks (weights are constants in our use)."""
     values, deps = op.named()
-    x, dep = values["self"], deps["self"]
-    outs = op.out if isinstance(op.out, tuple | list) else [op.out]
-    if dep.pattern is None:
-        res = [Dep(None, dep.tainted) for _ in outs]
-        return res if isinstance(op.out, tuple | list) else res[0]
+    if values["transposed"]:
+        return fallback(op)
+    go, w = values["grad_output"], values["weight"]
+    dgo, dw = deps["grad_output"], deps["weight"]
+    ctx, what = op.ctx, str(op.func)
+    outs = list(op.out)
+    # grad_weight, grad_bias: dense blocks (built only for the outputs asked for)
+    block = fallback(Op(op.func, op.args, op.kwargs, op.deps, op.kwdeps,
+                        (None, *outs[1:]), ctx), quiet=True)
+    res = list(block)
+    if outs[0] is not None:
+        parts = []
+        if dgo.pattern is not None:
+            m = _conv_map(_shape(values["input"]), w, dw, values, _shape(go), ctx, what)
+            parts.append(apply_map(ctx, m.T.tocsr(), dgo.pattern, what))
+        if isinstance(dw, Dep) and dw.pattern is not None:
+            parts.append(_repeat_row(np.unique(dw.pattern.indices), outs[0].numel(), ctx.n))
+        res[0] = Dep(ctx.check(union(parts), what), _tainted(op.deps))
+    return res
 
+
+def _window_map(values: dict, x_shape: tuple, out_shape: tuple, ctx: Context, what: str
+                ) -> sp.csr_matrix:
+    """The boolean map input -> output of a pooling window (avg/max, 1-3 d, ceil_mode)."""
     kernel = list(values["kernel_size"])
     d = len(kernel)
 
@@ -761,10 +787,11 @@ def window(op: Op) -> Any:
     stride = per_dim(values.get("stride"), kernel)
     padding = per_dim(values.get("padding"), 0)
     dilation = per_dim(values.get("dilation"), 1)
-    spatial_in = list(x.shape[-d:])
-    spatial_out = list(outs[0].shape[-d:])
-    lead = int(np.prod(x.shape[:-d], dtype=np.int64))
-    idx = index_map(x).reshape(lead, *spatial_in)
+    spatial_in = list(x_shape[-d:])
+    spatial_out = list(out_shape[-d:])
+    lead = int(np.prod(x_shape[:-d], dtype=np.int64))
+    numel_in = int(np.prod(x_shape, dtype=np.int64))
+    idx = torch.arange(1, numel_in + 1, dtype=torch.int64).reshape(lead, *spatial_in)
     pads: list[int] = []
     for s in reversed(range(d)):
         span = dilation[s] * (kernel[s] - 1) + 1
@@ -778,28 +805,54 @@ def window(op: Op) -> Any:
     idx = idx[(slice(None), *(slice(0, o) for o in spatial_out))]
     taps = int(np.prod(kernel))
     out_numel = lead * int(np.prod(spatial_out))
-    op.ctx.precheck(float(out_numel * taps), 0.0, float(out_numel * taps), out_numel,
-                    str(op.func))
+    ctx.precheck(float(out_numel * taps), 0.0, float(out_numel * taps), out_numel, what)
     rows = np.repeat(np.arange(out_numel, dtype=np.int64), taps)
-    m = from_pairs(rows, _rows(idx.reshape(out_numel, taps)), (out_numel, x.numel()))
-    pattern = apply_map(op.ctx, m, dep.pattern, str(op.func))
+    return from_pairs(rows, _rows(idx.reshape(out_numel, taps)), (out_numel, numel_in))
+
+
+def window(op: Op) -> Any:
+    """Pooling (avg/max, 1-3 d): every output depends on its whole window (index-map patches)."""
+    values, deps = op.named()
+    x, dep = values["self"], deps["self"]
+    outs = op.out if isinstance(op.out, tuple | list) else [op.out]
+    if dep.pattern is None:
+        res = [Dep(None, dep.tainted) for _ in outs]
+        return res if isinstance(op.out, tuple | list) else res[0]
+    what = str(op.func)
+    m = _window_map(values, _shape(x), _shape(outs[0]), op.ctx, what)
+    pattern = apply_map(op.ctx, m, dep.pattern, what)
     res = [Dep(pattern, True) if _floating(o) else Dep(None, True) for o in outs]
     return res if isinstance(op.out, tuple | list) else res[0]
 
 
-def fallback(op: Op) -> Any:
+def window_backward(op: Op) -> Dep:
+    """Gradient of a pooling window: grad_output through the transposed window map (for max
+    pooling, every element of a window: the argmax may change with x)."""
+    values, deps = op.named()
+    go, dgo = values["grad_output"], deps["grad_output"]
+    if dgo.pattern is None:
+        return Dep(None, _tainted(op.deps))
+    what = str(op.func)
+    m = _window_map(values, _shape(values["self"]), _shape(go), op.ctx, what)
+    return Dep(op.ctx.check(apply_map(op.ctx, m.T.tocsr(), dgo.pattern, what), what),
+               _tainted(op.deps))
+
+
+def fallback(op: Op, *, quiet: bool = False) -> Any:
     """No rule: every output element depends on every input's dependencies (one warning)."""
     leaves = [d for d in _leaves(list(op.deps) + list(op.kwdeps.values()))]
     cols = [d.pattern.indices for d in leaves if d.pattern is not None]
     tainted = any(d.tainted for d in leaves)
     outs = op.out if isinstance(op.out, tuple | list) else [op.out]
-    if cols:
+    if cols and not quiet:
         op.ctx.warn(str(op.func), f"sparsity: no rule for {op.func}; every output of it is "
                                   "taken to depend on all of its inputs (a dense block)")
     row = np.unique(np.concatenate(cols)) if cols else None
     res = []
     for o in outs:
-        if row is None or not _floating(o):
+        if o is None:
+            res.append(CONST)
+        elif row is None or not _floating(o):
             res.append(Dep(None, tainted))
         else:
             res.append(Dep(op.ctx.check(_repeat_row(row, o.numel(), op.ctx.n), str(op.func)),
@@ -862,7 +915,10 @@ def _table() -> dict[str, Callable[[Op], Any]]:
         for name in names:
             table[name] = rule
     table.update(where=where, masked_fill=masked_fill, copy=copy, convolution=convolution,
-                 _convolution=convolution)
+                 _convolution=convolution, convolution_backward=convolution_backward)
+    for name in ("avg_pool1d_backward", "avg_pool2d_backward", "avg_pool3d_backward",
+                 "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward"):
+        table[name] = window_backward
     return table
 
 

@@ -356,6 +356,11 @@ HESSIANS = [
     ("neighbours", lambda v: (v[1:] * v[:-1]).sum() + (v[::2] ** 3).sum(), True),
     ("softmax_row", lambda v: torch.logsumexp(v.reshape(2, 5), 1).sum(), True),
     ("norm", lambda v: v[:4].norm() + v[5:].pow(2).sum(), True),
+    ("conv_backward", lambda v: (F.conv1d(v.reshape(1, 1, 10), torch.tensor(
+        [[[1.0, -2.0, 1.0]]], dtype=v.dtype), padding=1) ** 2).sum(), True),
+    ("avg_pool_backward", lambda v: (F.avg_pool1d(v.reshape(1, 1, 10), 2) ** 2).sum(), True),
+    ("max_pool_backward", lambda v: (F.max_pool1d(v.reshape(1, 1, 10), 3, 2) ** 2).sum(),
+     False),
 ]
 
 
