@@ -246,8 +246,8 @@ def write_markdown(report: Report, command: str) -> None:
               "passes), the fake-tensor trace (about 2), the pattern propagation (the rest: "
               "row takes and unions of 1e6-row boolean CSR matrices).",
               "- Giving up on the MLP: the dense probe (one forward pass with autograd "
-              "recording and 3 single-row backward passes); tracing alone would cost "
-              "about 4 forward passes more.",
+              "recording and 2 single-row backward passes); tracing and propagating "
+              "instead cost about 15 forward passes.",
               "- Timings exclude numba's first compilation in a fresh process (about 5-10 s, "
               "then cached on disk next to pipeline/coloring.py when that is writable).",
               ""]

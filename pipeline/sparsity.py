@@ -58,7 +58,7 @@ KINDS = ("jacobian", "hessian")
 MODES = ("global", "local")
 DEFAULT_MAX_DENSITY = 0.25
 DEFAULT_MAX_BYTES = 2**29  # 512 MiB of column indices in one tensor's pattern
-_PROBE_ROWS = 3  # NOTE: [dense probe]
+_PROBE_ROWS = 2  # NOTE: [dense probe]
 # Ops whose result is a Python value or a data-dependent shape: fine on constants,
 # control flow on x when fed a tensor computed from x.
 _DATA_DEPENDENT_ERRORS = ("_local_scalar_dense", "DataDependent", "data-dependent",
@@ -222,9 +222,13 @@ def _dense_probe(fn: Callable, x: torch.Tensor, max_density: float, max_bytes: i
     autograd from one recorded forward pass) is denser than ``max_density``,
     colouring is pointless and tracing is skipped. The first sparse row ends
     the probe: on a sparse problem it costs one forward and one backward. On
-    jobs/mlp.py at n = m = 20,000 tracing alone costs about 15 forward passes,
-    the probe about 3. (torch.func.vjp with vmap over the rows was 10x slower
-    on the heat residual: functorch's per-op overhead.)
+    jobs/mlp.py at n = m = 20,000 tracing and propagating cost about 15
+    forward passes, the probe with 2 rows about 3 (3 rows: 4). The rows are
+    interior (m/3, 2m/3): first and last rows are where boundary conditions
+    and global constraints tend to put dense rows. A probe that is wrong can
+    only send a sparse problem down the dense path (slower, same values).
+    (torch.func.vjp with vmap over the rows was 10x slower on the heat
+    residual: functorch's per-op overhead.)
     """
     try:
         xr = x.detach().reshape(-1).clone().requires_grad_(True)
