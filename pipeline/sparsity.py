@@ -142,7 +142,8 @@ def trace_sparsity(
     """Detect the pattern, or report that it is too dense to be worth colouring.
 
     The planner's entry: with the default cap a dense problem (an MLP) costs
-    about one traced forward pass before ``dense=True`` comes back.
+    about three forward passes before ``dense=True`` comes back (NOTE:
+    [dense probe]); a sparse one is traced once and its patterns propagated.
 
     Args:
         fn: the function (see :func:`detect_sparsity`).
