@@ -180,6 +180,10 @@ def trace_sparsity(
             return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
     gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
+    if mode == "global":
+        # The forward part of a Hessian's trace is dead code once grad is
+        # taken (its scalar output is unused): no need to propagate it.
+        gm.graph.eliminate_dead_code()
     out = next(iter(node for node in gm.graph.nodes if node.op == "output")).args[0]
     val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
     m = n if kind == "hessian" else (val.numel() if isinstance(val, torch.Tensor) else n)
