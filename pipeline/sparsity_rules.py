@@ -328,6 +328,28 @@ def pointwise(op: Op) -> Dep:
     return Dep(op.ctx.check(union(parts), str(op.func)), tainted)
 
 
+def multiply(op: Op) -> Dep:
+    """``a * b``: like :func:`pointwise`, but where one factor is a constant, its zeros
+    (a boundary mask, a zero scalar) remove the other factor's dependency there."""
+    (a, b), (da, db) = op.args[:2], op.deps[:2]
+    da = da if isinstance(da, Dep) else CONST
+    db = db if isinstance(db, Dep) else CONST
+    if da.tainted == db.tainted:  # both constant, or both depend on x
+        return pointwise(op)
+    (v, dv), (c, _) = ((a, da), (b, db)) if da.tainted else ((b, db), (a, da))
+    n, shape = op.ctx.n, _shape(op.out)
+    p = broadcast(dv.pattern, _shape(v), shape, n)
+    if p is None:
+        return Dep(None, True)
+    if not isinstance(c, torch.Tensor):
+        return Dep(None if c == 0 else p, True)
+    keep = (c != 0).expand(shape).reshape(-1).numpy()
+    if keep.all():
+        return Dep(p, True)
+    rows = np.where(keep, np.arange(keep.size), -1)
+    return Dep(take_rows(p, rows, n), True)
+
+
 def where(op: Op) -> Dep:
     """``where(c, a, b)``: both branches, or the branch taken (constant ``c``, or local mode)."""
     cond, a, b = op.args[:3]
@@ -924,7 +946,8 @@ def _table() -> dict[str, Callable[[Op], Any]]:
                         (_CONTRACTION, contraction), (_WINDOW, window)):
         for name in names:
             table[name] = rule
-    table.update(where=where, masked_fill=masked_fill, copy=copy, convolution=convolution,
+    table.update(mul=multiply, where=where, masked_fill=masked_fill, copy=copy,
+                 convolution=convolution,
                  _convolution=convolution, convolution_backward=convolution_backward)
     for name in ("avg_pool1d_backward", "avg_pool2d_backward", "avg_pool3d_backward",
                  "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward"):

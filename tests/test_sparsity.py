@@ -104,7 +104,8 @@ RULES = [
     ("tanh_exp", lambda v: torch.tanh(v) * v.exp(), 12, True),
     ("relu_abs", lambda v: torch.relu(v) + v.abs(), 12, False),  # relu' = 0 where v < 0
     ("square", lambda v: v * v, 12, True),
-    ("times_zero", lambda v: v * 0 + 1, 12, False),  # kept: a superset is safe
+    ("times_zero", lambda v: v * 0 + 1 + v.roll(1) * 0.0, 12, True),
+    ("constant_mask", lambda v: v * (PERM > 5).to(v.dtype) + v.roll(2) * BAND[0], 12, True),
     ("sign_floor", lambda v: torch.sign(v) + torch.floor(v) + v.round(), 12, True),
     ("compare", lambda v: (v > 0).to(v.dtype) + (v == v.roll(1)).to(v.dtype), 12, True),
     ("sign_times", lambda v: torch.sign(v) * v, 12, True),
