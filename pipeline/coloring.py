@@ -357,11 +357,16 @@ def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray
 @functools.cache
 def _kernels() -> Any:
     """The numba-compiled loops (compiled on first use; see NOTE: [numba colouring kernels])."""
+    import os
     import types
 
     import numba
 
-    njit = numba.njit(cache=True, nogil=True)
+    # Cache compiled code next to this file when that is writable (else numba
+    # might fail to find a cache locator); otherwise compile per process.
+    cache = os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK) or bool(
+        os.environ.get("NUMBA_CACHE_DIR"))
+    njit = numba.njit(cache=cache, nogil=True)
 
     @njit
     def greedy(indptr, indices, cptr, cind, order):  # pragma: no cover - compiled
