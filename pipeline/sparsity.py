@@ -36,7 +36,6 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.sparsity_rules import (
-    ACTIVE,
     CONST,
     Context,
     Dense,
@@ -44,6 +43,7 @@ from pipeline.sparsity_rules import (
     Op,
     SparsityError,
     SparsityWarning,
+    active,
     constant,
     fallback,
     is_random,
@@ -188,14 +188,12 @@ def trace_sparsity(
     val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
     m = n if kind == "hessian" else (val.numel() if isinstance(val, torch.Tensor) else n)
     ctx = Context(n, m, mode, max_density, max_bytes)
-    ACTIVE.append(ctx)
     try:
-        dep = _propagate(gm, xd, ctx)
+        with active(ctx):
+            dep = _propagate(gm, xd, ctx)
     except Dense as exc:
         return SparsityReport(None, True, time.perf_counter() - began, str(exc), mode,
                               tuple(ctx.warnings))
-    finally:
-        ACTIVE.remove(ctx)
     if dep.pattern is None:
         pattern = sp.csr_matrix((m, n), dtype=bool)
     else:

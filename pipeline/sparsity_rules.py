@@ -22,8 +22,10 @@ so any new view op costs one table entry.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +58,28 @@ class Dep:
 
 CONST = Dep(None, False)
 
-# The context of the propagation under way: take_rows and _repeat_row check
-# the cap *before* allocating (a row of x.sum() broadcast to 1e6 rows would be
-# 1e12 entries). Set by pipeline.sparsity for the duration of one detection.
-ACTIVE: list[Context] = []
+# The context of the propagation under way in this thread: take_rows and
+# _repeat_row check the cap *before* allocating (a row of x.sum() broadcast to
+# 1e6 rows would be 1e12 entries). Set by pipeline.sparsity for the duration
+# of one detection.
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def active(ctx: Context) -> Iterator[None]:
+    """Make ``ctx`` the cap that row takes check in this thread."""
+    stack = _ACTIVE.__dict__.setdefault("stack", [])
+    stack.append(ctx)
+    try:
+        yield
+    finally:
+        stack.pop()
 
 
 def _precheck_size(total: float, rows: int) -> None:
-    if ACTIVE:
-        ctx = ACTIVE[-1]
+    stack = getattr(_ACTIVE, "stack", None)
+    if stack:
+        ctx = stack[-1]
         if total > ctx.cap(rows):
             raise Dense(f"a pattern of {total:,.0f} nonzeros over {rows:,} x {ctx.n:,} "
                         f"would exceed the cap ({ctx.cap(rows):,.0f})")
