@@ -353,8 +353,16 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
             if node.target is operator.getitem:
                 env[node] = (args[0][args[1]], deps[0][args[1]])
             else:
-                env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
-                                  dict(kwdeps), ctx, node.meta.get("val"))
+                try:
+                    env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
+                                      dict(kwdeps), ctx, node.meta.get("val"))
+                except (Dense, SparsityError):
+                    raise
+                except Exception as exc:  # a rule met a case it does not know: say which
+                    raise SparsityError(
+                        f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
+                        "(Problem.sparsity) or use the dense path") from exc
         elif node.op == "output":
             out = node.args[0]
             if isinstance(out, tuple | list):

@@ -670,10 +670,12 @@ def contraction(op: Op) -> Dep:
     packet = op.func.overloadpacket
     args, deps = list(op.args), list(op.deps)
     bias = None
-    if packet in (aten.addmm, aten.baddbmm, aten.addmv):
+    if packet in (aten.addmm, aten.baddbmm, aten.addmv, aten._sparse_addmm):
         bias = (args.pop(0), deps.pop(0))
     a, b = args[0], args[1]
     da, db = deps[0], deps[1]
+    if a.layout != torch.strided or b.layout != torch.strided:
+        return _sparse_contraction(op, a, b, da, db, bias)
     if a.ndim == 1 and b.ndim == 1:  # dot
         a3, b3 = a.reshape(1, 1, -1), b.reshape(1, -1, 1)
     elif b.ndim == 1:  # mv
@@ -725,6 +727,39 @@ def contraction(op: Op) -> Dep:
         cols = ((bb * p)[:, None] + i) * q + j[:, None]
         parts.append(apply_map(ctx, from_pairs(rows.reshape(-1), cols.reshape(-1),
                                                (out_numel, a3.numel())), da.pattern, what))
+    if bias is not None and isinstance(bias[1], Dep):
+        parts.append(broadcast(bias[1].pattern, _shape(bias[0]), _shape(op.out), n))
+    return Dep(ctx.check(union(parts), what), _tainted(op.deps))
+
+
+def _scipy_support(t: torch.Tensor) -> sp.csr_matrix:
+    """Where a 2-D torch sparse (COO/CSR/...) constant is nonzero, as boolean CSR."""
+    coo = t.to_sparse_coo().coalesce()
+    i, j = coo.indices().cpu().numpy()
+    keep = (coo.values() != 0).cpu().numpy()
+    return sp.csr_matrix((np.ones(int(keep.sum()), dtype=bool), (i[keep], j[keep])),
+                         shape=tuple(t.shape))
+
+
+def _sparse_contraction(op: Op, a: Any, b: Any, da: Dep, db: Dep, bias: Any) -> Dep:
+    """mm/mv/addmm with a torch sparse *constant* matrix (an assembled operator): its stored
+    nonzeros are the support. A sparse operand computed from x: the conservative fallback."""
+    ctx, n, what = op.ctx, op.ctx.n, str(op.func)
+    parts = []
+    if a.layout != torch.strided and not da.tainted and b.layout == torch.strided \
+            and a.ndim == 2:
+        r = 1 if b.ndim == 1 else b.shape[1]
+        s = _scipy_support(a)  # out (i, k) <- B (j, k) where A[i, j] != 0
+        m = s if r == 1 else sp.kron(s, sp.identity(r, dtype=bool), format="csr")
+        parts.append(apply_map(ctx, sp.csr_matrix(m, dtype=bool), db.pattern, what))
+    elif b.layout != torch.strided and not db.tainted and a.layout == torch.strided \
+            and b.ndim == 2:
+        rows = 1 if a.ndim == 1 else a.shape[0]
+        s = _scipy_support(b)  # out (i, k) <- A (i, j) where B[j, k] != 0
+        m = sp.kron(sp.identity(rows, dtype=bool), s.T, format="csr")
+        parts.append(apply_map(ctx, sp.csr_matrix(m, dtype=bool), da.pattern, what))
+    else:
+        return fallback(op)
     if bias is not None and isinstance(bias[1], Dep):
         parts.append(broadcast(bias[1].pattern, _shape(bias[0]), _shape(op.out), n))
     return Dep(ctx.check(union(parts), what), _tainted(op.deps))
@@ -944,7 +979,8 @@ _REDUCTION = ["sum", "mean", "amax", "amin", "prod", "var", "std", "var_mean", "
               "median", "nanmedian", "mode", "kthvalue", "aminmax"]
 _SLICE = ["_softmax", "_log_softmax", "softmax", "log_softmax", "sort", "topk", "msort"]
 _PREFIX = ["cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"]
-_CONTRACTION = ["mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv"]
+_CONTRACTION = ["mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv", "_sparse_addmm",
+                "_sparse_mm", "_sparse_sparse_matmul"]
 _WINDOW = ["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
            "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]
 _RANDOM = ["rand", "randn", "rand_like", "randn_like", "randint", "randint_like",

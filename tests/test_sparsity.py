@@ -160,6 +160,9 @@ RULES = [
     ("einsum_bmm", lambda v: torch.einsum("bij,bjk->bik", v.reshape(2, 2, 3),
                                           BAND[:6, :4].reshape(2, 3, 4)), 12, True),
     ("mv_dot", lambda v: torch.mv(BAND, v) + torch.dot(v, v), 12, True),
+    ("torch_sparse_constant", lambda v: torch.sparse.mm(BAND.to_sparse(), v.reshape(12, 1))
+     .reshape(-1) + torch.sparse.mm(BAND[:, :6].to_sparse(), v.reshape(6, 2)).reshape(-1)
+     .repeat(2)[:12], 12, True),
     ("conv1d", lambda v: F.conv1d(v.reshape(1, 1, 12), torch.tensor([[[1.0, 0.0, -2.0]]],
                                   dtype=v.dtype), padding=1).reshape(-1), 12, True),
     ("conv2d_5point", lambda v: F.conv2d(v.reshape(1, 1, 4, 4), torch.tensor(
