@@ -149,6 +149,10 @@ def bench_end_to_end(report: Report, problem: Any, N: int, repeats: int) -> None
           f"detect {seconds(m['detect'])}, colour {seconds(m['colour'])} "
           f"({coloring.num_colors} colours), evaluate {seconds(m['evaluate'])}",
           seconds(t_ours), f"{t_ours / t_scipy:.2f}x", f"{ours_err / scale:.1e}"],
+         ["jacpipe without detection (pattern given, as SciPy's is): colour + evaluate",
+          "", seconds(m["colour"] + m["evaluate"]),
+          f"{(m['colour'] + m['evaluate']) / (m['group'] + m['fd']):.2f}x (of SciPy's steps)",
+          f"{ours_err / scale:.1e}"],
          ["SciPy: group_columns + approx_derivative 2-point (hand pattern given)",
           f"group {seconds(m['group'])} ({groups} groups), evaluate {seconds(m['fd'])}",
           seconds(t_scipy), "1.00x", f"{fd_err / scale:.1e}"]],
