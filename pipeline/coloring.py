@@ -26,11 +26,13 @@ MODES = ("fwd", "rev", "symmetric")
 # NOTE: [numba colouring kernels]
 # The loops below are compiled with numba (``_kernels``, on first use, about
 # 10 s; cached on disk next to this file when it is writable). Measured on
-# the 1000 x 1000 5-point stencil (1e6 columns, a loaded 2-core machine):
-# natural-order greedy 0.07 s (7 colours), DSATUR with a bucket queue walking
-# the rows directly 0.25 s (5 colours, the optimum), SciPy's group_columns
-# 0.55 s (11 colours); the earlier batched NumPy DSATUR took 2.2 s. Building
-# the column intersection graph first (0.35 s) made DSATUR no faster.
+# the 1000 x 1000 5-point stencil (1e6 columns, a shared 2-core machine):
+# natural-order greedy 0.03-0.07 s (7 colours), DSATUR with a bucket queue
+# walking the rows directly 0.2-0.25 s (5 colours, the optimum); the whole
+# column_coloring 0.27 s against 0.37 s for SciPy's group_columns (11
+# colours) in benchmarks/sparsity.md; the earlier batched NumPy DSATUR took
+# 2.2 s. Building the column intersection graph first (0.35 s) made DSATUR
+# no faster.
 # Beyond this many (row, column, column) triples, sum over rows of nnz^2,
 # only natural-order greedy runs.
 _GRAPH_MAX_PRODUCTS = 2e8
