@@ -52,7 +52,7 @@ from pipeline.sparsity_rules import (
 )
 
 __all__ = ["SparsityError", "SparsityReport", "SparsityWarning", "detect_sparsity",
-           "trace_sparsity"]
+           "problem_sparsity", "trace_sparsity"]
 
 KINDS = ("jacobian", "hessian")
 MODES = ("global", "local")
@@ -90,6 +90,39 @@ class SparsityReport:
     reason: str
     mode: str
     warnings: tuple[str, ...] = ()
+
+
+def problem_sparsity(
+    problem: Any,
+    *,
+    mode: str = "global",
+    max_density: float | None = DEFAULT_MAX_DENSITY,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> SparsityReport:
+    """:func:`trace_sparsity` for a :class:`~pipeline.problem.Problem` (the planner's call).
+
+    Args:
+        problem: a Problem (``fn``, ``x``, ``kind``). ``"jacobian"`` and
+            ``"hessian"`` problems are traced as they are; for ``"batched"``
+            the per-sample Jacobian of ``fn`` at the first sample ``x[0]``
+            (every sample shares it in global mode).
+        mode: ``"global"`` or ``"local"``.
+        max_density: see :func:`trace_sparsity`.
+        max_bytes: see :func:`trace_sparsity`.
+
+    Returns:
+        A :class:`SparsityReport`.
+
+    Raises:
+        SparsityError: as :func:`trace_sparsity`; an empty batch.
+    """
+    kind, x = problem.kind, problem.x
+    if kind == "batched":
+        if x.shape[0] == 0:
+            raise SparsityError("a batched problem with no samples has no pattern to detect")
+        kind, x = "jacobian", x[0]
+    return trace_sparsity(problem.fn, x, kind=kind, mode=mode, max_density=max_density,
+                          max_bytes=max_bytes)
 
 
 def detect_sparsity(

@@ -17,6 +17,7 @@ from pipeline.sparsity import (
     SparsityReport,
     SparsityWarning,
     detect_sparsity,
+    problem_sparsity,
     trace_sparsity,
 )
 
@@ -394,7 +395,7 @@ def test_detected_pattern_equals_the_job_pattern(job, params):
     build = importlib.import_module(f"jobs.{job}").build
     problem = build(**params, pattern=True)
     assert build(**params, pattern=False).sparsity is None
-    report = trace_sparsity(problem.fn, problem.x, kind=problem.kind)
+    report = problem_sparsity(problem)
     assert not report.dense, report.reason
     hand = sp.csr_matrix(problem.sparsity, dtype=bool)
     assert (report.pattern != hand).nnz == 0, report.reason
@@ -406,3 +407,13 @@ def test_detected_pattern_equals_the_job_pattern(job, params):
     want = rows(problem.fn, problem.x, 0, n if symmetric else hand.shape[0], hand,
                 choose_coloring(hand, symmetric=symmetric))
     torch.testing.assert_close(got.to_dense(n), want.to_dense(n), rtol=1e-12, atol=1e-12)
+
+
+def test_batched_problems_get_the_per_sample_pattern():
+    from pipeline.problem import Problem
+
+    x = torch.randn(3, 8, dtype=torch.float64)
+    problem = Problem(fn=lambda v: v[1:] * v[:-1], x=x, kind="batched")
+    report = problem_sparsity(problem)
+    assert report.pattern.shape == (7, 8)
+    assert np.array_equal(report.pattern.toarray(), _dense(problem.fn, x[0]))
