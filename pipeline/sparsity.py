@@ -490,11 +490,3 @@ def _all_deps(deps: Any) -> list[Dep]:
     if isinstance(deps, list | tuple):
         return [d for x in deps for d in _all_deps(x)]
     return []
-
-
-def pattern_density(pattern: sp.spmatrix) -> float:
-    """``nnz / (m n)`` of a pattern (0 for an empty shape)."""
-    m, n = pattern.shape
-    return float(pattern.nnz) / (m * n) if m and n else 0.0
-
-

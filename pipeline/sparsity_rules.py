@@ -309,14 +309,6 @@ def _leaves(deps: Any) -> list[Dep]:
     return []
 
 
-def _tensor_leaves(values: Any) -> list[torch.Tensor]:
-    if isinstance(values, torch.Tensor):
-        return [values]
-    if isinstance(values, list | tuple):
-        return [t for x in values for t in _tensor_leaves(x)]
-    return []
-
-
 def _support(t: torch.Tensor, dep: Dep, ctx: Context) -> torch.Tensor:
     """Where a matmul/conv operand may be nonzero: its values if constant (or local), else all."""
     if dep.tainted and not ctx.local:
@@ -410,10 +402,6 @@ def masked_fill(op: Op) -> Dep:
                                  else torch.zeros(()), values["self"]),
                {}, (deps["mask"], vdep, deps["self"]), {}, op.out, op.ctx)
     return where(inner)
-
-
-# Positions of the "source" tensors of movement ops (the rest is data: indices, masks).
-_SOURCES: dict[Any, Callable[[Op], list[int]]] = {}
 
 
 def movement(op: Op) -> Any:
