@@ -21,6 +21,19 @@ Two modes:
 
 A Hessian's pattern is the Jacobian pattern of ``torch.func.grad(fn)``, traced
 the same way, so linear terms drop out.
+
+The planner's use::
+
+    report = problem_sparsity(problem)          # mode="global", default cap
+    if report.dense:                            # colouring would be pointless
+        ...                                     # the dense path
+    else:
+        coloring = choose_coloring(report.pattern, symmetric=problem.kind == "hessian")
+        ...                                     # pipeline.sparse with report.pattern
+
+``SparsityError`` (a ``ValueError``) says why detection refused (random ops,
+control flow on x: suggests ``mode="local"``); ``report.warnings`` lists the
+ops handled conservatively (also raised once each as ``SparsityWarning``).
 """
 
 from __future__ import annotations
