@@ -2,7 +2,8 @@
 
 k times y_i <- tanh(a y_{i-1} + b y_i + c y_{i+1}) with zero boundary values,
 starting from y = x (length n). Each step is tridiagonal, so the Jacobian of
-k steps has the 2k + 1 central bands, set as ``Problem.sparsity``.
+k steps has the 2k + 1 central bands, set as ``Problem.sparsity`` when
+``pattern=true``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def build(
     a: float = 0.5,
     b: float = 1.0,
     c: float = -0.3,
+    pattern: bool = True,
     dtype: str = "float64",
     seed: int = 0,
 ) -> Problem:
@@ -32,6 +34,8 @@ def build(
         a: weight of the left neighbour.
         b: weight of the point itself.
         c: weight of the right neighbour.
+        pattern: attach the banded sparsity pattern (false: none; the
+            planner may then detect it).
         dtype: float32 or float64.
         seed: seed of the point x.
     """
@@ -45,4 +49,4 @@ def build(
             y = torch.tanh(a * p[:-2] + b * p[1:-1] + c * p[2:])
         return y
 
-    return Problem(fn=fn, x=x, sparsity=banded_pattern(n, 2 * k + 1))
+    return Problem(fn=fn, x=x, sparsity=banded_pattern(n, 2 * k + 1) if pattern else None)

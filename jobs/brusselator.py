@@ -9,7 +9,7 @@ on the periodic unit square with the 5-point Laplacian,
 (A = 3.4, B = 1; the time-dependent forcing is omitted). x = [u, v] flattened
 (length 2 N^2), so the Jacobian is (2 N^2, 2 N^2) with the exact pattern
 "5-point periodic stencil in each block plus the identity coupling u <-> v",
-set as ``Problem.sparsity``. The point is the usual initial state
+set as ``Problem.sparsity`` unless ``pattern=false``. The point is the usual initial state
 u = 22 (y (1 - y))^1.5, v = 27 (x (1 - x))^1.5.
 """
 
@@ -29,7 +29,7 @@ def laplacian(u: torch.Tensor, h: float) -> torch.Tensor:
     return (near - 4 * u) / h**2
 
 
-def pattern(N: int) -> sp.csr_matrix:
+def brusselator_pattern(N: int) -> sp.csr_matrix:
     """Exact sparsity pattern of the Brusselator Jacobian on an N x N grid."""
     stencil = stencil_pattern(N, 5, periodic=True)
     eye = sp.identity(N * N, dtype=bool, format="csr")
@@ -38,12 +38,14 @@ def pattern(N: int) -> sp.csr_matrix:
     return out
 
 
-def build(N: int = 32, alpha: float = 10.0, dtype: str = "float64") -> Problem:
+def build(N: int = 32, alpha: float = 10.0, pattern: bool = True,
+          dtype: str = "float64") -> Problem:
     """Build the Brusselator right-hand-side problem.
 
     Args:
         N: grid points per side (n = m = 2 N^2).
         alpha: diffusion coefficient.
+        pattern: attach the exact sparsity pattern (false: none).
         dtype: float32 or float64.
     """
     positive("N", N)
@@ -62,4 +64,4 @@ def build(N: int = 32, alpha: float = 10.0, dtype: str = "float64") -> Problem:
         dv = 3.4 * u - uuv + alpha * laplacian(v, h)
         return torch.cat([du.reshape(-1), dv.reshape(-1)])
 
-    return Problem(fn=fn, x=x, sparsity=pattern(N))
+    return Problem(fn=fn, x=x, sparsity=brusselator_pattern(N) if pattern else None)

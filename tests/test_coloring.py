@@ -253,3 +253,28 @@ def test_greedy_orderings_are_deterministic():
         np.array_equal(a, b)
         for a, b in itertools.pairwise([symmetric_coloring(banded_pattern(50, 5))] * 2)
     )
+
+
+# ---------------------------------------------------------------------------
+# numba kernels
+# ---------------------------------------------------------------------------
+
+
+def test_star_colouring_of_a_stencil_hessian_is_valid_and_fast():
+    pattern = stencil_pattern(120, 5)  # 14,400 variables: the star passes run now
+    began = time.perf_counter()
+    colors = symmetric_coloring(pattern)
+    seconds = time.perf_counter() - began
+    assert _count(colors) <= 5
+    validate_coloring(pattern, Coloring(colors, _count(colors), "symmetric"))
+    assert seconds < 10, f"star colouring took {seconds:.1f} s"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_wide_random_patterns_colour_validly_with_int32_and_transposes(seed):
+    pattern = _random_pattern(200 + seed, 60, 400, 0.03)
+    coloring = choose_coloring(pattern)
+    validate_coloring(pattern, coloring)
+    side = pattern if coloring.mode == "fwd" else pattern.T  # its rows are cliques
+    assert coloring.num_colors >= np.diff(sp.csr_matrix(side).indptr).max()
+    assert _independent_columns(pattern.T, row_coloring(pattern))
