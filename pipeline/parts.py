@@ -3,15 +3,17 @@
 A part is written under a temporary name, row group by row group (so a shard
 never has to fit in memory), hashed while it is written, and renamed into
 place by :meth:`PartWriter.commit`; its sha256 becomes the shard's checksum.
-Writer settings (DESIGN.md): zstd, no dictionary, BYTE_STREAM_SPLIT on the
-values, statistics on ``row`` only.
+Writer settings (DESIGN.md): zstd (``--compression``), no dictionary,
+BYTE_STREAM_SPLIT on the values, statistics on ``row`` only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import footer
+from pipeline.plan import DEFAULT_COMPRESSION, parse_compression
 from pipeline.storage import Storage
 
 #: Key of the JSON facts in each part file's schema metadata.
@@ -138,7 +142,14 @@ class PartWriter:
     """Stream blocks of rows into one part file: temp name, row groups, rename.
 
     Blocks are buffered up to one row group (``group_rows`` rows), so memory is
-    one row group plus one block whatever the shard's size.
+    one row group plus one block whatever the shard's size, plus the encoded
+    bytes of at most ``encoders`` groups in flight.
+
+    Each row group is encoded into its own in-memory one-group Parquet file,
+    on ``encoders`` threads when more than one (pyarrow releases the GIL), and
+    the groups are written in order and stitched under one footer
+    (:mod:`pipeline.footer`). The bytes, hence the sha256, are the same
+    whatever the number of encoder threads.
     """
 
     def __init__(
@@ -149,28 +160,27 @@ class PartWriter:
         meta: Mapping[str, Any],
         *,
         group_rows: int,
+        compression: str = DEFAULT_COMPRESSION,
+        encoders: int = 1,
     ) -> None:
         self.storage = storage
         self.file = file
         self.tmp = storage.temp_name(file)
         self.schema = schema.with_metadata({META_KEY: json.dumps(dict(meta)).encode()})
         self.group_rows = max(1, group_rows)
+        self.encoders = max(1, int(encoders))
+        self._options = writer_options(schema, compression)
         self._sink = storage.open_sink(self.tmp)
         self._hashing = _HashingSink(self._sink)
-        sparse = pa.types.is_list(schema.field("values").type) and not pa.types.is_fixed_size_list(
-            schema.field("values").type
+        self._hashing.write(footer.MAGIC)
+        self._pool = (
+            ThreadPoolExecutor(self.encoders, thread_name_prefix="jacpipe-encode")
+            if self.encoders > 1 else None
         )
-        self._writer = pq.ParquetWriter(
-            self._hashing,
-            self.schema,
-            compression="zstd",
-            use_dictionary=False,
-            write_statistics=["row"],
-            column_encoding=(
-                {"values.list.element": "BYTE_STREAM_SPLIT"} if sparse
-                else {"row": "PLAIN", "values.list.element": "BYTE_STREAM_SPLIT"}
-            ),
-        )
+        self._pending: deque[Future[pa.Buffer]] = deque()
+        self._groups: list[Any] = []
+        self._template: Any = None
+        self._written_rows = 0
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
         self.rows = 0
@@ -224,16 +234,45 @@ class PartWriter:
             return
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
         full = table.num_rows if final else (table.num_rows // self.group_rows) * self.group_rows
-        if full:
-            self._writer.write_table(table.slice(0, full), row_group_size=self.group_rows)
+        for a in range(0, full, self.group_rows):
+            self._submit(table.slice(a, min(self.group_rows, full - a)))
         rest = table.slice(full)
         self._buffer = rest.to_batches() if rest.num_rows else []
         self._buffered = rest.num_rows
 
+    def _submit(self, group: pa.Table) -> None:
+        """Encode one row group (on the pool when there is one) and write what is done."""
+        if self._pool is None:
+            self._put(_encode_group(group, self.schema, self._options))
+            return
+        while len(self._pending) >= self.encoders:
+            self._put(self._pending.popleft().result())
+        self._pending.append(self._pool.submit(_encode_group, group, self.schema, self._options))
+
+    def _put(self, encoded: pa.Buffer) -> None:
+        """Append one encoded group's pages; keep its footer entry, shifted to where they land."""
+        body, foot = footer.split(memoryview(encoded))
+        if self._template is None:
+            self._template = foot
+        offset = self._hashing.tell() - len(footer.MAGIC)
+        for group in footer.row_groups(foot):
+            self._groups.append(footer.shift_row_group(group, offset, len(self._groups)))
+        self._written_rows += _footer_rows(foot)
+        self._hashing.write(body)
+
     def commit(self) -> PartInfo:
         """Finish the file and give it its final name."""
         self._flush(final=True)
-        self._writer.close()
+        while self._pending:
+            self._put(self._pending.popleft().result())
+        if self._template is None:  # no rows: the footer of an empty file
+            self._template = footer.split(
+                _encode_group(self.schema.empty_table(), self.schema, self._options))[1]
+        tail = footer.stitched_footer(self._template, self._groups, self._written_rows)
+        self._hashing.write(tail)
+        self._hashing.write(len(tail).to_bytes(4, "little"))
+        self._hashing.write(footer.MAGIC)
+        self._close_pool()
         self.storage.finish(self.tmp, self.file, self._sink)
         self._buffer = []
         _return_free_memory()
@@ -246,12 +285,15 @@ class PartWriter:
             inf=self.inf,
         )
 
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+
     def abort(self) -> None:
         """Drop the temp file (a failure inside the shard)."""
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - already failing; the temp file goes anyway
-            pass
+        self._close_pool()
         self._buffer = []
         try:
             self._sink.close()
@@ -260,3 +302,37 @@ class PartWriter:
             _return_free_memory()
 
 
+def writer_options(schema: pa.Schema, compression: str) -> dict[str, Any]:
+    """``pq.ParquetWriter`` keyword arguments of a part with this schema and codec.
+
+    Args:
+        schema: a dense or sparse part schema.
+        compression: ``zstd``, ``zstd:LEVEL``, ``lz4``, ``snappy`` or ``none``.
+    """
+    codec, level = parse_compression(compression)
+    sparse = pa.types.is_list(schema.field("values").type) and not pa.types.is_fixed_size_list(
+        schema.field("values").type
+    )
+    return {
+        "compression": codec,
+        "compression_level": level,
+        "use_dictionary": False,
+        "write_statistics": ["row"],
+        "column_encoding": (
+            {"values.list.element": "BYTE_STREAM_SPLIT"} if sparse
+            else {"row": "PLAIN", "values.list.element": "BYTE_STREAM_SPLIT"}
+        ),
+    }
+
+
+def _encode_group(table: pa.Table, schema: pa.Schema, options: Mapping[str, Any]) -> pa.Buffer:
+    """One row group (or none) as a whole in-memory Parquet file."""
+    buf = pa.BufferOutputStream()
+    with pq.ParquetWriter(buf, schema, **options) as writer:
+        if table.num_rows:
+            writer.write_table(table, row_group_size=table.num_rows)
+    return buf.getvalue()
+
+
+def _footer_rows(foot: Any) -> int:
+    return sum(next(v for fid, _, v in g if fid == 3) for g in footer.row_groups(foot))
