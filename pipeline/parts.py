@@ -43,12 +43,24 @@ def count_nonfinite(values: np.ndarray) -> tuple[int, int]:
     return int(np.isnan(values).sum()), int(np.isinf(values).sum())
 
 
+def dense_values_type(n: int, dtype: str) -> pa.DataType:
+    """``fixed_size_list<element: float not null>[n]``: the dense ``values`` column's type.
+
+    NOTE: non-nullable elements spare the reader the elements' definition
+    levels: raw ``pq.read_table`` of a 1,000 x 20,000 float32 zstd part ran
+    1.42x faster (0.167 s vs 0.237 s, median of 5, benchmarks/scale.py). Parts
+    written before (nullable elements) read the same way; the format version
+    stays 1.
+    """
+    return pa.list_(pa.field("element", ARROW_FLOAT[dtype], nullable=False), n)
+
+
 def dense_schema(n: int, dtype: str, *, batched: bool = False) -> pa.Schema:
     """The one schema of a dense part file (``row``, [``sample``], ``values``)."""
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if batched:
         fields.append(pa.field("sample", pa.int64(), nullable=False))
-    fields.append(pa.field("values", pa.list_(ARROW_FLOAT[dtype], n), nullable=False))
+    fields.append(pa.field("values", dense_values_type(n, dtype), nullable=False))
     return pa.schema(fields)
 
 
@@ -193,7 +205,10 @@ class PartWriter:
         r, n = block.shape
         self._count(block)
         rows = pa.array(np.arange(start, start + r, dtype=np.int64))
-        values = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), n)
+        kind = self.schema.field("values").type
+        values = pa.FixedSizeListArray.from_arrays(
+            pa.array(block.reshape(-1), type=kind.value_type), type=kind
+        )
         arrays = [rows]
         if "sample" in self.schema.names:
             arrays.append(pa.array(np.asarray(samples, dtype=np.int64)))
