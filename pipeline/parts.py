@@ -47,10 +47,11 @@ def dense_values_type(n: int, dtype: str) -> pa.DataType:
     """``fixed_size_list<element: float not null>[n]``: the dense ``values`` column's type.
 
     NOTE: non-nullable elements spare the reader the elements' definition
-    levels: raw ``pq.read_table`` of a 1,000 x 20,000 float32 zstd part ran
-    1.42x faster (0.167 s vs 0.237 s, median of 5, benchmarks/scale.py). Parts
-    written before (nullable elements) read the same way; the format version
-    stays 1.
+    levels. Raw ``pq.read_table`` of a 1,000 x 20,000 float32 zstd part ran
+    1.42x faster in a standalone run on 2 busy cores (0.167 s vs 0.237 s,
+    median of 5), 1.05x in benchmarks/scale.py there and 1.00x on a 16-core
+    host: never slower, and a Jacobian entry is never null. Parts written
+    before (nullable elements) read the same way; the format version stays 1.
     """
     return pa.list_(pa.field("element", ARROW_FLOAT[dtype], nullable=False), n)
 

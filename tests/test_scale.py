@@ -252,3 +252,38 @@ def test_lsmr_gauss_newton_step_on_a_result(tmp_path):
                 maxiter=500)[0]
     want = np.linalg.lstsq(J, -r, rcond=None)[0]
     np.testing.assert_allclose(J @ step, J @ want, rtol=1e-6, atol=1e-8)
+
+
+def test_compression_option_is_checked_and_planned():
+    from pipeline.errors import JacpipeError
+    from pipeline.plan import Resources, RunOptions, make_plan, parse_compression
+    from pipeline.problem import Shapes
+
+    assert parse_compression("zstd") == ("zstd", None)
+    assert parse_compression("zstd:3") == ("zstd", 3)
+    for bad in ("brotli", "lz4:3", "zstd:x", "zstd:99"):
+        with pytest.raises(JacpipeError, match="--compression"):
+            RunOptions(job="j", compression=bad).check()
+    shapes = Shapes("jacobian", (10,), (10,), None, "float32")
+    plan = make_plan(shapes, RunOptions(job="j", compression="lz4"),
+                     Resources(cpus=2, node_memory=8 * 2**30, node_cpus=2))
+    assert plan.compression == "lz4"
+
+
+def test_a_4000_by_4000_result_as_an_operator_and_svd(tmp_path):
+    """The larger-than-RAM path at a size the suite affords (4,000 x 4,000; the 100,000 x
+    100,000 case is ``python -m benchmarks.scale --huge``)."""
+    from pipeline.inspection import svd_result
+    from pipeline.svd import streamed_svd
+
+    _run(tmp_path, "mlp", {"n": 4000, "m": 4000, "hidden": 16}, shards=2, threads=2,
+         group_rows=512, chunk=256)
+    res = open_jacobian(tmp_path)
+    assert len(pq.ParquetFile(tmp_path / "part-00000.parquet").metadata.to_dict()
+               ["row_groups"]) == 4
+    J = read_jacobian(tmp_path, verify=False)
+    v = np.random.default_rng(5).standard_normal(4000)
+    np.testing.assert_allclose(res.as_linear_operator().matvec(v), J @ v, rtol=1e-4, atol=1e-4)
+    got = svd_result(str(tmp_path), 3, power_iters=1)
+    want = streamed_svd(lambda: iter([J]), 4000, 3, power_iters=1)
+    np.testing.assert_allclose(got.s, want.s, rtol=1e-6)
