@@ -346,7 +346,7 @@ def huge(args: Any) -> int:
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="jacpipe-huge-"))
     out = root / "huge"
-    size = 10_000 if args.quick else 100_000
+    size = 4_000 if args.quick else 100_000
     run = [sys.executable, "-c", "from pipeline.cli import main; main()", "run", "mlp",
            "-p", f"n={size}", "-p", f"m={size}", "-p", "hidden=256", "--out", str(out),
            "--memory-budget", "1GiB", "--cpus-per-shard", "2", "--rows-per-shard", "5000",
