@@ -153,7 +153,7 @@ def compute_shard(
     _CURRENT = spec
     try:
         if spec.layout == "sparse":
-            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk)
+            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
         else:
             _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
         t_commit = time.perf_counter()
@@ -397,14 +397,23 @@ def _write_sparse(
     start: int,
     stop: int,
     chunk: int,
+    busy: dict[str, float],
 ) -> None:
-    """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows)."""
+    """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows), then its write.
+
+    Not pipelined: a sparse shard is evaluated in one call (by colour, not by block).
+    """
     from pipeline import sparse
 
     if coloring is None:
         raise RuntimeError("a sparse shard needs the colouring of its pattern")
+    t0 = time.perf_counter()
     rows = sparse.evaluate_rows(problem, start, stop, coloring, chunk_size=chunk, pattern=pattern)
-    writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values.detach().cpu().numpy())
+    values = rows.values.detach().cpu().numpy()
+    t1 = time.perf_counter()
+    writer.write_sparse(rows.rows, rows.indptr, rows.cols, values)
+    busy["compute"] += t1 - t0
+    busy["write"] += time.perf_counter() - t1
 
 
 def _ray_gpus() -> tuple[bool, list[str]]:
