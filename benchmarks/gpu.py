@@ -1,13 +1,26 @@
-"""GPU benchmark: the mlp job on cuda through jacpipe vs torch's one-process tools.
+"""GPU benchmark: jacpipe's pipelined worker on one GPU vs ``torch.func.jacrev`` in-process.
 
-Run it with ``bash benchmarks/gpu.sh`` on a machine with an NVIDIA GPU. It
-prints medians, ratios and GPU memory peaks, and writes JSON.
+Run it with ``bash benchmarks/gpu.sh`` on a machine with an NVIDIA GPU (no
+network needed; under 5 minutes on an H100/H200 with the defaults). It prints
+ONE JSON object to stdout (progress goes to stderr) and writes it to
+``benchmarks/results/gpu.json`` (or ``$OUT/gpu.json`` when ``$OUT`` is set).
 
-jacpipe's path is the real one: ``jacpipe run --device cuda`` through Ray when
-Ray is importable; where it is not (a GPU box without Ray), each shard runs
-through ``pipeline.worker.compute_shard``, the exact body of the Ray task
-(rebuild on cuda, fingerprint check, memory-budgeted chunks, Parquet write),
-one shard after another in this process, and the output says so.
+Reported per GPU (``torch.cuda.device_count()`` of them, one after another):
+
+* ``rows_per_s_computed``: rows / compute busy seconds (on CUDA the kernel
+  launches and the copy's start: kernels run asynchronously, and the wait
+  for a block's copy is counted on the writer's side);
+* ``rows_per_s_committed``: rows / wall seconds of the shards, part files
+  committed (encoded, hashed, fsynced, renamed);
+* ``compute_s`` vs ``write_s``: the busy times of the two overlapped stages,
+  and ``overlap = shard seconds / max(compute_s, write_s)`` (1.0 is perfect);
+* pipelined vs serial writer, and 1-GPU jacpipe vs ``torch.func.jacrev``
+  (the whole Jacobian in GPU memory, no file) on the same GPU.
+
+Shards run through ``pipeline.worker.compute_shard``, the exact body of the Ray
+task (rebuild on cuda, fingerprint check, memory-budgeted chunks, pinned
+host buffers filled on a side stream, writer thread, Parquet commit), in this
+process, so no Ray cluster start is timed.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -24,76 +38,130 @@ from typing import Any
 import torch
 
 
-def _timed(fn: Any, repeats: int) -> tuple[float, int]:
-    """Median seconds and peak GPU memory (bytes; 0 on a CPU smoke run)."""
-    cuda = torch.cuda.is_available()
-    times, peak = [], 0
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
+    """Median seconds of ``torch.func.jacrev`` on the whole Jacobian, its GPU peak, rows 0-63."""
+    from pipeline.problem import build_problem
+
+    problem = build_problem("mlp", params)
+    times, peak, head = [], 0, None
+    for i in range(repeats + 1):  # the first is a warm-up
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        _sync()
         t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
+        jac = torch.func.jacrev(problem.fn)(problem.x)
+        _sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+        if torch.cuda.is_available():
             peak = max(peak, torch.cuda.max_memory_allocated())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak
+        head = jac.reshape(params["m"], -1)[:64].cpu().numpy()
+        del jac
+    rows = params["m"]
+    sec = statistics.median(times)
+    return {"median_s": sec, "rows_per_s": rows / sec, "gpu_peak_bytes": peak}, head
 
 
-def _jacpipe(
-    params: dict[str, Any], shards: int, out: str, budget: str, device: str
-) -> tuple[str, Any]:
-    pairs = [f"{k}={v}" for k, v in params.items()]
-    try:
-        import ray  # noqa: F401
-    except (ImportError, ModuleNotFoundError):
-        ray_ok = False
-    else:
-        ray_ok = True
-    if ray_ok:
-        import ray
-
-        from pipeline.runner import RunOptions, run
-
-        if not ray.is_initialized():  # start Ray before timing, as on a cluster
-            ray.init(include_dashboard=False, logging_level="ERROR")
-
-        def go() -> None:
-            run(RunOptions(job="mlp", params=pairs, out=out, shards=shards, device=device,
-                           memory_budget=budget, resume=False, progress=False),
-                echo=lambda s: None)
-
-        return f"jacpipe run --device {device} (Ray)", go
-
-    from pipeline.plan import parse_size, plan_shards
+def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: str,
+           threads: int) -> list[Any]:
+    from pipeline.plan import group_rows, parse_size, plan_shards
     from pipeline.problem import build_problem, fingerprint, validate
     from pipeline.shard import ShardSpec
-    from pipeline.worker import compute_shard
 
+    # As the driver does: build and fingerprint on the CPU; the worker rebuilds
+    # with device=cuda (device_param) and checks its build against this one.
+    params = {k: v for k, v in params.items() if k != "device"}
     problem = build_problem("mlp", params)
     shapes = validate(problem)
     plan, _ = plan_shards(shapes.total_rows, shards=shards)
-    specs = [
-        ShardSpec(
-            job="mlp", params=params, fingerprint=fingerprint(problem, shapes), shapes=shapes,
-            index=s.index, start=s.start, stop=s.stop, out=out, method="rev", layout="dense",
-            memory_budget=parse_size(budget), threads=4, device=device, device_param=True,
-            run_id="gpu", group_rows=1024,
-        )
+    return [
+        ShardSpec(job="mlp", params=params, fingerprint=fingerprint(problem, shapes),
+                  shapes=shapes, index=s.index, start=s.start, stop=s.stop, out=out,
+                  method="rev", layout="dense", memory_budget=parse_size(budget), threads=threads,
+                  device=device, device_param=True, run_id="gpu",
+                  group_rows=group_rows(shapes.n, shapes.itemsize))
         for s in plan
     ]
 
-    def go() -> None:
+
+def _jacpipe(specs: list[Any], out: str, *, pipelined: bool, repeats: int) -> dict[str, Any]:
+    """All shards through compute_shard, ``repeats`` times after a warm-up; medians."""
+    from pipeline.worker import compute_shard
+
+    runs = []
+    for i in range(repeats + 1):
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
-        for spec in specs:
-            compute_shard(spec)
+        _sync()
+        t0 = time.perf_counter()
+        results = [compute_shard(s, pipelined=pipelined) for s in specs]
+        wall = time.perf_counter() - t0
+        if i:
+            runs.append((wall, results))
+    rows = sum(s.rows for s in specs)
+    wall = statistics.median(w for w, _ in runs)
+    comp = statistics.median(sum(r.compute_seconds for r in rs) for _, rs in runs)
+    write = statistics.median(sum(r.write_seconds for r in rs) for _, rs in runs)
+    shard_s = statistics.median(sum(r.seconds for r in rs) for _, rs in runs)
+    return {
+        "median_s": wall, "rows_per_s_committed": rows / wall,
+        "rows_per_s_computed": rows / comp if comp else None,
+        "compute_s": comp, "write_s": write, "overlap": shard_s / max(comp, write, 1e-9),
+        "chunk_size": runs[-1][1][0].chunk_size, "bytes": sum(r.bytes for r in runs[-1][1]),
+        "device": runs[-1][1][0].device,
+        "checksums": [r.checksum for r in runs[-1][1]],
+    }
 
-    return f"worker.compute_shard on {device}, shards in sequence, no Ray", go
+
+def _head_error(out: str, head: Any) -> float:
+    """Max |jacpipe - jacrev| over the first rows of part 0 (the last run's files)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(out, "part-00000.parquet")).slice(0, len(head))
+    got = table.column("values").combine_chunks().flatten().to_numpy().reshape(len(head), -1)
+    return float(np.abs(got - head).max())
+
+
+def _one_gpu(index: int, args: Any, params: dict[str, Any]) -> dict[str, Any]:
+    if args.device == "cuda":
+        torch.cuda.set_device(index)
+        name = torch.cuda.get_device_name(index)
+    else:
+        name = "cpu"
+    out = tempfile.mkdtemp(prefix="jacpipe-gpu-", dir=args.dir)
+    try:
+        specs = _specs(params, args.shards, out, args.budget, args.device, args.cpus_per_shard)
+        _log(f"[gpu {index}] {name}: jacrev")
+        base, head = _jacrev(params, args.repeats)
+        _log(f"[gpu {index}] jacpipe pipelined")
+        piped = _jacpipe(specs, out, pipelined=True, repeats=args.repeats)
+        error = _head_error(out, head)
+        _log(f"[gpu {index}] jacpipe serial")
+        serial = _jacpipe(specs, out, pipelined=False, repeats=args.repeats)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return {
+        "gpu": index, "name": name, "torch.func.jacrev": base,
+        "jacpipe pipelined": piped, "jacpipe serial": serial,
+        "jacpipe_over_jacrev_time": piped["median_s"] / base["median_s"],
+        "pipelined_speedup_over_serial": serial["median_s"] / piped["median_s"],
+        "pipelined_equals_serial_bitwise": piped.pop("checksums") == serial.pop("checksums"),
+        "max_abs_err_vs_jacrev_first_64_rows": error,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print one JSON object; 1 if no CUDA device is visible."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--m", type=int, default=8192)
@@ -101,48 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", default="16GiB")
+    ap.add_argument("--cpus-per-shard", type=int, default=8,
+                    help="threads of the shard task: C - 1 of them encode Parquet row groups")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs to measure [default: all]")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
-    ap.add_argument("--no-ray", action="store_true", help="run the task body in-process")
+    ap.add_argument("--dir", default=None, help="scratch folder for the part files")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
                                                    "gpu.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device visible to torch: run this on a GPU machine")
+        _log("no CUDA device visible to torch: run this on a GPU machine")
         return 1
-    from pipeline.problem import build_problem
-
     params = {"n": args.n, "m": args.m, "hidden": args.hidden, "dtype": "float32",
               "device": args.device}
-    problem = build_problem("mlp", params)
-    fn, x = problem.fn, problem.x
-    out = tempfile.mkdtemp(prefix="jacpipe-gpu-")
-    if args.no_ray:
-        import sys
-
-        sys.modules["ray"] = None  # type: ignore[assignment]  # import ray -> ImportError
-    label, jp = _jacpipe(params, args.shards, out, args.budget, args.device)
-    rows: dict[str, tuple[float, int]] = {}
-    # The autograd loop is m backward passes: time it once on a slice of rows
-    # would change the method, so it runs whole, once (it is the slow baseline).
-    rows["torch.autograd.functional.jacobian"] = _timed(
-        lambda: torch.autograd.functional.jacobian(fn, x), 1)
-    rows["torch.func.jacrev"] = _timed(lambda: torch.func.jacrev(fn)(x), args.repeats)
-    rows["jacpipe (" + label + ")"] = _timed(jp, args.repeats)
-    shutil.rmtree(out, ignore_errors=True)
-    base = rows["torch.autograd.functional.jacobian"][0]
-    ours = rows["jacpipe (" + label + ")"][0]
-    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{name}  mlp {args.m}x{args.n} hidden {args.hidden} float32")
-    print(f"{'method':70s} {'median s':>9s} {'GPU peak':>10s} {'speed-up vs loop':>17s}")
-    for name, (sec, peak) in rows.items():
-        print(f"{name:70s} {sec:9.3f} {peak / 2**30:9.2f}G {base / sec:16.1f}x")
-    print(f"jacpipe / jacrev time ratio: {ours / rows['torch.func.jacrev'][0]:.2f} "
-          "(jacpipe also writes the Parquet result)")
+    count = torch.cuda.device_count() if args.device == "cuda" else 1
+    t0 = time.perf_counter()
+    gpus = [_one_gpu(i, args, params) for i in range(min(count, args.gpus or count))]
+    doc = {"benchmark": "gpu", "job": f"mlp {args.m}x{args.n} hidden {args.hidden} float32",
+           "args": vars(args), "torch": torch.__version__, "gpus": gpus,
+           "seconds": round(time.perf_counter() - t0, 1)}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"device": name, "args": vars(args),
-                   "results": {k: {"median_s": v[0], "gpu_peak_bytes": v[1]}
-                               for k, v in rows.items()}}, f, indent=1)
+        json.dump(doc, f, indent=1)
+    print(json.dumps(doc))
     return 0
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmark, ready to run on one NVIDIA GPU (under 8 minutes on an H100):
-#   bash benchmarks/gpu.sh [--n 8192 --m 8192 --hidden 2048 --shards 4]
+# GPU benchmark, ready to run on NVIDIA GPUs (under 5 minutes on one H100/H200; no network):
+#   bash benchmarks/gpu.sh [--n 8192 --m 8192 --hidden 2048 --shards 4 --gpus 1]
+# Prints one JSON object to stdout; writes benchmarks/results/gpu.json.
 # Uses the machine's python3 with torch; installs carried wheels from .whl/
 # if there are any (e.g. pyarrow or typer for another Python), never the network.
 set -euo pipefail
@@ -18,7 +19,7 @@ if missing:
 import torch
 if not torch.cuda.is_available():
     sys.exit("no CUDA device visible to torch")
-print("torch", torch.__version__, "on", torch.cuda.get_device_name())
+print("torch", torch.__version__, "on", torch.cuda.get_device_name(), file=sys.stderr)
 PY
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >&2 || true
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m benchmarks.gpu "$@"

@@ -169,13 +169,17 @@ def _plot(result: Any, path: str, *, max_pixels: int) -> str:
 
 
 def svd_result(out: str, k: int, *, power_iters: int = 2, seed: int = 0) -> Any:
-    """Top-``k`` singular values by randomized range-finding over streamed row blocks.
+    """Top-``k`` singular values by randomized range-finding over the streamed result.
+
+    The result is read as a linear operator (``as_linear_operator``): each
+    pass streams the parts once, dense or sparse, in float64; memory is
+    O(block + (m + n)(k + 10)), so results larger than memory work.
 
     Returns:
         A :class:`pipeline.svd.SVDResult` (``s``, ``condition_estimate``, ...).
     """
     from pipeline.reader import open_jacobian
-    from pipeline.svd import streamed_svd
+    from pipeline.svd import operator_svd
 
     result = open_jacobian(out)
     if k < 1:
@@ -183,16 +187,5 @@ def svd_result(out: str, k: int, *, power_iters: int = 2, seed: int = 0) -> Any:
     problems = result.check(checksums=True)
     if problems:
         raise JacpipeError(f"cannot take the SVD of an incomplete result: {problems[0]}")
-    if result.layout == "sparse":
-        mat = result.read(as_="scipy")
-        step = 4096
-
-        def blocks() -> Any:
-            for a in range(0, mat.shape[0], step):
-                yield mat[a : a + step].toarray()
-    else:
-        def blocks() -> Any:
-            for _, block in result.iter_blocks(verify=False):
-                yield block
-
-    return streamed_svd(blocks, result.shape[1], k, power_iters=power_iters, seed=seed)
+    op = result.as_linear_operator(dtype="float64")
+    return operator_svd(op, k, power_iters=power_iters, seed=seed)

@@ -22,6 +22,31 @@ from pipeline.problem import Shapes
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
+#: Parquet codecs of ``--compression`` (``zstd:LEVEL`` picks a zstd level).
+CODECS = ("zstd", "lz4", "snappy", "none")
+#: The default codec, chosen by measurement (README, Benchmarks: Scale).
+DEFAULT_COMPRESSION = "zstd"
+
+
+def parse_compression(text: str) -> tuple[str, int | None]:
+    """``(codec, level)`` of a ``--compression`` value such as ``zstd``, ``zstd:3`` or ``none``.
+
+    Raises:
+        JacpipeError: an unknown codec or a bad level.
+    """
+    codec, _, level = str(text).partition(":")
+    if codec not in CODECS:
+        raise JacpipeError(
+            f"--compression must be one of {', '.join(CODECS)} (zstd:LEVEL for a zstd level), "
+            f"got {text!r}"
+        )
+    if not level:
+        return codec, None
+    if codec != "zstd" or not level.lstrip("-").isdigit() or not -7 <= int(level) <= 22:
+        raise JacpipeError(
+            f"--compression: only zstd takes a level, from -7 to 22 (e.g. zstd:3), got {text!r}"
+        )
+    return codec, int(level)
 
 
 @dataclass
@@ -48,6 +73,7 @@ class RunOptions:
     max_in_flight: int | None = None
     progress: bool = True
     shard_timeout: float | None = None
+    compression: str = DEFAULT_COMPRESSION
 
     def check(self) -> None:
         """Refuse option values that are wrong whatever the job and cluster.
@@ -76,6 +102,7 @@ class RunOptions:
             parse_size(self.memory_budget)
         if self.shard_timeout is not None and not self.shard_timeout > 0:
             raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
+        parse_compression(self.compression)
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,7 @@ class RunPlan:
         threads: torch threads per task.
         device: where tasks compute (``cpu`` when no GPU is given to them).
         group_rows: rows per Parquet row group.
+        compression: the part files' codec (``--compression``).
         coloring: the colouring of a sparse run, else None.
         pattern: its sparsity pattern, else None.
         notes: lines for the user (clamped requests, the sparse summary).
@@ -125,6 +153,7 @@ class RunPlan:
     coloring: Any = None
     pattern: Any = None
     notes: list[str] = field(default_factory=list)
+    compression: str = DEFAULT_COMPRESSION
 
     def coloring_facts(self) -> dict[str, Any] | None:
         """The colouring as the manifest records it (None for dense runs)."""
@@ -227,6 +256,7 @@ def make_plan(
         coloring=coloring,
         pattern=pattern if sparse else None,
         notes=notes,
+        compression=options.compression,
     )
 
 
@@ -530,6 +560,7 @@ def chunk_rows(
     method: str = "rev",
     rows: int = 0,
     cache_bytes: int | None = CACHE_BYTES,
+    in_flight: int = 0,
 ) -> int:
     """Rows (``rev``) or columns (``fwd``) per vectorised pass under ``budget`` bytes.
 
@@ -545,6 +576,9 @@ def chunk_rows(
         rows: rows of the shard; ``fwd`` keeps all of them until written.
         cache_bytes: cap of one pass's working set (see the NOTE); ``None``
             means budget only.
+        in_flight: finished blocks the pipelined worker may hold on the host
+            while the next is computed (queued or being encoded); each holds
+            ``chunk x n`` values (``rev``).
 
     Returns:
         The chunk size; at most the budget allows, never below 1.
@@ -555,7 +589,7 @@ def chunk_rows(
     kept = rows * n * itemsize if method == "fwd" else 0
     free = budget - baseline - group_bytes - kept - WRITER_BYTES
     width = itemsize * (m + n + activations)
-    per = width * SAFETY
+    per = width * SAFETY + in_flight * n * itemsize
     if free < per:
         raise JacpipeError(
             f"--memory-budget {format_size(budget)} is too small: the worker already "

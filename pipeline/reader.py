@@ -8,10 +8,13 @@ the manifest and the part metadata are JSON.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +25,8 @@ from pipeline.manifest import MANIFEST, Manifest
 from pipeline.parts import NUMPY_FLOAT, part_name
 from pipeline.shard import ShardResult
 from pipeline.storage import Storage
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,10 @@ class JacobianResult:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row_indices, block)`` in row order, one Parquet row group at a time.
 
+        Row groups are decoded on a small thread pool (:data:`READ_THREADS`),
+        at most that many ahead of the one yielded, so memory stays a few
+        row groups whatever the result's size.
+
         Args:
             rows: flat rows to read (sorted or not, no duplicates); ``None`` = all.
             verify: check each part file's sha256 before reading it.
@@ -132,24 +141,25 @@ class JacobianResult:
         if self.layout != "dense":
             raise JacpipeError("iter_blocks reads dense results; use read_jacobian for sparse")
         wanted = self._normalise_rows(rows)
+        yield from _prefetched(self._group_reads(wanted, verify=verify), READ_THREADS)
+
+    def _group_reads(
+        self, wanted: np.ndarray | None, *, verify: bool
+    ) -> Iterator[Callable[[], tuple[np.ndarray, np.ndarray]]]:
+        """One call per row group to read (row groups without wanted rows skipped)."""
         shards = self.plan if wanted is None else self._shards_for(wanted)
+        n = self.shapes.n
         for index, start, stop in shards:
             entry = self._require(index, verify=verify)
-            pf = pq.ParquetFile(self.storage.path(entry.file), filesystem=self.storage.fs)
+            path = self.storage.path(entry.file)
+            meta = pq.read_metadata(path, filesystem=self.storage.fs)
             sel = None if wanted is None else wanted[(wanted >= start) & (wanted < stop)]
-            for g in range(pf.num_row_groups):
-                stats = pf.metadata.row_group(g).column(0).statistics
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(0).statistics
                 if sel is not None and stats is not None and stats.has_min_max:
                     if not ((sel >= stats.min) & (sel <= stats.max)).any():
                         continue
-                table = pf.read_row_group(g, columns=["row", "values"])
-                row_idx = table.column("row").to_numpy()
-                block = _fixed_list_to_numpy(table.column("values"), self.shapes.n)
-                if sel is not None:
-                    keep = np.isin(row_idx, sel)
-                    row_idx, block = row_idx[keep], block[keep]
-                if len(row_idx):
-                    yield row_idx, block
+                yield functools.partial(_read_group, path, self.storage.fs, meta, g, n, sel)
 
     def _normalise_rows(self, rows: Any) -> np.ndarray | None:
         total = self.shapes.total_rows
@@ -219,6 +229,8 @@ class JacobianResult:
             sorted_rows = wanted[order]
         filled = 0
         for row_idx, block in self.iter_blocks(wanted, verify=verify):
+            # NOTE: one copy per value, Arrow's buffer into ``out``: raw
+            # ``pq.read_table`` + ``combine_chunks`` + ``to_numpy`` copies once too.
             if wanted is not None:
                 out[order[np.searchsorted(sorted_rows, row_idx)]] = block
             elif int(row_idx[-1]) - int(row_idx[0]) + 1 == len(row_idx):
@@ -274,6 +286,30 @@ class JacobianResult:
         mat = sp.csr_matrix((v, (r, c)), shape=self.shape)
         return mat if wanted is None else mat[wanted]
 
+    def as_linear_operator(self, *, dtype: Any = None, verify: bool = False) -> Any:
+        """The result as a ``scipy.sparse.linalg.LinearOperator``, streamed from its parts.
+
+        ``matvec``, ``rmatvec``, ``matmat`` and ``rmatmat`` each read the parts
+        once, one row group (dense) or one part (sparse) at a time: memory is
+        O(block + m + n), so results larger than memory are usable by
+        ``scipy.sparse.linalg.lsmr``, ``svds`` and the like. Batched results
+        are the ``(B * m, n)`` matrix of their flat rows.
+
+        Args:
+            dtype: arithmetic dtype (default: the result's; ``float64`` upcasts
+                each block as it is read).
+            verify: check every part's sha256 once, now.
+
+        Raises:
+            JacpipeError: a shard is missing, uncommitted or corrupt.
+        """
+        from pipeline.linop import JacobianOperator
+
+        problems = self.check(checksums=verify)
+        if problems:
+            raise JacpipeError(f"{self.storage.display}: {problems[0]}; rerun `jacpipe run`")
+        return JacobianOperator(self, dtype=dtype)
+
     @property
     def full_shape(self) -> tuple[int, ...]:
         """``out_shape + in_shape`` (batched: ``(B,) + out_shape + in_shape``)."""
@@ -301,6 +337,47 @@ def _to_scipy(out: Any, n: int) -> Any:
 
 #: ``as_=`` of :meth:`JacobianResult.read`: how the array read is handed back.
 _CONVERT = {"numpy": _to_numpy, "torch": _to_torch, "scipy": _to_scipy}
+
+
+#: Row groups decoded at once by :meth:`JacobianResult.iter_blocks` (and so by
+#: ``read_jacobian`` and the linear operator). A row group's values are one
+#: column chunk, which pyarrow decodes on one thread: reading row groups on a
+#: pool is what ``pq.read_table`` does too.
+READ_THREADS = 2
+
+
+def _read_group(
+    path: str, fs: Any, meta: Any, group: int, n: int, sel: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, block)`` of one row group (only the rows in ``sel`` when given)."""
+    pf = pq.ParquetFile(path, filesystem=fs, metadata=meta)
+    table = pf.read_row_group(group, columns=["row", "values"], use_threads=False)
+    row_idx = table.column("row").to_numpy()
+    block = _fixed_list_to_numpy(table.column("values"), n)
+    if sel is not None:
+        keep = np.isin(row_idx, sel)
+        row_idx, block = row_idx[keep], block[keep]
+    return row_idx, block
+
+
+def _prefetched(calls: Iterator[Callable[[], _T]], threads: int) -> Iterator[_T]:
+    """Results of ``calls`` in order, up to ``threads`` of them running ahead on a pool."""
+    if threads <= 1:
+        for call in calls:
+            yield call()
+        return
+    pending: deque[Future[_T]] = deque()
+    with ThreadPoolExecutor(threads, thread_name_prefix="jacpipe-read") as pool:
+        try:
+            for call in calls:
+                pending.append(pool.submit(call))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, n: int) -> np.ndarray:

@@ -339,6 +339,7 @@ def _manifest(opts: RunOptions, job: _Job, plan: RunPlan) -> Manifest:
             "gpus_per_shard": plan.gpus_per_shard,
             "device": opts.device,
             "group_rows": plan.group_rows,
+            "compression": plan.compression,
         },
         run_id=uuid.uuid4().hex[:12],
         created=utcnow(),
@@ -367,6 +368,7 @@ def _spec(opts: RunOptions, job: _Job, plan: RunPlan, shard: Shard, out: str, ru
         run_id=run_id,
         group_rows=plan.group_rows,
         chunk_size=opts.chunk_size,
+        compression=plan.compression,
     )
 
 

@@ -38,6 +38,7 @@ class ShardSpec:
         run_id: the run that computes it.
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
+        compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
     """
 
     job: str
@@ -57,6 +58,7 @@ class ShardSpec:
     run_id: str
     group_rows: int
     chunk_size: int | None = None
+    compression: str = "zstd"
 
     @property
     def rows(self) -> int:
@@ -71,6 +73,7 @@ class ShardSpec:
             "shapes": self.shapes.to_json(),
             "dtype": self.shapes.dtype,
             "method": self.method,
+            "compression": self.compression,
             "fingerprint": dict(self.fingerprint),
             "shard": {"index": self.index, "start": self.start, "stop": self.stop},
         }
@@ -99,6 +102,8 @@ class ShardResult:
         file: its part file; checksum (sha256 of its bytes) and bytes.
         nan, inf: non-finite values it holds.
         seconds: the task's wall time.
+        compute_seconds, write_seconds: busy time computing rows (and copying
+            them to the host) and encoding/writing them (0.0 in old manifests).
         node_id, device, gpu_ids, pid: where it ran.
         chunk_size: rows (or columns) per vectorised pass; peak_rss: the
             process's peak resident memory.
@@ -115,6 +120,8 @@ class ShardResult:
     nan: int = 0
     inf: int = 0
     seconds: float = 0.0
+    compute_seconds: float = 0.0
+    write_seconds: float = 0.0
     node_id: str = "?"
     device: str = "?"
     gpu_ids: list[str] = field(default_factory=list)

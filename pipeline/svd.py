@@ -100,26 +100,77 @@ def streamed_svd(
             that is not ``(r, n)``, an empty matrix, or ``blocks()`` giving a
             different number of rows on a later pass.
     """
+    _check_args(n, k, oversample, power_iters)
+    return _range_svd(
+        lambda right, m: _times(blocks, right, n, m),
+        lambda left, m: _transpose_times(blocks, left, n, m),
+        n, k, oversample=oversample, power_iters=power_iters, seed=seed,
+    )
+
+
+def operator_svd(
+    op: Any, k: int, *, oversample: int = 10, power_iters: int = 2, seed: int = 0
+) -> SVDResult:
+    """Top-``k`` SVD of a linear operator by the same algorithm as :func:`streamed_svd`.
+
+    Each pass is one ``op.matmat`` or ``op.rmatmat`` (for a result folder,
+    ``JacobianResult.as_linear_operator(dtype="float64")``: one streamed read
+    of the parts, dense or sparse).
+
+    Args:
+        op: anything with ``shape``, ``matmat`` and ``rmatmat``
+            (a ``scipy.sparse.linalg.LinearOperator``).
+        k, oversample, power_iters, seed: as :func:`streamed_svd`.
+
+    Returns:
+        An :class:`SVDResult` with ``min(k, m, n)`` singular values.
+
+    Raises:
+        ValueError: bad ``k``/``oversample``/``power_iters`` or an empty operator.
+    """
+    m, n = op.shape
+    _check_args(n, k, oversample, power_iters)
+    return _range_svd(
+        lambda right, _m: np.asarray(op.matmat(right), dtype=np.float64),
+        lambda left, _m: np.asarray(op.rmatmat(left), dtype=np.float64),
+        n, k, oversample=oversample, power_iters=power_iters, seed=seed,
+    )
+
+
+def _check_args(n: int, k: int, oversample: int, power_iters: int) -> None:
     if n < 1 or k < 1 or oversample < 0 or power_iters < 0:
         raise ValueError(
             "streamed_svd: expected n >= 1, k >= 1, oversample >= 0, power_iters >= 0; "
             f"got n={n}, k={k}, oversample={oversample}, power_iters={power_iters}"
         )
+
+
+def _range_svd(
+    times: Callable[[np.ndarray, int | None], np.ndarray],
+    transpose_times: Callable[[np.ndarray, int], np.ndarray],
+    n: int,
+    k: int,
+    *,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+) -> SVDResult:
+    """Randomized range finding given ``A @ X`` and ``A.T @ Y`` (one pass each)."""
     rng = np.random.default_rng(seed)
     l = min(k + oversample, n)  # noqa: E741 (the l of Halko et al.)
     omega = rng.standard_normal((n, l))
 
     passes = 1
-    y = _times(blocks, omega, n, None)
+    y = times(omega, None)
     m = y.shape[0]
     if m == 0:
         raise ValueError("streamed_svd: blocks() yielded no rows; the matrix is empty")
     q = _orth(y)
     for _ in range(power_iters):
-        z = _orth(_transpose_times(blocks, q, n, m))
-        q = _orth(_times(blocks, z, n, m))
+        z = _orth(transpose_times(q, m))
+        q = _orth(times(z, m))
         passes += 2
-    b = _transpose_times(blocks, q, n, m).T  # B = Q^T A, (l', n)
+    b = transpose_times(q, m).T  # B = Q^T A, (l', n)
     passes += 1
 
     u_b, s, vt = np.linalg.svd(b, full_matrices=False)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -117,17 +120,22 @@ def _node_id() -> str:
     return "local"
 
 
-def compute_shard(spec: ShardSpec, *, pattern: Any = None, coloring: Any = None) -> ShardResult:
+def compute_shard(
+    spec: ShardSpec, *, pattern: Any = None, coloring: Any = None, pipelined: bool = True
+) -> ShardResult:
     """Compute one shard and commit its part file; return its manifest entry.
 
     Args:
         spec: the shard (see :class:`~pipeline.shard.ShardSpec`).
         pattern, coloring: the sparsity pattern and its colouring (sparse layout).
+        pipelined: dense layout: write block ``k`` on a writer thread while block
+            ``k + 1`` is computed (see :class:`_Pipeline`); ``False`` writes
+            each block before computing the next. The part's bytes are the same.
 
     Returns:
         The shard's :class:`~pipeline.shard.ShardResult` (file, rows, checksum,
-        bytes, seconds, where it ran, the ``run_id`` that computed it and its
-        ``attempt`` within that run, ...).
+        bytes, seconds and the compute/write busy times, where it ran, the
+        ``run_id`` that computed it and its ``attempt`` within that run, ...).
     """
     global _CURRENT
     t0 = time.perf_counter()
@@ -138,15 +146,19 @@ def compute_shard(spec: ShardSpec, *, pattern: Any = None, coloring: Any = None)
     problem, activations = _problem(spec, device)
     chunk = _chunk(spec, activations, pattern, baseline=_rss() if device == "cpu" else 0)
     writer = PartWriter(
-        storage, part_name(spec.index), _schema(spec), spec.part_meta(), group_rows=spec.group_rows
+        storage, part_name(spec.index), _schema(spec), spec.part_meta(),
+        group_rows=spec.group_rows, compression=spec.compression, encoders=encoders(spec),
     )
+    busy = {"compute": 0.0, "write": 0.0}
     _CURRENT = spec
     try:
         if spec.layout == "sparse":
-            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk)
+            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
         else:
-            _write_dense(writer, problem, spec, chunk)
+            _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
+        t_commit = time.perf_counter()
         info = writer.commit()
+        busy["write"] += time.perf_counter() - t_commit
     except BaseException:
         writer.abort()
         raise
@@ -165,6 +177,8 @@ def compute_shard(spec: ShardSpec, *, pattern: Any = None, coloring: Any = None)
         nan=info.nan,
         inf=info.inf,
         seconds=round(time.perf_counter() - t0, 4),
+        compute_seconds=round(busy["compute"], 4),
+        write_seconds=round(busy["write"], 4),
         node_id=_node_id(),
         device=device,
         gpu_ids=_gpu_ids(),
@@ -174,6 +188,16 @@ def compute_shard(spec: ShardSpec, *, pattern: Any = None, coloring: Any = None)
         run_id=spec.run_id,
         attempt=attempt,
     )
+
+
+def encoders(spec: ShardSpec) -> int:
+    """Encoder threads of a shard: ``threads - 1`` (the rest computes), at least 1."""
+    return max(1, spec.threads - 1)
+
+
+#: Finished blocks a dense shard holds on the host at most: one queued, one being
+#: encoded (``plan.chunk_rows(in_flight=...)`` counts them).
+IN_FLIGHT = 2
 
 
 def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) -> int:
@@ -195,6 +219,7 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
         # column pass (engine NOTE: [Rows by forward mode]); Hessian and
         # per-sample rows are yielded chunk by chunk.
         rows=spec.rows if shapes.kind == "jacobian" else 0,
+        in_flight=IN_FLIGHT if spec.layout == "dense" else 0,
     )
     if spec.method == "rev":
         # A chunk never needs more rows than one row group: the writer flushes
@@ -209,14 +234,159 @@ def _schema(spec: ShardSpec) -> Any:
     return dense_schema(spec.shapes.n, spec.shapes.dtype, batched=spec.shapes.kind == "batched")
 
 
-def _write_dense(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk: int) -> None:
+def _write_dense(
+    writer: PartWriter,
+    problem: Problem,
+    spec: ShardSpec,
+    chunk: int,
+    busy: dict[str, float],
+    *,
+    pipelined: bool,
+) -> None:
+    """Compute the shard's rows block by block and hand each to the writer.
+
+    ``busy`` gains the seconds spent computing (to the host copy's start) and
+    writing (encoding, hashing, the sink), not the waits between them.
+    """
     m = spec.shapes.m
-    for a, block in iter_rows(problem, spec.start, spec.stop, chunk_size=chunk, method=spec.method):
-        arr = block.detach().cpu().numpy()
-        samples = None
-        if spec.shapes.kind == "batched":
-            samples = np.arange(a, a + len(arr), dtype=np.int64) // m
+    batched = spec.shapes.kind == "batched"
+    copier = _HostCopy(problem.x.device)
+
+    def write(a: int, host: Any) -> None:
+        arr = copier.wait(host)
+        samples = np.arange(a, a + len(arr), dtype=np.int64) // m if batched else None
         writer.write(a, arr, samples=samples)
+
+    sink: Any = _Pipeline(write) if pipelined else None
+    try:
+        rows = iter_rows(problem, spec.start, spec.stop, chunk_size=chunk, method=spec.method)
+        while True:
+            t0 = time.perf_counter()
+            item = next(rows, None)
+            if item is None:
+                break
+            host = copier.start(item[1])
+            busy["compute"] += time.perf_counter() - t0
+            if sink is None:
+                t1 = time.perf_counter()
+                write(item[0], host)
+                busy["write"] += time.perf_counter() - t1
+            else:
+                sink.put(item[0], host)
+            del item, host
+    except BaseException:
+        if sink is not None:
+            sink.cancel()
+        raise
+    if sink is not None:
+        busy["write"] += sink.close()
+
+
+class _HostCopy:
+    """Blocks to host memory: on CUDA, pinned buffers filled on a side stream.
+
+    The copy of block ``k`` runs on its own stream while block ``k + 1`` is
+    computed on the default one; the writer thread waits for the copy's event
+    before reading the buffer. On the CPU a block is already on the host.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = (
+            torch.cuda.Stream(device) if device.type == "cuda" and torch.cuda.is_available()
+            else None
+        )
+
+    def start(self, block: torch.Tensor) -> Any:
+        block = block.detach()
+        if self.stream is None or block.device.type != "cuda":
+            return block.cpu().numpy()
+        host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(block.device))
+        with torch.cuda.stream(self.stream):
+            host.copy_(block, non_blocking=True)
+            block.record_stream(self.stream)  # keep its memory until the copy ran
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return host, done
+
+    @staticmethod
+    def wait(host: Any) -> np.ndarray:
+        if isinstance(host, tuple):
+            tensor, done = host
+            done.synchronize()
+            return tensor.numpy()
+        return host
+
+
+class _Pipeline:
+    """A writer thread fed through a bounded queue: compute and writes overlap.
+
+    At most :data:`IN_FLIGHT` finished blocks wait or are being written; the
+    producer blocks when the queue is full. An exception on the writer thread
+    is re-raised in the producer at its next :meth:`put` or at :meth:`close`,
+    and the caller aborts the part.
+    """
+
+    _STOP = object()
+
+    def __init__(self, write: Callable[[int, Any], None]) -> None:
+        self._write = write
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=IN_FLIGHT - 1)
+        self._error: BaseException | None = None
+        self._cancel = threading.Event()
+        self.busy = 0.0
+        self._thread = threading.Thread(target=self._run, name="jacpipe-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP or self._cancel.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                self._write(*item)
+            except BaseException as e:  # noqa: BLE001 - handed to the producer
+                self._error = e
+                self._cancel.set()
+                return
+            finally:
+                self.busy += time.perf_counter() - t0
+                del item
+
+    def put(self, a: int, host: Any) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put((a, host), timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> float:
+        """Wait for the last block; return the writer's busy seconds."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(self._STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        self._raise()
+        return self.busy
+
+    def cancel(self) -> None:
+        """Stop the writer after its current block (the shard failed elsewhere)."""
+        self._cancel.set()
+        try:
+            self._queue.put_nowait(self._STOP)
+        except queue.Full:
+            pass
+        self._thread.join()
 
 
 def _write_sparse(
@@ -227,14 +397,23 @@ def _write_sparse(
     start: int,
     stop: int,
     chunk: int,
+    busy: dict[str, float],
 ) -> None:
-    """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows)."""
+    """Compressed evaluation (one JVP/VJP/HVP per colour touching these rows), then its write.
+
+    Not pipelined: a sparse shard is evaluated in one call (by colour, not by block).
+    """
     from pipeline import sparse
 
     if coloring is None:
         raise RuntimeError("a sparse shard needs the colouring of its pattern")
+    t0 = time.perf_counter()
     rows = sparse.evaluate_rows(problem, start, stop, coloring, chunk_size=chunk, pattern=pattern)
-    writer.write_sparse(rows.rows, rows.indptr, rows.cols, rows.values.detach().cpu().numpy())
+    values = rows.values.detach().cpu().numpy()
+    t1 = time.perf_counter()
+    writer.write_sparse(rows.rows, rows.indptr, rows.cols, values)
+    busy["compute"] += t1 - t0
+    busy["write"] += time.perf_counter() - t1
 
 
 def _ray_gpus() -> tuple[bool, list[str]]:

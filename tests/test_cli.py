@@ -90,7 +90,8 @@ def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
     f = out / "part-00001.parquet"
     table = pq.read_table(f)
     vals = np.stack(table.column("values").to_numpy(zero_copy_only=False)) * 1.001
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1).astype(np.float32)), 60)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1).astype(np.float32)),
+                                            type=table.schema.field("values").type)
     pq.write_table(table.set_column(1, table.schema.field("values"), arr), f)
     man = json.loads((out / "_manifest.json").read_text())
     storage = Storage(str(out))

@@ -63,7 +63,8 @@ def test_schema_metadata_and_writer_settings(tmp_path, matrix):
     f = tmp_path / "part-00000.parquet"
     schema = pq.read_schema(f)
     assert schema.field("row").type == pa.int64()
-    assert schema.field("values").type == pa.list_(pa.float32(), 7)
+    element = pa.field("element", pa.float32(), nullable=False)  # issue 16: no null levels
+    assert schema.field("values").type == pa.list_(element, 7)
     meta = json.loads(schema.metadata[b"jacpipe"])
     assert meta["shard"] == {"index": 0, "start": 0, "stop": 23}
     md = pq.ParquetFile(f).metadata
