@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from pipeline.reader import open_jacobian as open_jacobian
     from pipeline.reader import read_jacobian as read_jacobian
     from pipeline.runner import run as run
+    from pipeline.sparsity import detect_sparsity as detect_sparsity
 
 _LAZY = {
     "jacobian_rows": "pipeline.engine",
@@ -32,6 +33,7 @@ _LAZY = {
     "run": "pipeline.runner",
     "RunOptions": "pipeline.plan",
     "compare_result": "pipeline.compare",
+    "detect_sparsity": "pipeline.sparsity",
 }
 
 __all__ = ["JacpipeError", "Problem", *_LAZY]

@@ -85,7 +85,7 @@ def run_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option(None, "--dtype", help="float32 or float64 (passed to the job's dtype parameter)."),
     method: str = typer.Option("auto", "--method", help="auto (sparse when a pattern is known, else the fwd/rev cost model), rev (VJP per row), fwd (JVP per column) or sparse (graph colouring: one compressed pass per colour)."),
-    sparsity: str = typer.Option(None, "--sparsity", help="Sparsity pattern FILE (.npz scipy matrix, or Parquet with row/col columns); overrides the job's."),
+    sparsity: str = typer.Option(None, "--sparsity", help="Sparsity pattern: FILE (.npz scipy matrix, or Parquet with row/col columns), 'auto' (detected by tracing fn: holds at any x) or 'auto-local' (at this x only); overrides the job's. Without it, --method auto detects a pattern when that is cheap."),
     memory_budget: str = typer.Option(None, "--memory-budget", help="Peak memory per task, e.g. 2GiB [default: half the node's memory over its task slots]."),
     chunk_size: int = typer.Option(None, "--chunk-size", help="Override the rows per vectorised pass (normally from --memory-budget)."),
     compression: str = typer.Option("zstd", "--compression", help="Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy or none."),
@@ -318,6 +318,9 @@ def inspect_cmd(
             *([("nonzeros / density / colours",
                 f"{info['nnz']} / {info['density']:.3g} / {info['colours']} "
                 f"({info['coloring_mode']} mode)")] if info["layout"] == "sparse" else []),
+            *([("sparsity pattern from", f"{info['pattern_source']}" + (
+                f" in {info['sparsity_detection']['seconds']}s"
+                if info["sparsity_detection"] else ""))] if info["pattern_source"] else []),
             ("NaN / Inf", f"{info['nan']} / {info['inf']}"),
         ]:
             table.add_row(name, value)

@@ -71,6 +71,8 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         "density": nnz / (result.shape[0] * result.shape[1]) if result.shape[0] else None,
         "colours": (man.coloring or {}).get("num_colors"),
         "coloring_mode": (man.coloring or {}).get("mode"),
+        "pattern_source": (man.coloring or {}).get("source"),
+        "sparsity_detection": man.extra.get("sparsity_detection"),
         "nan": nan,
         "inf": inf,
         "nan_inf_by_shard": {

@@ -137,6 +137,7 @@ class RunPlan:
         compression: the part files' codec (``--compression``).
         coloring: the colouring of a sparse run, else None.
         pattern: its sparsity pattern, else None.
+        pattern_source: ``job``, ``file``, ``detected`` or ``detected-local``.
         notes: lines for the user (clamped requests, the sparse summary).
     """
 
@@ -153,6 +154,7 @@ class RunPlan:
     coloring: Any = None
     pattern: Any = None
     notes: list[str] = field(default_factory=list)
+    pattern_source: str | None = None
     compression: str = DEFAULT_COMPRESSION
 
     def coloring_facts(self) -> dict[str, Any] | None:
@@ -164,6 +166,7 @@ class RunPlan:
             "num_colors": int(self.coloring.num_colors),
             "nnz": int(self.pattern.nnz),
             "pattern_sha256": pattern_hash(self.pattern),
+            "source": self.pattern_source,
         }
 
 
@@ -175,6 +178,7 @@ def make_plan(
     pattern: Any = None,
     device_param: bool = False,
     forward_disagrees: str | None = None,
+    pattern_source: str | None = None,
 ) -> RunPlan:
     """Plan a run: slots, shards, method, layout, colouring, budget, GPU share.
 
@@ -184,6 +188,7 @@ def make_plan(
         resources: what the cluster has.
         pattern: the sparsity pattern to use (:func:`run_pattern`), or None.
         device_param: the job's ``build`` takes a ``device`` (it can build on a GPU).
+        pattern_source: where ``pattern`` came from (:class:`PatternChoice`).
         forward_disagrees: why forward mode gives another derivative than
             reverse mode at ``x`` (the adjoint check failed), else None:
             ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned.
@@ -202,6 +207,8 @@ def make_plan(
         else default_memory_budget(resources.node_memory or 8 * 2**30, slots)
     )
     sparse = pattern is not None and options.method in ("auto", "sparse")
+    coloring = _worth_colouring(pattern, shapes, options, pattern_source) if sparse else None
+    sparse = coloring is not None
     row_bytes = stored_row_bytes(shapes, pattern if sparse else None)
     shards, note = plan_shards(
         shapes.total_rows,
@@ -218,13 +225,10 @@ def make_plan(
         align=shapes.m if shapes.kind == "batched" else 1,
     )
     notes = [note] if note else []
-    coloring = None
+    if pattern is not None and not sparse and options.method == "auto":
+        notes.append("the detected pattern needs about as many colours as dense passes; "
+                     "dense path")
     if sparse:
-        # NOTE: a known pattern beats both dense modes: one compressed pass per
-        # colour instead of one per row (rev) or column (fwd).
-        from pipeline.coloring import choose_coloring
-
-        coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
         method, layout = "sparse", "sparse"
         notes.append(
             f"sparse: {int(pattern.nnz)} nonzeros, {coloring.num_colors} colours "
@@ -255,9 +259,29 @@ def make_plan(
         group_rows=group_rows(row_bytes, 1),
         coloring=coloring,
         pattern=pattern if sparse else None,
+        pattern_source=pattern_source if sparse else None,
         notes=notes,
         compression=options.compression,
     )
+
+
+def _worth_colouring(pattern: Any, shapes: Shapes, options: RunOptions,
+                     source: str | None) -> Any:
+    """The colouring of ``pattern``, or None where a detected one does not pay.
+
+    NOTE: a known pattern beats both dense modes: one compressed pass per
+    colour instead of one per row (rev) or column (fwd). A pattern that
+    ``--method auto`` detected on its own is used only when its colours are
+    fewer than half the dense passes (``min(m, n)``): a vectorised dense pass
+    is cheaper than a compressed one.
+    """
+    from pipeline.coloring import choose_coloring
+
+    coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
+    automatic = options.method == "auto" and not options.sparsity and source == "detected"
+    if automatic and 2 * coloring.num_colors >= min(shapes.m, shapes.n):
+        return None
+    return coloring
 
 
 def stored_row_bytes(shapes: Shapes, pattern: Any = None) -> int:
@@ -350,40 +374,114 @@ def task_slots(cpus_per_shard: float, gpus_per_shard: float, resources: Resource
     return slots
 
 
-def run_pattern(options: RunOptions, job_pattern: Any, shapes: Shapes) -> Any:
-    """The sparsity pattern a run uses: ``--sparsity FILE``, else the job's, else None.
+@dataclass(frozen=True)
+class PatternChoice:
+    """The sparsity pattern of a run and where it came from.
 
-    Dense methods (``rev``, ``fwd``) use none.
+    Args:
+        pattern: boolean CSR, or None (dense path).
+        source: ``"job"``, ``"file"``, ``"detected"`` (global: holds at any
+            x), ``"detected-local"`` (holds at this x only), or None.
+        seconds: time spent detecting it (0 when given).
+        note: one line for the user (what detection found or why it was not used).
+    """
+
+    pattern: Any = None
+    source: str | None = None
+    seconds: float = 0.0
+    note: str | None = None
+
+    def facts(self) -> dict[str, Any] | None:
+        """What the manifest records of a detection (None when the pattern was given)."""
+        if self.source is None or not self.source.startswith("detected") and not self.note:
+            return None
+        return {"source": self.source, "seconds": round(self.seconds, 4), "note": self.note}
+
+
+#: ``--sparsity`` values that detect the pattern instead of reading a file.
+DETECT = {"auto": "global", "auto-local": "local"}
+
+
+def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternChoice:
+    """The sparsity pattern a run uses: ``--sparsity FILE|auto``, the job's, or detected.
+
+    ``--sparsity auto`` (or ``Problem(sparsity="auto")``) detects the pattern
+    by tracing ``fn`` (:mod:`pipeline.sparsity`, global mode: valid at any
+    x; ``auto-local``: at this x only). ``--method auto`` without any pattern
+    tries the same detection with its density cap (a dense problem gives up
+    within about three forward passes) and keeps the dense path when it
+    gives up. Dense methods (``rev``, ``fwd``) use none.
 
     Raises:
         JacpipeError: ``--method sparse`` without a pattern, a pattern of the
-            wrong shape, or a pattern for per-sample Jacobians.
+            wrong shape, a pattern for per-sample Jacobians, or an explicit
+            detection that cannot be done (random ops, control flow on x).
     """
     if options.method not in ("auto", "sparse"):
-        return None
-    if options.sparsity:
+        return PatternChoice()
+    asked = options.sparsity or (problem.sparsity if isinstance(problem.sparsity, str) else None)
+    if asked in DETECT:
+        choice = _detected(problem, shapes, DETECT[asked], explicit=True,
+                           needed=options.method == "sparse")
+    elif options.sparsity:
         from pipeline.sparse import load_pattern
 
-        pattern = load_pattern(options.sparsity)
-    elif job_pattern is not None:
+        choice = PatternChoice(load_pattern(options.sparsity), "file")
+    elif problem.sparsity is not None:
         from pipeline.coloring import as_pattern
 
-        pattern = as_pattern(job_pattern)
+        choice = PatternChoice(as_pattern(problem.sparsity), "job")
     elif options.method == "sparse":
         raise JacpipeError(
             f"--method sparse: job {options.job!r} has no sparsity pattern; give one with "
-            "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns)"
+            "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns) or "
+            "--sparsity auto (detected)"
         )
+    elif shapes.kind == "batched":
+        return PatternChoice()
     else:
-        return None
+        choice = _detected(problem, shapes, "global", explicit=False, needed=False)
+    if choice.pattern is not None:
+        _check_pattern_shape(choice.pattern, shapes)
+    return choice
+
+
+def _check_pattern_shape(pattern: Any, shapes: Shapes) -> None:
+    if shapes.kind == "batched":
+        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
     if pattern.shape != (shapes.m, shapes.n):
         raise JacpipeError(
             f"sparsity pattern has shape {pattern.shape}, expected {(shapes.m, shapes.n)} "
             f"(rows x columns of the {shapes.kind})"
         )
+
+
+def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed: bool
+              ) -> PatternChoice:
+    """Detect the pattern; an explicit request fails loudly, ``--method auto`` quietly."""
+    from pipeline.sparsity import SparsityError, trace_sparsity
+
     if shapes.kind == "batched":
-        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
-    return pattern
+        raise JacpipeError("--sparsity auto: sparsity patterns are supported for jacobian and "
+                           "hessian kinds, not per-sample Jacobians")
+    try:
+        report = trace_sparsity(problem.fn, problem.x, kind=shapes.kind, mode=mode)
+    except SparsityError as exc:
+        if explicit:
+            raise JacpipeError(f"--sparsity auto: {exc}") from None
+        return PatternChoice(note=f"no sparsity detected ({exc}); dense path")
+    source = "detected" if mode == "global" else "detected-local"
+    if report.dense:
+        if needed:
+            raise JacpipeError(
+                f"--method sparse with --sparsity auto: the Jacobian is dense ({report.reason}); "
+                "use --method auto, rev or fwd")
+        return PatternChoice(None, source, report.seconds,
+                             f"sparsity detection gave up in {report.seconds:.2f}s "
+                             f"({report.reason}); dense path")
+    held = " (holds at this x only)" if mode == "local" else ""
+    return PatternChoice(report.pattern, source, report.seconds,
+                         f"sparsity detected in {report.seconds:.2f}s: {report.reason}{held}")
 
 
 def pattern_hash(pattern: Any) -> str:

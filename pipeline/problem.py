@@ -34,7 +34,9 @@ class Problem:
         x: the point (``kind="batched"``: a batch ``(B, *in_shape)`` of points).
         kind: ``"jacobian"``, ``"hessian"`` or ``"batched"``.
         sparsity: optional known pattern (a ``scipy.sparse`` matrix of shape
-            ``(m, n)``) of the Jacobian or Hessian; enables colouring.
+            ``(m, n)``), or ``"auto"`` to detect it by tracing ``fn``
+            (:func:`pipeline.detect_sparsity`; ``"auto-local"``: at this x
+            only). A pattern enables colouring.
     """
 
     fn: Callable[..., Any]
@@ -325,6 +327,11 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
     )
     if shapes.n == 0 or shapes.total_rows == 0:
         raise JacpipeError(f"{spec}: empty problem (shape {shapes.to_json()})")
+    if isinstance(problem.sparsity, str) and problem.sparsity not in ("auto", "auto-local"):
+        raise JacpipeError(
+            f"{spec}: sparsity must be a scipy.sparse pattern, 'auto' (detected, valid at any "
+            f"x) or 'auto-local' (at this x only), got {problem.sparsity!r}"
+        )
     if problem.sparsity is not None and not isinstance(problem.sparsity, str):
         sp_shape = tuple(getattr(problem.sparsity, "shape", ()))
         if sp_shape != (shapes.m, shapes.n):

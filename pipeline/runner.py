@@ -73,7 +73,7 @@ class _Job:
     shapes: Shapes
     fingerprint: dict[str, Any]
     device_param: bool
-    pattern: Any
+    pattern: Any  # a PatternChoice: the sparsity pattern and where it came from
     adjoint: Any  # the AdjointCheck, when forward mode was on the table
 
 
@@ -96,7 +96,7 @@ def _check_job(opts: RunOptions) -> _Job:
         params["dtype"] = opts.dtype
     problem = build_problem(opts.job, params)
     shapes = validate(problem, opts.job)
-    pattern = run_pattern(opts, problem.sparsity, shapes)
+    pattern = run_pattern(opts, problem, shapes)
     return _Job(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),
@@ -105,7 +105,7 @@ def _check_job(opts: RunOptions) -> _Job:
         device_param=device_param,
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
-        adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern),
+        adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
     )
 
 
@@ -287,9 +287,11 @@ def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
     storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
     started = connect(opts.address, opts.num_cpus)
     try:
+        if job.pattern.note:
+            echo(f"note: {job.pattern.note}")
         plan = make_plan(
-            job.shapes, opts, cluster_resources(), pattern=job.pattern,
-            device_param=job.device_param,
+            job.shapes, opts, cluster_resources(), pattern=job.pattern.pattern,
+            pattern_source=job.pattern.source, device_param=job.device_param,
             forward_disagrees=None if job.adjoint is None or job.adjoint.agree
             else job.adjoint.reason,
         )
@@ -344,7 +346,11 @@ def _manifest(opts: RunOptions, job: _Job, plan: RunPlan) -> Manifest:
         run_id=uuid.uuid4().hex[:12],
         created=utcnow(),
         versions=versions(),
-        extra={} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()},
+        extra={
+            **({} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()}),
+            **({} if job.pattern.facts() is None
+               else {"sparsity_detection": job.pattern.facts()}),
+        },
     )
 
 

@@ -115,3 +115,14 @@ def custom_backward(n: int = 12) -> Problem:
             return 2 * scale * g
 
     return Problem(fn=Twice.apply, x=torch.linspace(0, 1, n, dtype=torch.float64))
+
+
+def branchy(n: int = 40) -> Problem:
+    """Python control flow on a value of x: global sparsity detection must refuse it."""
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        if v.sum() > 0:
+            return torch.sin(v) * v.roll(1)
+        return torch.cos(v)
+
+    return Problem(fn=fn, x=torch.linspace(0.1, 1, n, dtype=torch.float64))
