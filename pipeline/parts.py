@@ -39,12 +39,20 @@ def count_nonfinite(values: np.ndarray) -> tuple[int, int]:
     return int(np.isnan(values).sum()), int(np.isinf(values).sum())
 
 
-def dense_schema(n: int, dtype: str, *, batched: bool = False) -> pa.Schema:
-    """The one schema of a dense part file (``row``, [``sample``], ``values``)."""
+def dense_schema(
+    n: int, dtype: str, *, batched: bool = False, extra: tuple[str, ...] = ()
+) -> pa.Schema:
+    """The one schema of a dense part file (``row``, [``sample``], ``values``).
+
+    ``extra`` names more ``fixed_size_list[n]`` columns after ``values``: a
+    smoothed result's ``stderr`` (and ``zeroth``, ``zeroth_stderr``; see
+    :mod:`pipeline.smoothing`). Readers of ``values`` ignore them.
+    """
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if batched:
         fields.append(pa.field("sample", pa.int64(), nullable=False))
     fields.append(pa.field("values", pa.list_(ARROW_FLOAT[dtype], n), nullable=False))
+    fields += [pa.field(name, pa.list_(ARROW_FLOAT[dtype], n), nullable=False) for name in extra]
     return pa.schema(fields)
 
 
@@ -188,6 +196,23 @@ class PartWriter:
         if "sample" in self.schema.names:
             arrays.append(pa.array(np.asarray(samples, dtype=np.int64)))
         arrays.append(values)
+        self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+
+    def write_columns(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
+        """Append rows ``start ..`` of a dense part whose schema has ``extra`` columns.
+
+        Args:
+            start: the first row.
+            columns: one ``(rows, n)`` array per non-``row`` column of the schema.
+        """
+        names = [name for name in self.schema.names if name != "row"]
+        first = np.ascontiguousarray(columns["values"])
+        r, n = first.shape
+        self._count(first)
+        arrays = [pa.array(np.arange(start, start + r, dtype=np.int64))]
+        for name in names:
+            flat = np.ascontiguousarray(columns[name]).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat), n))
         self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def write_sparse(

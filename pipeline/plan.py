@@ -48,6 +48,12 @@ class RunOptions:
     max_in_flight: int | None = None
     progress: bool = True
     shard_timeout: float | None = None
+    #: Randomized smoothing (pipeline.smoothing): sigma (a number, "auto" or a
+    #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
+    smooth: float | str | None = None
+    samples: int = 64
+    estimator: str = "first"
+    smooth_seed: int = 0
 
     def check(self) -> None:
         """Refuse option values that are wrong whatever the job and cluster.
@@ -76,6 +82,21 @@ class RunOptions:
             parse_size(self.memory_budget)
         if self.shard_timeout is not None and not self.shard_timeout > 0:
             raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
+        if self.smooth is not None:
+            self.smoothing()
+            if self.method == "sparse":
+                raise JacpipeError("--smooth computes dense rows; use --method auto, rev or fwd")
+
+    def smoothing(self) -> Any:
+        """The :class:`~pipeline.smoothing.Smoothing` asked for, or None.
+
+        Raises:
+            JacpipeError: a bad --smooth, --samples or --estimator.
+        """
+        from pipeline.smoothing import parse_smooth
+
+        return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
+                            estimator=self.estimator)
 
 
 @dataclass(frozen=True)

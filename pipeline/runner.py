@@ -75,6 +75,7 @@ class _Job:
     device_param: bool
     pattern: Any
     adjoint: Any  # the AdjointCheck, when forward mode was on the table
+    smoothing: dict[str, Any] | None = None  # a smoothed run's Smoothing.to_json()
 
 
 def _uri_or_abspath(out: str) -> str:
@@ -96,7 +97,12 @@ def _check_job(opts: RunOptions) -> _Job:
         params["dtype"] = opts.dtype
     problem = build_problem(opts.job, params)
     shapes = validate(problem, opts.job)
-    pattern = run_pattern(opts, problem.sparsity, shapes)
+    smoothing = opts.smoothing()
+    if smoothing is not None:
+        from pipeline.smoothing import check_problem
+
+        check_problem(smoothing, problem, opts.job)
+    pattern = None if smoothing else run_pattern(opts, problem.sparsity, shapes)
     return _Job(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),
@@ -106,6 +112,7 @@ def _check_job(opts: RunOptions) -> _Job:
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern),
+        smoothing=smoothing.to_json() if smoothing else None,
     )
 
 
@@ -343,7 +350,8 @@ def _manifest(opts: RunOptions, job: _Job, plan: RunPlan) -> Manifest:
         run_id=uuid.uuid4().hex[:12],
         created=utcnow(),
         versions=versions(),
-        extra={} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()},
+        extra=({} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()})
+        | ({} if job.smoothing is None else {"smoothing": job.smoothing}),
     )
 
 
@@ -367,6 +375,7 @@ def _spec(opts: RunOptions, job: _Job, plan: RunPlan, shard: Shard, out: str, ru
         run_id=run_id,
         group_rows=plan.group_rows,
         chunk_size=opts.chunk_size,
+        smoothing=job.smoothing,
     )
 
 

@@ -38,6 +38,7 @@ class ShardSpec:
         run_id: the run that computes it.
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
+        smoothing: a smoothed run's :class:`~pipeline.smoothing.Smoothing` as JSON, else None.
     """
 
     job: str
@@ -57,6 +58,7 @@ class ShardSpec:
     run_id: str
     group_rows: int
     chunk_size: int | None = None
+    smoothing: Mapping[str, Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -73,7 +75,7 @@ class ShardSpec:
             "method": self.method,
             "fingerprint": dict(self.fingerprint),
             "shard": {"index": self.index, "start": self.start, "stop": self.stop},
-        }
+        } | ({"smoothing": dict(self.smoothing)} if self.smoothing else {})
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
