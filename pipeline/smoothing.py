@@ -65,6 +65,7 @@ COLUMNS = {
     "zeroth": ("values", "stderr"),
     "both": ("values", "stderr", "zeroth", "zeroth_stderr"),
 }
+ORDER = {"first": "first-order", "zeroth": "zeroth-order", "both": "first- and zeroth-order"}
 #: Standard errors within which an independent Monte Carlo reference must agree
 #: (at least; more for many entries, see :func:`agreement_z`).
 MIN_Z = 4.0
@@ -218,6 +219,24 @@ def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
     smoothing.sigma_vector(problem.x)
 
 
+def suggestion(job: str, params: Mapping[str, Any], x: Any, kinked: list[int]) -> str:
+    """A ``--smooth`` command line for a result found to have kinks along ``kinked`` inputs.
+
+    NOTE: the sigma offered is the ``auto`` scale of the kinked inputs
+    (``AUTO_FRACTION * max(1, |x_j|)``): small enough to keep the bias on the
+    smooth inputs low, large enough that K = 256 samples straddle the kink.
+    """
+    flat = np.abs(np.asarray(_numpy(x), dtype=np.float64).reshape(-1))
+    sigma = AUTO_FRACTION * max(1.0, float(flat[kinked].max())) if kinked else AUTO_FRACTION
+    args = "".join(f"-p {k}={v} " for k, v in params.items())
+    return (
+        f"to differentiate through the kink, smooth it: jacpipe run {job} {args}"
+        f"--smooth {sigma:g} --samples 256 --out out/{job.split(':')[-1]}-smooth (the Jacobian of "
+        "E[f(x + sigma w)] with a standard error per entry; a larger sigma trades bias for "
+        "variance)"
+    )
+
+
 def direction(seed: int, pair: int, n: int) -> np.ndarray:
     """``w`` of antithetic pair ``pair``: N(0, I) in float64, from ``(seed, pair)`` only."""
     return np.random.default_rng([int(seed), int(pair)]).standard_normal(n)
@@ -256,6 +275,7 @@ def smoothed_blocks(
     stop: int,
     *,
     chunk: int,
+    index: np.ndarray | None = None,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Smoothed rows ``[start, stop)`` chunk by chunk, with their standard errors.
 
@@ -265,8 +285,10 @@ def smoothed_blocks(
         smoothing: sigma, samples, seed, estimator.
         rows_at: ``(point, a, b) -> (b - a, n)`` numpy rows of the Jacobian at
             ``point`` (the engine in a worker, plain autograd in ``compare``).
-        start, stop: the rows.
+        start, stop: the rows (positions in ``index`` when it is given).
         chunk: rows per pass.
+        index: flat row numbers of the positions, for sampled rows (``rows_at``
+            then receives positions too); None: positions are rows.
 
     Returns:
         An iterator of ``(first_row, {column: (rows, n) float64})``, columns as
@@ -282,11 +304,12 @@ def smoothed_blocks(
         for p in range(smoothing.pairs)
     ]
     diffs = None
+    pick: Any = slice(start, stop) if index is None else np.asarray(index)[start:stop]
     if smoothing.zeroth:
         # (P, rows): f(x+) - f(x-) on this shard's rows, once for every chunk.
         with torch.no_grad():
             diffs = np.stack([
-                _numpy((f(x + s) - f(x - s)).reshape(-1)[start:stop]).astype(np.float64)
+                _numpy((f(x + s) - f(x - s)).reshape(-1))[pick].astype(np.float64)
                 for s in steps
             ]) if stop > start else np.zeros((smoothing.pairs, 0))
     for a in range(start, stop, max(1, chunk)):
@@ -397,3 +420,114 @@ def agreement_z(entries: int) -> float:
 
     tail = 1e-3 / (2 * max(1, entries))
     return max(MIN_Z, NormalDist().inv_cdf(1 - tail))
+
+
+# ---------------------------------------------------------------------------
+# compare: an independent Monte Carlo reference, and the bias against plain AD
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SmoothedCheck:
+    """A stored smoothed result against an independent Monte Carlo run (``compare``).
+
+    Args:
+        max_abs: max |stored - reference| over the checked entries.
+        worst_z: max |stored - reference| / combined standard error (entries
+            with a zero standard error count through ``atol`` only).
+        worst_ratio: max |stored - reference| / (z * combined stderr + atol); <= 1 passes.
+        z: the threshold (:func:`agreement_z`).
+        atol: the rounding allowance (``rtol * max |reference|``).
+        bias: max |stored - AD Jacobian at x| and where, ``(value, row, col)``.
+        max_stderr, median_stderr: of the stored entries checked.
+        zeroth_z: ``both``: max |first - zeroth| / combined stderr, else None.
+    """
+
+    max_abs: float
+    worst_z: float
+    worst_ratio: float
+    z: float
+    atol: float
+    bias: tuple[float, int, int]
+    max_stderr: float
+    median_stderr: float
+    zeroth_z: float | None = None
+
+
+def reference_rows(problem: Any, smoothing: Smoothing, rows: np.ndarray, *, chunk: int = 64
+                   ) -> dict[str, np.ndarray]:
+    """The smoothed rows ``rows`` in one process, by plain autograd at each perturbed point.
+
+    Args:
+        problem: the rebuilt problem.
+        smoothing: what to estimate (give it another seed for an independent run).
+        rows: flat row indices.
+        chunk: rows per pass.
+
+    Returns:
+        ``{column: (len(rows), n)}`` as :attr:`Smoothing.columns`.
+    """
+    from pipeline.kinds import kind_of
+
+    reference = kind_of(problem.kind).reference_rows
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+
+    def rows_at(point: Tensor, a: int, b: int) -> np.ndarray:
+        return np.asarray(reference(dataclasses.replace(problem, x=point), rows[a:b]))
+
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in smoothing.columns}
+    for _, cols in smoothed_blocks(problem.fn, problem.x, smoothing, rows_at, 0, len(rows),
+                                   chunk=chunk, index=rows):
+        for name in parts:
+            parts[name].append(cols[name])
+    n = problem.x.numel()
+    return {k: np.concatenate(v) if v else np.zeros((0, n)) for k, v in parts.items()}
+
+
+def check_against(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], ad: np.ndarray,
+                  rows: np.ndarray, *, rtol: float) -> SmoothedCheck:
+    """Compare stored smoothed rows with an independent reference and with plain AD.
+
+    Args:
+        got, ref: ``{column: (rows, n)}`` of the stored result and of the reference.
+        ad: the plain AD rows at ``x`` (the bias is measured against them).
+        rows: the flat row numbers of the checked rows.
+        rtol: rounding allowance relative to max |reference|.
+    """
+    diff = np.abs(got["values"] - ref["values"])
+    comb = np.sqrt(got["stderr"] ** 2 + ref["stderr"] ** 2)
+    atol = rtol * float(np.abs(ref["values"]).max(initial=0.0)) + 1e-300
+    z = agreement_z(diff.size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zs = np.where(comb > 0, diff / comb, np.where(diff <= atol, 0.0, np.inf))
+    bias = np.abs(got["values"] - ad)
+    at = np.unravel_index(int(np.argmax(bias)), bias.shape) if bias.size else (0, 0)
+    zeroth_z = None
+    if "zeroth" in got:
+        gap = np.abs(got["values"] - got["zeroth"])
+        se = np.sqrt(got["stderr"] ** 2 + got["zeroth_stderr"] ** 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zeroth_z = float(np.where(se > 0, gap / se, 0.0).max(initial=0.0))
+    return SmoothedCheck(
+        max_abs=float(diff.max(initial=0.0)),
+        worst_z=float(zs.max(initial=0.0)),
+        worst_ratio=float((diff / (z * comb + atol)).max(initial=0.0)),
+        z=z,
+        atol=atol,
+        bias=(float(bias.max(initial=0.0)), int(rows[at[0]]) if bias.size else 0, int(at[1])),
+        max_stderr=float(got["stderr"].max(initial=0.0)),
+        median_stderr=float(np.median(got["stderr"])) if got["stderr"].size else 0.0,
+        zeroth_z=zeroth_z,
+    )
+
+
+def describe(smoothing: Smoothing) -> str:
+    """One line: sigma, K, estimator, seed."""
+    if isinstance(smoothing.sigma, tuple):
+        sigma = f"per input from {smoothing.source or 'a vector'}"
+    elif smoothing.sigma == "auto":
+        sigma = f"auto ({smoothing.fraction:g} * max(1, |x_j|))"
+    else:
+        sigma = f"{float(smoothing.sigma):g}"
+    return (f"sigma {sigma}, K={smoothing.samples} ({smoothing.pairs} antithetic pairs), "
+            f"{ORDER[smoothing.estimator]}, seed {smoothing.seed}")
