@@ -338,6 +338,8 @@ def inspect_cmd(
         if len(info["shards"]) > 50:
             shards.add_row("...", f"{len(info['shards']) - 50} more", "", "", "", "", "")
         _console().print(shards)
+        if "smoothing" in info:
+            _print_smoothing(info["smoothing"])
         if "svd" in info:
             sv = info["svd"]
             typer.echo("top singular values: " + ", ".join(f"{v:.6g}" for v in sv["singular_values"]))
@@ -356,6 +358,16 @@ def inspect_cmd(
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+def _print_smoothing(sm: dict) -> None:
+    """The smoothing of a result and its error bars (``inspect``)."""
+    typer.echo(f"smoothed: {sm['describe']}")
+    rel = sm["relative_stderr"]
+    typer.echo(f"standard error: max {sm['stderr_max']:.3e}, median {sm['stderr_median']:.3e}"
+               + (f" (max / max|entry| = {rel:.2e})" if rel is not None else ""))
+    typer.echo("largest entries: " + ", ".join(
+        f"J[{r}, {c}] = {v:.4g} ± {e:.2g}" for r, c, v, e in sm["largest"]))
+
 
 # The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
 app.command(

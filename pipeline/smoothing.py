@@ -408,6 +408,55 @@ def read_column(result: Any, column: str, rows: Any = None) -> np.ndarray:
     return block[[where[int(r)] for r in np.asarray(rows).reshape(-1)]]
 
 
+def summary(result: Any, good: list[Any], *, top: int = 8) -> dict[str, Any]:
+    """What ``inspect`` shows of a smoothed result: its smoothing and its error bars.
+
+    Streams one shard at a time (``values`` and ``stderr`` of its rows).
+
+    Args:
+        result: an open :class:`~pipeline.reader.JacobianResult` (dense, smoothed).
+        good: the trusted shards.
+        top: how many of the largest entries to list with their standard errors.
+
+    Returns:
+        ``describe``, ``stderr_max``, ``stderr_median`` (over all entries; the
+        median of the per-shard medians when there are several shards),
+        ``relative_stderr`` (``stderr_max / max |value|``), ``largest``
+        (``[row, col, value, stderr]`` of the ``top`` largest |values|).
+    """
+    smoothing = Smoothing.from_json(result.manifest.extra["smoothing"])
+    best: list[tuple[float, int, int, float, float]] = []
+    medians, se_max, v_max = [], 0.0, 0.0
+    for shard in good:
+        rows = np.arange(shard.start, shard.stop)
+        values = result.read(rows, verify=False, as_="numpy")
+        se = read_column(_Only(result, shard), "stderr")
+        if not se.size:
+            continue
+        medians.append(float(np.median(se)))
+        se_max, v_max = max(se_max, float(se.max())), max(v_max, float(np.abs(values).max()))
+        flat = np.argsort(-np.abs(values), axis=None)[:top]
+        for i, j in zip(*np.unravel_index(flat, values.shape), strict=True):
+            best.append((abs(float(values[i, j])), int(rows[i]), int(j), float(values[i, j]),
+                         float(se[i, j])))
+    best = sorted(best, reverse=True)[:top]
+    return {
+        "describe": describe(smoothing),
+        **smoothing.to_json(),
+        "stderr_max": se_max,
+        "stderr_median": float(np.median(medians)) if medians else None,
+        "relative_stderr": se_max / v_max if v_max else None,
+        "largest": [[r, c, v, e] for _, r, c, v, e in best],
+    }
+
+
+class _Only:
+    """A view of a result with one committed shard (for :func:`read_column`)."""
+
+    def __init__(self, result: Any, shard: Any) -> None:
+        self.shapes, self.storage, self.committed = result.shapes, result.storage, [shard]
+
+
 def agreement_z(entries: int) -> float:
     """Standard errors two independent estimates may differ by, over ``entries`` entries.
 
