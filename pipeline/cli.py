@@ -95,6 +95,10 @@ def run_cmd(
     rows: int = typer.Option(None, "--rows", help="With --verify: sampled rows to check instead of all."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
     shard_timeout: float = typer.Option(None, "--shard-timeout", help="Fail the run (resumably) when one shard runs longer than this many seconds; without it a shard running 10x the median (and over a minute) is only reported."),
+    smooth: str = typer.Option(None, "--smooth", help="Randomized smoothing: the Jacobian of E[f(x + sigma w)], w ~ N(0, I), with a stderr column. SIGMA, auto (0.01 * max(1, |x_j|) per input) or FILE.npy (one sigma per flat input)."),
+    samples: int = typer.Option(64, "--samples", help="With --smooth: K perturbations, even (K/2 antithetic pairs +w, -w)."),
+    estimator: str = typer.Option("first", "--estimator", help="With --smooth: first (mean of J(x + sigma w)), zeroth (mean of f(x + sigma w) w^T / sigma) or both (first-order values, zeroth-order in extra columns)."),
+    smooth_seed: int = typer.Option(0, "--smooth-seed", help="With --smooth: seed of the perturbations (the same for any number of shards)."),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
     from pipeline.plan import RunOptions
@@ -123,6 +127,10 @@ def run_cmd(
             overwrite=overwrite,
             progress=progress,
             shard_timeout=shard_timeout,
+            smooth=smooth,
+            samples=samples,
+            estimator=estimator,
+            smooth_seed=smooth_seed,
         ),
         echo=lambda s: typer.echo(s, err=True),
     )
@@ -133,6 +141,11 @@ def run_cmd(
         f"{len(man['plan'])} shards ({summary.computed} computed, {summary.skipped} resumed) "
         f"in {man.get('wall_seconds', 0):.2f}s"
     )
+    if man.get("smoothing"):
+        from pipeline.smoothing import Smoothing, describe
+
+        typer.echo(f"smoothed: {describe(Smoothing.from_json(man['smoothing']))}; "
+                   "stderr column holds each entry's standard error")
     if verify:
         _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
                            as_json=False, job=job)
@@ -335,6 +348,8 @@ def inspect_cmd(
         if len(info["shards"]) > 50:
             shards.add_row("...", f"{len(info['shards']) - 50} more", "", "", "", "", "")
         _console().print(shards)
+        if "smoothing" in info:
+            _print_smoothing(info["smoothing"])
         if "svd" in info:
             sv = info["svd"]
             typer.echo("top singular values: " + ", ".join(f"{v:.6g}" for v in sv["singular_values"]))
@@ -353,6 +368,16 @@ def inspect_cmd(
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+def _print_smoothing(sm: dict) -> None:
+    """The smoothing of a result and its error bars (``inspect``)."""
+    typer.echo(f"smoothed: {sm['describe']}")
+    rel = sm["relative_stderr"]
+    typer.echo(f"standard error: max {sm['stderr_max']:.3e}, median {sm['stderr_median']:.3e}"
+               + (f" (max / max|entry| = {rel:.2e})" if rel is not None else ""))
+    typer.echo("largest entries: " + ", ".join(
+        f"J[{r}, {c}] = {v:.4g} ± {e:.2g}" for r, c, v, e in sm["largest"]))
+
 
 # The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
 app.command(

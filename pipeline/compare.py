@@ -297,6 +297,9 @@ def compare(
     problem = rebuilt(result, job=job, trust_job=trust_job)
     bad = {p.index for p in broken}
     good = [s for s in result.committed if s.index not in bad]
+    if result.manifest.extra.get("smoothing"):
+        return compare_smoothed(result, problem, good, problems, rows=rows, all_rows=all_rows,
+                                rtol=rtol, memory_budget=memory_budget, seed=seed)
     t0 = time.perf_counter()
     if (all_rows or (rows is None and _fits(result, memory_budget))) and not problems:
         mode, idx = "all", None
@@ -343,6 +346,57 @@ def compare(
         problems=problems,
         symmetry_error=_symmetry_error(result, got, idx),
         extra=extra,
+    )
+
+
+def compare_smoothed(
+    result: Any, problem: Any, good: list[Any], problems: list[str], *, rows: int | None,
+    all_rows: bool, rtol: float | None, memory_budget: int, seed: int,
+) -> CompareReport:
+    """A smoothed result against an independent Monte Carlo run (another seed), and plain AD.
+
+    NOTE: the reference draws its perturbations with seed ``seed + 1`` of the
+    stored run's (independent samples, same K) and differentiates each
+    perturbed point with plain autograd in one process; an entry passes when
+    the two estimates differ by at most ``z`` combined standard errors
+    (``z`` from :func:`pipeline.smoothing.agreement_z`) plus ``rtol``
+    rounding. The bias reported is against the plain AD Jacobian at ``x``.
+    """
+    import numpy as np
+
+    from pipeline import smoothing as sm
+
+    smoothing = sm.Smoothing.from_json(result.manifest.extra["smoothing"])
+    full = (all_rows or (rows is None and _fits(result, memory_budget))) and not problems
+    idx = (np.arange(result.shape[0]) if full else _sampled_rows(good, rows, seed)).astype(np.int64)
+    t0 = time.perf_counter()
+    ref = sm.reference_rows(problem, smoothing.with_seed(smoothing.seed + 1), idx)
+    ref_seconds = time.perf_counter() - t0
+    got = {c: (result.read(idx, verify=False, as_="numpy") if c == "values"
+               else sm.read_column(result, c, idx)) for c in smoothing.columns}
+    r = rtol if rtol is not None else DEFAULT_RTOL[result.dtype]
+    check = sm.check_against(got, ref, reference_rows(problem, idx), idx, rtol=r)
+    bias, brow, bcol = check.bias
+    extra: dict[str, Any] = {
+        "smoothing": sm.describe(smoothing),
+        "reference": f"independent Monte Carlo, seed {smoothing.seed + 1}, plain autograd",
+        "worst |diff| / combined stderr": f"{check.worst_z:.2f} (threshold {check.z:.2f})",
+        "stderr max / median": f"{check.max_stderr:.3e} / {check.median_stderr:.3e}",
+        "bias vs plain AD (max |smoothed - AD|)": f"{bias:.4g} at J[{brow}, {bcol}]",
+    }
+    if check.zeroth_z is not None:
+        extra["first vs zeroth order (max |diff| / stderr)"] = f"{check.zeroth_z:.2f}"
+        if check.zeroth_z > check.z:
+            extra["note"] = ("the two estimators disagree beyond their error bars: f may be "
+                             "discontinuous near x, where the first-order estimate is biased")
+    man = result.manifest
+    return CompareReport(
+        out=result.storage.display, job=man.job, shape=list(result.shape), dtype=result.dtype,
+        rows_checked=len(idx), mode="all" if full else "sampled", max_abs_error=check.max_abs,
+        max_rel_error=check.max_abs / max(_finite_max(ref["values"]), 1e-300),
+        worst_ratio=check.worst_ratio, rtol=r, atol=check.atol,
+        reference_seconds=round(ref_seconds, 4), pipeline_seconds=man.compute_seconds,
+        nan=man.nan, inf=man.inf, problems=problems, extra=extra,
     )
 
 
@@ -523,4 +577,11 @@ def fd_report(
         parts = [block[:, wanted] for _, block in result.iter_blocks(rows)]
         return np.concatenate(parts) if parts else np.zeros((0, len(wanted)))
 
-    return fd_check(fn, x, ad_columns, sample_columns(shapes.n, columns, seed=seed))
+    report = fd_check(fn, x, ad_columns, sample_columns(shapes.n, columns, seed=seed))
+    if report.nonsmooth_inputs and shapes.kind == "jacobian" and not result.manifest.extra.get(
+            "smoothing"):
+        from pipeline.smoothing import suggestion
+
+        report.notes.append(suggestion(result.manifest.job, result.manifest.params, x,
+                                       report.nonsmooth_inputs))
+    return report

@@ -41,6 +41,11 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         stats[k] for k in ("fro2", "max_abs", "zeros", "entries", "nan", "inf")
     )
     nnz = stats["nnz"]
+    smoothed = {}
+    if man.extra.get("smoothing"):
+        from pipeline.smoothing import summary
+
+        smoothed = {"smoothing": summary(result, good)}
     seconds = [float(s.seconds) for s in result.committed]
     return {
         "out": result.storage.display,
@@ -87,6 +92,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         # part-like files the manifest does not own: pandas or pyarrow.dataset
         # on the folder would count their rows (a resume moves them aside)
         "stray_files": stray_parts(result.storage.listdir(), len(man.plan)),
+        **smoothed,
     }
 
 

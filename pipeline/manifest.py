@@ -30,7 +30,7 @@ MANIFEST = "_manifest.json"
 COMMIT_LOG = "_commits.jsonl"
 COMMIT_OBJECT = "_commit-"
 #: Keys whose equality makes a folder's result "the same run" (resumable).
-IDENTITY = ("job", "params", "fingerprint", "method", "layout", "plan", "coloring")
+IDENTITY = ("job", "params", "fingerprint", "method", "layout", "plan", "coloring", "smoothing")
 
 
 def utcnow() -> str:

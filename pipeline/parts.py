@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import footer
-from pipeline.plan import DEFAULT_COMPRESSION, parse_compression
+from pipeline.codec import DEFAULT_COMPRESSION, parse_compression
 from pipeline.storage import Storage
 
 #: Key of the JSON facts in each part file's schema metadata.
@@ -56,12 +56,20 @@ def dense_values_type(n: int, dtype: str) -> pa.DataType:
     return pa.list_(pa.field("element", ARROW_FLOAT[dtype], nullable=False), n)
 
 
-def dense_schema(n: int, dtype: str, *, batched: bool = False) -> pa.Schema:
-    """The one schema of a dense part file (``row``, [``sample``], ``values``)."""
+def dense_schema(
+    n: int, dtype: str, *, batched: bool = False, extra: tuple[str, ...] = ()
+) -> pa.Schema:
+    """The one schema of a dense part file (``row``, [``sample``], ``values``).
+
+    ``extra`` names more ``fixed_size_list[n]`` columns after ``values``: a
+    smoothed result's ``stderr`` (and ``zeroth``, ``zeroth_stderr``; see
+    :mod:`pipeline.smoothing`). Readers of ``values`` ignore them.
+    """
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if batched:
         fields.append(pa.field("sample", pa.int64(), nullable=False))
     fields.append(pa.field("values", dense_values_type(n, dtype), nullable=False))
+    fields += [pa.field(name, dense_values_type(n, dtype), nullable=False) for name in extra]
     return pa.schema(fields)
 
 
@@ -213,6 +221,23 @@ class PartWriter:
         if "sample" in self.schema.names:
             arrays.append(pa.array(np.asarray(samples, dtype=np.int64)))
         arrays.append(values)
+        self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+
+    def write_columns(self, start: int, columns: Mapping[str, np.ndarray]) -> None:
+        """Append rows ``start ..`` of a dense part whose schema has ``extra`` columns.
+
+        Args:
+            start: the first row.
+            columns: one ``(rows, n)`` array per non-``row`` column of the schema.
+        """
+        names = [name for name in self.schema.names if name != "row"]
+        r = np.asarray(columns["values"]).shape[0]
+        arrays = [pa.array(np.arange(start, start + r, dtype=np.int64))]
+        for name in names:  # NaN/Inf of `values` are counted on the encoder threads
+            kind = self.schema.field(name).type
+            flat = np.ascontiguousarray(columns[name]).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, type=kind.value_type), type=kind))
         self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def write_sparse(

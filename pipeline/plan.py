@@ -16,39 +16,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.codec import CODECS, DEFAULT_COMPRESSION, parse_compression  # noqa: F401
 from pipeline.errors import JacpipeError
 from pipeline.problem import Shapes
 
 DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
-#: Parquet codecs of ``--compression`` (``zstd:LEVEL`` picks a zstd level).
-CODECS = ("zstd", "lz4", "snappy", "none")
-#: The default codec, chosen by measurement (README, Benchmarks: Scale).
-DEFAULT_COMPRESSION = "zstd"
-
-
-def parse_compression(text: str) -> tuple[str, int | None]:
-    """``(codec, level)`` of a ``--compression`` value such as ``zstd``, ``zstd:3`` or ``none``.
-
-    Raises:
-        JacpipeError: an unknown codec or a bad level.
-    """
-    codec, _, level = str(text).partition(":")
-    if codec not in CODECS:
-        raise JacpipeError(
-            f"--compression must be one of {', '.join(CODECS)} (zstd:LEVEL for a zstd level), "
-            f"got {text!r}"
-        )
-    if not level:
-        return codec, None
-    if codec != "zstd" or not level.lstrip("-").isdigit() or not -7 <= int(level) <= 22:
-        raise JacpipeError(
-            f"--compression: only zstd takes a level, from -7 to 22 (e.g. zstd:3), got {text!r}"
-        )
-    return codec, int(level)
-
-
 @dataclass
 class RunOptions:
     """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``)."""
@@ -74,6 +48,12 @@ class RunOptions:
     progress: bool = True
     shard_timeout: float | None = None
     compression: str = DEFAULT_COMPRESSION
+    #: Randomized smoothing (pipeline.smoothing): sigma (a number, "auto" or a
+    #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
+    smooth: float | str | None = None
+    samples: int = 64
+    estimator: str = "first"
+    smooth_seed: int = 0
 
     def check(self) -> None:
         """Refuse option values that are wrong whatever the job and cluster.
@@ -103,6 +83,21 @@ class RunOptions:
         if self.shard_timeout is not None and not self.shard_timeout > 0:
             raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
         parse_compression(self.compression)
+        if self.smooth is not None:
+            self.smoothing()
+            if self.method == "sparse":
+                raise JacpipeError("--smooth computes dense rows; use --method auto, rev or fwd")
+
+    def smoothing(self) -> Any:
+        """The :class:`~pipeline.smoothing.Smoothing` asked for, or None.
+
+        Raises:
+            JacpipeError: a bad --smooth, --samples or --estimator.
+        """
+        from pipeline.smoothing import parse_smooth
+
+        return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
+                            estimator=self.estimator)
 
 
 @dataclass(frozen=True)

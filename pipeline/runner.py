@@ -28,7 +28,15 @@ from typing import Any
 from pipeline.errors import JacpipeError, ShardFailedError, first_line
 from pipeline.folder import ResultFolder, default_out
 from pipeline.manifest import Manifest, utcnow, versions
-from pipeline.plan import Resources, RunOptions, RunPlan, Shard, make_plan, run_pattern
+from pipeline.plan import (
+    PatternChoice,
+    Resources,
+    RunOptions,
+    RunPlan,
+    Shard,
+    make_plan,
+    run_pattern,
+)
 from pipeline.problem import (
     Shapes,
     build_problem,
@@ -75,6 +83,7 @@ class _Job:
     device_param: bool
     pattern: Any  # a PatternChoice: the sparsity pattern and where it came from
     adjoint: Any  # the AdjointCheck, when forward mode was on the table
+    smoothing: dict[str, Any] | None = None  # a smoothed run's Smoothing.to_json()
 
 
 def _uri_or_abspath(out: str) -> str:
@@ -96,7 +105,12 @@ def _check_job(opts: RunOptions) -> _Job:
         params["dtype"] = opts.dtype
     problem = build_problem(opts.job, params)
     shapes = validate(problem, opts.job)
-    pattern = run_pattern(opts, problem, shapes)
+    smoothing = opts.smoothing()
+    if smoothing is not None:
+        from pipeline.smoothing import check_problem
+
+        check_problem(smoothing, problem, opts.job)
+    pattern = PatternChoice() if smoothing else run_pattern(opts, problem, shapes)
     return _Job(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),
@@ -106,6 +120,7 @@ def _check_job(opts: RunOptions) -> _Job:
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
+        smoothing=smoothing.to_json() if smoothing else None,
     )
 
 
@@ -350,6 +365,7 @@ def _manifest(opts: RunOptions, job: _Job, plan: RunPlan) -> Manifest:
             **({} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()}),
             **({} if job.pattern.facts() is None
                else {"sparsity_detection": job.pattern.facts()}),
+            **({} if job.smoothing is None else {"smoothing": job.smoothing}),
         },
     )
 
@@ -375,6 +391,7 @@ def _spec(opts: RunOptions, job: _Job, plan: RunPlan, shard: Shard, out: str, ru
         group_rows=plan.group_rows,
         chunk_size=opts.chunk_size,
         compression=plan.compression,
+        smoothing=job.smoothing,
     )
 
 

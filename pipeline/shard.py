@@ -39,6 +39,7 @@ class ShardSpec:
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
         compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
+        smoothing: a smoothed run's :class:`~pipeline.smoothing.Smoothing` as JSON, else None.
     """
 
     job: str
@@ -59,6 +60,7 @@ class ShardSpec:
     group_rows: int
     chunk_size: int | None = None
     compression: str = "zstd"
+    smoothing: Mapping[str, Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -76,7 +78,7 @@ class ShardSpec:
             "compression": self.compression,
             "fingerprint": dict(self.fingerprint),
             "shard": {"index": self.index, "start": self.start, "stop": self.stop},
-        }
+        } | ({"smoothing": dict(self.smoothing)} if self.smoothing else {})
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

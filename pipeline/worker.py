@@ -154,6 +154,10 @@ def compute_shard(
     try:
         if spec.layout == "sparse":
             _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
+        elif spec.smoothing:
+            from pipeline.smoothing import write_shard
+
+            write_shard(writer, problem, spec, chunk)
         else:
             _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
         t_commit = time.perf_counter()
@@ -231,6 +235,10 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
 def _schema(spec: ShardSpec) -> Any:
     if spec.layout == "sparse":
         return sparse_schema(spec.shapes.dtype)
+    if spec.smoothing:
+        from pipeline.smoothing import Smoothing, part_schema
+
+        return part_schema(spec.shapes.n, spec.shapes.dtype, Smoothing.from_json(spec.smoothing))
     return dense_schema(spec.shapes.n, spec.shapes.dtype, batched=spec.shapes.kind == "batched")
 
 
