@@ -13,9 +13,9 @@ import sys
 import typer
 
 from pipeline import cli_cluster
+from pipeline.cli_common import JacpipeGroup, user_errors
 from pipeline.cli_common import console as _console
 from pipeline.cli_common import err as _err
-from pipeline.cli_common import user_errors
 from pipeline.errors import JacpipeError
 
 app = typer.Typer(
@@ -27,8 +27,33 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    cls=JacpipeGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Start with: jacpipe jobs, then jacpipe run mlp -p n=100 -p m=100",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"jacpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Distributed Jacobians: shard the rows of a Jacobian (or Hessian, or per-sample Jacobians) over Ray workers, stream them to Parquet, and check them against torch.autograd.functional."""
+    del version
+
+
+def _echo_json(doc: object) -> None:
+    """Print one JSON document on stdout (the only thing a --json command prints there)."""
+    typer.echo(json.dumps(doc, indent=1, default=str))
 
 
 # ---------------------------------------------------------------------------
@@ -36,7 +61,7 @@ app = typer.Typer(
 # ---------------------------------------------------------------------------
 
 
-@app.command("jobs")
+@app.command("jobs", epilog="Example: jacpipe jobs --json")
 @user_errors
 def jobs_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -70,7 +95,7 @@ def jobs_cmd(
 PARAM_HELP = "Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."
 
 
-@app.command("run")
+@app.command("run", epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --verify")
 @user_errors
 def run_cmd(
     job: str = typer.Argument(..., metavar="JOB", help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
@@ -187,7 +212,7 @@ def _compare_and_print(
         raise typer.Exit(code=1)
 
 
-@app.command("compare")
+@app.command("compare", epilog="Example: jacpipe compare out/mlp --rows 64 --fd")
 @user_errors
 def compare_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
@@ -263,7 +288,7 @@ def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool) -> bool
 # ---------------------------------------------------------------------------
 
 
-@app.command("inspect")
+@app.command("inspect", epilog="Example: jacpipe inspect out/mlp --plot J.svg --svd 5")
 @user_errors
 def inspect_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
@@ -346,15 +371,21 @@ def inspect_cmd(
 
 # The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
 app.command(
-    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Example: jacpipe submit mlp -p n=4000 --shards 16 --address http://HEAD:8265 --wait",
 )(user_errors(cli_cluster.submit_cmd))
-app.command("status")(user_errors(cli_cluster.status_cmd))
-app.command("logs")(user_errors(cli_cluster.logs_cmd))
-app.command("stop")(user_errors(cli_cluster.stop_cmd))
-app.command("list")(user_errors(cli_cluster.list_cmd))
+app.command("status", epilog="Example: jacpipe status raysubmit_XXXX --json")(
+    user_errors(cli_cluster.status_cmd))
+app.command("logs", epilog="Example: jacpipe logs raysubmit_XXXX --follow")(
+    user_errors(cli_cluster.logs_cmd))
+app.command("stop", epilog="Example: jacpipe stop raysubmit_XXXX --wait")(
+    user_errors(cli_cluster.stop_cmd))
+app.command("list", epilog="Example: jacpipe list --address http://HEAD:8265")(
+    user_errors(cli_cluster.list_cmd))
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Example: jacpipe bench --quick --only engine")
 def bench_cmd(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run, under a minute each."),
