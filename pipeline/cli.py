@@ -7,8 +7,10 @@ exit non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from typing import Any
 
 import typer
 
@@ -51,9 +53,28 @@ def _main(
     del version
 
 
+JSON_HELP = "Print one JSON document on stdout (messages go to stderr)."
+
+
+def _strict(doc: object) -> object:
+    """``doc`` with non-finite floats as None: strict JSON, as every parser reads it."""
+    if isinstance(doc, float):
+        return doc if doc == doc and doc not in (float("inf"), float("-inf")) else None
+    if isinstance(doc, dict):
+        return {str(k): _strict(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_strict(v) for v in doc]
+    return doc
+
+
 def _echo_json(doc: object) -> None:
     """Print one JSON document on stdout (the only thing a --json command prints there)."""
-    typer.echo(json.dumps(doc, indent=1, default=str))
+    typer.echo(json.dumps(_strict(doc), indent=1, default=str, allow_nan=False))
+
+
+def _stdout_to_stderr(as_json: bool) -> contextlib.AbstractContextManager[object]:
+    """With --json, whatever else would reach stdout (Ray, user code) goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------
@@ -119,14 +140,15 @@ def run_cmd(
     rows: int = typer.Option(None, "--rows", help="With --verify: sampled rows to check instead of all."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
     shard_timeout: float = typer.Option(None, "--shard-timeout", help="Fail the run (resumably) when one shard runs longer than this many seconds; without it a shard running 10x the median (and over a minute) is only reported."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
     from pipeline.plan import RunOptions
     from pipeline.runner import run
     from pipeline.storage import Storage
 
-    summary = run(
-        RunOptions(
+    with _stdout_to_stderr(as_json):
+        summary = _run_options(run, RunOptions(
             job=job,
             params=list(param),
             out=out,
@@ -146,10 +168,11 @@ def run_cmd(
             overwrite=overwrite,
             progress=progress,
             shard_timeout=shard_timeout,
-        ),
-        echo=lambda s: typer.echo(s, err=True),
-    )
+        ))
     man = summary.manifest
+    if as_json:
+        _run_json(summary, verify=verify, rows=rows)
+        return
     shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
     typer.echo(
         f"wrote {Storage.redact(summary.out)}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
@@ -159,6 +182,35 @@ def run_cmd(
     if verify:
         _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
                            as_json=False)
+
+
+def _run_options(run: Any, options: Any) -> Any:
+    return run(options, echo=lambda s: typer.echo(s, err=True))
+
+
+def _run_json(summary: Any, *, verify: bool, rows: int | None) -> None:
+    """``run --json``: the run's facts (and the --verify report) as one document."""
+    from pipeline.storage import Storage
+
+    man = summary.manifest
+    doc: dict[str, Any] = {
+        "out": Storage.redact(summary.out), "job": man.get("job"), "params": man.get("params"),
+        "kind": man["kind"], "shape": [man["shapes"]["total_rows"], man["shapes"]["n"]],
+        "dtype": man["dtype"], "method": man["method"], "shards": len(man["plan"]),
+        "computed": summary.computed, "resumed": summary.skipped,
+        "wall_seconds": man.get("wall_seconds"), "notes": list(summary.notes),
+    }
+    ok = True
+    if verify:
+        from pipeline.compare import compare
+
+        with _stdout_to_stderr(True):
+            report = compare(summary.out, rows=rows, all_rows=False, rtol=None, atol=None)
+        doc["compare"] = report.to_json()
+        ok = report.ok
+    _echo_json(doc)
+    if not ok:
+        raise typer.Exit(code=1)
 
 
 # ---------------------------------------------------------------------------
@@ -236,17 +288,41 @@ def compare_cmd(
     """
     if rows is not None and all_rows:
         raise JacpipeError("give --rows K or --all, not both")
+    if as_json:
+        _compare_json(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
+                      fd=(fd_columns, sample) if fd else None)
+        return
     failed = False
     try:
         _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
-                           as_json=as_json and not fd)
+                           as_json=False)
     except typer.Exit as exc:
         if not fd or exc.exit_code != 1:
             raise
         failed = True
     if fd:
-        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=as_json) or failed
+        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=False) or failed
     if failed:
+        raise typer.Exit(code=1)
+
+
+def _compare_json(
+    out: str, *, rows: int | None, all_rows: bool, rtol: float | None, atol: float | None,
+    fd: tuple[int, int] | None,
+) -> None:
+    """``compare --json``: the report; with --fd one document ``{"compare", "fd", "ok"}``."""
+    from pipeline.compare import compare, fd_report
+
+    with _stdout_to_stderr(True):
+        report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol)
+        doc = report.to_json()
+        ok = report.ok
+        if fd is not None:
+            fdr = fd_report(out, columns=fd[0], sample=fd[1])
+            ok = ok and fdr.ok
+            doc = {"compare": doc, "fd": fdr.to_json(), "ok": ok}
+    _echo_json(doc)
+    if not ok:
         raise typer.Exit(code=1)
 
 
@@ -292,8 +368,8 @@ def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool) -> bool
 @user_errors
 def inspect_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    plot: str = typer.Option(None, "--plot", help="Write a PNG: heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG, SVG or PDF (by extension): heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
     svd: int = typer.Option(None, "--svd", help="Top K singular values (and a condition estimate) by randomized range-finding over streamed row blocks."),
 ) -> None:
     """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
@@ -309,7 +385,7 @@ def inspect_cmd(
 
         info["svd"] = svd_result(out, svd).to_json()
     if as_json:
-        typer.echo(json.dumps(info, indent=1))
+        _echo_json(info)
     else:
         from rich.table import Table
 
@@ -320,7 +396,8 @@ def inspect_cmd(
         for name, value in [
             ("job", f"{info['job']} {json.dumps(info['params'])}"),
             ("kind / layout / method", f"{info['kind']} / {info['layout']} / {info['method']}"),
-            ("shape (rows x cols)", "x".join(map(str, info["shape"])) + f" {info['dtype']}"),
+            ("shape (rows x cols)" if info["kind"] != "batched" else "shape (samples x (m x n))",
+             f"{info['display_shape']} {info['dtype']}"),
             ("full shape", "x".join(map(str, info["full_shape"]))),
             ("status", str(info["status"])),
             ("shards committed / planned",
@@ -358,8 +435,7 @@ def inspect_cmd(
             typer.echo(f"({sv['note']})")
         if "plot" in info:
             typer.echo(f"wrote {info['plot']}")
-        for p in info["problems"]:
-            _err(p)
+        _print_problems(info)
         if info["stray_files"]:
             typer.secho(
                 f"warning: {len(info['stray_files'])} file(s) look like parts but are not in "
@@ -368,6 +444,23 @@ def inspect_cmd(
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+
+def _print_problems(info: dict[str, Any]) -> None:
+    """Shards not yet committed as one summary line; missing or corrupt ones by name.
+
+    (The JSON's ``problems`` lists every one.)
+    """
+    pending = [p for p in info["problems"] if p.endswith(": not committed")]
+    broken = [p for p in info["problems"] if not p.endswith(": not committed")]
+    for p in broken[:10]:
+        _err(p)
+    if len(broken) > 10:
+        _err(f"... and {len(broken) - 10} more missing or corrupt shards (see --json)")
+    if pending:
+        _err(f"{info['shards_committed']} of {info['shards_planned']} shards committed; "
+             "rerun the same command to resume")
+
 
 # The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
 app.command(
