@@ -446,6 +446,25 @@ def inspect_cmd(
         raise typer.Exit(code=1)
 
 
+@app.command("export", epilog="Example: jacpipe export out/mlp J.npy")
+@user_errors
+def export_cmd(
+    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
+    file: str = typer.Argument(..., metavar="FILE", help="File to write: .npy (dense, streamed through a memory map: any size) or .npz (scipy.sparse CSR)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export a result to one NumPy .npy or SciPy sparse .npz file."""
+    from pipeline.export import export
+
+    done = export(out, file)
+    if as_json:
+        _echo_json({"file": done.path, "shape": list(done.shape), "dtype": done.dtype,
+                    "nnz": done.nnz})
+        return
+    nnz = "" if done.nnz is None else f", {done.nnz} stored entries"
+    typer.echo(f"wrote {done.path}: {' x '.join(map(str, done.shape))} {done.dtype}{nnz}")
+
+
 def _print_problems(info: dict[str, Any]) -> None:
     """Shards not yet committed as one summary line; missing or corrupt ones by name.
 
