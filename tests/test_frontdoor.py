@@ -280,3 +280,38 @@ def test_export_refuses_other_formats(results, tmp_path, name, match):
     result = invoke("export", root / "dense", tmp_path / name)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and match in errors[0]
+
+
+# ---------------------------------------------------------------------------
+# stale cluster variables
+# ---------------------------------------------------------------------------
+
+
+def test_stale_cluster_variables_are_one_line(tmp_path):
+    from pipeline.errors import JacpipeError
+    from pipeline.runner import refuse_stale_cluster_env
+
+    refuse_stale_cluster_env({})
+    refuse_stale_cluster_env({"RAY_ADDRESS": "local"})
+    with pytest.raises(JacpipeError, match="RAY_ADDRESS=127.0.0.1:9 is set but no Ray") as exc:
+        refuse_stale_cluster_env({"RAY_ADDRESS": "127.0.0.1:9"})
+    assert "unset RAY_ADDRESS" in str(exc.value) and "\n" not in str(exc.value)
+    gone = str(tmp_path / ".cluster" / "auth_token")
+    with pytest.raises(JacpipeError, match="RAY_AUTH_MODE=token is set but the token file"):
+        refuse_stale_cluster_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": gone})
+    (tmp_path / "token").write_text("t0k3n\n")
+    refuse_stale_cluster_env({"RAY_AUTH_MODE": "token",
+                              "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+    refuse_stale_cluster_env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x"})
+
+
+def test_cluster_env_file_defines_an_unset_helper():
+    import subprocess
+
+    from scripts.localcluster import UNSET_HELPER
+
+    script = ("export RAY_AUTH_MODE=token RAY_API_SERVER_ADDRESS=http://x:1\n" + UNSET_HELPER
+              + "jacpipe_cluster_unset\n"
+              + 'echo "${RAY_AUTH_MODE-none} ${RAY_API_SERVER_ADDRESS-none}"')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "none none"
