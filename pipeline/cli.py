@@ -7,15 +7,17 @@ exit non-zero; they never show a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from typing import Any
 
 import typer
 
 from pipeline import cli_cluster
+from pipeline.cli_common import JacpipeGroup, user_errors
 from pipeline.cli_common import console as _console
 from pipeline.cli_common import err as _err
-from pipeline.cli_common import user_errors
 from pipeline.errors import JacpipeError
 
 app = typer.Typer(
@@ -27,8 +29,52 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
+    cls=JacpipeGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Start with: jacpipe jobs, then jacpipe run mlp -p n=100 -p m=100",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"jacpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Distributed Jacobians: shard the rows of a Jacobian (or Hessian, or per-sample Jacobians) over Ray workers, stream them to Parquet, and check them against torch.autograd.functional."""
+    del version
+
+
+JSON_HELP = "Print one JSON document on stdout (messages go to stderr)."
+
+
+def _strict(doc: object) -> object:
+    """``doc`` with non-finite floats as None: strict JSON, as every parser reads it."""
+    if isinstance(doc, float):
+        return doc if doc == doc and doc not in (float("inf"), float("-inf")) else None
+    if isinstance(doc, dict):
+        return {str(k): _strict(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_strict(v) for v in doc]
+    return doc
+
+
+def _echo_json(doc: object) -> None:
+    """Print one JSON document on stdout (the only thing a --json command prints there)."""
+    typer.echo(json.dumps(_strict(doc), indent=1, default=str, allow_nan=False))
+
+
+def _stdout_to_stderr(as_json: bool) -> contextlib.AbstractContextManager[object]:
+    """With --json, whatever else would reach stdout (Ray, user code) goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------
@@ -36,7 +82,7 @@ app = typer.Typer(
 # ---------------------------------------------------------------------------
 
 
-@app.command("jobs")
+@app.command("jobs", epilog="Example: jacpipe jobs --json")
 @user_errors
 def jobs_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -70,7 +116,7 @@ def jobs_cmd(
 PARAM_HELP = "Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."
 
 
-@app.command("run")
+@app.command("run", epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --verify")
 @user_errors
 def run_cmd(
     job: str = typer.Argument(..., metavar="JOB", help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
@@ -99,14 +145,15 @@ def run_cmd(
     samples: int = typer.Option(64, "--samples", help="With --smooth: K perturbations, even (K/2 antithetic pairs +w, -w)."),
     estimator: str = typer.Option("first", "--estimator", help="With --smooth: first (mean of J(x + sigma w)), zeroth (mean of f(x + sigma w) w^T / sigma) or both (first-order values, zeroth-order in extra columns)."),
     smooth_seed: int = typer.Option(0, "--smooth-seed", help="With --smooth: seed of the perturbations (the same for any number of shards)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
     from pipeline.plan import RunOptions
     from pipeline.runner import run
     from pipeline.storage import Storage
 
-    summary = run(
-        RunOptions(
+    with _stdout_to_stderr(as_json):
+        summary = _run_options(run, RunOptions(
             job=job,
             params=list(param),
             out=out,
@@ -131,10 +178,11 @@ def run_cmd(
             samples=samples,
             estimator=estimator,
             smooth_seed=smooth_seed,
-        ),
-        echo=lambda s: typer.echo(s, err=True),
-    )
+        ))
     man = summary.manifest
+    if as_json:
+        _run_json(summary, verify=verify, rows=rows, job=job)
+        return
     shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
     typer.echo(
         f"wrote {Storage.redact(summary.out)}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
@@ -149,6 +197,36 @@ def run_cmd(
     if verify:
         _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
                            as_json=False, job=job)
+
+
+def _run_options(run: Any, options: Any) -> Any:
+    return run(options, echo=lambda s: typer.echo(s, err=True))
+
+
+def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None:
+    """``run --json``: the run's facts (and the --verify report) as one document."""
+    from pipeline.storage import Storage
+
+    man = summary.manifest
+    doc: dict[str, Any] = {
+        "out": Storage.redact(summary.out), "job": man.get("job"), "params": man.get("params"),
+        "kind": man["kind"], "shape": [man["shapes"]["total_rows"], man["shapes"]["n"]],
+        "dtype": man["dtype"], "method": man["method"], "shards": len(man["plan"]),
+        "computed": summary.computed, "resumed": summary.skipped,
+        "wall_seconds": man.get("wall_seconds"), "notes": list(summary.notes),
+    }
+    ok = True
+    if verify:
+        from pipeline.compare import compare
+
+        with _stdout_to_stderr(True):
+            report = compare(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
+                             job=job)
+        doc["compare"] = report.to_json()
+        ok = report.ok
+    _echo_json(doc)
+    if not ok:
+        raise typer.Exit(code=1)
 
 
 # ---------------------------------------------------------------------------
@@ -203,7 +281,7 @@ def _compare_and_print(
         raise typer.Exit(code=1)
 
 
-@app.command("compare")
+@app.command("compare", epilog="Example: jacpipe compare out/mlp --rows 64 --fd")
 @user_errors
 def compare_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
@@ -229,18 +307,43 @@ def compare_cmd(
     """
     if rows is not None and all_rows:
         raise JacpipeError("give --rows K or --all, not both")
+    if as_json:
+        _compare_json(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
+                      fd=(fd_columns, sample) if fd else None, job=job, trust_job=trust_job)
+        return
     failed = False
     try:
         _compare_and_print(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol,
-                           as_json=as_json and not fd, job=job, trust_job=trust_job)
+                           as_json=False, job=job, trust_job=trust_job)
     except typer.Exit as exc:
         if not fd or exc.exit_code != 1:
             raise
         failed = True
     if fd:
-        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=as_json,
+        failed = _fd_and_print(out, columns=fd_columns, sample=sample, as_json=False,
                                job=job, trust_job=trust_job) or failed
     if failed:
+        raise typer.Exit(code=1)
+
+
+def _compare_json(
+    out: str, *, rows: int | None, all_rows: bool, rtol: float | None, atol: float | None,
+    fd: tuple[int, int] | None, job: str | None = None, trust_job: bool = False,
+) -> None:
+    """``compare --json``: the report; with --fd one document ``{"compare", "fd", "ok"}``."""
+    from pipeline.compare import compare, fd_report
+
+    with _stdout_to_stderr(True):
+        report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol, job=job,
+                         trust_job=trust_job)
+        doc = report.to_json()
+        ok = report.ok
+        if fd is not None:
+            fdr = fd_report(out, columns=fd[0], sample=fd[1], job=job, trust_job=trust_job)
+            ok = ok and fdr.ok
+            doc = {"compare": doc, "fd": fdr.to_json(), "ok": ok}
+    _echo_json(doc)
+    if not ok:
         raise typer.Exit(code=1)
 
 
@@ -283,12 +386,12 @@ def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool,
 # ---------------------------------------------------------------------------
 
 
-@app.command("inspect")
+@app.command("inspect", epilog="Example: jacpipe inspect out/mlp --plot J.svg --svd 5")
 @user_errors
 def inspect_cmd(
     out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    plot: str = typer.Option(None, "--plot", help="Write a PNG: heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG, SVG or PDF (by extension): heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
     svd: int = typer.Option(None, "--svd", help="Top K singular values (and a condition estimate) by randomized range-finding over streamed row blocks."),
 ) -> None:
     """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
@@ -304,7 +407,7 @@ def inspect_cmd(
 
         info["svd"] = svd_result(out, svd).to_json()
     if as_json:
-        typer.echo(json.dumps(info, indent=1))
+        _echo_json(info)
     else:
         from rich.table import Table
 
@@ -315,7 +418,8 @@ def inspect_cmd(
         for name, value in [
             ("job", f"{info['job']} {json.dumps(info['params'])}"),
             ("kind / layout / method", f"{info['kind']} / {info['layout']} / {info['method']}"),
-            ("shape (rows x cols)", "x".join(map(str, info["shape"])) + f" {info['dtype']}"),
+            ("shape (rows x cols)" if info["kind"] != "batched" else "shape (samples x (m x n))",
+             f"{info['display_shape']} {info['dtype']}"),
             ("full shape", "x".join(map(str, info["full_shape"]))),
             ("status", str(info["status"])),
             ("shards committed / planned",
@@ -358,8 +462,7 @@ def inspect_cmd(
             typer.echo(f"({sv['note']})")
         if "plot" in info:
             typer.echo(f"wrote {info['plot']}")
-        for p in info["problems"]:
-            _err(p)
+        _print_problems(info)
         if info["stray_files"]:
             typer.secho(
                 f"warning: {len(info['stray_files'])} file(s) look like parts but are not in "
@@ -378,18 +481,58 @@ def _print_smoothing(sm: dict) -> None:
     typer.echo("largest entries: " + ", ".join(
         f"J[{r}, {c}] = {v:.4g} ± {e:.2g}" for r, c, v, e in sm["largest"]))
 
+@app.command("export", epilog="Example: jacpipe export out/mlp J.npy")
+@user_errors
+def export_cmd(
+    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
+    file: str = typer.Argument(..., metavar="FILE", help="File to write: .npy (dense, streamed through a memory map: any size) or .npz (scipy.sparse CSR)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export a result to one NumPy .npy or SciPy sparse .npz file."""
+    from pipeline.export import export
+
+    done = export(out, file)
+    if as_json:
+        _echo_json({"file": done.path, "shape": list(done.shape), "dtype": done.dtype,
+                    "nnz": done.nnz})
+        return
+    nnz = "" if done.nnz is None else f", {done.nnz} stored entries"
+    typer.echo(f"wrote {done.path}: {' x '.join(map(str, done.shape))} {done.dtype}{nnz}")
+
+
+def _print_problems(info: dict[str, Any]) -> None:
+    """Shards not yet committed as one summary line; missing or corrupt ones by name.
+
+    (The JSON's ``problems`` lists every one.)
+    """
+    pending = [p for p in info["problems"] if p.endswith(": not committed")]
+    broken = [p for p in info["problems"] if not p.endswith(": not committed")]
+    for p in broken[:10]:
+        _err(p)
+    if len(broken) > 10:
+        _err(f"... and {len(broken) - 10} more missing or corrupt shards (see --json)")
+    if pending:
+        _err(f"{info['shards_committed']} of {info['shards_planned']} shards committed; "
+             "rerun the same command to resume")
+
 
 # The cluster commands (Ray Jobs API): defined in cli_cluster, registered here.
 app.command(
-    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    "submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Example: jacpipe submit mlp -p n=4000 --shards 16 --address http://HEAD:8265 --wait",
 )(user_errors(cli_cluster.submit_cmd))
-app.command("status")(user_errors(cli_cluster.status_cmd))
-app.command("logs")(user_errors(cli_cluster.logs_cmd))
-app.command("stop")(user_errors(cli_cluster.stop_cmd))
-app.command("list")(user_errors(cli_cluster.list_cmd))
+app.command("status", epilog="Example: jacpipe status raysubmit_XXXX --json")(
+    user_errors(cli_cluster.status_cmd))
+app.command("logs", epilog="Example: jacpipe logs raysubmit_XXXX --follow")(
+    user_errors(cli_cluster.logs_cmd))
+app.command("stop", epilog="Example: jacpipe stop raysubmit_XXXX --wait")(
+    user_errors(cli_cluster.stop_cmd))
+app.command("list", epilog="Example: jacpipe list --address http://HEAD:8265")(
+    user_errors(cli_cluster.list_cmd))
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             epilog="Example: jacpipe bench --quick --only engine")
 def bench_cmd(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run, under a minute each."),

@@ -83,9 +83,11 @@ def submit_cmd(
     """
     from pipeline import submit as sub
 
-    _quiet_ray_sdk()
     run_args = list(ctx.args)
-    run_args, out = _absolute_out(job, run_args, _parse_run_args(ctx, job, run_args))
+    params = _parse_run_args(ctx, job, run_args)
+    check_locally(job, params)  # nothing is sent before the job, params and options pass
+    _quiet_ray_sdk()
+    run_args, out = _absolute_out(job, run_args, params)
     sid = sub.submit(
         job, run_args, address=address, submission_id=submission_id,
         extra_modules=list(extra_module or []),
@@ -120,6 +122,29 @@ def _parse_run_args(ctx: typer.Context, job: str, args: list[str]) -> dict[str, 
             f"run options {' '.join(args)!r}: {text}; "
             "see `jacpipe run --help`"
         ) from None
+
+
+def check_locally(job: str, params: dict[str, Any]) -> None:
+    """Refuse here what `jacpipe run` would refuse on the cluster before computing.
+
+    Args:
+        job: the job spec.
+        params: the parsed options of `jacpipe run JOB ...` (click parameter names).
+
+    Raises:
+        JacpipeError: an unknown job or module, a bad ``-p`` parameter (unknown
+            name, value of the wrong type), or a bad run option; exit code 2.
+    """
+    import dataclasses
+
+    from pipeline.plan import RunOptions
+    from pipeline.problem import parse_params, resolve_builder
+
+    pairs = list(params.get("param") or [])
+    parse_params(resolve_builder(job), pairs)
+    fields = {f.name for f in dataclasses.fields(RunOptions)} - {"job", "params"}
+    options = {k: v for k, v in params.items() if k in fields}
+    RunOptions(job=job, params=pairs, **options).check()
 
 
 def _absolute_out(job: str, args: list[str], params: dict[str, Any]) -> tuple[list[str], str]:
@@ -179,6 +204,8 @@ def _wait_streaming(sid: str, address: str | None, *, timeout: float | None) -> 
         # Ray appends ", last available logs ...:" and the log itself: we streamed it.
         first = message[0].split(", last available logs")[0].rstrip(": ") if message else ""
         why = f": {_masked(first)}" if first else ""
+        last = failure_line(sid, address, "\n".join(message)) if state == "FAILED" else None
+        why += f" ({last})" if last else ""
         raise JacpipeError(
             f"job {sid} {state} after {seconds:.1f} s{why}; see `jacpipe logs {sid}`",
             exit_code=1,
@@ -191,7 +218,7 @@ def _print_log_stream(sid: str, address: str | None, done: threading.Event) -> N
         for chunk in _follow(sid, address):
             if done.is_set():
                 return
-            typer.echo(chunk, nl=False)
+            typer.echo(chunk, nl=False, err=True)  # stdout keeps only the id
     except Exception:  # noqa: BLE001 - best effort: the status poll reports what matters
         return
 
@@ -228,14 +255,60 @@ def status_cmd(sid: SubmissionId, address: Address = None, as_json: AsJson = Fal
 
     info = sub.info(sid, address)
     info["entrypoint"] = _masked(info.get("entrypoint"))
+    if info["status"] == "FAILED":
+        info["error"] = failure_line(sid, address, info.get("message"))
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return
     typer.echo(f"{sid}: {info['status']}")
     if info.get("message"):
         typer.echo(f"  {_masked(info['message']).strip().splitlines()[0]}")
+    if info.get("error"):
+        typer.echo(f"  last error: {info['error']}")
     ended = f", ended {_when(info['end_time'])}" if info.get("end_time") else ""
     typer.echo(f"  started {_when(info.get('start_time'))}{ended}")
+
+
+def last_error_line(text: str) -> str | None:
+    """The line of a log that says why a job failed: the last ``error:`` line, else
+    the last ``...Error``/``...Exception`` line; None when there is neither.
+
+    Args:
+        text: a job's log, or the message Ray stores with a failed job.
+
+    Returns:
+        That line, stripped (credentials in URIs masked), or None.
+    """
+    import re
+
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for pattern in (r"^error:", r"\b\w*(Error|Exception)\b"):
+        for line in reversed(lines):
+            if re.search(pattern, line):
+                return _masked(line)
+    return None
+
+
+def failure_line(sid: str, address: str | None, message: str | None) -> str | None:
+    """Why a failed job failed, from its message, else from the tail of its log.
+
+    Args:
+        sid: the submission id.
+        address: the dashboard address.
+        message: the message Ray stores with the job (may hold the log's tail).
+
+    Returns:
+        One line, or None when neither says.
+    """
+    from pipeline import submit as sub
+
+    line = last_error_line(message or "")
+    if line is None:
+        try:
+            line = last_error_line(sub.logs(sid, address)[-20000:])
+        except JacpipeError:
+            return None
+    return line
 
 
 def logs_cmd(

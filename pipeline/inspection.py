@@ -56,6 +56,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         "method": man.method,
         "status": man.status,
         "shape": list(result.shape),
+        "display_shape": display_shape(result),
         "full_shape": list(result.full_shape),
         "dtype": result.dtype,
         "shards_planned": len(man.plan),
@@ -94,6 +95,25 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         "stray_files": stray_parts(result.storage.listdir(), len(man.plan)),
         **smoothed,
     }
+
+
+def display_shape(result: Any) -> str:
+    """The shape as a person reads it: ``m x n``, or ``B x (m x n)`` for a batched result.
+
+    Args:
+        result: an opened result (:class:`pipeline.reader.JacobianResult`).
+
+    Returns:
+        E.g. ``"2000x1500"`` or ``"200 x (6 x 6)"``.
+    """
+    s = result.shapes
+    if s.kind == "batched":
+        return f"{s.batch} x ({s.m} x {s.n})"
+    return f"{result.shape[0]}x{result.shape[1]}"
+
+
+#: What ``--plot`` can write, by file extension (matplotlib's Agg, SVG and PDF backends).
+PLOT_FORMATS = ("png", "svg", "pdf")
 
 
 def _dense_stats(result: Any, good: list[Any]) -> dict[str, Any]:
@@ -146,13 +166,28 @@ def _dense_blocks(result: Any) -> Any:
 def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     """Write a picture of a result: heatmap (dense) or spy plot (sparse), with norm profiles.
 
+    A batched result is drawn as its ``B*m x n`` stack of samples (the title
+    says ``B x (m x n)``). The format follows the extension: PNG, SVG or PDF.
+
+    Args:
+        out: the result folder.
+        path: the file to write (``.png``, ``.svg`` or ``.pdf``).
+        max_pixels: at most this many pixels per side.
+
+    Raises:
+        JacpipeError: another extension, an incomplete result, or an unwritable path.
+
     Returns:
         The path written.
     """
     from pipeline.reader import open_jacobian
 
-    if not str(path).lower().endswith(".png"):
-        raise JacpipeError(f"--plot {path}: expected a .png file name")
+    suffix = str(path).lower().rpartition(".")[2] if "." in str(path) else ""
+    if suffix not in PLOT_FORMATS:
+        raise JacpipeError(
+            f"--plot {path}: expected a .png, .svg or .pdf file name (the format follows "
+            "the extension)"
+        )
     result = open_jacobian(out)
     problems = result.check(checksums=False)
     if problems:
@@ -165,7 +200,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
 
 def _plot(result: Any, path: str, *, max_pixels: int) -> str:
     man = result.manifest
-    title = f"{man.job} {man.kind} {result.shape[0]}x{result.shape[1]} {result.dtype}"
+    title = f"{man.job} {man.kind} {display_shape(result)} {result.dtype}"
     if result.layout == "sparse":
         from pipeline.plot import plot_sparse
 

@@ -5,8 +5,8 @@ reduced block by block to at most ``max_pixels x max_pixels`` pixels (each
 pixel the max ``|J_ij|`` over the entries it covers) plus per-pixel row and
 column norm ranges, so the full matrix is never held. Matplotlib is imported
 inside the functions (``jacpipe --help`` stays fast) and only its
-object-oriented API is used (no pyplot, no global backend switch): the PNG is
-written by the Agg renderer whatever the user's backend.
+object-oriented API is used (no pyplot, no global backend switch): the file is
+written as PNG, SVG or PDF by its extension, whatever the user's backend.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def plot_dense(
         blocks: ``(start_row, block)`` pairs, ``block`` of shape ``(r, n)``,
             read once (streamed).
         shape: ``(m, n)`` of the matrix.
-        path: the PNG to write.
+        path: the file to write (PNG, SVG or PDF by extension; PNG otherwise).
         max_pixels: the heatmap has at most this many pixels per side; each
             pixel shows the max ``|J_ij|`` of the block it covers.
         title: first line of the figure title.
@@ -226,7 +226,7 @@ def plot_sparse(
     Args:
         matrix: a ``scipy.sparse`` matrix or pattern (converted to float64
             CSR); explicitly stored zeros count as stored.
-        path: the PNG to write.
+        path: the file to write (PNG, SVG or PDF by extension; PNG otherwise).
         max_pixels: at most this many pixels per side.
         title: first line of the figure title.
 
@@ -471,5 +471,6 @@ def _plural(count: int, word: str) -> str:
 def _save(fig: Any, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    fmt = out.suffix.lower().lstrip(".") or "png"
+    fig.savefig(out, format=fmt if fmt in ("png", "svg", "pdf") else "png")
     return out

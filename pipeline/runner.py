@@ -217,8 +217,55 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
                 f"--address {address}: cannot connect to Ray ({first}){hint}"
             ) from None
         return True
+    refuse_stale_cluster_env()
     ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
+
+
+#: What `make cluster-up` exports; dropping them all makes `jacpipe run` local again.
+CLUSTER_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
+def refuse_stale_cluster_env(environ: Any = None) -> None:
+    """Refuse, in one line, cluster variables that would break an embedded local Ray.
+
+    ``ray.init()`` joins ``RAY_ADDRESS`` when it is set, and demands a token
+    when ``RAY_AUTH_MODE=token``: left over from a cluster that is gone (after
+    ``make cluster-down``), they give Ray's raw retries or a 600-character
+    auth error instead of a local run.
+
+    Args:
+        environ: the environment to look at (default ``os.environ``).
+
+    Raises:
+        JacpipeError: ``RAY_ADDRESS`` names a cluster nobody answers at, or
+            token auth is on and no token can be read.
+    """
+    env = os.environ if environ is None else environ
+    fix = (f"unset {' '.join(CLUSTER_ENV)} for an embedded local Ray, or pass --address "
+           "HOST:PORT of a running cluster")
+    address = env.get("RAY_ADDRESS", "").strip()
+    if address and address not in ("local", "auto") and "://" not in address:
+        try:
+            _probe_address(address)
+        except JacpipeError:
+            raise JacpipeError(
+                f"RAY_ADDRESS={address} is set but no Ray cluster answers there (left over "
+                f"from a cluster that is down?): {fix}"
+            ) from None
+    if env.get("RAY_AUTH_MODE", "").strip().lower() != "token" or env.get("RAY_AUTH_TOKEN"):
+        return
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            if fh.read().strip():
+                return
+    except OSError:
+        pass
+    raise JacpipeError(
+        f"RAY_AUTH_MODE=token is set but the token file {path} is missing or empty (left "
+        f"over from a cluster that is down?): {fix}"
+    )
 
 
 def _shard_task(spec: ShardSpec, pattern: Any = None, coloring: Any = None) -> ShardResult:

@@ -10,7 +10,7 @@ Facts this module relies on (Ray 2.60, checked by experiment):
   variables ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` when they are set, and it
   treats ``host:port`` without a scheme as a GCS address (a 40 s hang when it is a
   dashboard port). We resolve the address ourselves, always hand Ray a full
-  ``http://`` URL, and hide those variables while the client is built.
+  ``http://`` URL, and skip Ray's lookup (never editing ``os.environ``).
 * The client sends the auth token only when ``RAY_AUTH_MODE=token`` is set in *its*
   environment; we read the token the way Ray does (``RAY_AUTH_TOKEN``, then
   ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``) and send it explicitly.
@@ -31,7 +31,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,7 +62,6 @@ EXCLUDES = [
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 _ENV_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
-_env_lock = threading.Lock()
 
 
 # ---------------------------------------------------------------------------
@@ -212,31 +210,40 @@ def _errors(url: str, submission_id: str | None = None) -> Iterator[None]:
 
 
 def _client(address: str | None) -> Any:
-    """A ``JobSubmissionClient`` for ``address`` with timeouts and an explicit token."""
+    """A ``JobSubmissionClient`` for ``address`` with timeouts and an explicit token.
+
+    The address is resolved here once and handed to Ray explicitly: Ray's own
+    resolution lets ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS`` win over its
+    argument, so it is bypassed rather than the environment edited (editing
+    ``os.environ`` races with other threads, e.g. ``submit --wait``'s log
+    stream and status poll, which then saw no address at all).
+    """
+    import ray
+    from ray.dashboard.modules.dashboard_sdk import SubmissionClient
     from ray.job_submission import JobSubmissionClient
 
     class _TimeoutClient(JobSubmissionClient):
+        def __init__(self, url: str, headers: dict[str, str]) -> None:
+            # NOTE: JobSubmissionClient.__init__ minus its environment lookup
+            # (ray.dashboard.utils.get_address_for_submission_client).
+            self._client_ray_version = ray.__version__
+            SubmissionClient.__init__(self, address=url, headers=headers)
+            self._check_connection_and_version(
+                min_version="2.0",
+                version_error_message="Jobs API is not supported on the Ray cluster, "
+                "or the cluster's Ray is older than 2.0.",
+            )
+
         def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", HTTP_TIMEOUT)
             return super()._do_request(method, endpoint, **kwargs)
 
     url = normalize_address(address)
     headers = auth_headers()
-    with _errors(url), _env_without(_ENV_ADDRESS_VARS):
-        client = _TimeoutClient(url, headers=headers)
+    with _errors(url):
+        client = _TimeoutClient(url, headers)
     client._jacpipe_url = url
     return client
-
-
-@contextlib.contextmanager
-def _env_without(names: tuple[str, ...]) -> Iterator[None]:
-    """Hide environment variables while the block runs (Ray lets them win over args)."""
-    with _env_lock:
-        saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-        try:
-            yield
-        finally:
-            os.environ.update(saved)
 
 
 # ---------------------------------------------------------------------------

@@ -217,6 +217,12 @@ class LocalCluster:
         )
 
 
+#: What :meth:`LocalCluster.exports` sets; the line that drops them again.
+UNSET = "unset RAY_API_SERVER_ADDRESS RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH"
+#: A shell function ``env.sh`` defines, so a sourced shell can drop the variables later.
+UNSET_HELPER = f"jacpipe_cluster_unset() {{ {UNSET}; }}\n"
+
+
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     """Run ``ray start ARGS`` in a new process group; return that group's id."""
     ray_cli = str(Path(sys.executable).with_name("ray"))
@@ -399,7 +405,10 @@ def up(state_dir: Path, *, num_cpus: int = 1, dashboard_port: int | None = None,
     )
     cluster.state_dir = state_dir
     (state_dir / STATE_FILE).write_text(json.dumps(cluster.to_state(), indent=1))
-    (state_dir / ENV_FILE).write_text(cluster.exports())
+    (state_dir / ENV_FILE).write_text(
+        cluster.exports() + "# after `make cluster-down`: jacpipe_cluster_unset (or: "
+        + UNSET + ")\n" + UNSET_HELPER
+    )
     return cluster
 
 
@@ -460,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
             if count is None:
                 print(f"no cluster recorded in {state_dir}/: nothing to stop")
             else:
-                print(f"cluster stopped ({count} processes)")
+                print(f"cluster stopped ({count} processes)\n"
+                      f"If you sourced its env.sh, drop its variables (a local `jacpipe run` "
+                      f"would otherwise look for the cluster): jacpipe_cluster_unset  (or: "
+                      f"{UNSET})")
         else:
             c = load(state_dir)
             if c is None:

@@ -201,7 +201,7 @@ def test_user_job_module_in_the_current_directory(tmp_path):
     (["compare", "__out__", "--rtol", "-1"], "--rtol must be >= 0"),
     (["compare", "__out__", "--all", "--atol", "-1"], "--atol must be >= 0"),
     (["inspect", "__out__", "--plot", "__file__/J.png"], "cannot write it"),
-    (["inspect", "__out__", "--plot", "J.txt"], "expected a .png file name"),
+    (["inspect", "__out__", "--plot", "J.txt"], "expected a .png, .svg or .pdf file name"),
     (["run", "mlp", "-p", "n=5", "-p", "n=6"], "parameter 'n' given twice"),
     (["run", "mlp", "--chunk-size", "0"], "--chunk-size must be at least 1"),
 ])

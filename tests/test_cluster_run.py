@@ -111,14 +111,18 @@ def test_stop_a_long_job(cluster, tmp_path: Path) -> None:
 
 def test_submit_wait_reports_a_failed_job(cluster, tmp_path: Path) -> None:
     """A job that fails on the cluster (a job error, not a CLI one): exit 1, one line."""
-    result = invoke("submit", "mlp", "-p", "no_such_param=1", "--out", tmp_path / "f",
+    # Only the cluster knows it has 2 CPUs: the local checks pass, the job fails there.
+    result = invoke("submit", "mlp", "--cpus-per-shard", "64", "--out", tmp_path / "f",
                     "--address", cluster.dashboard_url, "--wait", "--timeout", 180)
     assert result.exit_code == 1 and "Traceback" not in result.output
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("error: job ") and "FAILED" in last, result.output
     assert "exit code 2" in last and "last available logs" not in last
-    # the job's own one-line error, streamed from its log before that
-    assert "error: unknown parameter 'no_such_param'" in result.output
+    # the job's own one-line error, streamed from its log (on stderr) before that
+    assert "error: --cpus-per-shard 64" in result.stderr
+    sid = result.stdout.strip().splitlines()[0]
+    status = invoke("status", sid, "--address", cluster.dashboard_url)
+    assert "last error: error: --cpus-per-shard 64" in status.stdout, status.output
 
 
 def test_run_driving_the_cluster_directly(cluster, tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,7 @@ def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
 
 
 def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
+    """Each snippet runs alone, in a fresh interpreter, as a reader would paste it."""
     out = tmp_path / "make-run"
     result = CliRunner().invoke(app, ["run", "mlp", "-p", "n=120", "-p", "m=100",
                                       "--shards", 3, "--out", str(out)], catch_exceptions=False)
@@ -63,10 +67,15 @@ def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
     examples = [code for lang, code in BLOCKS
                 if lang == "python" and "out/make-run" in code]
     assert len(examples) >= 2
-    scope: dict = {}
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
     for code in examples:
-        exec(compile(code.replace("out/make-run", str(out)), "README.md", "exec"), scope)
-    assert scope["J"].shape == (100, 120)
+        code = code.replace("out/make-run", str(out))
+        check = code + "\nassert J.shape == (100, 120), J.shape\n" if "J = " in code else code
+        proc = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (code, proc.stderr[-3000:])
 
 
 @pytest.mark.parametrize("command", ["jobs", "run", "compare", "inspect"])
