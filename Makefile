@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 # A real job: a 2000 x 2000 float32 MLP Jacobian in 8 shards on the embedded
 # local Ray, then checked against torch.autograd.functional.jacobian.
 run: setup
-	$(BIN)/jacpipe run mlp -p n=2000 -p m=2000 --shards 8 --out $(OUT) --no-resume --verify
+	$(BIN)/jacpipe run mlp -p n=2000 -p m=2000 --shards 8 --executor ray --out $(OUT) --no-resume --verify
 
 test: setup
 	$(BIN)/python -m pytest -q

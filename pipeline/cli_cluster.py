@@ -143,7 +143,8 @@ def check_locally(job: str, params: dict[str, Any]) -> None:
     pairs = list(params.get("param") or [])
     parse_params(resolve_builder(job), pairs)
     fields = {f.name for f in dataclasses.fields(RunOptions)} - {"job", "params"}
-    options = {k: v for k, v in params.items() if k in fields}
+    # an option left out (None) keeps RunOptions' own default (e.g. --executor)
+    options = {k: v for k, v in params.items() if k in fields and v is not None}
     RunOptions(job=job, params=pairs, **options).check()
 
 

@@ -58,8 +58,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("float32", "float64"),
     "method": ("auto", "rev", "fwd", "sparse"),
-    # A new option with fixed choices (e.g. an --executor) adds its line here
-    # and to tests/test_frontdoor.py::test_help_choices_are_the_library_ones.
+    "executor": ("auto", "ray", "local"),
+    # A new option with fixed choices adds its line here and to
+    # tests/test_frontdoor.py::test_help_choices_are_the_library_ones.
 }
 _TYPE_NAMES = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN"}
 

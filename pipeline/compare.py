@@ -266,6 +266,7 @@ def compare(
     seed: int = 0,
     job: str | None = None,
     trust_job: bool = False,
+    problem: Any = None,
 ) -> CompareReport:
     """Compare a result folder against the single-process torch reference.
 
@@ -277,6 +278,8 @@ def compare(
         atol: absolute tolerance (default ``rtol * max|reference|``).
         memory_budget: the whole reference is used only if it fits this.
         job, trust_job: allow rebuilding a ``module:function`` job (see :func:`rebuilt`).
+        problem: the :class:`~pipeline.Problem` itself (a result of
+            ``pipeline.run(problem)``); checked against the stored fingerprint.
 
     NaN and Inf entries of the result match only the same NaN / Inf of the
     reference at the same place (torch gives them too where the maths is not
@@ -294,7 +297,8 @@ def compare(
     result = open_jacobian(out)
     broken = result.check(checksums=True)
     problems = [str(p) for p in broken]
-    problem = rebuilt(result, job=job, trust_job=trust_job)
+    problem = (rebuilt(result, job=job, trust_job=trust_job) if problem is None
+               else _checked_given(result, problem))
     bad = {p.index for p in broken}
     good = [s for s in result.committed if s.index not in bad]
     if result.manifest.extra.get("smoothing"):
@@ -424,6 +428,12 @@ def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> 
     from pipeline.problem import FingerprintMismatch, rebuild, split_spec
 
     man = result.manifest
+    if man.job.startswith("python:"):
+        raise JacpipeError(
+            f"{result.storage.display} was computed from a Problem built in Python "
+            f"({man.job.removeprefix('python:')}); nothing on disk can rebuild it: compare "
+            "it in Python with pipeline.compare_result(OUT, problem=problem)"
+        )
     split_spec(man.job)  # a dotted name or a built-in job, before anything is imported
     if ":" in man.job and not trust_job and job != man.job:
         named = "" if job is None else f" (--job {job} names another)"
@@ -441,6 +451,21 @@ def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> 
             f"the one stored (differs in: {exc.field}; {why}); "
             "rerun `jacpipe run` to recompute the result"
         ) from None
+
+
+def _checked_given(result: Any, problem: Any) -> Any:
+    """A Problem handed to :func:`compare`, checked against the stored fingerprint."""
+    from pipeline.problem import FingerprintMismatch, check_fingerprint, fingerprint, validate
+
+    try:
+        check_fingerprint(result.manifest.fingerprint,
+                          fingerprint(problem, validate(problem, "problem")))
+    except FingerprintMismatch as exc:
+        raise JacpipeError(
+            f"{result.storage.display}: the Problem given is not the one stored (differs in: "
+            f"{exc.field}); give the problem the result was computed from"
+        ) from None
+    return problem
 
 
 def _fits(result: Any, memory_budget: int) -> bool:

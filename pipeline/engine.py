@@ -368,8 +368,12 @@ def intermediate_numel(
     """
     xg = x.detach().reshape(-1).clone().requires_grad_(True)
     counter = _IntermediateCounter()
-    with torch.enable_grad(), counter:
-        fn(xg.reshape(x.shape))
+    try:
+        with torch.enable_grad(), counter:
+            fn(xg.reshape(x.shape))
+    except RuntimeError:
+        _refuse_input_writes(fn, x)  # autograd refuses a write into a leaf: say why
+        raise
     if warm_up:
         w = x.new_ones(8, 8)
         for _ in iter_jacobian_rows(lambda t: w @ torch.tanh(w @ t), x.new_ones(8), 0, 1):

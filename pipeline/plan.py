@@ -21,6 +21,7 @@ from pipeline.errors import JacpipeError
 from pipeline.problem import Shapes
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("auto", "ray", "local")
 METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
 @dataclass
@@ -47,6 +48,10 @@ class RunOptions:
     max_in_flight: int | None = None
     progress: bool = True
     shard_timeout: float | None = None
+    #: ``local`` runs the shards in this process, ``ray`` as Ray tasks, ``auto``
+    #: picks ``local`` for a few seconds of work without ``--address``
+    #: (default: ``$JACPIPE_EXECUTOR`` or ``auto``).
+    executor: str = field(default_factory=lambda: _default_executor())
     compression: str = DEFAULT_COMPRESSION
     #: Randomized smoothing (pipeline.smoothing): sigma (a number, "auto" or a
     #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
@@ -80,6 +85,11 @@ class RunOptions:
             raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
+        if self.executor not in EXECUTORS:
+            raise JacpipeError(f"--executor must be auto, ray or local, got {self.executor!r}")
+        if self.executor == "local" and self.address:
+            raise JacpipeError("--executor local runs the shards in this process; it takes "
+                               "no --address (use --executor ray or auto)")
         if self.shard_timeout is not None and not self.shard_timeout > 0:
             raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
         parse_compression(self.compression)
@@ -98,6 +108,59 @@ class RunOptions:
 
         return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
                             estimator=self.estimator)
+
+
+def _default_executor() -> str:
+    import os
+
+    return os.environ.get("JACPIPE_EXECUTOR", "auto")
+
+
+def local_resources(num_cpus: int | None = None) -> Resources:
+    """What an embedded Ray on this machine would offer, known without starting it.
+
+    CPUs: ``num_cpus`` or the ones this process may run on; GPUs: what torch
+    sees; memory: 70% of the available memory (Ray's default keeps 30% for
+    its object store).
+    """
+    import os
+    import sys
+
+    import psutil
+
+    cpus = float(num_cpus or len(os.sched_getaffinity(0)) or os.cpu_count() or 1)
+    gpus = 0.0
+    torch = sys.modules.get("torch")  # the job was built: torch is imported when it matters
+    if torch is not None and torch.cuda.is_available():
+        gpus = float(torch.cuda.device_count())
+    memory = int(psutil.virtual_memory().available * 0.7)
+    return Resources(cpus=cpus, gpus=gpus, node_memory=memory, node_cpus=cpus, node_gpus=gpus)
+
+
+# NOTE: [Small jobs in process]
+#   Starting an embedded Ray and its workers (each importing torch) costs
+#   5-20 s on 2 cores, while a 100 x 100 Jacobian computes in milliseconds.
+#   `--executor auto` runs the same shards (compute_shard, same parts, same
+#   manifest, same resume) in the driver when the estimated work is below
+#   LOCAL_MAX_SECONDS. The estimate: the driver's fingerprint times one
+#   forward + backward pass (t); a vectorised pass over c rows costs about
+#   c / ROWS_PER_PASS_TIME of t; writing costs bytes / WRITE_BYTES_PER_S.
+LOCAL_MAX_SECONDS = 3.0
+ROWS_PER_PASS_TIME = 16
+WRITE_BYTES_PER_S = 150e6
+
+
+def estimate_seconds(shapes: Shapes, plan: RunPlan, pass_seconds: float) -> float:
+    """A rough single-process time for the whole run (see NOTE: [Small jobs in process])."""
+    if plan.coloring is not None:
+        passes = plan.coloring.num_colors * len(plan.shards) * ROWS_PER_PASS_TIME
+    elif plan.method == "fwd":
+        passes = shapes.n * (1 if shapes.kind == "batched" else len(plan.shards))
+        passes *= shapes.batch or 1
+    else:
+        passes = shapes.total_rows
+    stored = stored_row_bytes(shapes, plan.pattern) * shapes.total_rows
+    return pass_seconds * passes / ROWS_PER_PASS_TIME + stored / WRITE_BYTES_PER_S
 
 
 @dataclass(frozen=True)
@@ -385,6 +448,7 @@ class PatternChoice:
     source: str | None = None
     seconds: float = 0.0
     note: str | None = None
+    quiet: bool = False  # the note is for the manifest only (--method auto found nothing)
 
     def facts(self) -> dict[str, Any] | None:
         """What the manifest records of a detection (None when the pattern was given)."""
@@ -464,7 +528,7 @@ def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed
     except SparsityError as exc:
         if explicit:
             raise JacpipeError(f"--sparsity auto: {exc}") from None
-        return PatternChoice(note=f"no sparsity detected ({exc}); dense path")
+        return PatternChoice(note=f"no sparsity detected ({exc}); dense path", quiet=True)
     source = "detected" if mode == "global" else "detected-local"
     if report.dense:
         if needed:
@@ -473,7 +537,7 @@ def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed
                 "use --method auto, rev or fwd")
         return PatternChoice(None, source, report.seconds,
                              f"sparsity detection gave up in {report.seconds:.2f}s "
-                             f"({report.reason}); dense path")
+                             f"({report.reason}); dense path", quiet=not explicit)
     held = " (holds at this x only)" if mode == "local" else ""
     return PatternChoice(report.pattern, source, report.seconds,
                          f"sparsity detected in {report.seconds:.2f}s: {report.reason}{held}")

@@ -29,11 +29,14 @@ from pipeline.errors import JacpipeError, ShardFailedError, first_line
 from pipeline.folder import ResultFolder, default_out
 from pipeline.manifest import Manifest, utcnow, versions
 from pipeline.plan import (
+    LOCAL_MAX_SECONDS,
     PatternChoice,
     Resources,
     RunOptions,
     RunPlan,
     Shard,
+    estimate_seconds,
+    local_resources,
     make_plan,
     run_pattern,
 )
@@ -83,6 +86,8 @@ class _Job:
     device_param: bool
     pattern: Any  # a PatternChoice: the sparsity pattern and where it came from
     adjoint: Any  # the AdjointCheck, when forward mode was on the table
+    pass_seconds: float = 0.0  # one forward + backward, timed by the fingerprint
+    problem: Any = None  # a Problem handed in memory (shipped to workers), else None
     smoothing: dict[str, Any] | None = None  # a smoothed run's Smoothing.to_json()
 
 
@@ -90,20 +95,23 @@ def _uri_or_abspath(out: str) -> str:
     return out if "://" in out else os.path.abspath(out)
 
 
-def _check_job(opts: RunOptions) -> _Job:
-    """Build the job once in the driver: parameters, shapes, fingerprint, pattern.
+def _check_job(opts: RunOptions, given: Any = None) -> _Job:
+    """Build the job once in the driver (or take the one given): shapes, fingerprint, pattern.
 
     Raises:
         JacpipeError: unknown job, bad parameter, a build jacpipe cannot use.
     """
-    builder = resolve_builder(opts.job)
-    params = parse_params(builder, opts.params)
-    device_param = "device" in job_parameters(builder)
-    if opts.dtype is not None:
-        if "dtype" not in job_parameters(builder):
-            raise JacpipeError(f"--dtype: job {opts.job!r} has no dtype parameter")
-        params["dtype"] = opts.dtype
-    problem = build_problem(opts.job, params)
+    if given is not None:
+        problem, params, device_param = given, {}, False
+    else:
+        builder = resolve_builder(opts.job)
+        params = parse_params(builder, opts.params)
+        device_param = "device" in job_parameters(builder)
+        if opts.dtype is not None:
+            if "dtype" not in job_parameters(builder):
+                raise JacpipeError(f"--dtype: job {opts.job!r} has no dtype parameter")
+            params["dtype"] = opts.dtype
+        problem = build_problem(opts.job, params)
     shapes = validate(problem, opts.job)
     smoothing = opts.smoothing()
     if smoothing is not None:
@@ -111,11 +119,15 @@ def _check_job(opts: RunOptions) -> _Job:
 
         check_problem(smoothing, problem, opts.job)
     pattern = PatternChoice() if smoothing else run_pattern(opts, problem, shapes)
+    t0 = time.perf_counter()
+    fp = fingerprint(problem, shapes, spec=None if given is not None else opts.job)
     return _Job(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),
         shapes=shapes,
-        fingerprint=fingerprint(problem, shapes, spec=opts.job),
+        fingerprint=fp,
+        pass_seconds=time.perf_counter() - t0,
+        problem=given,
         device_param=device_param,
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
@@ -268,10 +280,11 @@ def refuse_stale_cluster_env(environ: Any = None) -> None:
     )
 
 
-def _shard_task(spec: ShardSpec, pattern: Any = None, coloring: Any = None) -> ShardResult:
+def _shard_task(spec: ShardSpec, pattern: Any = None, coloring: Any = None, problem: Any = None
+                ) -> ShardResult:
     from pipeline.worker import compute_shard
 
-    return compute_shard(spec, pattern=pattern, coloring=coloring)
+    return compute_shard(spec, pattern=pattern, coloring=coloring, problem=problem)
 
 
 _REMOTE: Any = None
@@ -334,42 +347,135 @@ def _describe_failure(exc: BaseException, shard: ShardSpec) -> JacpipeError:
 # ---------------------------------------------------------------------------
 
 
-def run(opts: RunOptions, *, echo: Callable[[str], None] = print) -> RunSummary:
-    """Run a job end to end (see the module docstring).
+def run(
+    job: str | Any,
+    *,
+    echo: Callable[[str], None] = print,
+    **options: Any,
+) -> RunSummary:
+    """Run a job end to end: check, plan, compute the shards, commit them (module docstring).
+
+    Examples::
+
+        pipeline.run("mlp", params={"n": 4000}, shards=8, out="out/mlp")
+        pipeline.run(Problem(fn=lambda t: torch.tanh(w @ t), x=x0), out="out/step")
+        pipeline.run(RunOptions(job="mlp", params=["n=4000"]))
+
+    Args:
+        job: a job spec (``"mlp"``, ``"pkg.mod:build"``), a :class:`~pipeline.Problem`
+            built in memory (a closure over tensors, an ``nn.Module``: shipped
+            to the workers through Ray's object store, its fingerprint checked
+            there), or a :class:`~pipeline.plan.RunOptions`.
+        echo: where progress and notes go (one line each).
+        **options: the ``jacpipe run`` options by name (``out``, ``shards``,
+            ``method``, ``memory_budget``, ``executor``, ...; ``params`` as a
+            dict or a list of ``"name=value"``).
+
+    Returns:
+        The :class:`RunSummary` (the manifest written, shards computed / resumed).
 
     Raises:
-        JacpipeError: any user-fixable problem, before anything is scheduled
-            where it can be detected early.
+        JacpipeError: any user-fixable problem, found before Ray starts where
+            it can be (options, the job, the plan, the output folder).
         ShardFailedError: the user's function raised in a shard.
-        Interrupted: Ctrl-C.
+        Interrupted: Ctrl-C or SIGTERM (the folder is resumable).
     """
     t_start = time.perf_counter()
+    opts, given = _options(job, options)
     opts.check()
-    job = _check_job(opts)
+    checked = _check_job(opts, given)
     storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
-    started = connect(opts.address, opts.num_cpus)
-    try:
-        if job.pattern.note:
-            echo(f"note: {job.pattern.note}")
-        plan = make_plan(
-            job.shapes, opts, cluster_resources(), pattern=job.pattern.pattern,
-            pattern_source=job.pattern.source, device_param=job.device_param,
-            forward_disagrees=None if job.adjoint is None or job.adjoint.agree
-            else job.adjoint.reason,
-        )
-        for note in plan.notes:
-            echo(note if note.startswith("warning:") else f"note: {note}")
-        if plan.coloring is not None:
-            echo(f"sparse: {int(plan.pattern.nnz)} nonzeros, {plan.coloring.num_colors} "
-                 f"colours ({plan.coloring.mode} mode) instead of "
-                 f"{min(job.shapes.m, job.shapes.n)} dense passes")
-        return _execute(opts, job, plan, ResultFolder(storage), echo, t_start=t_start,
-                        owns_ray=started)
-    finally:
-        if started:
-            import ray
+    if checked.pattern.note and not checked.pattern.quiet:
+        echo(f"note: {checked.pattern.note}")
+    if opts.address or _ray_running():
+        started = connect(opts.address, opts.num_cpus)
+        try:
+            plan = _plan(opts, checked, cluster_resources(), echo)
+            return _execute(opts, checked, plan, ResultFolder(storage), echo, t_start=t_start,
+                            executor="ray", owns_ray=started)
+        finally:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+    # An embedded Ray: everything is planned and the folder prepared before it
+    # starts, so a typo or a finished result costs no Ray start-up.
+    plan = _plan(opts, checked, local_resources(opts.num_cpus), echo)
+    executor = _executor(opts, checked, plan, echo)
+    return _execute(opts, checked, plan, ResultFolder(storage), echo, t_start=t_start,
+                    executor=executor, owns_ray=False)
+
+
+#: The job name recorded for a Problem handed in memory.
+IN_MEMORY = "python:"
+
+
+def _options(job: Any, options: dict[str, Any]) -> tuple[RunOptions, Any]:
+    """``RunOptions`` from the Python API's arguments, and the in-memory Problem if any."""
+    from dataclasses import fields
+
+    from pipeline.problem import Problem
+
+    if isinstance(job, RunOptions):
+        if options:
+            raise JacpipeError("pipeline.run: give RunOptions or keyword options, not both")
+        return job, None
+    given = job if isinstance(job, Problem) else None
+    if given is not None:
+        fn = getattr(given.fn, "__qualname__", type(given.fn).__name__)
+        job = f"{IN_MEMORY}{getattr(given.fn, '__module__', '?')}.{fn}"
+    elif not isinstance(job, str):
+        raise JacpipeError(
+            f"pipeline.run: expected a job spec (str), a Problem or RunOptions, got "
+            f"{type(job).__name__}"
+        )
+    names = {f.name for f in fields(RunOptions)} - {"job"}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise JacpipeError(
+            f"pipeline.run: unknown option(s) {', '.join(unknown)}; expected some of "
+            f"{', '.join(sorted(names))}"
+        )
+    params = options.pop("params", [])
+    if isinstance(params, dict):
+        params = [f"{k}={v}" for k, v in params.items()]
+    return RunOptions(job=job, params=list(params), **options), given
+
+
+def _ray_running() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _plan(opts: RunOptions, job: _Job, resources: Resources, echo: Callable[[str], None]
+          ) -> RunPlan:
+    plan = make_plan(
+        job.shapes, opts, resources, pattern=job.pattern.pattern,
+        pattern_source=job.pattern.source, device_param=job.device_param,
+        forward_disagrees=None if job.adjoint is None or job.adjoint.agree
+        else job.adjoint.reason,
+    )
+    for note in plan.notes:
+        echo(note if note.startswith("warning:") else f"note: {note}")
+    if plan.coloring is not None:
+        echo(f"sparse: {int(plan.pattern.nnz)} nonzeros, {plan.coloring.num_colors} "
+             f"colours ({plan.coloring.mode} mode) instead of "
+             f"{min(job.shapes.m, job.shapes.n)} dense passes")
+    return plan
+
+
+def _executor(opts: RunOptions, job: _Job, plan: RunPlan, echo: Callable[[str], None]) -> str:
+    """``local`` or ``ray`` for an embedded run (NOTE: [Small jobs in process] in plan.py)."""
+    if opts.executor != "auto":
+        return opts.executor
+    estimate = estimate_seconds(job.shapes, plan, job.pass_seconds)
+    if estimate <= LOCAL_MAX_SECONDS:
+        echo(f"executor: local (about {estimate:.1f}s of work, less than starting Ray; "
+             "--executor ray to use Ray)")
+        return "local"
+    return "ray"
 
 
 def cluster_resources() -> Resources:
@@ -450,9 +556,15 @@ def _execute(
     echo: Callable[[str], None],
     *,
     t_start: float,
+    executor: str,
     owns_ray: bool,
 ) -> RunSummary:
-    """Prepare the folder, schedule the shards still to do, and finish the manifest."""
+    """Prepare the folder, compute the shards still to do, and finish the manifest.
+
+    ``executor`` ``ray`` with ``owns_ray`` False and Ray not running starts an
+    embedded Ray only now, after the folder is prepared, and only when a
+    shard is left to compute.
+    """
     manifest = _manifest(opts, job, plan)
     keep = folder.prepare(manifest, resume=opts.resume, overwrite=opts.overwrite)
     try:
@@ -465,8 +577,9 @@ def _execute(
         progress = _Progress(len(plan.shards), enabled=opts.progress, echo=echo)
         progress.done_shards = len(keep)
         t_compute = time.perf_counter()
-        _schedule(specs, plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
-                  owns_ray=owns_ray, shard_timeout=opts.shard_timeout, echo=echo)
+        if specs:
+            _compute(specs, opts, job, plan, folder, progress, echo, executor=executor,
+                     owns_ray=owns_ray)
         folder.finish(
             "complete",
             wall_seconds=round(time.perf_counter() - t_start, 4),
@@ -486,6 +599,31 @@ def _execute(
         out=folder.storage.uri, manifest=manifest.to_json(), computed=len(todo),
         skipped=len(keep), notes=notes,
     )
+
+
+def _compute(specs: list[ShardSpec], opts: RunOptions, job: _Job, plan: RunPlan,
+             folder: ResultFolder, progress: _Progress, echo: Callable[[str], None], *,
+             executor: str, owns_ray: bool) -> None:
+    """Run the shards with the executor chosen (starting an embedded Ray if needed)."""
+    if executor == "local":
+        scheduler: Any = _LocalScheduler(plan, folder, progress, problem=job.problem)
+        _schedule(specs, scheduler, plan, folder, progress, owns_ray=True)
+        return
+    started = False
+    if not _ray_running():
+        t0 = time.perf_counter()
+        echo(f"starting Ray ({opts.num_cpus or int(plan.slots * plan.cpus_per_shard)} CPUs)...")
+        started = connect(None, opts.num_cpus)
+        echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+    try:
+        scheduler = _Scheduler(plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
+                               shard_timeout=opts.shard_timeout, echo=echo, problem=job.problem)
+        _schedule(specs, scheduler, plan, folder, progress, owns_ray=owns_ray or started)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 class Terminated(BaseException):
@@ -537,8 +675,10 @@ class _Scheduler:
     """
 
     def __init__(self, plan: RunPlan, folder: ResultFolder, progress: _Progress, *,
-                 window: int, shard_timeout: float | None, echo: Callable[[str], None]) -> None:
+                 window: int, shard_timeout: float | None, echo: Callable[[str], None],
+                 problem: Any = None) -> None:
         self.plan, self.folder, self.progress, self.echo = plan, folder, progress, echo
+        self.problem = problem
         self.window, self.shard_timeout = window, shard_timeout
         self.in_flight: dict[Any, ShardSpec] = {}
         self.started: dict[Any, float] = {}  # when a task got (about) a slot
@@ -553,15 +693,18 @@ class _Scheduler:
             num_cpus=self.plan.cpus_per_shard, num_gpus=self.plan.gpus_per_shard
         )
         # The pattern and colouring go to the object store once, not once per task.
-        sparse_args = (
-            () if self.plan.coloring is None
-            else (ray.put(self.plan.pattern), ray.put(self.plan.coloring))
+        # A Problem built in memory goes once too (cloudpickled); the worker
+        # checks its fingerprint like that of a rebuilt job.
+        args = (
+            ray.put(self.plan.pattern) if self.plan.coloring is not None else None,
+            ray.put(self.plan.coloring) if self.plan.coloring is not None else None,
+            ray.put(self.problem) if self.problem is not None else None,
         )
         pending = list(specs)
         while pending or self.in_flight:
             while pending and len(self.in_flight) < self.window:
                 spec = pending.pop(0)
-                self.in_flight[remote.remote(spec, *sparse_args)] = spec
+                self.in_flight[remote.remote(spec, *args)] = spec
             self._watch(time.perf_counter())
             done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
             for ref in done:
@@ -598,23 +741,19 @@ class _Scheduler:
 
 def _schedule(
     specs: list[ShardSpec],
+    scheduler: Any,
     plan: RunPlan,
     folder: ResultFolder,
     progress: _Progress,
     *,
-    window: int,
     owns_ray: bool,
-    shard_timeout: float | None = None,
-    echo: Callable[[str], None] = print,
 ) -> None:
-    """Run ``specs`` as Ray tasks (:class:`_Scheduler`), committing each as it ends.
+    """Run ``specs`` with ``scheduler`` (Ray tasks or this process), committing each as it ends.
 
     On Ctrl-C, SIGTERM or a failure the manifest is written first
     (``interrupted`` / ``failed``), then the tasks in flight are left (NOTE:
     [Stopping tasks without ray.cancel]).
     """
-    scheduler = _Scheduler(plan, folder, progress, window=window, shard_timeout=shard_timeout,
-                           echo=echo)
     try:
         with _sigterm_as_interrupt(), progress:
             scheduler.run(specs)
@@ -635,6 +774,42 @@ def _schedule(
         if not owns_ray:
             _abandon(scheduler.in_flight)
         raise
+
+
+class _LocalScheduler:
+    """The shards one after the other in this process: the same ``compute_shard`` as a task."""
+
+    def __init__(self, plan: RunPlan, folder: ResultFolder, progress: _Progress, *,
+                 problem: Any = None) -> None:
+        self.plan, self.folder, self.progress, self.problem = plan, folder, progress, problem
+        self.in_flight: dict[Any, ShardSpec] = {}
+
+    def run(self, specs: list[ShardSpec]) -> None:
+        from pipeline.worker import compute_shard
+
+        for spec in specs:
+            try:
+                result = compute_shard(spec, pattern=self.plan.pattern,
+                                       coloring=self.plan.coloring, problem=self.problem)
+            except JacpipeError as exc:
+                raise JacpipeError(f"shard {spec.index} (rows {spec.start}..{spec.stop}): {exc}",
+                                   exit_code=exc.exit_code) from None
+            except Exception as exc:  # noqa: BLE001 - the user's code: one line
+                raise ShardFailedError(
+                    f"shard {spec.index} (rows {spec.start}..{spec.stop}) failed: "
+                    f"{type(exc).__name__}: {first_line(exc)}{_user_frame(exc)}"
+                ) from None
+            self.folder.commit(result)
+            self.progress.advance(result)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """`` [File ...]``: the innermost frame of the traceback outside jacpipe, torch and Ray."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not any(p in f.filename for p in ("/pipeline/", "/torch/",
+                                                                     "/ray/"))]
+    f = (user or frames or [None])[-1]
+    return f" [File \"{f.filename}\", line {f.lineno}, in {f.name}]" if f else ""
 
 
 def _outcome(ref: Any, spec: ShardSpec) -> ShardResult:

@@ -60,7 +60,17 @@ def activation_numel(problem: Problem) -> int:
     gradient's graph): see NOTE [Memory of one basis vector] in ``engine``.
     Saved weights are shared by every row and are already in the measured RSS.
     """
-    fn, x = kind_of(problem.kind).differentiated(problem)
+    spec = kind_of(problem.kind)
+    if spec.symmetric:
+        # autograd's double backward (not torch.func.grad): it also counts
+        # functions torch.func cannot transform, which rows then compute by
+        # the autograd fallback.
+        def grad(t: torch.Tensor) -> torch.Tensor:
+            (g,) = torch.autograd.grad(problem.fn(t).reshape(()), t, create_graph=True)
+            return g
+
+        return engine.intermediate_numel(grad, problem.x)
+    fn, x = spec.differentiated(problem)
     return engine.intermediate_numel(fn, x)
 
 
@@ -92,13 +102,26 @@ def _device(requested: str) -> str:
     return "cpu"
 
 
-def _problem(spec: ShardSpec, device: str) -> tuple[Problem, int]:
+def _problem(spec: ShardSpec, device: str, given: Problem | None = None
+             ) -> tuple[Problem, int]:
+    """The shard's problem: rebuilt from its job (cached), or the one handed in memory.
+
+    Either way it is checked against the driver's fingerprint first: a
+    problem that pickles into something else (a closure over state that does
+    not travel) is refused, never silently different.
+    """
     key = _cache_key(spec, device)
     if key not in _CACHE:
-        params = dict(spec.params)
-        if device != "cpu" and spec.device_param:
-            params["device"] = device
-        problem = rebuild(spec.job, params, spec.fingerprint)
+        if given is not None:
+            from pipeline.problem import check_fingerprint, fingerprint, validate
+
+            check_fingerprint(spec.fingerprint, fingerprint(given, validate(given, spec.job)))
+            problem = given
+        else:
+            params = dict(spec.params)
+            if device != "cpu" and spec.device_param:
+                params["device"] = device
+            problem = rebuild(spec.job, params, spec.fingerprint)
         _CACHE[key] = (problem, activation_numel(problem))
     return _CACHE[key]
 
@@ -121,13 +144,16 @@ def _node_id() -> str:
 
 
 def compute_shard(
-    spec: ShardSpec, *, pattern: Any = None, coloring: Any = None, pipelined: bool = True
+    spec: ShardSpec, *, pattern: Any = None, coloring: Any = None, pipelined: bool = True,
+    problem: Problem | None = None,
 ) -> ShardResult:
     """Compute one shard and commit its part file; return its manifest entry.
 
     Args:
         spec: the shard (see :class:`~pipeline.shard.ShardSpec`).
         pattern, coloring: the sparsity pattern and its colouring (sparse layout).
+        problem: a problem handed in memory (``pipeline.run(Problem(...))``)
+            instead of the job to rebuild; its fingerprint is checked all the same.
         pipelined: dense layout: write block ``k`` on a writer thread while block
             ``k + 1`` is computed (see :class:`_Pipeline`); ``False`` writes
             each block before computing the next. The part's bytes are the same.
@@ -143,7 +169,7 @@ def compute_shard(
     device = _device(spec.device)
     storage = Storage(spec.out)
     attempt = record_attempt(storage, spec.run_id, spec.index)
-    problem, activations = _problem(spec, device)
+    problem, activations = _problem(spec, device, problem)
     chunk = _chunk(spec, activations, pattern, baseline=_rss() if device == "cpu" else 0)
     writer = PartWriter(
         storage, part_name(spec.index), _schema(spec), spec.part_meta(),

@@ -36,7 +36,7 @@ def test_fd_names_the_non_smooth_input_of_the_contact_job(ray_session, tmp_path)
     out = tmp_path / "contact"
     assert invoke("run", "contact", "--out", out).exit_code == 0
     result = invoke("compare", out, "--fd", "--json")
-    report = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(result.output)["fd"]  # one document: {"compare", "fd", "ok"}
     assert report["nonsmooth_inputs"] == [2]  # z = 0: the contact switches on
     assert report["disagreeing_columns"] == []
     assert all(c["h"] > 0 for c in report["checks"])
@@ -48,7 +48,7 @@ def test_fd_reports_nothing_on_a_smooth_job(mlp_out):
     out, _ = mlp_out
     result = invoke("compare", out, "--fd", "--fd-columns", 6, "--json")
     assert result.exit_code == 0
-    report = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(result.output)["fd"]  # one document: {"compare", "fd", "ok"}
     assert report["nonsmooth_inputs"] == [] and report["ok"]
     assert len(report["checks"]) == 6
 

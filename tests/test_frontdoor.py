@@ -63,6 +63,7 @@ def test_help_choices_are_the_library_ones():
     assert CHOICES["device"] == plan.DEVICES
     assert CHOICES["dtype"] == plan.DTYPES
     assert CHOICES["method"] == plan.METHODS
+    assert CHOICES["executor"] == plan.EXECUTORS
 
 
 # ---------------------------------------------------------------------------

@@ -545,3 +545,30 @@ def test_a_resume_after_a_backward_only_change_is_refused(ray_session, tmp_path,
     assert again.exit_code == 2, again.output
     assert "the job changed since these shards were written (differs in: fingerprint: " \
            "derivative); --overwrite to start again" in again.output
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_trust_classes_end_to_end_through_the_cli(ray_session, tmp_path, dtype):
+    d = ["-p", f"dtype={dtype}", "--no-progress"]
+    # 1. fn writes into its input: refused with the right reason, not "nondeterministic"
+    writes = _cli("run", "tests.userjobs:writes_input", *d, "--out", tmp_path / "w")
+    assert writes.exit_code == 2, writes.output
+    assert "writes into its input" in writes.output and "nondeterministic" not in writes.output
+    # 3. a per-sample output of another size: one line naming the sample
+    ragged = _cli("run", "tests.userjobs:ragged_samples", *d, "--out", tmp_path / "r")
+    assert ragged.exit_code != 0 and "Traceback" not in ragged.output
+    assert "fn(xs[" in ragged.output and "entries" in ragged.output
+    # 5. NaN in fn(x): a run like any other, and compare matches NaN with NaN
+    nan = _cli("run", "tests.userjobs:nan_at_x", *d, "--out", tmp_path / "n", "--verify")
+    assert nan.exit_code == 0 and "MATCH" in nan.output, nan.output
+    assert "nondeterministic" not in nan.output
+    # 6. a Hessian of a function torch.func cannot transform: autograd's answer
+    hess = _cli("run", "tests.userjobs:old_style_hessian", *d, "--out", tmp_path / "h",
+                "--verify")
+    assert hess.exit_code == 0 and "MATCH" in hess.output, hess.output
+    # 7. rows come back in x's dtype
+    man = json.loads((tmp_path / "h" / "_manifest.json").read_text())
+    assert man["dtype"] == dtype
+    from pipeline import read_jacobian
+
+    assert str(read_jacobian(tmp_path / "h").dtype) == dtype

@@ -126,3 +126,51 @@ def branchy(n: int = 40) -> Problem:
         return torch.cos(v)
 
     return Problem(fn=fn, x=torch.linspace(0.1, 1, n, dtype=torch.float64))
+
+
+def writes_input(n: int = 6, dtype: str = "float64") -> Problem:
+    """fn scales its argument in place: autograd.functional refuses it, so must jacpipe."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        v.mul_(2)
+        return v * v
+
+    return Problem(fn=fn, x=torch.linspace(1, 2, n, dtype=dt))
+
+
+def ragged_samples(batch: int = 12, dtype: str = "float64") -> Problem:
+    """A per-sample fn whose output size depends on the sample (sample 9 has 2 more)."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    xs = torch.linspace(0, 1, batch * 3, dtype=dt).reshape(batch, 3)
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        extra = 2 if bool(v[0] > 0.77) and bool(v[0] < 0.8) else 0
+        return torch.cat([torch.sin(v), v[:1].repeat(extra)])
+
+    return Problem(fn=fn, x=xs, kind="batched")
+
+
+def nan_at_x(n: int = 5, dtype: str = "float64") -> Problem:
+    """fn(x) holds a NaN (log of a negative entry) while its Jacobian rows are fine elsewhere."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    return Problem(fn=lambda v: torch.log(v) * 2, x=torch.linspace(-1, 1, n, dtype=dt))
+
+
+def old_style_hessian(n: int = 6, dtype: str = "float64") -> Problem:
+    """A scalar fn through an old-style autograd.Function with a double-differentiable backward."""
+    dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
+
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            ctx.save_for_backward(v)
+            return v**3
+
+        @staticmethod
+        def backward(ctx, g):
+            (v,) = ctx.saved_tensors
+            return 3 * v**2 * g
+
+    return Problem(fn=lambda v: Cube.apply(v).sum() + (v[:-1] * v[1:]).sum(),
+                   x=torch.linspace(0.5, 1.5, n, dtype=dt), kind="hessian")
