@@ -88,8 +88,9 @@ def _cases(root: Path, firsts: list[float]) -> dict[str, Any]:
              "--no-progress"]
     tour = ["run", "mlp", "-p", "n=2000", "-p", "m=1500", "--shards", "8", "--out",
             str(root / "tour"), "--no-progress"]
-    make_run = ["run", "mlp", "-p", "n=2000", "-p", "m=2000", "--shards", "8", "--out",
-                str(root / "make-run"), "--no-resume", "--verify", "--no-progress"]
+    make_run = ["run", "mlp", "-p", "n=2000", "-p", "m=2000", "--shards", "8", "--executor",
+                "ray", "--out", str(root / "make-run"), "--no-resume", "--verify",
+                "--no-progress"]
 
     def fresh_small() -> None:
         shutil.rmtree(root / "r100", ignore_errors=True)
