@@ -152,6 +152,10 @@ class LocalCluster:
         found.pop(os.getpid(), None)
         return list(found.values())
 
+    def listening(self) -> list[tuple[str, str, int]]:
+        """``(process name, address, port)`` of every TCP socket this cluster listens on."""
+        return listening_sockets({p.pid: _name(p) for p in self.processes()})
+
     def stop(self, grace_s: float = 3.0, *, remove_files: bool = True) -> int:
         """Kill this cluster's processes only, then delete its folder. Idempotent.
 
@@ -215,6 +219,48 @@ class LocalCluster:
             f"export RAY_AUTH_MODE=token\n"
             f"export RAY_AUTH_TOKEN_PATH={self.token_path}\n"
         )
+
+
+def _name(proc: Any) -> str:
+    try:
+        return str(proc.name())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "?"
+
+
+def _proc_net_listeners() -> dict[int, tuple[str, int]]:
+    """Listening TCP sockets of this network namespace: ``inode -> (address, port)``."""
+    import ipaddress
+
+    found: dict[int, tuple[str, int]] = {}
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if len(cols) < 10 or cols[3] != "0A":  # 0A: LISTEN
+                    continue
+                hex_addr, hex_port = cols[1].split(":")
+                raw = bytes.fromhex(hex_addr)
+                # /proc prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                found[int(cols[9])] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
+    return found
+
+
+def listening_sockets(names: dict[int, str]) -> list[tuple[str, str, int]]:
+    """``(name, address, port)`` of the listening TCP sockets the processes ``names`` hold."""
+    listeners = _proc_net_listeners()
+    out = set()
+    for pid, name in names.items():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inode = int(link[8:-1])
+                        if inode in listeners:
+                            out.add((name, *listeners[inode]))
+    return sorted(out)
 
 
 #: What :meth:`LocalCluster.exports` sets; the line that drops them again.

@@ -249,3 +249,22 @@ def test_a_secret_in_the_uri_is_in_no_message_of_any_reader(s3_server, monkeypat
             read_jacobian(good, rows=rows)
         assert secret not in str(err.value)
     np.testing.assert_array_equal(read_jacobian(good, rows=[1]), np.arange(N, 2 * N)[None])
+
+
+# ---------------------------------------------------------------------------
+# `make cluster-up` listens on 127.0.0.1 only
+# ---------------------------------------------------------------------------
+
+#: Listening sockets of a local cluster that Ray 2.60 binds to every address
+#: whatever it is told (process name, documented in the README's cluster section).
+ALLOWED_ANY_ADDRESS: frozenset[str] = frozenset()
+
+
+@pytest.mark.cluster
+def test_the_local_cluster_listens_on_loopback_only(ray_cluster) -> None:
+    sockets = ray_cluster.listening()
+    assert sockets, "no listening sockets found for the cluster's processes"
+    exposed = [(name, addr, port) for name, addr, port in sockets
+               if not addr.startswith("127.") and addr != "::1"
+               and name not in ALLOWED_ANY_ADDRESS]
+    assert exposed == [], sockets
