@@ -276,7 +276,10 @@ class JacobianResult:
                 f"sample=: only batched results have samples; this one is kind {s.kind!r} "
                 "(read rows instead)"
             )
-        picked = np.asarray(sample, dtype=np.int64)
+        picked = np.asarray(sample)
+        if picked.size and (picked.dtype == np.bool_ or picked.dtype.kind not in "iu"):
+            raise JacpipeError(f"sample={sample!r}: expected an integer or integers")
+        picked = picked.astype(np.int64)
         one = picked.ndim == 0
         picked = picked.reshape(-1)
         if picked.size and (picked.min() < 0 or picked.max() >= s.batch):

@@ -96,6 +96,22 @@ def test_rows_of_any_other_kind_are_one_clear_error(tmp_path: Path, rows, match)
         read_jacobian(tmp_path, rows=rows)
 
 
+def test_sample_refuses_non_integers(tmp_path: Path) -> None:
+    result = open_jacobian(_batched(tmp_path))
+    np.testing.assert_array_equal(result.read(sample=1), result.read()[1])
+    for bad in ([1.7], "1", [True]):
+        with pytest.raises(JacpipeError, match="expected an integer or integers"):
+            result.read(sample=bad)
+
+
+def _batched(out: Path) -> Path:
+    """A batched result (2 samples of 3 x 4) written like :func:`write_result`."""
+    write_result(str(out), rows=6, n=4, shards=2)
+    _edit_manifest(out, lambda d: d["shapes"].update(
+        kind="batched", batch=2, out_shape=[3], m=3, total_rows=6))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # A part whose shape is not the manifest's: caught on read and on resume
 # ---------------------------------------------------------------------------
