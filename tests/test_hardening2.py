@@ -148,6 +148,11 @@ def test_an_edited_dtype_is_caught_on_read_not_downcast(tmp_path: Path) -> None:
     assert [p.index for p in problems] == [0, 1, 2]
     result = _invoke("inspect", tmp_path)
     assert result.exit_code == 1 and "holds double rows of width 5" in result.output
+    result = _invoke("export", tmp_path, tmp_path / "J.npy")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "holds double rows of width 5, the manifest says float32 x 5" in errors[0]
+    assert not (tmp_path / "J.npy").exists()
 
 
 def test_a_part_of_another_shape_with_a_matching_checksum_is_caught_and_recomputed(
