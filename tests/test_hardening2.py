@@ -299,3 +299,21 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster) -> None:
     dash_port = int(ray_cluster.dashboard_url.rsplit(":", 1)[1])
     assert [s for s in exposed if s[2] == dash_port] == [], sockets
     assert any(port == dash_port for _, _, port in sockets), sockets
+
+
+def test_the_commit_log_is_fsynced_at_most_every_commit_sync_seconds(tmp_path, monkeypatch):
+    """Group commit: every line is written at once, fsyncs are spaced (NOTE: [Group commit])."""
+    from pipeline import manifest as manifest_mod
+
+    syncs = []
+    monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd))
+    monkeypatch.setattr(manifest_mod, "_last_sync", {})
+    storage = Storage(str(tmp_path))
+    entries = [ShardResult(i, i, i + 1, part_name(i), 1, f"{i:064x}") for i in range(50)]
+    for entry in entries:
+        manifest_mod.append_commit(storage, entry)
+    assert 1 <= len(syncs) < 50
+    assert [e["index"] for e in manifest_mod.read_commit_log(storage)] == list(range(50))
+    monkeypatch.setattr(manifest_mod, "COMMIT_SYNC_SECONDS", 0.0)
+    manifest_mod.append_commit(storage, entries[0])
+    assert len(syncs) >= 2
