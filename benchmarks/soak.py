@@ -18,6 +18,13 @@ a seeded random choice of shards):
 
 Prints one line per fact and writes JSON to ``benchmarks/results/soak.json``.
 ``tests/test_reliability.py`` runs a 24-shard version.
+
+    python -m benchmarks.soak --commits 2000 20000 [--run-seconds-per-shard S]
+
+measures the driver's side of committing alone, without Ray (see
+:func:`commit_cost`): N ``ResultFolder.commit`` calls plus ``finish`` (the
+commit log), against a full manifest rewrite per commit (before the log),
+and writes ``benchmarks/results/soak_commits.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,15 @@ import psutil
 JOB = "tests.faultjobs:crashy"
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "soak.json"
+COMMIT_RESULTS = ROOT / "benchmarks" / "results" / "soak_commits.json"
+#: Full manifest rewrites timed exactly up to this many shards; beyond it a
+#: sample of rewrites at evenly spaced manifest sizes is timed and scaled
+#: (a rewrite's cost is linear in the entries, so the sample mean is the mean).
+OLD_EXACT_MAX = 500
+OLD_SAMPLES = 60
+#: Wall seconds per shard of a small-Jacobian run: ``--ray-run 2000`` (mlp,
+#: n=20, 2 rows a shard, embedded Ray with 2 CPUs) took 40.1 s on 2 shared cores.
+RUN_SECONDS_PER_SHARD = 0.020
 
 
 # ---------------------------------------------------------------------------
@@ -326,6 +342,144 @@ def soak(
     return report
 
 
+# ---------------------------------------------------------------------------
+# The driver's commit cost (no Ray)
+# ---------------------------------------------------------------------------
+
+
+def _commit_fixture(shards: int, root: Path) -> tuple[Any, list[Any]]:
+    """A prepared :class:`ResultFolder` of a ``shards``-shard plan and its shard entries."""
+    from pipeline.folder import ResultFolder
+    from pipeline.manifest import Manifest
+    from pipeline.parts import part_name
+    from pipeline.problem import Shapes
+    from pipeline.shard import ShardResult
+    from pipeline.storage import Storage
+
+    rows_per = 2
+    manifest = Manifest(
+        job="mlp", params={"n": 20, "m": 2 * shards}, fingerprint={}, method="rev",
+        layout="dense", plan=[(i * rows_per, (i + 1) * rows_per) for i in range(shards)],
+        shapes=Shapes("jacobian", (20,), (rows_per * shards,), None, "float32"), run_id="bench",
+    )
+    folder = ResultFolder(Storage(str(root)))
+    folder.prepare(manifest, resume=False, overwrite=True)
+    entries = [
+        ShardResult(i, a, b, part_name(i), b - a, f"{i:064x}", 1234, seconds=0.5,
+                    compute_seconds=0.4, write_seconds=0.01, node_id="n" * 56, device="cpu",
+                    chunk_size=2, peak_rss=400_000_000, pid=1234, run_id="bench")
+        for i, (a, b) in enumerate(manifest.plan)
+    ]
+    return folder, entries
+
+
+def commit_cost(shards: int, workdir: Path) -> dict[str, Any]:
+    """Driver seconds spent committing ``shards`` shards: the log vs a rewrite per commit.
+
+    ``log_seconds``: ``shards`` ``ResultFolder.commit`` calls (one fsynced
+    line each) plus ``finish("complete")`` (one manifest rewrite). Measured
+    exactly. ``rewrite_seconds``: ``Manifest.write`` after every commit, as
+    before the log; exact up to :data:`OLD_EXACT_MAX` shards, else
+    :data:`OLD_SAMPLES` rewrites at evenly spaced sizes, scaled to ``shards``.
+    """
+    from pipeline.storage import Storage
+
+    folder, entries = _commit_fixture(shards, workdir / f"log-{shards}")
+    t0 = time.perf_counter()
+    for entry in entries:
+        folder.commit(entry)
+    folder.finish("complete")
+    log_seconds = time.perf_counter() - t0
+
+    folder, entries = _commit_fixture(shards, workdir / f"rewrite-{shards}")
+    manifest, storage = folder.manifest, Storage(str(workdir / f"rewrite-{shards}"))
+    exact = shards <= OLD_EXACT_MAX
+    timed = set(range(shards)) if exact else {
+        int(k) for k in np.linspace(0, shards - 1, OLD_SAMPLES)}
+    spent = 0.0
+    for i, entry in enumerate(entries):
+        manifest.commit(entry)
+        if i in timed:
+            t0 = time.perf_counter()
+            manifest.write(storage)
+            spent += time.perf_counter() - t0
+    rewrite_seconds = spent if exact else spent / len(timed) * shards
+    folder.unlock()
+    return {
+        "shards": shards,
+        "log_seconds": round(log_seconds, 3),
+        "log_ms_per_commit": round(1000 * log_seconds / shards, 3),
+        "rewrite_seconds": round(rewrite_seconds, 2),
+        "rewrite_measured": "exact" if exact else f"{len(timed)} rewrites sampled, scaled",
+        "speedup": round(rewrite_seconds / log_seconds, 1),
+        "manifest_bytes": (workdir / f"log-{shards}" / "_manifest.json").stat().st_size,
+    }
+
+
+def ray_commit_share(shards: int, num_cpus: int) -> dict[str, Any]:
+    """A real ``mlp`` run of ``shards`` 2-row shards: its wall time and the driver's commit time."""
+    import ray
+
+    from pipeline import runner
+    from pipeline.folder import ResultFolder
+    from pipeline.plan import RunOptions
+
+    spent = [0.0]
+    real = ResultFolder.commit
+
+    def timed(self: Any, result: Any) -> None:
+        t0 = time.perf_counter()
+        real(self, result)
+        spent[0] += time.perf_counter() - t0
+
+    ResultFolder.commit = timed  # type: ignore[method-assign]
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory(prefix="jacpipe-commits-") as tmp:
+            t0 = time.perf_counter()
+            runner.run(RunOptions(job="mlp", params=["n=20", f"m={2 * shards}", "hidden=8"],
+                                  shards=shards, out=f"{tmp}/out", progress=False),
+                       echo=lambda _: None)
+            wall = time.perf_counter() - t0
+    finally:
+        ResultFolder.commit = real  # type: ignore[method-assign]
+        ray.shutdown()
+    return {"shards": shards, "wall_seconds": round(wall, 1),
+            "commit_seconds": round(spent[0], 2),
+            "commit_percent_of_run": round(100 * spent[0] / wall, 2)}
+
+
+def commits_main(
+    sizes: list[int], seconds_per_shard: float, path: Path, ray_run: int | None = None
+) -> int:
+    """``--commits``: measure :func:`commit_cost` at each size, print a table, write JSON."""
+    sys.path.insert(0, str(ROOT))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="jacpipe-commits-") as tmp:
+        for shards in sizes:
+            row = commit_cost(shards, Path(tmp))
+            run = seconds_per_shard * shards
+            row["run_seconds_estimate"] = round(run, 1)
+            row["log_percent_of_run"] = round(100 * row["log_seconds"] / run, 2)
+            row["rewrite_percent_of_run"] = round(100 * row["rewrite_seconds"] / run, 1)
+            rows.append(row)
+            print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    report = {
+        "what": "driver seconds committing N shards, no Ray: commit log vs manifest "
+                "rewrite per commit",
+        "run_seconds_per_shard": seconds_per_shard,
+        "ok": all(r["log_percent_of_run"] < 2.0 for r in rows),
+        "sizes": rows,
+    }
+    if ray_run:
+        report["ray_run"] = ray_commit_share(ray_run, num_cpus=2)
+        print("ray run: " + "  ".join(f"{k}={v}" for k, v in report["ray_run"].items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0 if report["ok"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns 0 when the soak holds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -335,8 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--delay", type=float, default=0.05, help="seconds per chunk")
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", default=str(RESULTS), help="where to write the report")
+    parser.add_argument("--json", default=None, help="where to write the report")
+    parser.add_argument("--commits", type=int, nargs="+", default=None, metavar="N",
+                        help="only time the driver's commits of N shards (no Ray)")
+    parser.add_argument("--run-seconds-per-shard", type=float, default=RUN_SECONDS_PER_SHARD,
+                        help="wall seconds per shard of the run the commits are compared to")
+    parser.add_argument("--ray-run", type=int, default=None, metavar="SHARDS",
+                        help="with --commits: also time the commits of a real run")
     args = parser.parse_args(argv)
+    if args.commits:
+        return commits_main(args.commits, args.run_seconds_per_shard,
+                            Path(args.json or COMMIT_RESULTS), args.ray_run)
     if args.shards < 3:
         parser.error("--shards must be at least 3")
     os.chdir(ROOT)  # Ray puts the driver's cwd on its workers' path: tests.faultjobs
@@ -357,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_duplicated", "values_equal_clean_run", "leftover_temp_files",
                 "leftover_ray_processes_reaped", "ray_processes_alive_after_kill", "ok"):
         print(f"{key:32s} {report[key]}")
-    path = Path(args.json)
+    path = Path(args.json or RESULTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

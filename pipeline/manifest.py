@@ -9,6 +9,7 @@ in it is unpickled or executed when it is read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class Manifest:
             shapes=self.shapes.to_json(),
             dtype=self.dtype,
             options=self.options,
-            shards=[s.to_json() for s in self.committed],
+            shards=[entry_json(s) for s in self.committed],
             status=self.status,
             run_id=self.run_id,
             created=self.created,
@@ -335,18 +336,51 @@ def _checked_entry(entry: Any, plan: list[tuple[int, int]]) -> ShardResult:
 #   (a killed run) into the manifest; later lines win, as later commits.
 
 
+_ENTRY_FIELDS = tuple(f.name for f in dataclasses.fields(ShardResult))
+
+
+def entry_json(result: ShardResult) -> dict[str, Any]:
+    """``result.to_json()`` without ``dataclasses.asdict``'s deep copy (3/4 of a commit's time).
+
+    The fields are JSON scalars and one list of strings, written at once.
+    """
+    return {name: getattr(result, name) for name in _ENTRY_FIELDS}
+
+
+#: Seconds between fsyncs of the commit log (see NOTE: [Group commit]).
+COMMIT_SYNC_SECONDS = 0.25
+_last_sync: dict[str, float] = {}
+
+
 def append_commit(storage: Storage, result: ShardResult) -> None:
-    """Commit one shard: append its entry to the commit log (durably)."""
-    line = json.dumps(result.to_json(), separators=(",", ":"))
+    """Commit one shard: append its entry to the commit log (NOTE: [Group commit]).
+
+    NOTE: [Group commit]
+        The line is in the OS's page cache when this returns, so a killed or
+        crashed driver loses no commit. It is fsynced at most every
+        COMMIT_SYNC_SECONDS (and the manifest that compacts the log is always
+        fsynced): fsyncing every line cost 0.45 ms idle and 1.4 ms during a
+        2,000-shard run on 2 cores (6.9% of its wall time). A power loss or
+        kernel crash may drop the last COMMIT_SYNC_SECONDS of commits: their
+        parts are then uncommitted and recomputed on resume, as a shard that
+        finished just before a crash is; nothing wrong is ever trusted (a torn
+        last line is ignored).
+    """
+    import os
+    import time
+
+    line = json.dumps(entry_json(result), separators=(",", ":"))
     if not storage.local:
         storage.write_atomic(f"{COMMIT_OBJECT}{result.index:05d}.json", line.encode())
         return
-    import os
-
-    with open(storage.path(COMMIT_LOG), "a", encoding="utf-8") as f:
+    path = storage.path(COMMIT_LOG)
+    with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
-        os.fsync(f.fileno())
+        now = time.monotonic()
+        if now - _last_sync.get(path, -COMMIT_SYNC_SECONDS) >= COMMIT_SYNC_SECONDS:
+            os.fsync(f.fileno())
+            _last_sync[path] = now
 
 
 def read_commit_log(storage: Storage) -> list[Any]:

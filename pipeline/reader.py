@@ -59,6 +59,7 @@ class JacobianResult:
         self.shapes = manifest.shapes
         self.layout = manifest.layout
         self._verified: dict[int, bool] = {}
+        self._meta: dict[int, Any] = {}  # part footers, read once by the schema check
 
     # -- facts --------------------------------------------------------------
     @property
@@ -105,15 +106,40 @@ class JacobianResult:
             if self.storage.sha256(entry.file) != entry.checksum:
                 return ShardProblem(index, entry.file, "corrupt (checksum mismatch)")
             self._verified[index] = True
+        shape = self._shape_problem(entry)
+        if shape is not None:
+            return ShardProblem(index, entry.file, shape)
         return None
+
+    def _shape_problem(self, entry: ShardResult) -> str | None:
+        """Why part ``entry`` does not hold what the manifest says, or ``None``.
+
+        A matching checksum proves the bytes are those written, not that the
+        manifest's shapes describe them (an edited ``dtype``, a part copied from
+        another run): the footer's ``values`` type and width, row count and
+        ``row`` range are checked against the manifest before anything is read.
+        """
+        if entry.index in self._meta:
+            return None
+        try:
+            meta = pq.read_metadata(self.storage.path(entry.file), filesystem=self.storage.fs)
+        except (OSError, pa.ArrowInvalid) as exc:
+            return f"corrupt (not a Parquet file: {self.storage.redact(str(exc))[:120]})"
+        problem = _schema_problem(meta, self.layout, self.dtype, self.shapes.n)
+        if problem is None:
+            problem = _rows_problem(meta, entry.start, entry.stop, exact=self.layout == "dense")
+        if problem is None:
+            self._meta[entry.index] = meta
+        return problem
 
     def _require(self, index: int, *, verify: bool) -> ShardResult:
         problem = self._check_one(index, checksums=verify)
         if problem is not None:
-            raise JacpipeError(
-                f"{self.storage.display}: {problem}; rerun `jacpipe run` with the same "
-                "options to recompute it"
+            advice = (
+                "rerun `jacpipe run` with --overwrite" if problem.reason.startswith("holds")
+                else "rerun `jacpipe run` with the same options to recompute it"
             )
+            raise JacpipeError(f"{self.storage.display}: {problem}; {advice}")
         return self.manifest.shards[index]
 
     # -- rows -------------------------------------------------------------------
@@ -152,7 +178,7 @@ class JacobianResult:
         for index, start, stop in shards:
             entry = self._require(index, verify=verify)
             path = self.storage.path(entry.file)
-            meta = pq.read_metadata(path, filesystem=self.storage.fs)
+            meta = self._meta[index]
             sel = None if wanted is None else wanted[(wanted >= start) & (wanted < stop)]
             for g in range(meta.num_row_groups):
                 stats = meta.row_group(g).column(0).statistics
@@ -162,15 +188,8 @@ class JacobianResult:
                 yield functools.partial(_read_group, path, self.storage.fs, meta, g, n, sel)
 
     def _normalise_rows(self, rows: Any) -> np.ndarray | None:
-        total = self.shapes.total_rows
-        if rows is None:
-            return None
-        if isinstance(rows, slice):
-            return np.arange(total)[rows]
-        arr = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if arr.size and (arr.min() < 0 or arr.max() >= total):
-            raise JacpipeError(f"rows out of range: the result has {total} rows")
-        return arr
+        """``rows`` as flat row indices (``None`` = all); see :func:`normalise_rows`."""
+        return normalise_rows(rows, self.shapes.total_rows)
 
     def read(
         self,
@@ -221,7 +240,14 @@ class JacobianResult:
         return out
 
     def _gather(self, wanted: np.ndarray | None, *, verify: bool) -> np.ndarray:
-        """Rows ``wanted`` (distinct; ``None`` = all) into one array, in that order."""
+        """Rows ``wanted`` (distinct; ``None`` = all) into one array, in that order.
+
+        Every needed part is checked (committed, present, its footer matching
+        the manifest) before the output is allocated: nothing is allocated from
+        the manifest's numbers alone.
+        """
+        for index, _, _ in self.plan if wanted is None else self._shards_for(wanted):
+            self._require(index, verify=False)
         count = self.shapes.total_rows if wanted is None else len(wanted)
         out = np.empty((count, self.shapes.n), dtype=NUMPY_FLOAT[self.dtype])
         if wanted is not None:
@@ -250,7 +276,10 @@ class JacobianResult:
                 f"sample=: only batched results have samples; this one is kind {s.kind!r} "
                 "(read rows instead)"
             )
-        picked = np.asarray(sample, dtype=np.int64)
+        picked = np.asarray(sample)
+        if picked.size and (picked.dtype == np.bool_ or picked.dtype.kind not in "iu"):
+            raise JacpipeError(f"sample={sample!r}: expected an integer or integers")
+        picked = picked.astype(np.int64)
         one = picked.ndim == 0
         picked = picked.reshape(-1)
         if picked.size and (picked.min() < 0 or picked.max() >= s.batch):
@@ -270,6 +299,8 @@ class JacobianResult:
         wanted = self._normalise_rows(rows)
         shards = self.plan if wanted is None else self._shards_for(wanted)
         r_all, c_all, v_all = [], [], []
+        for index, _, _ in shards:
+            self._require(index, verify=False)
         for index, _, _ in shards:
             entry = self._require(index, verify=verify)
             table = pq.read_table(self.storage.path(entry.file), filesystem=self.storage.fs)
@@ -316,6 +347,104 @@ class JacobianResult:
         s = self.shapes
         lead = (s.batch,) if s.kind == "batched" else ()
         return lead + tuple(s.out_shape) + tuple(s.in_shape)
+
+
+def normalise_rows(rows: Any, total: int) -> np.ndarray | None:
+    """Flat row indices of ``rows`` as numpy indexing means them (``None`` = all).
+
+    Accepted: an integer, a sequence or array of integers, a slice, or a
+    boolean mask of length ``total``. Anything else (floats, strings, a mask of
+    another length) is refused, never rounded or reinterpreted.
+
+    Raises:
+        JacpipeError: ``rows`` is none of those, or an index is out of range.
+    """
+    if rows is None:
+        return None
+    if isinstance(rows, slice):
+        try:
+            return np.arange(total)[rows]
+        except TypeError:
+            raise JacpipeError(f"rows={rows!r}: a slice needs integer bounds") from None
+    if isinstance(rows, (str, bytes)):
+        raise JacpipeError(f"rows={rows!r}: {_ROWS_ACCEPTED}")
+    try:
+        arr = np.asarray(rows)
+    except (ValueError, TypeError):
+        raise JacpipeError(f"rows: {_ROWS_ACCEPTED}") from None
+    if arr.dtype == np.bool_:
+        if arr.ndim != 1 or len(arr) != total:
+            raise JacpipeError(
+                f"rows: a boolean mask must have one entry per row ({total}), "
+                f"got shape {arr.shape}"
+            )
+        return np.flatnonzero(arr)
+    if arr.size == 0:
+        return np.zeros(0, np.int64)
+    if arr.dtype.kind not in "iu":
+        shown = repr(rows) if len(repr(rows)) <= 60 else f"{arr.dtype} values"
+        raise JacpipeError(f"rows={shown}: {_ROWS_ACCEPTED}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.min() < 0 or arr.max() >= total:
+        bad = arr[(arr < 0) | (arr >= total)][0]
+        raise JacpipeError(f"row {bad} out of range: the result has {total} rows (0..{total - 1})")
+    return arr
+
+
+_ROWS_ACCEPTED = (
+    "expected an integer, integers, a slice or a boolean mask with one entry per row"
+)
+
+
+def _schema_problem(meta: Any, layout: str, dtype: str, n: int) -> str | None:
+    """How a part's footer schema differs from the manifest's ``dtype`` and width ``n``."""
+    try:
+        schema = meta.schema.to_arrow_schema()
+        values = schema.field("values").type
+    except (KeyError, pa.ArrowInvalid):
+        return "corrupt (no 'values' column)"
+    if layout == "dense":
+        if pa.types.is_fixed_size_list(values) and pa.types.is_floating(values.value_type):
+            got = f"{values.value_type} rows of width {values.list_size}"
+            if str(values.value_type) == _ARROW_NAME[dtype] and values.list_size == n:
+                return None
+        else:
+            got = f"a {values} values column"
+        return f"holds {got}, the manifest says {dtype} x {n}"
+    if pa.types.is_list(values) and str(values.value_type) == _ARROW_NAME[dtype]:
+        return None
+    return f"holds a {values} values column, the manifest says sparse {dtype}"
+
+
+#: Arrow's spelling of the manifest's dtypes.
+_ARROW_NAME = {"float32": "float", "float64": "double"}
+
+
+def _rows_problem(meta: Any, start: int, stop: int, *, exact: bool) -> str | None:
+    """How a part's row count or ``row`` range differs from its planned ``[start, stop)``.
+
+    ``exact``: the part holds every planned row (dense); else at most that many.
+    """
+    if meta.num_rows > stop - start or (exact and meta.num_rows != stop - start):
+        return (
+            f"holds {meta.num_rows} rows, the manifest says {stop - start} "
+            f"(rows {start}..{stop})"
+        )
+    try:
+        col = meta.schema.to_arrow_schema().get_field_index("row")
+    except pa.ArrowInvalid:
+        col = -1
+    if col != 0:
+        return "corrupt (no 'row' column)"
+    lows, highs = [], []
+    for g in range(meta.num_row_groups):
+        stats = meta.row_group(g).column(0).statistics
+        if stats is not None and stats.has_min_max:
+            lows.append(stats.min)
+            highs.append(stats.max)
+    if lows and not start <= min(lows) <= max(highs) < stop:
+        return f"holds rows {min(lows)}..{max(highs) + 1}, the manifest says rows {start}..{stop}"
+    return None
 
 
 def _to_numpy(out: Any, n: int) -> Any:

@@ -152,6 +152,10 @@ class LocalCluster:
         found.pop(os.getpid(), None)
         return list(found.values())
 
+    def listening(self) -> list[tuple[str, str, int]]:
+        """``(process name, address, port)`` of every TCP socket this cluster listens on."""
+        return listening_sockets({p.pid: _name(p) for p in self.processes()})
+
     def stop(self, grace_s: float = 3.0, *, remove_files: bool = True) -> int:
         """Kill this cluster's processes only, then delete its folder. Idempotent.
 
@@ -217,6 +221,58 @@ class LocalCluster:
         )
 
 
+def _name(proc: Any) -> str:
+    """A process's name; for Python, its script (``dashboard.py``, ``monitor.py``)."""
+    try:
+        name = str(proc.name())
+        if name.startswith("python"):
+            args = proc.cmdline()[1:]
+            if "-m" in args[:-1]:
+                return str(args[args.index("-m") + 1])
+            scripts = [a for a in args if a.endswith(".py")]
+            name = os.path.basename(scripts[0]) if scripts else name
+        return name
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "?"
+
+
+def _proc_net_listeners() -> dict[int, tuple[str, int]]:
+    """Listening TCP sockets of this network namespace: ``inode -> (address, port)``."""
+    import ipaddress
+
+    found: dict[int, tuple[str, int]] = {}
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if len(cols) < 10 or cols[3] != "0A":  # 0A: LISTEN
+                    continue
+                hex_addr, hex_port = cols[1].split(":")
+                raw = bytes.fromhex(hex_addr)
+                # /proc prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))
+                ip = ipaddress.ip_address(raw)
+                ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+                found[int(cols[9])] = (str(ip), int(hex_port, 16))
+    return found
+
+
+def listening_sockets(names: dict[int, str]) -> list[tuple[str, str, int]]:
+    """``(name, address, port)`` of the listening TCP sockets the processes ``names`` hold."""
+    listeners = _proc_net_listeners()
+    out = set()
+    for pid, name in names.items():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inode = int(link[8:-1])
+                        if inode in listeners:
+                            out.add((name, *listeners[inode]))
+    return sorted(out)
+
+
 #: What :meth:`LocalCluster.exports` sets; the line that drops them again.
 UNSET = "unset RAY_API_SERVER_ADDRESS RAY_AUTH_MODE RAY_AUTH_TOKEN_PATH"
 #: A shell function ``env.sh`` defines, so a sourced shell can drop the variables later.
@@ -225,10 +281,9 @@ UNSET_HELPER = f"jacpipe_cluster_unset() {{ {UNSET}; }}\n"
 
 def _ray_start(args: list[str], env: dict[str, str], log: Path) -> int:
     """Run ``ray start ARGS`` in a new process group; return that group's id."""
-    ray_cli = str(Path(sys.executable).with_name("ray"))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [ray_cli, "start", *args],
+            [str(Path(sys.executable).with_name("ray")), "start", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -310,6 +365,11 @@ def start_cluster(
         "--object-store-memory=200000000",
         "--disable-usage-stats",
     ]
+    # Metrics exporters on free ports, not Ray's fixed defaults (8080 per node,
+    # 44217 autoscaler, 44227 dashboard): two clusters on one machine never
+    # collide. Where they listen is Ray's choice: see the README's cluster section.
+    base["AUTOSCALER_METRIC_PORT"] = str(free_port())
+    base["DASHBOARD_METRIC_PORT"] = str(free_port())
     cluster = LocalCluster(
         dashboard_url=dashboard_url,
         gcs_address=gcs_address,
@@ -329,12 +389,14 @@ def start_cluster(
             f"--dashboard-port={dash}",
             f"--ray-client-server-port={free_port()}",
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--resources={json.dumps({NODE_RESOURCES[0]: 1})}",
         ]
         cluster.pgids.append(_ray_start(head + common, base, root / "start-head.log"))
         worker = [
             f"--address={gcs_address}",
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             f"--resources={json.dumps({NODE_RESOURCES[1]: 1})}",
         ]
         cluster.pgids.append(_ray_start(worker + common, base, root / "start-worker.log"))
