@@ -591,6 +591,7 @@ def iter_batched_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    m: int | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(first_row, block)`` for rows ``[start, stop)`` of the per-sample Jacobians.
 
@@ -632,8 +633,9 @@ def iter_batched_rows(
     version = flat._version
     n = flat.shape[1]
     f = _flat_fn(fn, xs.shape[1:])
-    with torch.no_grad():
-        m = f(flat[0]).numel() if batch else 0
+    if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
+        with torch.no_grad():
+            m = f(flat[0]).numel() if batch else 0
     _check_untouched(flat, version)
     _check_range(start, stop, m * batch)
     if stop <= start:

@@ -113,8 +113,14 @@ def kind_of(name: str) -> KindSpec:
 
 
 def iter_rows(
-    problem: Any, start: int, stop: int, *, chunk_size: int | None = None, method: str = "rev"
+    problem: Any, start: int, stop: int, *, chunk_size: int | None = None, method: str = "rev",
+    m: int | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Rows ``[start, stop)`` of ``problem``'s derivative, chunk by chunk (dense methods)."""
+    """Rows ``[start, stop)`` of ``problem``'s derivative, chunk by chunk (dense methods).
+
+    ``m``: outputs per sample, when known (per-sample kinds skip a forward pass to learn it).
+    """
     spec = kind_of(problem.kind)
-    return spec.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method)
+    extra = {"m": m} if spec.per_sample and m is not None else {}
+    return spec.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
+                     **extra)

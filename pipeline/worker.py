@@ -293,7 +293,8 @@ def _write_dense(
 
     sink: Any = _Pipeline(write) if pipelined else None
     try:
-        rows = iter_rows(problem, spec.start, spec.stop, chunk_size=chunk, method=spec.method)
+        rows = iter_rows(problem, spec.start, spec.stop, chunk_size=chunk, method=spec.method,
+                         m=spec.shapes.m)
         while True:
             t0 = time.perf_counter()
             item = next(rows, None)
