@@ -16,7 +16,7 @@ from pipeline.engine import (
     jacobian_rows,
 )
 from pipeline.problem import build_problem
-from tests.userjobs import matrix_io
+from tests.userjobs import OldStyle, matrix_io
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 JOBS = {
@@ -81,20 +81,6 @@ def test_chunks_are_streamed_in_order():
     problem = matrix_io()
     starts = [a for a, _ in iter_jacobian_rows(problem.fn, problem.x, 3, 20, chunk_size=5)]
     assert starts == [3, 8, 13, 18]
-
-
-class OldStyle(torch.autograd.Function):
-    """An old-style autograd.Function: torch.func cannot transform it."""
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return v**3
-
-    @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return 3 * v**2 * g
 
 
 class DataDependentBackward(torch.autograd.Function):

@@ -42,6 +42,7 @@ from pipeline.problem import (
     validate,
 )
 from pipeline.sparse import banded_pattern, sparse_hessian_rows
+from tests.userjobs import OldStyle
 
 DTYPES = [torch.float32, torch.float64]
 METHODS = ["rev", "fwd"]
@@ -216,20 +217,6 @@ def test_adjoint_check_flags_broken_hessians_and_batches(dtype):
     xs = x.reshape(5, 2)
     assert not adjoint_check(with_hook, xs, kind="batched").agree
     assert adjoint_check(torch.sin, xs, kind="batched").agree
-
-
-class OldStyle(torch.autograd.Function):
-    """An old-style autograd.Function: torch.func cannot transform it."""
-
-    @staticmethod
-    def forward(ctx, v):
-        ctx.save_for_backward(v)
-        return v**3
-
-    @staticmethod
-    def backward(ctx, g):
-        (v,) = ctx.saved_tensors
-        return 3 * v**2 * g
 
 
 def test_adjoint_check_reports_a_jvp_that_cannot_run():

@@ -7,6 +7,20 @@ import torch
 from pipeline import Problem
 
 
+class OldStyle(torch.autograd.Function):
+    """``v ** 3`` as an old-style autograd.Function: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, v):
+        ctx.save_for_backward(v)
+        return v**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return 3 * v**2 * g
+
+
 def matrix_io(rows: int = 3, cols: int = 4, dtype: str = "float64", seed: int = 1) -> Problem:
     """A map from a (rows, cols) matrix to a (2, rows, cols) tensor: multi-dim in and out."""
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
@@ -160,17 +174,5 @@ def nan_at_x(n: int = 5, dtype: str = "float64") -> Problem:
 def old_style_hessian(n: int = 6, dtype: str = "float64") -> Problem:
     """A scalar fn through an old-style autograd.Function with a double-differentiable backward."""
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
-
-    class Cube(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, v):
-            ctx.save_for_backward(v)
-            return v**3
-
-        @staticmethod
-        def backward(ctx, g):
-            (v,) = ctx.saved_tensors
-            return 3 * v**2 * g
-
-    return Problem(fn=lambda v: Cube.apply(v).sum() + (v[:-1] * v[1:]).sum(),
+    return Problem(fn=lambda v: OldStyle.apply(v).sum() + (v[:-1] * v[1:]).sum(),
                    x=torch.linspace(0.5, 1.5, n, dtype=dt), kind="hessian")
