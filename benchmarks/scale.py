@@ -344,6 +344,8 @@ def huge(args: Any) -> int:
     import resource
     import subprocess
 
+    from pipeline.reader import open_jacobian
+
     root = Path(args.dir or tempfile.mkdtemp(prefix="jacpipe-huge-"))
     out = root / "huge"
     size = 4_000 if args.quick else 100_000
@@ -355,7 +357,7 @@ def huge(args: Any) -> int:
     subprocess.run(run, check=True)
     run_s = time.perf_counter() - t0
     driver_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    shards = json.loads((out / "_manifest.json").read_text())["shards"]
+    shards = open_jacobian(out).manifest.to_json()["shards"]
     after = subprocess.run([sys.executable, "-c", _AFTER_RUN, str(out)], check=True,
                            capture_output=True, text=True)
     facts = json.loads(after.stdout.strip().splitlines()[-1])

@@ -145,11 +145,15 @@ def _alive(p: psutil.Process) -> bool:
 def read_manifest(out: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The folder's manifest with its commit log merged, or ``None`` before the driver wrote one.
 
-    Read by hand (plain JSON, no jacpipe): the manifest's shards, then each
-    complete line of ``_commits.jsonl`` (a later commit of a shard wins).
+    Read by hand (pyarrow and JSON, no jacpipe): the manifest document in
+    ``_manifest.parquet``'s schema metadata, then each complete line of
+    ``_commits.jsonl`` (a later commit of a shard wins).
     """
+    import pyarrow.parquet as pq
+
     try:
-        man = json.loads((Path(out) / "_manifest.json").read_text())
+        meta = pq.read_schema(Path(out) / "_manifest.parquet").metadata
+        man = json.loads(meta[b"jacpipe.manifest"])
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     shards = {s["index"]: s for s in man["shards"]}
@@ -412,7 +416,7 @@ def commit_cost(shards: int, workdir: Path) -> dict[str, Any]:
         "rewrite_seconds": round(rewrite_seconds, 2),
         "rewrite_measured": "exact" if exact else f"{len(timed)} rewrites sampled, scaled",
         "speedup": round(rewrite_seconds / log_seconds, 1),
-        "manifest_bytes": (workdir / f"log-{shards}" / "_manifest.json").stat().st_size,
+        "manifest_bytes": (workdir / f"log-{shards}" / "_manifest.parquet").stat().st_size,
     }
 
 

@@ -469,7 +469,7 @@ def inspect_cmd(
             typer.secho(
                 f"warning: {len(info['stray_files'])} file(s) look like parts but are not in "
                 f"the plan ({', '.join(info['stray_files'][:3])}); readers of the folder "
-                "(pandas, pyarrow.dataset) would count their rows; a resume moves them aside",
+                "(pandas, pyarrow.dataset, Polars) would count their rows; a resume moves them aside",
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)

@@ -2,13 +2,17 @@
 
 What lives in ``OUT/`` and who may touch it:
 
-- ``_manifest.json``: the commit record (:class:`pipeline.manifest.Manifest`);
-  only the driver writes it, through :class:`ResultFolder`.
+- ``_manifest.parquet``: the commit record (:class:`pipeline.manifest.Manifest`,
+  NOTE: [Manifest container]); only the driver writes it, through
+  :class:`ResultFolder`. ``_commits.jsonl`` holds commits since it was last
+  rewritten, and ``.lock`` the run holding the folder; both are gone when a
+  run ends, so a finished folder holds Parquet files only and every reader
+  (Polars included) takes the folder itself.
 - ``part-NNNNN.parquet``: one per shard (:func:`pipeline.parts.part_name`),
   written by a worker under a temp name and renamed into place.
 - leftovers, all starting with ``.`` so readers skip them: parts being
   written (``.part-*.tmp``), manifests being rewritten
-  (``._manifest.json.*.tmp``), and attempt markers (``.attempt-*``) with their
+  (``._manifest.parquet.*.tmp``), and attempt markers (``.attempt-*``) with their
   own temp files (``..attempt-*.tmp``). A crash at any moment leaves only
   these; they are swept on resume and at the end of a run.
 """
@@ -24,17 +28,26 @@ import uuid
 from typing import Any
 
 from pipeline.errors import JacpipeError
-from pipeline.manifest import COMMIT_LOG, COMMIT_OBJECT, MANIFEST, Manifest, append_commit
+from pipeline.manifest import (
+    COMMIT_LOG,
+    COMMIT_OBJECT,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    Manifest,
+    append_commit,
+)
 from pipeline.shard import ShardResult
 from pipeline.storage import Storage
 
 #: Prefixes of every file a run writes into its folder.
 OUR_FILES = (
-    "part-", ".part-", ".attempt-", "..attempt-", "._manifest.json", MANIFEST, COMMIT_LOG,
-    COMMIT_OBJECT, ".lock", "_stray",
+    "part-", ".part-", ".attempt-", "..attempt-", "._manifest.", MANIFEST, LEGACY_MANIFEST,
+    COMMIT_LOG, COMMIT_OBJECT, ".lock", "_stray",
 )
 LOCK = ".lock"
-#: Where resume moves part-like files that the manifest does not own.
+#: Where resume moves part-like files that the manifest does not own, renamed
+#: ``NAME.stray`` so that no reader of the folder counts their rows (Polars,
+#: which reads ``_`` folders too, refuses the folder instead).
 STRAY = "_stray"
 _PART = re.compile(r"^part-(\d+)\.parquet$")
 #: An object-store lease not refreshed for this long belongs to a dead run.
@@ -43,7 +56,7 @@ LEASE_SECONDS = 600.0
 
 def is_leftover(name: str) -> bool:
     """Whether ``name`` is a temp file or attempt marker of a run, never part of a result."""
-    return name.startswith((".part-", ".attempt-", "..attempt-", "._manifest.json."))
+    return name.startswith((".part-", ".attempt-", "..attempt-", "._manifest."))
 
 
 def default_out(job: str) -> str:
@@ -248,7 +261,7 @@ class ResultFolder:
     def _move_strays(self, planned: int) -> None:
         strays = stray_parts(self.storage.listdir(), planned)
         for name in strays:
-            self.storage.move(name, f"{STRAY}/{name}")
+            self.storage.move(name, f"{STRAY}/{name}.stray")
         if strays:
             self.notes.append(
                 f"moved {len(strays)} file(s) that look like parts but are not in the plan "

@@ -1,10 +1,21 @@
 """The manifest: a run's facts and its commit record, read, validated and written as one type.
 
-``OUT/_manifest.json`` (format_version 1) holds what was computed (job,
-params, fingerprint, shapes, method, layout, plan, colouring), how (options,
+``OUT/_manifest.parquet`` holds what was computed (job, params,
+fingerprint, shapes, method, layout, plan, colouring), how (options,
 versions), and one entry per committed shard. A shard is committed when its
-entry, with the sha256 of its part, is here. The file is JSON only: nothing
-in it is unpickled or executed when it is read.
+entry, with the sha256 of its part, is here.
+
+NOTE: [Manifest container]
+    The manifest document (JSON, format_version 1) is the schema metadata
+    (key ``jacpipe.manifest``) of a Parquet file with no row groups and the
+    parts' schema. Polars reads a folder only when every file in it is
+    Parquet (it skips neither ``_`` nor ``.`` names, unlike pyarrow, pandas
+    and Spark), so a ``_manifest.json`` made ``pl.read_parquet(OUT)`` fail; a
+    row-less file of the same schema adds no rows to any reader, and
+    pyarrow, pandas and Spark skip it by its ``_`` anyway. Results written
+    with ``_manifest.json`` (before this change) still read and resume; a
+    resume rewrites the manifest in the new container. Only JSON is ever
+    decoded from it: nothing is unpickled or executed when it is read.
 """
 
 from __future__ import annotations
@@ -23,7 +34,11 @@ from pipeline.problem import Shapes
 from pipeline.shard import FORMAT_VERSION, ShardResult
 from pipeline.storage import Storage
 
-MANIFEST = "_manifest.json"
+MANIFEST = "_manifest.parquet"
+#: Where results written before the Parquet container keep their manifest.
+LEGACY_MANIFEST = "_manifest.json"
+#: Schema-metadata key of the manifest document in ``MANIFEST``.
+MANIFEST_KEY = b"jacpipe.manifest"
 #: The commit log next to the manifest: one JSON line per committed shard
 #: (local folders), or one ``_commit-NNNNN.json`` object per shard (object
 #: stores, which cannot append). Both start with ``_``: readers of the
@@ -197,10 +212,12 @@ class Manifest:
 
         Raises:
             JacpipeError: the manifest exists but is not a jacpipe manifest, or
-                is corrupt (not JSON, or entries that do not match its plan).
+                is corrupt (not Parquet or JSON, or entries that do not match
+                its plan).
         """
-        where = storage.display.rstrip("/") + "/" + MANIFEST
-        kind = storage.kind(MANIFEST)
+        name = MANIFEST if storage.kind(MANIFEST) != "missing" else LEGACY_MANIFEST
+        where = storage.display.rstrip("/") + "/" + name
+        kind = storage.kind(name)
         if kind == "missing":
             return None
         if kind != "file":
@@ -208,10 +225,12 @@ class Manifest:
                 f"{where} is a folder, not a jacpipe manifest; move it away or give another --out"
             )
         try:
-            doc = json.loads(storage.read_bytes(MANIFEST))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raw = storage.read_bytes(name)
+            doc = json.loads(raw if name == LEGACY_MANIFEST else unwrap_manifest(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+            what = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "unreadable"
             raise JacpipeError(
-                f"{where} is corrupt (not valid JSON: {exc}); its shards cannot "
+                f"{where} is corrupt ({what}: {exc}); its shards cannot "
                 "be trusted: rerun `jacpipe run` with --overwrite to recompute the result"
             ) from None
         if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
@@ -234,17 +253,67 @@ class Manifest:
 
         The commit log is compacted into it: the log's entries are in ``shards``
         (see :meth:`read`), so the log is removed once the manifest is durable.
+        A manifest of an older result (``_manifest.json``) is replaced.
         """
         self.updated = utcnow()
         try:
-            storage.write_atomic(MANIFEST, json.dumps(self.to_json(), indent=1).encode())
+            storage.write_atomic(MANIFEST, wrap_manifest(self.to_json(), self.part_schema()))
         except OSError as exc:
             raise JacpipeError(
                 f"cannot write {storage.display.rstrip('/')}/{MANIFEST} "
                 f"({exc.strerror or exc}); the shards committed so far are in the commit "
                 "log: free space (or fix permissions) and rerun the same command to resume"
             ) from None
+        storage.delete(LEGACY_MANIFEST)
         clear_commit_log(storage)
+
+    def part_schema(self) -> Any:
+        """The Arrow schema of this result's part files."""
+        return part_schema(self.shapes, self.layout, self.extra.get("smoothing"))
+
+
+def part_schema(shapes: Shapes, layout: str, smoothing: Mapping[str, Any] | None = None) -> Any:
+    """The schema of every part of a result with these shapes, layout and smoothing."""
+    from pipeline.parts import dense_schema, sparse_schema
+
+    if layout == "sparse":
+        return sparse_schema(shapes.dtype)
+    if smoothing:
+        from pipeline.smoothing import Smoothing
+        from pipeline.smoothing import part_schema as smoothed_schema
+
+        return smoothed_schema(shapes.n, shapes.dtype, Smoothing.from_json(smoothing))
+    return dense_schema(shapes.n, shapes.dtype, batched=shapes.kind == "batched")
+
+
+def wrap_manifest(doc: Mapping[str, Any], schema: Any) -> bytes:
+    """A manifest document as the bytes of ``MANIFEST`` (NOTE: [Manifest container])."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_metadata(schema.with_metadata({MANIFEST_KEY: json.dumps(doc, indent=1).encode()}),
+                      sink)
+    return sink.getvalue().to_pybytes()
+
+
+def unwrap_manifest(raw: bytes) -> bytes:
+    """The JSON document inside ``MANIFEST``'s bytes.
+
+    Raises:
+        ValueError: not a Parquet file, or one without a jacpipe manifest.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"not a Parquet file: {str(exc)[:120]}") from None
+    doc = (schema.metadata or {}).get(MANIFEST_KEY)
+    if doc is None:
+        raise ValueError(f"a Parquet file without {MANIFEST_KEY.decode()!r} metadata")
+    return doc
 
 
 #: Limits no real result reaches; past them a manifest is taken as edited or

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.kinds import Layout
 from pipeline.problem import Shapes
 
-#: Version of the on-disk format these specs produce (``_manifest.json`` and parts).
+#: Version of the on-disk format these specs produce (the manifest and parts).
 FORMAT_VERSION = 1
 
 

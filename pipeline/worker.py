@@ -21,7 +21,8 @@ from pipeline import engine, plan
 from pipeline.errors import JacpipeError
 from pipeline.folder import record_attempt
 from pipeline.kinds import iter_rows, kind_of
-from pipeline.parts import PartWriter, dense_schema, part_name, sparse_schema
+from pipeline.manifest import part_schema
+from pipeline.parts import PartWriter, part_name
 from pipeline.problem import Problem, rebuild
 from pipeline.shard import ShardResult, ShardSpec
 from pipeline.storage import Storage
@@ -259,13 +260,7 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
 
 
 def _schema(spec: ShardSpec) -> Any:
-    if spec.layout == "sparse":
-        return sparse_schema(spec.shapes.dtype)
-    if spec.smoothing:
-        from pipeline.smoothing import Smoothing, part_schema
-
-        return part_schema(spec.shapes.n, spec.shapes.dtype, Smoothing.from_json(spec.smoothing))
-    return dense_schema(spec.shapes.n, spec.shapes.dtype, batched=spec.shapes.kind == "batched")
+    return part_schema(spec.shapes, spec.layout, spec.smoothing)
 
 
 def _write_dense(

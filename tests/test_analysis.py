@@ -97,18 +97,23 @@ def test_pandas_polars_duckdb_agree_with_read_jacobian(mlp_out):
     import duckdb
     import pandas as pd
     import polars as pl
+    import pyarrow.dataset as ds
 
     out, _ = mlp_out
     J = read_jacobian(out)
     expected = np.abs(J).max(axis=1)
-    glob = f"{out}/part-*.parquet"
+    glob = f"{out}/*.parquet"  # the manifest is a Parquet file of no rows and the same schema
 
-    df = pd.read_parquet(out)  # the folder: temp and manifest files are ignored
+    # Every reader takes the folder itself (NOTE: [Manifest container]).
+    assert pl.read_parquet(out).height == ds.dataset(out).count_rows() == J.shape[0]
+    assert sorted(pl.read_parquet(out)["row"]) == list(range(J.shape[0]))
+    assert duckdb.sql(f"SELECT count(*) FROM '{glob}'").fetchall() == [(J.shape[0],)]
+    df = pd.read_parquet(out)
     df = df.sort_values("row")
     pandas_max = df["values"].map(lambda v: np.abs(v).max()).to_numpy()
     np.testing.assert_allclose(pandas_max, expected)
 
-    pl_max = (pl.scan_parquet(glob).select(
+    pl_max = (pl.scan_parquet(out).select(
         pl.col("row"), pl.col("values").arr.eval(pl.element().abs()).arr.max().alias("m"))
         .sort("row").collect()["m"].to_numpy())
     np.testing.assert_allclose(pl_max, expected)

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.problem import build_problem
+from tests.manifests import read_doc
 
 runner = CliRunner()
 SMALL = ["-p", "n=60", "-p", "m=50", "-p", "hidden=16"]
@@ -93,7 +94,7 @@ def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
     arr = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1).astype(np.float32)),
                                             type=table.schema.field("values").type)
     pq.write_table(table.set_column(1, table.schema.field("values"), arr), f)
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     storage = Storage(str(out))
     man["shards"][1]["checksum"] = storage.sha256("part-00001.parquet")
     man["shards"][1]["bytes"] = storage.size("part-00001.parquet")
@@ -124,14 +125,14 @@ def test_user_errors_are_one_line_and_non_zero(args, match, tmp_path):
 def test_device_cuda_without_gpus_is_refused_before_scheduling(ray_session, tmp_path):
     result = invoke("run", "mlp", *SMALL, "--device", "cuda", "--out", tmp_path / "o")
     assert_one_line_error(result, "no GPUs")
-    assert not (tmp_path / "o" / "_manifest.json").exists()
+    assert not (tmp_path / "o" / "_manifest.parquet").exists()
 
 
 def test_more_shards_than_rows_is_clamped_with_a_note(ray_session, tmp_path):
     result = invoke("run", "robot_arm", "--shards", 50, "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     assert "using 12 shards" in result.output
-    man = json.loads((tmp_path / "o" / "_manifest.json").read_text())
+    man = read_doc(tmp_path / "o")
     assert len(man["plan"]) == 12 and len(man["shards"]) == 12
 
 
@@ -141,7 +142,7 @@ def test_out_folder_of_another_job_is_refused_unless_overwrite(ray_session, tmp_
     result = invoke("run", "mlp", *SMALL, "--out", out)
     assert_one_line_error(result, "holds a result of job 'robot_arm'")
     assert invoke("run", "mlp", *SMALL, "--out", out, "--overwrite").exit_code == 0
-    assert json.loads((out / "_manifest.json").read_text())["job"] == "mlp"
+    assert read_doc(out)["job"] == "mlp"
 
 
 def test_out_folder_with_foreign_files_is_refused(tmp_path, ray_session):
@@ -167,7 +168,7 @@ def test_real_subprocess_run_on_embedded_ray(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "MATCH" in proc.stdout
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     assert man["status"] == "complete" and len(man["shards"]) == 4
     assert all(s["node_id"] != "local" and s["device"] == "cpu" for s in man["shards"])
 

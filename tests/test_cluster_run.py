@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from scripts.localcluster import ClusterError, load, main, up
+from tests.manifests import read_doc
 
 REPO = Path(__file__).resolve().parents[1]
 JACPIPE = str(Path(sys.executable).with_name("jacpipe"))
@@ -65,7 +66,7 @@ def test_submit_wait_compare_status_logs_list(
     out = tmp_path / "results" / "mlp"  # relative --out made absolute on submit
     assert "wrote " + str(out) in result.output  # the job's log, streamed
 
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_doc(out)
     assert manifest["status"] == "complete" and len(manifest["shards"]) == 8
     nodes = {s["node_id"] for s in manifest["shards"]}
     assert len(nodes) == 2, nodes  # shards on both nodes
@@ -135,7 +136,7 @@ def test_run_driving_the_cluster_directly(cluster, tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_doc(out)
     assert len({s["node_id"] for s in manifest["shards"]}) == 2
 
 

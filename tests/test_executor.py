@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from torch.autograd.functional import jacobian
 import pipeline
 from pipeline import Problem, read_jacobian
 from pipeline.errors import JacpipeError
+from tests.manifests import read_doc
 
 SMALL = ["-p", "n=30", "-p", "m=20", "-p", "hidden=8"]
 
@@ -35,7 +35,7 @@ def test_auto_runs_a_small_job_in_process_and_a_rerun_starts_nothing(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "executor: local" in first.stderr and "starting Ray (" not in first.stderr
     assert "MATCH" in first.stdout
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     assert man["status"] == "complete" and {s["node_id"] for s in man["shards"]} == {"local"}
     again = _jacpipe("run", "mlp", *SMALL, "--out", out, "--no-progress", "--executor", "ray")
     assert again.returncode == 0, again.stderr
@@ -142,4 +142,4 @@ def test_the_readme_closure_example_runs(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "out" / "closure" / "_manifest.json").exists()
+    assert (tmp_path / "out" / "closure" / "_manifest.parquet").exists()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
+from tests.manifests import read_doc, write_doc
 
 runner = CliRunner()
 UNREACHABLE = "http://127.0.0.1:9"  # discard port: nothing answers
@@ -241,10 +242,10 @@ def test_inspect_of_an_unfinished_result_is_one_summary_line(results, tmp_path):
     root, _ = results
     out = tmp_path / "partial"
     shutil.copytree(root / "dense", out)
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     man["shards"] = man["shards"][:1]
     man["status"] = "interrupted"
-    (out / "_manifest.json").write_text(json.dumps(man))
+    write_doc(out, man)
     (out / "part-00001.parquet").unlink()
     result = invoke("inspect", out)
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

@@ -24,6 +24,7 @@ _SCRIPT = """
     import ray
     from pipeline.errors import JacpipeError
     from pipeline.runner import RunOptions, run
+    from tests.manifests import read_doc
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
     out = sys.argv[1]
@@ -46,7 +47,7 @@ _SCRIPT = """
                 "--out", f"{out}/{name}", "--no-progress", *args]
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 0, result.output
-        return json.load(open(f"{out}/{name}/_manifest.json"))
+        return read_doc(f"{out}/{name}")
 
     found = {
         "default": go("default"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipeline.manifest import COMMIT_LOG, Manifest
 from pipeline.plan import RunOptions
 from pipeline.problem import resolve_builder
 from pipeline.storage import Storage
+from tests.manifests import read_doc, write_doc
 
 CRASHY = "tests.faultjobs:crashy"
 CHUNKS = ["--chunk-size", "4", "--method", "rev"]
@@ -122,10 +124,10 @@ def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_sessio
     assert not (out / COMMIT_LOG).exists()  # compacted into the manifest at the end
     full = read_jacobian(out)
     # A killed run: the manifest lists 2 shards, the log holds the other 3 (and a torn line).
-    doc = json.loads((out / "_manifest.json").read_text())
+    doc = read_doc(out)
     tail = doc["shards"][2:]
     doc["shards"], doc["status"] = doc["shards"][:2], "running"
-    (out / "_manifest.json").write_text(json.dumps(doc))
+    write_doc(out, doc)
     with open(out / COMMIT_LOG, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in tail)
         f.write('{"index": 4, "sta')  # torn by the crash: not a commit
@@ -135,7 +137,7 @@ def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_sessio
     # Resume compacts the log into the manifest and keeps every shard.
     summary = runner.run(opts, echo=lambda _: None)
     assert summary.skipped == 5 and not (out / COMMIT_LOG).exists()
-    assert len(json.loads((out / "_manifest.json").read_text())["shards"]) == 5
+    assert len(read_doc(out)["shards"]) == 5
 
 
 def test_one_run_per_folder(tmp_path):
@@ -176,11 +178,17 @@ def test_stray_parts_are_reported_and_moved_aside_on_resume(ray_session, tmp_pat
     lines: list[str] = []
     runner.run(opts, echo=lines.append)
     assert any("moved 1 file(s)" in line and "_stray" in line for line in lines), lines
-    assert (out / "_stray" / "part-00099.parquet").exists()
+    assert (out / "_stray" / "part-00099.parquet.stray").exists()
     import pandas as pd
+    import polars as pl
     import pyarrow.dataset as ds
 
     assert len(pd.read_parquet(out)) == 30 and ds.dataset(out).count_rows() == 30
+    # Polars reads "_" folders too: it refuses the folder rather than count the stray's rows.
+    with pytest.raises(Exception, match="different file extensions"):
+        pl.read_parquet(out)
+    shutil.rmtree(out / "_stray")
+    assert pl.read_parquet(out).height == 30
     np.testing.assert_array_equal(read_jacobian(out), full)
 
 
@@ -194,16 +202,16 @@ def test_tampered_manifests_are_one_line_exit_2(ray_session, tmp_path, edit, mat
     out = tmp_path / "out"
     runner.run(RunOptions(job="mlp", params=["n=8", "m=6", "hidden=4"], shards=2, out=str(out),
                           progress=False), echo=lambda _: None)
-    doc = json.loads((out / "_manifest.json").read_text())
+    doc = read_doc(out)
     edit(doc)
-    (out / "_manifest.json").write_text(json.dumps(doc))
+    write_doc(out, doc)
     for cmd in (["inspect", out], ["compare", out]):
         result = _run(*cmd)
         assert result.exit_code == 2 and match in _one_error(result)
 
 
 def test_folder_problems_exit_2(tmp_path):
-    (tmp_path / "o" / "_manifest.json").mkdir(parents=True)
+    (tmp_path / "o" / "_manifest.parquet").mkdir(parents=True)
     result = _run("inspect", tmp_path / "o")
     assert result.exit_code == 2 and "is a folder" in _one_error(result)
     result = _run("run", "mlp", "--out", "")
@@ -214,10 +222,10 @@ def test_reading_never_runs_the_job_a_manifest_names(ray_session, tmp_path):
     out = tmp_path / "out"
     runner.run(RunOptions(job="tests.userjobs:matrix_io", shards=2, out=str(out),
                           progress=False), echo=lambda _: None)
-    doc = json.loads((out / "_manifest.json").read_text())
+    doc = read_doc(out)
     marker = tmp_path / "pwned"
     doc["job"], doc["params"] = "os:system", {"command": f"touch {marker}"}
-    (out / "_manifest.json").write_text(json.dumps(doc))
+    write_doc(out, doc)
     for cmd in (["compare", out], ["compare", out, "--fd"], ["inspect", out],
                 ["compare", out, "--job", "tests.userjobs:matrix_io"]):
         _run(*cmd)
@@ -225,10 +233,10 @@ def test_reading_never_runs_the_job_a_manifest_names(ray_session, tmp_path):
     line = _one_error(_run("compare", out))
     assert "computed by job 'os:system'" in line and "--job os:system" in line
     doc["job"] = "../../etc/passwd:build"
-    (out / "_manifest.json").write_text(json.dumps(doc))
+    write_doc(out, doc)
     assert "dotted Python names" in _one_error(_run("compare", out, "--trust-job"))
     # The user's own module:function job: named now, it is rebuilt and compared.
     doc["job"], doc["params"] = "tests.userjobs:matrix_io", {}
-    (out / "_manifest.json").write_text(json.dumps(doc))
+    write_doc(out, doc)
     assert "MATCH" in _run("compare", out, "--job", "tests.userjobs:matrix_io").output
     assert "--job tests.userjobs:matrix_io" in _one_error(_run("compare", out))

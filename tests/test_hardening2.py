@@ -19,12 +19,13 @@ from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.errors import JacpipeError
 from pipeline.folder import ResultFolder
-from pipeline.manifest import MANIFEST, Manifest
+from pipeline.manifest import MANIFEST, Manifest, unwrap_manifest
 from pipeline.parts import PartWriter, dense_schema, part_name
 from pipeline.problem import Shapes
 from pipeline.reader import open_jacobian
 from pipeline.shard import ShardResult
 from pipeline.storage import Storage
+from tests.manifests import read_doc, with_doc, write_doc
 
 ROWS, N = 12, 5
 cli = CliRunner()
@@ -118,9 +119,9 @@ def _batched(out: Path) -> Path:
 
 
 def _edit_manifest(out: Path, edit) -> None:
-    doc = json.loads((out / MANIFEST).read_text())
+    doc = read_doc(out)
     edit(doc)
-    (out / MANIFEST).write_text(json.dumps(doc))
+    write_doc(out, doc)
 
 
 def _swap_part(out: Path, index: int, source: Path) -> None:
@@ -232,9 +233,10 @@ def _s3_error_paths(s3_server, boto) -> list[tuple[str, object]]:
     boto.put_object(Bucket=bucket, Key="badpart/part-00002.parquet", Body=b"x" * 10)
     paths.append(("truncated part", uri))
     uri = result_at("dtype")
-    doc = json.loads(boto.get_object(Bucket=bucket, Key=f"dtype/{MANIFEST}")["Body"].read())
+    raw = boto.get_object(Bucket=bucket, Key=f"dtype/{MANIFEST}")["Body"].read()
+    doc = json.loads(unwrap_manifest(raw))
     doc["shapes"]["dtype"] = "float32"
-    boto.put_object(Bucket=bucket, Key=f"dtype/{MANIFEST}", Body=json.dumps(doc).encode())
+    boto.put_object(Bucket=bucket, Key=f"dtype/{MANIFEST}", Body=with_doc(raw, doc))
     paths.append(("edited dtype", uri))
     paths.append(("missing bucket", missing.replace(bucket, bucket + "-gone", 1)))
     paths.append(("bad option", s3_server.uri("x") + "&no_such_option=1"))

@@ -23,6 +23,7 @@ from pipeline.compare import compare, sample_rows
 from pipeline.engine import batched_rows, hessian_rows, iter_batched_rows, iter_hessian_rows
 from pipeline.problem import build_problem
 from pipeline.runner import RunOptions, run
+from tests.manifests import read_doc
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float64": dict(rtol=1e-12, atol=1e-12)}
 HESSIAN_JOBS = {"rosenbrock": {"n": 30}, "trajectory": {"waypoints": 8, "obstacles": 3}}
@@ -184,7 +185,7 @@ def test_batched_through_ray_in_sample_blocks(ray_session, tmp_path, dtype, layo
     got = read_jacobian(out)
     assert got.shape == (6, 12, 6)
     assert_close(got, ref, dtype)
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     starts = [a for a, _ in man["plan"]]
     # rows_per_shard=7 cuts samples (m = 12); shards=3 aligns to whole samples.
     assert any(a % 12 for a in starts) == ("rows_per_shard" in layout)

@@ -55,7 +55,7 @@ def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
         assert result.exit_code == 0, (argv, result.output)
         ran += 1
     assert ran >= 7
-    assert (tmp_path / "J.png").exists() and (tmp_path / "out/mine/_manifest.json").exists()
+    assert (tmp_path / "J.png").exists() and (tmp_path / "out/mine/_manifest.parquet").exists()
 
 
 def test_python_examples_run_against_a_real_result(ray_session, tmp_path):

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -26,6 +27,8 @@ from benchmarks.soak import committed_rows, kill_session, session_processes, soa
 from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.errors import JacpipeError
+from pipeline.manifest import MANIFEST, MANIFEST_KEY
+from tests.manifests import read_doc, write_doc
 
 runner = CliRunner()
 CRASHY = "tests.faultjobs:crashy"
@@ -49,7 +52,7 @@ def error_line(result) -> str:
 
 
 def manifest(out: Path) -> dict:
-    return json.loads((out / "_manifest.json").read_text())
+    return read_doc(out)
 
 
 def run_crashy(out: Path, markers: Path, *args: object):
@@ -292,7 +295,7 @@ def test_crash_leftovers_are_ignored_by_every_reader_and_cleaned_on_resume(
     leftovers = {
         ".part-00003.0123456789abcdef.tmp": part3[: len(part3) // 2],  # half a part file
         ".part-00001.fedcba9876543210.tmp": part3,  # a whole, valid, uncommitted part
-        "._manifest.json.0a1b2c.tmp": b'{"format_version": 1, "shards": [',
+        "._manifest.parquet.0a1b2c.tmp": b"PAR1 half a manifest",
         ".attempt-0123456789ab-00002-deadbeef": b"",
         "..attempt-0123456789ab-00002-cafe.0d0e.tmp": b"",
     }
@@ -321,23 +324,41 @@ def test_crash_leftovers_are_ignored_by_every_reader_and_cleaned_on_resume(
     assert np.array_equal(read_jacobian(out), clean.values)
 
 
-def _truncate(text: str) -> bytes:
-    return text.encode()[: len(text) // 2]
+def _raw(change):
+    """Corrupt the manifest file's bytes."""
 
-
-def _edit(change):
-    def apply(text: str) -> bytes:
-        man = json.loads(text)
-        change(man)
-        return json.dumps(man).encode()
+    def apply(out):
+        path = out / MANIFEST
+        path.write_bytes(change(path.read_bytes()))
 
     return apply
 
 
+def _edit(change):
+    """Corrupt the manifest document inside a valid container."""
+
+    def apply(out):
+        man = read_doc(out)
+        change(man)
+        write_doc(out, man)
+
+    return apply
+
+
+def _not_json(out):
+    path = out / MANIFEST
+    schema = pq.read_schema(path)
+    pq.write_metadata(schema.with_metadata({MANIFEST_KEY: b'{"format_version": 1, "sh'}), path)
+
+
 CORRUPT_MANIFESTS = {
-    "truncated": _truncate,
-    "garbage bytes": lambda text: b"\xff\xfe\x00 not json",
-    "empty": lambda text: b"",
+    "truncated": _raw(lambda raw: raw[: len(raw) // 2]),
+    "garbage bytes": _raw(lambda raw: b"\xff\xfe\x00 not json"),
+    "empty": _raw(lambda raw: b""),
+    "not JSON inside": _not_json,
+    "a Parquet file of no manifest": lambda out: pq.write_metadata(
+        pq.read_schema(out / MANIFEST).with_metadata({}), out / MANIFEST
+    ),
     "entry names another file": _edit(
         lambda m: m["shards"][1].update(file="../../etc/passwd")
     ),
@@ -350,8 +371,8 @@ CORRUPT_MANIFESTS = {
 @pytest.mark.parametrize("how", list(CORRUPT_MANIFESTS))
 def test_corrupt_manifest_is_one_clear_error(ray_session, tmp_path, clean, how):
     out = copy_of_clean(clean, tmp_path)
-    path = out / "_manifest.json"
-    path.write_bytes(CORRUPT_MANIFESTS[how](path.read_text()))
+    path = out / MANIFEST
+    CORRUPT_MANIFESTS[how](out)
     for command in ("inspect", "compare"):
         line = error_line(invoke(command, out))
         assert f"{path} is corrupt" in line and "--overwrite" in line
@@ -474,7 +495,7 @@ def test_job_changed_since_the_run_is_named(ray_session, tmp_path, clean):
     out = copy_of_clean(clean, tmp_path)
     man = manifest(out)
     man["fingerprint"]["y_norm"] *= 1.5  # as if build() now made another function
-    (out / "_manifest.json").write_text(json.dumps(man))
+    write_doc(out, man)
     line = error_line(invoke("compare", out, "--job", CRASHY))
     assert "now builds a different problem than the one stored" in line
     line = error_line(run_crashy(out, clean.markers, "--shards", 6))

@@ -119,7 +119,7 @@ def test_a_failing_writer_thread_aborts_the_shard_cleanly(tmp_path, monkeypatch)
         compute_shard(specs[0])
     left = [f for f in os.listdir(tmp_path) if "part" in f]
     assert left == []  # no part, no temp file
-    assert not (tmp_path / "_manifest.json").exists()
+    assert not (tmp_path / "_manifest.parquet").exists()
     monkeypatch.setattr(PartWriter, "write", real)
     assert compute_shard(specs[0]).rows == specs[0].rows  # the retry works
 

@@ -16,6 +16,7 @@ from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.problem import build_problem
 from pipeline.sparse import banded_pattern
+from tests.manifests import read_doc
 
 runner = CliRunner()
 
@@ -41,7 +42,7 @@ def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params
     result = invoke("run", job, *sum((["-p", a] for a in args), []), "--dtype", dtype,
                     "--shards", 3, "--out", out, "--verify")
     assert result.exit_code == 0, result.output
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     assert man["layout"] == "sparse" and man["method"] == "sparse"
     if colours is not None:
         assert man["coloring"]["num_colors"] == colours
@@ -84,7 +85,7 @@ def test_parquet_pattern_file_and_dense_override(ray_session, tmp_path):
     dense = tmp_path / "d"
     result = invoke("run", "banded", "-p", "n=150", "--method", "rev", "--out", dense)
     assert result.exit_code == 0
-    assert json.loads((dense / "_manifest.json").read_text())["layout"] == "dense"
+    assert read_doc(dense)["layout"] == "dense"
     np.testing.assert_allclose(read_jacobian(out).toarray(), read_jacobian(dense), rtol=1e-12)
 
 

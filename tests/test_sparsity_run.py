@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
+from tests.manifests import read_doc
 
 cli = CliRunner()
 
@@ -34,8 +35,8 @@ def test_sparsity_auto_equals_the_hand_pattern_run(ray_session, tmp_path, job, p
                 tmp_path / "auto", "--no-progress")
     assert auto.exit_code == 0, auto.output
     assert "note: sparsity detected in" in auto.output
-    man_hand = json.loads((tmp_path / "hand" / "_manifest.json").read_text())
-    man_auto = json.loads((tmp_path / "auto" / "_manifest.json").read_text())
+    man_hand = read_doc(tmp_path / "hand")
+    man_auto = read_doc(tmp_path / "auto")
     assert man_auto["layout"] == "sparse" and man_auto["coloring"]["source"] == "detected"
     assert man_hand["coloring"]["source"] == "job"
     # exactly the hand pattern, hence the same colouring and values
@@ -54,11 +55,11 @@ def test_method_auto_detects_a_pattern_by_itself_and_gives_up_on_dense_jobs(ray_
                   "--no-progress", "--verify")
     assert sparse.exit_code == 0, sparse.output
     assert "sparsity detected" in sparse.output and "MATCH" in sparse.output
-    assert json.loads((tmp_path / "h" / "_manifest.json").read_text())["layout"] == "sparse"
+    assert read_doc(tmp_path / "h")["layout"] == "sparse"
     dense = _run("run", "mlp", "-p", "n=60", "-p", "m=50", "--out", tmp_path / "m",
                  "--no-progress")
     assert dense.exit_code == 0, dense.output
-    man = json.loads((tmp_path / "m" / "_manifest.json").read_text())
+    man = read_doc(tmp_path / "m")
     assert man["layout"] == "dense" and man["sparsity_detection"]["source"] == "detected"
     assert "sparsity detection gave up" in man["sparsity_detection"]["note"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -112,6 +113,10 @@ def test_not_a_result(tmp_path):
     (tmp_path / "_manifest.json").write_text('{"hello": 1}')
     with pytest.raises(JacpipeError, match="not a jacpipe manifest"):
         open_jacobian(tmp_path)
+    (tmp_path / "_manifest.json").unlink()
+    pq.write_table(pa.table({"hello": [1]}), tmp_path / "_manifest.parquet")
+    with pytest.raises(JacpipeError, match="_manifest.parquet is corrupt .*without"):
+        open_jacobian(tmp_path)
 
 
 def test_shard_spec_and_result_round_trip_through_json():
@@ -143,3 +148,35 @@ def test_manifest_validates_itself(tmp_path, matrix):
         edit(bad)
         with pytest.raises(ValueError, match=match):
             Manifest.from_json(bad)
+
+
+def test_results_with_the_old_json_manifest_still_read_and_resume(tmp_path):
+    """Before the manifest moved into Parquet it was ``_manifest.json``: still read and resumed."""
+    import polars as pl
+
+    from pipeline import runner
+    from pipeline.plan import RunOptions
+    from tests.manifests import read_doc
+
+    out = tmp_path / "out"
+    opts = RunOptions(job="mlp", params=["n=12", "m=9", "hidden=4"], shards=3, out=str(out),
+                      executor="local", progress=False)
+    runner.run(opts, echo=lambda _: None)
+    new = read_jacobian(out)
+    assert pl.read_parquet(out).height == 9 and sorted(os.listdir(out)) == [
+        "_manifest.parquet", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    doc = read_doc(out)
+    (out / "_manifest.json").write_text(json.dumps(doc, indent=1))
+    (out / "_manifest.parquet").unlink()
+    np.testing.assert_array_equal(read_jacobian(out), new)
+    assert open_jacobian(out).manifest.status == "complete"
+    # An interrupted old result: shard 1 was never committed.
+    doc["shards"] = [s for s in doc["shards"] if s["index"] != 1]
+    doc["status"] = "interrupted"
+    (out / "_manifest.json").write_text(json.dumps(doc, indent=1))
+    lines: list[str] = []
+    runner.run(opts, echo=lines.append)
+    assert lines == ["resuming: 2 of 3 shards already committed"]
+    assert not (out / "_manifest.json").exists()
+    assert read_doc(out)["status"] == "complete"
+    np.testing.assert_array_equal(read_jacobian(out), new)

@@ -42,6 +42,7 @@ from pipeline.problem import (
     validate,
 )
 from pipeline.sparse import banded_pattern, sparse_hessian_rows
+from tests.manifests import read_doc
 from tests.userjobs import OldStyle
 
 DTYPES = [torch.float32, torch.float64]
@@ -502,21 +503,21 @@ def test_auto_keeps_reverse_mode_when_forward_mode_disagrees(ray_session, tmp_pa
     assert result.exit_code == 0, result.output
     assert "note: reverse mode, not forward: forward and reverse mode give different" in \
         result.output
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     assert man["method"] == "rev" and man["adjoint_check"]["agree"] is False
     assert "MATCH" in result.output and "MISMATCH" not in result.output
     forced = _cli("run", "tests.userjobs:tall_no_grad", "-p", f"dtype={dtype}", "--method",
                   "fwd", "--out", tmp_path / "fwd", "--no-progress")
     assert forced.exit_code == 0, forced.output
     assert "warning: --method fwd although forward and reverse mode give" in forced.output
-    assert json.loads((tmp_path / "fwd" / "_manifest.json").read_text())["method"] == "fwd"
+    assert read_doc(tmp_path / "fwd")["method"] == "fwd"
 
 
 def test_auto_takes_forward_mode_when_the_modes_agree(ray_session, tmp_path):
     out = tmp_path / "out"
     result = _cli("run", "tests.userjobs:tall", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
-    man = json.loads((out / "_manifest.json").read_text())
+    man = read_doc(out)
     assert man["method"] == "fwd" and man["adjoint_check"]["agree"] is True
 
 
@@ -554,7 +555,7 @@ def test_the_trust_classes_end_to_end_through_the_cli(ray_session, tmp_path, dty
                 "--verify")
     assert hess.exit_code == 0 and "MATCH" in hess.output, hess.output
     # 7. rows come back in x's dtype
-    man = json.loads((tmp_path / "h" / "_manifest.json").read_text())
+    man = read_doc(tmp_path / "h")
     assert man["dtype"] == dtype
     from pipeline import read_jacobian
 
