@@ -287,3 +287,29 @@ def test_a_4000_by_4000_result_as_an_operator_and_svd(tmp_path):
     got = svd_result(str(tmp_path), 3, power_iters=1)
     want = streamed_svd(lambda: iter([J]), 4000, 3, power_iters=1)
     np.testing.assert_allclose(got.s, want.s, rtol=1e-6)
+
+
+def test_groups_are_encoded_in_pieces_that_do_not_depend_on_the_thread_count(
+    tmp_path, monkeypatch
+):
+    """NOTE: [Encoding pieces]: a 32-row group of 256-byte rows in 1 KiB pieces is 4 row groups."""
+    from pipeline import parts
+
+    monkeypatch.setattr(parts, "PIECE_BYTES", 1024)
+    data = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
+    sums = set()
+    for encoders in (1, 2, 3):
+        name = f"q{encoders}.parquet"
+        w = PartWriter(Storage(str(tmp_path)), name, dense_schema(64, "float32"), {},
+                       group_rows=32, encoders=encoders)
+        for a in range(0, 300, 45):
+            w.write(a, data[a : a + 45])
+        sums.add(w.commit().checksum)
+        pf = pq.ParquetFile(tmp_path / name)
+        sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
+        assert sizes == [8] * 36 + [8, 4]  # 9 groups of 32 in 4 pieces, then 12 = 8 + 4
+        got = pf.read().column("values").combine_chunks().flatten().to_numpy().reshape(-1, 64)
+        assert np.array_equal(got, data)
+    assert len(sums) == 1
+    # Variable-length rows (the sparse layout) are never cut.
+    assert parts._pieces(parts.sparse_schema("float32"), 10**6) == 1
