@@ -298,6 +298,8 @@ def bench_chain(report: Report, quick: bool, repeats: int) -> None:
         methods = {
             "vmap(jacrev)": lambda xs=xs: torch.func.vmap(torch.func.jacrev(chain))(xs),
             "engine.batched_rows": lambda xs=xs, b=b: engine.batched_rows(chain, xs, 0, 3 * b),
+            "iter_batched_rows(m=3), the worker's call": lambda xs=xs, b=b: list(
+                engine.iter_batched_rows(chain, xs, 0, 3 * b, m=3)),
             "vmap(jacrev(_flat_fn))": lambda xs=xs, f=flat: torch.func.vmap(
                 torch.func.jacrev(f))(xs),
             "one extra forward f(xs[0])": lambda xs=xs, f=flat: f(xs[0]),
