@@ -280,8 +280,11 @@ class ResultFolder:
     def commit(self, result: ShardResult) -> None:
         """Commit a finished shard: one durable line in the commit log (NOTE: [Commit log])."""
         assert self.manifest is not None, "prepare() first"
-        append_commit(self.storage, result)
+        # Memory first: a SIGTERM or Ctrl-C raised between the two steps must not
+        # leave a line in the log that the final manifest (which replaces the log)
+        # lacks. Seen: "1 of 12 shards committed" after two lines were read.
         self.manifest.commit(result)
+        append_commit(self.storage, result)
         self._renew()
 
     def finish(self, status: str, **facts: Any) -> None:
