@@ -215,9 +215,10 @@ class Manifest:
                 is corrupt (not Parquet or JSON, or entries that do not match
                 its plan).
         """
-        name = MANIFEST if storage.kind(MANIFEST) != "missing" else LEGACY_MANIFEST
+        name, kind = MANIFEST, storage.kind(MANIFEST)
+        if kind == "missing":  # a result written before the Parquet container?
+            name, kind = LEGACY_MANIFEST, storage.kind(LEGACY_MANIFEST)
         where = storage.display.rstrip("/") + "/" + name
-        kind = storage.kind(name)
         if kind == "missing":
             return None
         if kind != "file":
