@@ -162,9 +162,9 @@ class PartInfo:
 class PartWriter:
     """Stream blocks of rows into one part file: temp name, row groups, rename.
 
-    Blocks are buffered up to one row group (``group_rows`` rows), so memory is
-    one row group plus one block whatever the shard's size, plus the encoded
-    bytes of at most ``encoders`` groups in flight.
+    Blocks are buffered up to one encoding piece (at most ``group_rows`` rows;
+    see below), so memory is one piece plus one block whatever the shard's
+    size, plus the encoded bytes of at most ``encoders + 1`` pieces in flight.
 
     Each row group is encoded into its own in-memory one-group Parquet file,
     on ``encoders`` threads when more than one (pyarrow releases the GIL), and
@@ -180,7 +180,9 @@ class PartWriter:
         162 rows: 1.5x at best measured on 16 cores); 8 MiB pieces give 12.
         The split depends on the schema and ``group_rows`` only, never on
         the number of threads, so the bytes stay the same. Readers take 8
-        MiB row groups at the same speed (benchmarks/scale.py reads).
+        MiB row groups at the same speed (benchmarks/scale.py reads). A
+        piece is encoded as soon as its rows are buffered: a pipelined
+        shard's writer starts after one piece of compute, not one group.
     """
 
     def __init__(
@@ -199,7 +201,7 @@ class PartWriter:
         self.tmp = storage.temp_name(file)
         self.schema = schema.with_metadata({META_KEY: json.dumps(dict(meta)).encode()})
         self.group_rows = max(1, group_rows)
-        self._piece_rows = -(-self.group_rows // _pieces(self.schema, self.group_rows))
+        self._piece_rows = piece_rows(self.schema, self.group_rows)
         self.encoders = max(1, int(encoders))
         self._options = writer_options(schema, compression)
         self._sink = storage.open_sink(self.tmp)
@@ -271,19 +273,20 @@ class PartWriter:
         self._buffer.append(batch)
         self._buffered += batch.num_rows
         self.rows += batch.num_rows
-        if self._buffered >= self.group_rows:
+        if self._buffered >= self._piece_rows:
             self._flush(final=False)
 
     def _flush(self, *, final: bool) -> None:
+        # Pieces start at multiples of piece rows from the part's first row,
+        # whatever the blocks' sizes: each is encoded as soon as it is whole,
+        # so a pipelined shard's writer starts after one piece, not one group.
         if not self._buffer:
             return
         table = pa.Table.from_batches(self._buffer, schema=self.schema)
-        full = table.num_rows if final else (table.num_rows // self.group_rows) * self.group_rows
         piece = self._piece_rows
-        for a in range(0, full, self.group_rows):
-            stop = min(a + self.group_rows, full)
-            for p in range(a, stop, piece):
-                self._submit(table.slice(p, min(piece, stop - p)))
+        full = table.num_rows if final else (table.num_rows // piece) * piece
+        for p in range(0, full, piece):
+            self._submit(table.slice(p, min(piece, full - p)))
         rest = table.slice(full)
         self._buffer = rest.to_batches() if rest.num_rows else []
         self._buffered = rest.num_rows
@@ -357,6 +360,12 @@ class PartWriter:
 #: Bounds of the encoding pieces a buffered row group is cut into (NOTE: [Encoding pieces]).
 PIECE_BYTES = 8 * 2**20
 MAX_PIECES = 4
+
+
+def piece_rows(schema: pa.Schema, group_rows: int) -> int:
+    """Rows of one encoding piece (one row group of the file) of parts with this schema."""
+    group_rows = max(1, group_rows)
+    return -(-group_rows // _pieces(schema, group_rows))
 
 
 def _pieces(schema: pa.Schema, group_rows: int) -> int:

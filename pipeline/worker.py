@@ -22,7 +22,7 @@ from pipeline.errors import JacpipeError
 from pipeline.folder import record_attempt
 from pipeline.kinds import iter_rows, kind_of
 from pipeline.manifest import part_schema
-from pipeline.parts import PartWriter, part_name
+from pipeline.parts import PartWriter, part_name, piece_rows
 from pipeline.problem import Problem, rebuild
 from pipeline.shard import ShardResult, ShardSpec
 from pipeline.storage import Storage
@@ -253,9 +253,10 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
         in_flight=IN_FLIGHT if spec.layout == "dense" else 0,
     )
     if spec.method == "rev":
-        # A chunk never needs more rows than one row group: the writer flushes
-        # whole groups, so larger chunks only raise the peak.
-        chunk = min(chunk, max(spec.group_rows, 1))
+        # A chunk never needs more rows than one encoding piece: the writer
+        # encodes whole pieces, so larger chunks only raise the peak and delay
+        # the writer's start (parts NOTE: [Encoding pieces]).
+        chunk = min(chunk, piece_rows(_schema(spec), spec.group_rows))
     return chunk
 
 
