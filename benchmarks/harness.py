@@ -11,9 +11,10 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ def interleaved(
     repeats: int,
     warmup: int = 1,
     after: Callable[[str, Any], None] | None = None,
+    shuffle: bool = False,
 ) -> dict[str, list[float]]:
     """Wall seconds of each method, ``repeats`` interleaved rounds after ``warmup`` ones.
 
@@ -45,13 +47,20 @@ def interleaved(
         repeats: timed rounds; every method runs once per round.
         warmup: untimed rounds first (imports, allocator, lazy init).
         after: called with ``(name, result)`` after each timed call, outside the timing.
+        shuffle: a new (seeded) order of the methods each round: no method
+            always runs after the same one (millisecond calls feel the
+            allocator and cache state their predecessor leaves).
     """
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in methods.items():
+        order = list(methods.items())
+        if shuffle:
+            rng.shuffle(order)
+        for name, fn in order:
             t0 = time.perf_counter()
             out = fn()
             times[name].append(time.perf_counter() - t0)
@@ -63,6 +72,17 @@ def interleaved(
 
 def median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
+
+
+def paired_speed(times: Mapping[str, Sequence[float]], base: str, name: str) -> float:
+    """Median over rounds of ``base / name`` (speed of ``name``): drifts of the machine cancel."""
+    return median([b / t for b, t in zip(times[base], times[name], strict=True)])
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float]:
+    """The first and third quartiles: the spread of a paired ratio."""
+    q = statistics.quantiles(xs, n=4)
+    return float(q[0]), float(q[2])
 
 
 @dataclass

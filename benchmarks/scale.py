@@ -30,7 +30,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Report, Target, interleaved, median, parser
+from benchmarks.harness import (
+    Report,
+    Target,
+    interleaved,
+    median,
+    paired_speed,
+    parser,
+    quartiles,
+)
 
 PIPELINE_TARGET = 1.15
 ENCODER_TARGET = 1.7
@@ -285,32 +293,46 @@ def chain(q: Any) -> Any:
 
 
 def bench_chain(report: Report, quick: bool, repeats: int) -> None:
-    """engine.batched_rows vs vmap(jacrev) on the chain (float64, 2 threads)."""
+    """engine.batched_rows vs vmap(jacrev) on the chain (float64, 2 threads).
+
+    Millisecond calls on a shared machine drift by several percent between
+    rounds, so the speeds are medians of per-round ratios (shuffled order),
+    and ``vmap(jacrev)`` is also timed against itself: that row's spread is
+    the noise band of every other ratio.
+    """
     import torch
 
     from pipeline import engine
 
     torch.set_num_threads(2)
     rows, facts = [], {}
+    base = "vmap(jacrev)"
     for b in (5000,) if quick else (5000, 100_000):
         xs = torch.randn(b, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         flat = engine._flat_fn(chain, xs.shape[1:])
         methods = {
-            "vmap(jacrev)": lambda xs=xs: torch.func.vmap(torch.func.jacrev(chain))(xs),
+            base: lambda xs=xs: torch.func.vmap(torch.func.jacrev(chain))(xs),
+            "vmap(jacrev) again (noise band)": lambda xs=xs: torch.func.vmap(
+                torch.func.jacrev(chain))(xs),
             "engine.batched_rows": lambda xs=xs, b=b: engine.batched_rows(chain, xs, 0, 3 * b),
             "iter_batched_rows(m=3), the worker's call": lambda xs=xs, b=b: list(
                 engine.iter_batched_rows(chain, xs, 0, 3 * b, m=3)),
-            "vmap(jacrev(_flat_fn))": lambda xs=xs, f=flat: torch.func.vmap(
-                torch.func.jacrev(f))(xs),
-            "one extra forward f(xs[0])": lambda xs=xs, f=flat: f(xs[0]),
+            "one forward f(xs[0]) (what learning m cost)": lambda xs=xs, f=flat: f(xs[0]),
         }
-        wall = interleaved(methods, repeats=max(repeats, 15), warmup=2)
-        base = median(wall["vmap(jacrev)"])
+        rounds = max(repeats, 101 if b <= 10_000 else 31)
+        wall = interleaved(methods, repeats=rounds, warmup=3, shuffle=True)
         for k, t in wall.items():
-            rows.append([f"{b:,}", k, f"{median(t) * 1e3:.2f}", f"{base / median(t):.2f}x"])
+            lo, hi = quartiles([a / c for a, c in zip(wall[base], t, strict=True)])
+            rows.append([f"{b:,}", k, f"{median(t) * 1e3:.3f}",
+                         f"{paired_speed(wall, base, k):.3f}x", f"{lo:.2f}-{hi:.2f}"])
+        report.target(Target(f"per-sample chain B={b:,}: engine.batched_rows speed vs "
+                             "vmap(jacrev) (median paired ratio)",
+                             paired_speed(wall, base, "engine.batched_rows"), 1.0,
+                             note=f"A/A: {paired_speed(wall, base, list(methods)[1]):.3f}x"))
         facts[b] = wall
-    report.table("Per-sample 6-joint chain (3 x 6 per sample, float64, 2 threads)",
-                 ["B", "method", "median ms", "speed vs vmap(jacrev)"], rows)
+    report.table("Per-sample 6-joint chain (3 x 6 per sample, float64, 2 threads), "
+                 "medians of per-round ratios, shuffled rounds",
+                 ["B", "method", "median ms", "speed vs vmap(jacrev)", "quartiles"], rows)
     report.facts["chain"] = facts
 
 

@@ -633,9 +633,18 @@ def iter_batched_rows(
     version = flat._version
     n = flat.shape[1]
     f = _flat_fn(fn, xs.shape[1:])
+    # fn on samples of their own shape: jac*(fn) of one sample is out_shape + in_shape,
+    # which flattens to its (m, n) rows for free; a reshaping wrapper around fn
+    # adds four batched ops to every pass.
+    samples = flat.view(xs.shape)
+    vectorised = torch.func.vmap(
+        torch.func.jacfwd(fn) if method == "fwd" else torch.func.jacrev(fn))
     if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
-        with torch.no_grad():
-            m = f(flat[0]).numel() if batch else 0
+        m, block = _outputs_per_sample(
+            f, vectorised, samples, flat, version, stop if start == 0 and chunk_size is None else 0)
+        if block is not None:  # the whole batch, computed while learning m
+            yield 0, block
+            return
     _check_untouched(flat, version)
     _check_range(start, stop, m * batch)
     if stop <= start:
@@ -660,12 +669,6 @@ def iter_batched_rows(
         return
     if whole_a > first:
         yield from one_sample(first, start - first * m, min(stop - first * m, m))
-    # fn on samples of their own shape: jac*(fn) of one sample is out_shape + in_shape,
-    # which flattens to its (m, n) rows for free; a reshaping wrapper around fn
-    # adds four batched ops to every pass.
-    samples = flat.view(xs.shape)
-    vectorised = torch.func.vmap(
-        torch.func.jacfwd(fn) if method == "fwd" else torch.func.jacrev(fn))
     for s0 in range(whole_a, whole_b, step):
         s1 = min(s0 + step, whole_b)
         try:
@@ -687,6 +690,54 @@ def iter_batched_rows(
         yield s0 * m, block.reshape((s1 - s0) * m, n).to(flat.dtype)
     if whole_b < last:
         yield from one_sample(whole_b, 0, stop - whole_b * m)
+
+
+def _outputs_per_sample(
+    f: Callable[[Tensor], Tensor], vectorised: Callable[[Tensor], Tensor], samples: Tensor,
+    flat: Tensor, version: int, whole: int,
+) -> tuple[int, Tensor | None]:
+    """``(m, rows)``: rows ``[0, whole)`` too when they are the whole batch (else ``None``)."""
+    m, block = _whole_batch(vectorised, samples, flat, version, whole) if whole else (None, None)
+    if m is None:
+        with torch.no_grad():
+            m = f(flat[0]).numel() if flat.shape[0] else 0
+    return m, block
+
+
+def _whole_batch(
+    vectorised: Callable[[Tensor], Tensor], samples: Tensor, flat: Tensor, version: int,
+    stop: int,
+) -> tuple[int | None, Tensor | None]:
+    """Rows ``[0, stop)`` in one pass over every sample, if they are the whole batch.
+
+    Returns ``(m, rows)``: ``rows`` only when ``stop == B * m``; ``m`` only when
+    the pass ran (``(None, None)`` when ``stop`` is no multiple of ``B`` or the
+    pass failed).
+
+    NOTE: [Per-sample rows: m from the pass itself]
+        A caller that does not pass ``m`` and asks for rows ``[0, B * k)`` in
+        one pass (``batched_rows(fn, xs, 0, B * m)``, the usual call) most
+        likely asks for the whole batch: the pass over every sample runs
+        first and its size gives ``m``, sparing the forward pass on
+        ``xs[0]`` that would learn it (a tenth of the time of a tiny
+        per-sample function: 0.2 of 3.3 ms on the 6-joint chain at B =
+        5,000). ``vmap`` gives every sample one output shape, so the size
+        is exact. When ``m != k`` the rows are dropped and the range is
+        computed as usual, with ``m`` known; a pass that fails is retried
+        (and reported) by the usual path.
+    """
+    batch, n = flat.shape
+    if not (batch and n and stop > 0 and stop % batch == 0):
+        return None, None
+    try:
+        block = vectorised(samples)
+    except RuntimeError:
+        return None, None
+    _check_untouched(flat, version)
+    m = block.numel() // flat.numel()
+    if m * batch != stop:
+        return m, None
+    return m, block.reshape(stop, n).to(flat.dtype)
 
 
 def batched_rows(

@@ -146,6 +146,28 @@ def test_hessian_rows_match_autograd_hessian(dtype, method):
     assert_close(got, ref, dtype)
 
 
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_whole_batch_rows_learn_m_from_their_own_pass(method):
+    """NOTE: [Per-sample rows: m from the pass itself]: no forward pass on xs[0] first."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    xs = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    calls = []
+
+    def f(v):
+        calls.append(tuple(v.shape))
+        return torch.tanh(w @ v)
+
+    ref = torch.cat([jacobian(f, xs[b]) for b in range(5)])  # (5*4, 3)
+    calls.clear()
+    assert_close(batched_rows(f, xs, 0, 20, method=method), ref, torch.float64)
+    assert calls == [(3,)]  # fn traced once, inside the vectorised pass
+    # B * 2 rows of m = 4: the pass learns m, then the rows asked are computed
+    assert_close(batched_rows(f, xs, 0, 10, method=method), ref[:10], torch.float64)
+    with pytest.raises(ValueError, match=r"row range \[0, 25\) outside \[0, 20\)"):
+        batched_rows(f, xs, 0, 25, method=method)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("method", ["rev", "fwd"])
 def test_batched_rows_are_per_sample_never_cross_terms(dtype, method):
