@@ -719,9 +719,9 @@ def _whole_batch(
         one pass (``batched_rows(fn, xs, 0, B * m)``, the usual call) most
         likely asks for the whole batch: the pass over every sample runs
         first and its size gives ``m``, sparing the forward pass on
-        ``xs[0]`` that would learn it (a tenth of the time of a tiny
-        per-sample function: 0.2 of 3.3 ms on the 6-joint chain at B =
-        5,000). ``vmap`` gives every sample one output shape, so the size
+        ``xs[0]`` that would learn it (about 5% of a tiny per-sample
+        function's time: 0.18 of 3.7 ms on the 6-joint chain at B = 5,000,
+        benchmarks/scale.py). ``vmap`` gives every sample one output shape, so the size
         is exact. When ``m != k`` the rows are dropped and the range is
         computed as usual, with ``m`` known; a pass that fails is retried
         (and reported) by the usual path.

@@ -101,6 +101,57 @@ def test_one_and_several_encoder_threads_give_bitwise_equal_parts(tmp_path, comp
     assert compute_shard(specs1[0]).checksum == compute_shard(specs3[0]).checksum
 
 
+@pytest.mark.parametrize(("job", "params", "group", "chunk", "first"), [
+    ("mlp", MLP, 16, 16, 4),  # 4 pieces of 4 rows in a 16-row group
+    ("robot_arm", {"batch": 9}, 64, 48, 24),  # a 32-row piece ends at sample 2 (m = 12)
+])
+def test_the_first_block_is_one_piece_and_the_rest_keep_their_chunk(
+    tmp_path, monkeypatch, job, params, group, chunk, first
+):
+    """worker NOTE: [A small first block]: same bytes, the writer starts one piece in."""
+    from pipeline import parts, worker
+
+    monkeypatch.setattr(parts, "PIECE_BYTES", 64 if job == "mlp" else 2048)
+    problem, shapes, specs = _specs(tmp_path / "a", job, params, shards=1, group_rows=group,
+                                    chunk=chunk)
+    spec = specs[0]
+    blocks = []
+    real = PartWriter.write
+
+    def spy(self, a, block, **kw):
+        blocks.append((a, len(block)))
+        return real(self, a, block, **kw)
+
+    monkeypatch.setattr(PartWriter, "write", spy)
+    os.makedirs(tmp_path / "a")
+    ramped = compute_shard(spec)
+    assert blocks[0] == (0, first)
+    sizes = [b for _, b in blocks[1:]]
+    assert sum(sizes) == spec.rows - first and max(sizes) == chunk
+    _finish(tmp_path / "a", shapes, [ramped])
+    import torch
+
+    if job == "mlp":
+        want = torch.func.jacrev(problem.fn)(problem.x).reshape(shapes.m, shapes.n)
+    else:
+        want = torch.func.vmap(torch.func.jacrev(problem.fn))(problem.x).reshape(-1, shapes.n)
+    got = read_jacobian(tmp_path / "a").reshape(-1, shapes.n)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    # Without the ramp: other blocks, the same row groups and values (to rounding:
+    # a vectorised pass over other rows may round the last bit differently).
+    blocks.clear()
+    monkeypatch.setattr(worker, "_first_block_end", lambda spec, chunk: spec.start)
+    os.makedirs(tmp_path / "b")
+    plain = compute_shard(spec.__class__(**{**spec.__dict__, "out": str(tmp_path / "b")}))
+    assert blocks[0] == (0, chunk)
+    _finish(tmp_path / "b", shapes, [plain])
+    groups = [pq.ParquetFile(tmp_path / d / ramped.file).metadata.num_row_groups for d in "ab"]
+    piece = 4 if job == "mlp" else 32
+    assert groups[0] == groups[1] == -(-spec.rows // piece)
+    np.testing.assert_allclose(read_jacobian(tmp_path / "b"), read_jacobian(tmp_path / "a"),
+                               rtol=1e-6, atol=1e-7)
+
+
 def test_a_failing_writer_thread_aborts_the_shard_cleanly(tmp_path, monkeypatch):
     _, _, specs = _specs(tmp_path, "mlp", MLP, shards=1)
     os.makedirs(tmp_path, exist_ok=True)
