@@ -721,10 +721,10 @@ def _whole_batch(
         first and its size gives ``m``, sparing the forward pass on
         ``xs[0]`` that would learn it (about 5% of a tiny per-sample
         function's time: 0.18 of 3.7 ms on the 6-joint chain at B = 5,000,
-        benchmarks/scale.py). ``vmap`` gives every sample one output shape, so the size
-        is exact. When ``m != k`` the rows are dropped and the range is
-        computed as usual, with ``m`` known; a pass that fails is retried
-        (and reported) by the usual path.
+        benchmarks/scale.py). ``vmap`` gives every sample one output shape,
+        so the size is exact. When ``m != k`` the rows are dropped and the
+        range is computed as usual, with ``m`` known; a pass that fails is
+        retried (and reported) by the usual path.
     """
     batch, n = flat.shape
     if not (batch and n and stop > 0 and stop % batch == 0):
