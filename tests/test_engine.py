@@ -146,6 +146,41 @@ def test_hessian_rows_match_autograd_hessian(dtype, method):
     assert_close(got, ref, dtype)
 
 
+def _chain(q):
+    c = torch.cumsum(q, -1)
+    return torch.stack([torch.cos(c).sum(-1), torch.sin(c).sum(-1), c[..., -1]])
+
+
+_W = torch.randn(5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+PER_SAMPLE_FNS = {  # name: (fn of one sample, sample shape)
+    "chain": (_chain, (6,)),
+    "robot_arm": (build_problem("robot_arm", {"batch": 1}).fn, (6,)),
+    "scalar output": (lambda x: (x**3).sum(), (3, 2)),
+    "matrix output, float32": (lambda x: torch.outer(torch.tanh(x), x[:2]).float(), (4,)),
+    "scalar samples": (lambda x: torch.stack([x * x, torch.sin(x)]), ()),
+    "partly constant": (lambda x: torch.stack([x.sum(), torch.ones((), dtype=x.dtype)]), (3,)),
+    "matrix input": (lambda x: torch.tanh(_W @ x.reshape(-1)), (3, 2)),
+}
+
+
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+@pytest.mark.parametrize("name", sorted(PER_SAMPLE_FNS))
+def test_per_sample_rows_are_bitwise_those_of_vmap_jacrev_and_jacfwd(name, method):
+    """engine NOTE: [Per-sample Jacobians without jacrev and jacfwd]: the same numbers."""
+    fn, shape = PER_SAMPLE_FNS[name]
+    xs = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    jac = torch.func.jacfwd if method == "fwd" else torch.func.jacrev
+    want = torch.func.vmap(jac(fn))(xs).reshape(7, -1).double()  # rows in xs's dtype
+    m = want.shape[1] // max(xs[0].numel(), 1)
+    got = batched_rows(fn, xs, 0, 7 * m, method=method)
+    assert got.shape == (7 * m, xs[0].numel()) and got.dtype == torch.float64
+    assert torch.equal(got.reshape(7, -1), want)
+    # chunked, and a range that cuts samples: each row is the same
+    cut = batched_rows(fn, xs, 1, 7 * m - 1, chunk_size=2 * (m if method == "rev" else 6),
+                       method=method)
+    torch.testing.assert_close(cut, want.reshape(7 * m, -1)[1 : 7 * m - 1], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("method", ["rev", "fwd"])
 def test_whole_batch_rows_learn_m_from_their_own_pass(method):
     """NOTE: [Per-sample rows: m from the pass itself]: no forward pass on xs[0] first."""
