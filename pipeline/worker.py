@@ -324,7 +324,7 @@ def _first_block_end(spec: ShardSpec, chunk: int) -> int:
         and the encoder starts on whole pieces (parts NOTE: [Encoding
         pieces]). The first block is therefore one piece (140 rows of a
         20,000-column float32 part instead of a 419-row group: the shard's
-        wall / max(compute, write) went from 1.22 to 1.14-1.16 on 2 cores,
+        wall / max(compute, write) went from 1.22 to 1.11-1.17 on 2 cores,
         benchmarks/scale.py); the rest keep the budget's chunk, since small
         chunks slow matrix-bound functions (2,000 rows of an mlp n = 2,000
         float64: 0.30 s in 525-row chunks, 0.18 s in one). The two ranges
