@@ -641,8 +641,22 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: _Job, plan: RunPlan,
             ray.shutdown()
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a stopped cluster job, ``kill``): handled like Ctrl-C."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a stopped cluster job, ``kill``): handled like Ctrl-C.
+
+    A :class:`KeyboardInterrupt`: Ray's blocking calls (``ray.wait``) check
+    signals and let only ``KeyboardInterrupt`` through, as a plain one; any
+    other exception raised by the handler there surfaced as "SystemError:
+    <cyfunction CoreWorker.wait> returned a result with an exception set"
+    and a run marked ``failed``. The handler also records the signal
+    (:class:`_Sigterm`), so the run still reports SIGTERM.
+    """
+
+
+class _Sigterm:
+    """Whether SIGTERM arrived while :func:`_sigterm_as_interrupt` was installed."""
+
+    received = False
 
 
 class ShardTimeout(JacpipeError):
@@ -660,12 +674,14 @@ SIGTERM_EXIT = 143
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt(seen: _Sigterm) -> Iterator[None]:
     """Turn SIGTERM into :class:`Terminated` in the main thread for the duration.
 
     Installed after Ray starts, so it replaces the handler Ray's core worker
     installs (which dumps a C++ stack and aborts): the manifest is written
-    ``interrupted`` and the run exits with :data:`SIGTERM_EXIT`.
+    ``interrupted`` and the run exits with :data:`SIGTERM_EXIT`. ``seen``
+    records the signal even where Ray turns the exception into a plain
+    ``KeyboardInterrupt``.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -673,6 +689,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
     def handler(signum: int, frame: Any) -> None:
         del signum, frame
+        seen.received = True
         raise Terminated()
 
     old = signal.signal(signal.SIGTERM, handler)
@@ -769,20 +786,22 @@ def _schedule(
     (``interrupted`` / ``failed``), then the tasks in flight are left (NOTE:
     [Stopping tasks without ray.cancel]).
     """
+    sigterm = _Sigterm()
     try:
-        with _sigterm_as_interrupt(), progress:
+        with _sigterm_as_interrupt(sigterm), progress:
             scheduler.run(specs)
-    except (KeyboardInterrupt, Terminated) as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         # The manifest first: whatever happens next, the folder says what it holds.
         folder.finish("interrupted")
         if not owns_ray:
             _abandon(scheduler.in_flight)
         committed = len(folder.manifest.shards) if folder.manifest else 0
+        terminated = isinstance(exc, Terminated) or sigterm.received
         raise Interrupted(
-            f"{'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}: "
+            f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: "
             f"{committed} of {len(plan.shards)} shards committed in "
             f"{folder.storage.display}; rerun the same command to resume",
-            exit_code=SIGTERM_EXIT if isinstance(exc, Terminated) else None,
+            exit_code=SIGTERM_EXIT if terminated else None,
         ) from None
     except BaseException:
         folder.finish("failed")

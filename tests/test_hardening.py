@@ -93,6 +93,32 @@ def test_sigterm_is_handled_like_ctrl_c(ray_session, tmp_path):
     assert f"{len(man.shards)} resumed" in result.output
 
 
+def test_sigterm_inside_ray_wait_is_an_interrupt_not_a_system_error(ray_session):
+    """runner.Terminated: Ray's signal check in ray.wait lets only KeyboardInterrupt through.
+
+    A SIGTERM that lands while the driver blocks in ``ray.wait`` (long shards)
+    used to end the run as "SystemError: <cyfunction CoreWorker.wait> returned
+    a result with an exception set", its folder marked failed.
+    """
+    import threading
+    import time
+
+    @ray_session.remote(num_cpus=0)
+    def sleeper():
+        time.sleep(3)
+
+    ref = sleeper.remote()
+    seen = runner._Sigterm()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    with pytest.raises(KeyboardInterrupt), runner._sigterm_as_interrupt(seen):
+        timer.start()
+        ray_session.wait([ref], timeout=10)
+    timer.join()
+    assert seen.received
+    assert signal.getsignal(signal.SIGTERM) is not None  # the handler was put back
+    ray_session.get(ref)
+
+
 def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
     ray_session, tmp_path, monkeypatch
 ):
