@@ -1,6 +1,6 @@
 """The adjoint check: its rounding on every built-in job, and its cost.
 
-(1) False alarms: :func:`pipeline.adjoint.adjoint_check` on every built-in
+(1) False alarms: :func:`pipeline.maths.adjoint.adjoint_check` on every built-in
     job (small parameters, :data:`JOBS`) in float32 and float64, seeds
     ``0 .. SEEDS - 1``: the largest relative difference ``rel_error`` seen, in
     unit roundoffs, against the default tolerance; a false alarm is any
@@ -48,13 +48,13 @@ COST_JOBS: dict[str, dict] = {
 
 def build(job: str, params: dict, dtype: str):
     """A built-in job's problem (``robot_arm_single``: the unbatched robot arm)."""
-    from pipeline.problem import build_problem
+    from pipeline.problem.problem import build_problem
 
     return build_problem(job.removesuffix("_single"), {**params, "dtype": dtype})
 
 
 def false_alarms(report: Report) -> None:
-    from pipeline.adjoint import ADJOINT_RTOL, adjoint_check
+    from pipeline.maths.adjoint import ADJOINT_RTOL, adjoint_check
 
     rows = []
     worst = {"float32": 0.0, "float64": 0.0}
@@ -86,7 +86,7 @@ def false_alarms(report: Report) -> None:
 
 
 def cost(report: Report, *, quick: bool, repeats: int) -> None:
-    from pipeline.adjoint import adjoint_check
+    from pipeline.maths.adjoint import adjoint_check
 
     rows = []
     ratios, floors = [], []

@@ -175,7 +175,7 @@ def _child_batched(spec: dict[str, Any], reps: int) -> dict[str, Any]:
     from torch.autograd.functional import jacobian
 
     from jobs.robot_arm import build
-    from pipeline.engine import iter_batched_rows
+    from pipeline.maths.engine import iter_batched_rows
 
     problem = build(batch=int(spec["batch"]), dtype=spec["dtype"])
     fn, xs = problem.fn, problem.x
@@ -217,8 +217,8 @@ def _child_batched(spec: dict[str, Any], reps: int) -> dict[str, Any]:
 def _child_hessian(spec: dict[str, Any], reps: int) -> dict[str, Any]:
     import torch
 
-    from pipeline import plan
-    from pipeline.engine import iter_hessian_rows
+    from pipeline.maths.engine import iter_hessian_rows
+    from pipeline.runner import plan
 
     n = int(spec["n"])
     f, x, w = hessian_problem(n, spec["dtype"])
@@ -239,8 +239,8 @@ def _child_hessian(spec: dict[str, Any], reps: int) -> dict[str, Any]:
             # What a worker would pick: its measured activations, its baseline.
             import psutil
 
-            from pipeline.problem import Problem
-            from pipeline.worker import activation_numel
+            from pipeline.problem.problem import Problem
+            from pipeline.runner.worker import activation_numel
 
             itemsize = x.element_size()
             group = plan.group_rows(n, itemsize)

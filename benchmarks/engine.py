@@ -2,7 +2,7 @@
 
 Cases: an MLP 2000 -> 512 -> 2000 (float32), a tall MLP 16 -> 512 -> 50,000
 (float32), and the heat job (N = 64, float64, so 4096 x 4096). For each,
-``pipeline.engine.jacobian_rows`` over all rows, with the method ``auto``
+``pipeline.maths.engine.jacobian_rows`` over all rows, with the method ``auto``
 picks and the chunk size the memory model picks (as a worker would), against
 ``torch.autograd.functional.jacobian`` (default loop and ``vectorize=True``),
 ``torch.func.jacrev`` and ``torch.func.jacfwd``; a few fixed chunk sizes of the
@@ -61,7 +61,8 @@ def model_choice(fn: Any, x: Any, m: int, n: int) -> tuple[str, int]:
     """The method and chunk size jacpipe would use for one shard of all rows."""
     import psutil
 
-    from pipeline import engine, plan
+    from pipeline.maths import engine
+    from pipeline.runner import plan
 
     method = plan.choose_method("auto", m=m, n=n, shards=1)
     itemsize = x.element_size()
@@ -84,7 +85,7 @@ def model_choice(fn: Any, x: Any, m: int, n: int) -> tuple[str, int]:
 def run_case(case: Case, repeats: int, report: Report) -> dict[str, float]:
     import torch
 
-    from pipeline.engine import jacobian_rows
+    from pipeline.maths.engine import jacobian_rows
 
     problem = case.build()
     fn, x = problem.fn, problem.x

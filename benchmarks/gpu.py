@@ -17,7 +17,7 @@ Reported per GPU (``torch.cuda.device_count()`` of them, one after another):
 * pipelined vs serial writer, and 1-GPU jacpipe vs ``torch.func.jacrev``
   (the whole Jacobian in GPU memory, no file) on the same GPU.
 
-Shards run through ``pipeline.worker.compute_shard``, the exact body of the Ray
+Shards run through ``pipeline.runner.worker.compute_shard``, the exact body of the Ray
 task (rebuild on cuda, fingerprint check, memory-budgeted chunks, pinned
 host buffers filled on a side stream, writer thread, Parquet commit), in this
 process, so no Ray cluster start is timed.
@@ -49,7 +49,7 @@ def _sync() -> None:
 
 def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
     """Median seconds of ``torch.func.jacrev`` on the whole Jacobian, its GPU peak, rows 0-63."""
-    from pipeline.problem import build_problem
+    from pipeline.problem.problem import build_problem
 
     problem = build_problem("mlp", params)
     times, peak, head = [], 0, None
@@ -73,9 +73,9 @@ def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
 
 def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: str,
            threads: int) -> list[Any]:
-    from pipeline.plan import group_rows, parse_size, plan_shards
-    from pipeline.problem import build_problem, fingerprint, validate
-    from pipeline.shard import ShardSpec
+    from pipeline.core.shard import ShardSpec
+    from pipeline.problem.problem import build_problem, fingerprint, validate
+    from pipeline.runner.plan import group_rows, parse_size, plan_shards
 
     # As the driver does: build and fingerprint on the CPU; the worker rebuilds
     # with device=cuda (device_param) and checks its build against this one.
@@ -95,7 +95,7 @@ def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: s
 
 def _jacpipe(specs: list[Any], out: str, *, pipelined: bool, repeats: int) -> dict[str, Any]:
     """All shards through compute_shard, ``repeats`` times after a warm-up; medians."""
-    from pipeline.worker import compute_shard
+    from pipeline.runner.worker import compute_shard
 
     runs = []
     for i in range(repeats + 1):

@@ -47,9 +47,9 @@ OPERATOR_TARGET = 0.8
 
 
 def _spec(out: Path, job: str, params: dict[str, Any], rows: int, **extra: Any) -> Any:
-    from pipeline.plan import group_rows
-    from pipeline.problem import build_problem, fingerprint, validate
-    from pipeline.shard import ShardSpec
+    from pipeline.core.shard import ShardSpec
+    from pipeline.problem.problem import build_problem, fingerprint, validate
+    from pipeline.runner.plan import group_rows
 
     problem = build_problem(job, params)
     shapes = validate(problem)
@@ -65,7 +65,7 @@ def _spec(out: Path, job: str, params: dict[str, Any], rows: int, **extra: Any) 
 
 def bench_pipeline(report: Report, root: Path, n: int, rows: int, repeats: int) -> None:
     """Pipelined vs serial shards (compute_shard, no Ray): wall and busy times."""
-    from pipeline.worker import compute_shard
+    from pipeline.runner.worker import compute_shard
 
     out = root / "pipe"
     out.mkdir()
@@ -97,9 +97,9 @@ def bench_pipeline(report: Report, root: Path, n: int, rows: int, repeats: int) 
 
 def _write_part(root: Path, name: str, data: Any, *, compression: str = "zstd",
                 encoders: int = 1, sparse: Any = None) -> Any:
-    from pipeline.parts import PartWriter, dense_schema, sparse_schema
-    from pipeline.plan import group_rows
-    from pipeline.storage import Storage
+    from pipeline.runner.plan import group_rows
+    from pipeline.store.parts import PartWriter, dense_schema, sparse_schema
+    from pipeline.store.storage import Storage
 
     if sparse is not None:
         w = PartWriter(Storage(str(root)), name, sparse_schema("float64"), {},
@@ -140,8 +140,8 @@ def _datasets(quick: bool) -> dict[str, Any]:
     import scipy.sparse as sp
     import torch
 
-    from pipeline.engine import batched_rows, jacobian_rows
-    from pipeline.problem import build_problem
+    from pipeline.maths.engine import batched_rows, jacobian_rows
+    from pipeline.problem.problem import build_problem
 
     torch.set_num_threads(2)
     n, rows = (4000, 300) if quick else (20_000, 600)
@@ -195,10 +195,10 @@ def bench_reads(report: Report, root: Path, data: Any, repeats: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import Manifest
-    from pipeline.problem import Shapes
-    from pipeline.reader import open_jacobian, read_jacobian
-    from pipeline.storage import Storage
+    from pipeline.problem.problem import Shapes
+    from pipeline.store.manifest import Manifest
+    from pipeline.store.reader import open_jacobian, read_jacobian
+    from pipeline.store.storage import Storage
 
     rows, n = data.shape
     out = root / "result"
@@ -257,7 +257,7 @@ def bench_operator(report: Report, out: Path, repeats: int) -> None:
     """matvec / rmatvec / matmat(8) over the streamed parts vs reading the same rows."""
     import numpy as np
 
-    from pipeline.reader import open_jacobian, read_jacobian
+    from pipeline.store.reader import open_jacobian, read_jacobian
 
     op = open_jacobian(out).as_linear_operator()
     m, n = op.shape
@@ -302,7 +302,7 @@ def bench_chain(report: Report, quick: bool, repeats: int) -> None:
     """
     import torch
 
-    from pipeline import engine
+    from pipeline.maths import engine
 
     torch.set_num_threads(2)
     rows, facts = [], {}
@@ -340,8 +340,8 @@ _AFTER_RUN = """
 import json, resource, sys, time
 import numpy as np
 from scipy.sparse.linalg import lsmr
-from pipeline.inspection import svd_result
-from pipeline.reader import open_jacobian
+from pipeline.analysis.inspection import svd_result
+from pipeline.store.reader import open_jacobian
 out = sys.argv[1]
 t0 = time.perf_counter()
 svd = svd_result(out, 10)
@@ -368,7 +368,7 @@ def huge(args: Any) -> int:
     import resource
     import subprocess
 
-    from pipeline.reader import open_jacobian
+    from pipeline.store.reader import open_jacobian
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="jacpipe-huge-"))
     out = root / "huge"

@@ -1,7 +1,7 @@
 """Randomized smoothing (issue 17): error bars against K, wall time on Ray, sigma -> 0.
 
 (1) Standard error against K, both estimators, in one process (the worker's
-    code path, :func:`pipeline.smoothing.smoothed_blocks` over the engine's
+    code path, :func:`pipeline.maths.smoothing.smoothed_blocks` over the engine's
     rows): on ``contact`` at its kink (sigma 0.01) and on a small relu
     ``mlp`` (sigma 0.1). Reported: the max and median standard error over
     the entries, and the log-log slope of the mean against K (Monte Carlo:
@@ -40,15 +40,15 @@ SMOOTH_MLP = {"n": 20, "m": 10, "hidden": 16, "activation": "tanh", "dtype": "fl
 
 
 def _problem(job: str, params: dict):
-    from pipeline.problem import build_problem
+    from pipeline.problem.problem import build_problem
 
     return build_problem(job, params)
 
 
 def smoothed(problem, smoothing) -> dict[str, np.ndarray]:
     """The smoothed Jacobian of ``problem`` in one process, by the worker's code path."""
-    from pipeline.kinds import kind_of
-    from pipeline.smoothing import smoothed_blocks
+    from pipeline.maths.kinds import kind_of
+    from pipeline.maths.smoothing import smoothed_blocks
 
     rows = kind_of(problem.kind).rows
     m = problem.fn(problem.x).numel()
@@ -62,7 +62,7 @@ def smoothed(problem, smoothing) -> dict[str, np.ndarray]:
 
 
 def stderr_vs_k(report: Report, ks: list[int]) -> None:
-    from pipeline.smoothing import parse_smooth
+    from pipeline.maths.smoothing import parse_smooth
 
     rows, slopes = [], []
     for job, (params, sigma) in JOBS.items():
@@ -91,8 +91,8 @@ def stderr_vs_k(report: Report, ks: list[int]) -> None:
 def wall_vs_k(report: Report, ks: list[int]) -> None:
     import ray
 
-    from pipeline.plan import RunOptions
-    from pipeline.runner import run
+    from pipeline.runner.driver import run
+    from pipeline.runner.plan import RunOptions
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     rows = []
@@ -119,8 +119,8 @@ def wall_vs_k(report: Report, ks: list[int]) -> None:
 
 
 def sigma_to_zero(report: Report, sigmas: list[float]) -> None:
-    from pipeline.compare import jacobian_reference
-    from pipeline.smoothing import parse_smooth
+    from pipeline.analysis.compare import jacobian_reference
+    from pipeline.maths.smoothing import parse_smooth
 
     problem = _problem("mlp", SMOOTH_MLP)
     exact = jacobian_reference(problem)

@@ -254,8 +254,8 @@ def soak(
         lost or duplicated and the values equal the clean run's.
     """
     from pipeline import read_jacobian
-    from pipeline.folder import is_leftover
-    from pipeline.runner import RunOptions, run
+    from pipeline.runner.driver import RunOptions, run
+    from pipeline.store.folder import is_leftover
 
     work = Path(workdir or tempfile.mkdtemp(prefix="jacpipe-soak-"))
     out, clean = work / "soak", work / "clean"
@@ -353,12 +353,12 @@ def soak(
 
 def _commit_fixture(shards: int, root: Path) -> tuple[Any, list[Any]]:
     """A prepared :class:`ResultFolder` of a ``shards``-shard plan and its shard entries."""
-    from pipeline.folder import ResultFolder
-    from pipeline.manifest import Manifest
-    from pipeline.parts import part_name
-    from pipeline.problem import Shapes
-    from pipeline.shard import ShardResult
-    from pipeline.storage import Storage
+    from pipeline.core.shard import ShardResult
+    from pipeline.problem.problem import Shapes
+    from pipeline.store.folder import ResultFolder
+    from pipeline.store.manifest import Manifest
+    from pipeline.store.parts import part_name
+    from pipeline.store.storage import Storage
 
     rows_per = 2
     manifest = Manifest(
@@ -386,7 +386,7 @@ def commit_cost(shards: int, workdir: Path) -> dict[str, Any]:
     before the log; exact up to :data:`OLD_EXACT_MAX` shards, else
     :data:`OLD_SAMPLES` rewrites at evenly spaced sizes, scaled to ``shards``.
     """
-    from pipeline.storage import Storage
+    from pipeline.store.storage import Storage
 
     folder, entries = _commit_fixture(shards, workdir / f"log-{shards}")
     t0 = time.perf_counter()
@@ -424,9 +424,9 @@ def ray_commit_share(shards: int, num_cpus: int) -> dict[str, Any]:
     """A real ``mlp`` run of ``shards`` 2-row shards: its wall time and the driver's commit time."""
     import ray
 
-    from pipeline import runner
-    from pipeline.folder import ResultFolder
-    from pipeline.plan import RunOptions
+    from pipeline.runner import driver as runner
+    from pipeline.runner.plan import RunOptions
+    from pipeline.store.folder import ResultFolder
 
     spent = [0.0]
     real = ResultFolder.commit

@@ -90,8 +90,8 @@ def rosenbrock_problem(n: int) -> tuple[Any, str]:
         pass
     import torch
 
-    from pipeline.problem import Problem
-    from pipeline.sparse import banded_pattern
+    from pipeline.problem.problem import Problem
+    from pipeline.sparse.compressed import banded_pattern
 
     def rosenbrock(x: torch.Tensor) -> torch.Tensor:
         head, tail = x[:-1], x[1:]
@@ -111,8 +111,8 @@ def worker_chunk(problem: Any, rows: int) -> int:
     """The dense chunk a worker would plan (default budget, 2 slots), capped at ``rows``."""
     import psutil
 
-    from pipeline import plan
-    from pipeline.worker import activation_numel
+    from pipeline.runner import plan
+    from pipeline.runner.worker import activation_numel
 
     n = problem.x.numel()
     budget = plan.default_memory_budget(psutil.virtual_memory().total, 2)
@@ -162,8 +162,8 @@ def cold_start() -> float:
     every Ray worker pays this once.
     """
     from jobs.heat import build
-    from pipeline.coloring import choose_coloring
-    from pipeline.sparse import sparse_jacobian_rows
+    from pipeline.sparse.coloring import choose_coloring
+    from pipeline.sparse.compressed import sparse_jacobian_rows
 
     problem = build(N=8)
     coloring = choose_coloring(problem.sparsity)
@@ -185,9 +185,9 @@ def bench_heat(report: Report, N: int, repeats: int, sample_rows: int) -> Any:
     from scipy.optimize._numdiff import approx_derivative, group_columns
 
     from jobs.heat import build
-    from pipeline import engine
-    from pipeline.coloring import choose_coloring
-    from pipeline.sparse import sparse_jacobian_rows
+    from pipeline.maths import engine
+    from pipeline.sparse.coloring import choose_coloring
+    from pipeline.sparse.compressed import sparse_jacobian_rows
 
     problem = build(N=N, **HEAT)
     fn, x, pattern = problem.fn, problem.x, problem.sparsity
@@ -286,9 +286,9 @@ def bench_heat(report: Report, N: int, repeats: int, sample_rows: int) -> Any:
 
 
 def bench_rosenbrock(report: Report, n: int, repeats: int, sample_rows: int) -> None:
-    from pipeline import engine
-    from pipeline.coloring import choose_coloring
-    from pipeline.sparse import sparse_hessian_rows
+    from pipeline.maths import engine
+    from pipeline.sparse.coloring import choose_coloring
+    from pipeline.sparse.compressed import sparse_hessian_rows
 
     problem, source = rosenbrock_problem(n)
     fn, x, pattern = problem.fn, problem.x, problem.sparsity
@@ -345,8 +345,8 @@ def bench_end_to_end(report: Report, N: int, repeats: int, reference: Any) -> No
     """Section (3); ``reference`` is section (1)'s Jacobian, compared with the Parquet result."""
     import ray
 
-    from pipeline.reader import read_jacobian
-    from pipeline.runner import RunOptions, run
+    from pipeline.runner.driver import RunOptions, run
+    from pipeline.store.reader import read_jacobian
 
     root = Path(tempfile.mkdtemp(prefix="jacpipe-sparse-"))
     manifests: list[dict[str, Any]] = []

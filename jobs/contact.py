@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 
 from jobs._common import dtype_of
-from pipeline.errors import JacpipeError
-from pipeline.problem import Problem
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Problem
 
 
 def build(

@@ -13,8 +13,8 @@ import math
 import torch
 
 from jobs._common import dtype_of, generator
-from pipeline.errors import JacpipeError
-from pipeline.problem import Problem
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Problem
 
 # Denavit-Hartenberg parameters of a UR5 (metres, radians).
 D = (0.089159, 0.0, 0.0, 0.10915, 0.09465, 0.0823)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from jobs._common import dtype_of, generator
-from pipeline.errors import JacpipeError
-from pipeline.problem import Problem
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Problem
 
 if TYPE_CHECKING:
     import scipy.sparse as sp

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.errors import JacpipeError
-from pipeline.problem import Problem
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Problem
 
 START = (0.0, 0.0, 0.0)
 GOAL = (10.0, 10.0, 3.0)

@@ -8,38 +8,38 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import JacpipeError as JacpipeError
-from pipeline.problem import Problem as Problem
+from pipeline.core.errors import JacpipeError as JacpipeError
+from pipeline.problem.problem import Problem as Problem
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from pipeline.compare import compare as compare_result  # noqa: F401
-    from pipeline.engine import batched_rows as batched_rows
-    from pipeline.engine import hessian_rows as hessian_rows
-    from pipeline.engine import jacobian_rows as jacobian_rows
-    from pipeline.plan import RunOptions as RunOptions
-    from pipeline.reader import open_jacobian as open_jacobian
-    from pipeline.reader import read_jacobian as read_jacobian
-    from pipeline.runner import run as run
-    from pipeline.sparsity import detect_sparsity as detect_sparsity
+    from pipeline.analysis.compare import compare as compare_result  # noqa: F401
+    from pipeline.maths.engine import batched_rows as batched_rows
+    from pipeline.maths.engine import hessian_rows as hessian_rows
+    from pipeline.maths.engine import jacobian_rows as jacobian_rows
+    from pipeline.runner.driver import run as run
+    from pipeline.runner.plan import RunOptions as RunOptions
+    from pipeline.sparse.detect import detect_sparsity as detect_sparsity
+    from pipeline.store.reader import open_jacobian as open_jacobian
+    from pipeline.store.reader import read_jacobian as read_jacobian
 
 _LAZY = {
-    "jacobian_rows": "pipeline.engine",
-    "hessian_rows": "pipeline.engine",
-    "batched_rows": "pipeline.engine",
-    "read_jacobian": "pipeline.reader",
-    "open_jacobian": "pipeline.reader",
-    "run": "pipeline.runner",
-    "RunOptions": "pipeline.plan",
-    "compare_result": "pipeline.compare",
-    "detect_sparsity": "pipeline.sparsity",
+    "jacobian_rows": "pipeline.maths.engine",
+    "hessian_rows": "pipeline.maths.engine",
+    "batched_rows": "pipeline.maths.engine",
+    "read_jacobian": "pipeline.store.reader",
+    "open_jacobian": "pipeline.store.reader",
+    "run": "pipeline.runner.driver",
+    "RunOptions": "pipeline.runner.plan",
+    "compare_result": "pipeline.analysis.compare",
+    "detect_sparsity": "pipeline.sparse.detect",
 }
 
 __all__ = ["JacpipeError", "Problem", *_LAZY]
 
 
-# ``pipeline.compare`` is the module; its function is exported as ``compare_result``.
+# ``pipeline.analysis.compare`` is the module; its function is exported as ``compare_result``.
 _RENAMED = {"compare_result": "compare"}
 
 

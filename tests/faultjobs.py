@@ -9,7 +9,7 @@ parameter, so that "only on the first attempt" survives the death of the
 process that decided it.
 
 The shard being computed is found by walking the Python stack up to
-:func:`pipeline.worker.compute_shard`: CPU autograd runs the backward pass on
+:func:`pipeline.runner.worker.compute_shard`: CPU autograd runs the backward pass on
 the calling thread, so that frame is always there inside a worker.
 """
 
@@ -31,7 +31,7 @@ _CALLS: dict[tuple[str, str, int], int] = {}
 
 def current_spec():
     """The spec of the shard being computed in this process (``index``, ``run_id``, ``out``)."""
-    from pipeline.worker import current_shard
+    from pipeline.runner.worker import current_shard
 
     return current_shard()
 

@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import MANIFEST, MANIFEST_KEY, unwrap_manifest
+from pipeline.store.manifest import MANIFEST, MANIFEST_KEY, unwrap_manifest
 
 
 def read_doc(out: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline import open_jacobian, read_jacobian
 from pipeline.cli import app
-from pipeline.problem import build_problem
+from pipeline.problem.problem import build_problem
 
 runner = CliRunner()
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.problem import build_problem
+from pipeline.problem.problem import build_problem
 from tests.manifests import read_doc
 
 runner = CliRunner()
@@ -85,8 +85,8 @@ def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import Manifest
-    from pipeline.storage import Storage
+    from pipeline.store.manifest import Manifest
+    from pipeline.store.storage import Storage
 
     f = out / "part-00001.parquet"
     table = pq.read_table(f)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.coloring import (
+from pipeline.sparse.coloring import (
     Coloring,
     as_pattern,
     choose_coloring,
@@ -18,7 +18,7 @@ from pipeline.coloring import (
     symmetric_coloring,
     validate_coloring,
 )
-from pipeline.sparse import banded_pattern, stencil_pattern
+from pipeline.sparse.compressed import banded_pattern, stencil_pattern
 
 
 def _count(colors: np.ndarray) -> int:

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch.autograd.functional import hessian, jacobian
 
-from pipeline.engine import (
+from pipeline.maths.engine import (
     VmapFallbackWarning,
     batched_rows,
     hessian_rows,
     iter_jacobian_rows,
     jacobian_rows,
 )
-from pipeline.problem import build_problem
+from pipeline.problem.problem import build_problem
 from tests.userjobs import OldStyle, matrix_io
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}

@@ -14,7 +14,7 @@ from torch.autograd.functional import jacobian
 
 import pipeline
 from pipeline import Problem, read_jacobian
-from pipeline.errors import JacpipeError
+from pipeline.core.errors import JacpipeError
 from tests.manifests import read_doc
 
 SMALL = ["-p", "n=30", "-p", "m=20", "-p", "hidden=8"]

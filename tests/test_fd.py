@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.contact import build as build_contact
-from pipeline.fd import FDReport, fd_check, sample_columns
+from pipeline.maths.fd import FDReport, fd_check, sample_columns
 
 
 def _jac(fn, x: torch.Tensor) -> torch.Tensor:

@@ -58,8 +58,8 @@ def test_help_shows_types_choices_defaults_and_an_example():
 
 
 def test_help_choices_are_the_library_ones():
-    from pipeline import plan
-    from pipeline.cli_common import CHOICES
+    from pipeline.cli.common import CHOICES
+    from pipeline.runner import plan
 
     assert CHOICES["device"] == plan.DEVICES
     assert CHOICES["dtype"] == plan.DTYPES
@@ -138,7 +138,7 @@ def dashboard(monkeypatch):
 
 
 def test_concurrent_status_and_log_calls_never_lose_the_address(dashboard):
-    from pipeline import submit as sub
+    from pipeline.runner import submit as sub
 
     failures: list[str] = []
 
@@ -170,7 +170,7 @@ def test_status_of_a_failed_job_names_its_last_error_and_json_is_one_document(da
 
 
 def test_last_error_line_prefers_error_lines():
-    from pipeline.cli_cluster import last_error_line
+    from pipeline.cli.cluster import last_error_line
 
     assert last_error_line("a\nValueError: x\nerror: the one\nbye\n") == "error: the one"
     assert last_error_line("a\nTraceback\nValueError: x\n") == "ValueError: x"
@@ -290,8 +290,8 @@ def test_export_refuses_other_formats(results, tmp_path, name, match):
 
 
 def test_stale_cluster_variables_are_one_line(tmp_path):
-    from pipeline.errors import JacpipeError
-    from pipeline.runner import refuse_stale_cluster_env
+    from pipeline.core.errors import JacpipeError
+    from pipeline.runner.driver import refuse_stale_cluster_env
 
     refuse_stale_cluster_env({})
     refuse_stale_cluster_env({"RAY_ADDRESS": "local"})

@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import worker
-from pipeline.errors import JacpipeError
+from pipeline.core.errors import JacpipeError
+from pipeline.runner import worker
 
 SMALL = ["n=40", "m=48", "hidden=8"]
 
 _SCRIPT = """
     import json, sys
     import ray
-    from pipeline.errors import JacpipeError
-    from pipeline.runner import RunOptions, run
+    from pipeline.core.errors import JacpipeError
+    from pipeline.runner.driver import RunOptions, run
     from tests.manifests import read_doc
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")

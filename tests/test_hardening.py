@@ -14,13 +14,14 @@ import pytest
 from typer.testing import CliRunner
 
 from benchmarks.soak import kill_session, session_processes, wait_for_commits
-from pipeline import read_jacobian, runner
+from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.errors import JacpipeError
-from pipeline.manifest import COMMIT_LOG, Manifest
-from pipeline.plan import RunOptions
-from pipeline.problem import resolve_builder
-from pipeline.storage import Storage
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import resolve_builder
+from pipeline.runner import driver as runner
+from pipeline.runner.plan import RunOptions
+from pipeline.store.manifest import COMMIT_LOG, Manifest
+from pipeline.store.storage import Storage
 from tests.manifests import read_doc, write_doc
 
 CRASHY = "tests.faultjobs:crashy"
@@ -167,7 +168,7 @@ def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_sessio
 
 
 def test_one_run_per_folder(tmp_path):
-    from pipeline.folder import ResultFolder
+    from pipeline.store.folder import ResultFolder
 
     first, second = ResultFolder(Storage(str(tmp_path))), ResultFolder(Storage(str(tmp_path)))
     first.lock("run-a")
@@ -179,13 +180,13 @@ def test_one_run_per_folder(tmp_path):
 
 
 def test_a_killed_runs_lock_does_not_block(tmp_path):
-    code = ("import os, sys; from pipeline.folder import ResultFolder; "
-            "from pipeline.storage import Storage; "
+    code = ("import os, sys; from pipeline.store.folder import ResultFolder; "
+            "from pipeline.store.storage import Storage; "
             f"ResultFolder(Storage({str(tmp_path)!r})).lock('dead'); os._exit(9)")
     done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ,
                           PYTHONPATH=os.getcwd()), timeout=60)
     assert done.returncode == 9 and (tmp_path / ".lock").exists()
-    from pipeline.folder import ResultFolder
+    from pipeline.store.folder import ResultFolder
 
     folder = ResultFolder(Storage(str(tmp_path)))
     folder.lock("alive")  # the kernel dropped the dead process's flock

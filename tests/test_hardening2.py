@@ -17,14 +17,14 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.errors import JacpipeError
-from pipeline.folder import ResultFolder
-from pipeline.manifest import MANIFEST, Manifest, unwrap_manifest
-from pipeline.parts import PartWriter, dense_schema, part_name
-from pipeline.problem import Shapes
-from pipeline.reader import open_jacobian
-from pipeline.shard import ShardResult
-from pipeline.storage import Storage
+from pipeline.core.errors import JacpipeError
+from pipeline.core.shard import ShardResult
+from pipeline.problem.problem import Shapes
+from pipeline.store.folder import ResultFolder
+from pipeline.store.manifest import MANIFEST, Manifest, unwrap_manifest
+from pipeline.store.parts import PartWriter, dense_schema, part_name
+from pipeline.store.reader import open_jacobian
+from pipeline.store.storage import Storage
 from tests.manifests import read_doc, with_doc, write_doc
 
 ROWS, N = 12, 5
@@ -305,7 +305,7 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster) -> None:
 
 def test_the_commit_log_is_fsynced_at_most_every_commit_sync_seconds(tmp_path, monkeypatch):
     """Group commit: every line is written at once, fsyncs are spaced (NOTE: [Group commit])."""
-    from pipeline import manifest as manifest_mod
+    from pipeline.store import manifest as manifest_mod
 
     syncs = []
     monkeypatch.setattr(os, "fsync", lambda fd: syncs.append(fd))
@@ -327,7 +327,7 @@ def test_an_interrupt_during_a_commit_never_drops_a_logged_commit(tmp_path: Path
     The final manifest replaces the commit log, so every logged commit must be
     in the driver's memory first (seen once in CI: 2 logged, 1 kept).
     """
-    from pipeline import folder as folder_mod
+    from pipeline.store import folder as folder_mod
 
     write_result(str(tmp_path / "ref"))
     storage = Storage(str(tmp_path / "out"))

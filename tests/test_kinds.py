@@ -18,11 +18,11 @@ from torch.autograd.functional import hessian, jacobian
 from typer.testing import CliRunner
 
 from pipeline import JacpipeError, read_jacobian
+from pipeline.analysis.compare import compare, sample_rows
 from pipeline.cli import app
-from pipeline.compare import compare, sample_rows
-from pipeline.engine import batched_rows, hessian_rows, iter_batched_rows, iter_hessian_rows
-from pipeline.problem import build_problem
-from pipeline.runner import RunOptions, run
+from pipeline.maths.engine import batched_rows, hessian_rows, iter_batched_rows, iter_hessian_rows
+from pipeline.problem.problem import build_problem
+from pipeline.runner.driver import RunOptions, run
 from tests.manifests import read_doc
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "float64": dict(rtol=1e-12, atol=1e-12)}
@@ -229,7 +229,7 @@ def test_hessian_through_ray_and_symmetry(ray_session, tmp_path, job, dtype):
 
 
 def test_compare_samples_a_large_batch(ray_session, tmp_path, monkeypatch):
-    import pipeline.compare as cmp
+    import pipeline.analysis.compare as cmp
 
     out = run_job(tmp_path, "cnn", {"batch": 4, "channels": 2, "dtype": "float64"}, shards=2)
     monkeypatch.setattr(cmp, "MAX_FULL_SAMPLES", 3)  # 4 samples: too many for the loop

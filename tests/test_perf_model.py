@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import engine
-from pipeline.errors import JacpipeError
-from pipeline.plan import (
+from pipeline.core.errors import JacpipeError
+from pipeline.maths import engine
+from pipeline.runner.plan import (
     CACHE_BYTES,
     MIN_CHUNK,
     SAFETY,

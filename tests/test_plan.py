@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import JacpipeError
-from pipeline.plan import (
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Shapes
+from pipeline.runner.plan import (
     Resources,
     RunOptions,
     choose_method,
@@ -14,7 +15,6 @@ from pipeline.plan import (
     parse_size,
     plan_shards,
 )
-from pipeline.problem import Shapes
 
 
 @pytest.mark.parametrize("total,shards", [(10, 3), (2000, 8), (7, 7), (1000, 6), (5, 1)])
@@ -156,7 +156,7 @@ def test_make_plan_gpu_rules_without_ray():
 
 
 def test_make_plan_sparse_with_a_pattern():
-    from pipeline.sparse import banded_pattern
+    from pipeline.sparse.compressed import banded_pattern
 
     pattern = banded_pattern(40, 3)
     plan = make_plan(_shapes(m=40, n=40), RunOptions(job="banded"), CPU2, pattern=pattern)
@@ -183,8 +183,8 @@ def test_run_options_check_refuses_bad_values_before_anything_starts():
 
 def test_forward_mode_chunks_reserve_the_rows_they_keep():
     """Issue 11, item 7: the worker passes the shard's rows, so fwd chunks shrink with them."""
-    from pipeline.shard import ShardSpec
-    from pipeline.worker import _chunk
+    from pipeline.core.shard import ShardSpec
+    from pipeline.runner.worker import _chunk
 
     shapes = Shapes("jacobian", (2000,), (200_000,), None, "float64")
     spec = dict(job="j", params={}, fingerprint={}, shapes=shapes, index=0, start=0, out="o",

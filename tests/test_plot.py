@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.plot import blockmax_image, pixel_edges, plot_dense, plot_sparse
+from pipeline.analysis.plot import blockmax_image, pixel_edges, plot_dense, plot_sparse
 
 
 def _png_size(path: Path) -> tuple[int, int]:

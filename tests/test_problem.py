@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline import Problem
-from pipeline.errors import JacpipeError
-from pipeline.problem import (
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import (
     build_problem,
     builtin_jobs,
     check_fingerprint,

@@ -26,8 +26,8 @@ from typer.testing import CliRunner
 from benchmarks.soak import committed_rows, kill_session, session_processes, soak, wait_for_commits
 from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.errors import JacpipeError
-from pipeline.manifest import MANIFEST, MANIFEST_KEY
+from pipeline.core.errors import JacpipeError
+from pipeline.store.manifest import MANIFEST, MANIFEST_KEY
 from tests.manifests import read_doc, write_doc
 
 runner = CliRunner()
@@ -117,7 +117,7 @@ def test_worker_killed_mid_shard_is_retried_and_loses_nothing(ray_session, tmp_p
 def test_worker_dying_on_every_attempt_is_retried_then_named(
     ray_session, tmp_path, monkeypatch
 ):
-    import pipeline.runner as runner_mod
+    import pipeline.runner.driver as runner_mod
 
     monkeypatch.setattr(runner_mod, "MAX_RETRIES", 1)
     monkeypatch.setattr(runner_mod, "_REMOTE", None)  # rebuilt with max_retries=1
@@ -423,7 +423,7 @@ def test_nan_and_inf_are_counted_per_shard_and_reported(ray_session, tmp_path):
 
 
 def test_non_finite_entries_match_only_the_same_non_finite_reference():
-    from pipeline.compare import errors
+    from pipeline.analysis.compare import errors
 
     ref = np.array([[1.0, np.nan, np.inf]])
     assert errors(ref.copy(), ref, rtol=1e-9, atol=0.0)[2] == 0.0

@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.errors import JacpipeError
-from pipeline.manifest import MANIFEST
-from pipeline.parts import PartWriter, dense_schema
-from pipeline.problem import build_problem
-from pipeline.reader import open_jacobian
-from pipeline.storage import Storage
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import build_problem
+from pipeline.store.manifest import MANIFEST
+from pipeline.store.parts import PartWriter, dense_schema
+from pipeline.store.reader import open_jacobian
+from pipeline.store.storage import Storage
 
 pytest.importorskip("moto.server")
 

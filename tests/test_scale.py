@@ -10,13 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.manifest import Manifest
-from pipeline.parts import PartWriter, dense_schema
-from pipeline.problem import build_problem, fingerprint, validate
-from pipeline.reader import open_jacobian, read_jacobian
-from pipeline.shard import ShardSpec
-from pipeline.storage import Storage
-from pipeline.worker import compute_shard
+from pipeline.core.shard import ShardSpec
+from pipeline.problem.problem import build_problem, fingerprint, validate
+from pipeline.runner.worker import compute_shard
+from pipeline.store.manifest import Manifest
+from pipeline.store.parts import PartWriter, dense_schema
+from pipeline.store.reader import open_jacobian, read_jacobian
+from pipeline.store.storage import Storage
 
 
 def _specs(out, job, params, *, shards=2, threads=1, group_rows=16, chunk=7, **extra):
@@ -109,7 +109,8 @@ def test_the_first_block_is_one_piece_and_the_rest_keep_their_chunk(
     tmp_path, monkeypatch, job, params, group, chunk, first
 ):
     """worker NOTE: [A small first block]: same bytes, the writer starts one piece in."""
-    from pipeline import parts, worker
+    from pipeline.runner import worker
+    from pipeline.store import parts
 
     monkeypatch.setattr(parts, "PIECE_BYTES", 64 if job == "mlp" else 2048)
     problem, shapes, specs = _specs(tmp_path / "a", job, params, shards=1, group_rows=group,
@@ -178,7 +179,7 @@ def test_a_failing_writer_thread_aborts_the_shard_cleanly(tmp_path, monkeypatch)
 def test_a_failing_compute_stops_the_writer_thread(tmp_path, monkeypatch):
     import threading
 
-    from pipeline import worker
+    from pipeline.runner import worker
 
     _, _, specs = _specs(tmp_path, "mlp", MLP, shards=1)
     os.makedirs(tmp_path, exist_ok=True)
@@ -201,7 +202,7 @@ def test_old_format_1_parts_still_read(tmp_path):
     """A part written the old way (pyarrow's own writer, nullable elements) still reads."""
     rng = np.random.default_rng(1)
     data = rng.standard_normal((30, 7)).astype(np.float32)
-    from pipeline.problem import Shapes
+    from pipeline.problem.problem import Shapes
 
     shapes = Shapes("jacobian", (7,), (30,), None, "float32")
     schema = pa.schema([pa.field("row", pa.int64(), nullable=False),
@@ -273,9 +274,9 @@ def test_linear_operator_of_a_sparse_result(tmp_path):
 
     rng = np.random.default_rng(2)
     mat = sp.random(40, 30, density=0.1, random_state=3, format="csr")
-    from pipeline.parts import sparse_schema
-    from pipeline.problem import Shapes
-    from pipeline.shard import ShardResult
+    from pipeline.core.shard import ShardResult
+    from pipeline.problem.problem import Shapes
+    from pipeline.store.parts import sparse_schema
 
     shapes = Shapes("jacobian", (30,), (40,), None, "float64")
     results = []
@@ -306,9 +307,9 @@ def test_lsmr_gauss_newton_step_on_a_result(tmp_path):
 
 
 def test_compression_option_is_checked_and_planned():
-    from pipeline.errors import JacpipeError
-    from pipeline.plan import Resources, RunOptions, make_plan, parse_compression
-    from pipeline.problem import Shapes
+    from pipeline.core.errors import JacpipeError
+    from pipeline.problem.problem import Shapes
+    from pipeline.runner.plan import Resources, RunOptions, make_plan, parse_compression
 
     assert parse_compression("zstd") == ("zstd", None)
     assert parse_compression("zstd:3") == ("zstd", 3)
@@ -324,8 +325,8 @@ def test_compression_option_is_checked_and_planned():
 def test_a_4000_by_4000_result_as_an_operator_and_svd(tmp_path):
     """The larger-than-RAM path at a size the suite affords (4,000 x 4,000; the 100,000 x
     100,000 case is ``python -m benchmarks.scale --huge``)."""
-    from pipeline.inspection import svd_result
-    from pipeline.svd import streamed_svd
+    from pipeline.analysis.inspection import svd_result
+    from pipeline.analysis.svd import streamed_svd
 
     _run(tmp_path, "mlp", {"n": 4000, "m": 4000, "hidden": 16}, shards=2, threads=2,
          group_rows=512, chunk=256)
@@ -344,7 +345,7 @@ def test_groups_are_encoded_in_pieces_that_do_not_depend_on_the_thread_count(
     tmp_path, monkeypatch
 ):
     """NOTE: [Encoding pieces]: a 32-row group of 256-byte rows in 1 KiB pieces is 4 row groups."""
-    from pipeline import parts
+    from pipeline.store import parts
 
     monkeypatch.setattr(parts, "PIECE_BYTES", 1024)
     data = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)

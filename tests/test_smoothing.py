@@ -14,9 +14,8 @@ from torch.autograd.functional import jacobian
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.errors import JacpipeError
-from pipeline.plan import RunOptions
-from pipeline.smoothing import (
+from pipeline.core.errors import JacpipeError
+from pipeline.maths.smoothing import (
     ESTIMATORS,
     Smoothing,
     agreement_z,
@@ -25,6 +24,7 @@ from pipeline.smoothing import (
     read_column,
     smoothed_blocks,
 )
+from pipeline.runner.plan import RunOptions
 
 MLP = ["n=6", "m=5", "hidden=8", "activation=relu", "dtype=float64"]
 #: Large enough that the relu units switch between samples (a non-zero stderr everywhere).
@@ -117,7 +117,7 @@ def test_bad_smoothing_options_are_one_line(kwargs, message):
 
 
 def test_hessian_jobs_are_refused():
-    from pipeline.runner import _check_job
+    from pipeline.runner.driver import _check_job
 
     with pytest.raises(JacpipeError, match="jacobian kind only"):
         _check_job(RunOptions(job="rosenbrock", params=["n=4"], smooth="0.1"))
@@ -129,7 +129,7 @@ def test_hessian_jobs_are_refused():
 
 
 def _run(out, *, shards, sigma=SIGMA, samples=16, estimator="first", chunk=None, seed=0):
-    from pipeline.runner import run
+    from pipeline.runner.driver import run
 
     return run(RunOptions(job="mlp", params=list(MLP), out=str(out), shards=shards,
                           chunk_size=chunk, smooth=sigma, samples=samples, estimator=estimator,
@@ -137,7 +137,7 @@ def _run(out, *, shards, sigma=SIGMA, samples=16, estimator="first", chunk=None,
 
 
 def _stored(out, column="values"):
-    from pipeline.reader import open_jacobian
+    from pipeline.store.reader import open_jacobian
 
     result = open_jacobian(str(out))
     if column == "values":
@@ -146,7 +146,7 @@ def _stored(out, column="values"):
 
 
 def test_stderr_column_is_the_standard_error_of_the_pair_means(ray_session, tmp_path):
-    from pipeline.problem import build_problem, parse_params, resolve_builder
+    from pipeline.problem.problem import build_problem, parse_params, resolve_builder
 
     summary = _run(tmp_path / "s", shards=2, estimator="both")
     facts = summary.manifest["smoothing"]

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from jobs import banded, brusselator
-from pipeline.coloring import (
+from pipeline.problem.problem import Problem
+from pipeline.sparse.coloring import (
     Coloring,
     choose_coloring,
     column_coloring,
     row_coloring,
     validate_coloring,
 )
-from pipeline.problem import Problem
-from pipeline.sparse import (
+from pipeline.sparse.compressed import (
     SparseRows,
     banded_pattern,
     evaluate_rows,

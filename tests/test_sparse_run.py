@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
-from pipeline.problem import build_problem
-from pipeline.sparse import banded_pattern
+from pipeline.problem.problem import build_problem
+from pipeline.sparse.compressed import banded_pattern
 from tests.manifests import read_doc
 
 runner = CliRunner()

@@ -10,9 +10,9 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from pipeline.coloring import choose_coloring
-from pipeline.sparse import banded_pattern, sparse_hessian_rows, sparse_jacobian_rows
-from pipeline.sparsity import (
+from pipeline.sparse.coloring import choose_coloring
+from pipeline.sparse.compressed import banded_pattern, sparse_hessian_rows, sparse_jacobian_rows
+from pipeline.sparse.detect import (
     SparsityError,
     SparsityReport,
     SparsityWarning,
@@ -410,7 +410,7 @@ def test_detected_pattern_equals_the_job_pattern(job, params):
 
 
 def test_batched_problems_get_the_per_sample_pattern():
-    from pipeline.problem import Problem
+    from pipeline.problem.problem import Problem
 
     x = torch.randn(3, 8, dtype=torch.float64)
     problem = Problem(fn=lambda v: v[1:] * v[:-1], x=x, kind="batched")

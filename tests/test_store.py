@@ -11,11 +11,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import JacpipeError
-from pipeline.manifest import Manifest
-from pipeline.parts import PartWriter, dense_schema
-from pipeline.reader import open_jacobian, read_jacobian
-from pipeline.storage import Storage
+from pipeline.core.errors import JacpipeError
+from pipeline.store.manifest import Manifest
+from pipeline.store.parts import PartWriter, dense_schema
+from pipeline.store.reader import open_jacobian, read_jacobian
+from pipeline.store.storage import Storage
 
 
 def write_result(tmp_path, matrix, bounds, *, dtype="float64", group_rows=4):
@@ -120,8 +120,8 @@ def test_not_a_result(tmp_path):
 
 
 def test_shard_spec_and_result_round_trip_through_json():
-    from pipeline.problem import Shapes
-    from pipeline.shard import ShardResult, ShardSpec
+    from pipeline.core.shard import ShardResult, ShardSpec
+    from pipeline.problem.problem import Shapes
 
     spec = ShardSpec(job="mlp", params={"n": 4}, fingerprint={"x": "y"},
                      shapes=Shapes("batched", (3,), (2,), 5, "float64"), index=1, start=2,
@@ -154,8 +154,8 @@ def test_results_with_the_old_json_manifest_still_read_and_resume(tmp_path):
     """Before the manifest moved into Parquet it was ``_manifest.json``: still read and resumed."""
     import polars as pl
 
-    from pipeline import runner
-    from pipeline.plan import RunOptions
+    from pipeline.runner import driver as runner
+    from pipeline.runner.plan import RunOptions
     from tests.manifests import read_doc
 
     out = tmp_path / "out"

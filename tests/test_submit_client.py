@@ -1,4 +1,4 @@
-"""pipeline.submit against a real two-node Ray cluster (and its offline parts)."""
+"""pipeline.runner.submit against a real two-node Ray cluster (and its offline parts)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import submit as sub
-from pipeline.errors import JacpipeError
+from pipeline.core.errors import JacpipeError
+from pipeline.runner import submit as sub
 
 # ---------------------------------------------------------------------------
 # Offline: address, token, entrypoint, what is shipped

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.svd import streamed_svd
+from pipeline.analysis.svd import streamed_svd
 
 
 def _matrix(m: int, n: int, s: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -19,10 +19,10 @@ import torch
 from torch.autograd.functional import hessian, jacobian
 
 from pipeline import Problem
-from pipeline.adjoint import ADJOINT_RTOL, AdjointCheck, adjoint_check
-from pipeline.coloring import choose_coloring
-from pipeline.compare import disagreements, errors, explain_nan_differences
-from pipeline.engine import (
+from pipeline.analysis.compare import disagreements, errors, explain_nan_differences
+from pipeline.core.errors import JacpipeError
+from pipeline.maths.adjoint import ADJOINT_RTOL, AdjointCheck, adjoint_check
+from pipeline.maths.engine import (
     InputWriteError,
     SampleShapeError,
     VmapFallbackWarning,
@@ -31,8 +31,7 @@ from pipeline.engine import (
     iter_rows,
     jacobian_rows,
 )
-from pipeline.errors import JacpipeError
-from pipeline.problem import (
+from pipeline.problem.problem import (
     FingerprintMismatch,
     build_problem,
     check_fingerprint,
@@ -41,7 +40,8 @@ from pipeline.problem import (
     source_sha256,
     validate,
 )
-from pipeline.sparse import banded_pattern, sparse_hessian_rows
+from pipeline.sparse.coloring import choose_coloring
+from pipeline.sparse.compressed import banded_pattern, sparse_hessian_rows
 from tests.manifests import read_doc
 from tests.userjobs import OldStyle
 

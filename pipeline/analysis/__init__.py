@@ -1,0 +1,1 @@
+"""Reading results for people: compare against torch, inspect, plot, truncated SVD."""

@@ -1,0 +1,161 @@
+"""What every ``jacpipe`` command shares: one-line errors and the console.
+
+Errors a user can cause (:class:`~pipeline.core.errors.JacpipeError`) and Ctrl-C
+print one line and exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from typer.core import TyperGroup
+
+from pipeline.core.errors import JacpipeError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def err(message: str) -> None:
+    """Print ``error: message`` on stderr."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def user_errors(fn: F) -> F:
+    """Turn :class:`JacpipeError` and Ctrl-C into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except JacpipeError as exc:
+            err(str(exc))
+            raise typer.Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def console() -> Any:
+    """A rich console on stdout (imported lazily: ``jacpipe --help`` stays fast)."""
+    from rich.console import Console
+
+    return Console()
+
+
+# ---------------------------------------------------------------------------
+# Help conventions: readable types, visible choices and defaults
+# ---------------------------------------------------------------------------
+
+#: Choices of options whose values are checked by the library (one-line errors
+#: there); shown in help and offered by shell completion. ``tests/test_frontdoor.py``
+#: checks they match :mod:`pipeline.runner.plan`.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("float32", "float64"),
+    "method": ("auto", "rev", "fwd", "sparse"),
+    "executor": ("auto", "ray", "local"),
+    # A new option with fixed choices adds its line here and to
+    # tests/test_frontdoor.py::test_help_choices_are_the_library_ones.
+}
+_TYPE_NAMES = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN"}
+
+
+def _type_label(param: Any, ctx: Any) -> str | None:
+    """What the help's type column shows for ``param`` (None: nothing, for flags)."""
+    if getattr(param, "is_flag", False):
+        return None
+    if param.name in CHOICES:
+        return "[" + "|".join(CHOICES[param.name]) + "]"
+    name = param.display_type(ctx).strip("<>")
+    repeated = name.startswith("list[")
+    name = name.removeprefix("list[").removesuffix("]")
+    label = _TYPE_NAMES.get(name, name.upper())
+    return label + ("..." if repeated else "")
+
+
+def _complete_choices(choices: tuple[str, ...]) -> Callable[..., list[Any]]:
+    def complete(ctx: Any, param: Any, incomplete: str) -> list[Any]:
+        del ctx, param
+        from typer._click.shell_completion import CompletionItem
+
+        return [CompletionItem(c) for c in choices if c.startswith(incomplete)]
+
+    return complete
+
+
+def polish(command: Any, ctx: Any) -> Any:
+    """Give ``command``'s help readable types, visible choices and literal brackets.
+
+    Typer prints types as ``<str>``/``<bool>`` and Rich takes ``[default: x]``
+    in help text for markup (it vanished): types become ``TEXT``/``INTEGER`` or
+    the choices, flags show none, and ``[`` in help text is escaped. Idempotent.
+
+    Args:
+        command: a Typer (click) command or group.
+        ctx: the click context it is shown in (for its help option).
+
+    Returns:
+        ``command``.
+    """
+    if getattr(command, "_jacpipe_polished", False):
+        return command
+    params = list(command.params)
+    help_option = command.get_help_option(ctx)
+    if help_option is not None:
+        params.append(help_option)
+    for param in params:
+        label = _type_label(param, ctx)
+        param.display_type_rich = lambda ctx, label=label: label  # instance override
+        text = getattr(param, "help", None)
+        if text and "\\[" not in text:
+            param.help = text.replace("[", "\\[")
+        if param.name in CHOICES and getattr(param, "_custom_shell_complete", None) is None:
+            param._custom_shell_complete = _complete_choices(CHOICES[param.name])
+    command._jacpipe_polished = True
+    return command
+
+
+def forwarded_options(run_command: Any) -> str:
+    """One line naming every option of ``jacpipe run`` (``submit`` forwards them all).
+
+    Args:
+        run_command: the click command behind ``jacpipe run``.
+
+    Returns:
+        ``"-p/--param, -o/--out, --shards, ..."``.
+    """
+    names = []
+    for param in run_command.params:
+        opts = [*param.opts, *param.secondary_opts]
+        if not opts or not opts[0].startswith("-"):
+            continue  # the JOB argument
+        names.append("/".join(sorted(opts, key=len)))
+    return ", ".join(names)
+
+
+class JacpipeGroup(TyperGroup):
+    """The ``jacpipe`` group: applies :func:`polish` to every command it hands out."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command ``cmd_name``, polished; ``submit`` lists the run options it forwards."""
+        command = super().get_command(ctx, cmd_name)
+        if command is None or getattr(command, "_jacpipe_polished", False):
+            return command
+        if cmd_name == "submit":
+            run = super().get_command(ctx, "run")
+            if run is not None:
+                command.epilog = (
+                    (command.epilog or "") + "\n\nForwarded to `jacpipe run` (see "
+                    "`jacpipe run --help`): " + forwarded_options(run)
+                )
+        return polish(command, ctx)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        """The group's own help, polished too."""
+        polish(self, ctx)
+        super().format_help(ctx, formatter)

@@ -1,0 +1,1 @@
+"""Problems: the function and point a job builds, the job registry, and fingerprints."""

@@ -1,0 +1,791 @@
+"""Planning: every decision of a run, as a pure function of shapes, options and resources.
+
+:func:`make_plan` turns what the user asked for (:class:`RunOptions`), what
+the problem is (:class:`~pipeline.problem.problem.Shapes`, a sparsity pattern) and
+what the cluster has (:class:`Resources`) into a :class:`RunPlan`: task
+slots, shards, method, layout, colouring, memory budget, GPU share, row
+groups. No torch, no Ray: it is tested with made-up resources, GPU rules
+included. Chunk sizes are chosen later, on the worker, from the same
+budget (:func:`chunk_rows`), because only the worker can measure what it holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION, parse_compression  # noqa: F401
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import Shapes
+
+DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("auto", "ray", "local")
+METHODS = ("auto", "rev", "fwd", "sparse")
+DTYPES = ("float32", "float64")
+@dataclass
+class RunOptions:
+    """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``)."""
+
+    job: str
+    params: list[str] = field(default_factory=list)
+    out: str | None = None
+    shards: int | None = None
+    rows_per_shard: int | None = None
+    address: str | None = None
+    num_cpus: int | None = None
+    cpus_per_shard: float = 1.0
+    gpus_per_shard: float | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    method: str = "auto"
+    memory_budget: str | None = None
+    chunk_size: int | None = None
+    sparsity: str | None = None
+    resume: bool = True
+    overwrite: bool = False
+    max_in_flight: int | None = None
+    progress: bool = True
+    shard_timeout: float | None = None
+    #: ``local`` runs the shards in this process, ``ray`` as Ray tasks, ``auto``
+    #: picks ``local`` for a few seconds of work without ``--address``
+    #: (default: ``$JACPIPE_EXECUTOR`` or ``auto``).
+    executor: str = field(default_factory=lambda: _default_executor())
+    compression: str = DEFAULT_COMPRESSION
+    #: Randomized smoothing (pipeline.maths.smoothing): sigma (a number, "auto" or a
+    #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
+    smooth: float | str | None = None
+    samples: int = 64
+    estimator: str = "first"
+    smooth_seed: int = 0
+
+    def check(self) -> None:
+        """Refuse option values that are wrong whatever the job and cluster.
+
+        Raises:
+            JacpipeError: one line naming the option, what arrived and what is allowed.
+        """
+        if self.out is not None and not str(self.out).strip():
+            raise JacpipeError(
+                "--out is empty; give a folder (or s3:// URI), or leave --out out for out/JOB"
+            )
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise JacpipeError(f"--chunk-size must be at least 1, got {self.chunk_size}")
+        if self.device not in DEVICES:
+            raise JacpipeError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise JacpipeError(f"--dtype must be float32 or float64, got {self.dtype!r}")
+        if self.method not in METHODS:
+            raise JacpipeError(
+                f"--method must be auto, rev or fwd (or sparse, given a pattern), "
+                f"got {self.method!r}"
+            )
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
+        if self.memory_budget is not None:
+            parse_size(self.memory_budget)
+        if self.executor not in EXECUTORS:
+            raise JacpipeError(f"--executor must be auto, ray or local, got {self.executor!r}")
+        if self.executor == "local" and self.address:
+            raise JacpipeError("--executor local runs the shards in this process; it takes "
+                               "no --address (use --executor ray or auto)")
+        if self.shard_timeout is not None and not self.shard_timeout > 0:
+            raise JacpipeError(f"--shard-timeout must be positive, got {self.shard_timeout}")
+        parse_compression(self.compression)
+        if self.smooth is not None:
+            self.smoothing()
+            if self.method == "sparse":
+                raise JacpipeError("--smooth computes dense rows; use --method auto, rev or fwd")
+
+    def smoothing(self) -> Any:
+        """The :class:`~pipeline.maths.smoothing.Smoothing` asked for, or None.
+
+        Raises:
+            JacpipeError: a bad --smooth, --samples or --estimator.
+        """
+        from pipeline.maths.smoothing import parse_smooth
+
+        return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
+                            estimator=self.estimator)
+
+
+def _default_executor() -> str:
+    import os
+
+    return os.environ.get("JACPIPE_EXECUTOR", "auto")
+
+
+def local_resources(num_cpus: int | None = None) -> Resources:
+    """What an embedded Ray on this machine would offer, known without starting it.
+
+    CPUs: ``num_cpus`` or the ones this process may run on; GPUs: what torch
+    sees; memory: 70% of the available memory (Ray's default keeps 30% for
+    its object store).
+    """
+    import os
+    import sys
+
+    import psutil
+
+    cpus = float(num_cpus or len(os.sched_getaffinity(0)) or os.cpu_count() or 1)
+    gpus = 0.0
+    torch = sys.modules.get("torch")  # the job was built: torch is imported when it matters
+    if torch is not None and torch.cuda.is_available():
+        gpus = float(torch.cuda.device_count())
+    memory = int(psutil.virtual_memory().available * 0.7)
+    return Resources(cpus=cpus, gpus=gpus, node_memory=memory, node_cpus=cpus, node_gpus=gpus)
+
+
+# NOTE: [Small jobs in process]
+#   Starting an embedded Ray and its workers (each importing torch) costs
+#   5-20 s on 2 cores, while a 100 x 100 Jacobian computes in milliseconds.
+#   `--executor auto` runs the same shards (compute_shard, same parts, same
+#   manifest, same resume) in the driver when the estimated work is below
+#   LOCAL_MAX_SECONDS. The estimate: the driver's fingerprint times one
+#   forward + backward pass (t); a vectorised pass over c rows costs about
+#   c / ROWS_PER_PASS_TIME of t; writing costs bytes / WRITE_BYTES_PER_S.
+LOCAL_MAX_SECONDS = 3.0
+ROWS_PER_PASS_TIME = 16
+WRITE_BYTES_PER_S = 150e6
+
+
+def estimate_seconds(shapes: Shapes, plan: RunPlan, pass_seconds: float) -> float:
+    """A rough single-process time for the whole run (see NOTE: [Small jobs in process])."""
+    if plan.coloring is not None:
+        passes = plan.coloring.num_colors * len(plan.shards) * ROWS_PER_PASS_TIME
+    elif plan.method == "fwd":
+        passes = shapes.n * (1 if shapes.kind == "batched" else len(plan.shards))
+        passes *= shapes.batch or 1
+    else:
+        passes = shapes.total_rows
+    stored = stored_row_bytes(shapes, plan.pattern) * shapes.total_rows
+    return pass_seconds * passes / ROWS_PER_PASS_TIME + stored / WRITE_BYTES_PER_S
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the cluster offers (from ``ray.cluster_resources()`` and ``ray.nodes()``).
+
+    The per-node maxima matter: a task asking more than any one node has is
+    never scheduled (Ray waits forever), whatever the cluster's total.
+    """
+
+    cpus: float
+    gpus: float = 0.0
+    node_memory: int = 0  # the smallest node's memory, bytes (0: unknown)
+    node_cpus: float = 0.0  # most CPUs on one node
+    node_gpus: float = 0.0  # most GPUs on one node
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every decision of a run (see :func:`make_plan`).
+
+    Args:
+        slots: shard tasks that run at once.
+        shards: the row ranges, one part file each.
+        method: ``rev``, ``fwd`` or ``sparse``.
+        layout: ``dense`` or ``sparse``.
+        memory_budget: bytes per task.
+        cpus_per_shard, gpus_per_shard: Ray resources per task.
+        threads: torch threads per task.
+        device: where tasks compute (``cpu`` when no GPU is given to them).
+        group_rows: rows per Parquet row group.
+        compression: the part files' codec (``--compression``).
+        coloring: the colouring of a sparse run, else None.
+        pattern: its sparsity pattern, else None.
+        pattern_source: ``job``, ``file``, ``detected`` or ``detected-local``.
+        notes: lines for the user (clamped requests, the sparse summary).
+    """
+
+    slots: int
+    shards: list[Shard]
+    method: str
+    layout: str
+    memory_budget: int
+    cpus_per_shard: float
+    gpus_per_shard: float
+    threads: int
+    device: str
+    group_rows: int
+    coloring: Any = None
+    pattern: Any = None
+    notes: list[str] = field(default_factory=list)
+    pattern_source: str | None = None
+    compression: str = DEFAULT_COMPRESSION
+
+    def coloring_facts(self) -> dict[str, Any] | None:
+        """The colouring as the manifest records it (None for dense runs)."""
+        if self.coloring is None:
+            return None
+        return {
+            "mode": self.coloring.mode,
+            "num_colors": int(self.coloring.num_colors),
+            "nnz": int(self.pattern.nnz),
+            "pattern_sha256": pattern_hash(self.pattern),
+            "source": self.pattern_source,
+        }
+
+
+def make_plan(
+    shapes: Shapes,
+    options: RunOptions,
+    resources: Resources,
+    *,
+    pattern: Any = None,
+    device_param: bool = False,
+    forward_disagrees: str | None = None,
+    pattern_source: str | None = None,
+) -> RunPlan:
+    """Plan a run: slots, shards, method, layout, colouring, budget, GPU share.
+
+    Args:
+        shapes: the derivative's shapes.
+        options: what the user asked for.
+        resources: what the cluster has.
+        pattern: the sparsity pattern to use (:func:`run_pattern`), or None.
+        device_param: the job's ``build`` takes a ``device`` (it can build on a GPU).
+        pattern_source: where ``pattern`` came from (:class:`PatternChoice`).
+        forward_disagrees: why forward mode gives another derivative than
+            reverse mode at ``x`` (the adjoint check failed), else None:
+            ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned.
+
+    Returns:
+        The :class:`RunPlan`.
+
+    Raises:
+        JacpipeError: a request the cluster or the job cannot satisfy.
+    """
+    gpus = gpu_share(options, resources, device_param=device_param)
+    slots = task_slots(options.cpus_per_shard, gpus, resources)
+    budget = (
+        parse_size(options.memory_budget)
+        if options.memory_budget
+        else default_memory_budget(resources.node_memory or 8 * 2**30, slots)
+    )
+    sparse = pattern is not None and options.method in ("auto", "sparse")
+    coloring = _worth_colouring(pattern, shapes, options, pattern_source) if sparse else None
+    sparse = coloring is not None
+    row_bytes = stored_row_bytes(shapes, pattern if sparse else None)
+    shards, note = plan_shards(
+        shapes.total_rows,
+        # NOTE: a sparse shard evaluates fn on all of x once per colour whatever
+        # its rows, so more shards than task slots only repeats that work.
+        shards=(
+            min(slots, shapes.total_rows)
+            if sparse and options.shards is None and options.rows_per_shard is None
+            else options.shards
+        ),
+        rows_per_shard=options.rows_per_shard,
+        row_bytes=row_bytes,
+        workers=slots,
+        align=shapes.m if shapes.kind == "batched" else 1,
+    )
+    notes = [note] if note else []
+    if pattern is not None and not sparse and options.method == "auto":
+        notes.append("the detected pattern needs about as many colours as dense passes; "
+                     "dense path")
+    if sparse:
+        method, layout = "sparse", "sparse"
+        notes.append(
+            f"sparse: {int(pattern.nnz)} nonzeros, {coloring.num_colors} colours "
+            f"({coloring.mode} mode) instead of {min(shapes.m, shapes.n)} dense passes"
+        )
+    else:
+        # Per-sample rows: every sample's rows sit in (about) one shard, so per
+        # sample rev costs m VJPs and fwd n JVPs.
+        per = 1 if shapes.kind == "batched" else len(shards)
+        method = choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
+        layout = "dense"
+        if method == "fwd" and forward_disagrees:
+            if options.method == "auto":
+                method = "rev"
+                notes.append(f"reverse mode, not forward: {forward_disagrees}")
+            else:
+                notes.append(f"warning: --method fwd although {forward_disagrees}")
+    return RunPlan(
+        slots=slots,
+        shards=shards,
+        method=method,
+        layout=layout,
+        memory_budget=budget,
+        cpus_per_shard=options.cpus_per_shard,
+        gpus_per_shard=gpus,
+        threads=max(1, int(math.floor(options.cpus_per_shard))),
+        device="cpu" if gpus == 0 else options.device,
+        group_rows=group_rows(row_bytes, 1),
+        coloring=coloring,
+        pattern=pattern if sparse else None,
+        pattern_source=pattern_source if sparse else None,
+        notes=notes,
+        compression=options.compression,
+    )
+
+
+def _worth_colouring(pattern: Any, shapes: Shapes, options: RunOptions,
+                     source: str | None) -> Any:
+    """The colouring of ``pattern``, or None where a detected one does not pay.
+
+    NOTE: a known pattern beats both dense modes: one compressed pass per
+    colour instead of one per row (rev) or column (fwd). A pattern that
+    ``--method auto`` detected on its own is used only when its colours are
+    fewer than half the dense passes (``min(m, n)``): a vectorised dense pass
+    is cheaper than a compressed one.
+    """
+    from pipeline.sparse.coloring import choose_coloring
+
+    coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
+    automatic = options.method == "auto" and not options.sparsity and source == "detected"
+    if automatic and 2 * coloring.num_colors >= min(shapes.m, shapes.n):
+        return None
+    return coloring
+
+
+def stored_row_bytes(shapes: Shapes, pattern: Any = None) -> int:
+    """Bytes one row takes in a part file: dense values, or (int64 column, value) pairs."""
+    if pattern is None:
+        return shapes.n * shapes.itemsize
+    return max(1, int(pattern.nnz) // max(shapes.m, 1)) * (8 + shapes.itemsize)
+
+
+def gpu_share(options: RunOptions, resources: Resources, *, device_param: bool) -> float:
+    """GPUs per shard task: the request checked against the cluster and the job.
+
+    By default 1 when the cluster has GPUs and the job can build on one
+    (a job without a ``device`` parameter builds on the CPU: a GPU would idle).
+
+    Raises:
+        JacpipeError: more than the cluster or a node has, a GPU the job
+            cannot use, or ``--device cuda`` without a GPU.
+    """
+    _check_device(options, resources, device_param=device_param)
+    share = options.gpus_per_shard
+    if share is None:
+        usable = resources.gpus > 0 and options.device != "cpu" and device_param
+        share = 1.0 if usable else 0.0
+    _check_gpu_share(share, options, resources, device_param=device_param)
+    return share
+
+
+def _check_device(options: RunOptions, resources: Resources, *, device_param: bool) -> None:
+    if options.device == "cuda" and resources.gpus == 0:
+        raise JacpipeError(
+            "--device cuda: the Ray cluster has no GPUs (cluster resources: "
+            f"{resources.cpus:g} CPUs, 0 GPUs); use --device cpu or a cluster with GPUs"
+        )
+    if options.device == "cuda" and not device_param:
+        raise JacpipeError(
+            f"--device cuda: job {options.job!r} has no `device` parameter, so its problem is "
+            "built on the CPU; add `device: str = \"cpu\"` to its build() (see jobs/mlp.py) "
+            "or use --device auto/cpu"
+        )
+
+
+def _check_gpu_share(
+    share: float, options: RunOptions, resources: Resources, *, device_param: bool
+) -> None:
+    gpus, node_gpus = resources.gpus, resources.node_gpus
+    if not share >= 0 or share > max(gpus, 0) and share > 0:
+        raise JacpipeError(f"--gpus-per-shard {share:g}: the cluster has {gpus:g} GPUs")
+    if share > node_gpus:
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: no node has that many (at most "
+            f"{node_gpus:g} GPUs on one node, {gpus:g} in the cluster); a shard runs on one node"
+        )
+    if share > 1 and not float(share).is_integer():
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: Ray accepts fractions of one GPU "
+            "(e.g. 0.5) or whole numbers, not fractions above 1"
+        )
+    if options.device == "cuda" and share == 0:
+        raise JacpipeError(
+            "--device cuda with --gpus-per-shard 0: a shard computes on a GPU only when "
+            "Ray gives it one; give --gpus-per-shard > 0 or leave it out"
+        )
+    if share > 0 and not device_param and options.device != "cpu":
+        raise JacpipeError(
+            f"--gpus-per-shard {share:g}: job {options.job!r} has no `device` "
+            "parameter, so its problem is built on the CPU and cannot use a GPU; add "
+            "`device: str = \"cpu\"` to its build() (see jobs/mlp.py) or leave "
+            "--gpus-per-shard out"
+        )
+
+
+def task_slots(cpus_per_shard: float, gpus_per_shard: float, resources: Resources) -> int:
+    """How many shard tasks run at once on the cluster.
+
+    Raises:
+        JacpipeError: ``cpus_per_shard`` is not positive or more than a node has.
+    """
+    cpus, node_cpus = resources.cpus, resources.node_cpus
+    if not cpus_per_shard > 0 or cpus_per_shard > cpus:
+        raise JacpipeError(f"--cpus-per-shard {cpus_per_shard:g}: the cluster has {cpus:g} CPUs")
+    if cpus_per_shard > node_cpus:
+        raise JacpipeError(
+            f"--cpus-per-shard {cpus_per_shard:g}: no node has that many (at most "
+            f"{node_cpus:g} CPUs on one node, {cpus:g} in the cluster); a shard runs on one node"
+        )
+    slots = max(1, int(cpus // cpus_per_shard))
+    if gpus_per_shard > 0:
+        slots = min(slots, max(1, int(resources.gpus // gpus_per_shard)))
+    return slots
+
+
+@dataclass(frozen=True)
+class PatternChoice:
+    """The sparsity pattern of a run and where it came from.
+
+    Args:
+        pattern: boolean CSR, or None (dense path).
+        source: ``"job"``, ``"file"``, ``"detected"`` (global: holds at any
+            x), ``"detected-local"`` (holds at this x only), or None.
+        seconds: time spent detecting it (0 when given).
+        note: one line for the user (what detection found or why it was not used).
+    """
+
+    pattern: Any = None
+    source: str | None = None
+    seconds: float = 0.0
+    note: str | None = None
+    quiet: bool = False  # the note is for the manifest only (--method auto found nothing)
+
+    def facts(self) -> dict[str, Any] | None:
+        """What the manifest records of a detection (None when the pattern was given)."""
+        if self.source is None or not self.source.startswith("detected") and not self.note:
+            return None
+        return {"source": self.source, "seconds": round(self.seconds, 4), "note": self.note}
+
+
+#: ``--sparsity`` values that detect the pattern instead of reading a file.
+DETECT = {"auto": "global", "auto-local": "local"}
+
+
+def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternChoice:
+    """The sparsity pattern a run uses: ``--sparsity FILE|auto``, the job's, or detected.
+
+    ``--sparsity auto`` (or ``Problem(sparsity="auto")``) detects the pattern
+    by tracing ``fn`` (:mod:`pipeline.sparse.detect`, global mode: valid at any
+    x; ``auto-local``: at this x only). ``--method auto`` without any pattern
+    tries the same detection with its density cap (a dense problem gives up
+    within about three forward passes) and keeps the dense path when it
+    gives up. Dense methods (``rev``, ``fwd``) use none.
+
+    Raises:
+        JacpipeError: ``--method sparse`` without a pattern, a pattern of the
+            wrong shape, a pattern for per-sample Jacobians, or an explicit
+            detection that cannot be done (random ops, control flow on x).
+    """
+    if options.method not in ("auto", "sparse"):
+        return PatternChoice()
+    asked = options.sparsity or (problem.sparsity if isinstance(problem.sparsity, str) else None)
+    if asked in DETECT:
+        choice = _detected(problem, shapes, DETECT[asked], explicit=True,
+                           needed=options.method == "sparse")
+    elif options.sparsity:
+        from pipeline.sparse.compressed import load_pattern
+
+        choice = PatternChoice(load_pattern(options.sparsity), "file")
+    elif problem.sparsity is not None:
+        from pipeline.sparse.coloring import as_pattern
+
+        choice = PatternChoice(as_pattern(problem.sparsity), "job")
+    elif options.method == "sparse":
+        raise JacpipeError(
+            f"--method sparse: job {options.job!r} has no sparsity pattern; give one with "
+            "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns) or "
+            "--sparsity auto (detected)"
+        )
+    elif shapes.kind == "batched":
+        return PatternChoice()
+    else:
+        choice = _detected(problem, shapes, "global", explicit=False, needed=False)
+    if choice.pattern is not None:
+        _check_pattern_shape(choice.pattern, shapes)
+    return choice
+
+
+def _check_pattern_shape(pattern: Any, shapes: Shapes) -> None:
+    if shapes.kind == "batched":
+        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
+    if pattern.shape != (shapes.m, shapes.n):
+        raise JacpipeError(
+            f"sparsity pattern has shape {pattern.shape}, expected {(shapes.m, shapes.n)} "
+            f"(rows x columns of the {shapes.kind})"
+        )
+
+
+def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed: bool
+              ) -> PatternChoice:
+    """Detect the pattern; an explicit request fails loudly, ``--method auto`` quietly."""
+    from pipeline.sparse.detect import SparsityError, trace_sparsity
+
+    if shapes.kind == "batched":
+        raise JacpipeError("--sparsity auto: sparsity patterns are supported for jacobian and "
+                           "hessian kinds, not per-sample Jacobians")
+    try:
+        report = trace_sparsity(problem.fn, problem.x, kind=shapes.kind, mode=mode)
+    except SparsityError as exc:
+        if explicit:
+            raise JacpipeError(f"--sparsity auto: {exc}") from None
+        return PatternChoice(note=f"no sparsity detected ({exc}); dense path", quiet=True)
+    source = "detected" if mode == "global" else "detected-local"
+    if report.dense:
+        if needed:
+            raise JacpipeError(
+                f"--method sparse with --sparsity auto: the Jacobian is dense ({report.reason}); "
+                "use --method auto, rev or fwd")
+        return PatternChoice(None, source, report.seconds,
+                             f"sparsity detection gave up in {report.seconds:.2f}s "
+                             f"({report.reason}); dense path", quiet=not explicit)
+    held = " (holds at this x only)" if mode == "local" else ""
+    return PatternChoice(report.pattern, source, report.seconds,
+                         f"sparsity detected in {report.seconds:.2f}s: {report.reason}{held}")
+
+
+def pattern_hash(pattern: Any) -> str:
+    """sha256 of a pattern's structure (shape, indptr, indices), for the manifest."""
+    import hashlib
+
+    import numpy as np
+
+    csr = pattern.tocsr()
+    h = hashlib.sha256()
+    h.update(np.asarray(csr.shape, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indptr, dtype=np.int64).tobytes())
+    h.update(np.asarray(csr.indices, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+#: Default target size of one part file; a shard bigger than this is split.
+TARGET_PART_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows ``[start, stop)`` of the result, written to ``part-{index:05d}.parquet``."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def file(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+
+def plan_shards(
+    total_rows: int,
+    *,
+    shards: int | None = None,
+    rows_per_shard: int | None = None,
+    row_bytes: int = 0,
+    workers: int = 1,
+    align: int = 1,
+) -> tuple[list[Shard], str | None]:
+    """Split ``[0, total_rows)`` into contiguous shards.
+
+    Args:
+        total_rows: rows of the result.
+        shards: number of shards (``--shards``).
+        rows_per_shard: rows per shard (``--rows-per-shard``); exclusive with ``shards``.
+        row_bytes: bytes of one stored row, to keep part files near
+            :data:`TARGET_PART_BYTES` when neither option is given.
+        workers: parallel slots; the default makes at least two shards per slot.
+        align: round shard boundaries to multiples of this (whole samples of a
+            batched result) where the sizes allow.
+
+    Returns:
+        The shards, and a note for the user when a request was clamped.
+
+    Raises:
+        JacpipeError: ``shards`` or ``rows_per_shard`` below 1, or both given.
+    """
+    note = None
+    if shards is not None and rows_per_shard is not None:
+        raise JacpipeError("give --shards or --rows-per-shard, not both")
+    if shards is not None and shards < 1:
+        raise JacpipeError(f"--shards must be at least 1, got {shards}")
+    if rows_per_shard is not None and rows_per_shard < 1:
+        raise JacpipeError(f"--rows-per-shard must be at least 1, got {rows_per_shard}")
+    if rows_per_shard is not None:
+        shards = math.ceil(total_rows / rows_per_shard)
+    elif shards is None:
+        by_size = math.ceil(total_rows * row_bytes / TARGET_PART_BYTES) if row_bytes else 1
+        slots = max(workers, 1)
+        # A whole number of rounds: 5 shards on 2 workers leave one idle for a
+        # fifth of the run (measured: 20.4 s instead of ~18.5 s end to end).
+        shards = -(-max(2 * slots, by_size) // slots) * slots
+        shards = min(shards, total_rows)
+    if shards > total_rows:
+        note = f"--shards {shards} is more than the {total_rows} rows; using {total_rows} shards"
+        shards = total_rows
+    if rows_per_shard is not None:
+        bounds = list(range(0, total_rows, rows_per_shard)) + [total_rows]
+    else:
+        # Even split; the first `extra` shards get one more row (uneven sizes allowed).
+        base, extra = divmod(total_rows, shards)
+        bounds = [0]
+        for i in range(shards):
+            bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+        if align > 1 and total_rows // align >= shards:
+            bounds = [min(total_rows, round(b / align) * align) for b in bounds]
+            bounds[-1] = total_rows
+            bounds = sorted(set(bounds))
+    out = [Shard(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    return out, note
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``"2GiB"``, ``"512MiB"``, ``"1.5G"``, ``"1000000"`` into bytes.
+
+    Raises:
+        JacpipeError: not a size.
+    """
+    match = _SIZE.match(str(text))
+    if not match:
+        raise JacpipeError(f"memory size {text!r}: expected a number with a unit, e.g. 2GiB")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    if unit not in _UNITS:
+        raise JacpipeError(f"memory size {text!r}: unknown unit")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise JacpipeError(f"memory size {text!r} must be positive")
+    return value
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string (``1.5 GiB``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def default_memory_budget(total_memory: int, slots: int) -> int:
+    """A sensible share of a node's memory per task: half of it, split over the slots."""
+    return max(256 * 2**20, total_memory // (2 * max(slots, 1)))
+
+
+# NOTE: [Chunk size from a memory budget]
+#   One vectorised pass over c rows holds, per row: the basis row (m), the
+#   result row (n), and the batched cotangents (rev) or tangents (fwd) of every
+#   differentiable intermediate of fn (a, counted by
+#   engine.intermediate_numel: NOT the tensors autograd saves, which all rows
+#   share and which are already in the baseline). With itemsize s the pass
+#   needs about  c * s * (m + n + a) * SAFETY  bytes; SAFETY covers the
+#   backward kernels' temporaries and the copy that makes a column-major block
+#   row-major for the writer. The shard also keeps the writer's row group
+#   (`group_bytes`), and forward mode keeps its whole (rows, n) result. What
+#   the process already holds (interpreter, torch, Ray, the problem) is
+#   measured, not guessed, and subtracted from the budget; so is WRITER_BYTES,
+#   what Parquet writing adds on first use (code, zstd contexts: 48 MiB
+#   measured), which the first shard's baseline cannot contain yet.
+#
+#   Within the budget, bigger is not faster: a pass whose working set
+#   c * s * (m + n + a) outgrows the caches streams every intermediate through
+#   memory. Measured on 2 cores (benchmarks/engine.py, heat N=64, float64,
+#   4096 rows): 64 rows per pass 0.42 s, 177 (this model) 0.53 s, 256 rows
+#   0.58 s, all at once 1.6 s (jacrev 1.57 s). Matmul-bound MLPs prefer big
+#   passes (mlp 2000: 2000 rows 44 ms, 1000 rows 50 ms), so the cap is a
+#   compromise. CACHE_BYTES caps the working set; MIN_CHUNK keeps matrix
+#   products efficient.
+SAFETY = 2.0
+WRITER_BYTES = 64 * 2**20
+CACHE_BYTES = 128 * 2**20
+MIN_CHUNK = 32
+
+
+def chunk_rows(
+    *,
+    budget: int,
+    baseline: int,
+    m: int,
+    n: int,
+    activations: int,
+    itemsize: int,
+    group_bytes: int,
+    method: str = "rev",
+    rows: int = 0,
+    cache_bytes: int | None = CACHE_BYTES,
+    in_flight: int = 0,
+) -> int:
+    """Rows (``rev``) or columns (``fwd``) per vectorised pass under ``budget`` bytes.
+
+    Args:
+        budget: bytes this process may peak at (``--memory-budget``).
+        baseline: bytes it holds already (measured RSS).
+        m, n: rows and columns of the Jacobian.
+        activations: elements of fn's differentiable intermediates per basis
+            vector (:func:`pipeline.maths.engine.intermediate_numel`).
+        itemsize: 4 or 8.
+        group_bytes: what the Parquet writer holds (a row group and its copy).
+        method: ``rev`` (chunk over rows) or ``fwd`` (chunk over columns).
+        rows: rows of the shard; ``fwd`` keeps all of them until written.
+        cache_bytes: cap of one pass's working set (see the NOTE); ``None``
+            means budget only.
+        in_flight: finished blocks the pipelined worker may hold on the host
+            while the next is computed (queued or being encoded); each holds
+            ``chunk x n`` values (``rev``).
+
+    Returns:
+        The chunk size; at most the budget allows, never below 1.
+
+    Raises:
+        JacpipeError: the budget does not leave room for even one row.
+    """
+    kept = rows * n * itemsize if method == "fwd" else 0
+    free = budget - baseline - group_bytes - kept - WRITER_BYTES
+    width = itemsize * (m + n + activations)
+    per = width * SAFETY + in_flight * n * itemsize
+    if free < per:
+        raise JacpipeError(
+            f"--memory-budget {format_size(budget)} is too small: the worker already "
+            f"holds {format_size(baseline)} and one row needs "
+            f"{format_size(per + group_bytes + kept + WRITER_BYTES)}; "
+            f"give at least {format_size(baseline + per + group_bytes + kept + WRITER_BYTES)}"
+        )
+    by_budget = max(1, int(free // per))
+    if cache_bytes is None:
+        return by_budget
+    return min(by_budget, max(MIN_CHUNK, int(cache_bytes // width)))
+
+
+def group_rows(n: int, itemsize: int, target: int = 32 * 2**20) -> int:
+    """Rows per Parquet row group of ``n`` entries of ``itemsize`` bytes: tens of MiB per group."""
+    return max(1, target // max(1, n * itemsize))
+
+
+# NOTE: [Cost model: forward or reverse mode]
+#   Reverse mode costs one VJP per row: the whole result costs ~ m passes in
+#   total, split across shards. Forward mode costs one JVP per input column,
+#   but every shard needs all n columns to get its rows: ~ n * shards passes.
+#   A JVP and a VJP cost about the same (a small constant times one forward
+#   pass), so forward mode wins when n * shards < m / FWD_MARGIN. The margin
+#   keeps square-ish problems on the reverse path, where vmap over VJPs also
+#   reuses one recorded forward pass. Measured (benchmarks/engine.py, 2 cores):
+#   m = 50,000, n = 16: fwd 69 ms, rev ~15 s; m = n = 2000: rev 44 ms, fwd 78 ms.
+#   Hessians and per-sample Jacobians use the same rule with their own m and n.
+FWD_MARGIN = 2.0
+
+
+def choose_method(method: str, *, m: int, n: int, shards: int) -> str:
+    """Resolve ``auto`` to ``rev`` or ``fwd`` by the cost model above.
+
+    Raises:
+        JacpipeError: unknown method.
+    """
+    if method in ("rev", "fwd"):
+        return method
+    if method != "auto":
+        raise JacpipeError(f"--method must be auto, rev or fwd, got {method!r}")
+    return "fwd" if n * max(shards, 1) * FWD_MARGIN < m else "rev"

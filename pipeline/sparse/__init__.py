@@ -1,0 +1,1 @@
+"""Sparse Jacobians: pattern detection, per-op rules, colouring and compressed evaluation."""

@@ -1,0 +1,505 @@
+"""Automatic sparsity detection: the Jacobian (or Hessian) pattern of a torch function.
+
+``fn`` is traced once to ATen ops (``make_fx`` over ``functionalize``, so
+in-place writes arrive as ``slice_scatter``/``index_put``..., with the ATen
+decompositions for ops that have no rule of their own), then the graph is
+walked once while every tensor carries its dependency pattern on
+``x.reshape(-1)`` as a boolean ``scipy.sparse`` matrix; constants (weights,
+index tensors, masks) are computed for real and read as data, on the CPU.
+The rules, one per op family, live in :mod:`pipeline.sparse.rules`. With a
+density cap, a few reverse-mode rows of J at x are looked at first (NOTE:
+[dense probe]), so a dense problem is given up in a few forward passes.
+
+Two modes:
+
+- ``"global"``: the pattern is a superset of the Jacobian's nonzeros at *any*
+  ``x`` (constant operands such as stencil weights or index tensors are read as
+  data; anything computed from ``x`` is not). Data-dependent control flow
+  (``.item()``, ``if tensor:``) is refused.
+- ``"local"``: the branches taken at this ``x`` are followed and values
+  computed from ``x`` may be read as data; the pattern holds at ``x`` only.
+
+A Hessian's pattern is the Jacobian pattern of ``torch.func.grad(fn)``, traced
+the same way, so linear terms drop out.
+
+The planner's use::
+
+    report = problem_sparsity(problem)          # mode="global", default cap
+    if report.dense:                            # colouring would be pointless
+        ...                                     # the dense path
+    else:
+        coloring = choose_coloring(report.pattern, symmetric=problem.kind == "hessian")
+        ...                                     # pipeline.sparse.compressed with report.pattern
+
+``SparsityError`` (a ``ValueError``) says why detection refused (random ops,
+control flow on x: suggests ``mode="local"``); ``report.warnings`` lists the
+ops handled conservatively (also raised once each as ``SparsityWarning``).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import scipy.sparse as sp
+import torch
+
+from pipeline.sparse.rules import (
+    CONST,
+    Context,
+    Dense,
+    Dep,
+    Op,
+    SparsityError,
+    SparsityWarning,
+    active,
+    constant,
+    fallback,
+    is_random,
+    op_name,
+    rule_for,
+)
+
+__all__ = ["SparsityError", "SparsityReport", "SparsityWarning", "detect_sparsity",
+           "problem_sparsity", "trace_sparsity"]
+
+KINDS = ("jacobian", "hessian")
+MODES = ("global", "local")
+DEFAULT_MAX_DENSITY = 0.25
+DEFAULT_MAX_BYTES = 2**29  # 512 MiB of column indices in one tensor's pattern
+_PROBE_ROWS = 2  # NOTE: [dense probe]
+# Ops whose result is a Python value or a data-dependent shape: fine on constants,
+# control flow on x when fed a tensor computed from x.
+_DATA_DEPENDENT_ERRORS = ("_local_scalar_dense", "DataDependent", "data-dependent",
+                          "data dependent", "DynamicOutputShape", "Could not guard",
+                          "GuardOnDataDependent", "is_nonzero", "item()")
+_DATA_DEPENDENT = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "argwhere",
+                   "unique", "_unique2", "unique_consecutive", "unique_dim")
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """What :func:`trace_sparsity` found.
+
+    Args:
+        pattern: boolean CSR ``(m, n)`` pattern (``(n, n)`` for a Hessian), or
+            None when ``dense``.
+        dense: detection gave up because a tensor's pattern exceeded the
+            density/byte cap: colouring would be pointless, use the dense path.
+        seconds: wall time of the detection.
+        reason: one line: what was detected, or why it gave up.
+        mode: ``"global"`` (holds at any x) or ``"local"`` (holds at this x).
+        warnings: ops handled conservatively, and (local mode) the
+            data-dependent steps followed at this x.
+    """
+
+    pattern: sp.csr_matrix | None
+    dense: bool
+    seconds: float
+    reason: str
+    mode: str
+    warnings: tuple[str, ...] = ()
+
+
+def problem_sparsity(
+    problem: Any,
+    *,
+    mode: str = "global",
+    max_density: float | None = DEFAULT_MAX_DENSITY,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> SparsityReport:
+    """:func:`trace_sparsity` for a :class:`~pipeline.problem.problem.Problem` (the planner's call).
+
+    Args:
+        problem: a Problem (``fn``, ``x``, ``kind``). ``"jacobian"`` and
+            ``"hessian"`` problems are traced as they are; for ``"batched"``
+            the per-sample Jacobian of ``fn`` at the first sample ``x[0]``
+            (every sample shares it in global mode).
+        mode: ``"global"`` or ``"local"``.
+        max_density: see :func:`trace_sparsity`.
+        max_bytes: see :func:`trace_sparsity`.
+
+    Returns:
+        A :class:`SparsityReport`.
+
+    Raises:
+        SparsityError: as :func:`trace_sparsity`; an empty batch.
+    """
+    kind, x = problem.kind, problem.x
+    if kind == "batched":
+        if x.shape[0] == 0:
+            raise SparsityError("a batched problem with no samples has no pattern to detect")
+        kind, x = "jacobian", x[0]
+    return trace_sparsity(problem.fn, x, kind=kind, mode=mode, max_density=max_density,
+                          max_bytes=max_bytes)
+
+
+def detect_sparsity(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    kind: str = "jacobian",
+    mode: str = "global",
+    max_density: float | None = None,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> sp.csr_matrix:
+    """The sparsity pattern of the Jacobian (or Hessian) of ``fn`` at ``x``.
+
+    Args:
+        fn: ``R^x.shape -> R^out_shape``; rows index ``fn(x).reshape(-1)``.
+        x: the point; columns index ``x.reshape(-1)``.
+        kind: ``"jacobian"`` or ``"hessian"`` (``fn`` scalar).
+        mode: ``"global"`` (valid at any x) or ``"local"`` (at this x only).
+        max_density: give up once a tensor's pattern is denser than this
+            (None: no density cap).
+        max_bytes: give up once a tensor's pattern would need more bytes.
+
+    Returns:
+        Boolean ``scipy.sparse.csr_matrix``, ``(m, n)`` or ``(n, n)``.
+
+    Raises:
+        SparsityError: random ops; data-dependent control flow in global
+            mode; a non-scalar ``fn`` for a Hessian; the cap was hit (the
+            message says which tensor).
+    """
+    report = trace_sparsity(fn, x, kind=kind, mode=mode, max_density=max_density,
+                            max_bytes=max_bytes)
+    if report.dense:
+        raise SparsityError(
+            f"sparsity detection gave up: {report.reason}. The Jacobian is (nearly) dense; "
+            "use the dense path, or raise max_density/max_bytes")
+    assert report.pattern is not None
+    return report.pattern
+
+
+def trace_sparsity(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    kind: str = "jacobian",
+    mode: str = "global",
+    max_density: float | None = DEFAULT_MAX_DENSITY,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
+) -> SparsityReport:
+    """Detect the pattern, or report that it is too dense to be worth colouring.
+
+    The planner's entry: with the default cap a dense problem (an MLP) costs
+    about three forward passes before ``dense=True`` comes back (NOTE:
+    [dense probe]); a sparse one is traced once and its patterns propagated.
+
+    Args:
+        fn: the function (see :func:`detect_sparsity`).
+        x: the point.
+        kind: ``"jacobian"`` or ``"hessian"``.
+        mode: ``"global"`` or ``"local"``.
+        max_density: largest ``nnz / (rows * n)`` of any tensor's pattern
+            (beyond ``2 (m + n)`` entries) before giving up; None: no cap.
+        max_bytes: largest pattern of any tensor, in bytes of column indices
+            (8 per entry); None: no cap.
+
+    Returns:
+        A :class:`SparsityReport`.
+
+    Raises:
+        SparsityError: a bad ``kind``/``mode``, random ops, data-dependent
+            control flow on x in global mode, a non-scalar Hessian ``fn``, or
+            ``fn`` could not be traced.
+    """
+    began = time.perf_counter()
+    if kind not in KINDS:
+        raise SparsityError(f"kind must be one of {KINDS}, got {kind!r} (for a 'batched' "
+                            "problem detect one sample's Jacobian with kind='jacobian')")
+    if mode not in MODES:
+        raise SparsityError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise SparsityError(f"x must be a floating-point tensor, got {type(x).__name__}"
+                            + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
+    xd = x.detach()
+    n = xd.numel()
+    if kind == "jacobian" and max_density is not None and _PROBE_ROWS:
+        reason = _dense_probe(fn, xd, max_density, max_bytes)
+        if reason is not None:
+            return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
+    gm = _trace(_target(fn, kind), xd, mode)
+    _refuse_random(gm)
+    if mode == "global":
+        # The forward part of a Hessian's trace is dead code once grad is
+        # taken (its scalar output is unused): no need to propagate it.
+        gm.graph.eliminate_dead_code()
+    out = next(iter(node for node in gm.graph.nodes if node.op == "output")).args[0]
+    val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
+    m = n if kind == "hessian" else (val.numel() if isinstance(val, torch.Tensor) else n)
+    ctx = Context(n, m, mode, max_density, max_bytes)
+    try:
+        with active(ctx):
+            dep = _propagate(gm, xd, ctx)
+    except Dense as exc:
+        return SparsityReport(None, True, time.perf_counter() - began, str(exc), mode,
+                              tuple(ctx.warnings))
+    if dep.pattern is None:
+        pattern = sp.csr_matrix((m, n), dtype=bool)
+    else:
+        pattern = sp.csr_matrix(dep.pattern, dtype=bool)
+    if kind == "hessian":
+        # The Hessian is symmetric: a superset stays one.
+        pattern = (pattern + pattern.T).tocsr()
+    pattern.sum_duplicates()
+    pattern.sort_indices()
+    where = "at this x only" if mode == "local" else "at any x"
+    reason = (f"{kind} pattern {pattern.shape[0]:,} x {pattern.shape[1]:,}, "
+              f"{pattern.nnz:,} nonzeros, holds {where}")
+    return SparsityReport(pattern, False, time.perf_counter() - began, reason, mode,
+                          tuple(ctx.warnings))
+
+
+# ---------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------
+
+
+def _dense_probe(fn: Callable, x: torch.Tensor, max_density: float, max_bytes: int | None
+                 ) -> str | None:
+    """Why the Jacobian is dense, judged from a few of its rows at x; None if not clearly so.
+
+    NOTE: [dense probe]
+    Nonzeros of J at x lie inside any valid pattern, so if every sampled row
+    (_PROBE_ROWS interior rows spread over the output, plain reverse-mode
+    autograd from one recorded forward pass) is denser than ``max_density``,
+    colouring is pointless and tracing is skipped. The first sparse row ends
+    the probe: on a sparse problem it costs one forward and one backward. On
+    jobs/mlp.py at n = m = 20,000 tracing and propagating cost about 15
+    forward passes, the probe with 2 rows about 3 (3 rows: 4). The rows are
+    interior (m/3, 2m/3): first and last rows are where boundary conditions
+    and global constraints tend to put dense rows. A probe that is wrong can
+    only send a sparse problem down the dense path (slower, same values).
+    (torch.func.vjp with vmap over the rows was 10x slower on the heat
+    residual: functorch's per-op overhead.)
+    """
+    try:
+        xr = x.detach().reshape(-1).clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = fn(xr.reshape(x.shape)).reshape(-1)
+            m, n = y.numel(), x.numel()
+            if m == 0 or n == 0 or not y.requires_grad:
+                return None
+            rows = torch.linspace(0, m - 1, min(_PROBE_ROWS, m) + 2).round().long()[1:-1]
+            rows = rows.unique()
+            # The first sparse row ends the probe (a sparse problem pays one
+            # backward). NOTE: is_grads_batched (vmap) was 10x slower here.
+            fewest = n
+            for k, row in enumerate(rows.tolist()):
+                (g,) = torch.autograd.grad(y[row], xr, retain_graph=k < rows.numel() - 1,
+                                           allow_unused=True)
+                fewest = min(fewest, 0 if g is None else int(torch.count_nonzero(g)))
+                if fewest <= max_density * n:
+                    return None
+    except Exception:  # the probe is an optimisation: tracing gives the real answer
+        return None
+    ctx = Context(n, m, "global", max_density, max_bytes)
+    if fewest * m > ctx.cap(m):
+        return (f"dense probe: each of {rows.numel()} sampled rows of J at x has at least "
+                f"{fewest:,} of {n:,} entries nonzero (cap: density {max_density:g})")
+    return None
+
+
+def _target(fn: Callable, kind: str) -> Callable:
+    if kind == "jacobian":
+        return fn
+
+    def scalar(t: torch.Tensor) -> torch.Tensor:
+        y = fn(t)
+        if not isinstance(y, torch.Tensor) or y.numel() != 1:
+            shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise SparsityError(f"kind='hessian' needs a scalar fn(x), got {shape}")
+        return y.reshape(())
+
+    return torch.func.grad(scalar)
+
+
+@functools.cache
+def _decompositions() -> dict:
+    """Decompositions for every op without a rule of its own (core ATen first)."""
+    from torch._decomp import core_aten_decompositions, decomposition_table
+
+    table = {**decomposition_table, **core_aten_decompositions()}
+    return {op: f for op, f in table.items() if rule_for(op) is None and not is_random(op)}
+
+
+def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # NOTE: global mode traces with fake tensors: reading a value computed
+    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
+    # quietly burning in the value at this x. Local mode traces with real
+    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
+    # value at x and the branch taken is recorded.
+    try:
+        return make_fx(torch.func.functionalize(target), decomposition_table=_decompositions(),
+                       tracing_mode="fake" if mode == "global" else "real",
+                       _allow_non_fake_inputs=True,
+                       _error_on_data_dependent_ops=mode == "global")(x)
+    except SparsityError:
+        raise
+    except Exception as exc:  # torch raises many kinds here; say where it came from
+        text = f"{type(exc).__name__}: {exc}".strip()
+        if mode == "global" and any(k in text for k in _DATA_DEPENDENT_ERRORS):
+            raise SparsityError(
+                "global sparsity detection cannot follow data-dependent control flow or "
+                "shapes on x (`.item()`, `if tensor:`, `bool(tensor)`, nonzero/masked_select "
+                "of a tensor computed from x): the pattern could change with x. Use "
+                "mode='local' for the pattern at this x only, or rewrite the branch with "
+                f"torch.where. ({text.splitlines()[0][:200]})") from exc
+        raise SparsityError(
+            f"could not trace fn to ATen ops for sparsity detection: {text.splitlines()[0]}. "
+            "fn must be a torch function of x (no .numpy(), no Python-side state)"
+        ) from exc
+
+
+def _refuse_random(gm: torch.fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and is_random(node.target):
+            raise SparsityError(
+                f"fn uses a random op ({node.target}): its Jacobian changes from call to call "
+                "and has no fixed pattern. Seed it outside fn or pass the noise as a constant "
+                "(dropout: call model.eval())")
+
+
+# ---------------------------------------------------------------------------
+# Propagation
+# ---------------------------------------------------------------------------
+
+
+def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
+    """Run the graph on real values, carrying each tensor's :class:`Dep`."""
+    from torch.fx.node import Node, map_aggregate
+
+    nodes = list(gm.graph.nodes)
+    last_use: dict[Node, int] = {}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last_use[arg] = i
+    env: dict[Node, tuple[Any, Any]] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "placeholder":
+            eye = sp.identity(ctx.n, dtype=bool, format="csr")
+            env[node] = (x.cpu(), Dep(eye, True))
+        elif node.op == "get_attr":
+            env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
+        elif node.op == "call_function":
+            args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
+            kwargs = map_aggregate(node.kwargs,
+                                   lambda a: env[a][0] if isinstance(a, Node) else a)
+            deps = map_aggregate(node.args, lambda a: env[a][1] if isinstance(a, Node) else None)
+            kwdeps = map_aggregate(node.kwargs,
+                                   lambda a: env[a][1] if isinstance(a, Node) else None)
+            if node.target is operator.getitem:
+                env[node] = (args[0][args[1]], deps[0][args[1]])
+            else:
+                try:
+                    env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
+                                      dict(kwdeps), ctx, node.meta.get("val"))
+                except (Dense, SparsityError):
+                    raise
+                except Exception as exc:  # a rule met a case it does not know: say which
+                    raise SparsityError(
+                        f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
+                        "(Problem.sparsity) or use the dense path") from exc
+        elif node.op == "output":
+            out = node.args[0]
+            if isinstance(out, tuple | list):
+                out = out[0]
+            value, dep = env[out]
+            if not isinstance(value, torch.Tensor):
+                raise SparsityError(f"fn must return a tensor, got {type(value).__name__}")
+            return dep
+        for arg in node.all_input_nodes:
+            if last_use.get(arg) == i:
+                env.pop(arg, None)
+    raise SparsityError("traced graph has no output")
+
+
+def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context,
+          fake: Any) -> tuple[Any, Any]:
+    rule = rule_for(func) or fallback
+    tainted = any(d.tainted for d in _all_deps(deps) + _all_deps(list(kwdeps.values())))
+    # NOTE: global mode never reads a value computed from x (the rules use
+    # only its shape and dtype), so those values are not computed: the fake
+    # tensor of the trace stands in. Constants are computed for real (they
+    # are read as data: supports, indices, masks); so are creation ops fed a
+    # value of x (zeros_like(x)), from real stand-ins of the same shape.
+    if ctx.local or not tainted or fake is None:
+        out = func(*_on_cpu(args), **_on_cpu(kwargs))
+    elif rule is constant:
+        out = func(*_on_cpu(_realized(args)), **_on_cpu(_realized(kwargs)))
+    else:
+        out = fake
+    name = op_name(func)
+    # Which inputs decide a value or a shape: all for .item()/nonzero, the
+    # indices or mask (not the source) for index.Tensor/masked_select.
+    deciding = deps if name in _DATA_DEPENDENT else deps[1:]
+    if (name in _DATA_DEPENDENT or torch.Tag.dynamic_output_shape in func.tags) and any(
+        d.tainted for d in _all_deps(deciding) + _all_deps(list(kwdeps.values()))
+    ):
+        what = (f"data-dependent control flow or shapes on x ({func}: `.item()`, "
+                "`if tensor:`, `bool(tensor)`, nonzero/masked_select/unique of a tensor "
+                "computed from x)")
+        if ctx.mode == "global":
+            raise SparsityError(
+                f"global sparsity detection cannot follow {what}: the pattern could change "
+                "with x. Use mode='local' for the pattern at this x only, or rewrite the "
+                "branch with torch.where")
+        ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
+    dep = rule(Op(func, args, kwargs, deps, kwdeps, out, ctx))
+    return out, _non_float(out, dep)
+
+
+def _on_cpu(values: Any) -> Any:
+    """Real tensors moved to the CPU and ``device=`` set to it: patterns are built there."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(values, torch.Tensor) and not isinstance(values, FakeTensor):
+        return values.cpu()
+    if isinstance(values, torch.device):
+        return torch.device("cpu")
+    if isinstance(values, list | tuple):
+        return type(values)(_on_cpu(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _on_cpu(v) for k, v in values.items()}
+    return values
+
+
+def _realized(values: Any) -> Any:
+    """Fake tensors replaced by real empty ones of the same shape and dtype."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(values, FakeTensor):
+        return torch.empty(values.shape, dtype=values.dtype)
+    if isinstance(values, list | tuple):
+        return type(values)(_realized(v) for v in values)
+    if isinstance(values, dict):
+        return {k: _realized(v) for k, v in values.items()}
+    return values
+
+
+def _non_float(out: Any, dep: Any) -> Any:
+    """Integer and boolean results have no derivative: drop their pattern, keep the taint."""
+    if isinstance(out, tuple | list) and isinstance(dep, list | tuple):
+        return [_non_float(o, d) for o, d in zip(out, dep, strict=True)]
+    if isinstance(dep, Dep) and dep.pattern is not None and (
+        not isinstance(out, torch.Tensor) or not (out.is_floating_point() or out.is_complex())
+    ):
+        return Dep(None, dep.tainted)
+    return dep
+
+
+def _all_deps(deps: Any) -> list[Dep]:
+    if isinstance(deps, Dep):
+        return [deps]
+    if isinstance(deps, list | tuple):
+        return [d for x in deps for d in _all_deps(x)]
+    return []

@@ -1,0 +1,1 @@
+"""Storage of results: folders, Parquet parts, the manifest, readers; imports only the core."""

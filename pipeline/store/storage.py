@@ -1,0 +1,186 @@
+"""Where a result lives: a local folder or any ``pyarrow.fs`` filesystem (``s3://...``).
+
+Byte-level operations only (list, read, atomic write, temp names, hashing);
+what the files mean is :mod:`pipeline.store.folder`'s business. Every message that
+shows a location goes through :meth:`Storage.redact`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.core.errors import JacpipeError
+
+
+class Storage:
+    """A result folder on a local disk or on any ``pyarrow.fs`` filesystem.
+
+    Local folders: temp name, ``fsync``, atomic ``os.replace``. Object stores
+    (``s3://...``): every write goes straight to its final key. An upload
+    becomes visible only when its stream is closed, as a whole, so a reader
+    never sees half an object; a temp key plus ``move`` would add a server-side
+    copy (CopyObject, limited to 5 GiB) and a delete for nothing.
+
+    ``uri`` is what the user gave (it may hold credentials and is what workers
+    need); ``display`` is the same with any secret masked, for messages.
+    """
+
+    #: ``scheme://KEY:SECRET@`` and ``secret_key=`` / ``session_token=`` query values.
+    _SECRET_RE = re.compile(
+        r"(?P<a>[a-z][a-z0-9+.-]*://[^:/@?#\s]*:)[^@/?#\s]+(?=@)"
+        r"|(?P<b>[?&](?:secret_key|session_token|secret|password)=)[^&#\s]+",
+        re.IGNORECASE,
+    )
+
+    def __init__(self, out: str) -> None:
+        self.uri = str(out)
+        self.display = self.redact(self.uri)
+        if "://" in self.uri and not self.uri.startswith("file://"):
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+            except (pa.ArrowInvalid, OSError, ValueError) as exc:
+                raise JacpipeError(
+                    f"output {self.display!r}: cannot open it ({self.redact(str(exc))}); "
+                    "expected a local folder or a URI like s3://bucket/prefix"
+                ) from None
+            self.local = False
+        else:
+            path = self.uri.removeprefix("file://")
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(path)
+            self.local = True
+
+    @classmethod
+    def redact(cls, text: str) -> str:
+        """``text`` with the secrets of any URI in it replaced by ``***``."""
+        return cls._SECRET_RE.sub(
+            lambda m: (m.group("a") or m.group("b")) + "***", text
+        )
+
+    def path(self, name: str) -> str:
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def is_dir(self) -> bool:
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def kind(self, name: str) -> str:
+        """``"file"``, ``"dir"`` or ``"missing"``."""
+        t = self.fs.get_file_info(self.path(name)).type
+        if t == pafs.FileType.File:
+            return "file"
+        return "dir" if t == pafs.FileType.Directory else "missing"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def size(self, name: str) -> int | None:
+        info = self.fs.get_file_info(self.path(name))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def listdir(self) -> list[str]:
+        if not self.is_dir():
+            return []
+        sel = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
+        # A set: an object store may list a name twice (an object and a "dir/" marker).
+        return sorted({i.base_name for i in self.fs.get_file_info(sel)})
+
+    def makedirs(self) -> None:
+        if not self.local and self.fs.get_file_info(self.root).type == pafs.FileType.File:
+            # Object stores would happily put keys "under" an object.
+            raise NotADirectoryError(errno.ENOTDIR, "an object with this name exists")
+        self.fs.create_dir(self.root, recursive=True)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self.path(name))
+        except (FileNotFoundError, IsADirectoryError):
+            pass
+
+    def move(self, name: str, dest: str) -> None:
+        """Rename ``name`` to ``dest`` (both relative to the folder; ``dest``'s folder is made)."""
+        parent = dest.rpartition("/")[0]
+        if parent:
+            self.fs.create_dir(self.path(parent), recursive=True)
+        self.fs.move(self.path(name), self.path(dest))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        """Write ``name`` so a reader sees the old or the new bytes, never a mix."""
+        if not self.local:
+            with self.fs.open_output_stream(self.path(name)) as f:
+                f.write(data)
+            return
+        tmp = f".{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(self.path(tmp), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self.path(tmp), self.path(name))
+        except BaseException:
+            self.delete(tmp)  # a full disk leaves no temporary file behind
+            raise
+
+    def temp_name(self, name: str) -> str:
+        """Where a file is written before it is ``finish``-ed as ``name``.
+
+        Local: a hidden ``.NAME.<uuid>.tmp`` that readers skip. Object stores:
+        ``name`` itself (see the class docstring).
+        """
+        if not self.local:
+            return name
+        return f".{name.removesuffix('.parquet')}.{uuid.uuid4().hex}.tmp"
+
+    def open_sink(self, name: str) -> Any:
+        if self.local:
+            return open(self.path(name), "wb")
+        return self.fs.open_output_stream(self.path(name))
+
+    def finish(self, tmp: str, name: str, sink: Any) -> None:
+        """Close a temp file durably and give it its final name."""
+        if self.local:
+            sink.flush()
+            os.fsync(sink.fileno())
+            sink.close()
+            os.replace(self.path(tmp), self.path(name))
+            return
+        sink.close()  # the object appears now, whole
+        if tmp != name:
+            self.fs.move(self.path(tmp), self.path(name))
+
+    def sha256(self, name: str) -> str:
+        h = hashlib.sha256()
+        with self.fs.open_input_stream(self.path(name)) as f:
+            while chunk := f.read(8 * 2**20):
+                h.update(chunk)
+        return h.hexdigest()
+
+
+
+
+def refuse_secret(value: str, what: str) -> None:
+    """Refuse ``value`` if it holds credentials that would be stored where others can read them.
+
+    Used for everything ``jacpipe submit`` puts into a job's entrypoint on the
+    cluster (shown by ``jacpipe list`` and the dashboard).
+
+    Raises:
+        JacpipeError: ``value`` holds a secret; the message shows it masked.
+    """
+    if Storage.redact(value) != value:
+        raise JacpipeError(
+            f"{what} {Storage.redact(value)}: credentials in the URI would be stored in the "
+            "job's entrypoint on the cluster (shown by `jacpipe list`); give the nodes "
+            "credentials through their environment (AWS_ACCESS_KEY_ID, ...) or a role, "
+            "and pass s3://bucket/prefix"
+        )
