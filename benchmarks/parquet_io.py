@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.problem.problem import Shapes
+    from pipeline.core.shapes import Shapes
     from pipeline.runner.plan import group_rows
     from pipeline.store.manifest import Manifest
     from pipeline.store.parts import PartWriter, dense_schema

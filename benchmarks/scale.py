@@ -195,7 +195,7 @@ def bench_reads(report: Report, root: Path, data: Any, repeats: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.problem.problem import Shapes
+    from pipeline.core.shapes import Shapes
     from pipeline.store.manifest import Manifest
     from pipeline.store.reader import open_jacobian, read_jacobian
     from pipeline.store.storage import Storage

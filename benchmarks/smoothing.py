@@ -47,10 +47,10 @@ def _problem(job: str, params: dict):
 
 def smoothed(problem, smoothing) -> dict[str, np.ndarray]:
     """The smoothed Jacobian of ``problem`` in one process, by the worker's code path."""
-    from pipeline.maths.kinds import kind_of
+    from pipeline.maths.kinds import maths_of
     from pipeline.maths.smoothing import smoothed_blocks
 
-    rows = kind_of(problem.kind).rows
+    rows = maths_of(problem.kind).rows
     m = problem.fn(problem.x).numel()
 
     def rows_at(point, a, b):
@@ -62,7 +62,7 @@ def smoothed(problem, smoothing) -> dict[str, np.ndarray]:
 
 
 def stderr_vs_k(report: Report, ks: list[int]) -> None:
-    from pipeline.maths.smoothing import parse_smooth
+    from pipeline.core.smoothing import parse_smooth
 
     rows, slopes = [], []
     for job, (params, sigma) in JOBS.items():
@@ -119,8 +119,8 @@ def wall_vs_k(report: Report, ks: list[int]) -> None:
 
 
 def sigma_to_zero(report: Report, sigmas: list[float]) -> None:
-    from pipeline.analysis.compare import jacobian_reference
-    from pipeline.maths.smoothing import parse_smooth
+    from pipeline.core.smoothing import parse_smooth
+    from pipeline.maths.references import jacobian_reference
 
     problem = _problem("mlp", SMOOTH_MLP)
     exact = jacobian_reference(problem)

@@ -353,8 +353,8 @@ def soak(
 
 def _commit_fixture(shards: int, root: Path) -> tuple[Any, list[Any]]:
     """A prepared :class:`ResultFolder` of a ``shards``-shard plan and its shard entries."""
+    from pipeline.core.shapes import Shapes
     from pipeline.core.shard import ShardResult
-    from pipeline.problem.problem import Shapes
     from pipeline.store.folder import ResultFolder
     from pipeline.store.manifest import Manifest
     from pipeline.store.parts import part_name

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pipeline.core import __version__ as __version__
 from pipeline.core.errors import JacpipeError as JacpipeError
 from pipeline.problem.problem import Problem as Problem
-
-__version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pipeline.analysis.compare import compare as compare_result  # noqa: F401

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.core.errors import JacpipeError
+from pipeline.core.shapes import Shapes
 from pipeline.core.shard import ShardResult
-from pipeline.problem.problem import Shapes
 from pipeline.store.folder import ResultFolder
 from pipeline.store.manifest import MANIFEST, Manifest, unwrap_manifest
 from pipeline.store.parts import PartWriter, dense_schema, part_name

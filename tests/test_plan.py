@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Shapes
+from pipeline.core.shapes import Shapes
 from pipeline.runner.plan import (
     Resources,
     RunOptions,

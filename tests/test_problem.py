@@ -7,10 +7,10 @@ import torch
 
 from pipeline import Problem
 from pipeline.core.errors import JacpipeError
+from pipeline.core.fingerprint import check_fingerprint
 from pipeline.problem.problem import (
     build_problem,
     builtin_jobs,
-    check_fingerprint,
     fingerprint,
     parse_params,
     resolve_builder,

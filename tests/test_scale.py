@@ -202,7 +202,7 @@ def test_old_format_1_parts_still_read(tmp_path):
     """A part written the old way (pyarrow's own writer, nullable elements) still reads."""
     rng = np.random.default_rng(1)
     data = rng.standard_normal((30, 7)).astype(np.float32)
-    from pipeline.problem.problem import Shapes
+    from pipeline.core.shapes import Shapes
 
     shapes = Shapes("jacobian", (7,), (30,), None, "float32")
     schema = pa.schema([pa.field("row", pa.int64(), nullable=False),
@@ -274,8 +274,8 @@ def test_linear_operator_of_a_sparse_result(tmp_path):
 
     rng = np.random.default_rng(2)
     mat = sp.random(40, 30, density=0.1, random_state=3, format="csr")
+    from pipeline.core.shapes import Shapes
     from pipeline.core.shard import ShardResult
-    from pipeline.problem.problem import Shapes
     from pipeline.store.parts import sparse_schema
 
     shapes = Shapes("jacobian", (30,), (40,), None, "float64")
@@ -308,7 +308,7 @@ def test_lsmr_gauss_newton_step_on_a_result(tmp_path):
 
 def test_compression_option_is_checked_and_planned():
     from pipeline.core.errors import JacpipeError
-    from pipeline.problem.problem import Shapes
+    from pipeline.core.shapes import Shapes
     from pipeline.runner.plan import Resources, RunOptions, make_plan, parse_compression
 
     assert parse_compression("zstd") == ("zstd", None)

@@ -13,17 +13,11 @@ import torch
 from torch.autograd.functional import jacobian
 from typer.testing import CliRunner
 
+from pipeline.analysis.smoothing import read_column
 from pipeline.cli import app
 from pipeline.core.errors import JacpipeError
-from pipeline.maths.smoothing import (
-    ESTIMATORS,
-    Smoothing,
-    agreement_z,
-    direction,
-    parse_smooth,
-    read_column,
-    smoothed_blocks,
-)
+from pipeline.core.smoothing import ESTIMATORS, Smoothing, parse_smooth
+from pipeline.maths.smoothing import agreement_z, direction, smoothed_blocks
 from pipeline.runner.plan import RunOptions
 
 MLP = ["n=6", "m=5", "hidden=8", "activation=relu", "dtype=float64"]

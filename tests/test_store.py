@@ -120,8 +120,8 @@ def test_not_a_result(tmp_path):
 
 
 def test_shard_spec_and_result_round_trip_through_json():
+    from pipeline.core.shapes import Shapes
     from pipeline.core.shard import ShardResult, ShardSpec
-    from pipeline.problem.problem import Shapes
 
     spec = ShardSpec(job="mlp", params={"n": 4}, fingerprint={"x": "y"},
                      shapes=Shapes("batched", (3,), (2,), 5, "float64"), index=1, start=2,

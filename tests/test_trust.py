@@ -21,6 +21,7 @@ from torch.autograd.functional import hessian, jacobian
 from pipeline import Problem
 from pipeline.analysis.compare import disagreements, errors, explain_nan_differences
 from pipeline.core.errors import JacpipeError
+from pipeline.core.fingerprint import FingerprintMismatch, check_fingerprint
 from pipeline.maths.adjoint import ADJOINT_RTOL, AdjointCheck, adjoint_check
 from pipeline.maths.engine import (
     InputWriteError,
@@ -28,13 +29,11 @@ from pipeline.maths.engine import (
     VmapFallbackWarning,
     batched_rows,
     hessian_rows,
-    iter_rows,
     jacobian_rows,
 )
+from pipeline.maths.kinds import iter_rows
 from pipeline.problem.problem import (
-    FingerprintMismatch,
     build_problem,
-    check_fingerprint,
     code_sha256,
     fingerprint,
     source_sha256,

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
-from pipeline.maths.kinds import kind_of
+from pipeline.core.kinds import kind_of
+from pipeline.maths.kinds import maths_of, reference_full, reference_rows
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10}
 #: Batched results with more samples are checked on sampled rows unless ``--all``.
@@ -51,92 +52,18 @@ class CompareReport:
         return dict(asdict(self), ok=self.ok)
 
 
-def reference_rows(problem: Any, rows: Any) -> Any:
-    """Rows of the derivative by plain autograd, in one process.
-
-    Jacobian rows: one ``autograd.grad`` per row; Hessian rows: one
-    ``autograd.grad`` of the gradient (built with ``create_graph``) per row;
-    batched rows: ``torch.autograd.functional.jacobian`` of each sample that
-    the rows touch (a per-sample loop, never the ``B²`` cross terms).
-
-    Args:
-        problem: a :class:`pipeline.Problem`.
-        rows: flat row indices (numpy int array).
-
-    Returns:
-        numpy array ``(len(rows), n)``.
-    """
-    return kind_of(problem.kind).reference_rows(problem, rows)
 
 
-def reference_full(problem: Any) -> Any:
-    """The whole derivative with torch's one-process functions, as numpy ``(rows, n)``."""
-    return kind_of(problem.kind).reference(problem)
 
 
-def jacobian_reference(problem: Any) -> Any:
-    """``torch.autograd.functional.jacobian`` at ``x``, as ``(m, n)`` numpy."""
-    from torch.autograd.functional import jacobian
-
-    j = jacobian(problem.fn, problem.x)
-    return j.reshape(-1, problem.x.numel()).detach().cpu().numpy()
 
 
-def hessian_reference(problem: Any) -> Any:
-    """``torch.autograd.functional.hessian`` at ``x``, as ``(n, n)`` numpy."""
-    from torch.autograd.functional import hessian
-
-    h = hessian(lambda t: problem.fn(t).reshape(()), problem.x)
-    return h.reshape(problem.x.numel(), -1).detach().cpu().numpy()
 
 
-def batched_reference(problem: Any) -> Any:
-    """``torch.autograd.functional.jacobian`` of every sample, stacked as ``(B * m, n)``."""
-    import torch
-    from torch.autograd.functional import jacobian
-
-    blocks = [
-        jacobian(problem.fn, problem.x[b]).reshape(-1, problem.x[b].numel())
-        for b in range(problem.x.shape[0])
-    ]
-    return torch.cat(blocks).detach().cpu().numpy()
 
 
-def batched_reference_rows(problem: Any, rows: Any) -> Any:
-    """Rows of per-sample Jacobians: ``autograd.functional.jacobian`` of each sample touched."""
-    import numpy as np
-    import torch
-    from torch.autograd.functional import jacobian
-
-    xs = problem.x
-    n = xs[0].numel()
-    m = problem.fn(xs[0]).numel()
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    result = np.empty((len(rows), n), dtype=xs.detach().cpu().numpy().dtype)
-    for b in np.unique(rows // m):
-        here = np.flatnonzero(rows // m == b)
-        jac = jacobian(problem.fn, xs[int(b)].detach()).reshape(m, n)
-        result[here] = jac[torch.as_tensor(rows[here] % m)].detach().cpu().numpy()
-    return result
 
 
-def gradient_reference_rows(problem: Any, rows: Any) -> Any:
-    """Rows of a Jacobian (Hessian kind: of the gradient's Jacobian), one autograd.grad each."""
-    import numpy as np
-    import torch
-
-    x = problem.x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        if kind_of(problem.kind).symmetric:
-            (grad,) = torch.autograd.grad(problem.fn(x).reshape(()), x, create_graph=True)
-            y = grad.reshape(-1)
-        else:
-            y = problem.fn(x).reshape(-1)
-    out = []
-    for r in rows:
-        (g,) = torch.autograd.grad(y[int(r)], x, retain_graph=True, allow_unused=True)
-        out.append(torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1))
-    return torch.stack(out).detach().cpu().numpy() if out else np.zeros((0, x.numel()))
 
 
 def sample_rows(total: int, k: int, seed: int = 0) -> Any:
@@ -301,7 +228,7 @@ def compare(
                else _checked_given(result, problem))
     bad = {p.index for p in broken}
     good = [s for s in result.committed if s.index not in bad]
-    if result.manifest.extra.get("smoothing"):
+    if result.manifest.smoothing is not None:
         return compare_smoothed(result, problem, good, problems, rows=rows, all_rows=all_rows,
                                 rtol=rtol, memory_budget=memory_budget, seed=seed)
     t0 = time.perf_counter()
@@ -368,21 +295,22 @@ def compare_smoothed(
     """
     import numpy as np
 
+    from pipeline.analysis import smoothing as reading
     from pipeline.maths import smoothing as sm
 
-    smoothing = sm.Smoothing.from_json(result.manifest.extra["smoothing"])
+    smoothing = result.manifest.smoothing
     full = (all_rows or (rows is None and _fits(result, memory_budget))) and not problems
     idx = (np.arange(result.shape[0]) if full else _sampled_rows(good, rows, seed)).astype(np.int64)
     t0 = time.perf_counter()
     ref = sm.reference_rows(problem, smoothing.with_seed(smoothing.seed + 1), idx)
     ref_seconds = time.perf_counter() - t0
     got = {c: (result.read(idx, verify=False, as_="numpy") if c == "values"
-               else sm.read_column(result, c, idx)) for c in smoothing.columns}
+               else reading.read_column(result, c, idx)) for c in smoothing.columns}
     r = rtol if rtol is not None else DEFAULT_RTOL[result.dtype]
     check = sm.check_against(got, ref, reference_rows(problem, idx), idx, rtol=r)
     bias, brow, bcol = check.bias
     extra: dict[str, Any] = {
-        "smoothing": sm.describe(smoothing),
+        "smoothing": reading.describe(smoothing),
         "reference": f"independent Monte Carlo, seed {smoothing.seed + 1}, plain autograd",
         "worst |diff| / combined stderr": f"{check.worst_z:.2f} (threshold {check.z:.2f})",
         "stderr max / median": f"{check.max_stderr:.3e} / {check.median_stderr:.3e}",
@@ -425,7 +353,8 @@ def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> 
         JacpipeError: a ``module:function`` job that was not named or trusted,
             or the job now builds a different problem.
     """
-    from pipeline.problem.problem import FingerprintMismatch, rebuild, split_spec
+    from pipeline.core.fingerprint import FingerprintMismatch
+    from pipeline.problem.problem import rebuild, split_spec
 
     man = result.manifest
     if man.job.startswith("python:"):
@@ -455,12 +384,8 @@ def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> 
 
 def _checked_given(result: Any, problem: Any) -> Any:
     """A Problem handed to :func:`compare`, checked against the stored fingerprint."""
-    from pipeline.problem.problem import (
-        FingerprintMismatch,
-        check_fingerprint,
-        fingerprint,
-        validate,
-    )
+    from pipeline.core.fingerprint import FingerprintMismatch, check_fingerprint
+    from pipeline.problem.problem import fingerprint, validate
 
     try:
         check_fingerprint(result.manifest.fingerprint,
@@ -598,7 +523,7 @@ def fd_report(
         if not 0 <= sample < (shapes.batch or 0):
             raise JacpipeError(f"--sample {sample}: the result has {shapes.batch} samples")
         rows = np.arange(sample * shapes.m, (sample + 1) * shapes.m)
-    fn, x = kind.differentiated(problem, sample)
+    fn, x = maths_of(shapes.kind).differentiated(problem, sample)
 
     def ad_columns(wanted: Any) -> Any:
         wanted = np.asarray(wanted, dtype=np.int64)
@@ -608,9 +533,9 @@ def fd_report(
         return np.concatenate(parts) if parts else np.zeros((0, len(wanted)))
 
     report = fd_check(fn, x, ad_columns, sample_columns(shapes.n, columns, seed=seed))
-    if report.nonsmooth_inputs and shapes.kind == "jacobian" and not result.manifest.extra.get(
-            "smoothing"):
-        from pipeline.maths.smoothing import suggestion
+    if (report.nonsmooth_inputs and kind_of(shapes.kind).smoothable
+            and result.manifest.smoothing is None):
+        from pipeline.analysis.smoothing import suggestion
 
         report.notes.append(suggestion(result.manifest.job, result.manifest.params, x,
                                        report.nonsmooth_inputs))

@@ -42,8 +42,8 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
     )
     nnz = stats["nnz"]
     smoothed = {}
-    if man.extra.get("smoothing"):
-        from pipeline.maths.smoothing import summary
+    if man.smoothing is not None:
+        from pipeline.analysis.smoothing import summary
 
         smoothed = {"smoothing": summary(result, good)}
     seconds = [float(s.seconds) for s in result.committed]

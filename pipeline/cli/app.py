@@ -38,7 +38,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        from pipeline import __version__
+        from pipeline.core import __version__
 
         typer.echo(f"jacpipe {__version__}")
         raise typer.Exit()
@@ -192,7 +192,8 @@ def run_cmd(
         f"in {man.get('wall_seconds', 0):.2f}s"
     )
     if man.get("smoothing"):
-        from pipeline.maths.smoothing import Smoothing, describe
+        from pipeline.analysis.smoothing import describe
+        from pipeline.core.smoothing import Smoothing
 
         typer.echo(f"smoothed: {describe(Smoothing.from_json(man['smoothing']))}; "
                    "stderr column holds each entry's standard error")

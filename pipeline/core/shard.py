@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.maths.kinds import Layout
-from pipeline.problem.problem import Shapes
+from pipeline.core.kinds import Layout
+from pipeline.core.shapes import Shapes
+from pipeline.core.smoothing import Smoothing
 
 #: Version of the on-disk format these specs produce (the manifest and parts).
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ class ShardSpec:
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
         compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
-        smoothing: a smoothed run's :class:`~pipeline.maths.smoothing.Smoothing` as JSON, else None.
+        smoothing: a smoothed run's settings, else None.
     """
 
     job: str
@@ -60,7 +61,7 @@ class ShardSpec:
     group_rows: int
     chunk_size: int | None = None
     compression: str = "zstd"
-    smoothing: Mapping[str, Any] | None = None
+    smoothing: Smoothing | None = None
 
     @property
     def rows(self) -> int:
@@ -78,13 +79,14 @@ class ShardSpec:
             "compression": self.compression,
             "fingerprint": dict(self.fingerprint),
             "shard": {"index": self.index, "start": self.start, "stop": self.stop},
-        } | ({"smoothing": dict(self.smoothing)} if self.smoothing else {})
+        } | ({"smoothing": self.smoothing.to_json()} if self.smoothing else {})
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["params"] = dict(self.params)
         out["fingerprint"] = dict(self.fingerprint)
         out["shapes"] = self.shapes.to_json()
+        out["smoothing"] = self.smoothing.to_json() if self.smoothing else None
         return out
 
     @classmethod
@@ -92,6 +94,8 @@ class ShardSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs["shapes"] = Shapes.from_json(d["shapes"])
+        if kwargs.get("smoothing") is not None:
+            kwargs["smoothing"] = Smoothing.from_json(kwargs["smoothing"])
         return cls(**kwargs)
 
 

@@ -800,22 +800,3 @@ def batched_rows(
     return _assemble(blocks, start, stop, xs.new_empty(0, xs[0].numel()))
 
 
-def iter_rows(
-    problem: Any,
-    start: int,
-    stop: int,
-    *,
-    chunk_size: int | None = None,
-    method: str = "rev",
-) -> Iterator[tuple[int, Tensor]]:
-    """Dispatch on ``problem.kind``: the one entry point the workers call."""
-    kind = problem.kind
-    if kind == "jacobian":
-        it = iter_jacobian_rows
-    elif kind == "hessian":
-        it = iter_hessian_rows
-    elif kind == "batched":
-        it = iter_batched_rows
-    else:
-        raise ValueError(f"unknown kind {kind!r}")
-    return it(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method)

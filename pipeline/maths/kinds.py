@@ -1,40 +1,29 @@
-"""The derivative kinds in one table: what is differentiated, which rows, which reference.
+"""The maths of each kind: its row generator and torch's single-process references.
 
-A :class:`pipeline.Problem` says which kind it is (``Problem.kind``); every
-module that needs to know what that means looks it up here instead of
-testing strings:
-
-========  ==========================  =======================  =============================
-kind      rows are over               differentiated function  single-process reference
-========  ==========================  =======================  =============================
-jacobian  ``fn(x).reshape(-1)``       ``fn``                   ``autograd.functional.jacobian``
-hessian   ``x.reshape(-1)``           ``grad fn`` (scalar fn)  ``autograd.functional.hessian``
-batched   ``(sample, fn(x[b]) row)``  ``fn`` per sample        ``jacobian`` per sample
-========  ==========================  =======================  =============================
+The other half of the kind table (:mod:`pipeline.core.kinds` says what a kind
+*is*; this says how its rows and references are *computed*). A new kind adds a
+row to both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
-from pipeline.problem.problem import Kind
+from pipeline.core.kinds import KINDS, KindSpec, kind_of
+from pipeline.maths import engine, references
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: How a result is stored: fixed-size rows, or (cols, values) per row.
-Layout = Literal["dense", "sparse"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
-#: How rows are computed: one VJP per row, one JVP per column, or one pass per colour.
-Method = Literal["rev", "fwd", "sparse"]
+    from pipeline.problem.problem import Problem
 
 
 def scalar_grad(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
     """The gradient of a scalar function, as a function (``torch.func.grad``).
 
-    The Hessian kind differentiates this; every module spells it through here.
+    The symmetric (Hessian) kind differentiates this; every module spells it through here.
     """
     import torch
 
@@ -42,85 +31,83 @@ def scalar_grad(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
 
 
 @dataclass(frozen=True)
-class KindSpec:
-    """What one derivative kind means (see the module docstring).
+class KindMaths:
+    """How one kind's rows and references are computed.
 
     Args:
-        name: the kind.
+        spec: what the kind is (:class:`pipeline.core.kinds.KindSpec`).
         rows: ``(fn, x, start, stop, *, chunk_size, method) -> iterator of
             (first_row, block)``: the engine's row generator.
         reference: ``problem -> (rows, n) numpy``: torch's single-process answer.
         reference_rows: ``(problem, rows) -> (len(rows), n) numpy`` by plain autograd.
-        symmetric: the derivative is symmetric (colour it with a star colouring).
-        per_sample: ``x`` is a batch and rows are per sample.
     """
 
-    name: Kind
+    spec: KindSpec
     rows: Callable[..., Iterator[tuple[int, Tensor]]]
     reference: Callable[[Any], Any]
     reference_rows: Callable[[Any, Any], Any]
-    symmetric: bool
-    per_sample: bool
 
-    def differentiated(self, problem: Any, sample: int = 0) -> tuple[Callable, Tensor]:
+    def differentiated(self, problem: Problem, sample: int = 0) -> tuple[Callable, Tensor]:
         """``(f, x)`` whose Jacobian is this kind's matrix (one sample if per-sample)."""
-        if self.symmetric:
+        if self.spec.symmetric:
             return scalar_grad(problem.fn), problem.x
-        if self.per_sample:
+        if self.spec.per_sample:
             return problem.fn, problem.x[sample]
         return problem.fn, problem.x
 
 
-def _lazy(module: str, name: str) -> Callable[..., Any]:
-    """``module.name``, imported on first call (torch loads only when rows are computed)."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = name
-    return call
-
-
-_E, _C = "pipeline.maths.engine", "pipeline.analysis.compare"
-KINDS: dict[str, KindSpec] = {
-    "jacobian": KindSpec(
-        "jacobian", _lazy(_E, "iter_jacobian_rows"), _lazy(_C, "jacobian_reference"),
-        _lazy(_C, "gradient_reference_rows"), symmetric=False, per_sample=False,
-    ),
-    "hessian": KindSpec(
-        "hessian", _lazy(_E, "iter_hessian_rows"), _lazy(_C, "hessian_reference"),
-        _lazy(_C, "gradient_reference_rows"), symmetric=True, per_sample=False,
-    ),
-    "batched": KindSpec(
-        "batched", _lazy(_E, "iter_batched_rows"), _lazy(_C, "batched_reference"),
-        _lazy(_C, "batched_reference_rows"), symmetric=False, per_sample=True,
-    ),
+KIND_MATHS: dict[str, KindMaths] = {
+    "jacobian": KindMaths(KINDS["jacobian"], engine.iter_jacobian_rows,
+                          references.jacobian_reference, references.gradient_reference_rows),
+    "hessian": KindMaths(KINDS["hessian"], engine.iter_hessian_rows,
+                         references.hessian_reference, references.gradient_reference_rows),
+    "batched": KindMaths(KINDS["batched"], engine.iter_batched_rows,
+                         references.batched_reference, references.batched_reference_rows),
 }
 
 
-def kind_of(name: str) -> KindSpec:
-    """The :class:`KindSpec` of ``name``.
+def maths_of(name: str) -> KindMaths:
+    """The :class:`KindMaths` of kind ``name``.
 
     Raises:
         ValueError: unknown kind.
     """
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown kind {name!r}; expected one of {tuple(KINDS)}") from None
+    return KIND_MATHS[kind_of(name).name]
 
 
 def iter_rows(
-    problem: Any, start: int, stop: int, *, chunk_size: int | None = None, method: str = "rev",
-    m: int | None = None,
+    problem: Problem, start: int, stop: int, *, chunk_size: int | None = None,
+    method: str = "rev", m: int | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``[start, stop)`` of ``problem``'s derivative, chunk by chunk (dense methods).
 
     ``m``: outputs per sample, when known (per-sample kinds skip a forward pass to learn it).
     """
-    spec = kind_of(problem.kind)
-    extra = {"m": m} if spec.per_sample and m is not None else {}
-    return spec.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
-                     **extra)
+    maths = maths_of(problem.kind)
+    extra = {"m": m} if maths.spec.per_sample and m is not None else {}
+    return maths.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
+                      **extra)
+
+
+
+def reference_rows(problem: Any, rows: Any) -> Any:
+    """Rows of the derivative by plain autograd, in one process.
+
+    Jacobian rows: one ``autograd.grad`` per row; Hessian rows: one
+    ``autograd.grad`` of the gradient (built with ``create_graph``) per row;
+    batched rows: ``torch.autograd.functional.jacobian`` of each sample that
+    the rows touch (a per-sample loop, never the ``B²`` cross terms).
+
+    Args:
+        problem: a :class:`pipeline.Problem`.
+        rows: flat row indices (numpy int array).
+
+    Returns:
+        numpy array ``(len(rows), n)``.
+    """
+    return maths_of(problem.kind).reference_rows(problem, rows)
+
+
+def reference_full(problem: Any) -> Any:
+    """The whole derivative with torch's one-process functions, as numpy ``(rows, n)``."""
+    return maths_of(problem.kind).reference(problem)

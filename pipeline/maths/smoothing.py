@@ -42,8 +42,6 @@ file is the dense layout plus a ``stderr`` column (``both``: ``zeroth`` and
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,158 +49,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.smoothing import Smoothing, _numpy
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-ESTIMATORS = ("first", "zeroth", "both")
-#: ``--smooth auto``: sigma_j = AUTO_FRACTION * max(1, |x_j|).
-AUTO_FRACTION = 1e-2
-DEFAULT_SAMPLES = 64
-#: Extra columns of a smoothed part, by estimator (``values`` always comes first).
-COLUMNS = {
-    "first": ("values", "stderr"),
-    "zeroth": ("values", "stderr"),
-    "both": ("values", "stderr", "zeroth", "zeroth_stderr"),
-}
-ORDER = {"first": "first-order", "zeroth": "zeroth-order", "both": "first- and zeroth-order"}
 #: Standard errors within which an independent Monte Carlo reference must agree
 #: (at least; more for many entries, see :func:`agreement_z`).
 MIN_Z = 4.0
 
 
-@dataclass(frozen=True)
-class Smoothing:
-    """What a smoothed run estimates (recorded in the manifest as ``smoothing``).
-
-    Args:
-        sigma: one scale for every input, ``"auto"`` (``fraction * max(1, |x_j|)``),
-            or one scale per flat input (a tuple, e.g. from a ``.npy`` file).
-        samples: ``K`` perturbations, an even number (``K / 2`` antithetic pairs).
-        seed: seed of the perturbations.
-        estimator: ``first``, ``zeroth`` or ``both``.
-        fraction: the ``auto`` fraction.
-        source: where a per-input sigma came from (a file name), for the record.
-    """
-
-    sigma: float | str | tuple[float, ...]
-    samples: int = DEFAULT_SAMPLES
-    seed: int = 0
-    estimator: str = "first"
-    fraction: float = AUTO_FRACTION
-    source: str | None = None
-
-    @property
-    def pairs(self) -> int:
-        return self.samples // 2
-
-    @property
-    def first(self) -> bool:
-        return self.estimator in ("first", "both")
-
-    @property
-    def zeroth(self) -> bool:
-        return self.estimator in ("zeroth", "both")
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        return COLUMNS[self.estimator]
-
-    def with_seed(self, seed: int) -> Smoothing:
-        """The same smoothing with another seed (an independent Monte Carlo run)."""
-        return dataclasses.replace(self, seed=seed)
-
-    def sigma_vector(self, x: Any) -> np.ndarray:
-        """sigma per flat input of ``x`` (float64 numpy ``(n,)``).
-
-        Raises:
-            JacpipeError: a per-input sigma of the wrong length.
-        """
-        flat = np.asarray(_numpy(x), dtype=np.float64).reshape(-1)
-        if self.sigma == "auto":
-            return self.fraction * np.maximum(1.0, np.abs(flat))
-        if isinstance(self.sigma, tuple):
-            if len(self.sigma) != flat.size:
-                raise JacpipeError(
-                    f"--smooth {self.source or 'vector'}: {len(self.sigma)} sigmas for "
-                    f"{flat.size} inputs; give one per flat input of x"
-                )
-            return np.asarray(self.sigma, dtype=np.float64)
-        return np.full(flat.size, float(self.sigma))
-
-    def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        if isinstance(self.sigma, tuple):
-            out["sigma"] = list(self.sigma)
-        return out
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Smoothing:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if isinstance(kwargs.get("sigma"), list):
-            kwargs["sigma"] = tuple(float(s) for s in kwargs["sigma"])
-        return cls(**kwargs)
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
-def parse_smooth(
-    smooth: float | str | None, *, samples: int = DEFAULT_SAMPLES, seed: int = 0,
-    estimator: str = "first",
-) -> Smoothing | None:
-    """Read ``--smooth SIGMA|auto|FILE.npy`` and its companions into a :class:`Smoothing`.
-
-    Args:
-        smooth: a positive number, ``auto``, a ``.npy`` file of per-input sigmas, or None.
-        samples: ``--samples K`` (even, at least 4).
-        seed: ``--smooth-seed``.
-        estimator: ``--estimator first|zeroth|both``.
-
-    Returns:
-        The smoothing, or None when ``smooth`` is None.
-
-    Raises:
-        JacpipeError: one line naming the option, what arrived and what is allowed.
-    """
-    if smooth is None:
-        return None
-    if estimator not in ESTIMATORS:
-        raise JacpipeError(f"--estimator must be first, zeroth or both, got {estimator!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 4 or samples % 2:
-        raise JacpipeError(
-            f"--samples must be an even number >= 4 (antithetic pairs +w, -w; a standard "
-            f"error needs two pairs), got {samples!r}"
-        )
-    common = {"samples": samples, "seed": int(seed), "estimator": estimator}
-    text = str(smooth).strip()
-    if text == "auto":
-        return Smoothing("auto", **common)
-    if text.endswith(".npy"):
-        return Smoothing(_sigma_file(text), source=os.path.basename(text), **common)
-    try:
-        sigma = float(text)
-    except ValueError:
-        raise JacpipeError(
-            f"--smooth must be a positive number, auto, or a .npy file of per-input sigmas, "
-            f"got {smooth!r}"
-        ) from None
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise JacpipeError(f"--smooth must be positive and finite, got {smooth!r}")
-    return Smoothing(sigma, **common)
 
 
-def _sigma_file(path: str) -> tuple[float, ...]:
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise JacpipeError(f"--smooth {path}: cannot read it as a .npy array ({exc})") from None
-    flat = np.asarray(arr, dtype=np.float64).reshape(-1)
-    if not flat.size or not (np.isfinite(flat).all() and (flat > 0).all()):
-        raise JacpipeError(f"--smooth {path}: every sigma must be positive and finite")
-    return tuple(float(s) for s in flat)
 
 
 def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
@@ -219,22 +81,6 @@ def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
     smoothing.sigma_vector(problem.x)
 
 
-def suggestion(job: str, params: Mapping[str, Any], x: Any, kinked: list[int]) -> str:
-    """A ``--smooth`` command line for a result found to have kinks along ``kinked`` inputs.
-
-    NOTE: the sigma offered is the ``auto`` scale of the kinked inputs
-    (``AUTO_FRACTION * max(1, |x_j|)``): small enough to keep the bias on the
-    smooth inputs low, large enough that K = 256 samples straddle the kink.
-    """
-    flat = np.abs(np.asarray(_numpy(x), dtype=np.float64).reshape(-1))
-    sigma = AUTO_FRACTION * max(1.0, float(flat[kinked].max())) if kinked else AUTO_FRACTION
-    args = "".join(f"-p {k}={v} " for k, v in params.items())
-    return (
-        f"to differentiate through the kink, smooth it: jacpipe run {job} {args}"
-        f"--smooth {sigma:g} --samples 256 --out out/{job.split(':')[-1]}-smooth (the Jacobian of "
-        "E[f(x + sigma w)] with a standard error per entry; a larger sigma trades bias for "
-        "variance)"
-    )
 
 
 def direction(seed: int, pair: int, n: int) -> np.ndarray:
@@ -349,112 +195,14 @@ def smoothed_chunk(chunk: int, smoothing: Smoothing, itemsize: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-def part_schema(n: int, dtype: str, smoothing: Smoothing) -> Any:
-    """The one schema of a smoothed part: the dense one plus ``stderr`` (and the zeroth order's)."""
-    from pipeline.store.parts import dense_schema
-
-    return dense_schema(n, dtype, extra=smoothing.columns[1:])
 
 
-def write_shard(writer: Any, problem: Any, spec: Any, chunk: int) -> None:
-    """Write a smoothed shard: rows ``[spec.start, spec.stop)``, values and error bars.
-
-    Args:
-        writer: the shard's :class:`~pipeline.store.parts.PartWriter` (smoothed schema).
-        problem: the rebuilt problem (a ``jacobian`` kind).
-        spec: the :class:`~pipeline.core.shard.ShardSpec` (``smoothing`` set).
-        chunk: the plain shard's rows per pass (divided here, see :func:`smoothed_chunk`).
-    """
-    from pipeline.maths.kinds import kind_of
-
-    smoothing = Smoothing.from_json(spec.smoothing)
-    engine_rows = kind_of(problem.kind).rows
-    dtype = np.dtype(spec.shapes.dtype)
-
-    def rows_at(point: Tensor, a: int, b: int) -> np.ndarray:
-        blocks = [blk.detach().cpu().numpy() for _, blk in
-                  engine_rows(problem.fn, point, a, b, chunk_size=b - a, method=spec.method)]
-        return np.concatenate(blocks) if blocks else np.zeros((0, point.numel()))
-
-    chunk = smoothed_chunk(chunk, smoothing, spec.shapes.itemsize)
-    for a, cols in smoothed_blocks(problem.fn, problem.x, smoothing, rows_at, spec.start,
-                                   spec.stop, chunk=chunk):
-        writer.write_columns(a, {k: v.astype(dtype) for k, v in cols.items()})
 
 
-def read_column(result: Any, column: str, rows: Any = None) -> np.ndarray:
-    """One extra column (``stderr``, ``zeroth``, ...) of a smoothed result, as ``(rows, n)``.
-
-    Args:
-        result: an open :class:`~pipeline.store.reader.JacobianResult`.
-        column: the column.
-        rows: flat row indices, or None for all committed rows in order.
-    """
-    import pyarrow.parquet as pq
-
-    n = result.shapes.n
-    parts_rows, parts = [], []
-    for shard in sorted(result.committed, key=lambda s: s.start):
-        table = pq.read_table(result.storage.path(shard.file), columns=["row", column],
-                              filesystem=result.storage.fs)
-        parts_rows.append(table.column("row").to_numpy())
-        flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(flat.reshape(-1, n))
-    all_rows = np.concatenate(parts_rows) if parts_rows else np.zeros(0, np.int64)
-    block = np.concatenate(parts) if parts else np.zeros((0, n))
-    if rows is None:
-        return block
-    where = {int(r): i for i, r in enumerate(all_rows)}
-    return block[[where[int(r)] for r in np.asarray(rows).reshape(-1)]]
 
 
-def summary(result: Any, good: list[Any], *, top: int = 8) -> dict[str, Any]:
-    """What ``inspect`` shows of a smoothed result: its smoothing and its error bars.
-
-    Streams one shard at a time (``values`` and ``stderr`` of its rows).
-
-    Args:
-        result: an open :class:`~pipeline.store.reader.JacobianResult` (dense, smoothed).
-        good: the trusted shards.
-        top: how many of the largest entries to list with their standard errors.
-
-    Returns:
-        ``describe``, ``stderr_max``, ``stderr_median`` (over all entries; the
-        median of the per-shard medians when there are several shards),
-        ``relative_stderr`` (``stderr_max / max |value|``), ``largest``
-        (``[row, col, value, stderr]`` of the ``top`` largest |values|).
-    """
-    smoothing = Smoothing.from_json(result.manifest.extra["smoothing"])
-    best: list[tuple[float, int, int, float, float]] = []
-    medians, se_max, v_max = [], 0.0, 0.0
-    for shard in good:
-        rows = np.arange(shard.start, shard.stop)
-        values = result.read(rows, verify=False, as_="numpy")
-        se = read_column(_Only(result, shard), "stderr")
-        if not se.size:
-            continue
-        medians.append(float(np.median(se)))
-        se_max, v_max = max(se_max, float(se.max())), max(v_max, float(np.abs(values).max()))
-        flat = np.argsort(-np.abs(values), axis=None)[:top]
-        for i, j in zip(*np.unravel_index(flat, values.shape), strict=True):
-            best.append((abs(float(values[i, j])), int(rows[i]), int(j), float(values[i, j]),
-                         float(se[i, j])))
-    best = sorted(best, reverse=True)[:top]
-    return {
-        "describe": describe(smoothing),
-        **smoothing.to_json(),
-        "stderr_max": se_max,
-        "stderr_median": float(np.median(medians)) if medians else None,
-        "relative_stderr": se_max / v_max if v_max else None,
-        "largest": [[r, c, v, e] for _, r, c, v, e in best],
-    }
 
 
-class _Only:
-    """A view of a result with one committed shard (for :func:`read_column`)."""
-
-    def __init__(self, result: Any, shard: Any) -> None:
-        self.shapes, self.storage, self.committed = result.shapes, result.storage, [shard]
 
 
 def agreement_z(entries: int) -> float:
@@ -516,9 +264,9 @@ def reference_rows(problem: Any, smoothing: Smoothing, rows: np.ndarray, *, chun
     Returns:
         ``{column: (len(rows), n)}`` as :attr:`Smoothing.columns`.
     """
-    from pipeline.maths.kinds import kind_of
+    from pipeline.maths.kinds import maths_of
 
-    reference = kind_of(problem.kind).reference_rows
+    reference = maths_of(problem.kind).reference_rows
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
 
     def rows_at(point: Tensor, a: int, b: int) -> np.ndarray:
@@ -570,13 +318,3 @@ def check_against(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], 
     )
 
 
-def describe(smoothing: Smoothing) -> str:
-    """One line: sigma, K, estimator, seed."""
-    if isinstance(smoothing.sigma, tuple):
-        sigma = f"per input from {smoothing.source or 'a vector'}"
-    elif smoothing.sigma == "auto":
-        sigma = f"auto ({smoothing.fraction:g} * max(1, |x_j|))"
-    else:
-        sigma = f"{float(smoothing.sigma):g}"
-    return (f"sigma {sigma}, K={smoothing.samples} ({smoothing.pairs} antithetic pairs), "
-            f"{ORDER[smoothing.estimator]}, seed {smoothing.seed}")

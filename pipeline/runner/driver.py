@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.errors import JacpipeError, ShardFailedError, first_line
+from pipeline.core.shapes import Shapes
 from pipeline.core.shard import ShardResult, ShardSpec
+from pipeline.core.smoothing import Smoothing
 from pipeline.problem.problem import (
-    Shapes,
     build_problem,
     fingerprint,
     job_parameters,
@@ -88,7 +89,7 @@ class _Job:
     adjoint: Any  # the AdjointCheck, when forward mode was on the table
     pass_seconds: float = 0.0  # one forward + backward, timed by the fingerprint
     problem: Any = None  # a Problem handed in memory (shipped to workers), else None
-    smoothing: dict[str, Any] | None = None  # a smoothed run's Smoothing.to_json()
+    smoothing: Smoothing | None = None
 
 
 def _uri_or_abspath(out: str) -> str:
@@ -131,7 +132,7 @@ def _check_job(opts: RunOptions, given: Any = None) -> _Job:
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
-        smoothing=smoothing.to_json() if smoothing else None,
+        smoothing=smoothing,
     )
 
 
@@ -533,8 +534,8 @@ def _manifest(opts: RunOptions, job: _Job, plan: RunPlan) -> Manifest:
             **({} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()}),
             **({} if job.pattern.facts() is None
                else {"sparsity_detection": job.pattern.facts()}),
-            **({} if job.smoothing is None else {"smoothing": job.smoothing}),
         },
+        smoothing=job.smoothing,
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION, parse_compression  # noqa: F401
 from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Shapes
+from pipeline.core.shapes import Shapes
 
 DEVICES = ("auto", "cpu", "cuda")
 EXECUTORS = ("auto", "ray", "local")
@@ -99,12 +99,12 @@ class RunOptions:
                 raise JacpipeError("--smooth computes dense rows; use --method auto, rev or fwd")
 
     def smoothing(self) -> Any:
-        """The :class:`~pipeline.maths.smoothing.Smoothing` asked for, or None.
+        """The :class:`~pipeline.core.smoothing.Smoothing` asked for, or None.
 
         Raises:
             JacpipeError: a bad --smooth, --samples or --estimator.
         """
-        from pipeline.maths.smoothing import parse_smooth
+        from pipeline.core.smoothing import parse_smooth
 
         return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
                             estimator=self.estimator)

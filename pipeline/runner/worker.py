@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import kind_of
 from pipeline.core.shard import ShardResult, ShardSpec
 from pipeline.maths import engine
-from pipeline.maths.kinds import iter_rows, kind_of
+from pipeline.maths.kinds import iter_rows, maths_of
 from pipeline.problem.problem import Problem, rebuild
 from pipeline.runner import plan
 from pipeline.store.folder import record_attempt
@@ -73,7 +74,7 @@ def activation_numel(problem: Problem) -> int:
             return g
 
         return engine.intermediate_numel(grad, problem.x)
-    fn, x = spec.differentiated(problem)
+    fn, x = maths_of(problem.kind).differentiated(problem)
     return engine.intermediate_numel(fn, x)
 
 
@@ -116,7 +117,8 @@ def _problem(spec: ShardSpec, device: str, given: Problem | None = None
     key = _cache_key(spec, device)
     if key not in _CACHE:
         if given is not None:
-            from pipeline.problem.problem import check_fingerprint, fingerprint, validate
+            from pipeline.core.fingerprint import check_fingerprint
+            from pipeline.problem.problem import fingerprint, validate
 
             check_fingerprint(spec.fingerprint, fingerprint(given, validate(given, spec.job)))
             problem = given
@@ -184,7 +186,7 @@ def compute_shard(
         if spec.layout == "sparse":
             _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
         elif spec.smoothing:
-            from pipeline.maths.smoothing import write_shard
+            from pipeline.runner.smoothed import write_shard
 
             write_shard(writer, problem, spec, chunk)
         else:

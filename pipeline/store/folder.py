@@ -334,11 +334,11 @@ def _holder(text: str) -> str:
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Keys in which two runs' identities differ.
 
-    The fingerprint is compared with :func:`pipeline.problem.problem.check_fingerprint`'s
+    The fingerprint is compared with :func:`pipeline.core.fingerprint.check_fingerprint`'s
     tolerance, so a resume on a machine whose BLAS rounds the last bits
     differently is still the same run.
     """
-    from pipeline.problem.problem import FingerprintMismatch, check_fingerprint
+    from pipeline.core.fingerprint import FingerprintMismatch, check_fingerprint
 
     differs = []
     for key in sorted(set(old) | set(new)):

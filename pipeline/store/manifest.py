@@ -28,9 +28,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import LAYOUTS, Layout, kind_of, layout_of
+from pipeline.core.shapes import Shapes
 from pipeline.core.shard import FORMAT_VERSION, ShardResult
-from pipeline.maths.kinds import LAYOUTS, Layout
-from pipeline.problem.problem import Shapes
+from pipeline.core.smoothing import Smoothing
 from pipeline.store.parts import part_name
 from pipeline.store.storage import Storage
 
@@ -80,6 +81,7 @@ class Manifest:
         options: budget, CPUs/GPUs per shard, device, row group size.
         shards: committed shards by index.
         status: ``running``, ``complete``, ``interrupted`` or ``failed``.
+        smoothing: a smoothed run's settings (they decide the parts' schema), else None.
         extra: any other keys (kept as they are when rewritten).
     """
 
@@ -100,6 +102,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     wall_seconds: float | None = None
     compute_seconds: float | None = None
+    smoothing: Smoothing | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # -- facts ------------------------------------------------------------------
@@ -146,6 +149,8 @@ class Manifest:
         }
         if self.coloring is not None:
             doc["coloring"] = self.coloring
+        if self.smoothing is not None:
+            doc["smoothing"] = self.smoothing.to_json()
         doc.update(
             kind=self.kind,
             shapes=self.shapes.to_json(),
@@ -202,6 +207,7 @@ class Manifest:
             versions=dict(doc.get("versions") or {}),
             wall_seconds=doc.get("wall_seconds"),
             compute_seconds=doc.get("compute_seconds"),
+            smoothing=_checked_smoothing(doc.get("smoothing")),
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -270,21 +276,27 @@ class Manifest:
 
     def part_schema(self) -> Any:
         """The Arrow schema of this result's part files."""
-        return part_schema(self.shapes, self.layout, self.extra.get("smoothing"))
+        return part_schema(self.shapes, self.layout, self.smoothing)
 
 
-def part_schema(shapes: Shapes, layout: str, smoothing: Mapping[str, Any] | None = None) -> Any:
+def _checked_smoothing(doc: Any) -> Smoothing | None:
+    if doc is None:
+        return None
+    try:
+        return Smoothing.from_json(doc)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"malformed smoothing settings ({exc})") from None
+
+
+def part_schema(shapes: Shapes, layout: str, smoothing: Smoothing | None = None) -> Any:
     """The schema of every part of a result with these shapes, layout and smoothing."""
     from pipeline.store.parts import dense_schema, sparse_schema
 
-    if layout == "sparse":
+    if not layout_of(layout).fixed_width:
         return sparse_schema(shapes.dtype)
-    if smoothing:
-        from pipeline.maths.smoothing import Smoothing
-        from pipeline.maths.smoothing import part_schema as smoothed_schema
-
-        return smoothed_schema(shapes.n, shapes.dtype, Smoothing.from_json(smoothing))
-    return dense_schema(shapes.n, shapes.dtype, batched=shapes.kind == "batched")
+    if smoothing is not None:
+        return dense_schema(shapes.n, shapes.dtype, extra=smoothing.columns[1:])
+    return dense_schema(shapes.n, shapes.dtype, batched=kind_of(shapes.kind).per_sample)
 
 
 def wrap_manifest(doc: Mapping[str, Any], schema: Any) -> bytes:
@@ -325,7 +337,7 @@ MAX_COLUMNS = 2**34
 
 def _checked_shapes(doc: Any) -> Shapes:
     """The manifest's shapes, every field checked for type and range."""
-    from pipeline.problem.problem import KINDS
+    from pipeline.core.kinds import KINDS
 
     def dims(value: Any, name: str) -> tuple[int, ...]:
         if not isinstance(value, list) or not all(
