@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
-from pipeline.core.kinds import kind_of
+from pipeline.core.kinds import kind_of, layout_of
 from pipeline.maths.kinds import maths_of, reference_full, reference_rows
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10}
@@ -402,7 +402,7 @@ def _fits(result: Any, memory_budget: int) -> bool:
     """Whether the whole reference fits (and, per sample, is not too slow)."""
     total, n = result.shape
     fits = total * n * result.shapes.itemsize * 3 <= memory_budget
-    if result.shapes.kind == "batched":
+    if kind_of(result.shapes.kind).per_sample:
         # The per-sample reference loop costs one autograd.functional.jacobian
         # per sample (~10 ms for robot_arm): beyond a few thousand, sample rows.
         fits = fits and (result.shapes.batch or 0) <= MAX_FULL_SAMPLES
@@ -449,7 +449,7 @@ def _pattern_problems(result: Any, got: Any, ref: Any, idx: Any, extra: dict[str
     """A sparse result's colour count, and reference nonzeros its pattern missed."""
     import numpy as np
 
-    if result.layout != "sparse" or not len(got):
+    if layout_of(result.layout).fixed_width or not len(got):
         return []
     idx = np.arange(result.shape[0]) if idx is None else idx
     outside = outside_pattern(result.read(idx, as_="scipy", verify=False), ref, idx)
@@ -527,7 +527,7 @@ def fd_report(
 
     def ad_columns(wanted: Any) -> Any:
         wanted = np.asarray(wanted, dtype=np.int64)
-        if result.layout == "sparse":
+        if not layout_of(result.layout).fixed_width:
             return result.read(rows, as_="scipy")[:, wanted].toarray()
         parts = [block[:, wanted] for _, block in result.iter_blocks(rows)]
         return np.concatenate(parts) if parts else np.zeros((0, len(wanted)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import kind_of, layout_of
 
 
 def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
     broken = result.check(checksums=checksums)
     bad = {p.index for p in broken}
     good = [s for s in result.committed if s.index not in bad]
-    if result.layout == "dense":
+    if layout_of(result.layout).fixed_width:
         stats = _dense_stats(result, good)
     else:
         stats = _sparse_stats(result.read(as_="scipy", verify=False) if not broken else None,
@@ -107,7 +108,7 @@ def display_shape(result: Any) -> str:
         E.g. ``"2000x1500"`` or ``"200 x (6 x 6)"``.
     """
     s = result.shapes
-    if s.kind == "batched":
+    if kind_of(s.kind).per_sample:
         return f"{s.batch} x ({s.m} x {s.n})"
     return f"{result.shape[0]}x{result.shape[1]}"
 
@@ -201,7 +202,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
 def _plot(result: Any, path: str, *, max_pixels: int) -> str:
     man = result.manifest
     title = f"{man.job} {man.kind} {display_shape(result)} {result.dtype}"
-    if result.layout == "sparse":
+    if not layout_of(result.layout).fixed_width:
         from pipeline.analysis.plot import plot_sparse
 
         return str(plot_sparse(result.read(as_="scipy"), path, max_pixels=max_pixels, title=title))

@@ -19,6 +19,7 @@ from pipeline.cli.common import JacpipeGroup, user_errors
 from pipeline.cli.common import console as _console
 from pipeline.cli.common import err as _err
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import layout_of
 
 app = typer.Typer(
     name="jacpipe",
@@ -437,7 +438,7 @@ def inspect_cmd(
             ("zero fraction", "-" if zf is None else f"{zf:.4f}"),
             *([("nonzeros / density / colours",
                 f"{info['nnz']} / {info['density']:.3g} / {info['colours']} "
-                f"({info['coloring_mode']} mode)")] if info["layout"] == "sparse" else []),
+                f"({info['coloring_mode']} mode)")] if not layout_of(info["layout"]).fixed_width else []),
             *([("sparsity pattern from", f"{info['pattern_source']}" + (
                 f" in {info['sparsity_detection']['seconds']}s"
                 if info["sparsity_detection"] else ""))] if info["pattern_source"] else []),

@@ -54,6 +54,11 @@ class KindSpec:
     smoothable: bool = False
     fd_columns: bool = False
 
+    @property
+    def plain(self) -> bool:
+        """Rows are ``fn``'s own outputs at one point (neither a gradient's nor per sample)."""
+        return not (self.symmetric or self.per_sample)
+
 
 KINDS: dict[str, KindSpec] = {
     "jacobian": KindSpec("jacobian", "fn(x).reshape(-1)", "autograd.functional.jacobian",

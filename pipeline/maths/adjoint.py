@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.core.kinds import kind_of
 from pipeline.maths.engine import _fresh, _refuse_input_writes, hessian_vector_products
 
 KINDS = ("jacobian", "hessian", "batched")
@@ -130,7 +131,7 @@ def adjoint_check(
     def result(agree: bool, a: float, b: float, rel: float, reason: str) -> AdjointCheck:
         return AdjointCheck(agree, a, b, rel, tol, round(time.perf_counter() - t0, 6), reason)
 
-    if kind == "batched":
+    if kind_of(kind).per_sample:
         k = min(int(x.shape[0]), SAMPLES)
         one = fn
         x = x[:k]
@@ -140,7 +141,7 @@ def adjoint_check(
 
     # Reverse side first: it gives m, and it is the reference.
     try:
-        if kind == "hessian":
+        if kind_of(kind).symmetric:
             m = x.numel()
             u, v = _vectors(m, x.numel(), x, seed)
             reverse = hessian_vector_products(fn, x)(u[None])[0]  # H u
@@ -200,7 +201,7 @@ def _forward(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, kind: str) ->
     def flat(t: Tensor) -> Tensor:
         return fn(t.reshape(x.shape)).reshape(-1)
 
-    if kind == "hessian":
+    if kind_of(kind).symmetric:
         grad = torch.func.grad(lambda t: flat(t).reshape(()))
         out = torch.func.jvp(grad, (xf,), (v.to(xf.dtype),))[1]
     else:

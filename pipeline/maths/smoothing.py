@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import KINDS, kind_of
 from pipeline.core.smoothing import Smoothing, _numpy
 
 if TYPE_CHECKING:
@@ -73,10 +74,10 @@ def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
     Raises:
         JacpipeError: one line saying what is supported.
     """
-    if problem.kind != "jacobian":
+    if not kind_of(problem.kind).smoothable:
         raise JacpipeError(
             f"--smooth: job {job!r} is a {problem.kind} problem; smoothing is implemented "
-            "for the jacobian kind only"
+            f"for the {' and '.join(k.name for k in KINDS.values() if k.smoothable)} kind only"
         )
     smoothing.sigma_vector(problem.x)
 

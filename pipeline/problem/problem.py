@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.fingerprint import check_fingerprint
 from pipeline.core.kinds import KIND_NAMES as KINDS
-from pipeline.core.kinds import Kind
+from pipeline.core.kinds import Kind, kind_of
 from pipeline.core.shapes import Shapes
 
 
@@ -247,9 +247,9 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
             non-tensor output, an unknown kind.
     """
     x = _checked_input(problem, spec)
-    sample = x[0] if problem.kind == "batched" else x
+    sample = x[0] if kind_of(problem.kind).per_sample else x
     y = _checked_output(problem, spec, sample)
-    if problem.kind == "hessian":
+    if kind_of(problem.kind).symmetric:
         if y.numel() != 1:
             raise JacpipeError(
                 f"{spec}: hessian kind needs a scalar fn(x), got shape {tuple(y.shape)}"
@@ -261,7 +261,7 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
         kind=problem.kind,
         in_shape=tuple(sample.shape),
         out_shape=out_shape,
-        batch=int(x.shape[0]) if problem.kind == "batched" else None,
+        batch=int(x.shape[0]) if kind_of(problem.kind).per_sample else None,
         dtype=str(x.dtype).removeprefix("torch."),
     )
     if shapes.n == 0 or shapes.total_rows == 0:
@@ -300,7 +300,7 @@ def _checked_input(problem: Problem, spec: str) -> Any:
         )
     if x.dtype not in (torch.float32, torch.float64):
         raise JacpipeError(f"{spec}: x has dtype {x.dtype}; expected float32 or float64")
-    if problem.kind == "batched" and x.dim() < 1:
+    if kind_of(problem.kind).per_sample and x.dim() < 1:
         raise JacpipeError(f"{spec}: batched kind needs x of shape (B, *in_shape)")
     return x
 
@@ -382,7 +382,7 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
     x_sha = hashlib.sha256(x_cpu.numpy().tobytes()).hexdigest()
     x = problem.x.detach().clone()  # fn never sees the problem's own x
     with torch.no_grad():
-        if problem.kind == "batched":
+        if kind_of(problem.kind).per_sample:
             k = min(int(x.shape[0]), _PROBE_SAMPLES)
             y = torch.stack([problem.fn(x[i]) for i in range(k)])
         else:
@@ -413,22 +413,22 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
     import torch
 
     x = problem.x.detach()
-    if problem.kind == "batched":
+    if kind_of(problem.kind).per_sample:
         x = x[: min(int(x.shape[0]), _PROBE_SAMPLES)]
     xg = x.clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     try:
         with torch.enable_grad():
-            if problem.kind == "batched":
+            if kind_of(problem.kind).per_sample:
                 y = torch.stack([problem.fn(xg[i]) for i in range(xg.shape[0])]).reshape(-1)
             else:
                 y = problem.fn(xg).reshape(-1)
-            m = xg.numel() if problem.kind == "hessian" else y.numel()
+            m = xg.numel() if kind_of(problem.kind).symmetric else y.numel()
             u = torch.randn(m, generator=gen, dtype=torch.float64)
             v = torch.randn(xg.numel(), generator=gen, dtype=torch.float64)
             u, v = u.to(y.device, y.dtype), v.to(xg.device, xg.dtype)
             d = torch.zeros_like(v)
-            if problem.kind == "hessian":
+            if kind_of(problem.kind).symmetric:
                 other = u  # probe u . (H v): reverse over reverse, as autograd's hessian
                 if y.requires_grad:
                     (g,) = torch.autograd.grad(y.reshape(()), xg, create_graph=True,

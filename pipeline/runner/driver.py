@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.errors import JacpipeError, ShardFailedError, first_line
+from pipeline.core.kinds import kind_of
 from pipeline.core.shapes import Shapes
 from pipeline.core.shard import ShardResult, ShardSpec
 from pipeline.core.smoothing import Smoothing
@@ -145,7 +146,7 @@ def _pass_seconds(problem: Any) -> float:
     """
     import torch
 
-    x = problem.x[0] if problem.kind == "batched" else problem.x
+    x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
     t0 = time.perf_counter()
     with torch.no_grad():
         problem.fn(x.detach().clone())
@@ -169,7 +170,8 @@ def _adjoint_if_forward_possible(opts: RunOptions, problem: Any, shapes: Shapes,
     """
     from pipeline.runner.plan import FWD_MARGIN
 
-    tall = shapes.n * FWD_MARGIN < shapes.m and shapes.kind != "hessian" and pattern is None
+    tall = (shapes.n * FWD_MARGIN < shapes.m and not kind_of(shapes.kind).symmetric
+            and pattern is None)
     if not (opts.method == "fwd" or (opts.method == "auto" and tall)):
         return None
     from pipeline.maths.adjoint import adjoint_check

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION, parse_compression  # noqa: F401
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import kind_of
 from pipeline.core.shapes import Shapes
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -155,7 +156,7 @@ def estimate_seconds(shapes: Shapes, plan: RunPlan, pass_seconds: float) -> floa
     if plan.coloring is not None:
         passes = plan.coloring.num_colors * len(plan.shards) * ROWS_PER_PASS_TIME
     elif plan.method == "fwd":
-        passes = shapes.n * (1 if shapes.kind == "batched" else len(plan.shards))
+        passes = shapes.n * (1 if kind_of(shapes.kind).per_sample else len(plan.shards))
         passes *= shapes.batch or 1
     else:
         passes = shapes.total_rows
@@ -280,7 +281,7 @@ def make_plan(
         rows_per_shard=options.rows_per_shard,
         row_bytes=row_bytes,
         workers=slots,
-        align=shapes.m if shapes.kind == "batched" else 1,
+        align=shapes.m if kind_of(shapes.kind).per_sample else 1,
     )
     notes = [note] if note else []
     if pattern is not None and not sparse and options.method == "auto":
@@ -295,7 +296,7 @@ def make_plan(
     else:
         # Per-sample rows: every sample's rows sit in (about) one shard, so per
         # sample rev costs m VJPs and fwd n JVPs.
-        per = 1 if shapes.kind == "batched" else len(shards)
+        per = 1 if kind_of(shapes.kind).per_sample else len(shards)
         method = choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
         layout = "dense"
         if method == "fwd" and forward_disagrees:
@@ -335,7 +336,7 @@ def _worth_colouring(pattern: Any, shapes: Shapes, options: RunOptions,
     """
     from pipeline.sparse.coloring import choose_coloring
 
-    coloring = choose_coloring(pattern, symmetric=shapes.kind == "hessian")
+    coloring = choose_coloring(pattern, symmetric=kind_of(shapes.kind).symmetric)
     automatic = options.method == "auto" and not options.sparsity and source == "detected"
     if automatic and 2 * coloring.num_colors >= min(shapes.m, shapes.n):
         return None
@@ -496,7 +497,7 @@ def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternCho
             "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns) or "
             "--sparsity auto (detected)"
         )
-    elif shapes.kind == "batched":
+    elif kind_of(shapes.kind).per_sample:
         return PatternChoice()
     else:
         choice = _detected(problem, shapes, "global", explicit=False, needed=False)
@@ -506,7 +507,7 @@ def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternCho
 
 
 def _check_pattern_shape(pattern: Any, shapes: Shapes) -> None:
-    if shapes.kind == "batched":
+    if kind_of(shapes.kind).per_sample:
         raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
     if pattern.shape != (shapes.m, shapes.n):
         raise JacpipeError(
@@ -520,7 +521,7 @@ def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed
     """Detect the pattern; an explicit request fails loudly, ``--method auto`` quietly."""
     from pipeline.sparse.detect import SparsityError, trace_sparsity
 
-    if shapes.kind == "batched":
+    if kind_of(shapes.kind).per_sample:
         raise JacpipeError("--sparsity auto: sparsity patterns are supported for jacobian and "
                            "hessian kinds, not per-sample Jacobians")
     try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import JacpipeError
-from pipeline.core.kinds import kind_of
+from pipeline.core.kinds import kind_of, layout_of
 from pipeline.core.shard import ShardResult, ShardSpec
 from pipeline.maths import engine
 from pipeline.maths.kinds import iter_rows, maths_of
@@ -183,7 +183,7 @@ def compute_shard(
     busy = {"compute": 0.0, "write": 0.0}
     _CURRENT = spec
     try:
-        if spec.layout == "sparse":
+        if not layout_of(spec.layout).fixed_width:
             _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
         elif spec.smoothing:
             from pipeline.runner.smoothed import write_shard
@@ -240,7 +240,8 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
     if spec.chunk_size:
         return spec.chunk_size
     shapes = spec.shapes
-    stored = plan.stored_row_bytes(shapes, pattern if spec.layout == "sparse" else None)
+    fixed = layout_of(spec.layout).fixed_width
+    stored = plan.stored_row_bytes(shapes, None if fixed else pattern)
     chunk = plan.chunk_rows(
         budget=spec.memory_budget,
         baseline=baseline,
@@ -253,8 +254,8 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
         # Forward-mode Jacobians keep every row of the shard until the last
         # column pass (engine NOTE: [Rows by forward mode]); Hessian and
         # per-sample rows are yielded chunk by chunk.
-        rows=spec.rows if shapes.kind == "jacobian" else 0,
-        in_flight=IN_FLIGHT if spec.layout == "dense" else 0,
+        rows=spec.rows if kind_of(shapes.kind).plain else 0,
+        in_flight=IN_FLIGHT if layout_of(spec.layout).fixed_width else 0,
     )
     if spec.method == "rev":
         # A chunk never needs more rows than one row group: the writer flushes
@@ -282,7 +283,7 @@ def _write_dense(
     writing (encoding, hashing, the sink), not the waits between them.
     """
     m = spec.shapes.m
-    batched = spec.shapes.kind == "batched"
+    batched = kind_of(spec.shapes.kind).per_sample
     copier = _HostCopy(problem.x.device)
 
     def write(a: int, host: Any) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pipeline.core.kinds import kind_of
 from pipeline.maths.engine import VmapFallbackWarning, hessian_vector_products
 from pipeline.problem.problem import Problem
 from pipeline.sparse.coloring import Coloring, as_pattern, star_direct
@@ -98,14 +99,12 @@ def evaluate_rows(
             "sparse evaluation needs Problem.sparsity (a scipy.sparse pattern); "
             "set it in build() or use a dense method"
         )
-    if problem.kind == "hessian":
-        rows = sparse_hessian_rows
-    elif problem.kind == "jacobian":
-        rows = sparse_jacobian_rows
-    else:
+    kind = kind_of(problem.kind)
+    if kind.per_sample:
         raise ValueError(
             f"sparse evaluation supports kind 'jacobian' and 'hessian', got {problem.kind!r}"
         )
+    rows = sparse_hessian_rows if kind.symmetric else sparse_jacobian_rows
     return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size)
 
 

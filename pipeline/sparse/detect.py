@@ -28,7 +28,7 @@ The planner's use::
     if report.dense:                            # colouring would be pointless
         ...                                     # the dense path
     else:
-        coloring = choose_coloring(report.pattern, symmetric=problem.kind == "hessian")
+        coloring = choose_coloring(report.pattern, symmetric=kind_of(problem.kind).symmetric)
         ...                                     # pipeline.sparse.compressed with report.pattern
 
 ``SparsityError`` (a ``ValueError``) says why detection refused (random ops,
@@ -48,6 +48,7 @@ from typing import Any
 import scipy.sparse as sp
 import torch
 
+from pipeline.core.kinds import kind_of
 from pipeline.sparse.rules import (
     CONST,
     Context,
@@ -130,7 +131,7 @@ def problem_sparsity(
         SparsityError: as :func:`trace_sparsity`; an empty batch.
     """
     kind, x = problem.kind, problem.x
-    if kind == "batched":
+    if kind_of(kind).per_sample:
         if x.shape[0] == 0:
             raise SparsityError("a batched problem with no samples has no pattern to detect")
         kind, x = "jacobian", x[0]
@@ -220,7 +221,7 @@ def trace_sparsity(
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     xd = x.detach()
     n = xd.numel()
-    if kind == "jacobian" and max_density is not None and _PROBE_ROWS:
+    if kind_of(kind).plain and max_density is not None and _PROBE_ROWS:
         reason = _dense_probe(fn, xd, max_density, max_bytes)
         if reason is not None:
             return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
@@ -232,7 +233,7 @@ def trace_sparsity(
         gm.graph.eliminate_dead_code()
     out = next(iter(node for node in gm.graph.nodes if node.op == "output")).args[0]
     val = getattr(out, "meta", {}).get("val") if isinstance(out, torch.fx.Node) else None
-    m = n if kind == "hessian" else (val.numel() if isinstance(val, torch.Tensor) else n)
+    m = n if kind_of(kind).symmetric else (val.numel() if isinstance(val, torch.Tensor) else n)
     ctx = Context(n, m, mode, max_density, max_bytes)
     try:
         with active(ctx):
@@ -244,7 +245,7 @@ def trace_sparsity(
         pattern = sp.csr_matrix((m, n), dtype=bool)
     else:
         pattern = sp.csr_matrix(dep.pattern, dtype=bool)
-    if kind == "hessian":
+    if kind_of(kind).symmetric:
         # The Hessian is symmetric: a superset stays one.
         pattern = (pattern + pattern.T).tocsr()
     pattern.sum_duplicates()
@@ -307,7 +308,7 @@ def _dense_probe(fn: Callable, x: torch.Tensor, max_density: float, max_bytes: i
 
 
 def _target(fn: Callable, kind: str) -> Callable:
-    if kind == "jacobian":
+    if not kind_of(kind).symmetric:
         return fn
 
     def scalar(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import kind_of, layout_of
 
 #: Formats written, by file extension.
 FORMATS = (".npy", ".npz")
@@ -93,11 +94,11 @@ def _write_npy(result: Any, path: Path) -> tuple[tuple[int, ...], str, None]:
     from pipeline.store.parts import NUMPY_FLOAT
 
     s = result.shapes
-    shape = (s.batch, s.m, s.n) if s.kind == "batched" else tuple(result.shape)
+    shape = (s.batch, s.m, s.n) if kind_of(s.kind).per_sample else tuple(result.shape)
     dtype = np.dtype(NUMPY_FLOAT[result.dtype])
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     flat = mm.reshape(result.shape)  # a view: rows land in the file
-    if result.layout == "dense":
+    if layout_of(result.layout).fixed_width:
         for rows, block in result.iter_blocks(verify=False):
             flat[rows] = block
     else:
@@ -113,7 +114,7 @@ def _write_npz(result: Any, path: Path) -> tuple[tuple[int, ...], str, int]:
     import numpy as np
     import scipy.sparse as sp
 
-    if result.layout == "sparse":
+    if not layout_of(result.layout).fixed_width:
         mat = result.read_sparse(verify=False)
     else:
         parts, rows_seen = [], []

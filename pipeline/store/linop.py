@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np  # noqa: TID253 - imported only by as_linear_operator, lazily
 from scipy.sparse.linalg import LinearOperator  # noqa: TID253 - idem
 
+from pipeline.core.kinds import layout_of
+
 
 class JacobianOperator(LinearOperator):
     """``J`` of an opened result (``JacobianResult.as_linear_operator``).
@@ -33,7 +35,7 @@ class JacobianOperator(LinearOperator):
 
     def _blocks(self) -> Iterator[tuple[Any, Any]]:
         """``(rows, block)`` over the whole matrix: dense arrays or CSR pieces."""
-        if self.result.layout == "sparse":
+        if not layout_of(self.result.layout).fixed_width:
             for index, start, stop in self.result.plan:
                 del index
                 rows = np.arange(start, stop)

@@ -351,7 +351,7 @@ def _checked_shapes(doc: Any) -> Shapes:
     if doc.get("kind") not in KINDS or doc.get("dtype") not in ("float32", "float64"):
         raise ValueError(f"'shapes' has kind {doc.get('kind')!r}, dtype {doc.get('dtype')!r}")
     batch = doc.get("batch")
-    if (doc["kind"] == "batched") != isinstance(batch, int) or isinstance(batch, bool):
+    if kind_of(doc["kind"]).per_sample != isinstance(batch, int) or isinstance(batch, bool):
         raise ValueError(f"'shapes.batch' is {batch!r} for kind {doc['kind']!r}")
     shapes = Shapes(doc["kind"], dims(doc.get("in_shape"), "in_shape"),
                     dims(doc.get("out_shape"), "out_shape"), batch, doc["dtype"])

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import kind_of, layout_of
 from pipeline.core.shard import ShardResult
 from pipeline.store.manifest import MANIFEST, Manifest
 from pipeline.store.parts import NUMPY_FLOAT, part_name
@@ -127,7 +128,8 @@ class JacobianResult:
             return f"corrupt (not a Parquet file: {self.storage.redact(str(exc))[:120]})"
         problem = _schema_problem(meta, self.layout, self.dtype, self.shapes.n)
         if problem is None:
-            problem = _rows_problem(meta, entry.start, entry.stop, exact=self.layout == "dense")
+            problem = _rows_problem(meta, entry.start, entry.stop,
+                                    exact=layout_of(self.layout).fixed_width)
         if problem is None:
             self._meta[entry.index] = meta
         return problem
@@ -164,7 +166,7 @@ class JacobianResult:
         Raises:
             JacpipeError: a needed shard is missing, uncommitted or corrupt.
         """
-        if self.layout != "dense":
+        if not layout_of(self.layout).fixed_width:
             raise JacpipeError("iter_blocks reads dense results; use read_jacobian for sparse")
         wanted = self._normalise_rows(rows)
         yield from _prefetched(self._group_reads(wanted, verify=verify), READ_THREADS)
@@ -206,14 +208,14 @@ class JacobianResult:
         (sparse layout) or :meth:`read_dense`, then converts to ``as_``.
         """
         if as_ is None:
-            as_ = "scipy" if self.layout == "sparse" else "numpy"
+            as_ = layout_of(self.layout).read_as
         if as_ not in _CONVERT:
             raise JacpipeError(f"as_ must be numpy, torch or scipy, got {as_!r}")
         if sample is not None:
             if rows is not None:
                 raise JacpipeError("give rows or sample, not both")
             out = self.read_samples(sample, verify=verify, reshape=reshape)
-        elif self.layout == "sparse":
+        elif not layout_of(self.layout).fixed_width:
             out = self.read_sparse(rows, verify=verify)
         else:
             out = self.read_dense(rows, verify=verify, reshape=reshape)
@@ -235,7 +237,7 @@ class JacobianResult:
             out = out[inverse]
         if reshape and wanted is None:
             out = out.reshape(self.full_shape)
-        elif self.shapes.kind == "batched" and wanted is None:
+        elif kind_of(self.shapes.kind).per_sample and wanted is None:
             out = out.reshape(self.shapes.batch, self.shapes.m, self.shapes.n)
         return out
 
@@ -271,7 +273,7 @@ class JacobianResult:
     def read_samples(self, sample: Any, *, verify: bool = True, reshape: bool = False) -> Any:
         """Whole samples of a batched result as numpy: ``(m, n)`` for one, ``(k, m, n)`` for k."""
         s = self.shapes
-        if s.kind != "batched":
+        if not kind_of(s.kind).per_sample:
             raise JacpipeError(
                 f"sample=: only batched results have samples; this one is kind {s.kind!r} "
                 "(read rows instead)"
@@ -345,7 +347,7 @@ class JacobianResult:
     def full_shape(self) -> tuple[int, ...]:
         """``out_shape + in_shape`` (batched: ``(B,) + out_shape + in_shape``)."""
         s = self.shapes
-        lead = (s.batch,) if s.kind == "batched" else ()
+        lead = (s.batch,) if kind_of(s.kind).per_sample else ()
         return lead + tuple(s.out_shape) + tuple(s.in_shape)
 
 
@@ -403,7 +405,7 @@ def _schema_problem(meta: Any, layout: str, dtype: str, n: int) -> str | None:
         values = schema.field("values").type
     except (KeyError, pa.ArrowInvalid):
         return "corrupt (no 'values' column)"
-    if layout == "dense":
+    if layout_of(layout).fixed_width:
         if pa.types.is_fixed_size_list(values) and pa.types.is_floating(values.value_type):
             got = f"{values.value_type} rows of width {values.list_size}"
             if str(values.value_type) == _ARROW_NAME[dtype] and values.list_size == n:
