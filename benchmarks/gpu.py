@@ -73,9 +73,10 @@ def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
 
 def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: str,
            threads: int) -> list[Any]:
+    from pipeline.core.options import parse_size
     from pipeline.core.shard import ShardSpec
     from pipeline.problem.problem import build_problem, fingerprint, validate
-    from pipeline.runner.plan import group_rows, parse_size, plan_shards
+    from pipeline.runner.plan import group_rows, plan_shards
 
     # As the driver does: build and fingerprint on the CPU; the worker rebuilds
     # with device=cuda (device_param) and checks its build against this one.

@@ -91,8 +91,8 @@ def stderr_vs_k(report: Report, ks: list[int]) -> None:
 def wall_vs_k(report: Report, ks: list[int]) -> None:
     import ray
 
+    from pipeline.core.options import RunOptions
     from pipeline.runner.driver import run
-    from pipeline.runner.plan import RunOptions
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     rows = []

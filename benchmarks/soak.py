@@ -424,8 +424,8 @@ def ray_commit_share(shards: int, num_cpus: int) -> dict[str, Any]:
     """A real ``mlp`` run of ``shards`` 2-row shards: its wall time and the driver's commit time."""
     import ray
 
+    from pipeline.core.options import RunOptions
     from pipeline.runner import driver as runner
-    from pipeline.runner.plan import RunOptions
     from pipeline.store.folder import ResultFolder
 
     spent = [0.0]

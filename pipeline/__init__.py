@@ -14,11 +14,11 @@ from pipeline.problem.problem import Problem as Problem
 
 if TYPE_CHECKING:
     from pipeline.analysis.compare import compare as compare_result  # noqa: F401
+    from pipeline.core.options import RunOptions as RunOptions
     from pipeline.maths.engine import batched_rows as batched_rows
     from pipeline.maths.engine import hessian_rows as hessian_rows
     from pipeline.maths.engine import jacobian_rows as jacobian_rows
     from pipeline.runner.driver import run as run
-    from pipeline.runner.plan import RunOptions as RunOptions
     from pipeline.sparse.detect import detect_sparsity as detect_sparsity
     from pipeline.store.reader import open_jacobian as open_jacobian
     from pipeline.store.reader import read_jacobian as read_jacobian
@@ -30,7 +30,7 @@ _LAZY = {
     "read_jacobian": "pipeline.store.reader",
     "open_jacobian": "pipeline.store.reader",
     "run": "pipeline.runner.driver",
-    "RunOptions": "pipeline.runner.plan",
+    "RunOptions": "pipeline.core.options",
     "compare_result": "pipeline.analysis.compare",
     "detect_sparsity": "pipeline.sparse.detect",
 }

@@ -59,7 +59,7 @@ def test_help_shows_types_choices_defaults_and_an_example():
 
 def test_help_choices_are_the_library_ones():
     from pipeline.cli.common import CHOICES
-    from pipeline.runner import plan
+    from pipeline.core import options as plan
 
     assert CHOICES["device"] == plan.DEVICES
     assert CHOICES["dtype"] == plan.DTYPES

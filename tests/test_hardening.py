@@ -17,9 +17,9 @@ from benchmarks.soak import kill_session, session_processes, wait_for_commits
 from pipeline import read_jacobian
 from pipeline.cli import app
 from pipeline.core.errors import JacpipeError
+from pipeline.core.options import RunOptions
 from pipeline.problem.problem import resolve_builder
 from pipeline.runner import driver as runner
-from pipeline.runner.plan import RunOptions
 from pipeline.store.manifest import COMMIT_LOG, Manifest
 from pipeline.store.storage import Storage
 from tests.manifests import read_doc, write_doc

@@ -49,7 +49,7 @@ def _command_strings(tree: ast.AST) -> set[int]:
     skip = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.List, ast.Tuple)):
-            for before, after in zip(node.elts, node.elts[1:]):
+            for before, after in zip(node.elts, node.elts[1:], strict=False):
                 if isinstance(before, ast.Constant) and before.value == "-m":
                     skip.add(id(after))
     return skip

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import JacpipeError
+from pipeline.core.options import RunOptions, parse_size
 from pipeline.core.shapes import Shapes
-from pipeline.runner.plan import (
-    Resources,
-    RunOptions,
-    choose_method,
-    chunk_rows,
-    make_plan,
-    parse_size,
-    plan_shards,
-)
+from pipeline.runner.plan import Resources, choose_method, chunk_rows, make_plan, plan_shards
 
 
 @pytest.mark.parametrize("total,shards", [(10, 3), (2000, 8), (7, 7), (1000, 6), (5, 1)])

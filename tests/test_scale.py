@@ -308,8 +308,9 @@ def test_lsmr_gauss_newton_step_on_a_result(tmp_path):
 
 def test_compression_option_is_checked_and_planned():
     from pipeline.core.errors import JacpipeError
+    from pipeline.core.options import RunOptions
     from pipeline.core.shapes import Shapes
-    from pipeline.runner.plan import Resources, RunOptions, make_plan, parse_compression
+    from pipeline.runner.plan import Resources, make_plan, parse_compression
 
     assert parse_compression("zstd") == ("zstd", None)
     assert parse_compression("zstd:3") == ("zstd", 3)

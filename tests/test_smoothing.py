@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from pipeline.analysis.smoothing import read_column
 from pipeline.cli import app
 from pipeline.core.errors import JacpipeError
+from pipeline.core.options import RunOptions
 from pipeline.core.smoothing import ESTIMATORS, Smoothing, parse_smooth
 from pipeline.maths.smoothing import agreement_z, direction, smoothed_blocks
-from pipeline.runner.plan import RunOptions
 
 MLP = ["n=6", "m=5", "hidden=8", "activation=relu", "dtype=float64"]
 #: Large enough that the relu units switch between samples (a non-zero stderr everywhere).

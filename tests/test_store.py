@@ -154,8 +154,8 @@ def test_results_with_the_old_json_manifest_still_read_and_resume(tmp_path):
     """Before the manifest moved into Parquet it was ``_manifest.json``: still read and resumed."""
     import polars as pl
 
+    from pipeline.core.options import RunOptions
     from pipeline.runner import driver as runner
-    from pipeline.runner.plan import RunOptions
     from tests.manifests import read_doc
 
     out = tmp_path / "out"

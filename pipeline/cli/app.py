@@ -150,8 +150,8 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
+    from pipeline.core.options import RunOptions
     from pipeline.runner.driver import run
-    from pipeline.runner.plan import RunOptions
     from pipeline.store.storage import Storage
 
     with _stdout_to_stderr(as_json):

@@ -137,8 +137,8 @@ def check_locally(job: str, params: dict[str, Any]) -> None:
     """
     import dataclasses
 
+    from pipeline.core.options import RunOptions
     from pipeline.problem.problem import parse_params, resolve_builder
-    from pipeline.runner.plan import RunOptions
 
     pairs = list(params.get("param") or [])
     parse_params(resolve_builder(job), pairs)

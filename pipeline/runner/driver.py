@@ -27,6 +27,7 @@ from typing import Any
 
 from pipeline.core.errors import JacpipeError, ShardFailedError, first_line
 from pipeline.core.kinds import kind_of
+from pipeline.core.options import RunOptions
 from pipeline.core.shapes import Shapes
 from pipeline.core.shard import ShardResult, ShardSpec
 from pipeline.core.smoothing import Smoothing
@@ -42,7 +43,6 @@ from pipeline.runner.plan import (
     LOCAL_MAX_SECONDS,
     PatternChoice,
     Resources,
-    RunOptions,
     RunPlan,
     Shard,
     estimate_seconds,
@@ -383,7 +383,7 @@ def run(
         job: a job spec (``"mlp"``, ``"pkg.mod:build"``), a :class:`~pipeline.Problem`
             built in memory (a closure over tensors, an ``nn.Module``: shipped
             to the workers through Ray's object store, its fingerprint checked
-            there), or a :class:`~pipeline.runner.plan.RunOptions`.
+            there), or a :class:`~pipeline.core.options.RunOptions`.
         echo: where progress and notes go (one line each).
         **options: the ``jacpipe run`` options by name (``out``, ``shards``,
             ``method``, ``memory_budget``, ``executor``, ...; ``params`` as a
