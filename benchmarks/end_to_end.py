@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = run(RunOptions(job="mlp", params=params, out=str(root / "jacpipe"),
                                      resume=False, overwrite=True, progress=False),
                           echo=lambda _: None)
-            manifests.append(summary.manifest)
+            manifests.append(summary.manifest.to_json())
 
         def in_process() -> None:
             jac = torch.func.jacrev(problem.fn)(problem.x)

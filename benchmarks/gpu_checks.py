@@ -33,7 +33,7 @@ def _mlp_on(device: str, out: str) -> dict[str, Any]:
     problem = build_problem("mlp", {"n": 1200, "m": 1500, "device": device})
     ref = torch.func.jacrev(problem.fn)(problem.x).detach().cpu().numpy()
     err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-    devices = sorted({s["device"] for s in summary.manifest["shards"]})
+    devices = sorted({s.device for s in summary.manifest.committed})
     return {"ok": err < 1e-5 and devices == [device], "rel_error": err, "devices": devices,
             "seconds": round(seconds, 3)}
 

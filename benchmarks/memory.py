@@ -73,7 +73,7 @@ def driver(n: int, m: int, hidden: int, budget: str, out: str) -> dict[str, Any]
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
-    shards = summary.manifest["shards"]
+    shards = summary.manifest.to_json()["shards"]
     workers: dict[int, int] = {}
     for s in shards:
         workers[int(s["pid"])] = max(workers.get(int(s["pid"]), 0), int(s["peak_rss"]))

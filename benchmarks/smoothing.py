@@ -111,7 +111,7 @@ def wall_vs_k(report: Report, ks: list[int]) -> None:
                     ), echo=lambda s: None)
                     rows.append([job, "plain" if k is None else k,
                                  round(time.perf_counter() - t0, 3),
-                                 summary.manifest["compute_seconds"]])
+                                 summary.manifest.compute_seconds])
     finally:
         ray.shutdown()
     report.table("(2) jacpipe run --smooth on Ray (2 CPUs, 2 shards): wall time against K",

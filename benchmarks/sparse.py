@@ -355,7 +355,7 @@ def bench_end_to_end(report: Report, N: int, repeats: int, reference: Any) -> No
         summary = run(RunOptions(job="heat", params=[f"N={N}"], out=str(root / "heat"),
                                  resume=False, overwrite=True, progress=False),
                       echo=lambda _: None)
-        manifests.append(summary.manifest)
+        manifests.append(summary.manifest.to_json())
 
     print(f"end to end: jacpipe run heat N={N} on a local Ray, {repeats} rounds ...",
           flush=True)

@@ -91,7 +91,7 @@ def test_python_api_with_a_closure_or_a_module(ray_session, tmp_path, executor, 
     problem = make()
     summary = pipeline.run(problem, out=str(tmp_path / "o"), shards=2, executor=executor,
                            progress=False, echo=lambda _: None)
-    assert summary.manifest["job"].startswith("python:")
+    assert summary.manifest.job.startswith("python:")
     got = read_jacobian(tmp_path / "o")
     ref = jacobian(problem.fn, problem.x).reshape(got.shape).numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)

@@ -138,9 +138,9 @@ def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
     assert man.status == "failed" and 0 in man.shards and 1 not in man.shards
     lines.clear()
     summary = runner.run(RunOptions(**opts), echo=lines.append)  # resumes, waits it out
-    assert summary.skipped >= 1 and summary.manifest["status"] == "complete"
+    assert summary.skipped >= 1 and summary.manifest.status == "complete"
     assert any("warning: shard 1 has run" in line and "median shard" in line for line in lines), (
-        lines, summary.manifest["shards"])
+        lines, summary.manifest.to_json()["shards"])
 
 
 def test_commits_append_to_a_log_that_readers_merge_before_compaction(ray_session, tmp_path):

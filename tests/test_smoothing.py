@@ -143,7 +143,7 @@ def test_stderr_column_is_the_standard_error_of_the_pair_means(ray_session, tmp_
     from pipeline.problem.problem import build_problem, parse_params, resolve_builder
 
     summary = _run(tmp_path / "s", shards=2, estimator="both")
-    facts = summary.manifest["smoothing"]
+    facts = summary.manifest.to_json()["smoothing"]
     assert (facts["sigma"], facts["samples"], facts["seed"], facts["estimator"]) == (
         SIGMA, 16, 0, "both")
     problem = build_problem("mlp", parse_params(resolve_builder("mlp"), MLP))
@@ -178,7 +178,7 @@ def test_resume_keeps_shards_and_refuses_another_sigma(ray_session, tmp_path):
     first = _run(tmp_path / "r", shards=3)
     again = _run(tmp_path / "r", shards=3)
     assert (again.computed, again.skipped) == (0, 3)
-    assert again.manifest["smoothing"] == first.manifest["smoothing"]
+    assert again.manifest.smoothing == first.manifest.smoothing
     with pytest.raises(JacpipeError, match="differs in: smoothing"):
         _run(tmp_path / "r", shards=3, sigma=2 * SIGMA)
 

@@ -182,7 +182,7 @@ def run_cmd(
             estimator=estimator,
             smooth_seed=smooth_seed,
         ))
-    man = summary.manifest
+    man = summary.manifest.to_json()
     if as_json:
         _run_json(summary, verify=verify, rows=rows, job=job)
         return
@@ -211,7 +211,7 @@ def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None
     """``run --json``: the run's facts (and the --verify report) as one document."""
     from pipeline.store.storage import Storage
 
-    man = summary.manifest
+    man = summary.manifest.to_json()
     doc: dict[str, Any] = {
         "out": Storage.redact(summary.out), "job": man.get("job"), "params": man.get("params"),
         "kind": man["kind"], "shape": [man["shapes"]["total_rows"], man["shapes"]["n"]],

@@ -100,6 +100,27 @@ class ShardSpec:
 
 
 @dataclass(frozen=True)
+class ShardInputs:
+    """What a worker receives beside its :class:`ShardSpec`: objects too big or too live for JSON.
+
+    The driver puts one of these into Ray's object store once per run (every
+    task of the run shares it); the in-process executor passes it directly.
+
+    Args:
+        pattern: the sparsity pattern (``scipy.sparse``, ``(m, n)``) of a
+            sparse-layout run, else None.
+        coloring: that pattern's :class:`~pipeline.sparse.coloring.Coloring`, else None.
+        problem: a :class:`~pipeline.Problem` handed in memory
+            (``pipeline.run(Problem(...))``) instead of a job to rebuild; the
+            worker checks its fingerprint all the same.
+    """
+
+    pattern: Any = None
+    coloring: Any = None
+    problem: Any = None
+
+
+@dataclass(frozen=True)
 class ShardResult:
     """A committed shard: its manifest entry.
 

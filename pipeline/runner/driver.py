@@ -23,15 +23,16 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import JacpipeError, ShardFailedError, first_line
 from pipeline.core.kinds import kind_of
 from pipeline.core.options import RunOptions
 from pipeline.core.shapes import Shapes
-from pipeline.core.shard import ShardResult, ShardSpec
+from pipeline.core.shard import ShardInputs, ShardResult, ShardSpec
 from pipeline.core.smoothing import Smoothing
 from pipeline.problem.problem import (
+    Problem,
     build_problem,
     fingerprint,
     job_parameters,
@@ -54,6 +55,9 @@ from pipeline.store.folder import ResultFolder, default_out
 from pipeline.store.manifest import Manifest, utcnow, versions
 from pipeline.store.storage import Storage
 
+if TYPE_CHECKING:
+    from pipeline.maths.adjoint import AdjointCheck
+
 __all__ = ["Interrupted", "RunOptions", "RunSummary", "connect", "run"]
 
 #: How often Ray retries a shard whose worker process died (SIGKILL, OOM).
@@ -68,13 +72,30 @@ class Interrupted(JacpipeError):
 
 @dataclass
 class RunSummary:
-    """What a finished run reports (``manifest`` is the JSON document written)."""
+    """What a finished run reports.
+
+    Args:
+        out: the result folder (URI; may hold credentials: print it through
+            ``Storage.redact``).
+        manifest: the :class:`~pipeline.store.manifest.Manifest` written.
+        computed, skipped: shards computed now, and resumed from earlier runs.
+        notes: what the run said along the way (also echoed).
+    """
 
     out: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     computed: int
     skipped: int
     notes: list[str]
+
+    def __repr__(self) -> str:
+        from pipeline.store.storage import Storage
+
+        s = self.manifest.shapes
+        return (f"RunSummary(out={Storage.redact(self.out)!r}, kind={s.kind!r}, "
+                f"shape=({s.total_rows}, {s.n}), dtype={s.dtype!r}, "
+                f"status={self.manifest.status!r}, computed={self.computed}, "
+                f"skipped={self.skipped})")
 
 
 @dataclass(frozen=True)
@@ -86,10 +107,10 @@ class _Job:
     shapes: Shapes
     fingerprint: dict[str, Any]
     device_param: bool
-    pattern: Any  # a PatternChoice: the sparsity pattern and where it came from
-    adjoint: Any  # the AdjointCheck, when forward mode was on the table
+    pattern: PatternChoice  # the sparsity pattern and where it came from
+    adjoint: AdjointCheck | None  # when forward mode was on the table
     pass_seconds: float = 0.0  # one forward + backward, timed by the fingerprint
-    problem: Any = None  # a Problem handed in memory (shipped to workers), else None
+    problem: Problem | None = None  # handed in memory (shipped to workers), else None
     smoothing: Smoothing | None = None
 
 
@@ -153,8 +174,8 @@ def _pass_seconds(problem: Any) -> float:
     return 3 * (time.perf_counter() - t0)
 
 
-def _adjoint_if_forward_possible(opts: RunOptions, problem: Any, shapes: Shapes, pattern: Any
-                                 ) -> Any:
+def _adjoint_if_forward_possible(opts: RunOptions, problem: Problem, shapes: Shapes, pattern: Any
+                                 ) -> AdjointCheck | None:
     """Check forward against reverse mode at ``x`` where forward mode may be used.
 
     NOTE: [Adjoint check before forward mode]
@@ -298,11 +319,17 @@ def refuse_stale_cluster_env(environ: Any = None) -> None:
     )
 
 
-def _shard_task(spec: ShardSpec, pattern: Any = None, coloring: Any = None, problem: Any = None
-                ) -> ShardResult:
+def _shard_task(spec: ShardSpec, inputs: ShardInputs) -> ShardResult:
     from pipeline.runner.worker import compute_shard
 
-    return compute_shard(spec, pattern=pattern, coloring=coloring, problem=problem)
+    return compute_shard(spec, inputs)
+
+
+def _inputs(plan: RunPlan, problem: Problem | None) -> ShardInputs:
+    """What every shard of the run receives beside its spec."""
+    sparse = plan.coloring is not None
+    return ShardInputs(pattern=plan.pattern if sparse else None,
+                       coloring=plan.coloring if sparse else None, problem=problem)
 
 
 _REMOTE: Any = None
@@ -614,7 +641,7 @@ def _execute(
         )
         echo(f"warning: {notes[-1]}")
     return RunSummary(
-        out=folder.storage.uri, manifest=manifest.to_json(), computed=len(todo),
+        out=folder.storage.uri, manifest=manifest, computed=len(todo),
         skipped=len(keep), notes=notes,
     )
 
@@ -730,16 +757,12 @@ class _Scheduler:
         # The pattern and colouring go to the object store once, not once per task.
         # A Problem built in memory goes once too (cloudpickled); the worker
         # checks its fingerprint like that of a rebuilt job.
-        args = (
-            ray.put(self.plan.pattern) if self.plan.coloring is not None else None,
-            ray.put(self.plan.coloring) if self.plan.coloring is not None else None,
-            ray.put(self.problem) if self.problem is not None else None,
-        )
+        inputs = ray.put(_inputs(self.plan, self.problem))
         pending = list(specs)
         while pending or self.in_flight:
             while pending and len(self.in_flight) < self.window:
                 spec = pending.pop(0)
-                self.in_flight[remote.remote(spec, *args)] = spec
+                self.in_flight[remote.remote(spec, inputs)] = spec
             self._watch(time.perf_counter())
             done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
             for ref in done:
@@ -826,8 +849,7 @@ class _LocalScheduler:
 
         for spec in specs:
             try:
-                result = compute_shard(spec, pattern=self.plan.pattern,
-                                       coloring=self.plan.coloring, problem=self.problem)
+                result = compute_shard(spec, _inputs(self.plan, self.problem))
             except JacpipeError as exc:
                 raise JacpipeError(f"shard {spec.index} (rows {spec.start}..{spec.stop}): {exc}",
                                    exit_code=exc.exit_code) from None

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION, parse_compression  # noqa: F401
 from pipeline.core.errors import JacpipeError
-from pipeline.core.kinds import kind_of
+from pipeline.core.kinds import Layout, Method, kind_of
 from pipeline.core.options import RunOptions, format_size, parse_size
 from pipeline.core.shapes import Shapes
+
+if TYPE_CHECKING:
+    from scipy.sparse import sparray as SparsePattern
+
+    from pipeline.sparse.coloring import Coloring
 
 
 def local_resources(num_cpus: int | None = None) -> Resources:
@@ -107,16 +112,16 @@ class RunPlan:
 
     slots: int
     shards: list[Shard]
-    method: str
-    layout: str
+    method: Method
+    layout: Layout
     memory_budget: int
     cpus_per_shard: float
     gpus_per_shard: float
     threads: int
     device: str
     group_rows: int
-    coloring: Any = None
-    pattern: Any = None
+    coloring: Coloring | None = None
+    pattern: SparsePattern | None = None
     notes: list[str] = field(default_factory=list)
     pattern_source: str | None = None
     compression: str = DEFAULT_COMPRESSION

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
-from pipeline.core.shard import ShardResult, ShardSpec
+from pipeline.core.shard import ShardInputs, ShardResult, ShardSpec
 from pipeline.maths import engine
 from pipeline.maths.kinds import iter_rows, maths_of
 from pipeline.problem.problem import Problem, rebuild
@@ -149,16 +149,15 @@ def _node_id() -> str:
 
 
 def compute_shard(
-    spec: ShardSpec, *, pattern: Any = None, coloring: Any = None, pipelined: bool = True,
-    problem: Problem | None = None,
+    spec: ShardSpec, inputs: ShardInputs | None = None, *, pipelined: bool = True,
 ) -> ShardResult:
     """Compute one shard and commit its part file; return its manifest entry.
 
     Args:
         spec: the shard (see :class:`~pipeline.core.shard.ShardSpec`).
-        pattern, coloring: the sparsity pattern and its colouring (sparse layout).
-        problem: a problem handed in memory (``pipeline.run(Problem(...))``)
-            instead of the job to rebuild; its fingerprint is checked all the same.
+        inputs: the pattern and colouring of a sparse layout, and a problem
+            handed in memory instead of the job to rebuild (its fingerprint is
+            checked all the same); see :class:`~pipeline.core.shard.ShardInputs`.
         pipelined: dense layout: write block ``k`` on a writer thread while block
             ``k + 1`` is computed (see :class:`_Pipeline`); ``False`` writes
             each block before computing the next. The part's bytes are the same.
@@ -169,12 +168,14 @@ def compute_shard(
         ``run_id`` that computed it and its ``attempt`` within that run, ...).
     """
     global _CURRENT
+    inputs = inputs or ShardInputs()
+    pattern, coloring = inputs.pattern, inputs.coloring
     t0 = time.perf_counter()
     torch.set_num_threads(spec.threads)  # Ray sets OMP_NUM_THREADS from num_cpus: be explicit
     device = _device(spec.device)
     storage = Storage(spec.out)
     attempt = record_attempt(storage, spec.run_id, spec.index)
-    problem, activations = _problem(spec, device, problem)
+    problem, activations = _problem(spec, device, inputs.problem)
     chunk = _chunk(spec, activations, pattern, baseline=_rss() if device == "cpu" else 0)
     writer = PartWriter(
         storage, part_name(spec.index), _schema(spec), spec.part_meta(),
