@@ -291,7 +291,7 @@ def test_export_refuses_other_formats(results, tmp_path, name, match):
 
 def test_stale_cluster_variables_are_one_line(tmp_path):
     from pipeline.core.errors import JacpipeError
-    from pipeline.runner.driver import refuse_stale_cluster_env
+    from pipeline.runner.cluster import refuse_stale_cluster_env
 
     refuse_stale_cluster_env({})
     refuse_stale_cluster_env({"RAY_ADDRESS": "local"})

@@ -20,6 +20,7 @@ from pipeline.core.errors import JacpipeError
 from pipeline.core.options import RunOptions
 from pipeline.problem.problem import resolve_builder
 from pipeline.runner import driver as runner
+from pipeline.runner import scheduler
 from pipeline.store.manifest import COMMIT_LOG, Manifest
 from pipeline.store.storage import Storage
 from tests.manifests import read_doc, write_doc
@@ -80,7 +81,7 @@ def test_sigterm_is_handled_like_ctrl_c(ray_session, tmp_path):
         finally:
             kill_session(proc, sig=signal.SIGKILL)
     stderr = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode == runner.SIGTERM_EXIT, stderr
+    assert proc.returncode == scheduler.SIGTERM_EXIT, stderr
     assert "Traceback" not in stderr and "*** SIGTERM" not in stderr, stderr
     assert session_processes(proc.pid) == []
     man = Manifest.read(Storage(str(out)))
@@ -95,7 +96,7 @@ def test_sigterm_is_handled_like_ctrl_c(ray_session, tmp_path):
 
 
 def test_sigterm_inside_ray_wait_is_an_interrupt_not_a_system_error(ray_session):
-    """runner.Terminated: Ray's signal check in ray.wait lets only KeyboardInterrupt through.
+    """scheduler.Terminated: Ray's signal check in ray.wait lets only KeyboardInterrupt through.
 
     A SIGTERM that lands while the driver blocks in ``ray.wait`` (long shards)
     used to end the run as "SystemError: <cyfunction CoreWorker.wait> returned
@@ -109,9 +110,9 @@ def test_sigterm_inside_ray_wait_is_an_interrupt_not_a_system_error(ray_session)
         time.sleep(3)
 
     ref = sleeper.remote()
-    seen = runner._Sigterm()
+    seen = scheduler._Sigterm()
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
-    with pytest.raises(KeyboardInterrupt), runner._sigterm_as_interrupt(seen):
+    with pytest.raises(KeyboardInterrupt), scheduler._sigterm_as_interrupt(seen):
         timer.start()
         ray_session.wait([ref], timeout=10)
     timer.join()
@@ -123,8 +124,8 @@ def test_sigterm_inside_ray_wait_is_an_interrupt_not_a_system_error(ray_session)
 def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
     ray_session, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(runner, "STALL_FACTOR", 3.0)
-    monkeypatch.setattr(runner, "STALL_MIN_SECONDS", 1.0)
+    monkeypatch.setattr(scheduler, "STALL_FACTOR", 3.0)
+    monkeypatch.setattr(scheduler, "STALL_MIN_SECONDS", 1.0)
     job = "tests.faultjobs:slow_shard"
     # warm the workers (torch imported, job built) so only the straggler is slow
     runner.run(RunOptions(job=job, params=["shard=99"], shards=2, out=str(tmp_path / "warm"),
@@ -132,7 +133,7 @@ def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
     lines: list[str] = []
     opts = dict(job=job, params=["seconds=6"], shards=6, chunk_size=64,
                 out=str(tmp_path / "out"), progress=False, max_in_flight=2)
-    with pytest.raises(runner.ShardTimeout, match="ran past --shard-timeout 4s"):
+    with pytest.raises(scheduler.ShardTimeout, match="ran past --shard-timeout 4s"):
         runner.run(RunOptions(**opts, shard_timeout=4), echo=lines.append)
     man = Manifest.read(Storage(opts["out"]))
     assert man.status == "failed" and 0 in man.shards and 1 not in man.shards

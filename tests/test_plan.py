@@ -8,6 +8,7 @@ from pipeline.core.errors import JacpipeError
 from pipeline.core.options import RunOptions, parse_size
 from pipeline.core.shapes import Shapes
 from pipeline.runner.plan import Resources, choose_method, chunk_rows, make_plan, plan_shards
+from pipeline.store.parts import part_name
 
 
 @pytest.mark.parametrize("total,shards", [(10, 3), (2000, 8), (7, 7), (1000, 6), (5, 1)])
@@ -20,7 +21,7 @@ def test_shards_cover_every_row_exactly_once(total, shards):
     sizes = [s.rows for s in plan]
     assert max(sizes) - min(sizes) <= 1
     assert [s.index for s in plan] == list(range(shards))
-    assert plan[0].file == "part-00000.parquet"
+    assert part_name(plan[0].index) == "part-00000.parquet"
 
 
 def test_rows_per_shard_gives_uneven_last_shard():

@@ -117,7 +117,7 @@ def test_worker_killed_mid_shard_is_retried_and_loses_nothing(ray_session, tmp_p
 def test_worker_dying_on_every_attempt_is_retried_then_named(
     ray_session, tmp_path, monkeypatch
 ):
-    import pipeline.runner.driver as runner_mod
+    import pipeline.runner.scheduler as runner_mod
 
     monkeypatch.setattr(runner_mod, "MAX_RETRIES", 1)
     monkeypatch.setattr(runner_mod, "_REMOTE", None)  # rebuilt with max_retries=1

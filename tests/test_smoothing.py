@@ -111,10 +111,10 @@ def test_bad_smoothing_options_are_one_line(kwargs, message):
 
 
 def test_hessian_jobs_are_refused():
-    from pipeline.runner.driver import _check_job
+    from pipeline.runner.job import check_job
 
     with pytest.raises(JacpipeError, match="jacobian kind only"):
-        _check_job(RunOptions(job="rosenbrock", params=["n=4"], smooth="0.1"))
+        check_job(RunOptions(job="rosenbrock", params=["n=4"], smooth="0.1"))
 
 
 # ---------------------------------------------------------------------------

@@ -18,16 +18,17 @@ class JacpipeError(Exception):
             self.exit_code = exit_code
 
 
-class MismatchError(JacpipeError):
-    """The pipeline's result disagrees with the reference (``compare``)."""
-
-    exit_code = 1
-
-
 class ShardFailedError(JacpipeError):
     """A user's function raised inside a shard; not retried."""
 
     exit_code = 1
+
+
+class SparsityError(JacpipeError, ValueError):
+    """Sparsity detection refused: random ops, or control flow on x in global mode.
+
+    Also a ``ValueError`` (what it was before it was a :class:`JacpipeError`).
+    """
 
 
 def first_line(exc: BaseException | str, *, limit: int | None = None) -> str:

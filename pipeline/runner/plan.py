@@ -11,6 +11,7 @@ budget (:func:`chunk_rows`), because only the worker can measure what it holds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,7 @@ class RunPlan:
         pattern: its sparsity pattern, else None.
         pattern_source: ``job``, ``file``, ``detected`` or ``detected-local``.
         notes: lines for the user (clamped requests, the sparse summary).
+        executor: ``ray`` (Ray tasks) or ``local`` (this process).
     """
 
     slots: int
@@ -125,6 +127,7 @@ class RunPlan:
     notes: list[str] = field(default_factory=list)
     pattern_source: str | None = None
     compression: str = DEFAULT_COMPRESSION
+    executor: str = "ray"
 
     def coloring_facts(self) -> dict[str, Any] | None:
         """The colouring as the manifest records it (None for dense runs)."""
@@ -148,8 +151,9 @@ def make_plan(
     device_param: bool = False,
     forward_disagrees: str | None = None,
     pattern_source: str | None = None,
+    pass_seconds: float | None = None,
 ) -> RunPlan:
-    """Plan a run: slots, shards, method, layout, colouring, budget, GPU share.
+    """Plan a run: slots, shards, method, layout, colouring, budget, GPU share, executor.
 
     Args:
         shapes: the derivative's shapes.
@@ -161,6 +165,10 @@ def make_plan(
         forward_disagrees: why forward mode gives another derivative than
             reverse mode at ``x`` (the adjoint check failed), else None:
             ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned.
+        pass_seconds: one forward + backward pass of the job, timed, for an
+            embedded run: ``--executor auto`` then runs a few seconds of work
+            in this process (NOTE: [Small jobs in process]). None on a
+            cluster, whose shards always run as Ray tasks.
 
     Returns:
         The :class:`RunPlan`.
@@ -215,7 +223,7 @@ def make_plan(
                 notes.append(f"reverse mode, not forward: {forward_disagrees}")
             else:
                 notes.append(f"warning: --method fwd although {forward_disagrees}")
-    return RunPlan(
+    plan = RunPlan(
         slots=slots,
         shards=shards,
         method=method,
@@ -232,6 +240,22 @@ def make_plan(
         notes=notes,
         compression=options.compression,
     )
+    return _with_executor(plan, shapes, options.executor, pass_seconds)
+
+
+def _with_executor(plan: RunPlan, shapes: Shapes, asked: str, pass_seconds: float | None
+                   ) -> RunPlan:
+    """``plan`` with its executor: ``ray`` on a cluster, else ``asked`` or the estimate's."""
+    if pass_seconds is None:
+        return dataclasses.replace(plan, executor="ray")
+    if asked != "auto":
+        return dataclasses.replace(plan, executor=asked)
+    estimate = estimate_seconds(shapes, plan, pass_seconds)
+    if estimate > LOCAL_MAX_SECONDS:
+        return dataclasses.replace(plan, executor="ray")
+    note = (f"executor: local (about {estimate:.1f}s of work, less than starting Ray; "
+            "--executor ray to use Ray)")
+    return dataclasses.replace(plan, executor="local", notes=[*plan.notes, note])
 
 
 def _worth_colouring(pattern: Any, shapes: Shapes, options: RunOptions,
@@ -343,115 +367,14 @@ def task_slots(cpus_per_shard: float, gpus_per_shard: float, resources: Resource
     return slots
 
 
-@dataclass(frozen=True)
-class PatternChoice:
-    """The sparsity pattern of a run and where it came from.
-
-    Args:
-        pattern: boolean CSR, or None (dense path).
-        source: ``"job"``, ``"file"``, ``"detected"`` (global: holds at any
-            x), ``"detected-local"`` (holds at this x only), or None.
-        seconds: time spent detecting it (0 when given).
-        note: one line for the user (what detection found or why it was not used).
-    """
-
-    pattern: Any = None
-    source: str | None = None
-    seconds: float = 0.0
-    note: str | None = None
-    quiet: bool = False  # the note is for the manifest only (--method auto found nothing)
-
-    def facts(self) -> dict[str, Any] | None:
-        """What the manifest records of a detection (None when the pattern was given)."""
-        if self.source is None or not self.source.startswith("detected") and not self.note:
-            return None
-        return {"source": self.source, "seconds": round(self.seconds, 4), "note": self.note}
 
 
-#: ``--sparsity`` values that detect the pattern instead of reading a file.
-DETECT = {"auto": "global", "auto-local": "local"}
 
 
-def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternChoice:
-    """The sparsity pattern a run uses: ``--sparsity FILE|auto``, the job's, or detected.
-
-    ``--sparsity auto`` (or ``Problem(sparsity="auto")``) detects the pattern
-    by tracing ``fn`` (:mod:`pipeline.sparse.detect`, global mode: valid at any
-    x; ``auto-local``: at this x only). ``--method auto`` without any pattern
-    tries the same detection with its density cap (a dense problem gives up
-    within about three forward passes) and keeps the dense path when it
-    gives up. Dense methods (``rev``, ``fwd``) use none.
-
-    Raises:
-        JacpipeError: ``--method sparse`` without a pattern, a pattern of the
-            wrong shape, a pattern for per-sample Jacobians, or an explicit
-            detection that cannot be done (random ops, control flow on x).
-    """
-    if options.method not in ("auto", "sparse"):
-        return PatternChoice()
-    asked = options.sparsity or (problem.sparsity if isinstance(problem.sparsity, str) else None)
-    if asked in DETECT:
-        choice = _detected(problem, shapes, DETECT[asked], explicit=True,
-                           needed=options.method == "sparse")
-    elif options.sparsity:
-        from pipeline.sparse.compressed import load_pattern
-
-        choice = PatternChoice(load_pattern(options.sparsity), "file")
-    elif problem.sparsity is not None:
-        from pipeline.sparse.coloring import as_pattern
-
-        choice = PatternChoice(as_pattern(problem.sparsity), "job")
-    elif options.method == "sparse":
-        raise JacpipeError(
-            f"--method sparse: job {options.job!r} has no sparsity pattern; give one with "
-            "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns) or "
-            "--sparsity auto (detected)"
-        )
-    elif kind_of(shapes.kind).per_sample:
-        return PatternChoice()
-    else:
-        choice = _detected(problem, shapes, "global", explicit=False, needed=False)
-    if choice.pattern is not None:
-        _check_pattern_shape(choice.pattern, shapes)
-    return choice
 
 
-def _check_pattern_shape(pattern: Any, shapes: Shapes) -> None:
-    if kind_of(shapes.kind).per_sample:
-        raise JacpipeError("sparsity patterns are supported for jacobian and hessian kinds")
-    if pattern.shape != (shapes.m, shapes.n):
-        raise JacpipeError(
-            f"sparsity pattern has shape {pattern.shape}, expected {(shapes.m, shapes.n)} "
-            f"(rows x columns of the {shapes.kind})"
-        )
 
 
-def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed: bool
-              ) -> PatternChoice:
-    """Detect the pattern; an explicit request fails loudly, ``--method auto`` quietly."""
-    from pipeline.sparse.detect import SparsityError, trace_sparsity
-
-    if kind_of(shapes.kind).per_sample:
-        raise JacpipeError("--sparsity auto: sparsity patterns are supported for jacobian and "
-                           "hessian kinds, not per-sample Jacobians")
-    try:
-        report = trace_sparsity(problem.fn, problem.x, kind=shapes.kind, mode=mode)
-    except SparsityError as exc:
-        if explicit:
-            raise JacpipeError(f"--sparsity auto: {exc}") from None
-        return PatternChoice(note=f"no sparsity detected ({exc}); dense path", quiet=True)
-    source = "detected" if mode == "global" else "detected-local"
-    if report.dense:
-        if needed:
-            raise JacpipeError(
-                f"--method sparse with --sparsity auto: the Jacobian is dense ({report.reason}); "
-                "use --method auto, rev or fwd")
-        return PatternChoice(None, source, report.seconds,
-                             f"sparsity detection gave up in {report.seconds:.2f}s "
-                             f"({report.reason}); dense path", quiet=not explicit)
-    held = " (holds at this x only)" if mode == "local" else ""
-    return PatternChoice(report.pattern, source, report.seconds,
-                         f"sparsity detected in {report.seconds:.2f}s: {report.reason}{held}")
 
 
 def pattern_hash(pattern: Any) -> str:
@@ -482,10 +405,6 @@ class Shard:
     @property
     def rows(self) -> int:
         return self.stop - self.start
-
-    @property
-    def file(self) -> str:
-        return f"part-{self.index:05d}.parquet"
 
 
 def plan_shards(
@@ -548,12 +467,6 @@ def plan_shards(
             bounds = sorted(set(bounds))
     out = [Shard(i, a, b) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
     return out, note
-
-
-
-
-
-
 
 
 def default_memory_budget(total_memory: int, slots: int) -> int:

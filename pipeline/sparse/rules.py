@@ -33,11 +33,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from pipeline.core.errors import SparsityError as SparsityError
+
 aten = torch.ops.aten
-
-
-class SparsityError(ValueError):
-    """Sparsity detection refused: random ops, or control flow on x in global mode."""
 
 
 class SparsityWarning(UserWarning):

@@ -1,0 +1,155 @@
+"""Connecting to Ray: an embedded local Ray or a cluster, and what it offers.
+
+A stale cluster environment, an unreachable address or a missing token is
+one clear line before ``ray.init`` can hang on it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.errors import JacpipeError, first_line
+from pipeline.runner.plan import (
+    Resources,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+def _probe_address(address: str) -> None:
+    """Fail fast (instead of Ray's long retries) when nothing listens at ``address``."""
+    if address.startswith(("http://", "https://")):
+        raise JacpipeError(
+            f"--address {address}: that is a dashboard (Jobs API) address; `jacpipe run "
+            "--address` expects the cluster's GCS address HOST:PORT (usually port 6379) or "
+            f"auto on a cluster node; to run through the dashboard use `jacpipe submit JOB "
+            f"... --address {address}`"
+        )
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except ValueError:
+        raise JacpipeError(f"--address {address!r}: expected HOST:PORT or auto") from None
+    except OSError as exc:
+        raise JacpipeError(
+            f"--address {address}: no Ray cluster reachable ({exc.strerror or exc}); "
+            "start one with `ray start --head` or `make cluster-up`, or omit --address "
+            "to use an embedded local Ray"
+        ) from None
+
+
+def connect(address: str | None, num_cpus: int | None) -> bool:
+    """Connect to Ray; returns True if this call started it (and should stop it).
+
+    Args:
+        address: ``HOST:PORT`` of a cluster's GCS, ``auto`` (on a cluster node,
+            e.g. inside a submitted job) or ``ray://``; None starts an embedded Ray.
+        num_cpus: CPUs of the embedded Ray (ignored with ``address``).
+
+    Raises:
+        JacpipeError: the cluster cannot be reached, refuses us (auth), or the
+            address is a dashboard URL.
+    """
+    import ray
+
+    if address:
+        _probe_address(address)
+    if num_cpus is not None and num_cpus < 1:
+        raise JacpipeError(f"--num-cpus must be at least 1, got {num_cpus}")  # API callers
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = first_line(exc)
+            hint = ""
+            if isinstance(exc, ConnectionError):
+                # A token-auth cluster answers a client without a token like a dead one.
+                hint = (
+                    "; if the cluster uses token authentication, set RAY_AUTH_MODE=token "
+                    "and RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN)"
+                )
+            raise JacpipeError(
+                f"--address {address}: cannot connect to Ray ({first}){hint}"
+            ) from None
+        return True
+    refuse_stale_cluster_env()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return True
+
+
+#: What `make cluster-up` exports; dropping them all makes `jacpipe run` local again.
+CLUSTER_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+
+
+def refuse_stale_cluster_env(environ: Any = None) -> None:
+    """Refuse, in one line, cluster variables that would break an embedded local Ray.
+
+    ``ray.init()`` joins ``RAY_ADDRESS`` when it is set, and demands a token
+    when ``RAY_AUTH_MODE=token``: left over from a cluster that is gone (after
+    ``make cluster-down``), they give Ray's raw retries or a 600-character
+    auth error instead of a local run.
+
+    Args:
+        environ: the environment to look at (default ``os.environ``).
+
+    Raises:
+        JacpipeError: ``RAY_ADDRESS`` names a cluster nobody answers at, or
+            token auth is on and no token can be read.
+    """
+    env = os.environ if environ is None else environ
+    fix = (f"unset {' '.join(CLUSTER_ENV)} for an embedded local Ray, or pass --address "
+           "HOST:PORT of a running cluster")
+    address = env.get("RAY_ADDRESS", "").strip()
+    if address and address not in ("local", "auto") and "://" not in address:
+        try:
+            _probe_address(address)
+        except JacpipeError:
+            raise JacpipeError(
+                f"RAY_ADDRESS={address} is set but no Ray cluster answers there (left over "
+                f"from a cluster that is down?): {fix}"
+            ) from None
+    if env.get("RAY_AUTH_MODE", "").strip().lower() != "token" or env.get("RAY_AUTH_TOKEN"):
+        return
+    path = env.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            if fh.read().strip():
+                return
+    except OSError:
+        pass
+    raise JacpipeError(
+        f"RAY_AUTH_MODE=token is set but the token file {path} is missing or empty (left "
+        f"over from a cluster that is down?): {fix}"
+    )
+
+
+def ray_running() -> bool:
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def cluster_resources() -> Resources:
+    """What the connected Ray cluster offers (alive nodes only)."""
+    import ray
+
+    res = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return Resources(
+        cpus=float(res.get("CPU", 0)),
+        gpus=float(res.get("GPU", 0)),
+        node_memory=min((int(n["Resources"].get("memory", 0)) for n in nodes), default=0),
+        node_cpus=max((float(n["Resources"].get("CPU", 0)) for n in nodes), default=0.0),
+        node_gpus=max((float(n["Resources"].get("GPU", 0)) for n in nodes), default=0.0),
+    )
