@@ -337,7 +337,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     return runs
 
 
-def summarise(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Medians, speed-ups, correctness and targets."""
     for r in results.values():
         if "times" in r:
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         shown = out.get("error") or f"median {_median(out['times'][args.clock]):.3f} s, " \
                                      f"peak RSS {out['peak_rss'] / 2**20:.0f} MiB"
         print(f"  {spec['label']:<58} {shown}  [{time.perf_counter() - t0:.0f} s]", flush=True)
-    summary = summarise(args, results)
+    summary = summarize(args, results)
     if any(r.get("agrees") is False for r in results.values()):
         print("WARNING: some methods disagree with the reference (see 'matches')")
     text = markdown(env, results, summary)

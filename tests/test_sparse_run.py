@@ -30,13 +30,13 @@ def dense_reference(job, params):
     return jacobian(problem.fn, problem.x).reshape(-1, problem.x.numel()).numpy()
 
 
-@pytest.mark.parametrize("job,params,colours", [
+@pytest.mark.parametrize("job,params,colors", [
     ("heat", {"N": 12}, 5),
     ("banded", {"n": 300, "k": 2}, 5),
     ("brusselator", {"N": 8}, None),
 ])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params, colours, dtype):
+def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params, colors, dtype):
     out = tmp_path / job
     args = [f"{k}={v}" for k, v in params.items()]
     result = invoke("run", job, *sum((["-p", a] for a in args), []), "--dtype", dtype,
@@ -44,8 +44,8 @@ def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params
     assert result.exit_code == 0, result.output
     man = read_doc(out)
     assert man["layout"] == "sparse" and man["method"] == "sparse"
-    if colours is not None:
-        assert man["coloring"]["num_colors"] == colours
+    if colors is not None:
+        assert man["coloring"]["num_colors"] == colors
     got = read_jacobian(out)
     assert sp.issparse(got)
     ref = dense_reference(job, {**params, "dtype": dtype})
@@ -55,7 +55,7 @@ def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params
     schema = pq.read_schema(out / "part-00000.parquet")
     assert schema.field("cols").type == pa.list_(pa.int64())
     info = json.loads(invoke("inspect", out, "--json").output)
-    assert info["layout"] == "sparse" and info["colours"] == man["coloring"]["num_colors"]
+    assert info["layout"] == "sparse" and info["colors"] == man["coloring"]["num_colors"]
     assert info["density"] == pytest.approx(man["coloring"]["nnz"] / ref.size)
 
 

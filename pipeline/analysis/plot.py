@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # largest value; smaller non-zero values take the lowest colour (the
 # colourbar's "extend" arrow says so).
 _DECADES = 12
-_SPY_COLOUR = "#1f3b73"
+_SPY_COLOR = "#1f3b73"
 
 
 @dataclass
@@ -348,7 +348,7 @@ def _heatmap(
     # NOTE: zeros are masked (drawn white); NaNs are masked too and get a red overlay.
     masked = np.ma.masked_where(~(img > 0) | ~np.isfinite(img), img)
     if cmap is None:
-        spy = ListedColormap([_SPY_COLOUR]).with_extremes(bad="white")
+        spy = ListedColormap([_SPY_COLOR]).with_extremes(bad="white")
         ax.imshow(masked, cmap=spy, extent=extent, aspect="auto", interpolation="nearest")
         cax.axis("off")
     else:

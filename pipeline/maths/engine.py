@@ -36,7 +36,7 @@ METHODS = ("rev", "fwd")
 
 
 class VmapFallbackWarning(UserWarning):
-    """The function could not be vectorised; rows are computed one by one."""
+    """The function could not be vectorized; rows are computed one by one."""
 
 
 class InputWriteError(JacpipeError, ValueError):
@@ -181,10 +181,10 @@ def _jacobian_blocks(
         )
         return
     _check_range(start, stop, y.numel(), sample)
-    vectorised = torch.func.vmap(pullback)
+    vectorized = torch.func.vmap(pullback)
     for a, b in _chunks(start, stop, chunk_size):
         try:
-            (rows,) = vectorised(basis_rows(a, b, y.numel(), y))
+            (rows,) = vectorized(basis_rows(a, b, y.numel(), y))
         except RuntimeError as exc:
             yield from _iter_rows_loop(
                 fn, x, a, stop, chunk_size=chunk_size, reason=exc, sample=sample
@@ -248,11 +248,11 @@ def _iter_rows_fwd(
     def columns(v: Tensor) -> Tensor:
         return torch.func.jvp(f, (x_flat,), (v,))[1]
 
-    vectorised = torch.func.vmap(columns)
+    vectorized = torch.func.vmap(columns)
     out = None
     for a, b in _chunks(0, n, chunk_size):
         # (b - a, m): J[:, a:b].T, in x's dtype whatever fn(x)'s dtype (as rev mode)
-        tangents = vectorised(basis_rows(a, b, n, x_flat)).to(x_flat.dtype)
+        tangents = vectorized(basis_rows(a, b, n, x_flat)).to(x_flat.dtype)
         _check_untouched(x_flat, version)
         if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
             m = tangents.shape[1]
@@ -639,10 +639,10 @@ def iter_batched_rows(
     # which flattens to its (m, n) rows for free; a reshaping wrapper around fn
     # adds four batched ops to every pass.
     samples = flat.view(xs.shape)
-    vectorised = torch.func.vmap(_sample_jacobian(fn, method))
+    vectorized = torch.func.vmap(_sample_jacobian(fn, method))
     if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
         m, block = _outputs_per_sample(
-            f, vectorised, samples, flat, version, stop if start == 0 and chunk_size is None else 0)
+            f, vectorized, samples, flat, version, stop if start == 0 and chunk_size is None else 0)
         if block is not None:  # the whole batch, computed while learning m
             yield 0, block
             return
@@ -673,7 +673,7 @@ def iter_batched_rows(
     for s0 in range(whole_a, whole_b, step):
         s1 = min(s0 + step, whole_b)
         try:
-            block = vectorised(samples[s0:s1])
+            block = vectorized(samples[s0:s1])
         except RuntimeError as exc:
             _refuse_input_writes(f, flat[s0])
             warnings.warn(
@@ -698,7 +698,7 @@ def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[T
 
     NOTE: [Per-sample Jacobians without jacrev and jacfwd]
         One VJP per output (``rev``) or one JVP per input (``fwd``) over the
-        identity, vectorised: what ``torch.func.jacrev`` / ``jacfwd`` compute,
+        identity, vectorized: what ``torch.func.jacrev`` / ``jacfwd`` compute,
         without their general machinery (pytrees of inputs and outputs,
         chunking, splitting the basis per output). Under ``vmap`` over
         samples that machinery is traced with every pass, and for tiny
@@ -731,11 +731,11 @@ def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[T
 
 
 def _outputs_per_sample(
-    f: Callable[[Tensor], Tensor], vectorised: Callable[[Tensor], Tensor], samples: Tensor,
+    f: Callable[[Tensor], Tensor], vectorized: Callable[[Tensor], Tensor], samples: Tensor,
     flat: Tensor, version: int, whole: int,
 ) -> tuple[int, Tensor | None]:
     """``(m, rows)``: rows ``[0, whole)`` too when they are the whole batch (else ``None``)."""
-    m, block = _whole_batch(vectorised, samples, flat, version, whole) if whole else (None, None)
+    m, block = _whole_batch(vectorized, samples, flat, version, whole) if whole else (None, None)
     if m is None:
         with torch.no_grad():
             m = f(flat[0]).numel() if flat.shape[0] else 0
@@ -743,7 +743,7 @@ def _outputs_per_sample(
 
 
 def _whole_batch(
-    vectorised: Callable[[Tensor], Tensor], samples: Tensor, flat: Tensor, version: int,
+    vectorized: Callable[[Tensor], Tensor], samples: Tensor, flat: Tensor, version: int,
     stop: int,
 ) -> tuple[int | None, Tensor | None]:
     """Rows ``[0, stop)`` in one pass over every sample, if they are the whole batch.
@@ -768,7 +768,7 @@ def _whole_batch(
     if not (batch and n and stop > 0 and stop % batch == 0):
         return None, None
     try:
-        block = vectorised(samples)
+        block = vectorized(samples)
     except RuntimeError:
         return None, None
     _check_untouched(flat, version)

@@ -184,7 +184,7 @@ def make_plan(
         else default_memory_budget(resources.node_memory or 8 * 2**30, slots)
     )
     sparse = pattern is not None and options.method in ("auto", "sparse")
-    coloring = _worth_colouring(pattern, shapes, options, pattern_source) if sparse else None
+    coloring = _worth_coloring(pattern, shapes, options, pattern_source) if sparse else None
     sparse = coloring is not None
     row_bytes = stored_row_bytes(shapes, pattern if sparse else None)
     shards, note = plan_shards(
@@ -258,7 +258,7 @@ def _with_executor(plan: RunPlan, shapes: Shapes, asked: str, pass_seconds: floa
     return dataclasses.replace(plan, executor="local", notes=[*plan.notes, note])
 
 
-def _worth_colouring(pattern: Any, shapes: Shapes, options: RunOptions,
+def _worth_coloring(pattern: Any, shapes: Shapes, options: RunOptions,
                      source: str | None) -> Any:
     """The colouring of ``pattern``, or None where a detected one does not pay.
 

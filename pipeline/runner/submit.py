@@ -32,12 +32,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from pipeline.core.errors import JacpipeError, first_line
+
+T = TypeVar("T")
 
 DEFAULT_DASHBOARD_PORT = 8265
 #: (connect, read) seconds for every HTTP request to the dashboard.
@@ -207,6 +209,13 @@ def _errors(url: str, submission_id: str | None = None) -> Iterator[None]:
             ) from None
         line = first_line(text) or type(exc).__name__
         raise JacpipeError(f"Ray Jobs API at {url} failed: {line}") from None
+
+
+def _call(address: str | None, submission_id: str | None, op: Callable[[Any], T]) -> T:
+    """``op(client)`` on a client for ``address``, its errors as one-line JacpipeErrors."""
+    client = _client(address)
+    with _errors(client._jacpipe_url, submission_id):
+        return op(client)
 
 
 def _client(address: str | None) -> Any:
@@ -471,9 +480,7 @@ def status(submission_id: str, address: str | None) -> str:
     Raises:
         JacpipeError: unknown id, unreachable cluster, auth failure.
     """
-    client = _client(address)
-    with _errors(client._jacpipe_url, submission_id):
-        return str(client.get_job_status(submission_id).value)
+    return _call(address, submission_id, lambda c: str(c.get_job_status(submission_id).value))
 
 
 def info(submission_id: str, address: str | None) -> dict[str, Any]:
@@ -489,9 +496,7 @@ def info(submission_id: str, address: str | None) -> dict[str, Any]:
     Raises:
         JacpipeError: unknown id, unreachable cluster, auth failure.
     """
-    client = _client(address)
-    with _errors(client._jacpipe_url, submission_id):
-        return _job_dict(client.get_job_info(submission_id))
+    return _call(address, submission_id, lambda c: _job_dict(c.get_job_info(submission_id)))
 
 
 def logs(submission_id: str, address: str | None) -> str:
@@ -507,9 +512,7 @@ def logs(submission_id: str, address: str | None) -> str:
     Raises:
         JacpipeError: unknown id, unreachable cluster, auth failure.
     """
-    client = _client(address)
-    with _errors(client._jacpipe_url, submission_id):
-        return client.get_job_logs(submission_id)
+    return _call(address, submission_id, lambda c: c.get_job_logs(submission_id))
 
 
 def follow_logs(submission_id: str, address: str | None) -> Iterator[str]:
@@ -564,9 +567,7 @@ def stop(submission_id: str, address: str | None) -> bool:
     Raises:
         JacpipeError: unknown id, unreachable cluster, auth failure.
     """
-    client = _client(address)
-    with _errors(client._jacpipe_url, submission_id):
-        return bool(client.stop_job(submission_id))
+    return _call(address, submission_id, lambda c: bool(c.stop_job(submission_id)))
 
 
 def list_jobs(address: str | None) -> list[dict[str, Any]]:
@@ -582,9 +583,7 @@ def list_jobs(address: str | None) -> list[dict[str, Any]]:
     Raises:
         JacpipeError: unreachable cluster, auth failure.
     """
-    client = _client(address)
-    with _errors(client._jacpipe_url):
-        jobs = [_job_dict(j) for j in client.list_jobs()]
+    jobs = _call(address, None, lambda c: [_job_dict(j) for j in c.list_jobs()])
     return sorted(jobs, key=lambda j: j["start_time"] or 0)
 
 

@@ -168,7 +168,7 @@ class JacobianResult:
         """
         if not layout_of(self.layout).fixed_width:
             raise JacpipeError("iter_blocks reads dense results; use read_jacobian for sparse")
-        wanted = self._normalise_rows(rows)
+        wanted = self._normalize_rows(rows)
         yield from _prefetched(self._group_reads(wanted, verify=verify), READ_THREADS)
 
     def _group_reads(
@@ -189,9 +189,9 @@ class JacobianResult:
                         continue
                 yield functools.partial(_read_group, path, self.storage.fs, meta, g, n, sel)
 
-    def _normalise_rows(self, rows: Any) -> np.ndarray | None:
-        """``rows`` as flat row indices (``None`` = all); see :func:`normalise_rows`."""
-        return normalise_rows(rows, self.shapes.total_rows)
+    def _normalize_rows(self, rows: Any) -> np.ndarray | None:
+        """``rows`` as flat row indices (``None`` = all); see :func:`normalize_rows`."""
+        return normalize_rows(rows, self.shapes.total_rows)
 
     def read(
         self,
@@ -223,7 +223,7 @@ class JacobianResult:
 
     def read_dense(self, rows: Any = None, *, verify: bool = True, reshape: bool = False) -> Any:
         """Dense rows as numpy: all of them (``(B, m, n)`` when batched) or ``(len(rows), n)``."""
-        wanted = self._normalise_rows(rows)
+        wanted = self._normalize_rows(rows)
         inverse = None
         if wanted is not None:
             # Repeated rows are read once and repeated in the output, as numpy indexing does.
@@ -298,7 +298,7 @@ class JacobianResult:
         """A sparse result's rows as a ``scipy.sparse.csr_matrix``."""
         import scipy.sparse as sp
 
-        wanted = self._normalise_rows(rows)
+        wanted = self._normalize_rows(rows)
         shards = self.plan if wanted is None else self._shards_for(wanted)
         r_all, c_all, v_all = [], [], []
         for index, _, _ in shards:
@@ -351,7 +351,7 @@ class JacobianResult:
         return lead + tuple(s.out_shape) + tuple(s.in_shape)
 
 
-def normalise_rows(rows: Any, total: int) -> np.ndarray | None:
+def normalize_rows(rows: Any, total: int) -> np.ndarray | None:
     """Flat row indices of ``rows`` as numpy indexing means them (``None`` = all).
 
     Accepted: an integer, a sequence or array of integers, a slice, or a
