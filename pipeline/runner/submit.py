@@ -311,7 +311,7 @@ def ship_paths(job: str, extra_modules: list[str] | None = None) -> list[Path]:
     Raises:
         JacpipeError: a named module or path cannot be found.
     """
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the pipeline package
     paths = [here]
     jobs_dir = _module_source("jobs", "built-in jobs") or here.parent / "jobs"
     paths.append(jobs_dir)
