@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -18,6 +18,7 @@ from pipeline.cli import cluster as cli_cluster
 from pipeline.cli.common import JacpipeGroup, user_errors
 from pipeline.cli.common import console as _console
 from pipeline.cli.common import err as _err
+from pipeline.cli.options import RunCommand, run_options, takes_run_options
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import layout_of
 
@@ -47,14 +48,23 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
-    """Distributed Jacobians: shard the rows of a Jacobian (or Hessian, or per-sample Jacobians) over Ray workers, stream them to Parquet, and check them against torch.autograd.functional."""
+    """Distributed Jacobians: shard the rows of a Jacobian (or Hessian, or per-sample
+    Jacobians) over Ray workers, stream them to Parquet, and check them against
+    torch.autograd.functional."""
     del version
 
 
 JSON_HELP = "Print one JSON document on stdout (messages go to stderr)."
+#: ``--json`` of the commands that print one JSON document.
+JsonDoc = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+#: ``--json`` of the listing commands.
+JsonScripts = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+#: The OUT argument of the commands that read a result.
+ResultFolder = Annotated[str, typer.Argument(help="Result folder of `jacpipe run`.")]
 
 
 def _strict(doc: object) -> object:
@@ -85,9 +95,7 @@ def _stdout_to_stderr(as_json: bool) -> contextlib.AbstractContextManager[object
 
 @app.command("jobs", epilog="Example: jacpipe jobs --json")
 @user_errors
-def jobs_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-) -> None:
+def jobs_cmd(as_json: JsonScripts = False) -> None:
     """List the built-in jobs and their parameters with defaults."""
     from pipeline.problem.problem import builtin_jobs, job_doc, job_parameters, resolve_builder
 
@@ -114,81 +122,37 @@ def jobs_cmd(
 # run
 # ---------------------------------------------------------------------------
 
-PARAM_HELP = "Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."
+Verify = Annotated[bool, typer.Option(
+    "--verify", help="Compare against torch.autograd.functional at the end.")]
+VerifyRows = Annotated[int | None, typer.Option(
+    "--rows", help="With --verify: sampled rows to check instead of all.")]
 
 
-@app.command("run", epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --verify")
+# The run options are RunOptions' fields (pipeline.core.options): takes_run_options
+# gives run_cmd one parameter per field, which arrive in **options; only the
+# CLI-only options are declared here.
+@app.command("run", cls=RunCommand,
+             epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --verify")
 @user_errors
-def run_cmd(
-    job: str = typer.Argument(..., metavar="JOB", help="Built-in job name (see `jacpipe jobs`) or 'module:function'."),
-    param: list[str] = typer.Option([], "--param", "-p", help=PARAM_HELP),
-    out: str = typer.Option(None, "--out", "-o", help="Result folder or s3:// URI [default: out/JOB]."),
-    shards: int = typer.Option(None, "--shards", help="Number of shards of output rows."),
-    rows_per_shard: int = typer.Option(None, "--rows-per-shard", help="Rows per shard (instead of --shards)."),
-    address: str = typer.Option(None, "--address", help="Ray cluster address (HOST:PORT or auto); default: an embedded local Ray."),
-    num_cpus: int = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray [default: all]."),
-    cpus_per_shard: float = typer.Option(1.0, "--cpus-per-shard", help="CPUs (and torch threads) per shard task."),
-    gpus_per_shard: float = typer.Option(None, "--gpus-per-shard", help="GPUs per shard task, fractions allowed [default: 1 if the cluster has GPUs, else 0]."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    dtype: str = typer.Option(None, "--dtype", help="float32 or float64 (passed to the job's dtype parameter)."),
-    method: str = typer.Option("auto", "--method", help="auto (sparse when a pattern is known, else the fwd/rev cost model), rev (VJP per row), fwd (JVP per column) or sparse (graph colouring: one compressed pass per colour)."),
-    sparsity: str = typer.Option(None, "--sparsity", help="Sparsity pattern: FILE (.npz scipy matrix, or Parquet with row/col columns), 'auto' (detected by tracing fn: holds at any x) or 'auto-local' (at this x only); overrides the job's. Without it, --method auto detects a pattern when that is cheap."),
-    memory_budget: str = typer.Option(None, "--memory-budget", help="Peak memory per task, e.g. 2GiB [default: half the node's memory over its task slots]."),
-    chunk_size: int = typer.Option(None, "--chunk-size", help="Override the rows per vectorised pass (normally from --memory-budget)."),
-    compression: str = typer.Option("zstd", "--compression", help="Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy or none."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep committed shards of the same job in --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a result of another job in --out."),
-    verify: bool = typer.Option(False, "--verify", help="Compare against torch.autograd.functional at the end."),
-    rows: int = typer.Option(None, "--rows", help="With --verify: sampled rows to check instead of all."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
-    shard_timeout: float = typer.Option(None, "--shard-timeout", help="Fail the run (resumably) when one shard runs longer than this many seconds; without it a shard running 10x the median (and over a minute) is only reported."),
-    executor: str = typer.Option(None, "--executor", help="Where shards compute: ray (Ray tasks), local (this process: the same shard code, parts and manifest, no Ray start-up) or auto (local for a few seconds of work without --address, else ray) [default: $JACPIPE_EXECUTOR or auto]."),
-    smooth: str = typer.Option(None, "--smooth", help="Randomized smoothing: the Jacobian of E[f(x + sigma w)], w ~ N(0, I), with a stderr column. SIGMA, auto (0.01 * max(1, |x_j|) per input) or FILE.npy (one sigma per flat input)."),
-    samples: int = typer.Option(64, "--samples", help="With --smooth: K perturbations, even (K/2 antithetic pairs +w, -w)."),
-    estimator: str = typer.Option("first", "--estimator", help="With --smooth: first (mean of J(x + sigma w)), zeroth (mean of f(x + sigma w) w^T / sigma) or both (first-order values, zeroth-order in extra columns)."),
-    smooth_seed: int = typer.Option(0, "--smooth-seed", help="With --smooth: seed of the perturbations (the same for any number of shards)."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
+@takes_run_options
+def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = False,
+            **options: Any) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
-    from pipeline.core.options import RunOptions
     from pipeline.runner.driver import run
     from pipeline.store.storage import Storage
 
+    opts = run_options(options)
+    job = opts.job
     with _stdout_to_stderr(as_json):
-        summary = _run_options(run, RunOptions(
-            job=job,
-            params=list(param),
-            out=out,
-            shards=shards,
-            rows_per_shard=rows_per_shard,
-            address=address,
-            num_cpus=num_cpus,
-            cpus_per_shard=cpus_per_shard,
-            gpus_per_shard=gpus_per_shard,
-            device=device,
-            dtype=dtype,
-            method=method,
-            memory_budget=memory_budget,
-            chunk_size=chunk_size,
-            compression=compression,
-            sparsity=sparsity,
-            resume=resume,
-            overwrite=overwrite,
-            progress=progress,
-            shard_timeout=shard_timeout,
-            **({} if executor is None else {"executor": executor}),
-            smooth=smooth,
-            samples=samples,
-            estimator=estimator,
-            smooth_seed=smooth_seed,
-        ))
+        summary = _run_options(run, opts)
     man = summary.manifest.to_json()
     if as_json:
         _run_json(summary, verify=verify, rows=rows, job=job)
         return
     shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
     typer.echo(
-        f"wrote {Storage.redact(summary.out)}: {man['kind']} {shape} {man['dtype']}, method {man['method']}, "
+        f"wrote {Storage.redact(summary.out)}: {man['kind']} {shape} {man['dtype']}, "
+        f"method {man['method']}, "
         f"{len(man['plan'])} shards ({summary.computed} computed, {summary.skipped} resumed) "
         f"in {man.get('wall_seconds', 0):.2f}s"
     )
@@ -288,17 +252,29 @@ def _compare_and_print(
 @app.command("compare", epilog="Example: jacpipe compare out/mlp --rows 64 --fd")
 @user_errors
 def compare_cmd(
-    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
-    rows: int = typer.Option(None, "--rows", help="Check K sampled rows (one autograd.grad each)."),
-    all_rows: bool = typer.Option(False, "--all", help="Check every row with autograd.functional."),
-    rtol: float = typer.Option(None, "--rtol", help="Relative tolerance [1e-5 float32, 1e-10 float64]."),
-    atol: float = typer.Option(None, "--atol", help="Absolute tolerance [rtol * max|reference|]."),
-    fd: bool = typer.Option(False, "--fd", help="Also check sampled input columns by finite differences and flag non-smooth inputs (kinks) at x."),
-    fd_columns: int = typer.Option(16, "--fd-columns", help="With --fd: input columns to check."),
-    sample: int = typer.Option(0, "--sample", help="With --fd on a batched result: which sample."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
-    job: str = typer.Option(None, "--job", help="The 'module:function' job that computed OUT: confirms that it may be imported and run to build the reference (built-in jobs need nothing)."),
-    trust_job: bool = typer.Option(False, "--trust-job", help="Import and run whatever 'module:function' job the result folder names."),
+    out: ResultFolder,
+    rows: Annotated[int | None, typer.Option(
+        "--rows", help="Check K sampled rows (one autograd.grad each).")] = None,
+    all_rows: Annotated[bool, typer.Option(
+        "--all", help="Check every row with autograd.functional.")] = False,
+    rtol: Annotated[float | None, typer.Option(
+        "--rtol", help="Relative tolerance [1e-5 float32, 1e-10 float64].")] = None,
+    atol: Annotated[float | None, typer.Option(
+        "--atol", help="Absolute tolerance [rtol * max|reference|].")] = None,
+    fd: Annotated[bool, typer.Option(
+        "--fd", help="Also check sampled input columns by finite differences and flag "
+        "non-smooth inputs (kinks) at x.")] = False,
+    fd_columns: Annotated[int, typer.Option(
+        "--fd-columns", help="With --fd: input columns to check.")] = 16,
+    sample: Annotated[int, typer.Option(
+        "--sample", help="With --fd on a batched result: which sample.")] = 0,
+    as_json: JsonScripts = False,
+    job: Annotated[str | None, typer.Option(
+        "--job", help="The 'module:function' job that computed OUT: confirms that it may be "
+        "imported and run to build the reference (built-in jobs need nothing).")] = None,
+    trust_job: Annotated[bool, typer.Option(
+        "--trust-job", help="Import and run whatever 'module:function' job the result "
+        "folder names.")] = False,
 ) -> None:
     """Check a result against torch.autograd.functional in one process; exit 1 on mismatch.
 
@@ -393,10 +369,14 @@ def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool,
 @app.command("inspect", epilog="Example: jacpipe inspect out/mlp --plot J.svg --svd 5")
 @user_errors
 def inspect_cmd(
-    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    plot: str = typer.Option(None, "--plot", help="Write a PNG, SVG or PDF (by extension): heatmap (dense, block max-abs downsampled) or spy plot (sparse), with row/column norm profiles."),
-    svd: int = typer.Option(None, "--svd", help="Top K singular values (and a condition estimate) by randomized range-finding over streamed row blocks."),
+    out: ResultFolder,
+    as_json: JsonDoc = False,
+    plot: Annotated[str | None, typer.Option(
+        "--plot", help="Write a PNG, SVG or PDF (by extension): heatmap (dense, block max-abs "
+        "downsampled) or spy plot (sparse), with row/column norm profiles.")] = None,
+    svd: Annotated[int | None, typer.Option(
+        "--svd", help="Top K singular values (and a condition estimate) by randomized "
+        "range-finding over streamed row blocks.")] = None,
 ) -> None:
     """Shape, dtype, shards, timings, norms, zeros and NaN/Inf counts of a result."""
     from pipeline.analysis.inspection import summarize
@@ -438,7 +418,8 @@ def inspect_cmd(
             ("zero fraction", "-" if zf is None else f"{zf:.4f}"),
             *([("nonzeros / density / colours",
                 f"{info['nnz']} / {info['density']:.3g} / {info['colours']} "
-                f"({info['coloring_mode']} mode)")] if not layout_of(info["layout"]).fixed_width else []),
+                f"({info['coloring_mode']} mode)")]
+              if not layout_of(info["layout"]).fixed_width else []),
             *([("sparsity pattern from", f"{info['pattern_source']}" + (
                 f" in {info['sparsity_detection']['seconds']}s"
                 if info["sparsity_detection"] else ""))] if info["pattern_source"] else []),
@@ -460,7 +441,8 @@ def inspect_cmd(
             _print_smoothing(info["smoothing"])
         if "svd" in info:
             sv = info["svd"]
-            typer.echo("top singular values: " + ", ".join(f"{v:.6g}" for v in sv["singular_values"]))
+            typer.echo("top singular values: "
+                       + ", ".join(f"{v:.6g}" for v in sv["singular_values"]))
             if sv["condition_estimate"] is not None or sv["singular"]:
                 typer.echo(f"condition estimate: {sv['condition_estimate'] or 'inf (singular)'}")
             typer.echo(f"({sv['note']})")
@@ -471,7 +453,8 @@ def inspect_cmd(
             typer.secho(
                 f"warning: {len(info['stray_files'])} file(s) look like parts but are not in "
                 f"the plan ({', '.join(info['stray_files'][:3])}); readers of the folder "
-                "(pandas, pyarrow.dataset, Polars) would count their rows; a resume moves them aside",
+                "(pandas, pyarrow.dataset, Polars) would count their rows; "
+                "a resume moves them aside",
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
@@ -488,9 +471,11 @@ def _print_smoothing(sm: dict) -> None:
 @app.command("export", epilog="Example: jacpipe export out/mlp J.npy")
 @user_errors
 def export_cmd(
-    out: str = typer.Argument(..., help="Result folder of `jacpipe run`."),
-    file: str = typer.Argument(..., metavar="FILE", help="File to write: .npy (dense, streamed through a memory map: any size) or .npz (scipy.sparse CSR)."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    out: ResultFolder,
+    file: Annotated[str, typer.Argument(
+        metavar="FILE", help="File to write: .npy (dense, streamed through a memory map: any "
+        "size) or .npz (scipy.sparse CSR).")],
+    as_json: JsonDoc = False,
 ) -> None:
     """Export a result to one NumPy .npy or SciPy sparse .npz file."""
     from pipeline.store.export import export
@@ -539,9 +524,13 @@ app.command("list", epilog="Example: jacpipe list --address http://HEAD:8265")(
              epilog="Example: jacpipe bench --quick --only engine")
 def bench_cmd(
     ctx: typer.Context,
-    quick: bool = typer.Option(False, "--quick", help="Small sizes: a smoke run, under a minute each."),
-    only: str = typer.Option(None, "--only", help="Comma-separated subset: engine, parquet_io, end_to_end, memory, batched_hessian, sparse."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when a target is missed, too."),
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Small sizes: a smoke run, under a minute each.")] = False,
+    only: Annotated[str | None, typer.Option(
+        "--only", help="Comma-separated subset: engine, parquet_io, end_to_end, memory, "
+        "batched_hessian, sparse.")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Exit 1 when a target is missed, too.")] = False,
 ) -> None:
     """Side-by-side benchmarks against the torch baselines; prints medians, ratios, MET/MISSED.
 

@@ -129,23 +129,18 @@ def check_locally(job: str, params: dict[str, Any]) -> None:
 
     Args:
         job: the job spec.
-        params: the parsed options of `jacpipe run JOB ...` (click parameter names).
+        params: the parsed options of `jacpipe run JOB ...` (by RunOptions field name).
 
     Raises:
         JacpipeError: an unknown job or module, a bad ``-p`` parameter (unknown
             name, value of the wrong type), or a bad run option; exit code 2.
     """
-    import dataclasses
-
-    from pipeline.core.options import RunOptions
+    from pipeline.cli.options import run_options
     from pipeline.problem.problem import parse_params, resolve_builder
 
-    pairs = list(params.get("param") or [])
-    parse_params(resolve_builder(job), pairs)
-    fields = {f.name for f in dataclasses.fields(RunOptions)} - {"job", "params"}
-    # an option left out (None) keeps RunOptions' own default (e.g. --executor)
-    options = {k: v for k, v in params.items() if k in fields and v is not None}
-    RunOptions(job=job, params=pairs, **options).check()
+    options = run_options({**params, "job": job})
+    parse_params(resolve_builder(job), options.params)
+    options.check()
 
 
 def _absolute_out(job: str, args: list[str], params: dict[str, Any]) -> tuple[list[str], str]:

@@ -51,17 +51,6 @@ def console() -> Any:
 # Help conventions: readable types, visible choices and defaults
 # ---------------------------------------------------------------------------
 
-#: Choices of options whose values are checked by the library (one-line errors
-#: there); shown in help and offered by shell completion. ``tests/test_frontdoor.py``
-#: checks they match :mod:`pipeline.runner.plan`.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda"),
-    "dtype": ("float32", "float64"),
-    "method": ("auto", "rev", "fwd", "sparse"),
-    "executor": ("auto", "ray", "local"),
-    # A new option with fixed choices adds its line here and to
-    # tests/test_frontdoor.py::test_help_choices_are_the_library_ones.
-}
 _TYPE_NAMES = {"int": "INTEGER", "float": "FLOAT", "str": "TEXT", "bool": "BOOLEAN"}
 
 
@@ -69,8 +58,9 @@ def _type_label(param: Any, ctx: Any) -> str | None:
     """What the help's type column shows for ``param`` (None: nothing, for flags)."""
     if getattr(param, "is_flag", False):
         return None
-    if param.name in CHOICES:
-        return "[" + "|".join(CHOICES[param.name]) + "]"
+    choices = choices_of(param)
+    if choices:
+        return "[" + "|".join(map(str, choices)) + "]"
     name = param.display_type(ctx).strip("<>")
     repeated = name.startswith("list[")
     name = name.removeprefix("list[").removesuffix("]")
@@ -78,22 +68,25 @@ def _type_label(param: Any, ctx: Any) -> str | None:
     return label + ("..." if repeated else "")
 
 
-def _complete_choices(choices: tuple[str, ...]) -> Callable[..., list[Any]]:
-    def complete(ctx: Any, param: Any, incomplete: str) -> list[Any]:
-        del ctx, param
-        from typer._click.shell_completion import CompletionItem
+def choices_of(param: Any) -> tuple[Any, ...] | None:
+    """The values a Typer parameter accepts when its type is a choice (Literal or Enum).
 
-        return [CompletionItem(c) for c in choices if c.startswith(incomplete)]
+    Args:
+        param: a parameter of a Typer command.
 
-    return complete
+    Returns:
+        Its choices, or None.
+    """
+    return getattr(getattr(param, "type_descriptor", None), "choices", None)
 
 
 def polish(command: Any, ctx: Any) -> Any:
-    """Give ``command``'s help readable types, visible choices and literal brackets.
+    """Give ``command``'s help readable types, bracketed choices and literal brackets.
 
     Typer prints types as ``<str>``/``<bool>`` and Rich takes ``[default: x]``
     in help text for markup (it vanished): types become ``TEXT``/``INTEGER`` or
-    the choices, flags show none, and ``[`` in help text is escaped. Idempotent.
+    ``[a|b]`` for a choice type, flags show none, and ``[`` in help text is
+    escaped. Idempotent.
 
     Args:
         command: a Typer (click) command or group.
@@ -114,8 +107,6 @@ def polish(command: Any, ctx: Any) -> Any:
         text = getattr(param, "help", None)
         if text and "\\[" not in text:
             param.help = text.replace("[", "\\[")
-        if param.name in CHOICES and getattr(param, "_custom_shell_complete", None) is None:
-            param._custom_shell_complete = _complete_choices(CHOICES[param.name])
     command._jacpipe_polished = True
     return command
 
@@ -154,6 +145,17 @@ class JacpipeGroup(TyperGroup):
                     "`jacpipe run --help`): " + forwarded_options(run)
                 )
         return polish(command, ctx)
+
+    def invoke(self, ctx: Any) -> Any:
+        """Run the command; a :class:`JacpipeError` while parsing its options is one line.
+
+        (:class:`~pipeline.cli.options.RunCommand` refuses a bad choice that way.)
+        """
+        try:
+            return super().invoke(ctx)
+        except JacpipeError as exc:
+            err(str(exc))
+            raise typer.Exit(code=exc.exit_code) from None
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         """The group's own help, polished too."""

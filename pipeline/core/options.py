@@ -7,11 +7,12 @@ Pure values and their checks: no torch, no Ray. The planner
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pipeline.core.codec import DEFAULT_COMPRESSION, parse_compression
 from pipeline.core.errors import JacpipeError
+from pipeline.core.smoothing import ESTIMATORS
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -25,41 +26,123 @@ METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
 
 
+#: The key of a field's command-line facts in its ``dataclasses.field(metadata=...)``
+#: (see :func:`cli`); fields without it are Python-only.
+CLI = "cli"
+
+
+def cli(
+    *flags: str,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    choices_text: str | None = None,
+    type: type | None = None,
+    metavar: str | None = None,
+    show_default: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The metadata of a :class:`RunOptions` field that ``jacpipe run`` offers.
+
+    Plain data: :mod:`pipeline.cli.options` turns it into the command's parameter.
+
+    Args:
+        *flags: the option's names, e.g. ``"--param", "-p"`` or ``"--resume/--no-resume"``;
+            none for the positional argument.
+        help: the help text (``jacpipe run --help``).
+        choices: the values allowed, when the set is fixed (shown, completed, checked).
+        choices_text: how a refusal names them, when not ``a, b or c``.
+        type: the value's type on the command line, when not the field's own.
+        metavar: the name the argument is shown as.
+        show_default: whether help shows the default.
+
+    Returns:
+        ``{"cli": {...}}``, for ``field(metadata=...)``.
+    """
+    facts = {"flags": flags, "help": help, "choices": choices, "choices_text": choices_text,
+             "type": type, "metavar": metavar, "show_default": show_default}
+    return {CLI: facts}
+
+
+def _opt(default: Any, *flags: str, **facts: Any) -> Any:
+    """A field defaulting to ``default``, offered as ``flags`` (the rest: :func:`cli`'s)."""
+    return field(default=default, metadata=cli(*flags, **facts))
+
+
 @dataclass
 class RunOptions:
-    """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``)."""
+    """Everything ``jacpipe run`` accepts (see ``jacpipe run --help``).
 
-    job: str
-    params: list[str] = field(default_factory=list)
-    out: str | None = None
-    shards: int | None = None
-    rows_per_shard: int | None = None
-    address: str | None = None
-    num_cpus: int | None = None
-    cpus_per_shard: float = 1.0
-    gpus_per_shard: float | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    method: str = "auto"
-    memory_budget: str | None = None
-    chunk_size: int | None = None
-    sparsity: str | None = None
-    resume: bool = True
-    overwrite: bool = False
+    Each field's ``metadata["cli"]`` (:func:`cli`) holds its flags, help and
+    choices: the command line is derived from these fields, never spelled again.
+    """
+
+    job: str = field(metadata=cli(
+        help="Built-in job name (see `jacpipe jobs`) or 'module:function'.", metavar="JOB"))
+    params: list[str] = field(default_factory=list, metadata=cli(
+        "--param", "-p", help="Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."))
+    out: str | None = _opt(None, "--out", "-o",
+                           help="Result folder or s3:// URI [default: out/JOB].")
+    shards: int | None = _opt(None, "--shards", help="Number of shards of output rows.")
+    rows_per_shard: int | None = _opt(None, "--rows-per-shard",
+                                      help="Rows per shard (instead of --shards).")
+    address: str | None = _opt(None, "--address", help=(
+        "Ray cluster address (HOST:PORT or auto); default: an embedded local Ray."))
+    num_cpus: int | None = _opt(None, "--num-cpus",
+                                help="CPUs of the embedded local Ray [default: all].")
+    cpus_per_shard: float = _opt(1.0, "--cpus-per-shard",
+                                 help="CPUs (and torch threads) per shard task.")
+    gpus_per_shard: float | None = _opt(None, "--gpus-per-shard", help=(
+        "GPUs per shard task, fractions allowed [default: 1 if the cluster has GPUs, else 0]."))
+    device: str = _opt("auto", "--device", help="auto, cpu or cuda.", choices=DEVICES)
+    dtype: str | None = _opt(None, "--dtype", choices=DTYPES, help=(
+        "float32 or float64 (passed to the job's dtype parameter)."))
+    method: str = _opt(
+        "auto", "--method", choices=METHODS,
+        choices_text="auto, rev or fwd (or sparse, given a pattern)",
+        help="auto (sparse when a pattern is known, else the fwd/rev cost model), rev (VJP "
+        "per row), fwd (JVP per column) or sparse (graph colouring: one compressed pass per "
+        "colour).")
+    memory_budget: str | None = _opt(None, "--memory-budget", help=(
+        "Peak memory per task, e.g. 2GiB [default: half the node's memory over its task "
+        "slots]."))
+    chunk_size: int | None = _opt(None, "--chunk-size", help=(
+        "Override the rows per vectorised pass (normally from --memory-budget)."))
+    sparsity: str | None = _opt(None, "--sparsity", help=(
+        "Sparsity pattern: FILE (.npz scipy matrix, or Parquet with row/col columns), 'auto' "
+        "(detected by tracing fn: holds at any x) or 'auto-local' (at this x only); overrides "
+        "the job's. Without it, --method auto detects a pattern when that is cheap."))
+    resume: bool = _opt(True, "--resume/--no-resume",
+                        help="Keep committed shards of the same job in --out.")
+    overwrite: bool = _opt(False, "--overwrite",
+                           help="Replace a result of another job in --out.")
+    #: Python only: at most this many shard tasks queued at once.
     max_in_flight: int | None = None
-    progress: bool = True
-    shard_timeout: float | None = None
+    progress: bool = _opt(True, "--progress/--no-progress", help="Show progress.")
+    shard_timeout: float | None = _opt(None, "--shard-timeout", help=(
+        "Fail the run (resumably) when one shard runs longer than this many seconds; without "
+        "it a shard running 10x the median (and over a minute) is only reported."))
     #: ``local`` runs the shards in this process, ``ray`` as Ray tasks, ``auto``
     #: picks ``local`` for a few seconds of work without ``--address``
     #: (default: ``$JACPIPE_EXECUTOR`` or ``auto``).
-    executor: str = field(default_factory=lambda: _default_executor())
-    compression: str = DEFAULT_COMPRESSION
+    executor: str = field(default_factory=lambda: _default_executor(), metadata=cli(
+        "--executor", choices=EXECUTORS,
+        help="Where shards compute: ray (Ray tasks), local (this process: the same shard code, "
+        "parts and manifest, no Ray start-up) or auto (local for a few seconds of work "
+        "without --address, else ray) [default: $JACPIPE_EXECUTOR or auto]."))
+    compression: str = _opt(DEFAULT_COMPRESSION, "--compression", help=(
+        "Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy or none."))
     #: Randomized smoothing (pipeline.maths.smoothing): sigma (a number, "auto" or a
     #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
-    smooth: float | str | None = None
-    samples: int = 64
-    estimator: str = "first"
-    smooth_seed: int = 0
+    smooth: float | str | None = _opt(None, "--smooth", type=str, help=(
+        "Randomized smoothing: the Jacobian of E[f(x + sigma w)], w ~ N(0, I), with a stderr "
+        "column. SIGMA, auto (0.01 * max(1, |x_j|) per input) or FILE.npy (one sigma per "
+        "flat input)."))
+    samples: int = _opt(64, "--samples", help=(
+        "With --smooth: K perturbations, even (K/2 antithetic pairs +w, -w)."))
+    estimator: str = _opt("first", "--estimator", choices=ESTIMATORS, help=(
+        "With --smooth: first (mean of J(x + sigma w)), zeroth (mean of f(x + sigma w) w^T / "
+        "sigma) or both (first-order values, zeroth-order in extra columns)."))
+    smooth_seed: int = _opt(0, "--smooth-seed", help=(
+        "With --smooth: seed of the perturbations (the same for any number of shards)."))
 
     def check(self) -> None:
         """Refuse option values that are wrong whatever the job and cluster.
@@ -73,21 +156,14 @@ class RunOptions:
             )
         if self.chunk_size is not None and self.chunk_size < 1:
             raise JacpipeError(f"--chunk-size must be at least 1, got {self.chunk_size}")
-        if self.device not in DEVICES:
-            raise JacpipeError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise JacpipeError(f"--dtype must be float32 or float64, got {self.dtype!r}")
-        if self.method not in METHODS:
-            raise JacpipeError(
-                f"--method must be auto, rev or fwd (or sparse, given a pattern), "
-                f"got {self.method!r}"
-            )
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise JacpipeError(choice_error(name, value))
         if self.num_cpus is not None and self.num_cpus < 1:
             raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
-        if self.executor not in EXECUTORS:
-            raise JacpipeError(f"--executor must be auto, ray or local, got {self.executor!r}")
         if self.executor == "local" and self.address:
             raise JacpipeError("--executor local runs the shards in this process; it takes "
                                "no --address (use --executor ray or auto)")
@@ -109,6 +185,29 @@ class RunOptions:
 
         return parse_smooth(self.smooth, samples=self.samples, seed=self.smooth_seed,
                             estimator=self.estimator)
+
+
+#: The fields with a fixed set of values, and those values (from their metadata).
+CHOICES: dict[str, tuple[str, ...]] = {
+    f.name: f.metadata[CLI]["choices"] for f in fields(RunOptions)
+    if f.metadata.get(CLI, {}).get("choices")
+}
+
+
+def choice_error(name: str, value: object) -> str:
+    """The one line refusing ``value`` for the choice field ``name``.
+
+    Args:
+        name: a field of :data:`CHOICES`, e.g. ``"device"``.
+        value: what arrived.
+
+    Returns:
+        e.g. ``"--device must be auto, cpu or cuda, got 'tpu'"``.
+    """
+    facts = next(f for f in fields(RunOptions) if f.name == name).metadata[CLI]
+    choices = facts["choices"]
+    allowed = facts["choices_text"] or f"{', '.join(choices[:-1])} or {choices[-1]}"
+    return f"{facts['flags'][0].split('/')[0]} must be {allowed}, got {value!r}"
 
 
 def _default_executor() -> str:
