@@ -48,7 +48,7 @@ COST_JOBS: dict[str, dict] = {
 
 def build(job: str, params: dict, dtype: str):
     """A built-in job's problem (``robot_arm_single``: the unbatched robot arm)."""
-    from pipeline.problem.problem import build_problem
+    from pipeline.problem import build_problem
 
     return build_problem(job.removesuffix("_single"), {**params, "dtype": dtype})
 
@@ -86,7 +86,7 @@ def false_alarms(report: Report) -> None:
 
 
 def cost(report: Report, *, quick: bool, repeats: int) -> None:
-    from pipeline.maths.adjoint import adjoint_check
+    from pipeline.maths import adjoint_check
 
     rows = []
     ratios, floors = [], []

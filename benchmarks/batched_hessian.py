@@ -175,7 +175,7 @@ def _child_batched(spec: dict[str, Any], reps: int) -> dict[str, Any]:
     from torch.autograd.functional import jacobian
 
     from jobs.robot_arm import build
-    from pipeline.maths.engine import iter_batched_rows
+    from pipeline.maths import iter_batched_rows
 
     problem = build(batch=int(spec["batch"]), dtype=spec["dtype"])
     fn, xs = problem.fn, problem.x
@@ -217,7 +217,7 @@ def _child_batched(spec: dict[str, Any], reps: int) -> dict[str, Any]:
 def _child_hessian(spec: dict[str, Any], reps: int) -> dict[str, Any]:
     import torch
 
-    from pipeline.maths.engine import iter_hessian_rows
+    from pipeline.maths import iter_hessian_rows
     from pipeline.runner import plan
 
     n = int(spec["n"])
@@ -239,7 +239,7 @@ def _child_hessian(spec: dict[str, Any], reps: int) -> dict[str, Any]:
             # What a worker would pick: its measured activations, its baseline.
             import psutil
 
-            from pipeline.problem.problem import Problem
+            from pipeline.problem import Problem
             from pipeline.runner.worker import activation_numel
 
             itemsize = x.element_size()

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from jobs.mlp import build
-    from pipeline.runner.driver import RunOptions, run
+    from pipeline import RunOptions, run
     from pipeline.runner.plan import group_rows
-    from pipeline.store.parts import dense_schema
+    from pipeline.store import dense_schema
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=None, help="n = m of the MLP")

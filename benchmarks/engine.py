@@ -85,7 +85,7 @@ def model_choice(fn: Any, x: Any, m: int, n: int) -> tuple[str, int]:
 def run_case(case: Case, repeats: int, report: Report) -> dict[str, float]:
     import torch
 
-    from pipeline.maths.engine import jacobian_rows
+    from pipeline.maths import jacobian_rows
 
     problem = case.build()
     fn, x = problem.fn, problem.x

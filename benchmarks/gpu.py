@@ -49,7 +49,7 @@ def _sync() -> None:
 
 def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
     """Median seconds of ``torch.func.jacrev`` on the whole Jacobian, its GPU peak, rows 0-63."""
-    from pipeline.problem.problem import build_problem
+    from pipeline.problem import build_problem
 
     problem = build_problem("mlp", params)
     times, peak, head = [], 0, None
@@ -73,9 +73,9 @@ def _jacrev(params: dict[str, Any], repeats: int) -> tuple[dict[str, Any], Any]:
 
 def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: str,
            threads: int) -> list[Any]:
+    from pipeline.core import ShardSpec
     from pipeline.core.options import parse_size
-    from pipeline.core.shard import ShardSpec
-    from pipeline.problem.problem import build_problem, fingerprint, validate
+    from pipeline.problem import build_problem, fingerprint, validate
     from pipeline.runner.plan import group_rows, plan_shards
 
     # As the driver does: build and fingerprint on the CPU; the worker rebuilds
@@ -96,7 +96,7 @@ def _specs(params: dict[str, Any], shards: int, out: str, budget: str, device: s
 
 def _jacpipe(specs: list[Any], out: str, *, pipelined: bool, repeats: int) -> dict[str, Any]:
     """All shards through compute_shard, ``repeats`` times after a warm-up; medians."""
-    from pipeline.runner.worker import compute_shard
+    from pipeline.runner import compute_shard
 
     runs = []
     for i in range(repeats + 1):

@@ -22,7 +22,7 @@ import torch
 def _mlp_on(device: str, out: str) -> dict[str, Any]:
     """A 1,500 x 1,200 MLP Jacobian through the in-process executor on ``device``."""
     import pipeline
-    from pipeline.problem.problem import build_problem
+    from pipeline.problem import build_problem
 
     t0 = time.perf_counter()
     summary = pipeline.run("mlp", params={"n": 1200, "m": 1500, "device": device}, out=out,
@@ -40,7 +40,7 @@ def _mlp_on(device: str, out: str) -> dict[str, Any]:
 
 def _adjoint_on(device: str) -> dict[str, Any]:
     """The adjoint check: no false alarm on a smooth function, an alarm under no_grad."""
-    from pipeline.maths.adjoint import adjoint_check
+    from pipeline.maths import adjoint_check
 
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(300, 40, generator=g, dtype=torch.float64).to(device)
@@ -60,8 +60,7 @@ def _adjoint_on(device: str) -> dict[str, Any]:
 def _sparsity_on(device: str) -> dict[str, Any]:
     """Detection with x (and the residual's constants) on ``device``: the hand pattern."""
     from jobs.heat import laplacian
-    from pipeline.sparse.compressed import stencil_pattern
-    from pipeline.sparse.detect import detect_sparsity
+    from pipeline.sparse import detect_sparsity, stencil_pattern
 
     n = 24
     u_prev = torch.rand(n, n, dtype=torch.float64, device=device)

@@ -51,7 +51,7 @@ def driver(n: int, m: int, hidden: int, budget: str, out: str) -> dict[str, Any]
     """Run the job as ``jacpipe run`` does, in this (fresh) process; return the facts."""
     import resource
 
-    from pipeline.runner.driver import RunOptions, run
+    from pipeline import RunOptions, run
 
     peaks: dict[int, tuple[int, str]] = {}
     stop = threading.Event()

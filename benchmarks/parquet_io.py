@@ -30,7 +30,7 @@ WRITE_TARGET = 0.7
 def jacobian_block(rows: int, n: int) -> Any:
     """``rows`` x ``n`` rows of an MLP Jacobian, row-major float32 numpy."""
     from jobs.mlp import build
-    from pipeline.maths.engine import jacobian_rows
+    from pipeline.maths import jacobian_rows
 
     p = build(n=n, m=rows, hidden=512)
     return jacobian_rows(p.fn, p.x, 0, rows, chunk_size=512).contiguous().numpy()
@@ -41,12 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.core.shapes import Shapes
+    from pipeline.core import Shapes
     from pipeline.runner.plan import group_rows
-    from pipeline.store.manifest import Manifest
-    from pipeline.store.parts import PartWriter, dense_schema
-    from pipeline.store.reader import read_jacobian
-    from pipeline.store.storage import Storage
+    from pipeline.store import Manifest, PartWriter, Storage, dense_schema, read_jacobian
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dir", default=None, help="scratch folder (default: a temp dir in /tmp)")

@@ -47,8 +47,8 @@ OPERATOR_TARGET = 0.8
 
 
 def _spec(out: Path, job: str, params: dict[str, Any], rows: int, **extra: Any) -> Any:
-    from pipeline.core.shard import ShardSpec
-    from pipeline.problem.problem import build_problem, fingerprint, validate
+    from pipeline.core import ShardSpec
+    from pipeline.problem import build_problem, fingerprint, validate
     from pipeline.runner.plan import group_rows
 
     problem = build_problem(job, params)
@@ -65,7 +65,7 @@ def _spec(out: Path, job: str, params: dict[str, Any], rows: int, **extra: Any) 
 
 def bench_pipeline(report: Report, root: Path, n: int, rows: int, repeats: int) -> None:
     """Pipelined vs serial shards (compute_shard, no Ray): wall and busy times."""
-    from pipeline.runner.worker import compute_shard
+    from pipeline.runner import compute_shard
 
     out = root / "pipe"
     out.mkdir()
@@ -98,8 +98,7 @@ def bench_pipeline(report: Report, root: Path, n: int, rows: int, repeats: int) 
 def _write_part(root: Path, name: str, data: Any, *, compression: str = "zstd",
                 encoders: int = 1, sparse: Any = None) -> Any:
     from pipeline.runner.plan import group_rows
-    from pipeline.store.parts import PartWriter, dense_schema, sparse_schema
-    from pipeline.store.storage import Storage
+    from pipeline.store import PartWriter, Storage, dense_schema, sparse_schema
 
     if sparse is not None:
         w = PartWriter(Storage(str(root)), name, sparse_schema("float64"), {},
@@ -140,8 +139,8 @@ def _datasets(quick: bool) -> dict[str, Any]:
     import scipy.sparse as sp
     import torch
 
-    from pipeline.maths.engine import batched_rows, jacobian_rows
-    from pipeline.problem.problem import build_problem
+    from pipeline.maths import batched_rows, jacobian_rows
+    from pipeline.problem import build_problem
 
     torch.set_num_threads(2)
     n, rows = (4000, 300) if quick else (20_000, 600)
@@ -195,10 +194,8 @@ def bench_reads(report: Report, root: Path, data: Any, repeats: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.core.shapes import Shapes
-    from pipeline.store.manifest import Manifest
-    from pipeline.store.reader import open_jacobian, read_jacobian
-    from pipeline.store.storage import Storage
+    from pipeline.core import Shapes
+    from pipeline.store import Manifest, Storage, open_jacobian, read_jacobian
 
     rows, n = data.shape
     out = root / "result"
@@ -257,7 +254,7 @@ def bench_operator(report: Report, out: Path, repeats: int) -> None:
     """matvec / rmatvec / matmat(8) over the streamed parts vs reading the same rows."""
     import numpy as np
 
-    from pipeline.store.reader import open_jacobian, read_jacobian
+    from pipeline.store import open_jacobian, read_jacobian
 
     op = open_jacobian(out).as_linear_operator()
     m, n = op.shape
@@ -341,7 +338,7 @@ import json, resource, sys, time
 import numpy as np
 from scipy.sparse.linalg import lsmr
 from pipeline.analysis.inspection import svd_result
-from pipeline.store.reader import open_jacobian
+from pipeline import open_jacobian
 out = sys.argv[1]
 t0 = time.perf_counter()
 svd = svd_result(out, 10)
@@ -368,7 +365,7 @@ def huge(args: Any) -> int:
     import resource
     import subprocess
 
-    from pipeline.store.reader import open_jacobian
+    from pipeline.store import open_jacobian
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="jacpipe-huge-"))
     out = root / "huge"

@@ -40,14 +40,14 @@ SMOOTH_MLP = {"n": 20, "m": 10, "hidden": 16, "activation": "tanh", "dtype": "fl
 
 
 def _problem(job: str, params: dict):
-    from pipeline.problem.problem import build_problem
+    from pipeline.problem import build_problem
 
     return build_problem(job, params)
 
 
 def smoothed(problem, smoothing) -> dict[str, np.ndarray]:
     """The smoothed Jacobian of ``problem`` in one process, by the worker's code path."""
-    from pipeline.maths.kinds import maths_of
+    from pipeline.maths import maths_of
     from pipeline.maths.smoothing import smoothed_blocks
 
     rows = maths_of(problem.kind).rows
@@ -91,8 +91,8 @@ def stderr_vs_k(report: Report, ks: list[int]) -> None:
 def wall_vs_k(report: Report, ks: list[int]) -> None:
     import ray
 
-    from pipeline.core.options import RunOptions
-    from pipeline.runner.driver import run
+    from pipeline import RunOptions
+    from pipeline.runner import run
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     rows = []
@@ -120,7 +120,7 @@ def wall_vs_k(report: Report, ks: list[int]) -> None:
 
 def sigma_to_zero(report: Report, sigmas: list[float]) -> None:
     from pipeline.core.smoothing import parse_smooth
-    from pipeline.maths.references import jacobian_reference
+    from pipeline.maths import jacobian_reference
 
     problem = _problem("mlp", SMOOTH_MLP)
     exact = jacobian_reference(problem)

@@ -253,8 +253,7 @@ def soak(
         The facts printed by :func:`main`; ``ok`` is True when nothing was
         lost or duplicated and the values equal the clean run's.
     """
-    from pipeline import read_jacobian
-    from pipeline.runner.driver import RunOptions, run
+    from pipeline import RunOptions, read_jacobian, run
     from pipeline.store.folder import is_leftover
 
     work = Path(workdir or tempfile.mkdtemp(prefix="jacpipe-soak-"))
@@ -353,12 +352,8 @@ def soak(
 
 def _commit_fixture(shards: int, root: Path) -> tuple[Any, list[Any]]:
     """A prepared :class:`ResultFolder` of a ``shards``-shard plan and its shard entries."""
-    from pipeline.core.shapes import Shapes
-    from pipeline.core.shard import ShardResult
-    from pipeline.store.folder import ResultFolder
-    from pipeline.store.manifest import Manifest
-    from pipeline.store.parts import part_name
-    from pipeline.store.storage import Storage
+    from pipeline.core import Shapes, ShardResult
+    from pipeline.store import Manifest, ResultFolder, Storage, part_name
 
     rows_per = 2
     manifest = Manifest(
@@ -386,7 +381,7 @@ def commit_cost(shards: int, workdir: Path) -> dict[str, Any]:
     before the log; exact up to :data:`OLD_EXACT_MAX` shards, else
     :data:`OLD_SAMPLES` rewrites at evenly spaced sizes, scaled to ``shards``.
     """
-    from pipeline.store.storage import Storage
+    from pipeline.store import Storage
 
     folder, entries = _commit_fixture(shards, workdir / f"log-{shards}")
     t0 = time.perf_counter()
@@ -424,9 +419,9 @@ def ray_commit_share(shards: int, num_cpus: int) -> dict[str, Any]:
     """A real ``mlp`` run of ``shards`` 2-row shards: its wall time and the driver's commit time."""
     import ray
 
-    from pipeline.core.options import RunOptions
+    from pipeline import RunOptions
     from pipeline.runner import driver as runner
-    from pipeline.store.folder import ResultFolder
+    from pipeline.store import ResultFolder
 
     spent = [0.0]
     real = ResultFolder.commit

@@ -90,8 +90,8 @@ def rosenbrock_problem(n: int) -> tuple[Any, str]:
         pass
     import torch
 
-    from pipeline.problem.problem import Problem
-    from pipeline.sparse.compressed import banded_pattern
+    from pipeline.problem import Problem
+    from pipeline.sparse import banded_pattern
 
     def rosenbrock(x: torch.Tensor) -> torch.Tensor:
         head, tail = x[:-1], x[1:]
@@ -162,8 +162,7 @@ def cold_start() -> float:
     every Ray worker pays this once.
     """
     from jobs.heat import build
-    from pipeline.sparse.coloring import choose_coloring
-    from pipeline.sparse.compressed import sparse_jacobian_rows
+    from pipeline.sparse import choose_coloring, sparse_jacobian_rows
 
     problem = build(N=8)
     coloring = choose_coloring(problem.sparsity)
@@ -186,8 +185,7 @@ def bench_heat(report: Report, N: int, repeats: int, sample_rows: int) -> Any:
 
     from jobs.heat import build
     from pipeline.maths import engine
-    from pipeline.sparse.coloring import choose_coloring
-    from pipeline.sparse.compressed import sparse_jacobian_rows
+    from pipeline.sparse import choose_coloring, sparse_jacobian_rows
 
     problem = build(N=N, **HEAT)
     fn, x, pattern = problem.fn, problem.x, problem.sparsity
@@ -287,8 +285,7 @@ def bench_heat(report: Report, N: int, repeats: int, sample_rows: int) -> Any:
 
 def bench_rosenbrock(report: Report, n: int, repeats: int, sample_rows: int) -> None:
     from pipeline.maths import engine
-    from pipeline.sparse.coloring import choose_coloring
-    from pipeline.sparse.compressed import sparse_hessian_rows
+    from pipeline.sparse import choose_coloring, sparse_hessian_rows
 
     problem, source = rosenbrock_problem(n)
     fn, x, pattern = problem.fn, problem.x, problem.sparsity
@@ -345,8 +342,8 @@ def bench_end_to_end(report: Report, N: int, repeats: int, reference: Any) -> No
     """Section (3); ``reference`` is section (1)'s Jacobian, compared with the Parquet result."""
     import ray
 
-    from pipeline.runner.driver import RunOptions, run
-    from pipeline.store.reader import read_jacobian
+    from pipeline import RunOptions, run
+    from pipeline.store import read_jacobian
 
     root = Path(tempfile.mkdtemp(prefix="jacpipe-sparse-"))
     manifests: list[dict[str, Any]] = []

@@ -59,7 +59,7 @@ def max_error(a: Any, b: Any) -> float:
 def bench_detection(report: Report, N: int, repeats: int) -> Any:
     """Section (1); returns the problem and its detected pattern."""
     from jobs.heat import build
-    from pipeline.sparse.detect import trace_sparsity
+    from pipeline.sparse import trace_sparsity
 
     problem = build(N=N, **HEAT)
     held: dict[str, Any] = {}
@@ -92,9 +92,7 @@ def bench_end_to_end(report: Report, problem: Any, N: int, repeats: int) -> None
     from scipy.optimize._numdiff import approx_derivative, group_columns
 
     from benchmarks.sparse import to_csr
-    from pipeline.sparse.coloring import choose_coloring
-    from pipeline.sparse.compressed import sparse_jacobian_rows
-    from pipeline.sparse.detect import trace_sparsity
+    from pipeline.sparse import choose_coloring, sparse_jacobian_rows, trace_sparsity
 
     n = N * N
     fn, x, hand = problem.fn, problem.x, problem.sparsity
@@ -171,8 +169,8 @@ def bench_coloring(report: Report, N: int, repeats: int) -> None:
     """Section (3)."""
     from scipy.optimize._numdiff import group_columns
 
+    from pipeline.sparse import stencil_pattern
     from pipeline.sparse.coloring import choose_coloring, column_coloring
-    from pipeline.sparse.compressed import stencil_pattern
 
     pattern = stencil_pattern(N, 5)
     held: dict[str, Any] = {}
@@ -200,7 +198,7 @@ def bench_coloring(report: Report, N: int, repeats: int) -> None:
 def bench_give_up(report: Report, size: int, repeats: int) -> None:
     """Section (4)."""
     from jobs.mlp import build
-    from pipeline.sparse.detect import trace_sparsity
+    from pipeline.sparse import trace_sparsity
 
     problem = build(n=size, m=size)
     held: dict[str, Any] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.core.errors import JacpipeError
+from pipeline import JacpipeError
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.problem.problem import Problem
-from pipeline.sparse.compressed import banded_pattern
+from pipeline import Problem
+from pipeline.sparse import banded_pattern
 
 
 def build(

@@ -19,8 +19,8 @@ import scipy.sparse as sp
 import torch
 
 from jobs._common import dtype_of, positive
-from pipeline.problem.problem import Problem
-from pipeline.sparse.compressed import stencil_pattern
+from pipeline import Problem
+from pipeline.sparse import stencil_pattern
 
 
 def laplacian(u: torch.Tensor, h: float) -> torch.Tensor:

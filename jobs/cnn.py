@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.problem.problem import Problem
+from pipeline import Problem
 
 SIDE = 28
 CLASSES = 10

@@ -29,8 +29,7 @@ from __future__ import annotations
 import torch
 
 from jobs._common import dtype_of
-from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Problem
+from pipeline import JacpipeError, Problem
 
 
 def build(

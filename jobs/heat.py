@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.problem.problem import Problem
+from pipeline import Problem
 
 
 def laplacian(u: torch.Tensor, h: float) -> torch.Tensor:
@@ -57,7 +57,7 @@ def build(
 
     sparsity = None
     if pattern:
-        from pipeline.sparse.compressed import stencil_pattern
+        from pipeline.sparse import stencil_pattern
 
         sparsity = stencil_pattern(N, 5)
     return Problem(fn=fn, x=u, sparsity=sparsity)

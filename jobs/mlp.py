@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.problem.problem import Problem
+from pipeline import Problem
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": torch.nn.functional.softplus}
 
@@ -32,7 +32,7 @@ def build(
             given a GPU pass ``cuda``. Drawn on the CPU first, so every
             device gets the same numbers.
     """
-    from pipeline.core.errors import JacpipeError
+    from pipeline import JacpipeError
 
     for name, value in (("n", n), ("m", m), ("hidden", hidden)):
         positive(name, value)

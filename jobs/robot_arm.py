@@ -13,8 +13,7 @@ import math
 import torch
 
 from jobs._common import dtype_of, generator
-from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Problem
+from pipeline import JacpipeError, Problem
 
 # Denavit-Hartenberg parameters of a UR5 (metres, radians).
 D = (0.089159, 0.0, 0.0, 0.10915, 0.09465, 0.0823)

@@ -12,8 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from jobs._common import dtype_of, generator
-from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Problem
+from pipeline import JacpipeError, Problem
 
 if TYPE_CHECKING:
     import scipy.sparse as sp

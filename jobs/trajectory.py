@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from jobs._common import dtype_of, generator, positive
-from pipeline.core.errors import JacpipeError
-from pipeline.problem.problem import Problem
+from pipeline import JacpipeError, Problem
 
 START = (0.0, 0.0, 0.0)
 GOAL = (10.0, 10.0, 3.0)

@@ -58,7 +58,7 @@ def test_help_shows_types_choices_defaults_and_an_example():
 
 
 def test_help_choices_are_the_library_ones():
-    from pipeline.cli.common import CHOICES
+    from pipeline.core.options import CHOICES
     from pipeline.core import options as plan
 
     assert CHOICES["device"] == plan.DEVICES
