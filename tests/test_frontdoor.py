@@ -58,8 +58,8 @@ def test_help_shows_types_choices_defaults_and_an_example():
 
 
 def test_help_choices_are_the_library_ones():
-    from pipeline.core.options import CHOICES
     from pipeline.core import options as plan
+    from pipeline.core.options import CHOICES
 
     assert CHOICES["device"] == plan.DEVICES
     assert CHOICES["dtype"] == plan.DTYPES
