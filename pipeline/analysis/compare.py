@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
 from pipeline.maths.kinds import maths_of, reference_full, reference_rows
+
+if TYPE_CHECKING:
+    from pipeline.problem.problem import Problem
+    from pipeline.store.reader import JacobianResult
 
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10}
 #: Batched results with more samples are checked on sampled rows unless ``--all``.
@@ -50,20 +54,6 @@ class CompareReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(asdict(self), ok=self.ok)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def sample_rows(total: int, k: int, seed: int = 0) -> Any:
@@ -193,7 +183,7 @@ def compare(
     seed: int = 0,
     job: str | None = None,
     trust_job: bool = False,
-    problem: Any = None,
+    problem: Problem | None = None,
 ) -> CompareReport:
     """Compare a result folder against the single-process torch reference.
 
@@ -281,8 +271,8 @@ def compare(
 
 
 def compare_smoothed(
-    result: Any, problem: Any, good: list[Any], problems: list[str], *, rows: int | None,
-    all_rows: bool, rtol: float | None, memory_budget: int, seed: int,
+    result: JacobianResult, problem: Problem, good: list[Any], problems: list[str], *,
+    rows: int | None, all_rows: bool, rtol: float | None, memory_budget: int, seed: int,
 ) -> CompareReport:
     """A smoothed result against an independent Monte Carlo run (another seed), and plain AD.
 
@@ -332,7 +322,7 @@ def compare_smoothed(
     )
 
 
-def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> Any:
+def rebuilt(result: JacobianResult, *, job: str | None = None, trust_job: bool = False) -> Any:
     """The stored result's problem, built again and checked against its fingerprint.
 
     NOTE: [Reading never runs stored code]
@@ -382,7 +372,7 @@ def rebuilt(result: Any, *, job: str | None = None, trust_job: bool = False) -> 
         ) from None
 
 
-def _checked_given(result: Any, problem: Any) -> Any:
+def _checked_given(result: JacobianResult, problem: Problem) -> Any:
     """A Problem handed to :func:`compare`, checked against the stored fingerprint."""
     from pipeline.core.fingerprint import FingerprintMismatch, check_fingerprint
     from pipeline.problem.problem import fingerprint, validate
@@ -398,7 +388,7 @@ def _checked_given(result: Any, problem: Any) -> Any:
     return problem
 
 
-def _fits(result: Any, memory_budget: int) -> bool:
+def _fits(result: JacobianResult, memory_budget: int) -> bool:
     """Whether the whole reference fits (and, per sample, is not too slow)."""
     total, n = result.shape
     fits = total * n * result.shapes.itemsize * 3 <= memory_budget
@@ -428,7 +418,7 @@ def _finite_max(ref: Any) -> float:
     return float(finite.max()) if finite.size else 1.0
 
 
-def _symmetry_error(result: Any, got: Any, idx: Any) -> float | None:
+def _symmetry_error(result: JacobianResult, got: Any, idx: Any) -> float | None:
     """max |H[R, R] - H[R, R]^T| over the checked rows R of a Hessian, else None.
 
     NOTE: the stored rows R hold H[R, :]; both H[i, j] and H[j, i] are among
@@ -444,7 +434,7 @@ def _symmetry_error(result: Any, got: Any, idx: Any) -> float | None:
     return float(np.abs(sub - sub.T).max())
 
 
-def _pattern_problems(result: Any, got: Any, ref: Any, idx: Any, extra: dict[str, Any]
+def _pattern_problems(result: JacobianResult, got: Any, ref: Any, idx: Any, extra: dict[str, Any]
                       ) -> list[str]:
     """A sparse result's colour count, and reference nonzeros its pattern missed."""
     import numpy as np
@@ -465,7 +455,7 @@ def _pattern_problems(result: Any, got: Any, ref: Any, idx: Any, extra: dict[str
     ]
 
 
-def _nonfinite_counts(result: Any, got: Any, ref: Any, extra: dict[str, Any]) -> None:
+def _nonfinite_counts(result: JacobianResult, got: Any, ref: Any, extra: dict[str, Any]) -> None:
     """NOTE: non-finite entries are compared, not skipped: a NaN passes only
     where the reference has a NaN, an Inf only where it has the same Inf (see
     :func:`errors`). The counts are shown so they never pass silently.

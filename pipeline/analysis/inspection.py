@@ -8,10 +8,13 @@ named in it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
+
+if TYPE_CHECKING:
+    from pipeline.store.reader import JacobianResult
 
 
 def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
     }
 
 
-def display_shape(result: Any) -> str:
+def display_shape(result: JacobianResult) -> str:
     """The shape as a person reads it: ``m x n``, or ``B x (m x n)`` for a batched result.
 
     Args:
@@ -117,7 +120,7 @@ def display_shape(result: Any) -> str:
 PLOT_FORMATS = ("png", "svg", "pdf")
 
 
-def _dense_stats(result: Any, good: list[Any]) -> dict[str, Any]:
+def _dense_stats(result: JacobianResult, good: list[Any]) -> dict[str, Any]:
     """Norm, max, zeros, NaN/Inf of the trusted shards of a dense result, streamed."""
     import numpy as np
 
@@ -159,7 +162,7 @@ def _sparse_stats(mat: Any, shape: tuple[int, int]) -> dict[str, Any]:
     return out
 
 
-def _dense_blocks(result: Any) -> Any:
+def _dense_blocks(result: JacobianResult) -> Any:
     for rows, block in result.iter_blocks():
         yield int(rows[0]), block
 
@@ -199,7 +202,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
         raise JacpipeError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
 
 
-def _plot(result: Any, path: str, *, max_pixels: int) -> str:
+def _plot(result: JacobianResult, path: str, *, max_pixels: int) -> str:
     man = result.manifest
     title = f"{man.job} {man.kind} {display_shape(result)} {result.dtype}"
     if not layout_of(result.layout).fixed_width:

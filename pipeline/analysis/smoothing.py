@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline.core.smoothing import AUTO_FRACTION, ORDER, Smoothing, _numpy
+
+if TYPE_CHECKING:
+    from pipeline.store.reader import JacobianResult
 
 
 def suggestion(job: str, params: Mapping[str, Any], x: Any, kinked: list[int]) -> str:
@@ -28,7 +31,7 @@ def suggestion(job: str, params: Mapping[str, Any], x: Any, kinked: list[int]) -
     )
 
 
-def read_column(result: Any, column: str, rows: Any = None) -> np.ndarray:
+def read_column(result: JacobianResult, column: str, rows: Any = None) -> np.ndarray:
     """One extra column (``stderr``, ``zeroth``, ...) of a smoothed result, as ``(rows, n)``.
 
     Args:
@@ -54,7 +57,7 @@ def read_column(result: Any, column: str, rows: Any = None) -> np.ndarray:
     return block[[where[int(r)] for r in np.asarray(rows).reshape(-1)]]
 
 
-def summary(result: Any, good: list[Any], *, top: int = 8) -> dict[str, Any]:
+def summary(result: JacobianResult, good: list[Any], *, top: int = 8) -> dict[str, Any]:
     """What ``inspect`` shows of a smoothed result: its smoothing and its error bars.
 
     Streams one shard at a time (``values`` and ``stderr`` of its rows).
@@ -99,7 +102,7 @@ def summary(result: Any, good: list[Any], *, top: int = 8) -> dict[str, Any]:
 class _Only:
     """A view of a result with one committed shard (for :func:`read_column`)."""
 
-    def __init__(self, result: Any, shard: Any) -> None:
+    def __init__(self, result: JacobianResult, shard: Any) -> None:
         self.shapes, self.storage, self.committed = result.shapes, result.storage, [shard]
 
 

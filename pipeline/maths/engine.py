@@ -798,5 +798,3 @@ def batched_rows(
     """
     blocks = iter_batched_rows(fn, xs, start, stop, chunk_size=chunk_size, method=method)
     return _assemble(blocks, start, stop, xs.new_empty(0, xs[0].numel()))
-
-

@@ -89,8 +89,7 @@ def iter_rows(
                       **extra)
 
 
-
-def reference_rows(problem: Any, rows: Any) -> Any:
+def reference_rows(problem: Problem, rows: Any) -> Any:
     """Rows of the derivative by plain autograd, in one process.
 
     Jacobian rows: one ``autograd.grad`` per row; Hessian rows: one
@@ -108,6 +107,6 @@ def reference_rows(problem: Any, rows: Any) -> Any:
     return maths_of(problem.kind).reference_rows(problem, rows)
 
 
-def reference_full(problem: Any) -> Any:
+def reference_full(problem: Problem) -> Any:
     """The whole derivative with torch's one-process functions, as numpy ``(rows, n)``."""
     return maths_of(problem.kind).reference(problem)

@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.kinds import kind_of
 
+if TYPE_CHECKING:
+    from pipeline.problem.problem import Problem
 
-def jacobian_reference(problem: Any) -> Any:
+
+def jacobian_reference(problem: Problem) -> Any:
     """``torch.autograd.functional.jacobian`` at ``x``, as ``(m, n)`` numpy."""
     from torch.autograd.functional import jacobian
 
@@ -19,7 +22,7 @@ def jacobian_reference(problem: Any) -> Any:
     return j.reshape(-1, problem.x.numel()).detach().cpu().numpy()
 
 
-def hessian_reference(problem: Any) -> Any:
+def hessian_reference(problem: Problem) -> Any:
     """``torch.autograd.functional.hessian`` at ``x``, as ``(n, n)`` numpy."""
     from torch.autograd.functional import hessian
 
@@ -27,7 +30,7 @@ def hessian_reference(problem: Any) -> Any:
     return h.reshape(problem.x.numel(), -1).detach().cpu().numpy()
 
 
-def batched_reference(problem: Any) -> Any:
+def batched_reference(problem: Problem) -> Any:
     """``torch.autograd.functional.jacobian`` of every sample, stacked as ``(B * m, n)``."""
     import torch
     from torch.autograd.functional import jacobian
@@ -39,7 +42,7 @@ def batched_reference(problem: Any) -> Any:
     return torch.cat(blocks).detach().cpu().numpy()
 
 
-def batched_reference_rows(problem: Any, rows: Any) -> Any:
+def batched_reference_rows(problem: Problem, rows: Any) -> Any:
     """Rows of per-sample Jacobians: ``autograd.functional.jacobian`` of each sample touched."""
     import numpy as np
     import torch
@@ -57,7 +60,7 @@ def batched_reference_rows(problem: Any, rows: Any) -> Any:
     return result
 
 
-def gradient_reference_rows(problem: Any, rows: Any) -> Any:
+def gradient_reference_rows(problem: Problem, rows: Any) -> Any:
     """Rows of a Jacobian (Hessian kind: of the gradient's Jacobian), one autograd.grad each."""
     import numpy as np
     import torch

@@ -55,20 +55,14 @@ from pipeline.core.smoothing import Smoothing, _numpy
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from pipeline.problem.problem import Problem
+
 #: Standard errors within which an independent Monte Carlo reference must agree
 #: (at least; more for many entries, see :func:`agreement_z`).
 MIN_Z = 4.0
 
 
-
-
-
-
-
-
-
-
-def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
+def check_problem(smoothing: Smoothing, problem: Problem, job: str) -> None:
     """Refuse a smoothing the problem cannot take (a kind other than ``jacobian``, bad sigmas).
 
     Raises:
@@ -80,8 +74,6 @@ def check_problem(smoothing: Smoothing, problem: Any, job: str) -> None:
             f"for the {' and '.join(k.name for k in KINDS.values() if k.smoothable)} kind only"
         )
     smoothing.sigma_vector(problem.x)
-
-
 
 
 def direction(seed: int, pair: int, n: int) -> np.ndarray:
@@ -196,16 +188,6 @@ def smoothed_chunk(chunk: int, smoothing: Smoothing, itemsize: int) -> int:
 # ---------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
 def agreement_z(entries: int) -> float:
     """Standard errors two independent estimates may differ by, over ``entries`` entries.
 
@@ -252,7 +234,7 @@ class SmoothedCheck:
     zeroth_z: float | None = None
 
 
-def reference_rows(problem: Any, smoothing: Smoothing, rows: np.ndarray, *, chunk: int = 64
+def reference_rows(problem: Problem, smoothing: Smoothing, rows: np.ndarray, *, chunk: int = 64
                    ) -> dict[str, np.ndarray]:
     """The smoothed rows ``rows`` in one process, by plain autograd at each perturbed point.
 
@@ -317,5 +299,3 @@ def check_against(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], 
         median_stderr=float(np.median(got["stderr"])) if got["stderr"].size else 0.0,
         zeroth_z=zeroth_z,
     )
-
-

@@ -45,10 +45,6 @@ class Problem:
     sparsity: Any = None
 
 
-
-
-
-
 # ---------------------------------------------------------------------------
 # Loading jobs
 # ---------------------------------------------------------------------------
@@ -402,12 +398,6 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
     }
 
 
-
-
-
-
-
-
 def _derivative_probe(problem: Problem) -> dict[str, Any]:
     """``(Jᵀ u) . v`` (Hessian: ``u . (H v)``) at ``x`` by ``torch.autograd``, seeded."""
     import torch
@@ -534,7 +524,3 @@ def _json_float(v: float) -> float | str:
     if v in (float("inf"), float("-inf")):
         return "inf" if v > 0 else "-inf"
     return v
-
-
-
-

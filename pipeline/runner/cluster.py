@@ -9,15 +9,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.core.errors import JacpipeError, first_line
 from pipeline.runner.plan import (
     Resources,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def _probe_address(address: str) -> None:

@@ -325,5 +325,3 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
             import ray
 
             ray.shutdown()
-
-

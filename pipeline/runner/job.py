@@ -28,6 +28,7 @@ from pipeline.problem.problem import (
 
 if TYPE_CHECKING:
     from pipeline.maths.adjoint import AdjointCheck
+    from pipeline.problem.problem import Problem
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
     )
 
 
-def _pass_seconds(problem: Any) -> float:
+def _pass_seconds(problem: Problem) -> float:
     """One forward + backward pass, estimated as 3 warm forward passes (for the executor choice).
 
     Timed after the fingerprint has run ``fn``: the first call of a process pays
@@ -157,7 +158,7 @@ class PatternChoice:
 DETECT = {"auto": "global", "auto-local": "local"}
 
 
-def run_pattern(options: RunOptions, problem: Any, shapes: Shapes) -> PatternChoice:
+def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes) -> PatternChoice:
     """The sparsity pattern a run uses: ``--sparsity FILE|auto``, the job's, or detected.
 
     ``--sparsity auto`` (or ``Problem(sparsity="auto")``) detects the pattern
@@ -211,7 +212,7 @@ def _check_pattern_shape(pattern: Any, shapes: Shapes) -> None:
         )
 
 
-def _detected(problem: Any, shapes: Shapes, mode: str, *, explicit: bool, needed: bool
+def _detected(problem: Problem, shapes: Shapes, mode: str, *, explicit: bool, needed: bool
               ) -> PatternChoice:
     """Detect the pattern; an explicit request fails loudly, ``--method auto`` quietly."""
     from pipeline.sparse.detect import SparsityError, trace_sparsity

@@ -367,16 +367,6 @@ def task_slots(cpus_per_shard: float, gpus_per_shard: float, resources: Resource
     return slots
 
 
-
-
-
-
-
-
-
-
-
-
 def pattern_hash(pattern: Any) -> str:
     """sha256 of a pattern's structure (shape, indptr, indices), for the manifest."""
     import hashlib

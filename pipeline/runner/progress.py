@@ -5,12 +5,9 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.core.shard import ShardResult
-
-if TYPE_CHECKING:
-    pass
 
 
 class Progress:

@@ -28,7 +28,7 @@ from pipeline.runner.progress import Progress
 from pipeline.store.folder import ResultFolder
 
 if TYPE_CHECKING:
-    pass
+    from pipeline.problem.problem import Problem
 
 
 #: How often Ray retries a shard whose worker process died (SIGKILL, OOM).
@@ -180,7 +180,7 @@ class RayExecutor:
 
     def __init__(self, plan: RunPlan, folder: ResultFolder, progress: Progress, *,
                  window: int, shard_timeout: float | None, echo: Callable[[str], None],
-                 problem: Any = None) -> None:
+                 problem: Problem | None = None) -> None:
         self.plan, self.folder, self.progress, self.echo = plan, folder, progress, echo
         self.problem = problem
         self.window, self.shard_timeout = window, shard_timeout
@@ -295,7 +295,7 @@ class LocalExecutor:
     """The shards one after the other in this process: the same ``compute_shard`` as a task."""
 
     def __init__(self, plan: RunPlan, folder: ResultFolder, progress: Progress, *,
-                 problem: Any = None) -> None:
+                 problem: Problem | None = None) -> None:
         self.plan, self.folder, self.progress, self.problem = plan, folder, progress, problem
         self.in_flight: dict[Any, ShardSpec] = {}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,8 +12,12 @@ from pipeline.maths.smoothing import smoothed_blocks, smoothed_chunk
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from pipeline.core.shard import ShardSpec
+    from pipeline.problem.problem import Problem
+    from pipeline.store.parts import PartWriter
 
-def write_shard(writer: Any, problem: Any, spec: Any, chunk: int) -> None:
+
+def write_shard(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk: int) -> None:
     """Write a smoothed shard: rows ``[spec.start, spec.stop)``, values and error bars.
 
     Args:

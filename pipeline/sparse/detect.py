@@ -43,7 +43,7 @@ import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import scipy.sparse as sp
 import torch
@@ -64,6 +64,9 @@ from pipeline.sparse.rules import (
     op_name,
     rule_for,
 )
+
+if TYPE_CHECKING:
+    from pipeline.problem.problem import Problem
 
 __all__ = ["SparsityError", "SparsityReport", "SparsityWarning", "detect_sparsity",
            "problem_sparsity", "trace_sparsity"]
@@ -107,7 +110,7 @@ class SparsityReport:
 
 
 def problem_sparsity(
-    problem: Any,
+    problem: Problem,
     *,
     mode: str = "global",
     max_density: float | None = DEFAULT_MAX_DENSITY,

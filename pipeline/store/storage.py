@@ -166,8 +166,6 @@ class Storage:
         return h.hexdigest()
 
 
-
-
 def refuse_secret(value: str, what: str) -> None:
     """Refuse ``value`` if it holds credentials that would be stored where others can read them.
 
