@@ -35,3 +35,36 @@ def positive(name: str, value: int) -> int:
     if value < 1:
         raise JacpipeError(f"parameter {name!r} must be at least 1, got {value}")
     return value
+
+
+def widths(text: str) -> list[int]:
+    """``"768,768,512"`` to hidden widths.
+
+    Raises:
+        JacpipeError: an empty list, a non-integer or a width below 1.
+    """
+    try:
+        out = [int(w) for w in str(text).split(",") if w.strip()]
+    except ValueError:
+        raise JacpipeError(f"hidden must be comma-separated widths like 64,64, got {text!r}"
+                           ) from None
+    if not out or min(out) < 1:
+        raise JacpipeError(f"hidden must be comma-separated widths >= 1, got {text!r}")
+    return out
+
+
+def tanh_mlp(sizes: list[int], g: torch.Generator, dt: torch.dtype):  # noqa: ANN201
+    """A seeded tanh MLP ``sizes[0] -> ... -> sizes[-1]`` of one point, as a function."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        w = torch.randn(b, a, generator=g, dtype=dt).div_(a**0.5)
+        layers.append((w, torch.randn(b, generator=g, dtype=dt).mul_(0.1)))
+
+    def u(v: torch.Tensor) -> torch.Tensor:
+        for i, (w, b) in enumerate(layers):
+            v = w @ v + b
+            if i < len(layers) - 1:
+                v = torch.tanh(v)
+        return v
+
+    return u

@@ -61,6 +61,12 @@ def check_fingerprint(expected: Mapping[str, Any], got: Mapping[str, Any]) -> No
                 "(weights, noise) so each worker builds the same function",
                 field="y",
             )
+    if expected.get("operator") != got.get("operator"):
+        raise FingerprintMismatch(
+            "the operator's options differ between the driver and a worker "
+            f"({expected.get('operator')} vs {got.get('operator')}); build the same operator",
+            field="operator",
+        )
     _check_derivative(expected.get("derivative"), got.get("derivative"), rtol)
     for key in ("code_sha256", "source_sha256"):
         a, b = expected.get(key), got.get(key)

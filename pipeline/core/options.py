@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.core.codec import DEFAULT_COMPRESSION, parse_compression
 from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import KIND_NAMES
 from pipeline.core.smoothing import ESTIMATORS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -106,6 +107,10 @@ class RunOptions:
         "slots]."))
     chunk_size: int | None = _opt(None, "--chunk-size", help=(
         "Override the rows per vectorised pass (normally from --memory-budget)."))
+    kind: str | None = _opt(None, "--kind", choices=KIND_NAMES, help=(
+        "What to compute, instead of the job's own kind: jacobian, hessian, batched, laplacian, "
+        "biharmonic, taylor (per-point operators over points (P, D)) or third (third "
+        "derivatives of a scalar fn) [default: the job's]."), show_default=False)
     sparsity: str | None = _opt(None, "--sparsity", help=(
         "Sparsity pattern: FILE (.npz scipy matrix, or Parquet with row/col columns), 'auto' "
         "(detected by tracing fn: holds at any x) or 'auto-local' (at this x only); overrides "

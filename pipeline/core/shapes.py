@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.core.kinds import Kind
+from pipeline.core.kinds import Kind, kind_of
 
 
 @dataclass(frozen=True)
@@ -14,8 +14,9 @@ class Shapes:
     """Shapes and sizes of a problem's derivative.
 
     Rows are indexed over ``fn(x).reshape(-1)`` (hessian: over ``x.reshape(-1)``;
-    batched: over ``(sample, row)`` as ``sample * m + row``), columns over
-    ``x.reshape(-1)`` (batched: one sample).
+    batched: over ``(sample, row)`` as ``sample * m + row``; third: over pairs
+    ``j <= k``; per-point kinds: over points), columns over ``x.reshape(-1)``
+    (batched: one sample; per-point kinds: the operator's value per output).
     """
 
     kind: Kind
@@ -26,18 +27,32 @@ class Shapes:
 
     @property
     def m(self) -> int:
-        """Rows per sample."""
-        return _numel(self.out_shape)
+        """Rows per sample (per point: one)."""
+        return kind_of(self.kind).rows_and_columns(_numel(self.in_shape),
+                                                   _numel(self.out_shape))[0]
 
     @property
     def n(self) -> int:
-        """Columns."""
-        return _numel(self.in_shape)
+        """Columns (per point: the operator's values, one per output of ``fn``)."""
+        return kind_of(self.kind).rows_and_columns(_numel(self.in_shape),
+                                                   _numel(self.out_shape))[1]
 
     @property
     def total_rows(self) -> int:
         """Rows over the whole result (batched: ``B * m``)."""
         return self.m * (self.batch or 1)
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        """The result as a tensor: ``out_shape + in_shape`` (batched: ``(B,) +`` that;
+        per-point: ``(P,) + out_shape``; third: ``in_shape`` three times, symmetric)."""
+        kind = kind_of(self.kind)
+        if kind.per_point:
+            return (self.batch or 0, *self.out_shape)
+        if kind.rows_over == "pairs":
+            return tuple(self.in_shape) * 3
+        lead = (self.batch or 0,) if kind.per_sample else ()
+        return lead + tuple(self.out_shape) + tuple(self.in_shape)
 
     @property
     def itemsize(self) -> int:

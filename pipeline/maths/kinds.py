@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.kinds import KINDS, KindSpec, kind_of
-from pipeline.maths import engine, references
+from pipeline.maths import engine, operators, references
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -40,17 +40,27 @@ class KindMaths:
             (first_row, block)``: the engine's row generator.
         reference: ``problem -> (rows, n) numpy``: torch's single-process answer.
         reference_rows: ``(problem, rows) -> (len(rows), n) numpy`` by plain autograd.
+        columns: ``(problem, start, stop, *, chunk_size) -> iterator of (first_row,
+            {column: block})`` for kinds whose parts hold more than ``values``
+            (per-point operators: ``value``, ``stderr``), else None.
+        row_numel: ``problem -> elements one row carries through a pass``, for
+            kinds not computed by the engine's vectorised VJPs (whose count is
+            :func:`~pipeline.maths.engine.intermediate_numel`), else None.
     """
 
     spec: KindSpec
     rows: Callable[..., Iterator[tuple[int, Tensor]]]
     reference: Callable[[Any], Any]
     reference_rows: Callable[[Any, Any], Any]
+    columns: Callable[..., Iterator[tuple[int, dict[str, Tensor]]]] | None = None
+    row_numel: Callable[[Any], int] | None = None
 
     def differentiated(self, problem: Problem, sample: int = 0) -> tuple[Callable, Tensor]:
         """``(f, x)`` whose Jacobian is this kind's matrix (one sample if per-sample)."""
         if self.spec.symmetric:
             return scalar_grad(problem.fn), problem.x
+        if not self.spec.jacobian_rows:
+            raise ValueError(f"kind {self.spec.name!r}: its rows are not one function's Jacobian")
         if self.spec.per_sample:
             return problem.fn, problem.x[sample]
         return problem.fn, problem.x
@@ -63,6 +73,12 @@ KIND_MATHS: dict[str, KindMaths] = {
                          references.hessian_reference, references.gradient_reference_rows),
     "batched": KindMaths(KINDS["batched"], engine.iter_batched_rows,
                          references.batched_reference, references.batched_reference_rows),
+    **{name: KindMaths(KINDS[name], operators.point_rows, operators.point_reference,
+                       operators.point_reference_rows, columns=operators.point_columns,
+                       row_numel=operators.point_row_numel)
+       for name in ("laplacian", "biharmonic", "taylor")},
+    "third": KindMaths(KINDS["third"], operators.iter_third_rows, operators.third_reference,
+                       operators.third_reference_rows, row_numel=operators.third_row_numel),
 }
 
 
@@ -84,7 +100,9 @@ def iter_rows(
     ``m``: outputs per sample, when known (per-sample kinds skip a forward pass to learn it).
     """
     maths = maths_of(problem.kind)
-    extra = {"m": m} if maths.spec.per_sample and m is not None else {}
+    extra: dict[str, Any] = {"m": m} if maths.spec.per_sample and m is not None else {}
+    if maths.spec.per_point:
+        extra = {"kind": problem.kind, "operator": problem.operator}
     return maths.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
                       **extra)
 

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.fingerprint import check_fingerprint
 from pipeline.core.kinds import KIND_NAMES as KINDS
+from pipeline.core.kinds import KINDS as KIND_TABLE
 from pipeline.core.kinds import Kind, kind_of
 from pipeline.core.shapes import Shapes
 
@@ -29,20 +30,32 @@ class Problem:
     """A differentiable function and the point at which to differentiate it.
 
     Args:
-        fn: ``R^in_shape -> R^out_shape``. For ``kind="batched"`` it maps one
-            sample; for ``kind="hessian"`` it returns a scalar.
-        x: the point (``kind="batched"``: a batch ``(B, *in_shape)`` of points).
-        kind: ``"jacobian"``, ``"hessian"`` or ``"batched"``.
+        fn: ``R^in_shape -> R^out_shape``. For ``kind="batched"`` and the
+            per-point kinds it maps one sample (point); for ``kind="hessian"``
+            and ``kind="third"`` it returns a scalar.
+        x: the point (``kind="batched"``: a batch ``(B, *in_shape)`` of points;
+            per-point kinds ``laplacian``, ``biharmonic``, ``taylor``: points
+            ``(P, D)``).
+        kind: one of :data:`pipeline.core.kinds.KINDS` (``"jacobian"``,
+            ``"hessian"``, ``"batched"``, ``"laplacian"``, ``"biharmonic"``,
+            ``"taylor"``, ``"third"``).
         sparsity: optional known pattern (a ``scipy.sparse`` matrix of shape
             ``(m, n)``), or ``"auto"`` to detect it by tracing ``fn``
             (:func:`pipeline.detect_sparsity`; ``"auto-local"``: at this x
             only). A pattern enables colouring.
+        operator: the per-point operator's options, JSON values only:
+            ``samples`` (an int: a stochastic estimate from that many random
+            directions, with a standard error) and ``seed`` for ``laplacian``
+            and ``biharmonic``; ``weights`` (``D`` numbers: ``tr(diag(w) H)``,
+            or a ``D x D`` nested list ``C``: ``tr(C H)``) for ``laplacian``;
+            ``order`` (K >= 1) and ``direction`` (``D`` numbers) for ``taylor``.
     """
 
     fn: Callable[..., Any]
     x: Any
     kind: Kind = "jacobian"
     sparsity: Any = None
+    operator: Mapping[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -227,12 +240,23 @@ def rebuild(spec: str, params: Mapping[str, Any], expected: Mapping[str, Any]) -
     problem a run was computed for: a different build is an error, never a
     silently different result.
 
+    The fingerprint's kind wins over the job's own (``jacpipe run JOB --kind K``).
+
     Raises:
         JacpipeError: the build fails or its fingerprint differs.
     """
-    problem = build_problem(spec, params)
+    problem = with_kind(build_problem(spec, params), (expected.get("shapes") or {}).get("kind"))
     check_fingerprint(expected, fingerprint(problem, validate(problem, spec), spec=spec))
     return problem
+
+
+def with_kind(problem: Problem, kind: str | None) -> Problem:
+    """``problem`` with another kind (``--kind``), or itself when ``kind`` is None or the same."""
+    import dataclasses
+
+    if kind is None or kind == problem.kind:
+        return problem
+    return dataclasses.replace(problem, kind=kind)
 
 
 def validate(problem: Problem, spec: str = "job") -> Shapes:
@@ -243,21 +267,20 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
             non-tensor output, an unknown kind.
     """
     x = _checked_input(problem, spec)
-    sample = x[0] if kind_of(problem.kind).per_sample else x
+    kind = kind_of(problem.kind)
+    sample = x[0] if kind.per_sample else x
     y = _checked_output(problem, spec, sample)
-    if kind_of(problem.kind).symmetric:
-        if y.numel() != 1:
-            raise JacpipeError(
-                f"{spec}: hessian kind needs a scalar fn(x), got shape {tuple(y.shape)}"
-            )
-        out_shape = tuple(x.shape)
-    else:
-        out_shape = tuple(y.shape)
+    if kind.scalar_fn and y.numel() != 1:
+        raise JacpipeError(
+            f"{spec}: {problem.kind} kind needs a scalar fn(x), got shape {tuple(y.shape)}; "
+            "return a single number (e.g. an energy, or fn(x).sum())"
+        )
+    check_operator(problem, int(sample.numel()), spec)
     shapes = Shapes(
         kind=problem.kind,
         in_shape=tuple(sample.shape),
-        out_shape=out_shape,
-        batch=int(x.shape[0]) if kind_of(problem.kind).per_sample else None,
+        out_shape=kind.out_shape(tuple(sample.shape), tuple(y.shape)),
+        batch=int(x.shape[0]) if kind.per_sample else None,
         dtype=str(x.dtype).removeprefix("torch."),
     )
     if shapes.n == 0 or shapes.total_rows == 0:
@@ -267,6 +290,10 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
             f"{spec}: sparsity must be a scipy.sparse pattern, 'auto' (detected, valid at any "
             f"x) or 'auto-local' (at this x only), got {problem.sparsity!r}"
         )
+    if problem.sparsity is not None and not kind.sparse_ok:
+        sparse = ", ".join(k for k, s in KIND_TABLE.items() if s.sparse_ok)
+        raise JacpipeError(f"{spec}: sparsity patterns apply to the {sparse} kinds, not "
+                           f"{problem.kind!r}; leave Problem.sparsity None")
     if problem.sparsity is not None and not isinstance(problem.sparsity, str):
         sp_shape = tuple(getattr(problem.sparsity, "shape", ()))
         if sp_shape != (shapes.m, shapes.n):
@@ -296,9 +323,69 @@ def _checked_input(problem: Problem, spec: str) -> Any:
         )
     if x.dtype not in (torch.float32, torch.float64):
         raise JacpipeError(f"{spec}: x has dtype {x.dtype}; expected float32 or float64")
+    if kind_of(problem.kind).per_point and x.dim() != 2:
+        raise JacpipeError(
+            f"{spec}: {problem.kind} kind needs points x of shape (P, D), got shape "
+            f"{tuple(x.shape)}; stack the points as rows (x.reshape(P, -1))"
+        )
     if kind_of(problem.kind).per_sample and x.dim() < 1:
         raise JacpipeError(f"{spec}: batched kind needs x of shape (B, *in_shape)")
     return x
+
+
+def check_operator(problem: Problem, d: int, spec: str = "job") -> None:
+    """Refuse operator options the kind does not take, or of the wrong type or size.
+
+    Args:
+        problem: the problem (``problem.operator`` is checked against its kind).
+        d: the size of one point (``D``).
+        spec: the job, for the message.
+
+    Raises:
+        JacpipeError: one line naming the option, what arrived and what is allowed.
+    """
+    kind = kind_of(problem.kind)
+    options = dict(problem.operator or {})
+    unknown = sorted(set(options) - set(kind.operator))
+    if unknown:
+        allowed = ", ".join(kind.operator) or "none"
+        what = ("samples needs a stochastic operator (kind laplacian or biharmonic)"
+                if "samples" in unknown else f"unknown option(s) {', '.join(unknown)}")
+        raise JacpipeError(f"{spec}: operator option for kind {problem.kind!r}: {what}; "
+                           f"it takes {allowed}")
+    _check_int(options, "samples", 2, spec)
+    _check_int(options, "seed", 0, spec)
+    _check_int(options, "order", 1, spec)
+    if "order" in kind.operator and ("order" not in options or "direction" not in options):
+        raise JacpipeError(f"{spec}: kind 'taylor' needs operator options order (K >= 1) "
+                           f"and direction ({d} numbers), got {sorted(options)}")
+    _check_numbers(options, "direction", [(d,)], spec)
+    _check_numbers(options, "weights", [(d,), (d, d)], spec)
+
+
+def _check_int(options: Mapping[str, Any], name: str, low: int, spec: str) -> None:
+    value = options.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < low):
+        raise JacpipeError(f"{spec}: operator option {name} must be an integer >= {low}, "
+                           f"got {value!r}")
+
+
+def _check_numbers(options: Mapping[str, Any], name: str, shapes: list[tuple[int, ...]],
+                   spec: str) -> None:
+    if name not in options:
+        return
+    import numpy as np
+
+    try:
+        arr = np.asarray(options[name], dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape not in shapes or not np.isfinite(arr).all():
+        got = "not numbers" if arr is None else f"shape {arr.shape}"
+        want = " or ".join(str(s) for s in shapes)
+        raise JacpipeError(f"{spec}: operator option {name} must be finite numbers of shape "
+                           f"{want} (one per coordinate of a point), got {got}")
 
 
 def _checked_output(problem: Problem, spec: str, sample: Any) -> Any:
@@ -393,6 +480,7 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
         "y_norm": float(y[finite].norm()),
         "y_nonfinite": int((~finite).sum()),
         "derivative": _derivative_probe(problem),
+        "operator": _operator_json(problem.operator),
         "code_sha256": code_sha256(problem.fn),
         "source_sha256": source_sha256(spec) if spec else None,
     }
@@ -515,6 +603,18 @@ def source_sha256(spec: str) -> str | None:
         with open(origin, "rb") as fh:
             digest.update(hashlib.sha256(fh.read()).digest())
     return digest.hexdigest()
+
+
+def _operator_json(operator: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The operator options as JSON (numbers from tensors or arrays as lists)."""
+    if not operator:
+        return None
+    out = {}
+    for k, v in sorted(operator.items()):
+        v = v.tolist() if hasattr(v, "tolist") else v
+        out[k] = [x.tolist() if hasattr(x, "tolist") else x for x in v] if isinstance(
+            v, (list, tuple)) else v
+    return out
 
 
 def _json_float(v: float) -> float | str:

@@ -24,6 +24,7 @@ from pipeline.problem.problem import (
     parse_params,
     resolve_builder,
     validate,
+    with_kind,
 )
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
                 raise JacpipeError(f"--dtype: job {opts.job!r} has no dtype parameter")
             params["dtype"] = opts.dtype
         problem = build_problem(opts.job, params)
+    problem = with_kind(problem, opts.kind)
+    given = given if given is None else problem
     shapes = validate(problem, opts.job)
     smoothing = opts.smoothing()
     if smoothing is not None:
@@ -120,6 +123,8 @@ def _adjoint_if_forward_possible(opts: RunOptions, problem: Problem, shapes: Sha
     """
     from pipeline.runner.plan import FWD_MARGIN
 
+    if not kind_of(shapes.kind).jacobian_rows:
+        return None  # Taylor mode: no forward-mode Jacobian to check
     tall = (shapes.n * FWD_MARGIN < shapes.m and not kind_of(shapes.kind).symmetric
             and pattern is None)
     if not (opts.method == "fwd" or (opts.method == "auto" and tall)):
@@ -174,6 +179,12 @@ def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes) -> Patter
             detection that cannot be done (random ops, control flow on x).
     """
     if options.method not in ("auto", "sparse"):
+        return PatternChoice()
+    if not kind_of(shapes.kind).sparse_ok:
+        if options.sparsity or options.method == "sparse":
+            raise JacpipeError(
+                f"--sparsity / --method sparse: sparsity patterns apply to the jacobian and "
+                f"hessian kinds, not {shapes.kind}; leave them out")
         return PatternChoice()
     asked = options.sparsity or (problem.sparsity if isinstance(problem.sparsity, str) else None)
     if asked in DETECT:

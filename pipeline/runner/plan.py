@@ -215,7 +215,8 @@ def make_plan(
         # Per-sample rows: every sample's rows sit in (about) one shard, so per
         # sample rev costs m VJPs and fwd n JVPs.
         per = 1 if kind_of(shapes.kind).per_sample else len(shards)
-        method = choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
+        method = (choose_method(options.method, m=shapes.m, n=shapes.n, shards=per)
+                  if kind_of(shapes.kind).jacobian_rows else _taylor_method(options, shapes))
         layout = "dense"
         if method == "fwd" and forward_disagrees:
             if options.method == "auto":
@@ -241,6 +242,16 @@ def make_plan(
         compression=options.compression,
     )
     return _with_executor(plan, shapes, options.executor, pass_seconds)
+
+
+def _taylor_method(options: RunOptions, shapes: Shapes) -> Method:
+    """Kinds computed by Taylor mode (per-point operators, third derivatives) have one method."""
+    if options.method not in ("auto", "rev"):
+        raise JacpipeError(
+            f"--method {options.method}: the {shapes.kind} kind is computed by Taylor mode "
+            "(one method, rev: a reverse pass or none over each row's jet); use --method auto"
+        )
+    return "rev"
 
 
 def _with_executor(plan: RunPlan, shapes: Shapes, asked: str, pass_seconds: float | None

@@ -65,6 +65,9 @@ def activation_numel(problem: Problem) -> int:
     Saved weights are shared by every row and are already in the measured RSS.
     """
     spec = kind_of(problem.kind)
+    maths = maths_of(problem.kind)
+    if maths.row_numel is not None:
+        return maths.row_numel(problem)
     if spec.symmetric:
         # autograd's double backward (not torch.func.grad): it also counts
         # functions torch.func cannot transform, which rows then compute by
@@ -74,7 +77,7 @@ def activation_numel(problem: Problem) -> int:
             return g
 
         return engine.intermediate_numel(grad, problem.x)
-    fn, x = maths_of(problem.kind).differentiated(problem)
+    fn, x = maths.differentiated(problem)
     return engine.intermediate_numel(fn, x)
 
 
@@ -190,6 +193,8 @@ def compute_shard(
             from pipeline.runner.smoothed import write_shard
 
             write_shard(writer, problem, spec, chunk)
+        elif maths_of(problem.kind).columns is not None:
+            _write_columns(writer, problem, spec, chunk, busy)
         else:
             _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
         t_commit = time.perf_counter()
@@ -266,7 +271,8 @@ def _chunk(spec: ShardSpec, activations: int, pattern: Any, *, baseline: int) ->
 
 
 def _schema(spec: ShardSpec) -> Any:
-    return part_schema(spec.shapes, spec.layout, spec.smoothing)
+    return part_schema(spec.shapes, spec.layout, spec.smoothing,
+                       operator=spec.fingerprint.get("operator"))
 
 
 def _write_dense(
@@ -319,6 +325,25 @@ def _write_dense(
         raise
     if sink is not None:
         busy["write"] += sink.close()
+
+
+def _write_columns(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk: int,
+                   busy: dict[str, float]) -> None:
+    """A kind whose rows have several columns (per-point operators): block by block."""
+    columns = maths_of(problem.kind).columns
+    index = kind_of(spec.shapes.kind).index_column
+    m = spec.shapes.m
+    t0 = time.perf_counter()
+    for a, cols in columns(problem, spec.start, spec.stop, chunk_size=chunk):
+        host = {name: t.detach().cpu().numpy() for name, t in cols.items()}
+        r = len(host["values"])
+        if index is not None:
+            host[index] = np.arange(a, a + r, dtype=np.int64) // m
+        t1 = time.perf_counter()
+        busy["compute"] += t1 - t0
+        writer.write_columns(a, host)
+        t0 = time.perf_counter()
+        busy["write"] += t0 - t1
 
 
 def _first_block_end(spec: ShardSpec, chunk: int) -> int:

@@ -276,7 +276,8 @@ class Manifest:
 
     def part_schema(self) -> Any:
         """The Arrow schema of this result's part files."""
-        return part_schema(self.shapes, self.layout, self.smoothing)
+        return part_schema(self.shapes, self.layout, self.smoothing,
+                           operator=self.fingerprint.get("operator"))
 
 
 def _checked_smoothing(doc: Any) -> Smoothing | None:
@@ -288,15 +289,24 @@ def _checked_smoothing(doc: Any) -> Smoothing | None:
         raise ValueError(f"malformed smoothing settings ({exc})") from None
 
 
-def part_schema(shapes: Shapes, layout: str, smoothing: Smoothing | None = None) -> Any:
-    """The schema of every part of a result with these shapes, layout and smoothing."""
+def part_schema(shapes: Shapes, layout: str, smoothing: Smoothing | None = None, *,
+                operator: Mapping[str, Any] | None = None) -> Any:
+    """The schema of every part of a result with these shapes, layout and smoothing.
+
+    ``operator``: a per-point kind's options (the fingerprint's ``operator``):
+    a stochastic estimate (``samples``) adds the ``stderr`` column.
+    """
     from pipeline.store.parts import dense_schema, sparse_schema
 
     if not layout_of(layout).fixed_width:
         return sparse_schema(shapes.dtype)
+    kind = kind_of(shapes.kind)
+    extra: tuple[str, ...] = ()
     if smoothing is not None:
-        return dense_schema(shapes.n, shapes.dtype, extra=smoothing.columns[1:])
-    return dense_schema(shapes.n, shapes.dtype, batched=kind_of(shapes.kind).per_sample)
+        extra = smoothing.columns[1:]
+    elif kind.per_point:
+        extra = ("value", "stderr") if (operator or {}).get("samples") else ("value",)
+    return dense_schema(shapes.n, shapes.dtype, index=kind.index_column, extra=extra)
 
 
 def wrap_manifest(doc: Mapping[str, Any], schema: Any) -> bytes:

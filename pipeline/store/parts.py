@@ -57,17 +57,23 @@ def dense_values_type(n: int, dtype: str) -> pa.DataType:
 
 
 def dense_schema(
-    n: int, dtype: str, *, batched: bool = False, extra: tuple[str, ...] = ()
+    n: int, dtype: str, *, index: str | None = None, extra: tuple[str, ...] = ()
 ) -> pa.Schema:
-    """The one schema of a dense part file (``row``, [``sample``], ``values``).
+    """The one schema of a dense part file (``row``, [``sample`` | ``point``], ``values``).
 
-    ``extra`` names more ``fixed_size_list[n]`` columns after ``values``: a
-    smoothed result's ``stderr`` (and ``zeroth``, ``zeroth_stderr``; see
-    :mod:`pipeline.maths.smoothing`). Readers of ``values`` ignore them.
+    Args:
+        n: entries per row.
+        dtype: ``float32`` or ``float64``.
+        index: the kind's integer column beside ``row`` (``sample`` of a
+            per-sample row, ``point`` of a per-point row), or None.
+        extra: more ``fixed_size_list[n]`` columns after ``values``: a smoothed
+            result's ``stderr`` (and ``zeroth``, ``zeroth_stderr``), a per-point
+            result's ``value`` (``fn`` itself) and ``stderr``. Readers of
+            ``values`` ignore them.
     """
     fields = [pa.field("row", pa.int64(), nullable=False)]
-    if batched:
-        fields.append(pa.field("sample", pa.int64(), nullable=False))
+    if index is not None:
+        fields.append(pa.field(index, pa.int64(), nullable=False))
     fields.append(pa.field("values", dense_values_type(n, dtype), nullable=False))
     fields += [pa.field(name, dense_values_type(n, dtype), nullable=False) for name in extra]
     return pa.schema(fields)
@@ -231,7 +237,7 @@ class PartWriter:
             pa.array(block.reshape(-1), type=kind.value_type), type=kind
         )
         arrays = [rows]
-        if "sample" in self.schema.names:
+        if self.schema.field(1).name != "values":  # the kind's index column
             arrays.append(pa.array(np.asarray(samples, dtype=np.int64)))
         arrays.append(values)
         self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
@@ -248,6 +254,9 @@ class PartWriter:
         arrays = [pa.array(np.arange(start, start + r, dtype=np.int64))]
         for name in names:  # NaN/Inf of `values` are counted on the encoder threads
             kind = self.schema.field(name).type
+            if kind == pa.int64():  # the kind's index column (sample, point)
+                arrays.append(pa.array(np.asarray(columns[name], dtype=np.int64)))
+                continue
             flat = np.ascontiguousarray(columns[name]).reshape(-1)
             arrays.append(pa.FixedSizeListArray.from_arrays(
                 pa.array(flat, type=kind.value_type), type=kind))

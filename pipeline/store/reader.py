@@ -235,9 +235,14 @@ class JacobianResult:
         out = self._gather(wanted, verify=verify)
         if inverse is not None:
             out = out[inverse]
-        if reshape and wanted is None:
-            out = out.reshape(self.full_shape)
-        elif kind_of(self.shapes.kind).per_sample and wanted is None:
+        kind = kind_of(self.shapes.kind)
+        if wanted is not None:
+            return out
+        if kind.rows_over == "pairs":
+            return _symmetric(out, self.shapes.n, reshape=reshape, shape=self.full_shape)
+        if reshape or kind.per_point:
+            return out.reshape(self.full_shape)
+        if kind.per_sample:
             out = out.reshape(self.shapes.batch, self.shapes.m, self.shapes.n)
         return out
 
@@ -345,10 +350,57 @@ class JacobianResult:
 
     @property
     def full_shape(self) -> tuple[int, ...]:
-        """``out_shape + in_shape`` (batched: ``(B,) + out_shape + in_shape``)."""
+        """The result as a tensor (see :attr:`pipeline.core.shapes.Shapes.full_shape`)."""
+        return self.shapes.full_shape
+
+    def contract(self, u: Any, v: Any = None, *, verify: bool = True) -> np.ndarray:
+        """``T[u, v, :]`` (``(n,)``) or ``T[u, :, :]`` (``(n, n)``) of a third-derivative result.
+
+        Streams the stored rows ``(j, k)``, ``j <= k``, once, adding each row
+        where the symmetric tensor ``T`` holds it (``T[j, k] = T[k, j]``):
+        the ``(n, n, n)`` tensor is never formed.
+
+        Args:
+            u, v: vectors of ``n`` numbers (``v`` None: contract ``u`` only).
+            verify: check each part's checksum first.
+
+        Raises:
+            JacpipeError: not a third-derivative result, or vectors of the wrong size.
+        """
+        from pipeline.core.pairs import pair_of_row
+
         s = self.shapes
-        lead = (s.batch,) if kind_of(s.kind).per_sample else ()
-        return lead + tuple(s.out_shape) + tuple(s.in_shape)
+        if kind_of(s.kind).rows_over != "pairs":
+            raise JacpipeError(f"contract(): the result is kind {s.kind!r}; it contracts "
+                               "third-derivative results (kind 'third') only")
+        n = s.n
+        vecs = [np.asarray(w, dtype=np.float64).reshape(-1) for w in (u, v) if w is not None]
+        if any(w.size != n for w in vecs):
+            raise JacpipeError(f"contract(): u and v need {n} entries each, got "
+                               f"{[w.size for w in vecs]}")
+        out = np.zeros((n,) if v is not None else (n, n))
+        for rows, block in self.iter_blocks(verify=verify):
+            j, k = pair_of_row(rows, n)
+            block = block.astype(np.float64, copy=False)
+            off = (j != k).astype(np.float64)
+            if v is None:  # T[u, :, :][k] += u_j row, and [j] += u_k row off the diagonal
+                np.add.at(out, k, vecs[0][j, None] * block)
+                np.add.at(out, j, (off * vecs[0][k])[:, None] * block)
+            else:
+                weight = vecs[0][j] * vecs[1][k] + off * vecs[0][k] * vecs[1][j]
+                out += weight @ block
+        return out
+
+
+def _symmetric(rows: np.ndarray, n: int, *, reshape: bool, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``(n, n, n)`` tensor of third derivatives from its rows over pairs ``j <= k``."""
+    from pipeline.core.pairs import pair_of_row
+
+    j, k = pair_of_row(np.arange(len(rows)), n)
+    out = np.empty((n, n, n), dtype=rows.dtype)
+    out[j, k] = rows
+    out[k, j] = rows
+    return out.reshape(shape) if reshape else out
 
 
 def normalize_rows(rows: Any, total: int) -> np.ndarray | None:

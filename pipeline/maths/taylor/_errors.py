@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.errors import JacpipeError
+from pipeline.core.errors import JacpipeError
 
 
 class TaylorError(JacpipeError):

@@ -106,9 +106,15 @@ def _trace(fn: Callable, x: torch.Tensor, batched: bool) -> tuple[torch.fx.Graph
     target = torch.func.vmap(fn) if batched else fn
 
     def run(mode: str, at: torch.Tensor) -> torch.fx.GraphModule:
-        return make_fx(torch.func.functionalize(target), decomposition_table=decompositions(),
-                       tracing_mode=mode, _allow_non_fake_inputs=True,
-                       _error_on_data_dependent_ops=mode == "fake")(at)
+        # NOTE: outside any torch.func transform the caller is under (vjp, grad,
+        # vmap): an input made inside one is that level's tensor, and make_fx
+        # records it as a constant, so the graph ignores x (zero gradients).
+        with torch._C._DisableFuncTorch():
+            return make_fx(torch.func.functionalize(target), decomposition_table=decompositions(),
+                           tracing_mode=mode, _allow_non_fake_inputs=True,
+                           _error_on_data_dependent_ops=mode == "fake")(
+                               torch.empty(at.shape, dtype=at.dtype, device=at.device)
+                               if mode == "fake" else at)
 
     blank = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     try:

@@ -1,0 +1,358 @@
+"""Higher-order kinds as rows: per-point operators and third-derivative tensors.
+
+The per-point kinds (``laplacian``, ``biharmonic``, ``taylor``) evaluate an
+operator of ``fn`` at each of ``P`` points with the Taylor-mode transforms of
+:mod:`pipeline.maths.taylor`, chunk of points by chunk; a row is a point. The
+``third`` kind's row ``(j, k)`` (``j <= k``) is ``grad d^2 f / dx_j dx_k`` of a
+scalar ``f``: one reverse pass over a second-order jet, vectorised over the
+rows of a chunk.
+
+NOTE: [Random directions per point]
+    A stochastic estimate draws its directions for point ``p`` from
+    ``numpy.random.default_rng([seed, p])`` (Rademacher for the Laplacian,
+    Gaussian for the biharmonic), never from the chunk or the shard: any
+    number of shards and any chunk size give the same bytes, and a resumed
+    shard recomputes exactly what it lost. Drawing costs ~20 us a point, noise
+    beside the operator.
+
+NOTE: [Third derivatives by polarization]
+    ``d^2 f / dx_j dx_k = (D^2 f[e_j + e_k] - D^2 f[e_j] - D^2 f[e_k]) / 2`` with
+    ``D^2 f[v]`` the second directional derivative: one order-2 Taylor pass
+    over the chunk's directions (the ``e_j`` shared by its pairs, and
+    ``e_j + e_k``) gives the chunk's second derivatives as one vector ``h(x)``;
+    ``vmap`` over ``vjp(h)`` with an identity basis gives their gradients,
+    the rows. No nesting of reverse modes: each row costs one reverse pass
+    over the jet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.core.errors import JacpipeError
+from pipeline.core.pairs import pair_of_row
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from pipeline.problem.problem import Problem
+
+
+def _chunks(start: int, stop: int, chunk: int | None) -> Iterator[tuple[int, int]]:
+    step = max(1, chunk or (stop - start) or 1)
+    for a in range(start, stop, step):
+        yield a, min(a + step, stop)
+
+
+# ---------------------------------------------------------------------------
+# Per-point operators
+# ---------------------------------------------------------------------------
+
+
+def point_columns(problem: Problem, start: int, stop: int, *, chunk_size: int | None = None
+                  ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """Rows ``[start, stop)`` (points) of a per-point kind: ``values``, ``value``, [``stderr``].
+
+    Args:
+        problem: a ``laplacian``, ``biharmonic`` or ``taylor`` problem (points ``(P, D)``).
+        start, stop: the points.
+        chunk_size: points per Taylor pass (None: all at once).
+
+    Yields:
+        ``(first_point, {"values": (r, k), "value": (r, k)[, "stderr": (r, k)]})``
+        with ``k`` the outputs of ``fn``: the operator, ``fn`` itself and, for a
+        stochastic estimate, its standard error.
+    """
+    if not 0 <= start <= stop <= problem.x.shape[0]:
+        raise JacpipeError(f"points [{start}, {stop}) outside 0..{problem.x.shape[0]}")
+    evaluate = _OPERATORS[problem.kind]
+    options = dict(problem.operator or {})
+    for a, b in _chunks(start, stop, chunk_size):
+        cols = evaluate(problem.fn, problem.x[a:b], a, options)
+        yield a, {name: t.detach().reshape(b - a, -1) for name, t in cols.items()}
+
+
+def point_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop: int, *,
+               chunk_size: int | None = None, method: str = "rev", kind: str = "laplacian",
+               operator: Mapping[str, Any] | None = None) -> Iterator[tuple[int, Tensor]]:
+    """The ``values`` column of :func:`point_columns` alone (the engine's row interface)."""
+    del method  # Taylor mode has one method
+    from pipeline.problem.problem import Problem
+
+    problem = Problem(fn, x, kind=kind, operator=operator)  # type: ignore[arg-type]
+    for a, cols in point_columns(problem, start, stop, chunk_size=chunk_size):
+        yield a, cols["values"]
+
+
+def _laplacian(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, Tensor]:
+    from pipeline.maths.taylor import laplacian
+
+    weights = _tensor(options.get("weights"), pts)
+    if options.get("samples") is None:
+        value, lap = laplacian(fn, weights=weights, batched=True, return_value=True)(pts)
+        return {"values": lap, "value": value}
+    v = _directions(first, pts, options, gaussian=False)  # (S, r, D)
+    if weights is not None:
+        v = v @ _factor(weights).T
+    return _estimate(fn, pts, v, order=2, scale=1.0)
+
+
+def _biharmonic(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, Tensor]:
+    from pipeline.maths.taylor import biharmonic
+
+    if options.get("samples") is None:
+        value, bih = biharmonic(fn, batched=True, return_value=True)(pts)
+        return {"values": bih, "value": value}
+    # E[D^4 f[v, v, v, v]] = 3 Lap^2 f for v ~ N(0, I) (Isserlis)
+    return _estimate(fn, pts, _directions(first, pts, options, gaussian=True), order=4,
+                     scale=3.0)
+
+
+def _taylor(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, Tensor]:
+    del first
+    from pipeline.maths.taylor import taylor
+
+    order = int(options["order"])
+    v = _tensor(options["direction"], pts).reshape(1, -1).expand(pts.shape[0], -1)
+    out = taylor(fn, order=order, batched=True)(pts, v.contiguous())
+    return {"values": out[order], "value": out[0]}
+
+
+_OPERATORS: dict[str, Callable[[Callable, Tensor, int, dict], dict[str, Tensor]]] = {
+    "laplacian": _laplacian, "biharmonic": _biharmonic, "taylor": _taylor,
+}
+
+
+def _estimate(fn: Callable, pts: Tensor, v: Tensor, *, order: int, scale: float
+              ) -> dict[str, Tensor]:
+    """Mean and standard error over the S directions ``v`` (S, r, D) of ``D^order f[v] / scale``."""
+    from pipeline.maths.taylor import taylor
+
+    s, r = v.shape[0], pts.shape[0]
+    reps = pts.unsqueeze(0).expand(s, *pts.shape).reshape(s * r, -1)
+    out = taylor(fn, order=order, batched=True)(reps, v.reshape(s * r, -1))
+    draws = (out[order] / scale).reshape(s, r, -1)
+    return {"values": draws.mean(0), "value": out[0].reshape(s, r, -1)[0],
+            "stderr": draws.std(0) / math.sqrt(s)}
+
+
+def _directions(first: int, pts: Tensor, options: Mapping[str, Any], *, gaussian: bool
+                ) -> Tensor:
+    """``(S, r, D)`` directions of points ``first ..`` (NOTE: [Random directions per point])."""
+    samples, seed = int(options["samples"]), int(options.get("seed", 0))
+    r, d = pts.shape
+    out = np.empty((r, samples, d))
+    for i in range(r):
+        rng = np.random.default_rng([seed, first + i])
+        out[i] = (rng.standard_normal((samples, d)) if gaussian
+                  else rng.integers(0, 2, (samples, d)) * 2.0 - 1.0)
+    return torch.from_numpy(out).to(pts.dtype).to(pts.device).transpose(0, 1)
+
+
+def _tensor(value: Any, like: Tensor) -> Tensor | None:
+    if value is None:
+        return None
+    return torch.as_tensor(np.asarray(value, dtype=np.float64)).to(like.dtype).to(like.device)
+
+
+def _factor(weights: Tensor) -> Tensor:
+    """``L`` with ``C = L L^T`` for the Hutchinson estimate of ``tr(C H)``."""
+    if weights.ndim == 1:
+        if (weights < 0).any():
+            raise JacpipeError("operator weights: a stochastic estimate needs weights >= 0")
+        return torch.diag(weights.sqrt())
+    lam, q = torch.linalg.eigh((weights + weights.T) / 2)
+    if (lam < -1e-12 * lam.abs().max().clamp_min(1)).any():
+        raise JacpipeError("operator weights: a stochastic estimate needs a positive "
+                           f"semi-definite C (smallest eigenvalue {float(lam.min()):g})")
+    return q * lam.clamp_min(0).sqrt()
+
+
+# ---------------------------------------------------------------------------
+# Third derivatives
+# ---------------------------------------------------------------------------
+
+
+def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop: int, *,
+                    chunk_size: int | None = None, method: str = "rev"
+                    ) -> Iterator[tuple[int, Tensor]]:
+    """Rows ``[start, stop)`` of a scalar ``fn``'s third derivatives (NOTE: [Third derivatives
+    by polarization]).
+
+    Args:
+        fn: a scalar function of ``x``.
+        x: the point.
+        start, stop: flat rows over the pairs ``j <= k`` (row-major over the upper triangle).
+        chunk_size: rows per vectorised pass (None: all at once).
+        method: ``rev`` (the only one: a reverse pass over each row's jet).
+
+    Yields:
+        ``(first_row, block)``, ``block`` of shape ``(rows, x.numel())``.
+    """
+    del method
+    from pipeline.maths.taylor import taylor
+
+    n = x.numel()
+    total = n * (n + 1) // 2
+    if not 0 <= start <= stop <= total:
+        raise JacpipeError(f"rows [{start}, {stop}) outside the {total} pairs j <= k of x")
+    flat = x.detach().reshape(-1)
+    shape = x.shape
+    second = taylor(lambda t: fn(t.reshape(shape)).reshape(()), order=2, batched=True)
+    step = max(1, chunk_size or (stop - start) or 1)
+    width = step + min(n, 2 * step)  # one traced shape for every block (zero-padded)
+    for a, b in _chunks(start, stop, step):
+        j, k = pair_of_row(np.arange(a, b), n)
+        yield a, _third_block(second, flat, j, k, width)
+
+
+def _third_block(second: Callable, flat: Tensor, j: np.ndarray, k: np.ndarray, width: int
+                 ) -> Tensor:
+    """Rows ``(j, k)``: gradients of the polarized second derivatives of one jet pass."""
+    n = flat.numel()
+    singles = np.unique(np.concatenate([j, k]))
+    mixed = np.flatnonzero(j != k)
+    eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    dirs = torch.cat([eye[torch.as_tensor(singles)],
+                      eye[torch.as_tensor(j[mixed])] + eye[torch.as_tensor(k[mixed])]])
+    dirs = torch.cat([dirs, dirs.new_zeros(max(0, width - dirs.shape[0]), n)])
+    pos = {int(s): i for i, s in enumerate(singles)}
+    pj = torch.as_tensor([pos[int(t)] for t in j])
+    pk = torch.as_tensor([pos[int(t)] for t in k])
+    where = torch.as_tensor(mixed)
+
+    def h(point: Tensor) -> Tensor:
+        d2 = second(point.unsqueeze(0).expand(dirs.shape[0], n), dirs)[2]  # D^2 f[dir]
+        out = d2[pj].clone()  # j == k: D^2 f[e_j]
+        pair = d2[len(singles): len(singles) + len(mixed)]
+        out[where] = (pair - d2[pj[where]] - d2[pk[where]]) / 2
+        return out
+
+    _, pullback = torch.func.vjp(h, flat)
+    basis = torch.eye(len(j), dtype=flat.dtype, device=flat.device)
+    (rows,) = torch.func.vmap(pullback)(basis)
+    return rows
+
+
+def point_row_numel(problem: Problem) -> int:
+    """Elements one point carries through a per-point pass (chunks from the memory budget).
+
+    ``fn``'s intermediates at one point, once per Taylor coefficient and direction:
+    ``D`` directions (collapsed: plus one sum) for the exact Laplacian, ``D^2``
+    for the exact biharmonic, ``S`` for a stochastic estimate, one for ``taylor``.
+    """
+    from pipeline.maths.engine import intermediate_numel
+
+    options = dict(problem.operator or {})
+    point = problem.x[0].detach()
+    d = point.numel()
+    order = {"laplacian": 2, "biharmonic": 4}.get(problem.kind, int(options.get("order", 1)))
+    if options.get("samples") is not None:
+        directions = 2 * int(options["samples"])  # the point repeated once per draw
+    elif problem.kind in _EXACT_DIRECTIONS:
+        directions = _EXACT_DIRECTIONS[problem.kind](d)
+    else:
+        directions = 1
+    return intermediate_numel(problem.fn, point) * (1 + order * directions)
+
+
+_EXACT_DIRECTIONS: dict[str, Callable[[int], int]] = {
+    "laplacian": lambda d: d + 1, "biharmonic": lambda d: d * d + 1,
+}
+
+
+def third_row_numel(problem: Problem) -> int:
+    """Elements one row of the ``third`` kind carries: about three order-2 directions of
+    ``fn``'s intermediates, and their cotangents in the reverse pass."""
+    from pipeline.maths.engine import intermediate_numel
+
+    return 2 * 3 * 3 * intermediate_numel(problem.fn, problem.x.detach())
+
+
+# ---------------------------------------------------------------------------
+# References: nested torch.func, in one process
+# ---------------------------------------------------------------------------
+
+
+def point_reference_rows(problem: Problem, rows: Any) -> np.ndarray:
+    """The operator at points ``rows`` by nested ``torch.func`` (exact; ``(len(rows), k)``)."""
+    options = dict(problem.operator or {})
+    out = []
+    for p in np.asarray(rows, dtype=np.int64).reshape(-1):
+        point = problem.x[int(p)].detach()
+        out.append(_NESTED[problem.kind](problem.fn, point, options).reshape(-1))
+    if not out:
+        return np.zeros((0, 0))
+    return torch.stack(out).detach().cpu().numpy()
+
+
+def point_reference(problem: Problem) -> np.ndarray:
+    """The operator at every point by nested ``torch.func``."""
+    return point_reference_rows(problem, np.arange(problem.x.shape[0]))
+
+
+def _nested_laplacian(fn: Callable, x: Tensor, options: Mapping[str, Any]) -> Tensor:
+    h = torch.func.hessian(fn)(x)  # (*out, D, D)
+    d = x.numel()
+    h = h.reshape(-1, d, d)
+    w = _tensor(options.get("weights"), x)
+    c = torch.eye(d, dtype=x.dtype, device=x.device) if w is None else (
+        torch.diag(w) if w.ndim == 1 else w)
+    return (h * c).sum((-2, -1))
+
+
+def _nested_biharmonic(fn: Callable, x: Tensor, options: Mapping[str, Any]) -> Tensor:
+    def lap(t: Tensor) -> Tensor:
+        return _nested_laplacian(fn, t, {})
+
+    return _nested_laplacian(lap, x, {})
+
+
+def _nested_taylor(fn: Callable, x: Tensor, options: Mapping[str, Any]) -> Tensor:
+    v = _tensor(options["direction"], x).reshape(x.shape)
+    g = fn
+    for _ in range(int(options["order"])):
+        g = (lambda f: lambda t: torch.func.jvp(f, (t,), (v,))[1])(g)
+    return g(x)
+
+
+_NESTED: dict[str, Callable[[Callable, Tensor, Mapping[str, Any]], Tensor]] = {
+    "laplacian": _nested_laplacian, "biharmonic": _nested_biharmonic, "taylor": _nested_taylor,
+}
+
+
+def third_reference(problem: Problem) -> np.ndarray:
+    """``jacrev(jacrev(jacrev(fn)))`` at ``x``, as the kind's rows ``(n (n + 1) / 2, n)``."""
+    x = problem.x.detach()
+    n = x.numel()
+
+    def f(t: Tensor) -> Tensor:
+        return problem.fn(t.reshape(x.shape)).reshape(())
+
+    t3 = torch.func.jacrev(torch.func.jacrev(torch.func.jacrev(f)))(x.reshape(-1))
+    j, k = pair_of_row(np.arange(n * (n + 1) // 2), n)
+    return t3[torch.as_tensor(j), torch.as_tensor(k)].detach().cpu().numpy()
+
+
+def third_reference_rows(problem: Problem, rows: Any) -> np.ndarray:
+    """Rows ``(j, k)`` by plain autograd nested three times (one process, no Taylor mode)."""
+    x = problem.x.detach().clone().requires_grad_(True)
+    n = x.numel()
+    j, k = pair_of_row(np.asarray(rows, dtype=np.int64).reshape(-1), n)
+    out = []
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(problem.fn(x).reshape(()), x, create_graph=True)
+        g = g.reshape(-1)
+        for a, b in zip(j, k, strict=True):
+            (hk,) = torch.autograd.grad(g[int(b)], x, create_graph=True, allow_unused=True)
+            hjk = hk.reshape(-1)[int(a)] if hk is not None else None
+            row = None
+            if hjk is not None and hjk.requires_grad:
+                (row,) = torch.autograd.grad(hjk, x, retain_graph=True, allow_unused=True)
+            out.append(torch.zeros(n, dtype=x.dtype) if row is None else row.reshape(-1))
+    return torch.stack(out).detach().cpu().numpy() if out else np.zeros((0, n))
