@@ -325,25 +325,35 @@ def compare_smoothed(
     )
 
 
+#: A stochastic estimate fails when an entry is this many standard errors off...
+GROSS_Z = 10.0
+#: ... or when more than this share of its entries is beyond 3 standard errors.
+OUTSIDE_3SE = 0.05
+
+
 def compare_stochastic(
     result: JacobianResult, problem: Problem, good: list[Any], problems: list[str], *,
     rows: int | None, all_rows: bool, rtol: float | None, memory_budget: int, seed: int,
 ) -> CompareReport:
     """A stochastic per-point estimate against the exact operator, within its standard errors.
 
-    NOTE: the reference is the exact operator by nested ``torch.func`` at the
-    sampled points; an entry passes when ``|estimate - exact| <= z stderr +
-    atol`` with ``z`` from :func:`pipeline.maths.smoothing.agreement_z` (a
-    Bonferroni bound over the entries checked: a correct result fails by
-    chance at most once in a thousand runs) and ``atol = rtol * max |exact|``
-    for entries whose estimate is exact (``stderr`` 0: a diagonal Hessian
-    under Rademacher directions). The share within 3 standard errors is
-    reported beside it (about 99.7% for Gaussian errors).
+    NOTE: [Checking an estimate]
+        The reference is the exact operator by nested ``torch.func`` at the
+        sampled points, and ``z = |estimate - exact| / stderr`` per entry
+        (an entry within ``atol = rtol * max |exact|`` counts as ``z = 0``:
+        Rademacher directions give a diagonal Hessian's trace exactly, with
+        stderr 0). A Hutchinson or STDE estimate from S directions has
+        heavier tails than a normal's (its standard error is estimated from
+        the same S draws: measured 6.1 standard errors once in 200 points at
+        D = 50, S = 64), so a Bonferroni bound on the largest ``z`` would
+        fail correct results. The check is the one that catches wrong
+        maths: at most 5% of the entries beyond 3 standard errors (a normal
+        puts 0.27% there; a wrong scale or sign moves most of them) and none
+        beyond :data:`GROSS_Z` (a gross error in one point).
     """
     import numpy as np
 
     from pipeline.analysis.smoothing import read_column
-    from pipeline.maths.smoothing import agreement_z
 
     full = (all_rows or (rows is None and _fits(result, memory_budget))) and not problems
     idx = (np.arange(result.shape[0]) if full else _sampled_rows(good, rows, seed)).astype(np.int64)
@@ -355,25 +365,26 @@ def compare_stochastic(
     r = rtol if rtol is not None else DEFAULT_RTOL[result.dtype]
     a = r * max(_finite_max(ref), 1e-300)
     diff = np.abs(got - ref)
-    z = agreement_z(diff.size)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(diff <= a, 0.0, diff / np.maximum(z * se + a, 1e-300))
         zs = np.where(diff <= a, 0.0, diff / np.maximum(se, 1e-300))
+    outside = float((zs > 3).mean()) if zs.size else 0.0
+    worst = max(float(zs.max(initial=0.0)) / GROSS_Z, outside / OUTSIDE_3SE)
     man = result.manifest
     return CompareReport(
         out=result.storage.display, job=man.job, shape=list(result.shape), dtype=result.dtype,
         rows_checked=len(idx), mode="all" if full else "sampled",
         max_abs_error=float(diff.max(initial=0.0)),
         max_rel_error=float(diff.max(initial=0.0) / max(_finite_max(ref), 1e-300)),
-        worst_ratio=float(ratio.max(initial=0.0)), rtol=r, atol=a,
+        worst_ratio=worst, rtol=r, atol=a,
         reference_seconds=round(ref_seconds, 4), pipeline_seconds=man.compute_seconds,
         nan=man.nan, inf=man.inf, problems=problems,
         extra={
             "estimate": (f"stochastic, {problem.operator['samples']} directions per point, "
                          f"seed {problem.operator.get('seed', 0)}"),
             "reference": "exact operator by nested torch.func",
-            "worst |diff| / stderr": f"{float(zs.max(initial=0.0)):.2f} (threshold {z:.2f})",
-            "within 3 standard errors": f"{100 * float((zs <= 3).mean()):.1f}% of entries",
+            "worst |diff| / stderr": f"{float(zs.max(initial=0.0)):.2f} (at most {GROSS_Z:g})",
+            "within 3 standard errors": f"{100 * (1 - outside):.1f}% of entries (at least "
+                                        f"{100 * (1 - OUTSIDE_3SE):g}%)",
             "stderr max / median": f"{float(se.max(initial=0.0)):.3e} / "
                                    f"{float(np.median(se)) if se.size else 0.0:.3e}",
         },

@@ -45,11 +45,13 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         stats[k] for k in ("fro2", "max_abs", "zeros", "entries", "nan", "inf")
     )
     nnz = stats["nnz"]
-    smoothed = {}
+    smoothed: dict[str, Any] = {}
     if man.smoothing is not None:
         from pipeline.analysis.smoothing import summary
 
         smoothed = {"smoothing": summary(result, good)}
+    if kind_of(man.kind).per_point:
+        smoothed = {"operator": operator_summary(result, good)}
     seconds = [float(s.seconds) for s in result.committed]
     return {
         "out": result.storage.display,
@@ -101,6 +103,33 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
     }
 
 
+def operator_summary(result: JacobianResult, good: list[Any]) -> dict[str, Any]:
+    """A per-point result's statistics: the operator's values, ``fn``'s, standard errors.
+
+    Args:
+        result: an opened per-point result.
+        good: the trusted shards (the others are left out).
+
+    Returns:
+        ``options`` (the operator's), and ``min``, ``median``, ``mean``, ``max`` of
+        each stored column over the points of the trusted shards.
+    """
+    import numpy as np
+
+    from pipeline.analysis.smoothing import read_column
+
+    rows = np.concatenate([np.arange(s.start, s.stop) for s in good] or [[]]).astype(np.int64)
+    out: dict[str, Any] = {"options": result.manifest.fingerprint.get("operator") or {}}
+    for column in ("values", "value", "stderr"):
+        if column not in result.manifest.part_schema().names or not len(rows):
+            continue
+        data = read_column(result, column, rows)
+        data = data[np.isfinite(data)]
+        out[column] = {k: float(f(data)) if data.size else None for k, f in (
+            ("min", np.min), ("median", np.median), ("mean", np.mean), ("max", np.max))}
+    return out
+
+
 def display_shape(result: JacobianResult) -> str:
     """The shape as a person reads it: ``m x n``, or ``B x (m x n)`` for a batched result.
 
@@ -111,6 +140,10 @@ def display_shape(result: JacobianResult) -> str:
         E.g. ``"2000x1500"`` or ``"200 x (6 x 6)"``.
     """
     s = result.shapes
+    if kind_of(s.kind).per_point:
+        return f"{s.batch} points x {s.n}"
+    if kind_of(s.kind).rows_over == "pairs":
+        return f"{s.m} pairs x {s.n} ({s.n} x {s.n} x {s.n} symmetric)"
     if kind_of(s.kind).per_sample:
         return f"{s.batch} x ({s.m} x {s.n})"
     return f"{result.shape[0]}x{result.shape[1]}"
@@ -205,6 +238,13 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
 def _plot(result: JacobianResult, path: str, *, max_pixels: int) -> str:
     man = result.manifest
     title = f"{man.job} {man.kind} {display_shape(result)} {result.dtype}"
+    if kind_of(man.kind).per_point:
+        from pipeline.analysis.plot import plot_points
+        from pipeline.analysis.smoothing import read_column
+
+        coords = read_column(result, "x") if "x" in result.manifest.part_schema().names else None
+        values = read_column(result, "values")
+        return str(plot_points(coords, values, path, title=title, label=man.kind))
     if not layout_of(result.layout).fixed_width:
         from pipeline.analysis.plot import plot_sparse
 

@@ -468,6 +468,46 @@ def _plural(count: int, word: str) -> str:
     return word if count == 1 else ("entries" if word == "entry" else word + "s")
 
 
+def plot_points(coords: np.ndarray | None, values: np.ndarray, path: str | Path, *,
+                title: str = "", label: str = "value") -> Path:
+    """A per-point operator over its points: a curve (1-D), a coloured scatter (2-D, 3-D).
+
+    Points of more than three coordinates (``coords`` None) are drawn against
+    their index. Only the first output of ``fn`` is drawn when it has several.
+
+    Args:
+        coords: ``(P, D)`` point coordinates with ``D <= 3``, or None.
+        values: ``(P, k)`` the operator's values.
+        path: the file (``.png``, ``.svg``, ``.pdf``).
+        title: the figure's title.
+        label: what the values are (the colour bar's or axis' label).
+
+    Returns:
+        The path written.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    v = np.asarray(values, dtype=np.float64).reshape(len(values), -1)[:, 0]
+    d = 0 if coords is None else coords.reshape(len(v), -1).shape[1]
+    fig = Figure(figsize=(7.2, 5.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot(projection="3d" if d == 3 else None)
+    if d in (0, 1):
+        xs = np.arange(len(v)) if d == 0 else coords.reshape(-1)
+        order = np.argsort(xs, kind="stable")
+        ax.plot(xs[order], v[order], ".-" if d == 1 else ".", markersize=3, linewidth=0.8)
+        ax.set_xlabel("point" if d == 0 else "x")
+        ax.set_ylabel(label)
+    else:
+        c = coords.reshape(len(v), d)
+        art = ax.scatter(*(c[:, i] for i in range(d)), c=v, s=12, cmap="viridis")
+        for i, name in enumerate("xyz"[:d]):
+            getattr(ax, f"set_{name}label")(f"x{i}")
+        fig.colorbar(art, ax=ax, label=label, shrink=0.8)
+    fig.suptitle(f"{title}\n{len(v):,} points", fontsize=11)
+    return _save(fig, path)
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ def suggestion(job: str, params: Mapping[str, Any], x: Any, kinked: list[int]) -
 
 
 def read_column(result: JacobianResult, column: str, rows: Any = None) -> np.ndarray:
-    """One extra column (``stderr``, ``zeroth``, ...) of a smoothed result, as ``(rows, n)``.
+    """One extra column of a result (``stderr``, ``zeroth``, ``value``, ``x``) as ``(rows, width)``.
 
     Args:
         result: an open :class:`~pipeline.store.reader.JacobianResult`.
@@ -48,7 +48,7 @@ def read_column(result: JacobianResult, column: str, rows: Any = None) -> np.nda
                               filesystem=result.storage.fs)
         parts_rows.append(table.column("row").to_numpy())
         flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        parts.append(flat.reshape(-1, n))
+        parts.append(flat.reshape(table.num_rows, -1))
     all_rows = np.concatenate(parts_rows) if parts_rows else np.zeros(0, np.int64)
     block = np.concatenate(parts) if parts else np.zeros((0, n))
     if rows is None:

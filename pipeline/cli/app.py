@@ -439,6 +439,8 @@ def inspect_cmd(
         _console().print(shards)
         if "smoothing" in info:
             _print_smoothing(info["smoothing"])
+        if "operator" in info:
+            _print_operator(info["operator"])
         if "svd" in info:
             sv = info["svd"]
             typer.echo("top singular values: "
@@ -458,6 +460,16 @@ def inspect_cmd(
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+def _print_operator(op: dict) -> None:
+    """A per-point result's operator options and statistics over its points (``inspect``)."""
+    typer.echo(f"operator options: {json.dumps(op['options']) if op['options'] else 'exact'}")
+    for column, what in (("values", "operator"), ("value", "fn"), ("stderr", "standard error")):
+        if op.get(column):
+            st = op[column]
+            typer.echo(f"{what:>14}: " + ", ".join(
+                f"{k} {v:.6g}" for k, v in st.items() if v is not None))
+
 
 def _print_smoothing(sm: dict) -> None:
     """The smoothing of a result and its error bars (``inspect``)."""

@@ -282,13 +282,20 @@ def third_row_numel(problem: Problem) -> int:
 def point_reference_rows(problem: Problem, rows: Any) -> np.ndarray:
     """The operator at points ``rows`` by nested ``torch.func`` (exact; ``(len(rows), k)``)."""
     options = dict(problem.operator or {})
-    out = []
-    for p in np.asarray(rows, dtype=np.int64).reshape(-1):
-        point = problem.x[int(p)].detach()
-        out.append(_NESTED[problem.kind](problem.fn, point, options).reshape(-1))
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+
+    def at(point: Tensor) -> Tensor:
+        return _NESTED[problem.kind](problem.fn, point, options).reshape(-1)
+
+    out = [torch.func.vmap(at)(problem.x[torch.as_tensor(rows[a:b])].detach())
+           for a, b in _chunks(0, len(rows), REFERENCE_CHUNK)]
     if not out:
         return np.zeros((0, 0))
-    return torch.stack(out).detach().cpu().numpy()
+    return torch.cat(out).detach().cpu().numpy()
+
+
+#: Points per vectorised reference pass (nested torch.func under vmap).
+REFERENCE_CHUNK = 32
 
 
 def point_reference(problem: Problem) -> np.ndarray:

@@ -339,6 +339,8 @@ def _write_columns(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk:
         r = len(host["values"])
         if index is not None:
             host[index] = np.arange(a, a + r, dtype=np.int64) // m
+        if "x" in writer.schema.names:  # the points, for plots over them
+            host["x"] = problem.x[a:a + r].detach().reshape(r, -1).cpu().numpy()
         t1 = time.perf_counter()
         busy["compute"] += t1 - t0
         writer.write_columns(a, host)

@@ -289,6 +289,10 @@ def _checked_smoothing(doc: Any) -> Smoothing | None:
         raise ValueError(f"malformed smoothing settings ({exc})") from None
 
 
+#: Per-point results store their points' coordinates (column ``x``) up to this dimension.
+MAX_PLOT_DIM = 3
+
+
 def part_schema(shapes: Shapes, layout: str, smoothing: Smoothing | None = None, *,
                 operator: Mapping[str, Any] | None = None) -> Any:
     """The schema of every part of a result with these shapes, layout and smoothing.
@@ -306,7 +310,11 @@ def part_schema(shapes: Shapes, layout: str, smoothing: Smoothing | None = None,
         extra = smoothing.columns[1:]
     elif kind.per_point:
         extra = ("value", "stderr") if (operator or {}).get("samples") else ("value",)
-    return dense_schema(shapes.n, shapes.dtype, index=kind.index_column, extra=extra)
+    coords = 1
+    for s in shapes.in_shape:
+        coords *= int(s)
+    return dense_schema(shapes.n, shapes.dtype, index=kind.index_column, extra=extra,
+                        coords=coords if kind.per_point and coords <= MAX_PLOT_DIM else 0)
 
 
 def wrap_manifest(doc: Mapping[str, Any], schema: Any) -> bytes:

@@ -57,7 +57,8 @@ def dense_values_type(n: int, dtype: str) -> pa.DataType:
 
 
 def dense_schema(
-    n: int, dtype: str, *, index: str | None = None, extra: tuple[str, ...] = ()
+    n: int, dtype: str, *, index: str | None = None, extra: tuple[str, ...] = (),
+    coords: int = 0,
 ) -> pa.Schema:
     """The one schema of a dense part file (``row``, [``sample`` | ``point``], ``values``).
 
@@ -70,12 +71,17 @@ def dense_schema(
             result's ``stderr`` (and ``zeroth``, ``zeroth_stderr``), a per-point
             result's ``value`` (``fn`` itself) and ``stderr``. Readers of
             ``values`` ignore them.
+        coords: a per-point result's point coordinates, when a point has at
+            most three (``x``, ``fixed_size_list[coords]``: what ``inspect --plot``
+            draws the operator over); 0 for none.
     """
     fields = [pa.field("row", pa.int64(), nullable=False)]
     if index is not None:
         fields.append(pa.field(index, pa.int64(), nullable=False))
     fields.append(pa.field("values", dense_values_type(n, dtype), nullable=False))
     fields += [pa.field(name, dense_values_type(n, dtype), nullable=False) for name in extra]
+    if coords:
+        fields.append(pa.field("x", dense_values_type(coords, dtype), nullable=False))
     return pa.schema(fields)
 
 
