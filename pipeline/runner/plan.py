@@ -256,7 +256,13 @@ def _taylor_method(options: RunOptions, shapes: Shapes) -> Method:
 
 def _with_executor(plan: RunPlan, shapes: Shapes, asked: str, pass_seconds: float | None
                    ) -> RunPlan:
-    """``plan`` with its executor: ``ray`` on a cluster, else ``asked`` or the estimate's."""
+    """``plan`` with its executor: ``asked``, else the estimate's (``ray`` on a cluster).
+
+    ``--executor local`` runs in this process even where Ray is up (an
+    ``--address`` with it is refused by :meth:`RunOptions.check`).
+    """
+    if asked == "local":
+        return dataclasses.replace(plan, executor="local")
     if pass_seconds is None:
         return dataclasses.replace(plan, executor="ray")
     if asked != "auto":
