@@ -17,12 +17,11 @@ NOTE: [Random directions per point]
 
 NOTE: [Third derivatives by polarization]
     ``d^2 f / dx_j dx_k = (D^2 f[e_j + e_k] - D^2 f[e_j] - D^2 f[e_k]) / 2`` with
-    ``D^2 f[v]`` the second directional derivative: one order-2 Taylor pass
-    over the chunk's directions (the ``e_j`` shared by its pairs, and
-    ``e_j + e_k``) gives the chunk's second derivatives as one vector ``h(x)``;
-    ``vmap`` over ``vjp(h)`` with an identity basis gives their gradients,
-    the rows. No nesting of reverse modes: each row costs one reverse pass
-    over the jet.
+    ``D^2 f[v]`` the second directional derivative: one order-2 Taylor pass of
+    three directions per row, and ``grad`` of it, vectorised over the rows of
+    a chunk with ``vmap``. No nesting of reverse modes: each row costs one
+    reverse pass over its own jet (a shared jet of all the chunk's directions,
+    differentiated by ``vmap(vjp)``, costs chunk x directions: quadratic).
 """
 
 from __future__ import annotations
@@ -204,39 +203,17 @@ def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop:
     flat = x.detach().reshape(-1)
     shape = x.shape
     second = taylor(lambda t: fn(t.reshape(shape)).reshape(()), order=2, batched=True)
-    step = max(1, chunk_size or (stop - start) or 1)
-    width = step + min(n, 2 * step)  # one traced shape for every block (zero-padded)
-    for a, b in _chunks(start, stop, step):
-        j, k = pair_of_row(np.arange(a, b), n)
-        yield a, _third_block(second, flat, j, k, width)
 
+    def mixed(point: Tensor, ej: Tensor, ek: Tensor) -> Tensor:
+        # D^2 f along e_j, e_k and e_j + e_k: one order-2 jet of three directions
+        d2 = second(point.expand(3, n), torch.stack([ej, ek, ej + ek]))[2]
+        return (d2[2] - d2[0] - d2[1]) / 2  # j == k: (4 f_jj - 2 f_jj) / 2
 
-def _third_block(second: Callable, flat: Tensor, j: np.ndarray, k: np.ndarray, width: int
-                 ) -> Tensor:
-    """Rows ``(j, k)``: gradients of the polarized second derivatives of one jet pass."""
-    n = flat.numel()
-    singles = np.unique(np.concatenate([j, k]))
-    mixed = np.flatnonzero(j != k)
+    rows_of = torch.func.vmap(torch.func.grad(mixed), in_dims=(None, 0, 0))
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
-    dirs = torch.cat([eye[torch.as_tensor(singles)],
-                      eye[torch.as_tensor(j[mixed])] + eye[torch.as_tensor(k[mixed])]])
-    dirs = torch.cat([dirs, dirs.new_zeros(max(0, width - dirs.shape[0]), n)])
-    pos = {int(s): i for i, s in enumerate(singles)}
-    pj = torch.as_tensor([pos[int(t)] for t in j])
-    pk = torch.as_tensor([pos[int(t)] for t in k])
-    where = torch.as_tensor(mixed)
-
-    def h(point: Tensor) -> Tensor:
-        d2 = second(point.unsqueeze(0).expand(dirs.shape[0], n), dirs)[2]  # D^2 f[dir]
-        out = d2[pj].clone()  # j == k: D^2 f[e_j]
-        pair = d2[len(singles): len(singles) + len(mixed)]
-        out[where] = (pair - d2[pj[where]] - d2[pk[where]]) / 2
-        return out
-
-    _, pullback = torch.func.vjp(h, flat)
-    basis = torch.eye(len(j), dtype=flat.dtype, device=flat.device)
-    (rows,) = torch.func.vmap(pullback)(basis)
-    return rows
+    for a, b in _chunks(start, stop, chunk_size):
+        j, k = pair_of_row(np.arange(a, b), n)
+        yield a, rows_of(flat, eye[torch.as_tensor(j)], eye[torch.as_tensor(k)])
 
 
 def point_row_numel(problem: Problem) -> int:
