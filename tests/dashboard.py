@@ -1,7 +1,8 @@
 """A fake Ray dashboard (just enough of the Jobs API) on 127.0.0.1, for tests.
 
 Register with ``pytest_plugins = ["tests.dashboard"]`` in ``conftest.py``; the
-``dashboard`` fixture serves it and points ``RAY_API_SERVER_ADDRESS`` at it."""
+``dashboard`` fixture serves it and points ``RAY_API_SERVER_ADDRESS`` at it.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""The crashy job's runs (issue 9): a clean run to match bit for bit, and its helpers.
+"""The crashy job's runs: a clean run to match bit for bit, and the fault tests' helpers.
 
 Register with ``pytest_plugins = ["tests.faultruns"]`` in ``conftest.py`` (the
-session fixture ``clean``)."""
+session fixture ``clean``).
+"""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def assert_rows_exactly_once(out: Path, total: int = ROWS) -> None:
     assert len(rows) == total and sorted(rows.tolist()) == list(range(total))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def clean(ray_session, tmp_path_factory):
     """A clean 6-shard run of the crashy job (no faults): the values to match, bit for bit."""
     root = tmp_path_factory.mktemp("clean")

@@ -1,4 +1,4 @@
-"""``pipeline.analysis.plot``: block-max images and the PNG/SVG/PDF writers."""
+"""Streamed Jacobian pictures (pipeline/analysis/plot.py): the reduction and the PNG files."""
 
 from __future__ import annotations
 

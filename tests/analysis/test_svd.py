@@ -1,4 +1,4 @@
-"""``pipeline.analysis.svd``: the streamed randomized SVD."""
+"""Streamed randomized SVD (pipeline/analysis/svd.py) against numpy.linalg.svd."""
 
 from __future__ import annotations
 

@@ -1,4 +1,12 @@
-"""``jacpipe submit | status | logs | stop | list``, ``make cluster-up`` (cluster tests marked)."""
+"""The cluster commands: `jacpipe submit | status | logs | stop | list`, `make cluster-up`.
+
+Tests marked ``cluster`` run against a real two-node Ray cluster (fixture
+``ray_cluster``, :mod:`scripts.localcluster`, the same code as ``make cluster-up``)
+with 1 CPU per node, so a job with several shards uses both nodes. The CLI runs
+in-process through CliRunner: it is only a client of the cluster's Jobs API, the
+job itself runs on the cluster. The others check locally or talk to a fake
+dashboard (``tests.dashboard``).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``pipeline.maths.fd``: finite-difference checks and kinks."""
+"""Finite-difference cross-checks and kink detection (pipeline/maths/fd.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Test helpers of the trust tests (issue 12): points, tolerances and odd functions."""
+"""Test helpers of the trust tests (issue #13): points, tolerances and odd functions."""
 
 from __future__ import annotations
 

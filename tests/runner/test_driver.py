@@ -360,7 +360,7 @@ def test_batched_through_ray_in_sample_blocks(ray_session, tmp_path, dtype, layo
 def test_hessian_through_ray_and_symmetry(ray_session, tmp_path, job, dtype):
     params = {**HESSIAN_JOBS[job], "dtype": dtype}
     # the dense Hessian rows (--method auto would detect rosenbrock's tridiagonal
-    # pattern and colour it: tests/test_sparsity_run.py)
+    # pattern and colour it: tests/sparse/test_detect.py)
     out = run_job(tmp_path, job, params, shards=3, method="rev")
     ref = hessian_reference(build_problem(job, params)).numpy()
     got = read_jacobian(out)

@@ -1,4 +1,10 @@
-"""``pipeline.runner.scheduler``: GPUs, retries, signals and stragglers."""
+"""``pipeline.runner.scheduler``: GPUs, retries, signals and stragglers.
+
+GPU scheduling uses fake GPUs: Ray is told of 2 GPUs, torch sees none (CPU
+fallback). That Ray part runs in a subprocess with its own
+``ray.init(num_gpus=2)``: the session's shared Ray has no GPUs and cannot be
+given some afterwards.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``pipeline.sparse.coloring``: column, row and star colorings."""
+"""Colourings: optimal counts on the standard patterns, validity everywhere, clear errors."""
 
 from __future__ import annotations
 
