@@ -49,7 +49,7 @@ _SCRIPT = """
         opts = dict(job="mlp", params=small, shards=8, out=f"{out}/{name}", progress=False)
         opts.update(kw)
         try:
-            return run(RunOptions(**opts), echo=lambda s: None).manifest
+            return run(RunOptions(**opts), echo=lambda s: None).manifest.to_json()
         except JacpipeError as exc:
             return {"error": str(exc)}
 

@@ -393,7 +393,7 @@ def test_sparse_jobs_equal_the_dense_jacobian(ray_session, tmp_path, job, params
     schema = pq.read_schema(out / "part-00000.parquet")
     assert schema.field("cols").type == pa.list_(pa.int64())
     info = json.loads(invoke("inspect", out, "--json").output)
-    assert info["layout"] == "sparse" and info["colors"] == man["coloring"]["num_colors"]
+    assert info["layout"] == "sparse" and info["colours"] == man["coloring"]["num_colors"]
     assert info["density"] == pytest.approx(man["coloring"]["nnz"] / ref.size)
 
 
