@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= out/make-run
 
-.PHONY: setup run test lint bench clean cluster-up cluster-down cluster-status
+.PHONY: setup run test test-fast lint bench clean cluster-up cluster-down cluster-status
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fast subset, in process (no Ray, subprocess, cluster or S3; under two minutes).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
 lint: setup
 	$(BIN)/ruff check pipeline jobs tests benchmarks scripts examples

@@ -17,7 +17,7 @@ a seeded random choice of shards):
    (bitwise), worker kills survived, leftover temp files and processes.
 
 Prints one line per fact and writes JSON to ``benchmarks/results/soak.json``.
-``tests/test_reliability.py`` runs a 24-shard version.
+``tests/runner/test_driver.py`` runs a 24-shard version.
 
     python -m benchmarks.soak --commits 2000 20000 [--run-seconds-per-shard S]
 

@@ -1,6 +1,6 @@
 """Test-only jobs that inject faults: worker kills, slow shards, user exceptions, NaN/Inf.
 
-Used as ``tests.faultjobs:NAME`` by ``tests/test_reliability.py`` and
+Used as ``tests.faultjobs:NAME`` by the fault tests (``tests/faultruns.py``) and
 ``benchmarks/soak.py``. Each job is an ordinary deterministic problem (seeded
 MLP) whose custom ``autograd.Function`` misbehaves in its backward pass, which
 the worker runs once per chunk of rows. Coordination across worker processes

@@ -82,3 +82,19 @@ def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
 def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_every_row_of_the_bad_input_table_names_an_existing_test():
+    import re
+
+    readme = Path("README.md").read_text()
+    doc = readme[readme.index("## When something goes wrong"):]
+    doc = doc[: doc.find("\n## ", 1)] if "\n## " in doc[1:] else doc
+    rows = [line for line in doc.splitlines()
+            if line.startswith("| ") and not line.startswith("| You give")]
+    assert len(rows) >= 40
+    for row in rows:
+        (node,) = re.findall(r"<!-- (tests/\S+\.py)::(\w+)(?:\[[^\]]*\])? -->", row) or [None]
+        assert node is not None, row
+        path, name = node
+        assert f"def {name}(" in Path(path).read_text(), row

@@ -26,7 +26,7 @@ NOTE: [Tolerance of the adjoint check]
     float64, under 2 unit roundoffs; the default tolerance
     :data:`ADJOINT_RTOL` is 100 machine epsilons (1.2e-5 and 2.2e-14),
     over 100 times the largest value seen. The broken functions of
-    ``tests/test_trust.py`` (10 inputs) miss by 8.5e-4 to 1.8e-2 over seeds
+    ``tests/maths/test_adjoint.py`` (10 inputs) miss by 8.5e-4 to 1.8e-2 over seeds
     0..7, 70 to 1500 times the float32 tolerance.
 
     Its power has a limit, measured with the same script's sizes: a

@@ -707,7 +707,7 @@ def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[T
         chain, B = 5,000: 1.12-1.22x / 1.26x (B = 100,000: 1.8x rev); UR5
         arm, B = 5,000: 1.06-1.20x / 1.0-1.1x; CNN, 16 images: 1.04-1.07x /
         1.33x, and 1.0x from 64 images, where the convolutions dominate.
-        The results are bitwise equal (tests/test_engine.py).
+        The results are bitwise equal (tests/maths/test_engine.py).
         Rows come out as ``(m, *in_shape)`` (``rev``) or the ``(n, *out_shape)``
         columns transposed (``fwd``); the caller reshapes them to ``(m, n)``.
     """

@@ -125,6 +125,7 @@ def test_a_bad_choice_is_one_line_naming_the_choices(name):
         assert choice in errors[0], (choice, errors[0])
 
 
+@pytest.mark.slow
 def test_a_bad_choice_starts_neither_ray_nor_torch():
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipeline.cli import app\n"
             "r = CliRunner().invoke(app, ['run', 'mlp', '--method', 'nope'])\n"
@@ -136,6 +137,7 @@ def test_a_bad_choice_starts_neither_ray_nor_torch():
     assert proc.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_core_options_import_no_cli_library():
     code = ("import sys, pipeline.core.options\n"
             "print(sorted(m for m in ('typer', 'click', 'torch') if m in sys.modules))\n")

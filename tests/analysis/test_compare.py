@@ -1,0 +1,102 @@
+"""``pipeline.analysis.compare``: a result against its reference, NaN/Inf, sampling, trust."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+from typer.testing import CliRunner
+
+from pipeline.analysis.compare import compare, disagreements, errors, explain_nan_differences
+from pipeline.cli import app
+from pipeline.core.options import RunOptions
+from pipeline.maths.engine import jacobian_rows
+from pipeline.runner import driver as runner
+from tests.clitools import error_line
+from tests.clitools import error_line as _one_error
+from tests.faultruns import CRASHY, invoke
+from tests.manifests import read_doc, write_doc
+from tests.maths.kindrefs import run_job
+from tests.maths.trust import DTYPES
+
+cli = CliRunner()
+
+
+def _run(*args: object):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def test_reading_never_runs_the_job_a_manifest_names(ray_session, tmp_path):
+    out = tmp_path / "out"
+    runner.run(RunOptions(job="tests.userjobs:matrix_io", shards=2, out=str(out),
+                          progress=False), echo=lambda _: None)
+    doc = read_doc(out)
+    marker = tmp_path / "pwned"
+    doc["job"], doc["params"] = "os:system", {"command": f"touch {marker}"}
+    write_doc(out, doc)
+    for cmd in (["compare", out], ["compare", out, "--fd"], ["inspect", out],
+                ["compare", out, "--job", "tests.userjobs:matrix_io"]):
+        _run(*cmd)
+        assert not marker.exists(), cmd
+    line = _one_error(_run("compare", out))
+    assert "computed by job 'os:system'" in line and "--job os:system" in line
+    doc["job"] = "../../etc/passwd:build"
+    write_doc(out, doc)
+    assert "dotted Python names" in _one_error(_run("compare", out, "--trust-job"))
+    # The user's own module:function job: named now, it is rebuilt and compared.
+    doc["job"], doc["params"] = "tests.userjobs:matrix_io", {}
+    write_doc(out, doc)
+    assert "MATCH" in _run("compare", out, "--job", "tests.userjobs:matrix_io").output
+    assert "--job tests.userjobs:matrix_io" in _one_error(_run("compare", out))
+
+
+def test_non_finite_entries_match_only_the_same_non_finite_reference():
+    from pipeline.analysis.compare import errors
+
+    ref = np.array([[1.0, np.nan, np.inf]])
+    assert errors(ref.copy(), ref, rtol=1e-9, atol=0.0)[2] == 0.0
+    for got in ([[np.nan, np.nan, np.inf]], [[1.0, 0.0, np.inf]], [[1.0, np.nan, -np.inf]]):
+        assert errors(np.array(got), ref, rtol=1e-9, atol=0.0)[2] == np.inf
+
+
+def test_compare_option_errors(clean):
+    line = error_line(invoke("compare", clean.out, "--rows", 1, "--all", "--job", CRASHY))
+    assert "give --rows K or --all, not both" in line
+    line = error_line(invoke("compare", clean.out, "--rows", 0, "--job", CRASHY))
+    assert "--rows must be at least 1" in line
+
+
+def test_compare_samples_a_large_batch(ray_session, tmp_path, monkeypatch):
+    import pipeline.analysis.compare as cmp
+
+    out = run_job(tmp_path, "cnn", {"batch": 4, "channels": 2, "dtype": "float64"}, shards=2)
+    monkeypatch.setattr(cmp, "MAX_FULL_SAMPLES", 3)  # 4 samples: too many for the loop
+    report = compare(str(out), rtol=1e-10)
+    assert report.ok and report.mode == "sampled" and report.rows_checked == 40
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_positions_that_differ_by_zero_times_nan_are_explained(dtype):
+    x = torch.tensor([0.0, 1.0, 4.0], dtype=dtype)
+    ref = jacobian(torch.sqrt, x).numpy()  # reverse mode: 0 / 0 = NaN off the diagonal
+    got = jacobian_rows(torch.sqrt, x, 0, 3, method="fwd").numpy()  # forward mode: 0 there
+    assert (np.isnan(ref) != np.isnan(got)).any()
+    assert errors(got, ref, rtol=1e-5, atol=1e-5)[2] == np.inf  # a MISMATCH before
+    fixed, note = explain_nan_differences(got, ref)
+    assert "NaN on one side and 0 on the other" in note
+    assert errors(fixed, ref, rtol=1e-5, atol=1e-5)[2] <= 1.0
+    real = got.copy()
+    real[0, 1] = np.nan  # NaN where the reference is finite and not 0: stays a mismatch
+    real[1, 0] = 1.0
+    same, note = explain_nan_differences(real, ref)
+    assert note == "" and np.array_equal(np.isnan(same), np.isnan(real))
+
+
+def test_disagreements_name_the_worst_entries():
+    ref = np.zeros((3, 4))
+    got = ref.copy()
+    got[1, 2], got[2, 3] = 5.0, np.nan
+    text = disagreements(got, ref, rows=np.array([10, 11, 12]), rtol=1e-5, atol=1e-5)
+    assert text.startswith("2 entries") and "J[12, 3] = nan vs 0" in text
+    assert "J[11, 2] = 5 vs 0" in text

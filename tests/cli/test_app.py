@@ -1,0 +1,403 @@
+"""Every command through Typer's CliRunner: conventions, --json documents, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from torch.autograd.functional import jacobian
+from typer.testing import CliRunner
+
+from pipeline import read_jacobian
+from pipeline.cli import app
+from pipeline.problem.problem import build_problem
+from tests.clitools import one_json
+from tests.manifests import read_doc, write_doc
+from tests.maths.kindrefs import HESSIAN_JOBS
+
+runner = CliRunner()
+
+
+SMALL = ["-p", "n=60", "-p", "m=50", "-p", "hidden=16"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, match, code=None):
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    assert match in errors[0], errors[0]
+
+
+@pytest.mark.slow
+def test_help_imports_neither_torch_nor_ray():
+    code = ("import sys; from pipeline.cli import main; sys.argv=['jacpipe','--help']\n"
+            "try:\n main()\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch','ray','pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_jobs_lists_builtin_jobs_with_parameters():
+    result = invoke("jobs", "--json")
+    assert result.exit_code == 0
+    listing = {item["job"]: item for item in json.loads(result.output)}
+    assert {"mlp", "robot_arm", "heat"} <= set(listing)
+    assert listing["mlp"]["params"]["n"] == 2000
+    assert listing["heat"]["doc"]
+    table = invoke("jobs")
+    assert "robot_arm" in table.output and "hidden=512" in table.output
+
+
+def test_run_inspect_compare_round_trip(ray_session, tmp_path):
+    out = tmp_path / "mlp"
+    result = invoke("run", "mlp", *SMALL, "-p", "dtype=float64", "--shards", 3, "--out", out,
+                    "--verify")
+    assert result.exit_code == 0, result.output
+    assert "MATCH" in result.output and "MISMATCH" not in result.output
+    problem = build_problem("mlp", {"n": 60, "m": 50, "hidden": 16, "dtype": "float64"})
+    ref = jacobian(problem.fn, problem.x).numpy()
+    np.testing.assert_allclose(read_jacobian(out), ref, rtol=1e-12, atol=1e-14)
+
+    info = json.loads(invoke("inspect", out, "--json").output)
+    assert info["shape"] == [50, 60] and info["shards_committed"] == 3
+    assert info["frobenius_norm"] == pytest.approx(np.linalg.norm(ref), rel=1e-10)
+    assert info["nan"] == 0 and info["problems"] == []
+    assert "Frobenius" in invoke("inspect", out).output
+
+    cmp = json.loads(invoke("compare", out, "--json").output)
+    assert cmp["ok"] and cmp["mode"] == "all" and cmp["rows_checked"] == 50
+    sampled = json.loads(invoke("compare", out, "--rows", 5, "--json").output)
+    assert sampled["mode"] == "sampled" and sampled["rows_checked"] == 5
+
+
+def test_compare_fails_on_a_wrong_result(ray_session, tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", "mlp", *SMALL, "--shards", 2, "--out", out).exit_code == 0
+    # Tamper with the values but keep the manifest's checksums consistent:
+    # compare must catch it from the numbers alone.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.store.manifest import Manifest
+    from pipeline.store.storage import Storage
+
+    f = out / "part-00001.parquet"
+    table = pq.read_table(f)
+    vals = np.stack(table.column("values").to_numpy(zero_copy_only=False)) * 1.001
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(vals.reshape(-1).astype(np.float32)),
+                                            type=table.schema.field("values").type)
+    pq.write_table(table.set_column(1, table.schema.field("values"), arr), f)
+    man = read_doc(out)
+    storage = Storage(str(out))
+    man["shards"][1]["checksum"] = storage.sha256("part-00001.parquet")
+    man["shards"][1]["bytes"] = storage.size("part-00001.parquet")
+    Manifest.from_json(man).write(storage)
+    result = invoke("compare", out)
+    assert result.exit_code == 1 and "MISMATCH" in result.output
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", "nope"], "unknown job 'nope'"),
+    (["run", "mlp", "-p", "size=3"], "unknown parameter 'size'"),
+    (["run", "mlp", "-p", "n=three"], "expected int"),
+    (["run", "mlp", "-p", "n"], "NAME=VALUE"),
+    (["run", "tests.userjobs:returns_list"], "must return a torch.Tensor"),
+    (["run", "tests.userjobs:returns_int"], "floating output"),
+    (["run", "tests.userjobs:integer_input"], "floating input"),
+    (["run", "mlp", "--shards", "0"], "--shards must be at least 1"),
+    (["run", "mlp", "--dtype", "float16"], "--dtype must be float32 or float64"),
+    (["run", "mlp", "--method", "sideways"], "auto, rev or fwd"),
+    (["run", "mlp", "--memory-budget", "lots"], "memory size 'lots'"),
+    (["run", "mlp", "--address", "127.0.0.1:1"], "no Ray cluster reachable"),
+])
+def test_user_errors_are_one_line_and_non_zero(args, match, tmp_path):
+    result = invoke(*args, "--out", tmp_path / "o")
+    assert_one_line_error(result, match)
+
+
+def test_device_cuda_without_gpus_is_refused_before_scheduling(ray_session, tmp_path):
+    result = invoke("run", "mlp", *SMALL, "--device", "cuda", "--out", tmp_path / "o")
+    assert_one_line_error(result, "no GPUs")
+    assert not (tmp_path / "o" / "_manifest.parquet").exists()
+
+
+def test_more_shards_than_rows_is_clamped_with_a_note(ray_session, tmp_path):
+    result = invoke("run", "robot_arm", "--shards", 50, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "using 12 shards" in result.output
+    man = read_doc(tmp_path / "o")
+    assert len(man["plan"]) == 12 and len(man["shards"]) == 12
+
+
+def test_out_folder_of_another_job_is_refused_unless_overwrite(ray_session, tmp_path):
+    out = tmp_path / "o"
+    assert invoke("run", "robot_arm", "--out", out).exit_code == 0
+    result = invoke("run", "mlp", *SMALL, "--out", out)
+    assert_one_line_error(result, "holds a result of job 'robot_arm'")
+    assert invoke("run", "mlp", *SMALL, "--out", out, "--overwrite").exit_code == 0
+    assert read_doc(out)["job"] == "mlp"
+
+
+def test_out_folder_with_foreign_files_is_refused(tmp_path, ray_session):
+    (tmp_path / "thesis.tex").write_text("precious")
+    result = invoke("run", "robot_arm", "--out", tmp_path, "--overwrite")
+    assert_one_line_error(result, "not empty and holds no jacpipe result")
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("command", ["compare", "inspect"])
+def test_compare_and_inspect_refuse_a_folder_that_is_not_a_result(command, tmp_path):
+    assert_one_line_error(invoke(command, tmp_path), "not a jacpipe result")
+    assert_one_line_error(invoke(command, tmp_path / "missing"), "not a jacpipe result")
+
+
+@pytest.mark.slow
+def test_real_subprocess_run_on_embedded_ray(tmp_path):
+    out = tmp_path / "sub"
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "heat", "-p", "N=12", "--shards", "4",
+         "--num-cpus", "2", "--out", str(out), "--verify"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "MATCH" in proc.stdout
+    man = read_doc(out)
+    assert man["status"] == "complete" and len(man["shards"]) == 4
+    assert all(s["node_id"] != "local" and s["device"] == "cpu" for s in man["shards"])
+
+
+def test_bench_command_refuses_an_unknown_benchmark():
+    result = runner.invoke(app, ["bench", "--only", "nonsense"])
+    assert result.exit_code == 2
+    assert "unknown benchmark" in result.output or "unknown benchmark" in str(result.stderr)
+
+
+@pytest.mark.slow
+def test_user_job_module_in_the_current_directory(tmp_path):
+    """`jacpipe run localjob:build` finds ./localjob.py without PYTHONPATH (driver and workers)."""
+    (tmp_path / "localjob.py").write_text(
+        "import torch\nfrom pipeline import Problem\n\n\n"
+        "def build(n: int = 7) -> Problem:\n"
+        "    w = torch.arange(n * n, dtype=torch.float64).reshape(n, n) / n**2\n"
+        "    return Problem(fn=lambda v: torch.sin(w @ v), x=torch.ones(n, dtype=torch.float64))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    jacpipe = os.path.join(os.path.dirname(sys.executable), "jacpipe")
+    proc = subprocess.run(
+        [jacpipe, "run", "localjob:build", "-p", "n=9", "--shards", "2", "--num-cpus", "2",
+         "--out", "o", "--verify"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "MATCH" in proc.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["compare", "__out__", "--rtol", "-1"], "--rtol must be >= 0"),
+    (["compare", "__out__", "--all", "--atol", "-1"], "--atol must be >= 0"),
+    (["inspect", "__out__", "--plot", "__file__/J.png"], "cannot write it"),
+    (["inspect", "__out__", "--plot", "J.txt"], "expected a .png, .svg or .pdf file name"),
+    (["run", "mlp", "-p", "n=5", "-p", "n=6"], "parameter 'n' given twice"),
+    (["run", "mlp", "--chunk-size", "0"], "--chunk-size must be at least 1"),
+])
+def test_more_user_errors(ray_session, tmp_path, args, match):
+    out = tmp_path / "r"
+    if "__out__" in args:
+        assert invoke("run", "mlp", *SMALL, "--shards", 2, "--out", out).exit_code == 0
+    (tmp_path / "afile").write_text("x")
+    args = [str(out) if a == "__out__" else a.replace("__file__", str(tmp_path / "afile"))
+            for a in args]
+    if args[0] == "run":
+        args += ["--out", str(tmp_path / "o2")]
+    assert_one_line_error(invoke(*args), match, code=2)
+
+
+def test_read_jacobian_repeats_duplicate_rows(ray_session, tmp_path):
+    out = tmp_path / "r"
+    assert invoke("run", "mlp", *SMALL, "--shards", 3, "--out", out).exit_code == 0
+    full = read_jacobian(out)
+    np.testing.assert_array_equal(read_jacobian(out, rows=[3, 3, 49, 0, 3]), full[[3, 3, 49, 0, 3]])
+
+
+def test_readme_smoothing_commands_run(ray_session, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Non-smooth functions"):]
+    section = section[:section.index("\n## ", 5)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    ran = 0
+    for line in "".join(blocks).splitlines():
+        for part in line.split("#")[0].split("&&"):
+            if part.strip():
+                argv = shlex.split(part.strip())
+                assert argv[0] == "jacpipe"
+                res = CliRunner().invoke(app, argv[1:], catch_exceptions=False)
+                assert res.exit_code == 0, (argv, res.output)
+                ran += 1
+    assert ran >= 3
+
+
+def test_version_and_short_help():
+    from pipeline import __version__
+
+    assert invoke("--version").stdout.strip() == f"jacpipe {__version__}"
+    for argv in (["-h"], ["run", "-h"], ["submit", "-h"], ["export", "-h"]):
+        result = invoke(*argv)
+        assert result.exit_code == 0 and "Usage" in result.stdout, argv
+
+
+def test_help_shows_types_choices_defaults_and_an_example():
+    text = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "<str>" not in text and "<bool>" not in text and "<int>" not in text
+    assert "[auto|cpu|cuda]" in text and "[float32|float64]" in text
+    assert "[auto|rev|fwd|sparse]" in text
+    assert "[default: out/JOB]" in text
+    assert "Example: jacpipe run" in text
+    submit = runner.invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).stdout
+    assert "Forwarded to `jacpipe run`" in submit and "--shard-timeout" in submit
+    assert "--install-completion" in invoke("--help").stdout
+
+
+@pytest.fixture(scope="module")
+def results(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("frontdoor")
+    runs = {
+        "dense": ["mlp", "-p", "n=12", "-p", "m=9", "-p", "hidden=4", "--shards", 2],
+        "sparse": ["banded", "-p", "n=40", "-p", "k=2", "--shards", 2],
+        "batched": ["robot_arm", "-p", "batch=5", "--shards", 2],
+    }
+    docs = {}
+    for name, argv in runs.items():
+        result = invoke("run", *argv, "--out", root / name, "--json", "--no-progress")
+        assert result.exit_code == 0, result.output
+        docs[name] = one_json(result)
+    return root, docs
+
+
+def test_run_json_is_one_document(results):
+    root, docs = results
+    assert docs["dense"]["shape"] == [9, 12] and docs["dense"]["computed"] == 2
+    again = invoke("run", "mlp", "-p", "n=12", "-p", "m=9", "-p", "hidden=4", "--shards", 2,
+                   "--out", root / "dense", "--json", "--verify")
+    doc = one_json(again)
+    assert doc["resumed"] == 2 and doc["compare"]["ok"] is True
+
+
+def test_compare_and_inspect_json_are_one_document(results):
+    root, _ = results
+    cmp = one_json(invoke("compare", root / "dense", "--json"))
+    assert cmp["ok"] is True
+    both = one_json(invoke("compare", root / "dense", "--fd", "--json"))
+    assert set(both) == {"compare", "fd", "ok"} and both["compare"]["ok"] is True
+    info = one_json(invoke("inspect", root / "sparse", "--json"))
+    assert info["layout"] == "sparse"
+
+
+def test_batched_results_show_as_b_by_m_by_n(results, tmp_path):
+    root, _ = results
+    info = one_json(invoke("inspect", root / "batched", "--json"))
+    assert info["display_shape"] == "5 x (6 x 6)" or info["display_shape"].startswith("5 x (")
+    table = runner.invoke(app, ["inspect", str(root / "batched")], env={"COLUMNS": "200"})
+    assert info["display_shape"] in table.stdout
+    result = invoke("inspect", root / "batched", "--plot", tmp_path / "b.png")
+    assert result.exit_code == 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("ext,magic", [("png", b"\x89PNG"), ("svg", b"<?xml"), ("pdf", b"%PDF")])
+def test_plot_format_follows_the_extension(results, tmp_path, ext, magic):
+    root, _ = results
+    path = tmp_path / f"J.{ext}"
+    result = invoke("inspect", root / "dense", "--plot", path)
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes().startswith(magic)
+
+
+def test_inspect_of_an_unfinished_result_is_one_summary_line(results, tmp_path):
+    import shutil
+
+    root, _ = results
+    out = tmp_path / "partial"
+    shutil.copytree(root / "dense", out)
+    man = read_doc(out)
+    man["shards"] = man["shards"][:1]
+    man["status"] = "interrupted"
+    write_doc(out, man)
+    (out / "part-00001.parquet").unlink()
+    result = invoke("inspect", out)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 1
+    assert errors == ["error: 1 of 2 shards committed; rerun the same command to resume"]
+    assert len(one_json(invoke("inspect", out, "--json"))["problems"]) == 1
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse", "batched"])
+def test_export_round_trips(results, tmp_path, name):
+    root, _ = results
+    want = read_jacobian(root / name)
+    dense = want.toarray() if sp.issparse(want) else want
+    npy = tmp_path / "J.npy"
+    doc = one_json(invoke("export", root / name, npy, "--json"))
+    got = np.load(npy)
+    assert got.dtype == dense.dtype and list(got.shape) == doc["shape"]
+    np.testing.assert_array_equal(got, dense)
+    npz = tmp_path / "J.npz"
+    assert invoke("export", root / name, npz).exit_code == 0
+    csr = sp.load_npz(npz)
+    np.testing.assert_array_equal(csr.toarray(), dense.reshape(csr.shape))
+    if sp.issparse(want):
+        assert csr.nnz == want.nnz
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("name,match", [
+    ("J.safetensors", "does not depend on"), ("J.zarr", "does not depend on"),
+    ("J.txt", "expected a file name ending in .npy"),
+])
+def test_export_refuses_other_formats(results, tmp_path, name, match):
+    root, _ = results
+    result = invoke("export", root / "dense", tmp_path / name)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and match in errors[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["rosenbrock", "-p", "n=50", "--shards", "3"],
+    ["rosenbrock", "-p", "n=20", "-p", "pattern=true", "--dtype", "float32"],
+    ["trajectory", "-p", "waypoints=10", "--dtype", "float32"],
+    ["cnn", "-p", "batch=3", "-p", "channels=2", "--dtype", "float64"],
+    ["cnn", "-p", "batch=2", "-p", "channels=2", "--rows-per-shard", "7"],
+    ["robot_arm", "-p", "batch=20", "--rows-per-shard", "7", "--dtype", "float32"],
+])
+def test_every_new_job_runs_and_verifies_through_the_cli(ray_session, tmp_path, args):
+    result = invoke("run", *args, "--out", tmp_path / "o", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "MATCH" in result.output and "MISMATCH" not in result.output
+    kind = "hessian" if args[0] in HESSIAN_JOBS else "batched"
+    assert ("symmetry" in result.output) == (kind == "hessian")
+    info = json.loads(invoke("compare", tmp_path / "o", "--rows", 5, "--json").output)
+    assert info["ok"] and info["mode"] == "sampled" and info["rows_checked"] == 5
+    assert (info["symmetry_error"] is not None) == (kind == "hessian")
+
+
+def test_new_jobs_are_listed_with_a_description():
+    listing = {item["job"]: item for item in json.loads(invoke("jobs", "--json").output)}
+    for job in ("cnn", "rosenbrock", "trajectory"):
+        assert listing[job]["doc"] and "dtype" in listing[job]["params"]
+    assert listing["rosenbrock"]["params"]["pattern"] is False

@@ -1,0 +1,96 @@
+"""``pipeline.cli.common``: every user error is one ``error:`` line and a non-zero exit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.sparse.compressed import banded_pattern
+from tests.clitools import error_line
+from tests.clitools import error_line as _one_error
+from tests.faultruns import invoke
+
+cli = CliRunner()
+
+
+def _run(*args: object):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def test_job_modules_that_fail_to_import_exit_2_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_syntax_job.py").write_text("def build(:\n")
+    (tmp_path / "raising_job.py").write_text("raise RuntimeError('no licence server')\n")
+    result = _run("run", "broken_syntax_job:build", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "syntax error" in _one_error(result)
+    result = _run("run", "raising_job:build", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "raised RuntimeError: no licence server" in _one_error(result)
+
+
+SMALL = ["-p", "n=20", "-p", "m=10", "-p", "hidden=4"]
+
+
+BAD_INPUTS = {
+    "not-a-problem": (["tests.userjobs:not_a_problem"], "build() must return pipeline.Problem"),
+    "module-not-importable": (["no_such_module_xyz:build"],
+                              "cannot import module 'no_such_module_xyz'"),
+    "no-such-function": (["tests.userjobs:nope"], "has no function 'nope'"),
+    "value-refused-by-job": (["mlp", "-p", "n=0"], "parameter 'n' must be at least 1, got 0"),
+    "build-raises": (["tests.faultjobs:nonfinite", "-p", "m=100"],
+                     "build() raised ValueError: nonfinite needs m <= n"),
+    "dtype-without-parameter": (["tests.userjobs:raises_in_shard", "--dtype", "float32"],
+                                "has no dtype parameter"),
+    "device-unknown": (["mlp", *SMALL, "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    "num-cpus-0": (["mlp", *SMALL, "--num-cpus", "0"], "--num-cpus must be at least 1"),
+    "rows-per-shard-0": (["mlp", *SMALL, "--rows-per-shard", "0"],
+                         "--rows-per-shard must be at least 1, got 0"),
+    "shards-and-rows-per-shard": (["mlp", *SMALL, "--shards", "2", "--rows-per-shard", "3"],
+                                  "give --shards or --rows-per-shard, not both"),
+    "cpus-per-shard-too-many": (["mlp", *SMALL, "--cpus-per-shard", "64"],
+                                "--cpus-per-shard 64: the cluster has 2 CPUs"),
+    "gpus-per-shard-too-many": (["mlp", *SMALL, "--gpus-per-shard", "1"],
+                                "--gpus-per-shard 1: the cluster has 0 GPUs"),
+    "memory-budget-too-small": (["mlp", *SMALL, "--memory-budget", "1KiB"],
+                                "--memory-budget 1.0 KiB is too small"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_one_line_and_non_zero(ray_session, tmp_path, case):
+    args, match = BAD_INPUTS[case]
+    result = invoke("run", *args, "--out", tmp_path / "o", "--no-progress")
+    assert match in error_line(result)
+    assert result.exit_code == 2
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("part-*"))
+
+
+def test_out_that_cannot_be_created_is_one_line(ray_session, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = invoke("run", "mlp", *SMALL, "--out", tmp_path / "file" / "sub")
+    assert "cannot create the folder" in error_line(result) and result.exit_code == 2
+
+
+def test_missing_job_argument_is_a_usage_error():
+    result = invoke("run")
+    assert result.exit_code == 2 and "Missing argument 'JOB'" in result.output
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", "mlp", "-p", "n=20", "-p", "m=20", "--method", "sparse"], "no sparsity pattern"),
+    (["run", "banded", "--sparsity", "missing.npz"], "no such file"),
+    (["run", "banded", "-p", "n=50", "--sparsity", "__shape__"], "expected (50, 50)"),
+])
+def test_sparse_user_errors(ray_session, tmp_path, args, match):
+    if "__shape__" in args:
+        sp.save_npz(tmp_path / "wrong.npz", banded_pattern(60, 3).astype(np.float64))
+        args = [str(tmp_path / "wrong.npz") if a == "__shape__" else a for a in args]
+    result = invoke(*args, "--out", tmp_path / "o")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert match in result.output

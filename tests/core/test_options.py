@@ -1,0 +1,42 @@
+"""``pipeline.core.options``: sizes, choices and RunOptions' checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.core.errors import JacpipeError
+from pipeline.core.options import RunOptions, parse_size
+
+
+@pytest.mark.parametrize("text,value", [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20),
+                                        ("1.5G", 1_500_000_000), ("1000", 1000), ("64kb", 64_000)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GiB", "0", "3 parsecs"])
+def test_parse_size_rejects(text):
+    with pytest.raises(JacpipeError):
+        parse_size(text)
+
+
+def test_run_options_check_refuses_bad_values_before_anything_starts():
+    for opts, match in [
+        (RunOptions(job="j", method="bogus"), "--method must be auto, rev or fwd"),
+        (RunOptions(job="j", device="tpu"), "--device must be auto, cpu or cuda"),
+        (RunOptions(job="j", dtype="float16"), "--dtype must be float32 or float64"),
+        (RunOptions(job="j", chunk_size=0), "--chunk-size must be at least 1"),
+        (RunOptions(job="j", memory_budget="lots"), "memory size 'lots'"),
+    ]:
+        with pytest.raises(JacpipeError, match=match):
+            opts.check()
+
+
+def test_help_choices_are_the_library_ones():
+    from pipeline.core import options as plan
+    from pipeline.core.options import CHOICES
+
+    assert CHOICES["device"] == plan.DEVICES
+    assert CHOICES["dtype"] == plan.DTYPES
+    assert CHOICES["method"] == plan.METHODS
+    assert CHOICES["executor"] == plan.EXECUTORS

@@ -1,0 +1,454 @@
+"""``pipeline.runner.driver``: whole runs: executors, resume, kinds, trust, the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import pipeline
+from benchmarks.soak import kill_session, session_processes, soak, wait_for_commits
+from pipeline import Problem, read_jacobian
+from pipeline.analysis.compare import compare, sample_rows
+from pipeline.core.errors import JacpipeError
+from pipeline.problem.problem import build_problem
+from tests.clitools import error_line
+from tests.faultruns import (
+    CHUNKS,
+    CRASHY,
+    ROWS,
+    assert_rows_exactly_once,
+    copy_of_clean,
+    invoke,
+    manifest,
+    run_crashy,
+)
+from tests.manifests import read_doc
+from tests.maths.kindrefs import (
+    HESSIAN_JOBS,
+    assert_close,
+    batched_reference,
+    hessian_reference,
+    run_job,
+)
+
+SMALL = ["-p", "n=30", "-p", "m=20", "-p", "hidden=8"]
+
+
+def _jacpipe(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (so Ray's state is its own), executor left to `auto`."""
+    environ = {k: v for k, v in os.environ.items() if k != "JACPIPE_EXECUTOR"}
+    environ["PYTHONPATH"] = os.getcwd()
+    environ.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)],
+                          capture_output=True, text=True, env=environ, timeout=300)
+
+
+@pytest.mark.slow
+def test_auto_runs_a_small_job_in_process_and_a_rerun_starts_nothing(tmp_path):
+    out = tmp_path / "out"
+    first = _jacpipe("run", "mlp", *SMALL, "--out", out, "--no-progress", "--verify")
+    assert first.returncode == 0, first.stderr
+    assert "executor: local" in first.stderr and "starting Ray (" not in first.stderr
+    assert "MATCH" in first.stdout
+    man = read_doc(out)
+    assert man["status"] == "complete" and {s["node_id"] for s in man["shards"]} == {"local"}
+    again = _jacpipe("run", "mlp", *SMALL, "--out", out, "--no-progress", "--executor", "ray")
+    assert again.returncode == 0, again.stderr
+    assert "starting Ray (" not in again.stderr and "resumed)" in again.stdout
+
+
+@pytest.mark.slow
+def test_bad_requests_exit_2_before_ray_starts(tmp_path):
+    t0 = time.perf_counter()
+    result = _jacpipe("run", "mlp", *SMALL, "--gpus-per-shard", "1", "--executor", "ray",
+                      "--out", tmp_path / "o")
+    assert result.returncode == 2, result.stderr
+    assert "--gpus-per-shard 1" in result.stderr and "starting Ray (" not in result.stderr
+    other = _jacpipe("run", "heat", "-p", "N=4", "--executor", "ray", "--out", tmp_path / "h")
+    assert other.returncode == 0, other.stderr
+    taken = _jacpipe("run", "mlp", *SMALL, "--executor", "ray", "--out", tmp_path / "h")
+    assert taken.returncode == 2 and "holds a result of job 'heat'" in taken.stderr
+    assert "starting Ray (" not in taken.stderr
+    del t0
+
+
+@pytest.mark.parametrize("method", ["rev", "fwd"])
+def test_local_and_ray_executors_write_bitwise_equal_parts(ray_session, tmp_path, method):
+    opts = dict(params={"n": 24, "m": 40, "hidden": 8}, shards=3, chunk_size=7, method=method,
+                progress=False)
+    pipeline.run("mlp", out=str(tmp_path / "ray"), executor="ray", echo=lambda _: None, **opts)
+    pipeline.run("mlp", out=str(tmp_path / "local"), executor="local", echo=lambda _: None,
+                 **opts)
+    for i in range(3):
+        name = f"part-{i:05d}.parquet"
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+
+
+def _closure_problem(dtype=torch.float64) -> Problem:
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 9, generator=g, dtype=dtype)
+    b = torch.randn(12, generator=g, dtype=dtype)
+    return Problem(fn=lambda t: torch.tanh(w @ t + b) * t.sum(), x=torch.randn(9, generator=g,
+                                                                                dtype=dtype))
+
+
+def _module_problem() -> Problem:
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    net = net.double()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return Problem(fn=net, x=torch.linspace(-1, 1, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("make", [_closure_problem, _module_problem])
+def test_python_api_with_a_closure_or_a_module(ray_session, tmp_path, executor, make):
+    problem = make()
+    summary = pipeline.run(problem, out=str(tmp_path / "o"), shards=2, executor=executor,
+                           progress=False, echo=lambda _: None)
+    assert summary.manifest.job.startswith("python:")
+    got = read_jacobian(tmp_path / "o")
+    ref = jacobian(problem.fn, problem.x).reshape(got.shape).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    report = pipeline.compare_result(str(tmp_path / "o"), problem=problem)
+    assert report.ok
+    with pytest.raises(JacpipeError, match="computed from a Problem built in Python"):
+        pipeline.compare_result(str(tmp_path / "o"))
+
+
+def test_python_api_in_a_newton_loop_on_the_callers_ray(ray_session, tmp_path):
+    """Many runs on one Ray session: x changes, the Jacobian follows, Ray is not restarted."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(8, 8, generator=g, dtype=torch.float64) / 8 + torch.eye(8,
+                                                                               dtype=torch.float64)
+
+    def residual(t: torch.Tensor) -> torch.Tensor:
+        return a @ t + 0.1 * t**3 - 1
+
+    x = torch.zeros(8, dtype=torch.float64)
+    for step in range(5):
+        problem = Problem(fn=residual, x=x)
+        out = str(tmp_path / f"step{step}")
+        pipeline.run(problem, out=out, executor="ray", shards=2, progress=False,
+                     echo=lambda _: None)
+        jac = torch.from_numpy(read_jacobian(out))
+        np.testing.assert_allclose(jac, jacobian(residual, x), rtol=1e-12, atol=1e-12)
+        x = x - torch.linalg.solve(jac, residual(x))
+    assert float(residual(x).norm()) < 1e-10  # quadratic convergence: the Jacobians are exact
+    import ray
+
+    assert ray.is_initialized()
+
+
+def test_python_api_refuses_unknown_options():
+    with pytest.raises(JacpipeError, match="unknown option\\(s\\) shardz"):
+        pipeline.run("mlp", shardz=3)
+
+
+@pytest.mark.slow
+def test_the_readme_closure_example_runs(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = Path("README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (code,) = [b for b in blocks if "out/closure" in b]
+    env = {k: v for k, v in os.environ.items() if k != "JACPIPE_EXECUTOR"}
+    env["PYTHONPATH"] = os.getcwd()
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "closure" / "_manifest.parquet").exists()
+
+
+def test_nondeterministic_job_is_detected_and_nothing_is_committed(ray_session, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("run", "tests.userjobs:nondeterministic", "--shards", 4, "--out", out,
+                    "--no-progress")
+    line = error_line(result)
+    assert result.exit_code == 2
+    assert "nondeterministic job: fn(x) differs between the driver and a worker" in line
+    assert "seed every random draw" in line and "shard " in line
+    man = manifest(out)
+    assert man["status"] == "failed" and man["shards"] == []
+    assert not list(out.glob("part-*.parquet"))
+
+
+def test_driver_sigkill_and_worker_kills_then_resume_loses_and_duplicates_nothing(
+    ray_session, tmp_path
+):
+    """The soak benchmark, small: 24 shards, 3 worker kills, one driver SIGKILL."""
+    report = soak(shards=24, kill_fraction=0.125, seed=0, workdir=tmp_path, num_cpus=2,
+                  delay=0.25, kill_driver_after=8, echo=lambda s: None)
+    assert report["worker_kills"] == report["worker_kills_planned"] == 3
+    k = report["committed_at_driver_kill"]
+    assert 8 <= k < 24
+    # The rerun computed exactly the shards the killed driver had not committed.
+    assert report["computed_on_resume"] == 24 - k and report["resumed"] == k
+    assert report["computed_by_resume_run_id"] == 24 - k
+    assert report["ray_processes_alive_after_kill"] == 0
+    assert report["rows_lost"] == 0 and report["rows_duplicated"] == 0
+    assert report["values_equal_clean_run"] is True
+    assert report["leftover_temp_files"] == [] and report["status"] == "complete"
+    assert report["ok"] is True
+
+
+def test_ctrl_c_exits_130_and_leaves_the_folder_resumable(ray_session, tmp_path, clean):
+    out, markers = tmp_path / "out", tmp_path / "markers"
+    markers.mkdir()
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", CRASHY, "-p", f"markers={markers}",
+           "-p", "delay=0.3", "--shards", "12", *CHUNKS, "--num-cpus", "2", "--out", str(out),
+           "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    with open(tmp_path / "stderr.txt", "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+        try:
+            wait_for_commits(out, 2, proc)
+        finally:
+            # Like a terminal's Ctrl-C: SIGINT to the whole foreground process group.
+            reaped = kill_session(proc, sig=signal.SIGINT)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 130, stderr
+    assert reaped == 0 and session_processes(proc.pid) == []  # embedded Ray went down too
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    man = manifest(out)
+    k = len(man["shards"])
+    assert man["status"] == "interrupted" and 2 <= k < 12
+    assert errors == [f"error: interrupted: {k} of 12 shards committed in {out}; "
+                      "rerun the same command to resume"]
+
+    info = invoke("inspect", out, "--json")
+    assert info.exit_code == 1
+    problems = json.loads(info.output)["problems"]
+    assert len(problems) == 12 - k and all(p.endswith("not committed") for p in problems)
+
+    result = run_crashy(out, markers, "-p", "delay=0.3", "--shards", 12)
+    assert result.exit_code == 0, result.output
+    assert f"({12 - k} computed, {k} resumed)" in result.output
+    man = manifest(out)
+    assert sum(s["run_id"] == man["run_id"] for s in man["shards"]) == 12 - k
+    assert_rows_exactly_once(out)
+    assert np.array_equal(read_jacobian(out), clean.values)
+
+
+def test_corrupt_and_missing_parts_are_named_and_exactly_they_are_recomputed(
+    ray_session, tmp_path, clean
+):
+    out = copy_of_clean(clean, tmp_path)
+    truncated, flipped, deleted = (out / f"part-0000{i}.parquet" for i in (2, 4, 5))
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size, one bit
+    flipped.write_bytes(bytes(data))
+    deleted.unlink()
+    expected = {
+        "part-00002.parquet": "shard 2 (part-00002.parquet): corrupt (size",
+        "part-00004.parquet": "shard 4 (part-00004.parquet): corrupt (checksum mismatch)",
+        "part-00005.parquet": "shard 5 (part-00005.parquet): missing",
+    }
+
+    info = invoke("inspect", out, "--json")
+    assert info.exit_code == 1
+    problems = json.loads(info.output)["problems"]
+    assert len(problems) == 3
+    assert all(p.startswith(e) for p, e in zip(problems, expected.values(), strict=True))
+    for command in (["inspect", out], ["compare", out, "--job", CRASHY]):
+        result = invoke(*command)
+        assert result.exit_code == 1 and "Traceback" not in result.output
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert [any(f in line for line in errors) for f in expected] == [True] * 3
+    assert "MISMATCH" in invoke("compare", out, "--job", CRASHY).output
+    with pytest.raises(JacpipeError, match="part-00002.parquet"):
+        read_jacobian(out)
+
+    before = manifest(out)
+    result = run_crashy(out, clean.markers, "--shards", 6)
+    assert result.exit_code == 0, result.output
+    assert "(3 computed, 3 resumed)" in result.output
+    man = manifest(out)
+    fresh = sorted(s["index"] for s in man["shards"] if s["run_id"] == man["run_id"])
+    assert fresh == [2, 4, 5] and man["run_id"] != before["run_id"]
+    assert invoke("inspect", out).exit_code == 0
+    assert np.array_equal(read_jacobian(out), clean.values)
+
+
+def test_crash_leftovers_are_ignored_by_every_reader_and_cleaned_on_resume(
+    ray_session, tmp_path, clean
+):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    out = copy_of_clean(clean, tmp_path)
+    part3 = (out / "part-00003.parquet").read_bytes()
+    leftovers = {
+        ".part-00003.0123456789abcdef.tmp": part3[: len(part3) // 2],  # half a part file
+        ".part-00001.fedcba9876543210.tmp": part3,  # a whole, valid, uncommitted part
+        "._manifest.parquet.0a1b2c.tmp": b"PAR1 half a manifest",
+        ".attempt-0123456789ab-00002-deadbeef": b"",
+        "..attempt-0123456789ab-00002-cafe.0d0e.tmp": b"",
+    }
+    for name, data in leftovers.items():
+        (out / name).write_bytes(data)
+
+    assert np.array_equal(read_jacobian(out), clean.values)
+    info = invoke("inspect", out, "--json")
+    assert info.exit_code == 0 and json.loads(info.output)["problems"] == []
+    cmp = invoke("compare", out, "--json", "--job", CRASHY)
+    assert cmp.exit_code == 0 and json.loads(cmp.output)["ok"] is True
+    table = ds.dataset(out, format="parquet").to_table(columns=["row"])
+    assert sorted(table.column("row").to_pylist()) == list(range(ROWS))
+    frame = pd.read_parquet(out)
+    assert sorted(frame["row"]) == list(range(ROWS))
+    values = np.stack(frame.sort_values("row")["values"].to_numpy())
+    assert np.array_equal(values, clean.values)
+    assert sorted(pl.read_parquet(f"{out}/*.parquet")["row"].to_list()) == list(range(ROWS))
+    query = f"select count(distinct row), count(*) from '{out}/*.parquet'"
+    assert duckdb.sql(query).fetchall() == [(ROWS, ROWS)]
+
+    result = run_crashy(out, clean.markers, "--shards", 6)
+    assert result.exit_code == 0, result.output
+    assert "(0 computed, 6 resumed)" in result.output
+    assert [n for n in os.listdir(out) if n.startswith(".")] == []
+    assert np.array_equal(read_jacobian(out), clean.values)
+
+
+@pytest.mark.parametrize("dtype,layout", [("float64", {"rows_per_shard": 7}),
+                                          ("float32", {"shards": 3})])
+def test_batched_through_ray_in_sample_blocks(ray_session, tmp_path, dtype, layout):
+    out = run_job(tmp_path, "robot_arm", {"batch": 6, "dtype": dtype}, **layout)
+    problem = build_problem("robot_arm", {"batch": 6, "dtype": dtype})
+    ref = batched_reference(problem).numpy()
+    got = read_jacobian(out)
+    assert got.shape == (6, 12, 6)
+    assert_close(got, ref, dtype)
+    man = read_doc(out)
+    starts = [a for a, _ in man["plan"]]
+    # rows_per_shard=7 cuts samples (m = 12); shards=3 aligns to whole samples.
+    assert any(a % 12 for a in starts) == ("rows_per_shard" in layout)
+    for part in sorted(out.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        assert table.column_names == ["row", "sample", "values"]
+        rows = table.column("row").to_numpy()
+        np.testing.assert_array_equal(table.column("sample").to_numpy(), rows // 12)
+    assert_close(read_jacobian(out, sample=4), ref[4], dtype)
+    assert_close(read_jacobian(out, sample=[5, 0], as_="torch"), ref[[5, 0]], dtype)
+    assert read_jacobian(out, sample=2, reshape=True).shape == (12, 6)
+    with pytest.raises(JacpipeError, match="out of range: the result has 6 samples"):
+        read_jacobian(out, sample=6)
+    with pytest.raises(JacpipeError, match="rows or sample, not both"):
+        read_jacobian(out, [0], sample=0)
+    report = compare(str(out))
+    assert report.ok and report.mode == "all" and report.rows_checked == 72
+
+
+@pytest.mark.parametrize("job,dtype", [("rosenbrock", "float32"), ("trajectory", "float64")])
+def test_hessian_through_ray_and_symmetry(ray_session, tmp_path, job, dtype):
+    params = {**HESSIAN_JOBS[job], "dtype": dtype}
+    # the dense Hessian rows (--method auto would detect rosenbrock's tridiagonal
+    # pattern and colour it: tests/sparse/test_detect.py)
+    out = run_job(tmp_path, job, params, shards=3, method="rev")
+    ref = hessian_reference(build_problem(job, params)).numpy()
+    got = read_jacobian(out)
+    assert_close(got, ref, dtype)
+    with pytest.raises(JacpipeError, match="only batched results have samples"):
+        read_jacobian(out, sample=0)
+    full = compare(str(out))
+    assert full.ok and full.mode == "all"
+    assert full.symmetry_error == pytest.approx(float(np.abs(got - got.T).max()))
+    sampled = compare(str(out), rows=6)
+    assert sampled.ok and sampled.mode == "sampled" and sampled.rows_checked == 6
+    # Sampled: the symmetry of the principal sub-block H[R, R] of the checked rows.
+    pick = np.arange(ref.shape[0])[sample_rows(ref.shape[0], 6, 0)]
+    sub = got[np.ix_(pick, pick)]
+    assert sampled.symmetry_error == pytest.approx(float(np.abs(sub - sub.T).max()))
+    assert sampled.symmetry_error <= 1e-5 * np.abs(ref).max()
+
+
+def _cli(*args: object):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_auto_keeps_reverse_mode_when_forward_mode_disagrees(ray_session, tmp_path, dtype):
+    out = tmp_path / "out"
+    result = _cli("run", "tests.userjobs:tall_no_grad", "-p", f"dtype={dtype}", "--out", out,
+                  "--no-progress", "--verify")
+    assert result.exit_code == 0, result.output
+    assert "note: reverse mode, not forward: forward and reverse mode give different" in \
+        result.output
+    man = read_doc(out)
+    assert man["method"] == "rev" and man["adjoint_check"]["agree"] is False
+    assert "MATCH" in result.output and "MISMATCH" not in result.output
+    forced = _cli("run", "tests.userjobs:tall_no_grad", "-p", f"dtype={dtype}", "--method",
+                  "fwd", "--out", tmp_path / "fwd", "--no-progress")
+    assert forced.exit_code == 0, forced.output
+    assert "warning: --method fwd although forward and reverse mode give" in forced.output
+    assert read_doc(tmp_path / "fwd")["method"] == "fwd"
+
+
+def test_auto_takes_forward_mode_when_the_modes_agree(ray_session, tmp_path):
+    out = tmp_path / "out"
+    result = _cli("run", "tests.userjobs:tall", "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    man = read_doc(out)
+    assert man["method"] == "fwd" and man["adjoint_check"]["agree"] is True
+
+
+def test_a_resume_after_a_backward_only_change_is_refused(ray_session, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ("run", "tests.userjobs:custom_backward", "--shards", 3, "--out", out, "--no-progress")
+    first = _cli(*args)
+    assert first.exit_code == 0, first.output
+    # The backward now scales by another constant (as after an edit of only the
+    # custom backward): fn(x), x and the shapes are unchanged.
+    monkeypatch.setenv("JACPIPE_TEST_BACKWARD_SCALE", "2.0")
+    again = _cli(*args)
+    assert again.exit_code == 2, again.output
+    assert "the job changed since these shards were written (differs in: fingerprint: " \
+           "derivative); --overwrite to start again" in again.output
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_trust_classes_end_to_end_through_the_cli(ray_session, tmp_path, dtype):
+    d = ["-p", f"dtype={dtype}", "--no-progress"]
+    # 1. fn writes into its input: refused with the right reason, not "nondeterministic"
+    writes = _cli("run", "tests.userjobs:writes_input", *d, "--out", tmp_path / "w")
+    assert writes.exit_code == 2, writes.output
+    assert "writes into its input" in writes.output and "nondeterministic" not in writes.output
+    # 3. a per-sample output of another size: one line naming the sample
+    ragged = _cli("run", "tests.userjobs:ragged_samples", *d, "--out", tmp_path / "r")
+    assert ragged.exit_code != 0 and "Traceback" not in ragged.output
+    assert "fn(xs[" in ragged.output and "entries" in ragged.output
+    # 5. NaN in fn(x): a run like any other, and compare matches NaN with NaN
+    nan = _cli("run", "tests.userjobs:nan_at_x", *d, "--out", tmp_path / "n", "--verify")
+    assert nan.exit_code == 0 and "MATCH" in nan.output, nan.output
+    assert "nondeterministic" not in nan.output
+    # 6. a Hessian of a function torch.func cannot transform: autograd's answer
+    hess = _cli("run", "tests.userjobs:old_style_hessian", *d, "--out", tmp_path / "h",
+                "--verify")
+    assert hess.exit_code == 0 and "MATCH" in hess.output, hess.output
+    # 7. rows come back in x's dtype
+    man = read_doc(tmp_path / "h")
+    assert man["dtype"] == dtype
+    from pipeline import read_jacobian
+
+    assert str(read_jacobian(tmp_path / "h").dtype) == dtype

@@ -1,0 +1,144 @@
+"""``pipeline.store.folder``: locks, resume, stray files and commits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import read_jacobian
+from pipeline.cli import app
+from pipeline.core.errors import JacpipeError
+from pipeline.core.options import RunOptions
+from pipeline.core.shapes import Shapes
+from pipeline.core.shard import ShardResult
+from pipeline.runner import driver as runner
+from pipeline.store.folder import ResultFolder
+from pipeline.store.manifest import Manifest
+from pipeline.store.storage import Storage
+from tests.clitools import error_line as _one_error
+from tests.manifests import read_doc
+from tests.store.results import ROWS, N, _swap_part, write_result
+
+cli = CliRunner()
+
+
+def _run(*args: object):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def test_one_run_per_folder(tmp_path):
+    from pipeline.store.folder import ResultFolder
+
+    first, second = ResultFolder(Storage(str(tmp_path))), ResultFolder(Storage(str(tmp_path)))
+    first.lock("run-a")
+    with pytest.raises(JacpipeError, match=r"in use by another run \(run run-a, pid"):
+        second.lock("run-b")
+    first.unlock()
+    second.lock("run-b")  # free again
+    second.unlock()
+
+
+@pytest.mark.slow
+def test_a_killed_runs_lock_does_not_block(tmp_path):
+    code = ("import os, sys; from pipeline.store.folder import ResultFolder; "
+            "from pipeline.store.storage import Storage; "
+            f"ResultFolder(Storage({str(tmp_path)!r})).lock('dead'); os._exit(9)")
+    done = subprocess.run([sys.executable, "-c", code], env=dict(os.environ,
+                          PYTHONPATH=os.getcwd()), timeout=60)
+    assert done.returncode == 9 and (tmp_path / ".lock").exists()
+    from pipeline.store.folder import ResultFolder
+
+    folder = ResultFolder(Storage(str(tmp_path)))
+    folder.lock("alive")  # the kernel dropped the dead process's flock
+    folder.unlock()
+
+
+def test_stray_parts_are_reported_and_moved_aside_on_resume(ray_session, tmp_path):
+    out = tmp_path / "out"
+    opts = RunOptions(job="mlp", params=["n=20", "m=30", "hidden=8"], shards=3, out=str(out),
+                      progress=False)
+    runner.run(opts, echo=lambda _: None)
+    full = read_jacobian(out)
+    (out / "part-00099.parquet").write_bytes((out / "part-00001.parquet").read_bytes())
+    info = json.loads(_run("inspect", out, "--json").output)
+    assert info["stray_files"] == ["part-00099.parquet"]
+    lines: list[str] = []
+    runner.run(opts, echo=lines.append)
+    assert any("moved 1 file(s)" in line and "_stray" in line for line in lines), lines
+    assert (out / "_stray" / "part-00099.parquet.stray").exists()
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    assert len(pd.read_parquet(out)) == 30 and ds.dataset(out).count_rows() == 30
+    # Polars reads "_" folders too: it refuses the folder rather than count the stray's rows.
+    with pytest.raises(Exception, match="different file extensions"):
+        pl.read_parquet(out)
+    shutil.rmtree(out / "_stray")
+    assert pl.read_parquet(out).height == 30
+    np.testing.assert_array_equal(read_jacobian(out), full)
+
+
+def test_folder_problems_exit_2(tmp_path):
+    (tmp_path / "o" / "_manifest.parquet").mkdir(parents=True)
+    result = _run("inspect", tmp_path / "o")
+    assert result.exit_code == 2 and "is a folder" in _one_error(result)
+    result = _run("run", "mlp", "--out", "")
+    assert result.exit_code == 2 and "--out is empty" in _one_error(result)
+
+
+def test_a_part_of_another_shape_with_a_matching_checksum_is_caught_and_recomputed(
+    tmp_path: Path,
+) -> None:
+    """Part 1 replaced by a well-formed part of other rows/width, its manifest entry updated."""
+    write_result(str(tmp_path))
+    other = tmp_path / "other"
+    write_result(str(other), n=N + 2, rows=ROWS)
+    _swap_part(tmp_path, 1, other / "part-00001.parquet")
+    with pytest.raises(JacpipeError, match="holds double rows of width 7, the manifest says "
+                                           "float64 x 5"):
+        read_jacobian(tmp_path)
+    # rows 0..4 live in part 0 only: still readable
+    np.testing.assert_array_equal(read_jacobian(tmp_path, rows=[0, 3]).shape, (2, N))
+    # resume trusts only parts that check out (folder._trusted_shards uses check())
+    keep = ResultFolder(Storage(str(tmp_path)))._trusted_shards()
+    assert sorted(keep) == [0, 2]
+
+
+def test_an_interrupt_during_a_commit_never_drops_a_logged_commit(tmp_path: Path, monkeypatch):
+    """SIGTERM / Ctrl-C raised as the log line is fsynced: the final manifest still has it.
+
+    The final manifest replaces the commit log, so every logged commit must be
+    in the driver's memory first (seen once in CI: 2 logged, 1 kept).
+    """
+    from pipeline.store import folder as folder_mod
+
+    write_result(str(tmp_path / "ref"))
+    storage = Storage(str(tmp_path / "out"))
+    manifest = Manifest(
+        job="tests.userjobs:matrix_io", params={}, fingerprint={}, method="rev", layout="dense",
+        plan=[(0, 6), (6, 12)], shapes=Shapes("jacobian", (N,), (ROWS,), None, "float64"),
+        run_id="r2",
+    )
+    folder = ResultFolder(storage)
+    folder.prepare(manifest, resume=False, overwrite=True)
+    real = folder_mod.append_commit
+
+    def interrupted(storage_, result):
+        real(storage_, result)  # the line is in the log...
+        raise KeyboardInterrupt  # ...and the signal lands before anything else runs
+
+    monkeypatch.setattr(folder_mod, "append_commit", interrupted)
+    ref = read_doc(tmp_path / "ref")["shards"][0]
+    with pytest.raises(KeyboardInterrupt):
+        folder.commit(ShardResult(0, 0, 6, ref["file"], 6, ref["checksum"], ref["bytes"]))
+    folder.finish("interrupted")
+    assert [s["index"] for s in read_doc(tmp_path / "out")["shards"]] == [0]
