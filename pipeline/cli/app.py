@@ -437,10 +437,7 @@ def inspect_cmd(
         if len(info["shards"]) > 50:
             shards.add_row("...", f"{len(info['shards']) - 50} more", "", "", "", "", "")
         _console().print(shards)
-        if "smoothing" in info:
-            _print_smoothing(info["smoothing"])
-        if "operator" in info:
-            _print_operator(info["operator"])
+        _print_kind_facts(info)
         if "svd" in info:
             sv = info["svd"]
             typer.echo("top singular values: "
@@ -460,6 +457,14 @@ def inspect_cmd(
                 fg=typer.colors.YELLOW, err=True)
     if info["problems"]:
         raise typer.Exit(code=1)
+
+def _print_kind_facts(info: dict) -> None:
+    """What a smoothed or per-point result adds to ``inspect``'s table."""
+    if "smoothing" in info:
+        _print_smoothing(info["smoothing"])
+    if "operator" in info:
+        _print_operator(info["operator"])
+
 
 def _print_operator(op: dict) -> None:
     """A per-point result's operator options and statistics over its points (``inspect``)."""

@@ -21,6 +21,7 @@ from pipeline.maths import operators
 from pipeline.problem.problem import build_problem
 
 LOCAL = ["--executor", "local", "--no-progress"]
+pytestmark = pytest.mark.slow  # end to end through the CLI: seconds each
 
 
 def invoke(*args: object):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import JacpipeError, Problem
-from pipeline.core.pairs import pair_count, pair_of_row, row_of_pair
+from pipeline.core.pairs import pair_count
 from pipeline.maths.operators import (
     iter_third_rows,
     point_columns,
@@ -110,15 +110,6 @@ def test_third_rows_of_a_range_match_the_whole():
     np.testing.assert_allclose(part, whole[5:17], rtol=1e-12, atol=1e-14)
     with pytest.raises(JacpipeError, match="outside the 21 pairs"):
         next(iter_third_rows(fn, x, 0, 22))
-
-
-@pytest.mark.parametrize("n", [1, 2, 5, 30, 1001])
-def test_pairs_number_the_upper_triangle_row_by_row(n):
-    j, k = pair_of_row(np.arange(pair_count(n)), n)
-    tj, tk = np.triu_indices(n)
-    np.testing.assert_array_equal(j, tj)
-    np.testing.assert_array_equal(k, tk)
-    np.testing.assert_array_equal(row_of_pair(k, j, n), np.arange(pair_count(n)))
 
 
 @pytest.mark.parametrize("problem,match", [
