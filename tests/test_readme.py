@@ -31,8 +31,8 @@ def test_user_job_example_is_the_shipped_file():
     assert block.strip() == shipped.strip()
 
 
-def tour_commands():
-    block = next(code for lang, code in BLOCKS if lang == "bash" and "jacpipe jobs" in code)
+def tour_commands(marker: str = "jacpipe jobs"):
+    block = next(code for lang, code in BLOCKS if lang == "bash" and marker in code)
     for line in block.strip().splitlines():
         for part in line.split("#")[0].split("&&"):
             if part.strip():
@@ -56,6 +56,20 @@ def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
         ran += 1
     assert ran >= 7
     assert (tmp_path / "J.png").exists() and (tmp_path / "out/mine/_manifest.parquet").exists()
+
+
+@pytest.mark.slow
+def test_higher_order_commands_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for argv in tour_commands("jacpipe run poisson"):
+        result = CliRunner().invoke(app, argv[1:], catch_exceptions=False)
+        assert result.exit_code == 0, (argv, result.output)
+        ran.append(argv[1])
+        if "--verify" in argv:
+            assert "MATCH" in result.output and "MISMATCH" not in result.output
+    assert ran.count("run") == 3 and "inspect" in ran
+    assert (tmp_path / "out/poisson.png").stat().st_size > 1000
 
 
 def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
