@@ -63,6 +63,9 @@ class KindSpec:
         operator: the per-point operator's options it takes (``samples``,
             ``seed``, ``weights``, ``order``, ``direction``), empty for other kinds.
         sparse_ok: a sparsity pattern and colouring apply to it.
+        hessian_pattern: ``Problem.sparsity`` is the Hessian's pattern (``n x n``,
+            or ``"auto"``: detected): rows ``(j, k)`` outside it are zero and
+            are not computed (third derivatives).
     """
 
     name: Kind
@@ -76,6 +79,7 @@ class KindSpec:
     index_column: str | None = None
     operator: tuple[str, ...] = ()
     sparse_ok: bool = False
+    hessian_pattern: bool = False
 
     @property
     def plain(self) -> bool:
@@ -138,7 +142,7 @@ KINDS: dict[str, KindSpec] = {
                        per_sample=True, rows_over="points", index_column="point",
                        operator=("order", "direction")),
     "third": KindSpec("third", "pairs j <= k of x", "jacrev(jacrev(jacrev(fn)))",
-                      rows_over="pairs"),
+                      rows_over="pairs", hessian_pattern=True),
 }
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 

@@ -93,16 +93,19 @@ def maths_of(name: str) -> KindMaths:
 
 def iter_rows(
     problem: Problem, start: int, stop: int, *, chunk_size: int | None = None,
-    method: str = "rev", m: int | None = None,
+    method: str = "rev", m: int | None = None, pattern: Any = None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``[start, stop)`` of ``problem``'s derivative, chunk by chunk (dense methods).
 
     ``m``: outputs per sample, when known (per-sample kinds skip a forward pass to learn it).
+    ``pattern``: the Hessian's pattern of a kind that skips the rows outside it (third).
     """
     maths = maths_of(problem.kind)
     extra: dict[str, Any] = {"m": m} if maths.spec.per_sample and m is not None else {}
     if maths.spec.per_point:
         extra = {"kind": problem.kind, "operator": problem.operator}
+    if maths.spec.hessian_pattern:
+        extra = {"pattern": pattern}
     return maths.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
                       **extra)
 

@@ -178,7 +178,7 @@ def _factor(weights: Tensor) -> Tensor:
 
 
 def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop: int, *,
-                    chunk_size: int | None = None, method: str = "rev"
+                    chunk_size: int | None = None, method: str = "rev", pattern: Any = None
                     ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``[start, stop)`` of a scalar ``fn``'s third derivatives (NOTE: [Third derivatives
     by polarization]).
@@ -189,6 +189,9 @@ def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop:
         start, stop: flat rows over the pairs ``j <= k`` (row-major over the upper triangle).
         chunk_size: rows per vectorised pass (None: all at once).
         method: ``rev`` (the only one: a reverse pass over each row's jet).
+        pattern: the Hessian's sparsity pattern (``n x n``, anything with
+            ``tocsr()``), or None. Rows ``(j, k)`` outside it are zero (their
+            second derivative is zero everywhere) and are not computed.
 
     Yields:
         ``(first_row, block)``, ``block`` of shape ``(rows, x.numel())``.
@@ -211,9 +214,21 @@ def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop:
 
     rows_of = torch.func.vmap(torch.func.grad(mixed), in_dims=(None, 0, 0))
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    csr = None if pattern is None else pattern.tocsr()
     for a, b in _chunks(start, stop, chunk_size):
         j, k = pair_of_row(np.arange(a, b), n)
-        yield a, rows_of(flat, eye[torch.as_tensor(j)], eye[torch.as_tensor(k)])
+        keep = np.ones(b - a, bool) if csr is None else np.asarray(csr[j, k]).reshape(-1) != 0
+        block = flat.new_zeros(b - a, n)
+        if keep.any():
+            sel = torch.as_tensor(np.flatnonzero(keep))
+            block[sel] = _mixed_rows(rows_of, flat, eye[torch.as_tensor(j[keep])],
+                                     eye[torch.as_tensor(k[keep])])
+        yield a, block
+
+
+def _mixed_rows(rows_of: Callable, flat: Tensor, ej: Tensor, ek: Tensor) -> Tensor:
+    """The rows ``grad d^2 f / dx_j dx_k`` of the pairs whose unit vectors are ``ej``, ``ek``."""
+    return rows_of(flat, ej, ek)
 
 
 def point_row_numel(problem: Problem) -> int:

@@ -290,11 +290,14 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
             f"{spec}: sparsity must be a scipy.sparse pattern, 'auto' (detected, valid at any "
             f"x) or 'auto-local' (at this x only), got {problem.sparsity!r}"
         )
-    if problem.sparsity is not None and not kind.sparse_ok:
+    if problem.sparsity is not None and kind.hessian_pattern:
+        _check_hessian_pattern(problem.sparsity, int(sample.numel()), spec)
+    elif problem.sparsity is not None and not kind.sparse_ok:
         sparse = ", ".join(k for k, s in KIND_TABLE.items() if s.sparse_ok)
         raise JacpipeError(f"{spec}: sparsity patterns apply to the {sparse} kinds, not "
                            f"{problem.kind!r}; leave Problem.sparsity None")
-    if problem.sparsity is not None and not isinstance(problem.sparsity, str):
+    if (problem.sparsity is not None and not isinstance(problem.sparsity, str)
+            and kind.sparse_ok):
         sp_shape = tuple(getattr(problem.sparsity, "shape", ()))
         if sp_shape != (shapes.m, shapes.n):
             raise JacpipeError(
@@ -331,6 +334,19 @@ def _checked_input(problem: Problem, spec: str) -> Any:
     if kind_of(problem.kind).per_sample and x.dim() < 1:
         raise JacpipeError(f"{spec}: batched kind needs x of shape (B, *in_shape)")
     return x
+
+
+def _check_hessian_pattern(pattern: Any, n: int, spec: str) -> None:
+    """A third-derivative problem's sparsity: the Hessian's ``n x n`` pattern, or ``"auto"``."""
+    if isinstance(pattern, str):
+        if pattern != "auto":
+            raise JacpipeError(f"{spec}: kind 'third' takes sparsity 'auto' (the Hessian's "
+                               f"pattern, detected) or an n x n pattern, got {pattern!r}")
+        return
+    shape = tuple(getattr(pattern, "shape", ()))
+    if shape != (n, n):
+        raise JacpipeError(f"{spec}: kind 'third' takes the Hessian's sparsity pattern, shape "
+                           f"({n}, {n}), got {shape}")
 
 
 def check_operator(problem: Problem, d: int, spec: str = "job") -> None:

@@ -301,8 +301,9 @@ def _write_dense(
     sink: Any = _Pipeline(write) if pipelined else None
     try:
         ramp = _first_block_end(spec, chunk)
+        pattern = hessian_pattern(problem)
         rows = itertools.chain(*(
-            iter_rows(problem, a, b, chunk_size=c, method=spec.method, m=m)
+            iter_rows(problem, a, b, chunk_size=c, method=spec.method, m=m, pattern=pattern)
             for a, b, c in ((spec.start, ramp, ramp - spec.start), (ramp, spec.stop, chunk))
             if b > a))
         while True:
@@ -346,6 +347,25 @@ def _write_columns(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk:
         writer.write_columns(a, host)
         t0 = time.perf_counter()
         busy["write"] += t0 - t1
+
+
+#: id of a problem -> (the problem, kept alive so the id stays its own; its Hessian pattern).
+_HESSIAN_PATTERNS: dict[int, tuple[Problem, Any]] = {}
+
+
+def hessian_pattern(problem: Problem) -> Any:
+    """The Hessian pattern a third-derivative problem skips rows by (None: all rows)."""
+    if not kind_of(problem.kind).hessian_pattern or problem.sparsity is None:
+        return None
+    if not isinstance(problem.sparsity, str):
+        return problem.sparsity
+    if id(problem) not in _HESSIAN_PATTERNS:
+        from pipeline.sparse.detect import trace_sparsity
+
+        report = trace_sparsity(problem.fn, problem.x, kind="hessian", mode="global",
+                                max_density=None)
+        _HESSIAN_PATTERNS[id(problem)] = (problem, report.pattern)  # None: gave up (dense)
+    return _HESSIAN_PATTERNS[id(problem)][1]
 
 
 def _first_block_end(spec: ShardSpec, chunk: int) -> int:

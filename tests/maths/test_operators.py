@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline import JacpipeError, Problem
-from pipeline.core.pairs import pair_count
+from pipeline.core.pairs import pair_count, pair_of_row
+from pipeline.maths import operators
 from pipeline.maths.operators import (
     iter_third_rows,
     point_columns,
@@ -132,3 +133,40 @@ def test_bad_operator_problems_are_refused_in_one_line(problem, match):
     with pytest.raises(JacpipeError, match=match) as info:
         validate(problem)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", ["known", "auto"])
+def test_third_rows_skip_pairs_outside_the_hessian_pattern(pattern, monkeypatch):
+    from jobs.lennard_jones import build
+    from pipeline.runner import worker
+
+    problem = build(atoms=8, cutoff=1.6, pattern=pattern)
+    plain = build(atoms=8, cutoff=1.6)
+    n = problem.x.numel()
+    hp = worker.hessian_pattern(problem)
+    assert hp is not None and hp.shape == (n, n) and 0 < hp.nnz < n * n
+    computed = []
+    real = operators._mixed_rows
+
+    def counting(rows_of, flat, ej, ek):
+        computed.append(len(ej))
+        return real(rows_of, flat, ej, ek)
+
+    monkeypatch.setattr(operators, "_mixed_rows", counting)
+    rows = np.concatenate([b.numpy() for _, b in iter_third_rows(
+        problem.fn, problem.x, 0, pair_count(n), chunk_size=100, pattern=hp)])
+    monkeypatch.undo()
+    j, k = pair_of_row(np.arange(pair_count(n)), n)
+    assert sum(computed) == int((np.asarray(hp[j, k]).reshape(-1) != 0).sum()) < pair_count(n)
+    ref = third_reference(plain)
+    np.testing.assert_allclose(rows, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+
+
+def test_third_takes_only_a_hessian_shaped_pattern():
+    from jobs.lennard_jones import build
+
+    problem = build(atoms=3)
+    with pytest.raises(JacpipeError, match=r"Hessian's sparsity pattern, shape \(9, 9\)"):
+        validate(Problem(problem.fn, problem.x, kind="third", sparsity=np.eye(3)))
+    with pytest.raises(JacpipeError, match="takes sparsity 'auto'"):
+        validate(Problem(problem.fn, problem.x, kind="third", sparsity="auto-local"))
