@@ -214,6 +214,7 @@ def iter_third_rows(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, stop:
 
     rows_of = torch.func.vmap(torch.func.grad(mixed), in_dims=(None, 0, 0))
     eye = torch.eye(n, dtype=flat.dtype, device=flat.device)
+    second(flat.expand(3, n), eye[:1].expand(3, n))  # trace once, outside vmap(grad)
     csr = None if pattern is None else pattern.tocsr()
     for a, b in _chunks(start, stop, chunk_size):
         j, k = pair_of_row(np.arange(a, b), n)

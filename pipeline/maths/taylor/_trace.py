@@ -16,6 +16,7 @@ wrapped anew (``laplacian(fn)`` again) or the cache cleared with
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
@@ -100,21 +101,29 @@ def trace(fn: Callable, x: torch.Tensor, *, batched: bool) -> torch.fx.GraphModu
     return gm
 
 
+def _under_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, jvp) is active in this thread."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
 def _trace(fn: Callable, x: torch.Tensor, batched: bool) -> tuple[torch.fx.GraphModule, bool]:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     target = torch.func.vmap(fn) if batched else fn
 
     def run(mode: str, at: torch.Tensor) -> torch.fx.GraphModule:
-        # NOTE: outside any torch.func transform the caller is under (vjp, grad,
-        # vmap): an input made inside one is that level's tensor, and make_fx
-        # records it as a constant, so the graph ignores x (zero gradients).
-        with torch._C._DisableFuncTorch():
-            return make_fx(torch.func.functionalize(target), decomposition_table=decompositions(),
-                           tracing_mode=mode, _allow_non_fake_inputs=True,
-                           _error_on_data_dependent_ops=mode == "fake")(
-                               torch.empty(at.shape, dtype=at.dtype, device=at.device)
-                               if mode == "fake" else at)
+        traced = make_fx(torch.func.functionalize(target), decomposition_table=decompositions(),
+                         tracing_mode=mode, _allow_non_fake_inputs=True,
+                         _error_on_data_dependent_ops=mode == "fake")
+        if mode != "fake" or not _under_transform():
+            return traced(at)
+        # NOTE: traced under a torch.func transform the caller runs (vjp, grad,
+        # vmap), the input is that level's tensor and make_fx records it as a
+        # constant: the graph then ignores x (zero gradients). The transform
+        # stack is per thread, so a fresh thread traces as if outside it.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(traced, torch.empty(at.shape, dtype=at.dtype,
+                                                   device=at.device)).result()
 
     blank = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     try:
