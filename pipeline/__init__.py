@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from pipeline.maths.engine import batched_rows as batched_rows
     from pipeline.maths.engine import hessian_rows as hessian_rows
     from pipeline.maths.engine import jacobian_rows as jacobian_rows
+    from pipeline.maths.taylor import biharmonic as biharmonic
+    from pipeline.maths.taylor import laplacian as laplacian
+    from pipeline.maths.taylor import taylor as taylor
     from pipeline.runner.driver import run as run
     from pipeline.sparse.detect import detect_sparsity as detect_sparsity
     from pipeline.store.reader import open_jacobian as open_jacobian
@@ -27,6 +30,9 @@ _LAZY = {
     "jacobian_rows": "pipeline.maths.engine",
     "hessian_rows": "pipeline.maths.engine",
     "batched_rows": "pipeline.maths.engine",
+    "taylor": "pipeline.maths.taylor",
+    "laplacian": "pipeline.maths.taylor",
+    "biharmonic": "pipeline.maths.taylor",
     "read_jacobian": "pipeline.store.reader",
     "open_jacobian": "pipeline.store.reader",
     "run": "pipeline.runner.driver",

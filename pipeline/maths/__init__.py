@@ -20,6 +20,10 @@ _OWNERS = {
     "jacobian_reference": "pipeline.maths.references",
     "hessian_reference": "pipeline.maths.references",
     "batched_reference": "pipeline.maths.references",
+    "laplacian": "pipeline.maths.taylor",
+    "biharmonic": "pipeline.maths.taylor",
+    "iter_third_rows": "pipeline.maths.operators",
+    "point_columns": "pipeline.maths.operators",
 }
 __all__ = sorted(_OWNERS)
 __getattr__, __dir__ = lazy_face(__name__, _OWNERS)

@@ -170,3 +170,16 @@ def test_third_takes_only_a_hessian_shaped_pattern():
         validate(Problem(problem.fn, problem.x, kind="third", sparsity=np.eye(3)))
     with pytest.raises(JacpipeError, match="takes sparsity 'auto'"):
         validate(Problem(problem.fn, problem.x, kind="third", sparsity="auto-local"))
+
+
+def test_the_transforms_are_public_names_of_pipeline():
+    import pipeline
+    from pipeline.maths import taylor as module
+
+    assert {"taylor", "laplacian", "biharmonic"} <= set(pipeline.__all__)
+    for name in ("taylor", "laplacian", "biharmonic"):
+        assert getattr(pipeline, name) is getattr(module, name)
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    quartic = lambda t: (t**4).sum()  # noqa: E731
+    assert float(pipeline.laplacian(quartic)(x)) == 60.0  # 12 (1 + 4)
+    assert float(pipeline.biharmonic(quartic)(x)) == 48.0  # 24 + 24
