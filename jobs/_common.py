@@ -68,3 +68,18 @@ def tanh_mlp(sizes: list[int], g: torch.Generator, dt: torch.dtype):  # noqa: AN
         return v
 
     return u
+
+
+def field_in_box(points: int, dim: int, hidden: str, dtype: str, seed: int):  # noqa: ANN201
+    """A seeded scalar tanh MLP ``u: R^dim -> R`` and ``points`` points in ``[-1, 1]^dim``.
+
+    Raises:
+        JacpipeError: a size below 1, bad widths or dtype.
+    """
+    positive("points", points)
+    positive("dim", dim)
+    dt = dtype_of(dtype)
+    g = generator(seed)
+    net = tanh_mlp([dim, *widths(hidden), 1], g, dt)
+    x = torch.rand(points, dim, generator=g, dtype=dt).mul_(2).sub_(1)
+    return (lambda v: net(v).reshape(())), x

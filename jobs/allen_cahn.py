@@ -11,9 +11,7 @@ value^3``.
 
 from __future__ import annotations
 
-import torch
-
-from jobs._common import dtype_of, generator, positive, tanh_mlp, widths
+from jobs._common import field_in_box
 from pipeline import Problem
 
 
@@ -30,11 +28,5 @@ def build(points: int = 500, dim: int = 1000, samples: int = 64, seed: int = 0,
         hidden: hidden widths of the tanh MLP.
         dtype: float32 or float64.
     """
-    positive("points", points)
-    positive("dim", dim)
-    dt = dtype_of(dtype)
-    g = generator(seed)
-    u = tanh_mlp([dim, *widths(hidden), 1], g, dt)
-    x = torch.rand(points, dim, generator=g, dtype=dt).mul_(2).sub_(1)
-    return Problem(fn=lambda v: u(v).reshape(()), x=x, kind="laplacian",
-                   operator={"samples": samples, "seed": seed})
+    u, x = field_in_box(points, dim, hidden, dtype, seed)
+    return Problem(fn=u, x=x, kind="laplacian", operator={"samples": samples, "seed": seed})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from jobs._common import dtype_of, generator, positive, tanh_mlp, widths
+from jobs._common import field_in_box
 from pipeline import Problem
 
 
@@ -33,10 +33,5 @@ def build(points: int = 2000, dim: int = 2, hidden: str = "64,64", dtype: str = 
         dtype: float32 or float64.
         seed: seed of the weights and of the points.
     """
-    positive("points", points)
-    positive("dim", dim)
-    dt = dtype_of(dtype)
-    g = generator(seed)
-    u = tanh_mlp([dim, *widths(hidden), 1], g, dt)
-    x = torch.rand(points, dim, generator=g, dtype=dt).mul_(2).sub_(1)
-    return Problem(fn=lambda v: u(v).reshape(()), x=x, kind="laplacian")
+    u, x = field_in_box(points, dim, hidden, dtype, seed)
+    return Problem(fn=u, x=x, kind="laplacian")

@@ -27,7 +27,9 @@ operator's values (one per output of ``fn``), stored beside ``fn``'s own values
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
+
+T = TypeVar("T")
 
 #: What is differentiated (one row of :data:`KINDS`).
 Kind = Literal["jacobian", "hessian", "batched", "laplacian", "biharmonic", "taylor", "third"]
@@ -153,10 +155,7 @@ def kind_of(name: str) -> KindSpec:
     Raises:
         ValueError: unknown kind.
     """
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ValueError(f"unknown kind {name!r}; expected one of {KIND_NAMES}") from None
+    return _row(KINDS, name, "kind")
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,11 @@ def layout_of(name: str) -> LayoutSpec:
     Raises:
         ValueError: unknown layout.
     """
+    return _row(LAYOUT_TABLE, name, "layout")
+
+
+def _row(table: dict[str, T], name: str, what: str) -> T:
     try:
-        return LAYOUT_TABLE[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown layout {name!r}; expected one of {LAYOUTS}") from None
+        raise ValueError(f"unknown {what} {name!r}; expected one of {tuple(table)}") from None
