@@ -176,3 +176,12 @@ def old_style_hessian(n: int = 6, dtype: str = "float64") -> Problem:
     dt = {"float32": torch.float32, "float64": torch.float64}[dtype]
     return Problem(fn=lambda v: OldStyle.apply(v).sum() + (v[:-1] * v[1:]).sum(),
                    x=torch.linspace(0.5, 1.5, n, dtype=dt), kind="hessian")
+
+
+def taylor_field(points: int = 24, order: int = 4, outputs: int = 2) -> Problem:
+    """The ``order``-th directional derivative of a vector field R^3 -> R^outputs per point."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(outputs, 3, generator=g, dtype=torch.float64)
+    x = torch.rand(points, 3, generator=g, dtype=torch.float64)
+    return Problem(fn=lambda v: torch.sin(w @ v) * torch.exp(v.sum() / 3), x=x, kind="taylor",
+                   operator={"order": order, "direction": [1.0, -0.5, 0.25]})

@@ -80,6 +80,8 @@ def test_stochastic_run_on_ray_is_the_same_for_any_number_of_shards(ray_session,
 
     np.testing.assert_array_equal(one.read(), three.read())
     np.testing.assert_array_equal(read_column(one, "stderr"), read_column(three, "stderr"))
+    assert three.manifest.fingerprint["operator"] == {"samples": 8, "seed": 0}
+    assert three.manifest.part_schema().names == ["row", "point", "values", "value", "stderr"]
     report = compare(str(tmp_path / "s3"), job="allen_cahn")
     assert report.ok, report.extra
     assert "within 3 standard errors" in report.extra
@@ -181,3 +183,24 @@ def test_bad_requests_are_one_line_before_any_work(tmp_path, args, match):
     assert res.exit_code == 2, res.output
     assert __import__("re").search(match, res.output), res.output
     assert "Traceback" not in res.output
+
+
+def test_taylor_kind_on_ray_records_its_operator(ray_session, tmp_path):
+    out = tmp_path / "t"
+    res = invoke("run", "tests.userjobs:taylor_field", "-p", "order=5", "--shards", "2",
+                 "--executor", "ray", "--out", out, "--verify", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "MATCH" in res.output
+    result = open_jacobian(out)
+    assert result.manifest.fingerprint["operator"] == {"direction": [1.0, -0.5, 0.25],
+                                                        "order": 5}
+    assert result.shape == (24, 2) and result.full_shape == (24, 2)
+    problem = build_problem("tests.userjobs:taylor_field", {"order": 5})
+    v = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    f = problem.fn
+    for _ in range(5):  # five nested jvps: the reference the kind replaces
+        f = (lambda g: lambda t: torch.func.jvp(g, (t,), (v,))[1])(f)
+    ref = torch.stack([f(p) for p in problem.x]).numpy()
+    np.testing.assert_allclose(read_jacobian(out), ref, rtol=1e-10, atol=1e-12)
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.column_names == ["row", "point", "values", "value", "x"]
