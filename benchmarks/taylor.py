@@ -11,8 +11,9 @@ Float64, 2 torch threads, a tanh MLP ``D -> 768 -> 768 -> 512 -> 512 -> 1``:
     subprocess; reported is the growth of the peak resident set size
     (``ru_maxrss``) over the RSS right before the call (model, points and
     imports already in place), divided by the points. RSS is what the OS
-    gives the process: torch's CPU allocator returns big blocks to it, so
-    the peak of live tensors shows up there.
+    gives the process; with ``MALLOC_MMAP_THRESHOLD_`` fixed, every big
+    tensor is its own mapping, returned on free, so the peak RSS is the
+    peak of live tensors (plus small change).
 (3) Biharmonic, the same net with D = 5: one collapsed 4-jet over the D^2
     polarization directions against nested torch.func (Laplacian of the
     Laplacian: grad, jvp, grad, jvp), and jet-for-pytorch's ``bilaplacian``.
@@ -43,6 +44,7 @@ copy the ``jet`` folder to ``/tmp/jetlib`` (never into the project's environment
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -257,7 +259,10 @@ def memory_rows(report: Report, quick: bool, jet_path: str, jet_ok: bool) -> Non
     for m in methods:
         cmd = [sys.executable, "-m", "benchmarks.taylor", "--memory-child", m,
                "--jet-path", jet_path] + (["--quick"] if quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+        # a fixed mmap threshold: glibc's dynamic one keeps freed big blocks in the heap at
+        # random, which made the peak RSS of one method vary 3x from run to run
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env,
                              cwd=Path(__file__).resolve().parent.parent)
         per_point[m] = json.loads(out.stdout.strip().splitlines()[-1])["bytes_per_point"]
     rows = [[m, f"{b / 2**20:.2f} MiB", b / per_point["taylor"]] for m, b in per_point.items()]

@@ -89,6 +89,9 @@ def cauchy(s: Series, a: Sequence, b: Sequence, k: int,
     In a collapsed series the top's middle terms are summed over the
     directions (NOTE: [collapsed top coefficient]).
     """
+    if s.is_top(k) and k == 2 and a is b and start == 0 and a[0] is None and _square_ok(s, a[1]):
+        # the Laplacian's one middle term, sum_d x1_d^2: one pass, no temporary
+        return torch.linalg.vector_norm(a[1], dim=0, keepdim=True).square()
     edge, mid = None, None
     for i in range(start, k + 1):
         ai, bj = a[i], b[k - i]
@@ -100,6 +103,12 @@ def cauchy(s: Series, a: Sequence, b: Sequence, k: int,
         else:
             edge = add(edge, term)
     return add(edge, None if mid is None else s.reduce(mid))
+
+
+def _square_ok(s: Series, t: torch.Tensor | None) -> bool:
+    """Whether ``sum_d t_d^2`` may be a norm (no weights; no autograd: its gradient at 0 is nan)."""
+    return (t is not None and s.weights is None and t.shape[0] == s.directions
+            and not (torch.is_grad_enabled() and t.requires_grad))
 
 
 def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None]) -> Coeffs:
