@@ -9,8 +9,9 @@ Float64, 2 torch threads, a tanh MLP ``D -> 768 -> 768 -> 512 -> 512 -> 1``:
     ``laplacian`` (vmapped over points) where importable. Time per point.
 (2) Peak memory of (1) per point: each method runs once in a fresh
     subprocess; reported is the growth of the peak resident set size
-    (``ru_maxrss``) over the RSS right before the call (model, points and
-    imports already in place), divided by the points. RSS is what the OS
+    (``VmHWM``, reset right before the call) over the RSS right before the
+    call (model, points, imports and trace already in place), divided by
+    the points. RSS is what the OS
     gives the process; with ``MALLOC_MMAP_THRESHOLD_`` fixed, every big
     tensor is its own mapping, returned on free, so the peak RSS is the
     peak of live tensors (plus small change).
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -295,11 +295,19 @@ def memory_child(method: str, quick: bool, jet_path: str) -> None:
         run = lambda: jl(xs)  # noqa: E731
         jl(xs[:1])
     base = psutil.Process().memory_info().rss
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # NOTE: ru_maxrss survives exec (a child starts at its parent's high-water mark), so the
+    # peak is VmHWM of this process, reset right before the call (clear_refs 5, Linux >= 4.0).
+    Path("/proc/self/clear_refs").write_text("5")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"bytes_per_point": (peak - max(base, before)) / xs.shape[0]
-                      if peak > before else (peak - base) / xs.shape[0]}))
+    peak = _vm_hwm()
+    print(json.dumps({"bytes_per_point": (peak - base) / xs.shape[0]}))
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
