@@ -121,16 +121,18 @@ def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | Non
     """
     order = s.order
     u = [None, *x[1:]]
+    powers = {1: u}  # u^j
+    for j in range(2, order + 1):
+        powers[j] = [None] * j + [cauchy(s, powers[j - 1], u, k) for k in range(j, order + 1)]
     out: Coeffs = [d[0]] + [None] * order
-    power = u  # u^j
-    for j in range(1, order + 1):
-        if j > 1:
-            power = [None] * j + [cauchy(s, power, u, k) for k in range(j, order + 1)]
-        if d[j] is None:
-            continue
-        for k in range(j, order + 1):
-            if power[k] is not None:
-                out[k] = add(out[k], d[j] * power[k])
+    for k in range(1, order + 1):
+        acc = None
+        for j in range(2, k + 1):
+            if d[j] is not None and powers[j][k] is not None:
+                acc = add(acc, d[j] * powers[j][k])
+        if d[1] is not None:
+            acc = add(d[1] * u[k], acc)
+        out[k] = acc
     return [t if t is not None else torch.zeros_like(x[k]) for k, t in enumerate(out)]
 
 
