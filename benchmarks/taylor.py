@@ -29,10 +29,11 @@ Float64, 2 torch threads, a tanh MLP ``D -> 768 -> 768 -> 512 -> 512 -> 1``:
 
 jet-for-pytorch declares Python >= 3.12 for one PEP 695 ``type`` alias; on
 3.11 a copy patched to a plain class is put on ``sys.path`` from
-``--jet-path`` (default ``/tmp/jetlib``, see README of this benchmark in
-the module's NOTE) and the JSON records whether it was importable.
+``--jet-path`` (default ``/tmp/jetlib``; how to make it: the NOTE below),
+and the JSON records whether it was importable. It is never a dependency of
+the project.
 
-    python -m benchmarks.taylor            # ~3 minutes on 2 busy cores
+    python -m benchmarks.taylor            # ~5 minutes on 2 cores
     python -m benchmarks.taylor --quick    # ~20 seconds, small sizes
 
 NOTE: to make jet-for-pytorch importable on Python 3.11:
