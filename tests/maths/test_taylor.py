@@ -236,6 +236,18 @@ def test_parameter_gradients_through_laplacian_match_nested():
     assert float(ours[0].abs().max()) > 0
 
 
+def test_torch_func_grad_over_closed_over_weights_is_refused():
+    # make_fx drops the transform's wrapper of a captured weight: a silent wrong gradient,
+    # so it is refused (autograd's .backward() is the supported way, tested above)
+    x = torch.randn(5, 3, dtype=F64)
+
+    def loss(w):
+        return laplacian(lambda t: torch.tanh(t @ w).sum(), batched=True)(x).sum()
+
+    with pytest.raises(TaylorError, match="enclosing torch.func transform"):
+        torch.func.grad(loss)(torch.randn(3, 4, dtype=F64))
+
+
 def test_missing_rule_falls_back_with_one_warning(monkeypatch):
     from pipeline.maths.taylor import _interpret, _rules
 

@@ -108,7 +108,8 @@ def cauchy(s: Series, a: Sequence, b: Sequence, k: int,
 def _square_ok(s: Series, t: torch.Tensor | None) -> bool:
     """Whether ``sum_d t_d^2`` may be a norm (no weights; no autograd: its gradient at 0 is nan)."""
     return (t is not None and s.weights is None and t.shape[0] == s.directions
-            and not (torch.is_grad_enabled() and t.requires_grad))
+            and not (torch.is_grad_enabled() and t.requires_grad)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))  # grad transforms
 
 
 def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None]) -> Coeffs:
