@@ -141,6 +141,23 @@ def test_relu_follows_the_branch_and_is_logged(caplog):
     assert "relu" in caplog.text and "abs" in caplog.text
 
 
+def test_shared_products_are_not_overwritten():
+    # tanh may write its linear term into a product only that tanh sees (NOTE: [temporaries])
+    w = torch.randn(4, 6, generator=torch.Generator().manual_seed(9), dtype=F64)
+
+    def f(x):
+        h = x @ w
+        g = (x * 2) @ w
+        return (torch.tanh(h.reshape(2, 3)).sum() + torch.sin(h).sum() * h.sum()
+                + torch.tanh(g + 1.0).sum())
+
+    x = point(4)
+    close(laplacian(f)(x), hessian_trace(f, x))
+    close(biharmonic(f)(x), nested_biharmonic(f, x))
+    close(taylor(f, order=3)(x, point(4, seed=2))[3],
+          taylor(lambda t: f(t) + 0.0, order=3)(x, point(4, seed=2))[3])
+
+
 def test_vector_valued_fn_gives_one_laplacian_per_output():
     f = mlp(4, 8, torch.tanh, out=3)
     x = point(4)

@@ -415,11 +415,14 @@ _UNARY: dict[str, Callable[[torch.Tensor, int], list]] = {
 }
 
 
+UNARY = frozenset(_UNARY)
+
+
 def elementwise(s, op, args, kwargs, y0):
     x = args[0]
     d = _UNARY[op_name(op)](x[0], s.order)
     d[0] = y0.unsqueeze(0)
-    return ser.compose(s, x, d)[1:]
+    return ser.compose(s, x, d, overwrite=s.overwrite)[1:]
 
 
 def power(s, op, args, kwargs, y0):

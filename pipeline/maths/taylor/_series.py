@@ -53,6 +53,7 @@ class Series:
         self.directions = directions
         self.collapsed = collapsed and order > 0
         self.weights = weights
+        self.overwrite = False  # the op under way may overwrite its argument's coefficients
 
     def size(self, k: int) -> int:
         """The length of coefficient ``k``'s direction axis."""
@@ -112,13 +113,16 @@ def _square_ok(s: Series, t: torch.Tensor | None) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t))  # grad transforms
 
 
-def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None]) -> Coeffs:
+def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None], *,
+            overwrite: bool = False) -> Coeffs:
     """The jet of ``g(x)`` from ``d[j] = g^(j)(x0) / j!`` (Faa di Bruno, normalized).
 
     Args:
         s: the series.
         x: the argument's jet.
         d: the Taylor coefficients of ``g`` at ``x0``, ``d[0] = g(x0)`` (``None``: zero).
+        overwrite: ``x``'s higher coefficients are temporaries nobody else holds: the
+            linear term ``d[1] x_k`` is formed in their memory.
     """
     order = s.order
     u = [None, *x[1:]]
@@ -132,9 +136,20 @@ def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | Non
             if d[j] is not None and powers[j][k] is not None:
                 acc = add(acc, d[j] * powers[j][k])
         if d[1] is not None:
-            acc = add(d[1] * u[k], acc)
+            if overwrite and _writable(u[k], d[1], acc):
+                lin = u[k].mul_(d[1])  # every power of u is formed already
+                acc = lin if acc is None else lin.add_(acc)
+            else:
+                acc = add(d[1] * u[k], acc)
         out[k] = acc
     return [t if t is not None else torch.zeros_like(x[k]) for k, t in enumerate(out)]
+
+
+def _writable(t: torch.Tensor, d1: torch.Tensor, acc: torch.Tensor | None) -> bool:
+    return (t.is_contiguous() and not t.requires_grad and t.dtype == d1.dtype
+            and d1.shape[1:] == t.shape[1:] and (acc is None or acc.shape == t.shape)
+            and not any(torch._C._functorch.is_functorch_wrapped_tensor(a)
+                        for a in (t, d1, acc) if a is not None))  # under vmap/grad
 
 
 def scalar_series(order: int) -> Series:

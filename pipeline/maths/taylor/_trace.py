@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from ._errors import RandomOpError, TaylorError
+from ._interpret import mark_temporaries
 from ._rules import KINKS, has_rule, op_name
 
 log = logging.getLogger("pipeline.maths.taylor")
@@ -165,6 +166,7 @@ def _check(gm: torch.fx.GraphModule) -> None:
     if kinks:
         log.info("Taylor mode: fn has non-smooth ops %s; their derivatives follow the branch "
                  "taken at x (one-sided at a kink)", sorted(kinks))
+    mark_temporaries(gm)
     gm.recompile()
 
 
