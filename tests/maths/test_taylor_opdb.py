@@ -85,7 +85,9 @@ def _references(op, f, x, v):
 
 def _check_sample(op, sample) -> str:
     """'ok', 'fallback' or a skip reason; raises AssertionError on a mismatch."""
-    x = sample.input
+    x, rest = sample.input, None
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
+        x, rest = x[0], list(x[1:])  # a list input (cat, stack): its first tensor varies
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
         return "skip: input is not a non-empty floating tensor"
     if op.name.split(".")[-1] in RANDOM or "dropout" in op.name:
@@ -97,7 +99,8 @@ def _check_sample(op, sample) -> str:
     args, kwargs = sample.args, sample.kwargs
 
     def f(t):
-        return _first_floating(op.op(t, *args, **kwargs))
+        first = t if rest is None else [t, *rest]
+        return _first_floating(op.op(first, *args, **kwargs))
 
     x = x.detach().clone()
     gen = torch.Generator().manual_seed(0)

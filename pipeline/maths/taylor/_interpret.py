@@ -19,7 +19,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._errors import TaylorFallbackWarning
-from ._rules import CONSTANT, NO_RULE, rule_for
+from ._rules import CONSTANT, NO_RULE, UNARY, op_name, rule_for
 from ._series import Jet, Series
 
 _WARNED: set[str] = set()
@@ -45,6 +45,7 @@ def interpret(gm: torch.fx.GraphModule, s: Series, x: Jet) -> Jet | torch.Tensor
         elif node.op == "call_function":
             args = torch.fx.node.map_aggregate(node.args, value)
             kwargs = torch.fx.node.map_aggregate(node.kwargs, value)
+            s.overwrite = node.meta.get("taylor_temporary", False)
             env[node] = call(s, node.target, args, kwargs)
         elif node.op == "output":
             return value(node.args[0])
@@ -52,6 +53,35 @@ def interpret(gm: torch.fx.GraphModule, s: Series, x: Jet) -> Jet | torch.Tensor
             if last.get(arg) == i:
                 del env[arg]
     raise AssertionError("graph without output")
+
+
+# NOTE: [temporaries]
+# An elementwise op whose argument is a fresh product (mm, addmm, conv, another
+# elementwise op) reached through single-user views (view, squeeze, a constant bias
+# add, ...) holds the only reference to that memory: its rule may form the linear
+# term d1 * x_k there (no allocation; on CPU, fresh big blocks cost page faults).
+# Marked once per trace; the rule still checks contiguity, autograd and functorch.
+_FRESH = frozenset(["mm", "bmm", "matmul", "addmm", "convolution", *UNARY])
+_VIEWS = frozenset(["view", "_unsafe_view", "reshape", "squeeze", "unsqueeze", "alias",
+                    "clone", "expand", "add", "sub"])
+
+
+def mark_temporaries(gm: torch.fx.GraphModule) -> None:
+    """Mark the elementwise nodes whose argument is a temporary (NOTE: [temporaries])."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node.target) in UNARY:
+            node.meta["taylor_temporary"] = _temporary(node.args[0])
+
+
+def _temporary(a: Any) -> bool:
+    while isinstance(a, torch.fx.Node) and a.op == "call_function" and len(a.users) == 1:
+        name = op_name(a.target)
+        if name in _FRESH:
+            return True
+        if name not in _VIEWS:
+            return False
+        a = a.args[0]
+    return False
 
 
 def call(s: Series, op: Any, args: tuple, kwargs: dict) -> Any:

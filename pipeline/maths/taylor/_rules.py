@@ -319,17 +319,30 @@ def multiplied(s, op, args, kwargs, y0):
     return [fit(c, y0.shape).to(y0.dtype) for c in out]
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with the direction axis folded into the rows of one mm where it can be.
+
+    (Left to itself, ``matmul`` of ``(n, m, k) @ (k, p)`` with a thin ``b`` took a
+    batched path 25x slower than one ``(n m, k) @ (k, p)`` mm.)
+    """
+    if a.ndim == 3 and b.ndim == 2:
+        return (a.reshape(-1, a.shape[-1]) @ b).reshape(a.shape[0], a.shape[1], b.shape[1])
+    if a.ndim == 2 and b.ndim == 3:  # a @ b_r = (b_r^T a^T)^T
+        return _mm(b.transpose(1, 2), a.T).transpose(1, 2)
+    return torch.matmul(a, b)
+
+
 def matmul(s, op, args, kwargs, y0):
-    """mm, bmm, matmul: ``torch.matmul`` broadcasts the direction axis."""
+    """mm, bmm, matmul: the direction axis is a batch axis of the product."""
     if op_name(op) == "matmul" and min(a.primal.ndim if isinstance(a, Jet) else a.ndim
                                        for a in args[:2]) < 2:
         return NO_RULE
-    return _product(s, args[0], args[1], y0, torch.matmul)
+    return _product(s, args[0], args[1], y0, _mm if op_name(op) == "mm" else torch.matmul)
 
 
 def addmm(s, op, args, kwargs, y0):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-    out = _product(s, args[1], args[2], y0, torch.matmul) if jets(args[1:3]) else \
+    out = _product(s, args[1], args[2], y0, _mm) if jets(args[1:3]) else \
         [None] * s.order
     if alpha != 1:
         out = [None if c is None else c * alpha for c in out]
@@ -402,11 +415,14 @@ _UNARY: dict[str, Callable[[torch.Tensor, int], list]] = {
 }
 
 
+UNARY = frozenset(_UNARY)
+
+
 def elementwise(s, op, args, kwargs, y0):
     x = args[0]
     d = _UNARY[op_name(op)](x[0], s.order)
     d[0] = y0.unsqueeze(0)
-    return ser.compose(s, x, d)[1:]
+    return ser.compose(s, x, d, overwrite=s.overwrite)[1:]
 
 
 def power(s, op, args, kwargs, y0):

@@ -53,6 +53,7 @@ class Series:
         self.directions = directions
         self.collapsed = collapsed and order > 0
         self.weights = weights
+        self.overwrite = False  # the op under way may overwrite its argument's coefficients
 
     def size(self, k: int) -> int:
         """The length of coefficient ``k``'s direction axis."""
@@ -89,6 +90,9 @@ def cauchy(s: Series, a: Sequence, b: Sequence, k: int,
     In a collapsed series the top's middle terms are summed over the
     directions (NOTE: [collapsed top coefficient]).
     """
+    if s.is_top(k) and k == 2 and a is b and start == 0 and a[0] is None and _square_ok(s, a[1]):
+        # the Laplacian's one middle term, sum_d x1_d^2: one pass, no temporary
+        return torch.linalg.vector_norm(a[1], dim=0, keepdim=True).square()
     edge, mid = None, None
     for i in range(start, k + 1):
         ai, bj = a[i], b[k - i]
@@ -102,27 +106,50 @@ def cauchy(s: Series, a: Sequence, b: Sequence, k: int,
     return add(edge, None if mid is None else s.reduce(mid))
 
 
-def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None]) -> Coeffs:
+def _square_ok(s: Series, t: torch.Tensor | None) -> bool:
+    """Whether ``sum_d t_d^2`` may be a norm (no weights; no autograd: its gradient at 0 is nan)."""
+    return (t is not None and s.weights is None and t.shape[0] == s.directions
+            and not (torch.is_grad_enabled() and t.requires_grad)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))  # grad transforms
+
+
+def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None], *,
+            overwrite: bool = False) -> Coeffs:
     """The jet of ``g(x)`` from ``d[j] = g^(j)(x0) / j!`` (Faa di Bruno, normalized).
 
     Args:
         s: the series.
         x: the argument's jet.
         d: the Taylor coefficients of ``g`` at ``x0``, ``d[0] = g(x0)`` (``None``: zero).
+        overwrite: ``x``'s higher coefficients are temporaries nobody else holds: the
+            linear term ``d[1] x_k`` is formed in their memory.
     """
     order = s.order
     u = [None, *x[1:]]
+    powers = {1: u}  # u^j
+    for j in range(2, order + 1):
+        powers[j] = [None] * j + [cauchy(s, powers[j - 1], u, k) for k in range(j, order + 1)]
     out: Coeffs = [d[0]] + [None] * order
-    power = u  # u^j
-    for j in range(1, order + 1):
-        if j > 1:
-            power = [None] * j + [cauchy(s, power, u, k) for k in range(j, order + 1)]
-        if d[j] is None:
-            continue
-        for k in range(j, order + 1):
-            if power[k] is not None:
-                out[k] = add(out[k], d[j] * power[k])
+    for k in range(1, order + 1):
+        acc = None
+        for j in range(2, k + 1):
+            if d[j] is not None and powers[j][k] is not None:
+                acc = add(acc, d[j] * powers[j][k])
+        if d[1] is not None:
+            if overwrite and _writable(u[k], d[1], acc):
+                lin = u[k].mul_(d[1])  # every power of u is formed already
+                acc = lin if acc is None else lin.add_(acc)
+            else:
+                acc = add(d[1] * u[k], acc)
+        out[k] = acc
     return [t if t is not None else torch.zeros_like(x[k]) for k, t in enumerate(out)]
+
+
+def _writable(t: torch.Tensor, d1: torch.Tensor, acc: torch.Tensor | None) -> bool:
+    return (t.is_contiguous() and not t.requires_grad and t.dtype == d1.dtype
+            and d1.shape[1:] == t.shape[1:] and (acc is None or acc.shape == t.shape)
+            and not any(torch._C._functorch.is_functorch_wrapped_tensor(a)
+                        for a in (t, d1, acc) if a is not None))  # under vmap/grad
 
 
 def scalar_series(order: int) -> Series:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ._errors import RandomOpError, TaylorError
+from ._interpret import mark_temporaries
 from ._rules import KINKS, has_rule, op_name
 
 log = logging.getLogger("pipeline.maths.taylor")
@@ -163,6 +164,16 @@ def _check(gm: torch.fx.GraphModule) -> None:
                               "Taylor rule; please report fn")
         if op_name(node.target) in KINKS:
             kinks.add(op_name(node.target))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and torch._C._functorch.is_functorch_wrapped_tensor(
+                getattr(gm, node.target)):
+            # make_fx does not keep a transform's wrapper on a captured tensor: derivatives
+            # through it (torch.func.grad over the weights fn closes over) would be wrong
+            raise TaylorError(
+                "fn closes over a tensor of an enclosing torch.func transform (grad, jacrev, "
+                "vmap over weights): Taylor mode cannot differentiate through it. Take "
+                "gradients with respect to the weights by autograd (loss.backward()), or vmap "
+                "over the points x only")
     outputs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
     if not isinstance(outputs, torch.fx.Node):
         raise TaylorError(f"fn must return one tensor, got {type(outputs).__name__} of "
@@ -170,6 +181,7 @@ def _check(gm: torch.fx.GraphModule) -> None:
     if kinks:
         log.info("Taylor mode: fn has non-smooth ops %s; their derivatives follow the branch "
                  "taken at x (one-sided at a kink)", sorted(kinks))
+    mark_temporaries(gm)
     gm.recompile()
 
 
