@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from pipeline.errors import JacpipeError
+from pipeline import JacpipeError
 from pipeline.maths.taylor import (
     RandomOpError,
     TaylorError,

@@ -130,6 +130,7 @@ def _check_sample(op, sample) -> str:
     return "fallback" if fell else "ok"
 
 
+@pytest.mark.slow  # the whole operator database: about a minute
 def test_every_op_matches_nested_forward_mode():
     t0 = time.perf_counter()
     tally: collections.Counter = collections.Counter()
