@@ -151,8 +151,12 @@ class Report:
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """``rows`` (cells of any type, formatted by ``_fmt``) as a Markdown table.
+
+    An empty ``rows`` gives the header and separator lines alone.
+    """
     cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
     line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"

@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         for pid, v in c["sampled_peak_rss"].items():
             if pid not in c["worker_peak_rss"]:
                 others.append([f"{c['m']:,}", pid, v["cmd"], f"{gib(v['rss']):.2f}"])
+    if not others:  # the local executor (quick sizes) starts no other process
+        others.append(["-", "-", "none sampled (shards ran in the driver)", "-"])
     report.table("Other processes (sampled every 0.25 s; Ray's own daemons, for information)",
                  ["m", "pid", "command", "peak RSS (GiB)"], others)
     big_case, small_case = cases
