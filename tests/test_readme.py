@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, flags=re.S)
 
 
@@ -39,7 +41,14 @@ def tour_commands(marker: str = "jacpipe jobs"):
                 yield shlex.split(part.strip())
 
 
+def help_first_example() -> list[str]:
+    """The command ``jacpipe --help`` suggests first (its epilog's last ``jacpipe run``)."""
+    epilog = app.info.epilog or ""
+    return shlex.split(epilog[epilog.rindex("jacpipe run"):])
+
+
 def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
+    """After the help's first example (it writes out/mlp), the tour runs, writing under out/."""
     runner = CliRunner()
     monkeypatch.chdir(tmp_path)
     # Workers import examples.my_job from the repository, as a user's workers
@@ -48,14 +57,33 @@ def test_quick_tour_commands_run(ray_session, tmp_path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     del sys
+    first = help_first_example()
+    assert first[:2] == ["jacpipe", "run"]
     ran = 0
-    for argv in tour_commands():
+    for argv in [first, *tour_commands()]:
         assert argv[0] == "jacpipe"
         result = runner.invoke(app, argv[1:], catch_exceptions=False)
         assert result.exit_code == 0, (argv, result.output)
         ran += 1
-    assert ran >= 7
-    assert (tmp_path / "J.png").exists() and (tmp_path / "out/mine/_manifest.parquet").exists()
+    assert ran >= 8
+    assert (tmp_path / "out/J.png").exists() and (tmp_path / "out/J.npy").exists()
+    assert (tmp_path / "out/mine/_manifest.parquet").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "inspect", "export"])
+def test_help_examples_write_under_out(command):
+    """Every command's example names files under out/, as the quick tour does.
+
+    ``run``'s example names its own --out: out/mlp (its default) holds the
+    help's first example, with other parameters, and would be refused.
+    """
+    result = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    example = shlex.split(result.output[result.output.index("Example: "):].split("\n")[0])
+    paths = [a for a in example[2:] if "/" in a or "." in a.split("=")[-1]]
+    assert paths and all(p.startswith("out/") for p in paths), example
+    if command == "run":
+        assert example[example.index("--out") + 1] != "out/mlp"
 
 
 @pytest.mark.slow
@@ -117,3 +145,73 @@ def test_every_row_of_the_bad_input_table_names_an_existing_test():
         assert node is not None, row
         path, name = node
         assert f"def {name}(" in Path(path).read_text(), row
+
+
+def cli_synopsis() -> str:
+    """The README's ``jacpipe run`` synopsis (the block of the ``## CLI`` section)."""
+    section = README[README.index("## CLI"):]
+    return next(code for lang, code in re.findall(r"```(\w*)\n(.*?)```", section, flags=re.S)
+                if "jacpipe run JOB" in code)
+
+
+def run_flags() -> list[str]:
+    """Every flag of ``jacpipe run``: the run options' and the command's own."""
+    import dataclasses
+
+    from pipeline.core.options import CLI, RunOptions
+
+    flags = [flag for f in dataclasses.fields(RunOptions) if CLI in f.metadata
+             for decl in f.metadata[CLI]["flags"] for flag in decl.split("/")]
+    group = typer.main.get_command(app)
+    with group.make_context("jacpipe", ["run", "--help"], resilient_parsing=True) as ctx:
+        command = group.get_command(ctx, "run")  # type: ignore[attr-defined]
+    flags += [o for p in command.params for o in [*p.opts, *p.secondary_opts]
+              if o.startswith("-") and o not in ("-h", "--help")]
+    return sorted(set(flags))
+
+
+def test_cli_synopsis_names_every_run_option():
+    synopsis = cli_synopsis()
+    flags = run_flags()
+    assert {"-o", "--executor", "--sparsity", "--smooth", "--compression",
+            "--shard-timeout", "--kind", "--verify", "--json"} <= set(flags)
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", synopsis)]
+    assert not missing, f"the README's CLI synopsis omits {missing}"
+
+
+def test_cli_synopsis_lists_each_option_s_choices():
+    from pipeline.core.options import CHOICES
+
+    synopsis = cli_synopsis()
+    for name, choices in CHOICES.items():
+        assert f"--{name.replace('_', '-')} {'|'.join(choices)}" in synopsis, name
+
+
+def test_batched_shape_quoted_for_robot_arm_is_the_job_s():
+    """The README quotes ``robot_arm -p batch=200`` as ``inspect`` shows it: B x (m x n)."""
+    from pipeline.problem.problem import resolve_builder
+
+    quoted = re.search(r"`robot_arm -p batch=(\d+)`: `\1 x \((\d+) x (\d+)\)`", README)
+    assert quoted is not None
+    b, m, n = map(int, quoted.groups())
+    problem = resolve_builder("robot_arm")(batch=b)
+    assert tuple(problem.x.shape) == (b, n)
+    assert tuple(problem.fn(problem.x[0]).shape) == (m,)
+
+
+def test_dev_extras_the_readme_uses_are_marked_as_such():
+    """pandas, Polars and DuckDB come with ``.[dev]``, and the README says so where it uses them."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {re.split(r"[\[<>=]", d)[0] for d in project["dependencies"]}
+    dev = {re.split(r"[\[<>=]", d)[0] for d in project["optional-dependencies"]["dev"]}
+    imported = {m for _, code in BLOCKS for m in re.findall(r"^import (\w+)", code, flags=re.M)}
+    extras = sorted(imported & dev)
+    assert {"pandas", "polars", "duckdb"} <= set(extras)
+    assert not imported & dev & runtime
+    section = README[README.index("## Reading results"):]
+    intro = section[:section.index("```")]
+    assert "'.[dev]'" in intro
+    sentence = next(x for x in intro.replace("\n", " ").split(". ") if "dev extras" in x)
+    assert all(name in sentence.lower() for name in extras), (extras, sentence)

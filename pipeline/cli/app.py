@@ -132,7 +132,8 @@ VerifyRows = Annotated[int | None, typer.Option(
 # gives run_cmd one parameter per field, which arrive in **options; only the
 # CLI-only options are declared here.
 @app.command("run", cls=RunCommand,
-             epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --verify")
+             epilog="Example: jacpipe run mlp -p n=2000 -p m=1500 --shards 8 --out out/tour "
+             "--verify")
 @user_errors
 @takes_run_options
 def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = False,
@@ -366,7 +367,7 @@ def _fd_and_print(out: str, *, columns: int, sample: int, as_json: bool,
 # ---------------------------------------------------------------------------
 
 
-@app.command("inspect", epilog="Example: jacpipe inspect out/mlp --plot J.svg --svd 5")
+@app.command("inspect", epilog="Example: jacpipe inspect out/mlp --plot out/J.svg --svd 5")
 @user_errors
 def inspect_cmd(
     out: ResultFolder,
@@ -485,7 +486,7 @@ def _print_smoothing(sm: dict) -> None:
     typer.echo("largest entries: " + ", ".join(
         f"J[{r}, {c}] = {v:.4g} ± {e:.2g}" for r, c, v, e in sm["largest"]))
 
-@app.command("export", epilog="Example: jacpipe export out/mlp J.npy")
+@app.command("export", epilog="Example: jacpipe export out/mlp out/J.npy")
 @user_errors
 def export_cmd(
     out: ResultFolder,
