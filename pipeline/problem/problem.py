@@ -7,6 +7,7 @@ in the top-level ``jobs`` package (``jacpipe run mlp``); any importable
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -76,6 +77,40 @@ def builtin_jobs() -> list[str]:
 _SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def did_you_mean(spec: str) -> str | None:
+    """The job spec a user probably meant by ``spec``, or None.
+
+    A file path (``examples/my_job.py``, with or without ``:function``) becomes
+    its module's spec (``examples.my_job:build``); a dotted module without a
+    function gets ``:build``; a name close to a built-in job (``mpl``) gets it.
+
+    Args:
+        spec: what the user gave as JOB.
+    """
+    module, sep, fn = spec.rpartition(":")
+    if not sep:
+        module, fn = spec, "build"
+    fn = fn or "build"
+    path = module.replace("\\", "/")
+    if "/" in path or path.endswith(".py"):
+        path = path.removeprefix("./").removesuffix(".py").strip("/")
+        candidate = f"{path.replace('/', '.')}:{fn}"
+        return candidate if _SPEC.match(candidate) else None
+    if ":" not in spec and "." in spec:
+        candidate = f"{spec}:build"
+        return candidate if _SPEC.match(candidate) else None
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, builtin_jobs(), n=1, cutoff=0.6)
+        return close[0] if close else None
+    return None
+
+
+def _hint(spec: str) -> str:
+    """``"did you mean 'x'? "`` for :func:`did_you_mean`'s suggestion, else ``""``."""
+    guess = did_you_mean(spec)
+    return f"did you mean {guess!r}? " if guess else ""
+
+
 def split_spec(spec: str) -> tuple[str, str]:
     """``(module, function)`` of a job spec, validated before anything is imported.
 
@@ -84,19 +119,20 @@ def split_spec(spec: str) -> tuple[str, str]:
 
     Raises:
         JacpipeError: an unknown built-in name, or a spec that is not dotted
-            module names and a function name (``../x:build``, ``.hidden:build``).
+            module names and a function name (``../x:build``, ``.hidden:build``);
+            the line suggests the likely spec (:func:`did_you_mean`).
     """
     if ":" not in spec:
         if spec not in builtin_jobs():
             raise JacpipeError(
-                f"unknown job {spec!r}: expected one of {', '.join(builtin_jobs())} "
-                "or 'package.module:function' (see `jacpipe jobs`)"
+                f"unknown job {spec!r}: {_hint(spec)}expected one of "
+                f"{', '.join(builtin_jobs())} or 'package.module:function' (see `jacpipe jobs`)"
             )
         return f"jobs.{spec}", "build"
     if not _SPEC.match(spec):
         raise JacpipeError(
-            f"job {spec!r}: expected 'package.module:function' with dotted Python names "
-            "(a module on PYTHONPATH or in the current directory, not a file path)"
+            f"job {spec!r}: {_hint(spec)}expected 'package.module:function' with dotted "
+            "Python names (a module on PYTHONPATH or in the current directory, not a file path)"
         )
     mod_name, _, fn_name = spec.partition(":")
     return mod_name, fn_name
@@ -140,7 +176,11 @@ def resolve_builder(spec: str) -> Callable[..., Problem]:
         ) from None
     builder = getattr(module, fn_name, None)
     if not callable(builder):
-        raise JacpipeError(f"job {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+        names = [n for n in vars(module) if not n.startswith("_") and callable(vars(module)[n])]
+        close = difflib.get_close_matches(fn_name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean '{mod_name}:{close[0]}'?" if close else ""
+        raise JacpipeError(
+            f"job {spec!r}: module {mod_name!r} has no function {fn_name!r}{hint}")
     return builder
 
 

@@ -131,6 +131,17 @@ def test_user_errors_are_one_line_and_non_zero(args, match, tmp_path):
     assert_one_line_error(result, match)
 
 
+@pytest.mark.parametrize("job,guess", [
+    ("mpl", "mlp"),
+    ("examples/my_job.py", "examples.my_job:build"),
+    ("examples.my_job", "examples.my_job:build"),
+])
+def test_a_mistyped_job_gets_one_line_with_a_suggestion(job, guess, tmp_path):
+    result = invoke("run", job, "--out", tmp_path / "o")
+    assert_one_line_error(result, f"did you mean '{guess}'?")
+    assert not (tmp_path / "o").exists()
+
+
 def test_device_cuda_without_gpus_is_refused_before_scheduling(ray_session, tmp_path):
     result = invoke("run", "mlp", *SMALL, "--device", "cuda", "--out", tmp_path / "o")
     assert_one_line_error(result, "no GPUs")

@@ -219,3 +219,34 @@ def test_fingerprint_never_writes_into_the_problems_x():
     p = Problem(lambda t: t.mul_(2), x)
     fingerprint(p, validate(Problem(torch.sin, x)))
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("spec,guess", [
+    ("mpl", "'mlp'"),                                         # a typo of a built-in job
+    ("robotarm", "'robot_arm'"),
+    ("examples/my_job.py", "'examples.my_job:build'"),        # a file path
+    ("./examples/my_job.py:build", "'examples.my_job:build'"),
+    ("examples/my_job.py:make", "'examples.my_job:make'"),
+    ("examples.my_job", "'examples.my_job:build'"),           # a module without :build
+    ("examples.my_job:buld", "'examples.my_job:build'"),      # a typo of the function
+])
+def test_a_likely_job_is_suggested_in_one_line(spec, guess):
+    with pytest.raises(JacpipeError) as info:
+        resolve_builder(spec)
+    message = str(info.value)
+    assert f"did you mean {guess}?" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("spec", ["xyzzy", "no_such_module_xyz:build", "a/b c.py"])
+def test_nothing_is_suggested_without_a_likely_job(spec):
+    with pytest.raises(JacpipeError) as info:
+        resolve_builder(spec)
+    assert "did you mean" not in str(info.value)
+
+
+def test_the_suggestion_runs():
+    """What a file path suggests is a job that resolves."""
+    from pipeline.problem.problem import did_you_mean
+
+    assert resolve_builder(did_you_mean("examples/my_job.py")).__name__ == "build"
+    assert did_you_mean("mlp") == "mlp"
