@@ -64,7 +64,7 @@ JsonDoc = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 #: ``--json`` of the listing commands.
 JsonScripts = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 #: The OUT argument of the commands that read a result.
-ResultFolder = Annotated[str, typer.Argument(help="Result folder of `jacpipe run`.")]
+ResultFolder = Annotated[str, typer.Argument(metavar="OUT", help="Result folder of `jacpipe run`.")]
 
 
 def _strict(doc: object) -> object:

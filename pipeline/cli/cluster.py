@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline.cli.common import complete_job
 from pipeline.core.errors import JacpipeError
 
 ADDRESS_HELP = (
@@ -29,7 +30,8 @@ ADDRESS_HELP = (
     "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
 )
 Address = Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP, show_default=False)]
-SubmissionId = Annotated[str, typer.Argument(help="Submission id printed by `jacpipe submit`.")]
+SubmissionId = Annotated[str, typer.Argument(
+    metavar="ID", help="Submission id printed by `jacpipe submit`.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 #: ``jacpipe run`` options whose value is the output folder.
@@ -59,6 +61,7 @@ def _quiet_ray_sdk() -> None:
 def submit_cmd(
     ctx: typer.Context,
     job: Annotated[str, typer.Argument(
+        metavar="JOB", autocompletion=complete_job,
         help="Built-in job name or 'module:function' (local modules are shipped).")],
     address: Address = None,
     wait: Annotated[bool, typer.Option(

@@ -23,6 +23,16 @@ def err(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
 
 
+def complete_job(incomplete: str) -> list[str]:
+    """Shell completion of JOB: the built-in job names starting with ``incomplete``.
+
+    (Module names only: no job is imported, so completing stays fast.)
+    """
+    from pipeline.problem.problem import builtin_jobs
+
+    return [name for name in builtin_jobs() if name.startswith(incomplete)]
+
+
 def user_errors(fn: F) -> F:
     """Turn :class:`JacpipeError` and Ctrl-C into one line and an exit code."""
 
@@ -80,13 +90,26 @@ def choices_of(param: Any) -> tuple[Any, ...] | None:
     return getattr(getattr(param, "type_descriptor", None), "choices", None)
 
 
+def usage_name(param: Any) -> str:
+    """An argument as the usage line shows it: ``JOB``, ``[FILE]``, ``ARGS...``.
+
+    Its metavar, else its name in capitals; brackets only when it is optional
+    (Typer's own usage line writes a required argument as ``{name}``).
+    """
+    name = param.metavar or param.name.upper()
+    if param.nargs != 1:
+        name += "..."
+    return name if param.required else f"[{name}]"
+
+
 def polish(command: Any, ctx: Any) -> Any:
     """Give ``command``'s help readable types, bracketed choices and literal brackets.
 
     Typer prints types as ``<str>``/``<bool>`` and Rich takes ``[default: x]``
     in help text for markup (it vanished): types become ``TEXT``/``INTEGER`` or
     ``[a|b]`` for a choice type, flags show none, and ``[`` in help text is
-    escaped. Idempotent.
+    escaped. Arguments show in the usage line as :func:`usage_name` writes
+    them (``JOB``, not ``{JOB}``). Idempotent.
 
     Args:
         command: a Typer (click) command or group.
@@ -102,6 +125,8 @@ def polish(command: Any, ctx: Any) -> Any:
     if help_option is not None:
         params.append(help_option)
     for param in params:
+        if getattr(param, "param_type_name", None) == "argument":
+            param._usage_display_name = functools.partial(usage_name, param)  # instance override
         label = _type_label(param, ctx)
         param.display_type_rich = lambda ctx, label=label: label  # instance override
         text = getattr(param, "help", None)

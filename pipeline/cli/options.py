@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import typer
 from typer.core import TyperCommand
 
+from pipeline.cli.common import complete_job
 from pipeline.core.errors import JacpipeError
 from pipeline.core.options import CLI, RunOptions, choice_error
 
@@ -66,7 +67,7 @@ def _annotation(f: dataclasses.Field[Any], hint: Any) -> Any:
     common = {"help": facts["help"], "metavar": facts["metavar"],
               "show_default": facts["show_default"]}
     if not facts["flags"]:
-        return Annotated[value_type, typer.Argument(**common)]
+        return Annotated[value_type, typer.Argument(**common, autocompletion=complete_job)]
     return Annotated[value_type, typer.Option(*facts["flags"], **common)]
 
 

@@ -82,7 +82,9 @@ class RunOptions:
         "--param", "-p", help="Job parameter NAME=VALUE (repeatable), e.g. -p n=4000 -p m=3000."))
     out: str | None = _opt(None, "--out", "-o",
                            help="Result folder or s3:// URI [default: out/JOB].")
-    shards: int | None = _opt(None, "--shards", help="Number of shards of output rows.")
+    shards: int | None = _opt(None, "--shards", help=(
+        "Number of shards of output rows [default: 2 per task slot, more to keep part files "
+        "under 256 MiB, in whole rounds of the slots]."))
     rows_per_shard: int | None = _opt(None, "--rows-per-shard",
                                       help="Rows per shard (instead of --shards).")
     address: str | None = _opt(None, "--address", help=(

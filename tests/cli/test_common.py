@@ -94,3 +94,55 @@ def test_sparse_user_errors(ray_session, tmp_path, args, match):
     result = invoke(*args, "--out", tmp_path / "o")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert match in result.output
+
+
+@pytest.mark.parametrize("command,usage", [
+    ("run", "jacpipe run [OPTIONS] JOB"),
+    ("submit", "jacpipe submit [OPTIONS] JOB"),
+    ("compare", "jacpipe compare [OPTIONS] OUT"),
+    ("inspect", "jacpipe inspect [OPTIONS] OUT"),
+    ("export", "jacpipe export [OPTIONS] OUT FILE"),
+    ("status", "jacpipe status [OPTIONS] ID"),
+    ("logs", "jacpipe logs [OPTIONS] ID"),
+    ("stop", "jacpipe stop [OPTIONS] ID"),
+])
+def test_usage_lines_name_arguments_by_their_metavar(command, usage):
+    """Typer writes a required argument as ``{name}`` (``{JOB}``, ``{out}``, ``{sid}``)."""
+    result = CliRunner().invoke(app, [command, "--help"], prog_name="jacpipe",
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "Usage:" in x)
+    assert line.split("Usage: ", 1)[1].strip() == usage
+    assert "{" not in result.output.split("Options")[0]
+
+
+def test_usage_name_brackets_only_optional_arguments():
+    from types import SimpleNamespace
+
+    from pipeline.cli.common import usage_name
+
+    def arg(**kw):
+        return SimpleNamespace(**{"metavar": None, "name": "out", "nargs": 1,
+                                  "required": True, **kw})
+
+    assert usage_name(arg()) == "OUT"
+    assert usage_name(arg(metavar="ID")) == "ID"
+    assert usage_name(arg(required=False)) == "[OUT]"
+    assert usage_name(arg(nargs=-1, required=False)) == "[OUT...]"
+
+
+def complete(words: str, cword: int) -> list[str]:
+    """What bash completion offers for ``words`` (the word at ``cword`` being typed)."""
+    env = {"_JACPIPE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)}
+    result = CliRunner().invoke(app, [], env=env, prog_name="jacpipe")
+    assert result.exit_code == 0, result.output
+    return result.output.split()
+
+
+@pytest.mark.parametrize("command", ["run", "submit"])
+def test_job_names_complete(command):
+    from pipeline.problem.problem import builtin_jobs
+
+    assert complete(f"jacpipe {command} ro", 2) == ["robot_arm", "rosenbrock"]
+    assert complete(f"jacpipe {command} ", 2) == builtin_jobs()
+    assert complete(f"jacpipe {command} zz", 2) == []

@@ -145,3 +145,8 @@ def test_core_options_import_no_cli_library():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_shards_help_says_what_it_defaults_to():
+    row = next(line for line in run_help().splitlines() if "--shards " in line)
+    assert "Number of shards of output rows [default: 2 per task slot" in row, row
