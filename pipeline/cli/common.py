@@ -7,6 +7,7 @@ print one line and exit non-zero; they never show a traceback.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,9 +19,14 @@ from pipeline.core.errors import JacpipeError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def no_color() -> bool:
+    """Whether ``NO_COLOR`` asks for output without colour (set and not empty: no-color.org)."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
 def err(message: str) -> None:
-    """Print ``error: message`` on stderr."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """Print ``error: message`` on stderr (red, unless ``NO_COLOR`` is set)."""
+    typer.secho(f"error: {message}", fg=None if no_color() else typer.colors.RED, err=True)
 
 
 def complete_job(incomplete: str) -> list[str]:
@@ -175,7 +181,10 @@ class JacpipeGroup(TyperGroup):
         """Run the command; a :class:`JacpipeError` while parsing its options is one line.
 
         (:class:`~pipeline.cli.options.RunCommand` refuses a bad choice that way.)
+        With ``NO_COLOR`` set, nothing the command prints is coloured.
         """
+        if no_color():
+            ctx.color = False  # every command's echo and secho (Rich reads NO_COLOR itself)
         try:
             return super().invoke(ctx)
         except JacpipeError as exc:

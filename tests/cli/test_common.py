@@ -146,3 +146,37 @@ def test_job_names_complete(command):
     assert complete(f"jacpipe {command} ro", 2) == ["robot_arm", "rosenbrock"]
     assert complete(f"jacpipe {command} ", 2) == builtin_jobs()
     assert complete(f"jacpipe {command} zz", 2) == []
+
+
+@pytest.mark.parametrize("env,coloured", [
+    ({}, True), ({"NO_COLOR": "1"}, False), ({"NO_COLOR": ""}, True),  # empty: not set
+])
+def test_error_line_honours_no_color(env, coloured):
+    result = CliRunner().invoke(app, ["run", "mpl"], env=env, color=True)
+    assert result.exit_code == 2
+    line = next(x for x in result.output.splitlines() if "error: unknown job 'mpl'" in x)
+    assert line.startswith("\x1b[31merror:") is coloured, repr(line)
+    assert ("\x1b[" in result.output) is coloured
+
+
+def test_no_color_uncolours_every_line_a_command_styles():
+    """Warnings and verdicts (``typer.secho``) of any jacpipe command, not only ``error:``."""
+    import typer
+
+    from pipeline.cli.common import JacpipeGroup
+
+    demo = typer.Typer(cls=JacpipeGroup)
+
+    @demo.command()
+    def warn() -> None:
+        typer.secho("warning: careful", fg=typer.colors.YELLOW, err=True)
+        typer.secho("MATCH", fg=typer.colors.GREEN, bold=True)
+
+    @demo.command()
+    def other() -> None:
+        pass
+
+    plain = CliRunner().invoke(demo, ["warn"], env={"NO_COLOR": "1"}, color=True)
+    assert plain.exit_code == 0 and plain.output.split() == ["warning:", "careful", "MATCH"]
+    styled = CliRunner().invoke(demo, ["warn"], color=True)
+    assert "\x1b[33mwarning: careful" in styled.output
