@@ -48,15 +48,35 @@ def test_report_writes_an_empty_table(tmp_path, capsys):
     assert json.loads(path.read_text())["tables"][0]["rows"] == []
 
 
+def run_quick(name: str, result: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m benchmarks.NAME --quick``, its result file at ``result`` (not in the repo)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--json", str(result)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+
+
 @pytest.mark.slow
 def test_memory_benchmark_runs_in_quick_mode(tmp_path):
     """``python -m benchmarks --quick`` ended "FAILED: memory" on its empty table."""
-    result = tmp_path / "memory.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--quick", "--json", str(result)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_quick("memory", tmp_path / "memory.json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Other processes" in proc.stdout
-    doc = json.loads(result.read_text())
+    doc = json.loads((tmp_path / "memory.json").read_text())
     assert doc["quick"] and len(doc["tables"]) == 2 and doc["tables"][1]["rows"]
-    assert all(t["value"] > 0 for t in doc["targets"][:1])
+    assert doc["targets"] and all(t["value"] > 0 for t in doc["targets"])
+
+
+#: The benchmarks of ``make bench`` whose quick mode takes under a minute here
+#: (end_to_end, sparse and batched_hessian take minutes).
+CHEAP = ("engine", "parquet_io")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CHEAP)
+def test_cheap_benchmarks_run_in_quick_mode(name, tmp_path):
+    proc = run_quick(name, tmp_path / f"{name}.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / f"{name}.json").read_text())
+    assert doc["benchmark"] == name and doc["quick"]
+    assert doc["tables"] and all(t["rows"] for t in doc["tables"]) and doc["targets"]
+    assert "targets (quick mode" in proc.stdout
