@@ -94,6 +94,8 @@ def did_you_mean(spec: str) -> str | None:
     path = module.replace("\\", "/")
     if "/" in path or path.endswith(".py"):
         path = path.removeprefix("./").removesuffix(".py").strip("/")
+        if path in builtin_jobs() and fn == "build":
+            return path  # mlp.py: the built-in job
         candidate = f"{path.replace('/', '.')}:{fn}"
         return candidate if _SPEC.match(candidate) else None
     if ":" not in spec and "." in spec:

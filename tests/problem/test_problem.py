@@ -228,6 +228,8 @@ def test_fingerprint_never_writes_into_the_problems_x():
     ("./examples/my_job.py:build", "'examples.my_job:build'"),
     ("examples/my_job.py:make", "'examples.my_job:make'"),
     ("examples.my_job", "'examples.my_job:build'"),           # a module without :build
+    ("mlp.py", "'mlp'"),                                      # a built-in job's file
+    ("jobs/mlp.py", "'jobs.mlp:build'"),
     ("examples.my_job:buld", "'examples.my_job:build'"),      # a typo of the function
 ])
 def test_a_likely_job_is_suggested_in_one_line(spec, guess):
