@@ -217,6 +217,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     Returns:
         The path written.
     """
+    from pipeline.analysis.plot import check_plot_folder
     from pipeline.store.reader import open_jacobian
 
     suffix = str(path).lower().rpartition(".")[2] if "." in str(path) else ""
@@ -225,6 +226,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
             f"--plot {path}: expected a .png, .svg or .pdf file name (the format follows "
             "the extension)"
         )
+    check_plot_folder(path)
     result = open_jacobian(out)
     problems = result.check(checksums=False)
     if problems:

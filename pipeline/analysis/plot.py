@@ -508,9 +508,25 @@ def plot_points(coords: np.ndarray | None, values: np.ndarray, path: str | Path,
     return _save(fig, path)
 
 
+def check_plot_folder(path: str | Path) -> None:
+    """Refuse a picture whose folder does not exist (no folders are created for it).
+
+    Raises:
+        JacpipeError: the folder of ``path`` is missing or not a folder.
+    """
+    from pipeline.core.errors import JacpipeError
+
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise JacpipeError(
+            f"--plot {path}: the folder {folder} does not exist (jacpipe creates no folders "
+            "for a picture); create it first or choose another path"
+        )
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_plot_folder(out)
     fmt = out.suffix.lower().lstrip(".") or "png"
     fig.savefig(out, format=fmt if fmt in ("png", "svg", "pdf") else "png")
     return out

@@ -141,6 +141,9 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
     from pipeline.runner.driver import run
     from pipeline.store.storage import Storage
 
+    if rows is not None and not verify:
+        raise JacpipeError("--rows only applies with --verify (the rows it checks); "
+                           "add --verify or drop --rows")
     opts = run_options(options)
     job = opts.job
     with _stdout_to_stderr(as_json):

@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.analysis.plot import blockmax_image, pixel_edges, plot_dense, plot_sparse
+from pipeline.core.errors import JacpipeError
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -90,6 +91,7 @@ def test_plot_dense_writes_a_readable_png(tmp_path):
             consumed.append(s)
             yield s, a[s : s + 256]
 
+    (tmp_path / "sub").mkdir()
     out = plot_dense(blocks(), (m, n), tmp_path / "sub" / "dense.png", max_pixels=300, title="t")
     assert out == tmp_path / "sub" / "dense.png"
     assert consumed == list(range(0, m, 256))
@@ -103,6 +105,12 @@ def test_plot_dense_all_zero_and_tiny(tmp_path):
     assert _png_size(out)[0] >= 700
     out = plot_dense([(0, np.array([[2.0]]))], (1, 1), tmp_path / "one.png")
     assert _png_size(out)[0] >= 700
+
+
+def test_a_plot_into_a_missing_folder_creates_no_folder(tmp_path):
+    with pytest.raises(JacpipeError, match="the folder .* does not exist"):
+        plot_dense([(0, np.ones((2, 2)))], (2, 2), tmp_path / "a" / "b" / "x.png")
+    assert not (tmp_path / "a").exists()
 
 
 def test_plot_sparse_small_and_banded(tmp_path):

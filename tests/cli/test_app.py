@@ -401,3 +401,11 @@ def test_new_jobs_are_listed_with_a_description():
     for job in ("cnn", "rosenbrock", "trajectory"):
         assert listing[job]["doc"] and "dtype" in listing[job]["params"]
     assert listing["rosenbrock"]["params"]["pattern"] is False
+
+
+def test_rows_without_verify_is_refused_before_any_work(tmp_path):
+    """``run --rows 5`` without ``--verify`` used to be ignored without a word."""
+    out = tmp_path / "o"
+    result = invoke("run", "mlp", *SMALL, "--rows", "5", "--out", out, "--executor", "local")
+    assert_one_line_error(result, "--rows only applies with --verify", code=2)
+    assert not out.exists()
