@@ -495,12 +495,16 @@ def export_cmd(
     file: Annotated[str, typer.Argument(
         metavar="FILE", help="File to write: .npy (dense, streamed through a memory map: any "
         "size) or .npz (scipy.sparse CSR).")],
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace FILE if it exists (otherwise refused).")] = False,
     as_json: JsonDoc = False,
 ) -> None:
     """Export a result to one NumPy .npy or SciPy sparse .npz file."""
     from pipeline.store.export import export
 
-    done = export(out, file)
+    done = export(out, file, overwrite=overwrite)
+    for note in done.notes:
+        typer.echo(f"note: {note}", err=True)
     if as_json:
         _echo_json({"file": done.path, "shape": list(done.shape), "dtype": done.dtype,
                     "nnz": done.nnz})

@@ -366,6 +366,32 @@ def test_export_round_trips(results, tmp_path, name):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_export_refuses_an_existing_file_unless_overwrite(results, tmp_path):
+    """``export`` used to replace an existing file without a word."""
+    root, _ = results
+    npy = tmp_path / "J.npy"
+    npy.write_bytes(b"precious")
+    result = invoke("export", root / "dense", npy)
+    assert_one_line_error(result, "exists; pass --overwrite to replace it", code=2)
+    assert npy.read_bytes() == b"precious"
+    assert invoke("export", root / "dense", npy, "--overwrite").exit_code == 0
+    np.testing.assert_array_equal(np.load(npy), read_jacobian(root / "dense"))
+
+
+def test_a_sparse_result_exported_dense_says_so(results, tmp_path):
+    """A sparse result written to a dense ``.npy`` used to pass without a word."""
+    root, _ = results
+    result = runner.invoke(app, ["export", str(root / "sparse"), str(tmp_path / "J.npy")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "dense" in notes[0] and ".npz" in notes[0], result.output
+    assert "stored entries" in notes[0]
+    result = runner.invoke(app, ["export", str(root / "sparse"), str(tmp_path / "J.npz")])
+    assert result.exit_code == 0 and "note:" not in result.output
+    dense = runner.invoke(app, ["export", str(root / "dense"), str(tmp_path / "D.npy")])
+    assert dense.exit_code == 0 and "note:" not in dense.output
+
+
 @pytest.mark.parametrize("name,match", [
     ("J.safetensors", "does not depend on"), ("J.zarr", "does not depend on"),
     ("J.txt", "expected a file name ending in .npy"),
