@@ -187,12 +187,9 @@ def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callabl
         else job.adjoint.reason,
         pass_seconds=job.pass_seconds if embedded else None,
     )
+    # The colouring of a sparse run is one of the plan's notes (printed once here).
     for note in plan.notes:
         echo(note if note.startswith("warning:") else f"note: {note}")
-    if plan.coloring is not None:
-        echo(f"sparse: {int(plan.pattern.nnz)} nonzeros, {plan.coloring.num_colors} "
-             f"colours ({plan.coloring.mode} mode) instead of "
-             f"{min(job.shapes.m, job.shapes.n)} dense passes")
     return plan
 
 

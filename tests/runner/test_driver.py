@@ -452,3 +452,14 @@ def test_the_trust_classes_end_to_end_through_the_cli(ray_session, tmp_path, dty
     from pipeline import read_jacobian
 
     assert str(read_jacobian(tmp_path / "h").dtype) == dtype
+
+
+def test_the_colouring_note_of_a_sparse_run_is_printed_once(tmp_path):
+    """The sparse colouring line used to print twice (as a plan note and again by _plan)."""
+    lines: list[str] = []
+    summary = pipeline.run("banded", params={"n": 40, "k": 2}, shards=2, out=str(tmp_path / "o"),
+                           executor="local", progress=False, echo=lines.append)
+    colouring = [line for line in lines if "colours" in line]
+    assert len(colouring) == 1, lines
+    assert colouring[0].startswith("note: sparse: ") and "dense passes" in colouring[0]
+    assert summary.manifest.method == "sparse"
