@@ -463,3 +463,35 @@ def test_the_colouring_note_of_a_sparse_run_is_printed_once(tmp_path):
     assert len(colouring) == 1, lines
     assert colouring[0].startswith("note: sparse: ") and "dense passes" in colouring[0]
     assert summary.manifest.method == "sparse"
+
+
+def test_a_result_larger_than_the_free_disk_space_is_warned_about_before_it_starts(
+    tmp_path, monkeypatch
+):
+    """A run whose result exceeds the free space of --out's file system used to plan silently."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    asked: list[str] = []
+
+    def tiny_disk(path):
+        asked.append(str(path))
+        return usage(10**9, 10**9 - 1000, 1000)  # 1 kB free
+
+    monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
+    lines: list[str] = []
+    out = tmp_path / "not" / "yet"
+    pipeline.run("mlp", params={"n": 30, "m": 20, "hidden": 4}, shards=2, out=str(out),
+                 executor="local", progress=False, echo=lines.append)
+    warnings = [line for line in lines if "free" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), lines
+    assert "2.4 kB" in warnings[0] and "1.0 kB free" in warnings[0], warnings[0]
+    assert asked == [str(out)]
+    # enough room: no warning
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    lines.clear()
+    pipeline.run("mlp", params={"n": 30, "m": 20, "hidden": 4}, shards=2,
+                 out=str(tmp_path / "roomy"), executor="local", progress=False,
+                 echo=lines.append)
+    assert not [line for line in lines if "free" in line], lines
