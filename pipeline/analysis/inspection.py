@@ -204,7 +204,8 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     """Write a picture of a result: heatmap (dense) or spy plot (sparse), with norm profiles.
 
     A batched result is drawn as its ``B*m x n`` stack of samples (the title
-    says ``B x (m x n)``). The format follows the extension: PNG, SVG or PDF.
+    says ``B x (m x n)``), with lines at the sample boundaries. The format
+    follows the extension: PNG, SVG or PDF.
 
     Args:
         out: the result folder.
@@ -253,8 +254,9 @@ def _plot(result: JacobianResult, path: str, *, max_pixels: int) -> str:
         return str(plot_sparse(result.read(as_="scipy"), path, max_pixels=max_pixels, title=title))
     from pipeline.analysis.plot import plot_dense
 
+    samples = (result.shapes.batch or 0) if kind_of(man.kind).per_sample else 0
     return str(plot_dense(_dense_blocks(result), result.shape, path, max_pixels=max_pixels,
-                          title=title))
+                          title=title, samples=samples))
 
 
 def svd_result(out: str, k: int, *, power_iters: int = 2, seed: int = 0) -> Any:
