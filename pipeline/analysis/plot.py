@@ -560,6 +560,8 @@ def check_plot_folder(path: str | Path) -> None:
     from pipeline.core.errors import JacpipeError
 
     folder = Path(path).parent
+    if folder.exists() and not folder.is_dir():
+        raise JacpipeError(f"--plot {path}: cannot write it ({folder} is a file, not a folder)")
     if not folder.is_dir():
         raise JacpipeError(
             f"--plot {path}: the folder {folder} does not exist (jacpipe creates no folders "
