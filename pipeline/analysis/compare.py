@@ -47,6 +47,10 @@ class CompareReport:
     problems: list[str] = field(default_factory=list)
     symmetry_error: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: "exact" (plain AD within rtol/atol), or "smoothed" / "stochastic": an
+    #: estimate checked within its standard errors (``extra`` says how), where
+    #: the plain tolerance rows mean nothing.
+    check: str = "exact"
 
     @property
     def ok(self) -> bool:
@@ -321,7 +325,7 @@ def compare_smoothed(
         max_rel_error=check.max_abs / max(_finite_max(ref["values"]), 1e-300),
         worst_ratio=check.worst_ratio, rtol=r, atol=check.atol,
         reference_seconds=round(ref_seconds, 4), pipeline_seconds=man.compute_seconds,
-        nan=man.nan, inf=man.inf, problems=problems, extra=extra,
+        nan=man.nan, inf=man.inf, problems=problems, extra=extra, check="smoothed",
     )
 
 
@@ -377,7 +381,7 @@ def compare_stochastic(
         max_rel_error=float(diff.max(initial=0.0) / max(_finite_max(ref), 1e-300)),
         worst_ratio=worst, rtol=r, atol=a,
         reference_seconds=round(ref_seconds, 4), pipeline_seconds=man.compute_seconds,
-        nan=man.nan, inf=man.inf, problems=problems,
+        nan=man.nan, inf=man.inf, problems=problems, check="stochastic",
         extra={
             "estimate": (f"stochastic, {problem.operator['samples']} directions per point, "
                          f"seed {problem.operator.get('seed', 0)}"),

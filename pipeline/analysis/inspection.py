@@ -204,7 +204,8 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     """Write a picture of a result: heatmap (dense) or spy plot (sparse), with norm profiles.
 
     A batched result is drawn as its ``B*m x n`` stack of samples (the title
-    says ``B x (m x n)``). The format follows the extension: PNG, SVG or PDF.
+    says ``B x (m x n)``), with lines at the sample boundaries. The format
+    follows the extension: PNG, SVG or PDF.
 
     Args:
         out: the result folder.
@@ -217,6 +218,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
     Returns:
         The path written.
     """
+    from pipeline.analysis.plot import check_plot_folder
     from pipeline.store.reader import open_jacobian
 
     suffix = str(path).lower().rpartition(".")[2] if "." in str(path) else ""
@@ -225,6 +227,7 @@ def plot_result(out: str, path: str, *, max_pixels: int = 512) -> str:
             f"--plot {path}: expected a .png, .svg or .pdf file name (the format follows "
             "the extension)"
         )
+    check_plot_folder(path)
     result = open_jacobian(out)
     problems = result.check(checksums=False)
     if problems:
@@ -251,8 +254,9 @@ def _plot(result: JacobianResult, path: str, *, max_pixels: int) -> str:
         return str(plot_sparse(result.read(as_="scipy"), path, max_pixels=max_pixels, title=title))
     from pipeline.analysis.plot import plot_dense
 
+    samples = (result.shapes.batch or 0) if kind_of(man.kind).per_sample else 0
     return str(plot_dense(_dense_blocks(result), result.shape, path, max_pixels=max_pixels,
-                          title=title))
+                          title=title, samples=samples))
 
 
 def svd_result(out: str, k: int, *, power_iters: int = 2, seed: int = 0) -> Any:

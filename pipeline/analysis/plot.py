@@ -141,6 +141,7 @@ def plot_dense(
     *,
     max_pixels: int = 512,
     title: str = "",
+    samples: int = 0,
 ) -> Path:
     """Write a log-scaled heatmap of ``|J|`` with row and column norm profiles.
 
@@ -152,6 +153,8 @@ def plot_dense(
         max_pixels: the heatmap has at most this many pixels per side; each
             pixel shows the max ``|J_ij|`` of the block it covers.
         title: first line of the figure title.
+        samples: a batched result's number of samples ``B`` (its ``m`` rows
+            are ``B`` stacked samples): lines mark the sample boundaries.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -167,6 +170,7 @@ def plot_dense(
     pw = (n + len(red.col_edges) - 2) // (len(red.col_edges) - 1)
     pixel = "1 pixel = 1 entry" if ph == pw == 1 else f"1 pixel ≤ {ph}×{pw} entries (max |J|)"
     subtitle = f"{m:,} × {n:,} dense, {pixel}"
+    subtitle += _samples_note(m, samples)
     if red.rows_seen < m:
         subtitle += f", only {red.rows_seen:,} rows present"
     if red.nonfinite:
@@ -206,8 +210,31 @@ def plot_dense(
             extend=extend,
             label="max |J_ij| in pixel (log scale)",
         )
+    _sample_boundaries(ax, m, n, samples)
     _profiles(top, right, corner, red)
     return _save(fig, path)
+
+
+#: Above this many samples the boundary lines would hide the picture: only the
+#: subtitle names them.
+_MAX_BOUNDARIES = 64
+
+
+def _samples_note(rows: int, samples: int) -> str:
+    """The subtitle's words for a batched stack (empty for one matrix)."""
+    if samples <= 1 or rows % samples:
+        return ""
+    drawn = "boundaries drawn" if samples <= _MAX_BOUNDARIES else "too many to draw boundaries"
+    return f"\n{samples:,} samples of {rows // samples:,} rows stacked ({drawn})"
+
+
+def _sample_boundaries(ax: Any, rows: int, cols: int, samples: int) -> None:
+    """Crimson lines between the stacked samples of a batched result (heatmap row coordinates)."""
+    if samples <= 1 or rows % samples or samples > _MAX_BOUNDARIES:
+        return
+    step = rows // samples
+    ax.hlines([step * i for i in range(1, samples)], 0, cols, colors="crimson", linewidths=1.2,
+              gid="sample-boundaries")
 
 
 def plot_sparse(
@@ -400,7 +427,7 @@ def _profiles(top: Any, right: Any, corner: Any, red: _Reduction) -> None:
     """Row-norm profile on the right, column-norm profile on top (min-max band per pixel).
 
     A log axis is used when the non-zero norms span more than two decades,
-    else a linear one from 0 (which also shows zero norms honestly).
+    else a linear one whose limits come from the data (:func:`_linear_limits`).
     """
     import numpy as np
     from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
@@ -441,8 +468,7 @@ def _profiles(top: Any, right: Any, corner: Any, red: _Reduction) -> None:
             axis.set_major_locator(LogLocator(numticks=4))
             axis.set_minor_formatter(NullFormatter())
         else:
-            top = float(np.nanmax(hi)) * 1.08 if np.any(np.isfinite(hi)) else 1.0
-            (ax.set_xlim if horizontal else ax.set_ylim)(0, top if top > 0 else 1.0)
+            (ax.set_xlim if horizontal else ax.set_ylim)(*_linear_limits(lo, hi))
             axis.set_major_locator(MaxNLocator(nbins=3))
         ax.grid(True, which="major", alpha=0.3)
 
@@ -462,6 +488,23 @@ def _profiles(top: Any, right: Any, corner: Any, red: _Reduction) -> None:
         title="norm profiles",
         title_fontsize=9,
     )
+
+
+def _linear_limits(lo: np.ndarray, hi: np.ndarray) -> tuple[float, float]:
+    """Axis limits of a linear norm profile: the data's range with a margin.
+
+    Norms that all lie in ``[9.5, 10]`` fill the panel instead of sitting
+    against its far edge on ``[0, 10.8]``; a range that reaches 0 shows 0.
+    """
+    import numpy as np
+
+    both = np.concatenate([lo, hi])
+    both = both[np.isfinite(both)]
+    if both.size == 0:
+        return 0.0, 1.0
+    low, high = float(both.min()), float(both.max())
+    pad = 0.08 * (high - low) if high > low else 0.08 * abs(high) or 1.0
+    return max(low - pad, 0.0), high + pad
 
 
 def _plural(count: int, word: str) -> str:
@@ -508,9 +551,27 @@ def plot_points(coords: np.ndarray | None, values: np.ndarray, path: str | Path,
     return _save(fig, path)
 
 
+def check_plot_folder(path: str | Path) -> None:
+    """Refuse a picture whose folder does not exist (no folders are created for it).
+
+    Raises:
+        JacpipeError: the folder of ``path`` is missing or not a folder.
+    """
+    from pipeline.core.errors import JacpipeError
+
+    folder = Path(path).parent
+    if folder.exists() and not folder.is_dir():
+        raise JacpipeError(f"--plot {path}: cannot write it ({folder} is a file, not a folder)")
+    if not folder.is_dir():
+        raise JacpipeError(
+            f"--plot {path}: the folder {folder} does not exist (jacpipe creates no folders "
+            "for a picture); create it first or choose another path"
+        )
+
+
 def _save(fig: Any, path: str | Path) -> Path:
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_plot_folder(out)
     fmt = out.suffix.lower().lstrip(".") or "png"
     fig.savefig(out, format=fmt if fmt in ("png", "svg", "pdf") else "png")
     return out

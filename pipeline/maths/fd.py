@@ -83,6 +83,13 @@ class ColumnCheck:
         return "kink (AD one-sided)" if self.kink else "ok"
 
 
+def _agreement(check: ColumnCheck) -> str:
+    """The ``AD≈FD`` cell: at a kink AD is one one-sided derivative, not the central FD."""
+    if not check.agree:
+        return "NO"
+    return "kink (one-sided)" if check.kink else "yes"
+
+
 @dataclass
 class FDReport:
     """What :func:`fd_check` found, one :class:`ColumnCheck` per sampled input.
@@ -140,7 +147,7 @@ class FDReport:
                     f"{c.h:.2e}",
                     f"{c.abs_err:.2e}",
                     f"{c.rel_err:.2e}",
-                    "yes" if c.agree else "NO",
+                    _agreement(c),
                     f"{c.kink_jump:.3g}" if c.kink else "-",
                     c.verdict,
                 )

@@ -32,6 +32,7 @@ from pipeline.runner.plan import (
     Shard,
     local_resources,
     make_plan,
+    stored_row_bytes,
 )
 from pipeline.runner.progress import Progress
 from pipeline.runner.scheduler import Executor, Interrupted, LocalExecutor, RayExecutor, schedule
@@ -187,13 +188,38 @@ def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callabl
         else job.adjoint.reason,
         pass_seconds=job.pass_seconds if embedded else None,
     )
+    # The colouring of a sparse run is one of the plan's notes (printed once here).
     for note in plan.notes:
         echo(note if note.startswith("warning:") else f"note: {note}")
-    if plan.coloring is not None:
-        echo(f"sparse: {int(plan.pattern.nnz)} nonzeros, {plan.coloring.num_colors} "
-             f"colours ({plan.coloring.mode} mode) instead of "
-             f"{min(job.shapes.m, job.shapes.n)} dense passes")
     return plan
+
+
+def _warn_if_disk_too_small(job: CheckedJob, plan: RunPlan, todo: list[Any], storage: Storage,
+                            echo: Callable[[str], None]) -> None:
+    """One warning line when the rows still to write exceed the free space of ``--out``.
+
+    A warning, not a refusal: the estimate is of uncompressed values
+    (compression usually shrinks them), and a run that meets a full disk
+    stops resumably (free some space and rerun the same command).
+    """
+    pattern = plan.pattern if plan.coloring is not None else None
+    planned = stored_row_bytes(job.shapes, pattern) * sum(s.stop - s.start for s in todo)
+    free = storage.free_bytes()
+    if free is None or planned <= free:
+        return
+    echo(f"warning: the result needs about {_size(planned)} (uncompressed) and the file system "
+         f"of {storage.display} has {_size(free)} free; the run may stop with 'no space left' "
+         "(free some space and rerun the same command to resume)")
+
+
+def _size(n: int) -> str:
+    """Bytes as a short decimal size (``2.4 kB``, ``150.0 GB``)."""
+    size, unit = float(n), "B"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def _manifest(opts: RunOptions, job: CheckedJob, plan: RunPlan) -> Manifest:
@@ -273,6 +299,7 @@ def _execute(
         for note in folder.notes:
             echo(f"note: {note}")
         todo = [s for s in plan.shards if s.index not in keep]
+        _warn_if_disk_too_small(job, plan, todo, folder.storage, echo)
         if keep:
             echo(f"resuming: {len(keep)} of {len(plan.shards)} shards already committed")
         specs = [_spec(opts, job, plan, s, folder.storage.uri, manifest.run_id) for s in todo]

@@ -35,9 +35,10 @@ class Exported:
     shape: tuple[int, ...]
     dtype: str
     nnz: int | None  # stored entries (.npz only)
+    notes: tuple[str, ...] = ()  # what the user should know (a sparse result written dense)
 
 
-def export(out: str, path: str | os.PathLike[str]) -> Exported:
+def export(out: str, path: str | os.PathLike[str], *, overwrite: bool = False) -> Exported:
     """Write the result in ``out`` to ``path``; the format follows the extension.
 
     ``.npy``: the dense array as :func:`pipeline.read_jacobian` returns it,
@@ -47,6 +48,7 @@ def export(out: str, path: str | os.PathLike[str]) -> Exported:
     Args:
         out: the result folder (or ``s3://`` URI) of a finished ``jacpipe run``.
         path: the file to write, ending in ``.npy`` or ``.npz``.
+        overwrite: replace ``path`` if it exists (otherwise it is refused).
 
     Returns:
         An :class:`Exported` (path, shape, dtype, non-zeros).
@@ -69,6 +71,8 @@ def export(out: str, path: str | os.PathLike[str]) -> Exported:
             f"export {target}: expected a file name ending in .npy (dense array) or .npz "
             f"(scipy.sparse CSR), got {suffix or 'no extension'!r}"
         )
+    if not overwrite and (target.exists() or target.is_symlink()):
+        raise JacpipeError(f"export {target}: the file exists; pass --overwrite to replace it")
     result = open_jacobian(out)
     problems = result.check(checksums=True)
     if problems:
@@ -84,11 +88,23 @@ def export(out: str, path: str | os.PathLike[str]) -> Exported:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise JacpipeError(f"export {target}: cannot write it ({exc.strerror or exc})") from None
-    return Exported(str(target), *done)
+    notes = () if suffix != ".npy" or done[2] is None else (_dense_note(done, target),)
+    return Exported(str(target), done[0], done[1], None if suffix == ".npy" else done[2], notes)
 
 
-def _write_npy(result: Any, path: Path) -> tuple[tuple[int, ...], str, None]:
-    """Stream the rows into a memory-mapped ``.npy``."""
+def _dense_note(done: tuple[tuple[int, ...], str, int | None], target: Path) -> str:
+    """The note for a sparse result written as a dense ``.npy``: its size, and ``.npz``."""
+    import numpy as np
+
+    shape, dtype, nnz = done
+    entries = int(np.prod(shape))
+    size = entries * np.dtype(dtype).itemsize
+    return (f"the result is sparse ({nnz} stored entries of {entries}); {target.name} holds it "
+            f"dense ({size / 1e6:.1f} MB); export to .npz to keep it sparse")
+
+
+def _write_npy(result: Any, path: Path) -> tuple[tuple[int, ...], str, int | None]:
+    """Stream the rows into a memory-mapped ``.npy``; the stored entries of a sparse result."""
     import numpy as np
 
     from pipeline.store.parts import NUMPY_FLOAT
@@ -98,15 +114,19 @@ def _write_npy(result: Any, path: Path) -> tuple[tuple[int, ...], str, None]:
     dtype = np.dtype(NUMPY_FLOAT[result.dtype])
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
     flat = mm.reshape(result.shape)  # a view: rows land in the file
+    stored: int | None = None
     if layout_of(result.layout).fixed_width:
         for rows, block in result.iter_blocks(verify=False):
             flat[rows] = block
     else:
+        stored = 0
         for _, start, stop in result.plan:
-            flat[start:stop] = result.read_sparse(np.arange(start, stop), verify=False).toarray()
+            rows = result.read_sparse(np.arange(start, stop), verify=False)
+            stored += int(rows.nnz)
+            flat[start:stop] = rows.toarray()
     mm.flush()
     del flat, mm
-    return shape, str(dtype), None
+    return shape, str(dtype), stored
 
 
 def _write_npz(result: Any, path: Path) -> tuple[tuple[int, ...], str, int]:

@@ -190,7 +190,8 @@ class ResultFolder:
             self._create()
         self.lock(manifest.run_id)
         try:
-            keep = self._reuse(manifest.identity(), resume=resume, overwrite=overwrite)
+            keep = self._reuse(manifest.identity(), resume=resume, overwrite=overwrite,
+                               compression=manifest.options.get("compression"))
         except BaseException:
             self.unlock()
             raise
@@ -209,7 +210,8 @@ class ResultFolder:
             ) from None
 
     def _reuse(
-        self, identity: dict[str, Any], *, resume: bool, overwrite: bool
+        self, identity: dict[str, Any], *, resume: bool, overwrite: bool,
+        compression: str | None = None,
     ) -> dict[int, ShardResult]:
         names = [n for n in self.storage.listdir() if n != LOCK]
         try:
@@ -243,7 +245,29 @@ class ResultFolder:
             )
         if differs or not resume:
             return self._clear()
+        if self._codec_differs(old, compression, overwrite=overwrite):
+            return self._clear()
         return self._trusted_shards()
+
+    def _codec_differs(self, old: Manifest, compression: str | None, *, overwrite: bool) -> bool:
+        """Whether the parts have another codec (then only ``--overwrite`` may go on).
+
+        The manifest must name the codec of every part, so a resume with another
+        ``--compression`` is refused rather than recorded under the new name.
+
+        Raises:
+            JacpipeError: the folder's parts were written with another ``--compression``
+                and ``overwrite`` is False.
+        """
+        before = old.options.get("compression")
+        if before is None or compression is None or before == compression:
+            return False
+        if overwrite:
+            return True
+        raise JacpipeError(
+            f"--out {self.storage.display} was written with --compression {before}; rerun with "
+            f"--compression {before} to resume, or --overwrite to rewrite it with {compression}"
+        )
 
     def _trusted_shards(self) -> dict[int, ShardResult]:
         """Committed shards whose parts verify; leftovers of a crashed run are swept."""

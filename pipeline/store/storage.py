@@ -64,6 +64,23 @@ class Storage:
             lambda m: (m.group("a") or m.group("b")) + "***", text
         )
 
+    def free_bytes(self) -> int | None:
+        """Free bytes on the file system of a local folder (its nearest existing parent).
+
+        None for object stores and where the file system cannot say.
+        """
+        import shutil
+
+        if not self.local:
+            return None
+        path = self.root
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        try:
+            return int(shutil.disk_usage(path).free)
+        except OSError:
+            return None
+
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 

@@ -100,3 +100,40 @@ def test_disagreements_name_the_worst_entries():
     text = disagreements(got, ref, rows=np.array([10, 11, 12]), rtol=1e-5, atol=1e-5)
     assert text.startswith("2 entries") and "J[12, 3] = nan vs 0" in text
     assert "J[11, 2] = 5 vs 0" in text
+
+
+def _table(result) -> dict[str, str]:
+    """The metric -> value rows of a ``jacpipe compare`` table."""
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_a_smoothed_comparison_shows_no_plain_ad_tolerance_rows(tmp_path):
+    """Plain rows used to contradict each other (max abs error 1.476, atol 5e-9, ratio 0.35)."""
+    out = tmp_path / "s"
+    done = _run("run", "contact", "--smooth", "0.01", "--samples", "64", "--shards", "2",
+                "--out", out, "--executor", "local", "--no-progress")
+    assert done.exit_code == 0, done.output
+    result = cli.invoke(app, ["compare", str(out)], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    rows = _table(result)
+    assert "worst |diff| / combined stderr" in rows, rows
+    assert "max |diff| vs reference" in rows, rows
+    for plain in ("tolerance", "worst |err| / tol", "max abs error", "max rel error"):
+        assert plain not in rows, rows
+
+
+def test_compare_labels_which_rows_each_time_is_for(tmp_path):
+    """``compare --rows 4`` printed reference seconds for 4 rows beside pipeline seconds for all."""
+    out = tmp_path / "d"
+    done = _run("run", "mlp", "-p", "n=8", "-p", "m=30", "-p", "hidden=4", "--shards", "2",
+                "--out", out, "--executor", "local", "--no-progress")
+    assert done.exit_code == 0, done.output
+    rows = _table(cli.invoke(app, ["compare", str(out), "--rows", "4"], env={"COLUMNS": "240"}))
+    assert "reference seconds (1 process, 4 rows)" in rows, rows
+    assert "pipeline seconds (all 30 rows)" in rows, rows
+    assert "tolerance" in rows and "worst |err| / tol" in rows

@@ -78,6 +78,17 @@ def test_plot_writes_a_png(mlp_out, tmp_path):
     assert 400 < w < 3000 and 300 < h < 3000
 
 
+def test_plot_into_a_missing_folder_is_refused_and_creates_nothing(mlp_out, tmp_path):
+    """``--plot /nonexistent/dir/x.png`` used to create the folders (at the file-system root)."""
+    out, _ = mlp_out
+    target = tmp_path / "missing" / "dir" / "x.png"
+    result = invoke("inspect", out, "--plot", target)
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "the folder" in errors[0] and "does not exist" in errors[0], errors[0]
+    assert not (tmp_path / "missing").exists()
+
+
 def test_python_api_rows_and_formats(mlp_out):
     out, ref = mlp_out
     np.testing.assert_allclose(read_jacobian(out), ref, rtol=1e-12, atol=1e-14)

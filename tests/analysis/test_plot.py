@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from pipeline.analysis.plot import blockmax_image, pixel_edges, plot_dense, plot_sparse
+from pipeline.core.errors import JacpipeError
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -90,6 +91,7 @@ def test_plot_dense_writes_a_readable_png(tmp_path):
             consumed.append(s)
             yield s, a[s : s + 256]
 
+    (tmp_path / "sub").mkdir()
     out = plot_dense(blocks(), (m, n), tmp_path / "sub" / "dense.png", max_pixels=300, title="t")
     assert out == tmp_path / "sub" / "dense.png"
     assert consumed == list(range(0, m, 256))
@@ -103,6 +105,12 @@ def test_plot_dense_all_zero_and_tiny(tmp_path):
     assert _png_size(out)[0] >= 700
     out = plot_dense([(0, np.array([[2.0]]))], (1, 1), tmp_path / "one.png")
     assert _png_size(out)[0] >= 700
+
+
+def test_a_plot_into_a_missing_folder_creates_no_folder(tmp_path):
+    with pytest.raises(JacpipeError, match="the folder .* does not exist"):
+        plot_dense([(0, np.ones((2, 2)))], (2, 2), tmp_path / "a" / "b" / "x.png")
+    assert not (tmp_path / "a").exists()
 
 
 def test_plot_sparse_small_and_banded(tmp_path):
@@ -126,3 +134,40 @@ def test_plot_sparse_small_and_banded(tmp_path):
     assert _png_size(out)[0] >= 700
     out = plot_sparse(sp.csr_matrix((10, 10)), tmp_path / "empty.png")
     assert _png_size(out)[0] >= 700
+
+
+def _captured(monkeypatch) -> list:
+    """Figures handed to ``_save`` (nothing is written)."""
+    import pipeline.analysis.plot as plot
+
+    figs: list = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figs.append(fig) or Path(path))
+    return figs
+
+
+def _axis(fig, label: str):
+    return next(a for a in fig.axes if label in (a.get_xlabel() + a.get_ylabel()))
+
+
+def test_the_row_norm_panel_takes_its_limits_from_the_data(tmp_path, monkeypatch):
+    """Norms in [9.5, 10] used to be drawn on [0, 10.8], squashed against the right edge."""
+    figs = _captured(monkeypatch)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 30))
+    a *= (9.5 + 0.5 * rng.random((40, 1))) / np.linalg.norm(a, axis=1, keepdims=True)
+    plot_dense([(0, a)], a.shape, tmp_path / "x.png")
+    lo, hi = _axis(figs[0], "row norm").get_xlim()
+    norms = np.linalg.norm(a, axis=1)
+    assert lo > 9.0 and lo < norms.min() and norms.max() < hi < 10.3, (lo, hi)
+
+
+def test_a_batched_plot_draws_the_sample_boundaries(tmp_path, monkeypatch):
+    figs = _captured(monkeypatch)
+    a = np.ones((5 * 6, 4))
+    plot_dense([(0, a)], a.shape, tmp_path / "b.png", samples=5, title="t")
+    lines = [c for ax in figs[0].axes for c in ax.collections
+             if c.get_gid() == "sample-boundaries"]
+    assert len(lines) == 1
+    ys = sorted({round(float(seg[0][1])) for seg in lines[0].get_segments()})
+    assert ys == [6, 12, 18, 24]
+    assert "5 samples of 6 rows" in figs[0]._suptitle.get_text()

@@ -377,6 +377,32 @@ def test_export_round_trips(results, tmp_path, name):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_export_refuses_an_existing_file_unless_overwrite(results, tmp_path):
+    """``export`` used to replace an existing file without a word."""
+    root, _ = results
+    npy = tmp_path / "J.npy"
+    npy.write_bytes(b"precious")
+    result = invoke("export", root / "dense", npy)
+    assert_one_line_error(result, "exists; pass --overwrite to replace it", code=2)
+    assert npy.read_bytes() == b"precious"
+    assert invoke("export", root / "dense", npy, "--overwrite").exit_code == 0
+    np.testing.assert_array_equal(np.load(npy), read_jacobian(root / "dense"))
+
+
+def test_a_sparse_result_exported_dense_says_so(results, tmp_path):
+    """A sparse result written to a dense ``.npy`` used to pass without a word."""
+    root, _ = results
+    result = runner.invoke(app, ["export", str(root / "sparse"), str(tmp_path / "J.npy")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "dense" in notes[0] and ".npz" in notes[0], result.output
+    assert "stored entries" in notes[0]
+    result = runner.invoke(app, ["export", str(root / "sparse"), str(tmp_path / "J.npz")])
+    assert result.exit_code == 0 and "note:" not in result.output
+    dense = runner.invoke(app, ["export", str(root / "dense"), str(tmp_path / "D.npy")])
+    assert dense.exit_code == 0 and "note:" not in dense.output
+
+
 @pytest.mark.parametrize("name,match", [
     ("J.safetensors", "does not depend on"), ("J.zarr", "does not depend on"),
     ("J.txt", "expected a file name ending in .npy"),
@@ -412,3 +438,11 @@ def test_new_jobs_are_listed_with_a_description():
     for job in ("cnn", "rosenbrock", "trajectory"):
         assert listing[job]["doc"] and "dtype" in listing[job]["params"]
     assert listing["rosenbrock"]["params"]["pattern"] is False
+
+
+def test_rows_without_verify_is_refused_before_any_work(tmp_path):
+    """``run --rows 5`` without ``--verify`` used to be ignored without a word."""
+    out = tmp_path / "o"
+    result = invoke("run", "mlp", *SMALL, "--rows", "5", "--out", out, "--executor", "local")
+    assert_one_line_error(result, "--rows only applies with --verify", code=2)
+    assert not out.exists()

@@ -156,6 +156,17 @@ def test_report_json_and_rows():
     assert all(isinstance(v, str) for r in rows for v in r)
 
 
+def test_a_kink_row_never_says_ad_equals_fd():
+    """``AD≈FD yes`` used to sit beside a relative error of 1.00 on the kink row."""
+    problem = build_contact()
+    report = fd_check(problem.fn, problem.x, _jac(problem.fn, problem.x), [1, 2])
+    col = FDReport.HEADER.index("AD≈FD")
+    smooth, kink = report.rows()
+    assert smooth[col] == "yes" and smooth[-1] == "ok"
+    assert report.checks[1].kink and report.checks[1].rel_err > 0.1
+    assert kink[col] == "kink (one-sided)", kink
+
+
 def test_bad_arguments():
     fn, x = _mlp(torch.float64)
     jac = _jac(fn, x)

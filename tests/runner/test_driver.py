@@ -452,3 +452,46 @@ def test_the_trust_classes_end_to_end_through_the_cli(ray_session, tmp_path, dty
     from pipeline import read_jacobian
 
     assert str(read_jacobian(tmp_path / "h").dtype) == dtype
+
+
+def test_the_colouring_note_of_a_sparse_run_is_printed_once(tmp_path):
+    """The sparse colouring line used to print twice (as a plan note and again by _plan)."""
+    lines: list[str] = []
+    summary = pipeline.run("banded", params={"n": 40, "k": 2}, shards=2, out=str(tmp_path / "o"),
+                           executor="local", progress=False, echo=lines.append)
+    colouring = [line for line in lines if "colours" in line]
+    assert len(colouring) == 1, lines
+    assert colouring[0].startswith("note: sparse: ") and "dense passes" in colouring[0]
+    assert summary.manifest.method == "sparse"
+
+
+def test_a_result_larger_than_the_free_disk_space_is_warned_about_before_it_starts(
+    tmp_path, monkeypatch
+):
+    """A run whose result exceeds the free space of --out's file system used to plan silently."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    asked: list[str] = []
+
+    def tiny_disk(path):
+        asked.append(str(path))
+        return usage(10**9, 10**9 - 1000, 1000)  # 1 kB free
+
+    monkeypatch.setattr(shutil, "disk_usage", tiny_disk)
+    lines: list[str] = []
+    out = tmp_path / "not" / "yet"
+    pipeline.run("mlp", params={"n": 30, "m": 20, "hidden": 4}, shards=2, out=str(out),
+                 executor="local", progress=False, echo=lines.append)
+    warnings = [line for line in lines if "free" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), lines
+    assert "2.4 kB" in warnings[0] and "1.0 kB free" in warnings[0], warnings[0]
+    assert asked == [str(out)]
+    # enough room: no warning
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    lines.clear()
+    pipeline.run("mlp", params={"n": 30, "m": 20, "hidden": 4}, shards=2,
+                 out=str(tmp_path / "roomy"), executor="local", progress=False,
+                 echo=lines.append)
+    assert not [line for line in lines if "free" in line], lines

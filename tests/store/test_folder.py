@@ -142,3 +142,25 @@ def test_an_interrupt_during_a_commit_never_drops_a_logged_commit(tmp_path: Path
         folder.commit(ShardResult(0, 0, 6, ref["file"], 6, ref["checksum"], ref["bytes"]))
     folder.finish("interrupted")
     assert [s["index"] for s in read_doc(tmp_path / "out")["shards"]] == [0]
+
+
+def test_a_rerun_with_another_compression_is_refused_and_the_manifest_keeps_the_parts_codec(
+    tmp_path: Path,
+) -> None:
+    """A finished zstd folder rerun with --compression lz4 used to say "resumed" and claim lz4."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    base = ["run", "mlp", "-p", "n=6", "-p", "m=8", "-p", "hidden=4", "--shards", "2",
+            "--out", out, "--executor", "local", "--no-progress"]
+    assert _run(*base).exit_code == 0
+    result = _run(*base, "--compression", "lz4")
+    line = _one_error(result)
+    assert result.exit_code == 2, result.output
+    assert "written with --compression zstd" in line and "--overwrite" in line, line
+    assert read_doc(out)["options"]["compression"] == "zstd"
+    # --overwrite rewrites every part with the new codec, and the manifest says so
+    assert _run(*base, "--compression", "lz4", "--overwrite").exit_code == 0
+    assert read_doc(out)["options"]["compression"] == "lz4"
+    for part in sorted(out.glob("part-*.parquet")):
+        assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == "LZ4"

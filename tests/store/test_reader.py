@@ -151,3 +151,24 @@ def test_old_format_1_parts_still_read(tmp_path):
     assert np.array_equal(np.concatenate([b for _, b in res.iter_blocks()]), data)
     v = rng.standard_normal(7)
     np.testing.assert_allclose(res.as_linear_operator().matvec(v), data @ v, rtol=1e-5)
+
+
+def test_checksums_catch_accidents_but_not_a_writer_who_updates_them(tmp_path: Path) -> None:
+    """What the README's "What the checksums protect against" paragraph promises, and no more."""
+    good = write_result(str(tmp_path / "good"))
+    other = tmp_path / "other"
+    write_result(str(other), values=good * 2.0)
+    # An accident: part 1 replaced (same size, other values), its manifest entry untouched.
+    accident = tmp_path / "accident"
+    write_result(str(accident))
+    (accident / "part-00001.parquet").write_bytes((other / "part-00001.parquet").read_bytes())
+    with pytest.raises(JacpipeError, match="checksum mismatch"):
+        read_jacobian(accident)
+    # A writer who also updates the checksum and size: accepted (only `compare` sees it).
+    forged = tmp_path / "forged"
+    write_result(str(forged))
+    _swap_part(forged, 1, other / "part-00001.parquet")
+    got = read_jacobian(forged)
+    np.testing.assert_array_equal(got[4:8], good[4:8] * 2.0)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "**What the checksums protect against.**" in readme
