@@ -416,6 +416,11 @@ def normalize_rows(rows: Any, total: int) -> np.ndarray | None:
     if rows is None:
         return None
     if isinstance(rows, slice):
+        if rows.step == 0:
+            raise JacpipeError(
+                f"rows={rows!r}: a slice step cannot be zero; "
+                "give a positive or negative step, or leave it out"
+            )
         try:
             return np.arange(total)[rows]
         except TypeError:
