@@ -51,6 +51,11 @@ class JacobianResult:
     def __init__(self, out: str) -> None:
         self.storage = Storage(out)
         manifest = Manifest.read(self.storage)
+        if manifest is None and self.storage.local and not self.storage.is_dir():
+            raise JacpipeError(
+                f"{self.storage.display!r} does not exist; "
+                "give the --out folder of a `jacpipe run`"
+            )
         if manifest is None:
             raise JacpipeError(
                 f"{self.storage.display!r} is not a jacpipe result (no {MANIFEST}); "

@@ -164,7 +164,13 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path, ray_session):
 @pytest.mark.parametrize("command", ["compare", "inspect"])
 def test_compare_and_inspect_refuse_a_folder_that_is_not_a_result(command, tmp_path):
     assert_one_line_error(invoke(command, tmp_path), "not a jacpipe result")
-    assert_one_line_error(invoke(command, tmp_path / "missing"), "not a jacpipe result")
+
+
+@pytest.mark.parametrize("command", ["compare", "inspect"])
+def test_compare_and_inspect_say_a_missing_folder_does_not_exist(command, tmp_path):
+    result = invoke(command, tmp_path / "missing")
+    assert_one_line_error(result, "does not exist")
+    assert "_manifest.parquet" not in result.output
 
 
 @pytest.mark.slow
