@@ -185,3 +185,10 @@ def taylor_field(points: int = 24, order: int = 4, outputs: int = 2) -> Problem:
     x = torch.rand(points, 3, generator=g, dtype=torch.float64)
     return Problem(fn=lambda v: torch.sin(w @ v) * torch.exp(v.sum() / 3), x=x, kind="taylor",
                    operator={"order": order, "direction": [1.0, -0.5, 0.25]})
+
+
+def exits_in_build(code: int = 3) -> Problem:
+    """A ``build()`` that calls ``sys.exit(code)`` instead of returning a problem."""
+    import sys
+
+    sys.exit(code)

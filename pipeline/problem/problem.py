@@ -229,6 +229,11 @@ def build_problem(spec: str, params: Mapping[str, Any]) -> Problem:
         raise JacpipeError(f"job {spec!r}: build() rejected parameters: {exc}") from None
     except Exception as exc:  # a user's builder: report it in one line
         raise JacpipeError(f"job {spec!r}: build() raised {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # sys.exit() in a builder must not end jacpipe silently
+        raise JacpipeError(
+            f"job {spec!r}: build() exited (sys.exit({exc.code!r})) instead of returning a "
+            "pipeline.Problem; raise an exception with a message in build() instead"
+        ) from None
     validate(problem, spec)
     return problem
 
