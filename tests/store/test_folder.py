@@ -46,6 +46,32 @@ def test_one_run_per_folder(tmp_path):
     second.unlock()
 
 
+def test_a_read_only_out_folder_is_one_line_naming_the_permission(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    folder = ResultFolder(Storage(str(tmp_path)))
+    monkeypatch.setattr(os, "open", refuse)  # root ignores chmod: refuse as a read-only folder
+    with pytest.raises(JacpipeError) as caught:
+        folder.lock("run-a")
+    message = str(caught.value)
+    assert message.startswith(f"--out {tmp_path}: no permission to write in the folder")
+    assert "cannot write .lock: Permission denied" in message and "chmod u+w" in message
+    assert caught.value.exit_code == 2
+
+
+def test_an_out_name_too_long_for_the_file_system_is_one_line(tmp_path):
+    long = tmp_path / ("a" * 300)
+    result = _run("run", "mlp", "-p", "n=4", "-p", "m=4", "--executor", "local", "--out", long)
+    line = _one_error(result)
+    assert result.exit_code == 2
+    assert "the name is too long for the file system (File name too long)" in line
+    assert "choose a shorter --out" in line and "(set JACPIPE_DEBUG=1" not in line
+    assert len(line) < 300
+
+
 @pytest.mark.slow
 def test_a_killed_runs_lock_does_not_block(tmp_path):
     code = ("import os, sys; from pipeline.store.folder import ResultFolder; "
