@@ -38,7 +38,7 @@ from pipeline.store.manifest import (
     Manifest,
     append_commit,
 )
-from pipeline.store.storage import Storage
+from pipeline.store.storage import Storage, shown_name
 
 #: Prefixes of every file a run writes into its folder.
 OUR_FILES = (
@@ -255,7 +255,8 @@ class ResultFolder:
             if foreign:
                 raise JacpipeError(
                     f"--out {self.storage.display} is not empty and holds no jacpipe result "
-                    f"({', '.join(foreign[:3])}{'...' if len(foreign) > 3 else ''}); "
+                    f"({', '.join(map(shown_name, foreign[:3]))}"
+                    f"{'...' if len(foreign) > 3 else ''}); "
                     "give an empty or new folder"
                 )
             return self._clear()
@@ -295,7 +296,7 @@ class ResultFolder:
         if strays:
             self.notes.append(
                 f"moved {len(strays)} file(s) that look like parts but are not in the plan "
-                f"({', '.join(strays[:3])}{'...' if len(strays) > 3 else ''}) to "
+                f"({', '.join(map(shown_name, strays[:3]))}{'...' if len(strays) > 3 else ''}) to "
                 f"{self.storage.display.rstrip('/')}/{STRAY}/ (readers of the folder would "
                 "count their rows)"
             )

@@ -85,8 +85,16 @@ class Storage:
         return info.size if info.type == pafs.FileType.File else None
 
     def listdir(self) -> list[str]:
+        """The names in the folder, sorted.
+
+        Locally a name that is not UTF-8 comes back as Python's file-system
+        decoding makes it (``surrogateescape``): :meth:`move` and :meth:`delete`
+        still reach it, and :func:`shown_name` prints it.
+        """
         if not self.is_dir():
             return []
+        if self.local:
+            return sorted(os.listdir(self.root))
         sel = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
         # A set: an object store may list a name twice (an object and a "dir/" marker).
         return sorted({i.base_name for i in self.fs.get_file_info(sel)})
@@ -99,13 +107,21 @@ class Storage:
 
     def delete(self, name: str) -> None:
         try:
-            self.fs.delete_file(self.path(name))
+            if self.local:
+                os.remove(self.path(name))
+            else:
+                self.fs.delete_file(self.path(name))
         except (FileNotFoundError, IsADirectoryError):
             pass
 
     def move(self, name: str, dest: str) -> None:
         """Rename ``name`` to ``dest`` (both relative to the folder; ``dest``'s folder is made)."""
         parent = dest.rpartition("/")[0]
+        if self.local:  # os: a name that is not UTF-8 (see listdir) still moves
+            if parent:
+                os.makedirs(self.path(parent), exist_ok=True)
+            os.replace(self.path(name), self.path(dest))
+            return
         if parent:
             self.fs.create_dir(self.path(parent), recursive=True)
         self.fs.move(self.path(name), self.path(dest))
@@ -182,3 +198,8 @@ def refuse_secret(value: str, what: str) -> None:
             "credentials through their environment (AWS_ACCESS_KEY_ID, ...) or a role, "
             "and pass s3://bucket/prefix"
         )
+
+
+def shown_name(name: str) -> str:
+    """``name`` fit to print: bytes that are not UTF-8 (see ``Storage.listdir``) as ``\\xff``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -113,6 +113,24 @@ def test_stray_parts_are_reported_and_moved_aside_on_resume(ray_session, tmp_pat
     np.testing.assert_array_equal(read_jacobian(out), full)
 
 
+def test_a_file_name_that_is_not_utf8_is_listed_escaped_and_strays_still_warned(tmp_path):
+    out = tmp_path / "out"
+    write_result(str(out))
+    with open(os.fsencode(out) + b"/part-\xff.parquet", "wb") as f:
+        f.write(b"not utf-8")
+    (out / "part-00099.parquet").write_bytes((out / "part-00001.parquet").read_bytes())
+    result = _run("inspect", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stray_files"] == ["part-00099.parquet", "part-\\xff.parquet"]
+    shown = _run("inspect", out)
+    assert "warning: 2 file(s) look like parts" in shown.output and "Traceback" not in shown.output
+    folder = ResultFolder(Storage(str(out)))
+    folder._move_strays(3)  # what a resume does: the undecodable name moves aside too
+    assert sorted(os.listdir(os.fsencode(out / "_stray"))) == [
+        b"part-00099.parquet.stray", b"part-\xff.parquet.stray"]
+    assert "part-\\xff.parquet" in folder.notes[0]
+
+
 def test_folder_problems_exit_2(tmp_path):
     (tmp_path / "o" / "_manifest.parquet").mkdir(parents=True)
     result = _run("inspect", tmp_path / "o")
