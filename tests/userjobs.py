@@ -192,3 +192,26 @@ def exits_in_build(code: int = 3) -> Problem:
     import sys
 
     sys.exit(code)
+
+
+def backward_raises_for_some_rows(n: int = 6) -> Problem:
+    """``2 x`` whose backward raises when row 0 of the pullback is asked for (some rows only)."""
+
+    class Doubled(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            return 2 * v
+
+        @staticmethod
+        def setup_context(ctx: object, inputs: object, output: object) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            if bool(grad[..., 0].ne(0).any()):
+                raise ValueError("no derivative for row 0")
+            return 2 * grad
+
+    return Problem(fn=Doubled.apply, x=torch.arange(1.0, n + 1, dtype=torch.float64))

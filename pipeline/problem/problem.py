@@ -557,6 +557,28 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
     }
 
 
+def probe_failed(exc: Exception, spec: str) -> JacpipeError:
+    """One line (exit 1) for the user's ``fn`` or backward raising in the driver's probe.
+
+    The fingerprint's derivative probe (:func:`_derivative_probe`) runs the
+    job's backward once on the driver before any shard; a backward that fails
+    for some rows fails there first, and is named like a failed shard: the
+    exception, its message and the user's frame.
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not any(p in f.filename for p in ("/pipeline/", "/torch/"))]
+    last = user[-1] if user else None
+    at = f' [File "{last.filename}", line {last.lineno}, in {last.name}]' if last else ""
+    return JacpipeError(
+        f"job {spec!r}: fn(x) or its backward raised {type(exc).__name__}: "
+        f"{first_line(exc, limit=200)}{at} while its derivative was checked at x on the driver, "
+        "before any shard ran; fix the job (each shard would call it the same way)",
+        exit_code=1,
+    )
+
+
 def code_sha256(fn: Any) -> str | None:
     """sha256 of ``fn``'s code object (bytecode, constants, names), nested code included.
 
