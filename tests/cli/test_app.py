@@ -407,3 +407,25 @@ def test_new_jobs_are_listed_with_a_description():
     for job in ("cnn", "rosenbrock", "trajectory"):
         assert listing[job]["doc"] and "dtype" in listing[job]["params"]
     assert listing["rosenbrock"]["params"]["pattern"] is False
+
+
+def test_sigterm_during_run_verify_is_one_line_and_exit_143(tmp_path, monkeypatch):
+    import signal
+
+    import pipeline.analysis.compare as compare_mod
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not turned into an interrupt")
+
+    monkeypatch.setattr(compare_mod, "compare", sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "o"
+    result = invoke("run", "mlp", "-p", "n=4", "-p", "m=3", "--executor", "local", "--verify",
+                    "--out", out)
+    assert result.exit_code == 143, result.output
+    line = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert line == [f"error: terminated (SIGTERM) during --verify: the result in {out} is "
+                    f"complete but unchecked; check it with `jacpipe compare {out}`"]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert read_doc(out)["status"] == "complete"
