@@ -185,3 +185,33 @@ def taylor_field(points: int = 24, order: int = 4, outputs: int = 2) -> Problem:
     x = torch.rand(points, 3, generator=g, dtype=torch.float64)
     return Problem(fn=lambda v: torch.sin(w @ v) * torch.exp(v.sum() / 3), x=x, kind="taylor",
                    operator={"order": order, "direction": [1.0, -0.5, 0.25]})
+
+
+def exits_in_build(code: int = 3) -> Problem:
+    """A ``build()`` that calls ``sys.exit(code)`` instead of returning a problem."""
+    import sys
+
+    sys.exit(code)
+
+
+def backward_raises_for_some_rows(n: int = 6) -> Problem:
+    """``2 x`` whose backward raises when row 0 of the pullback is asked for (some rows only)."""
+
+    class Doubled(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(v: torch.Tensor) -> torch.Tensor:
+            return 2 * v
+
+        @staticmethod
+        def setup_context(ctx: object, inputs: object, output: object) -> None:
+            pass
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            if bool(grad[..., 0].ne(0).any()):
+                raise ValueError("no derivative for row 0")
+            return 2 * grad
+
+    return Problem(fn=Doubled.apply, x=torch.arange(1.0, n + 1, dtype=torch.float64))

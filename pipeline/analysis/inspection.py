@@ -30,6 +30,7 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
 
     from pipeline.store.folder import stray_parts
     from pipeline.store.reader import open_jacobian
+    from pipeline.store.storage import shown_name
 
     result = open_jacobian(out)
     man = result.manifest
@@ -98,7 +99,8 @@ def summarize(out: str, *, checksums: bool = True) -> dict[str, Any]:
         "versions": man.versions,
         # part-like files the manifest does not own: pandas or pyarrow.dataset
         # on the folder would count their rows (a resume moves them aside)
-        "stray_files": stray_parts(result.storage.listdir(), len(man.plan)),
+        "stray_files": [shown_name(n) for n in
+                        stray_parts(result.storage.listdir(), len(man.plan))],
         **smoothed,
     }
 

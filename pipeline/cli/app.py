@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
@@ -167,8 +168,30 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
         typer.echo(f"smoothed: {describe(Smoothing.from_json(man['smoothing']))}; "
                    "stderr column holds each entry's standard error")
     if verify:
-        _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
-                           as_json=False, job=job)
+        with _sigterm_during_verify(summary.out):
+            _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
+                               as_json=False, job=job)
+
+
+@contextlib.contextmanager
+def _sigterm_during_verify(out: str) -> Iterator[None]:
+    """SIGTERM while ``run --verify`` compares: one line and exit 143, as in the shard loop."""
+    from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
+    from pipeline.store.storage import Storage
+
+    seen = SigtermSeen()
+    try:
+        with sigterm_as_interrupt(seen):
+            yield
+    except KeyboardInterrupt as exc:
+        if not (isinstance(exc, Terminated) or seen.received):
+            raise
+        shown = Storage.redact(out)
+        raise JacpipeError(
+            f"terminated (SIGTERM) during --verify: the result in {shown} is complete but "
+            f"unchecked; check it with `jacpipe compare {shown}`",
+            exit_code=SIGTERM_EXIT,
+        ) from None
 
 
 def _run_options(run: Any, options: Any) -> Any:
@@ -191,7 +214,7 @@ def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None
     if verify:
         from pipeline.analysis.compare import compare
 
-        with _stdout_to_stderr(True):
+        with _stdout_to_stderr(True), _sigterm_during_verify(summary.out):
             report = compare(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
                              job=job)
         doc["compare"] = report.to_json()

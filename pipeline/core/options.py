@@ -6,6 +6,7 @@ Pure values and their checks: no torch, no Ray. The planner
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -169,6 +170,7 @@ class RunOptions:
                 raise JacpipeError(choice_error(name, value))
         if self.num_cpus is not None and self.num_cpus < 1:
             raise JacpipeError(f"--num-cpus must be at least 1, got {self.num_cpus}")
+        self._check_shares()
         if self.memory_budget is not None:
             parse_size(self.memory_budget)
         if self.executor == "local" and self.address:
@@ -181,6 +183,25 @@ class RunOptions:
             self.smoothing()
             if self.method == "sparse":
                 raise JacpipeError("--smooth computes dense rows; use --method auto, rev or fwd")
+
+    def _check_shares(self) -> None:
+        """Refuse a --cpus-per-shard or --gpus-per-shard that no cluster could grant.
+
+        Checked here, not against the cluster, so that 0, a negative value or NaN
+        is named for what it is rather than compared with the cluster's CPUs.
+        """
+        cpus = self.cpus_per_shard
+        if not (math.isfinite(cpus) and cpus > 0):
+            raise JacpipeError(
+                f"--cpus-per-shard must be a positive number of CPUs (e.g. 1 or 0.5), "
+                f"got {cpus:g}"
+            )
+        gpus = self.gpus_per_shard
+        if gpus is not None and not (math.isfinite(gpus) and gpus >= 0):
+            raise JacpipeError(
+                f"--gpus-per-shard must be 0 or a positive number of GPUs (e.g. 1 or 0.25), "
+                f"got {gpus:g}"
+            )
 
     def smoothing(self) -> Any:
         """The :class:`~pipeline.core.smoothing.Smoothing` asked for, or None.

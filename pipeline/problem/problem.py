@@ -271,6 +271,11 @@ def build_problem(spec: str, params: Mapping[str, Any]) -> Problem:
         raise JacpipeError(f"job {spec!r}: build() rejected parameters: {exc}") from None
     except Exception as exc:  # a user's builder: report it in one line
         raise JacpipeError(f"job {spec!r}: build() raised {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:  # sys.exit() in a builder must not end jacpipe silently
+        raise JacpipeError(
+            f"job {spec!r}: build() exited (sys.exit({exc.code!r})) instead of returning a "
+            "pipeline.Problem; raise an exception with a message in build() instead"
+        ) from None
     validate(problem, spec)
     return problem
 
@@ -592,6 +597,28 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
         "scale": float(d.norm() * other.norm()),
         "nonfinite": int((~finite).sum()),
     }
+
+
+def probe_failed(exc: Exception, spec: str) -> JacpipeError:
+    """One line (exit 1) for the user's ``fn`` or backward raising in the driver's probe.
+
+    The fingerprint's derivative probe (:func:`_derivative_probe`) runs the
+    job's backward once on the driver before any shard; a backward that fails
+    for some rows fails there first, and is named like a failed shard: the
+    exception, its message and the user's frame.
+    """
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not any(p in f.filename for p in ("/pipeline/", "/torch/"))]
+    last = user[-1] if user else None
+    at = f' [File "{last.filename}", line {last.lineno}, in {last.name}]' if last else ""
+    return JacpipeError(
+        f"job {spec!r}: fn(x) or its backward raised {type(exc).__name__}: "
+        f"{first_line(exc, limit=200)}{at} while its derivative was checked at x on the driver, "
+        "before any shard ran; fix the job (each shard would call it the same way)",
+        exit_code=1,
+    )
 
 
 def code_sha256(fn: Any) -> str | None:

@@ -22,6 +22,7 @@ from pipeline.problem.problem import (
     fingerprint,
     job_parameters,
     parse_params,
+    probe_failed,
     resolve_builder,
     validate,
     with_kind,
@@ -74,7 +75,12 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
 
         check_problem(smoothing, problem, opts.job)
     pattern = PatternChoice() if smoothing else run_pattern(opts, problem, shapes)
-    fp = fingerprint(problem, shapes, spec=None if given is not None else opts.job)
+    try:
+        fp = fingerprint(problem, shapes, spec=None if given is not None else opts.job)
+    except JacpipeError:
+        raise
+    except Exception as exc:  # the user's fn or backward, met first by the derivative probe
+        raise probe_failed(exc, opts.job) from None
     return CheckedJob(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),

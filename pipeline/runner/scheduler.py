@@ -8,16 +8,16 @@ for stragglers and turns Ray's failures into one line.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.core.errors import JacpipeError, ShardFailedError, first_line
 from pipeline.core.shard import ShardInputs, ShardResult, ShardSpec
+from pipeline.core.signals import SIGTERM_EXIT, Terminated
+from pipeline.core.signals import SigtermSeen as _Sigterm
+from pipeline.core.signals import sigterm_as_interrupt as _sigterm_as_interrupt
 from pipeline.problem.problem import (
     Problem,
 )
@@ -109,24 +109,6 @@ def _describe_failure(exc: BaseException, shard: ShardSpec) -> JacpipeError:
     return ShardFailedError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a stopped cluster job, ``kill``): handled like Ctrl-C.
-
-    A :class:`KeyboardInterrupt`: Ray's blocking calls (``ray.wait``) check
-    signals and let only ``KeyboardInterrupt`` through, as a plain one; any
-    other exception raised by the handler there surfaced as "SystemError:
-    <cyfunction CoreWorker.wait> returned a result with an exception set"
-    and a run marked ``failed``. The handler also records the signal
-    (:class:`_Sigterm`), so the run still reports SIGTERM.
-    """
-
-
-class _Sigterm:
-    """Whether SIGTERM arrived while :func:`_sigterm_as_interrupt` was installed."""
-
-    received = False
-
-
 class ShardTimeout(JacpipeError):
     """A shard ran past ``--shard-timeout``; the folder is resumable."""
 
@@ -139,36 +121,6 @@ STALL_FACTOR = 10.0
 
 
 STALL_MIN_SECONDS = 60.0
-
-
-#: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports it).
-SIGTERM_EXIT = 143
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt(seen: _Sigterm) -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in the main thread for the duration.
-
-    Installed after Ray starts, so it replaces the handler Ray's core worker
-    installs (which dumps a C++ stack and aborts): the manifest is written
-    ``interrupted`` and the run exits with :data:`SIGTERM_EXIT`. ``seen``
-    records the signal even where Ray turns the exception into a plain
-    ``KeyboardInterrupt``.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        del signum, frame
-        seen.received = True
-        raise Terminated()
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 class RayExecutor:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -69,6 +70,9 @@ _ENV_ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 # ---------------------------------------------------------------------------
 # Address and token
 # ---------------------------------------------------------------------------
+
+
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def normalize_address(address: str | None) -> str:
@@ -118,6 +122,12 @@ def normalize_address(address: str | None) -> str:
         raise JacpipeError(f"{source}={address!r}: the port is not a number") from None
     if not parts.hostname:
         raise JacpipeError(f"{source}={address!r}: no host name in the address")
+    if ":" not in parts.hostname and not _HOST_NAME.fullmatch(parts.hostname):
+        raise JacpipeError(
+            f"{source}={address!r}: {parts.hostname!r} is not a host name (letters, digits, "
+            f"'-' and '.'); expected http://HEAD:{DEFAULT_DASHBOARD_PORT}, the dashboard "
+            "address of the head node"
+        )
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     if port is None:
         port = DEFAULT_DASHBOARD_PORT if parts.scheme == "http" else 443

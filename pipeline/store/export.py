@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
+from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
 
 #: Formats written, by file extension.
 FORMATS = (".npy", ".npz")
@@ -81,13 +82,23 @@ def export(out: str, path: str | os.PathLike[str], *, overwrite: bool = False) -
             f"shards are not readable ({problems[0]}); rerun the same `jacpipe run` to finish it"
         )
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+    seen = SigtermSeen()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        done = _write_npy(result, tmp) if suffix == ".npy" else _write_npz(result, tmp)
-        os.replace(tmp, target)
+        with sigterm_as_interrupt(seen):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            done = _write_npy(result, tmp) if suffix == ".npy" else _write_npz(result, tmp)
+            os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise JacpipeError(f"export {target}: cannot write it ({exc.strerror or exc})") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        tmp.unlink(missing_ok=True)
+        terminated = isinstance(exc, Terminated) or seen.received
+        raise JacpipeError(
+            f"export {target}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+            "the partial file was removed and nothing was written: run `jacpipe export` again",
+            exit_code=SIGTERM_EXIT if terminated else 130,
+        ) from None
     notes = () if suffix != ".npy" or done[2] is None else (_dense_note(done, target),)
     return Exported(str(target), done[0], done[1], None if suffix == ".npy" else done[2], notes)
 

@@ -19,6 +19,7 @@ What lives in ``OUT/`` and who may touch it:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,7 +28,7 @@ import time
 import uuid
 from typing import Any
 
-from pipeline.core.errors import JacpipeError
+from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.shard import ShardResult
 from pipeline.store.manifest import (
     COMMIT_LOG,
@@ -37,7 +38,7 @@ from pipeline.store.manifest import (
     Manifest,
     append_commit,
 )
-from pipeline.store.storage import Storage
+from pipeline.store.storage import Storage, shown_name
 
 #: Prefixes of every file a run writes into its folder.
 OUR_FILES = (
@@ -76,6 +77,27 @@ def record_attempt(storage: Storage, run_id: str, index: int) -> int:
     return earlier + 1
 
 
+def unusable_folder(display: str, exc: OSError, doing: str) -> str:
+    """One line for an ``--out`` folder the operating system refuses (``exc``).
+
+    Names the folder, what jacpipe tried (``doing``), the system's reason, and
+    the fix: a shorter name, permission to write, or another ``--out``.
+    """
+    code = exc.errno
+    if code is None:  # pyarrow puts the errno in its message: "... [errno 36] ..."
+        found = re.search(r"\[errno (\d+)\]", str(exc))
+        code = int(found.group(1)) if found else None
+    reason = os.strerror(code) if code else first_line(exc, limit=200)
+    shown = display if len(display) <= 80 else f"{display[:60]}...({len(display)} characters)"
+    if code == errno.ENAMETOOLONG:
+        return (f"--out {shown}: the name is too long for the file system ({reason}); "
+                "choose a shorter --out")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"--out {shown}: no permission to write in the folder (cannot {doing}: "
+                f"{reason}); make it writable (e.g. chmod u+w) or choose another --out")
+    return f"--out {shown}: cannot {doing} ({reason}); choose another --out"
+
+
 class ResultFolder:
     """A result folder during a run (the driver's side).
 
@@ -108,10 +130,14 @@ class ResultFolder:
         """
         holder = {"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
                   "since": utcnow_compact()}
-        if self.storage.local:
-            self._flock(holder)
-        else:
-            self._lease(holder)
+        try:
+            if self.storage.local:
+                self._flock(holder)
+            else:
+                self._lease(holder)
+        except OSError as exc:
+            problem = unusable_folder(self.storage.display, exc, f"write {LOCK}")
+            raise JacpipeError(problem) from None
 
     def _flock(self, holder: dict[str, Any]) -> None:
         import fcntl
@@ -186,7 +212,11 @@ class ResultFolder:
             JacpipeError: the folder holds another job's result (without
                 ``overwrite``) or unrelated files, or cannot be created.
         """
-        if not self.storage.is_dir():
+        try:
+            missing = not self.storage.is_dir()
+        except OSError as exc:
+            raise JacpipeError(unusable_folder(self.storage.display, exc, "look it up")) from None
+        if missing:
             self._create()
         self.lock(manifest.run_id)
         try:
@@ -227,7 +257,8 @@ class ResultFolder:
             if foreign:
                 raise JacpipeError(
                     f"--out {self.storage.display} is not empty and holds no jacpipe result "
-                    f"({', '.join(foreign[:3])}{'...' if len(foreign) > 3 else ''}); "
+                    f"({', '.join(map(shown_name, foreign[:3]))}"
+                    f"{'...' if len(foreign) > 3 else ''}); "
                     "give an empty or new folder"
                 )
             return self._clear()
@@ -289,7 +320,7 @@ class ResultFolder:
         if strays:
             self.notes.append(
                 f"moved {len(strays)} file(s) that look like parts but are not in the plan "
-                f"({', '.join(strays[:3])}{'...' if len(strays) > 3 else ''}) to "
+                f"({', '.join(map(shown_name, strays[:3]))}{'...' if len(strays) > 3 else ''}) to "
                 f"{self.storage.display.rstrip('/')}/{STRAY}/ (readers of the folder would "
                 "count their rows)"
             )

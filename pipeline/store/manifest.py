@@ -234,10 +234,9 @@ class Manifest:
         try:
             raw = storage.read_bytes(name)
             doc = json.loads(raw if name == LEGACY_MANIFEST else unwrap_manifest(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
-            what = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "unreadable"
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise JacpipeError(
-                f"{where} is corrupt ({what}: {exc}); its shards cannot "
+                f"{where} is corrupt ({_unreadable(exc)}); its shards cannot "
                 "be trusted: rerun `jacpipe run` with --overwrite to recompute the result"
             ) from None
         if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
@@ -248,9 +247,10 @@ class Manifest:
             manifest = cls.from_json(doc)
             for entry in read_commit_log(storage):
                 manifest.commit(_checked_entry(entry, manifest.plan))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
+            what = _unreadable(exc) if isinstance(exc, RecursionError) else str(exc)
             raise JacpipeError(
-                f"{where} is corrupt ({exc}); its shards cannot be trusted: "
+                f"{where} is corrupt ({what}); its shards cannot be trusted: "
                 "rerun `jacpipe run` with --overwrite to recompute the result"
             ) from None
         return manifest
@@ -326,6 +326,14 @@ def wrap_manifest(doc: Mapping[str, Any], schema: Any) -> bytes:
     pq.write_metadata(schema.with_metadata({MANIFEST_KEY: json.dumps(doc, indent=1).encode()}),
                       sink)
     return sink.getvalue().to_pybytes()
+
+
+def _unreadable(exc: BaseException) -> str:
+    """Why a manifest's JSON could not be read, for a one-line "is corrupt (...)" error."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to be a jacpipe manifest"
+    what = "not valid JSON" if isinstance(exc, json.JSONDecodeError) else "unreadable"
+    return f"{what}: {exc}"
 
 
 def unwrap_manifest(raw: bytes) -> bytes:

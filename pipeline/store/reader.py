@@ -51,6 +51,11 @@ class JacobianResult:
     def __init__(self, out: str) -> None:
         self.storage = Storage(out)
         manifest = Manifest.read(self.storage)
+        if manifest is None and self.storage.local and not self.storage.is_dir():
+            raise JacpipeError(
+                f"{self.storage.display!r} does not exist; "
+                "give the --out folder of a `jacpipe run`"
+            )
         if manifest is None:
             raise JacpipeError(
                 f"{self.storage.display!r} is not a jacpipe result (no {MANIFEST}); "
@@ -416,6 +421,11 @@ def normalize_rows(rows: Any, total: int) -> np.ndarray | None:
     if rows is None:
         return None
     if isinstance(rows, slice):
+        if rows.step == 0:
+            raise JacpipeError(
+                f"rows={rows!r}: a slice step cannot be zero; "
+                "give a positive or negative step, or leave it out"
+            )
         try:
             return np.arange(total)[rows]
         except TypeError:

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.core.errors import JacpipeError
+from pipeline.core.errors import JacpipeError, first_line
 
 
 class Storage:
@@ -46,6 +46,7 @@ class Storage:
         if "://" in self.uri and not self.uri.startswith("file://"):
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+                self.fs = _bounded(self.fs)
             except (pa.ArrowInvalid, OSError, ValueError) as exc:
                 raise JacpipeError(
                     f"output {self.display!r}: cannot open it ({self.redact(str(exc))}); "
@@ -84,26 +85,52 @@ class Storage:
     def path(self, name: str) -> str:
         return f"{self.root.rstrip('/')}/{name}"
 
+    def _info(self, path: str) -> Any:
+        """``get_file_info(path)``; an object store that does not answer is one line.
+
+        Raises:
+            JacpipeError: an object store unreachable within :data:`ANSWER_SECONDS`
+                (no network, a wrong endpoint, no credentials).
+        """
+        if self.local:
+            return self.fs.get_file_info(path)
+        try:
+            return self.fs.get_file_info(path)
+        except OSError as exc:
+            raise JacpipeError(
+                f"{self.display}: the object store did not answer "
+                f"({self.redact(first_line(exc, limit=200))}); check the URI, the network "
+                "and the credentials, or use a local folder"
+            ) from None
+
     def is_dir(self) -> bool:
-        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+        return self._info(self.root).type == pafs.FileType.Directory
 
     def kind(self, name: str) -> str:
         """``"file"``, ``"dir"`` or ``"missing"``."""
-        t = self.fs.get_file_info(self.path(name)).type
+        t = self._info(self.path(name)).type
         if t == pafs.FileType.File:
             return "file"
         return "dir" if t == pafs.FileType.Directory else "missing"
 
     def exists(self, name: str) -> bool:
-        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+        return self._info(self.path(name)).type == pafs.FileType.File
 
     def size(self, name: str) -> int | None:
-        info = self.fs.get_file_info(self.path(name))
+        info = self._info(self.path(name))
         return info.size if info.type == pafs.FileType.File else None
 
     def listdir(self) -> list[str]:
+        """The names in the folder, sorted.
+
+        Locally a name that is not UTF-8 comes back as Python's file-system
+        decoding makes it (``surrogateescape``): :meth:`move` and :meth:`delete`
+        still reach it, and :func:`shown_name` prints it.
+        """
         if not self.is_dir():
             return []
+        if self.local:
+            return sorted(os.listdir(self.root))
         sel = pafs.FileSelector(self.root, recursive=False, allow_not_found=True)
         # A set: an object store may list a name twice (an object and a "dir/" marker).
         return sorted({i.base_name for i in self.fs.get_file_info(sel)})
@@ -116,13 +143,21 @@ class Storage:
 
     def delete(self, name: str) -> None:
         try:
-            self.fs.delete_file(self.path(name))
+            if self.local:
+                os.remove(self.path(name))
+            else:
+                self.fs.delete_file(self.path(name))
         except (FileNotFoundError, IsADirectoryError):
             pass
 
     def move(self, name: str, dest: str) -> None:
         """Rename ``name`` to ``dest`` (both relative to the folder; ``dest``'s folder is made)."""
         parent = dest.rpartition("/")[0]
+        if self.local:  # os: a name that is not UTF-8 (see listdir) still moves
+            if parent:
+                os.makedirs(self.path(parent), exist_ok=True)
+            os.replace(self.path(name), self.path(dest))
+            return
         if parent:
             self.fs.create_dir(self.path(parent), recursive=True)
         self.fs.move(self.path(name), self.path(dest))
@@ -199,3 +234,26 @@ def refuse_secret(value: str, what: str) -> None:
             "credentials through their environment (AWS_ACCESS_KEY_ID, ...) or a role, "
             "and pass s3://bucket/prefix"
         )
+
+
+#: How long a Google Cloud Storage request may retry before the store is
+#: called unreachable (pyarrow's default retries for minutes: a host without
+#: network seemed to hang).
+ANSWER_SECONDS = 10.0
+
+
+def _bounded(fs: Any) -> Any:
+    """``fs`` with its retries bounded by :data:`ANSWER_SECONDS` where pyarrow allows it."""
+    from datetime import timedelta
+
+    if isinstance(fs, getattr(pafs, "GcsFileSystem", ())):
+        rebuild, (options,) = fs.__reduce__()
+        if options.get("retry_time_limit") is None:
+            options["retry_time_limit"] = timedelta(seconds=ANSWER_SECONDS)
+            return rebuild(options)
+    return fs
+
+
+def shown_name(name: str) -> str:
+    """``name`` fit to print: bytes that are not UTF-8 (see ``Storage.listdir``) as ``\\xff``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -175,7 +175,13 @@ def test_out_folder_with_foreign_files_is_refused(tmp_path, ray_session):
 @pytest.mark.parametrize("command", ["compare", "inspect"])
 def test_compare_and_inspect_refuse_a_folder_that_is_not_a_result(command, tmp_path):
     assert_one_line_error(invoke(command, tmp_path), "not a jacpipe result")
-    assert_one_line_error(invoke(command, tmp_path / "missing"), "not a jacpipe result")
+
+
+@pytest.mark.parametrize("command", ["compare", "inspect"])
+def test_compare_and_inspect_say_a_missing_folder_does_not_exist(command, tmp_path):
+    result = invoke(command, tmp_path / "missing")
+    assert_one_line_error(result, "does not exist")
+    assert "_manifest.parquet" not in result.output
 
 
 @pytest.mark.slow
@@ -446,3 +452,25 @@ def test_rows_without_verify_is_refused_before_any_work(tmp_path):
     result = invoke("run", "mlp", *SMALL, "--rows", "5", "--out", out, "--executor", "local")
     assert_one_line_error(result, "--rows only applies with --verify", code=2)
     assert not out.exists()
+
+
+def test_sigterm_during_run_verify_is_one_line_and_exit_143(tmp_path, monkeypatch):
+    import signal
+
+    import pipeline.analysis.compare as compare_mod
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not turned into an interrupt")
+
+    monkeypatch.setattr(compare_mod, "compare", sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "o"
+    result = invoke("run", "mlp", "-p", "n=4", "-p", "m=3", "--executor", "local", "--verify",
+                    "--out", out)
+    assert result.exit_code == 143, result.output
+    line = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert line == [f"error: terminated (SIGTERM) during --verify: the result in {out} is "
+                    f"complete but unchecked; check it with `jacpipe compare {out}`"]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert read_doc(out)["status"] == "complete"

@@ -32,6 +32,26 @@ def test_run_options_check_refuses_bad_values_before_anything_starts():
             opts.check()
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("cpus_per_shard", 0,
+     r"--cpus-per-shard must be a positive number of CPUs \(e.g. 1 or 0.5\), got 0"),
+    ("cpus_per_shard", float("nan"), r"--cpus-per-shard must be a positive number .*got nan"),
+    ("cpus_per_shard", -2, r"--cpus-per-shard must be a positive number .*got -2"),
+    ("cpus_per_shard", float("inf"), r"--cpus-per-shard must be a positive number .*got inf"),
+    ("gpus_per_shard", -1, r"--gpus-per-shard must be 0 or a positive number of GPUs .*got -1"),
+    ("gpus_per_shard", float("nan"), r"--gpus-per-shard must be 0 or a positive number .*got nan"),
+])
+def test_resource_shares_are_refused_for_their_own_reason(field, value, match):
+    with pytest.raises(JacpipeError, match=match) as caught:
+        RunOptions(job="j", **{field: value}).check()
+    assert "cluster" not in str(caught.value)
+
+
+def test_valid_resource_shares_pass_the_check():
+    RunOptions(job="j", cpus_per_shard=0.5, gpus_per_shard=0).check()
+    RunOptions(job="j", cpus_per_shard=2, gpus_per_shard=0.25).check()
+
+
 def test_help_choices_are_the_library_ones():
     from pipeline.core import options as plan
     from pipeline.core.options import CHOICES

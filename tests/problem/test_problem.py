@@ -72,6 +72,19 @@ def test_bad_jobs_are_one_clear_error(spec, match):
         build_problem(spec, {})
 
 
+@pytest.mark.parametrize("code", [3, 0])
+def test_a_build_that_calls_sys_exit_is_one_clear_error(code):
+    with pytest.raises(JacpipeError, match=rf"build\(\) exited \(sys.exit\({code}\)\)") as caught:
+        build_problem("tests.userjobs:exits_in_build", {"code": code})
+    assert caught.value.exit_code == 2
+
+
+def test_a_build_that_calls_sys_exit_is_one_line_from_the_cli(tmp_path):
+    result = invoke("run", "tests.userjobs:exits_in_build", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "job 'tests.userjobs:exits_in_build': build() exited (sys.exit(3))" in error_line(result)
+
+
 def test_nondeterministic_job_is_detected():
     a = build_problem("tests.userjobs:nondeterministic", {})
     b = build_problem("tests.userjobs:nondeterministic", {})

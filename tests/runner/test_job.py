@@ -13,3 +13,25 @@ def test_hessian_jobs_are_refused():
 
     with pytest.raises(JacpipeError, match="jacobian kind only"):
         check_job(RunOptions(job="rosenbrock", params=["n=4"], smooth="0.1"))
+
+
+def test_a_backward_that_raises_for_some_rows_is_one_line_from_the_driver_probe(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.runner.job import check_job
+    from tests.clitools import error_line
+
+    spec = "tests.userjobs:backward_raises_for_some_rows"
+    with pytest.raises(JacpipeError) as caught:
+        check_job(RunOptions(job=spec))
+    message = str(caught.value)
+    assert caught.value.exit_code == 1
+    assert message.startswith(f"job {spec!r}: fn(x) or its backward raised ValueError: "
+                              "no derivative for row 0 [File ")
+    assert "userjobs.py" in message and "in backward]" in message
+    out = str(tmp_path / "o")
+    result = CliRunner().invoke(app, ["run", spec, "--executor", "local", "--out", out])
+    line = error_line(result)
+    assert result.exit_code == 1
+    assert "fn(x) or its backward raised ValueError" in line and "JACPIPE_DEBUG" not in line

@@ -72,6 +72,26 @@ def test_normalize_address_rejects(clean_env: Path, bad: str | None) -> None:
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("bad", ["not a url", "http://no host:8265", "head!:8265", "he%ad"])
+def test_an_address_that_is_no_host_name_is_one_line(clean_env: Path, bad: str) -> None:
+    with pytest.raises(JacpipeError, match="is not a host name") as err:
+        sub.normalize_address(bad)
+    assert "expected http://HEAD:8265" in str(err.value)
+
+
+def test_list_with_an_address_that_is_not_a_url_is_one_line(clean_env: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.clitools import error_line
+
+    result = CliRunner().invoke(app, ["list", "--address", "not a url"])
+    line = error_line(result)
+    assert result.exit_code == 2
+    assert line.startswith("error: --address='not a url': 'not a url' is not a host name")
+    assert "JACPIPE_DEBUG" not in line
+
+
 def test_auth_headers_precedence(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert sub.auth_headers() == {}
     (clean_env / ".ray").mkdir()

@@ -46,6 +46,32 @@ def test_one_run_per_folder(tmp_path):
     second.unlock()
 
 
+def test_a_read_only_out_folder_is_one_line_naming_the_permission(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    folder = ResultFolder(Storage(str(tmp_path)))
+    monkeypatch.setattr(os, "open", refuse)  # root ignores chmod: refuse as a read-only folder
+    with pytest.raises(JacpipeError) as caught:
+        folder.lock("run-a")
+    message = str(caught.value)
+    assert message.startswith(f"--out {tmp_path}: no permission to write in the folder")
+    assert "cannot write .lock: Permission denied" in message and "chmod u+w" in message
+    assert caught.value.exit_code == 2
+
+
+def test_an_out_name_too_long_for_the_file_system_is_one_line(tmp_path):
+    long = tmp_path / ("a" * 300)
+    result = _run("run", "mlp", "-p", "n=4", "-p", "m=4", "--executor", "local", "--out", long)
+    line = _one_error(result)
+    assert result.exit_code == 2
+    assert "the name is too long for the file system (File name too long)" in line
+    assert "choose a shorter --out" in line and "(set JACPIPE_DEBUG=1" not in line
+    assert len(line) < 300
+
+
 @pytest.mark.slow
 def test_a_killed_runs_lock_does_not_block(tmp_path):
     code = ("import os, sys; from pipeline.store.folder import ResultFolder; "
@@ -85,6 +111,24 @@ def test_stray_parts_are_reported_and_moved_aside_on_resume(ray_session, tmp_pat
     shutil.rmtree(out / "_stray")
     assert pl.read_parquet(out).height == 30
     np.testing.assert_array_equal(read_jacobian(out), full)
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_escaped_and_strays_still_warned(tmp_path):
+    out = tmp_path / "out"
+    write_result(str(out))
+    with open(os.fsencode(out) + b"/part-\xff.parquet", "wb") as f:
+        f.write(b"not utf-8")
+    (out / "part-00099.parquet").write_bytes((out / "part-00001.parquet").read_bytes())
+    result = _run("inspect", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["stray_files"] == ["part-00099.parquet", "part-\\xff.parquet"]
+    shown = _run("inspect", out)
+    assert "warning: 2 file(s) look like parts" in shown.output and "Traceback" not in shown.output
+    folder = ResultFolder(Storage(str(out)))
+    folder._move_strays(3)  # what a resume does: the undecodable name moves aside too
+    assert sorted(os.listdir(os.fsencode(out / "_stray"))) == [
+        b"part-00099.parquet.stray", b"part-\xff.parquet.stray"]
+    assert "part-\\xff.parquet" in folder.notes[0]
 
 
 def test_folder_problems_exit_2(tmp_path):

@@ -202,3 +202,28 @@ def test_corrupt_manifest_is_one_clear_error(ray_session, tmp_path, clean, how):
         assert result.exit_code == 0, result.output
         assert "(6 computed, 0 resumed)" in result.output
         assert np.array_equal(read_jacobian(out), clean.values)
+
+
+def test_a_manifest_nested_too_deeply_is_a_corrupt_manifest_not_a_traceback(tmp_path):
+    from tests.store.results import write_result as write_dense
+
+    out = tmp_path / "deep"
+    write_dense(str(out))
+    deep = b"[" * 100_000 + b"]" * 100_000
+    schema = pq.read_schema(out / MANIFEST)
+    pq.write_metadata(schema.with_metadata({MANIFEST_KEY: deep}), out / MANIFEST)
+    with pytest.raises(JacpipeError, match=r"is corrupt \(nested too deeply") as caught:
+        read_jacobian(out)
+    assert "--overwrite" in str(caught.value)
+    line = _one_error(CliRunner().invoke(app, ["inspect", str(out)]))
+    assert f"{out / MANIFEST} is corrupt (nested too deeply" in line
+
+
+def test_a_commit_log_nested_too_deeply_is_a_corrupt_manifest(tmp_path):
+    from tests.store.results import write_result as write_dense
+
+    out = tmp_path / "deep"
+    write_dense(str(out))
+    (out / COMMIT_LOG).write_bytes(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    with pytest.raises(JacpipeError, match=r"is corrupt \(nested too deeply"):
+        read_jacobian(out)

@@ -49,6 +49,7 @@ def test_rows_accepts_integers_slices_and_masks_as_numpy_does(tmp_path: Path) ->
     ([ROWS], f"row {ROWS} out of range: the result has {ROWS} rows"),
     ([-1], "row -1 out of range"),
     (slice(0.5, 3), "integer bounds"),
+    (slice(0, 10, 0), "slice step cannot be zero"),
     ([[1, 2], [3]], "expected an integer"),
 ])
 def test_rows_of_any_other_kind_are_one_clear_error(tmp_path: Path, rows, match) -> None:

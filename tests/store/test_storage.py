@@ -368,3 +368,30 @@ def test_storage_masks_secrets(s3_server) -> None:
     with pytest.raises(JacpipeError) as err:
         Storage(uri + "&no_such_option=1")
     assert s3_server.secret_key not in str(err.value) and "***" in str(err.value)
+
+
+def test_an_unreachable_gcs_store_is_one_line_in_bounded_time():
+    """``inspect gs://...`` where nothing answers: pyarrow's default retries ran for minutes.
+
+    The endpoint, and Google's metadata server used for credentials, are a
+    closed port on 127.0.0.1: no traffic leaves the machine.
+    """
+    import time
+
+    closed = "127.0.0.1:1"
+    uri = f"gs://bucket/x?endpoint_override={closed}&scheme=http"
+    code = ("import sys; import pipeline.store.storage as s; s.ANSWER_SECONDS = 2.0; "
+            "from pipeline.cli import app; app(['inspect', sys.argv[1]])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_"))}
+    env.update(PYTHONPATH=os.getcwd(), GCE_METADATA_ROOT=closed, GCE_METADATA_HOST=closed,
+               NO_COLOR="1")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True,
+                          timeout=120, env=env)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors[0].startswith(f"error: {uri}: the object store did not answer (")
+    assert "check the URI, the network and the credentials" in errors[0]
+    assert took < 60, took
