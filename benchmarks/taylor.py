@@ -137,20 +137,10 @@ def laplacian_rows(report: Report, sizes: dict, jet, errors: dict) -> torch.Tens
     if jet is not None:
         jl = torch.func.vmap(jet.laplacian(f, (xs[0],)))
         methods["jet-for-pytorch (collapsed)"] = lambda: jl(xs)
-    results: dict = {}
-    times = interleaved(methods, repeats=sizes["repeats"],
-                        after=lambda name, out: results.setdefault(name, out), shuffle=True)
-    ref = results["nested torch.func"]
     ours = "taylor (collapsed, batched)"
-    rows = []
-    for name, ts in times.items():
-        errors[f"laplacian: {name}"] = rel_err(results[name], ref)
-        rows.append([name, f"{median(ts) / xs.shape[0] * 1e3:.3f} ms",
-                     paired_speed(times, name, ours) if name != ours else 1.0,
-                     errors[f"laplacian: {name}"]])
-    report.table(f"(1) Laplacian, tanh MLP 50 -> {sizes['widths']} -> 1, {xs.shape[0]} points",
-                 ["method", "median time per point", "taylor speed-up", "rel. err vs nested"],
-                 rows)
+    times, results = _timed_table(
+        report, methods, sizes, errors, "laplacian", xs.shape[0],
+        f"(1) Laplacian, tanh MLP 50 -> {sizes['widths']} -> 1, {xs.shape[0]} points")
     report.target(Target("Laplacian time per point: nested / taylor",
                          paired_speed(times, "nested torch.func", ours), 2.0))
     if jet is not None:
@@ -158,6 +148,24 @@ def laplacian_rows(report: Report, sizes: dict, jet, errors: dict) -> torch.Tens
                              paired_speed(times, "jet-for-pytorch (collapsed)", ours), 1.0))
     report.facts["laplacian_seconds"] = {k: median(v) for k, v in times.items()}
     return results[ours]
+
+
+def _timed_table(report: Report, methods: dict, sizes: dict, errors: dict, what: str,
+                 points: int, title: str) -> tuple[dict, dict]:
+    """Interleaved timings of ``methods``, their errors vs nested, and one table row each."""
+    results: dict = {}
+    times = interleaved(methods, repeats=sizes["repeats"],
+                        after=lambda name, out: results.setdefault(name, out), shuffle=True)
+    ref, ours = results["nested torch.func"], "taylor (collapsed, batched)"
+    rows = []
+    for name, ts in times.items():
+        errors[f"{what}: {name}"] = rel_err(results[name], ref)
+        rows.append([name, f"{median(ts) / points * 1e3:.3f} ms",
+                     paired_speed(times, name, ours) if name != ours else 1.0,
+                     errors[f"{what}: {name}"]])
+    report.table(title, ["method", "median time per point", "taylor speed-up",
+                         "rel. err vs nested"], rows)
+    return times, results
 
 
 def biharmonic_rows(report: Report, sizes: dict, jet, errors: dict) -> None:
@@ -170,19 +178,10 @@ def biharmonic_rows(report: Report, sizes: dict, jet, errors: dict) -> None:
     if jet is not None:
         jb = torch.func.vmap(jet.bilaplacian(f, (xs[0],)))
         methods["jet-for-pytorch (collapsed)"] = lambda: jb(xs)
-    results: dict = {}
-    times = interleaved(methods, repeats=sizes["repeats"],
-                        after=lambda name, out: results.setdefault(name, out), shuffle=True)
-    ref, ours = results["nested torch.func"], "taylor (collapsed, batched)"
-    rows = []
-    for name, ts in times.items():
-        errors[f"biharmonic: {name}"] = rel_err(results[name], ref)
-        rows.append([name, f"{median(ts) / xs.shape[0] * 1e3:.2f} ms",
-                     paired_speed(times, name, ours) if name != ours else 1.0,
-                     errors[f"biharmonic: {name}"]])
-    report.table(f"(3) Biharmonic, tanh MLP 5 -> {sizes['widths']} -> 1, {xs.shape[0]} points",
-                 ["method", "median time per point", "taylor speed-up", "rel. err vs nested"],
-                 rows)
+    ours = "taylor (collapsed, batched)"
+    times, _ = _timed_table(
+        report, methods, sizes, errors, "biharmonic", xs.shape[0],
+        f"(3) Biharmonic, tanh MLP 5 -> {sizes['widths']} -> 1, {xs.shape[0]} points")
     report.target(Target("biharmonic time per point: nested / taylor",
                          paired_speed(times, "nested torch.func", ours), 1.8))
 
