@@ -35,6 +35,7 @@ import torch
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.pairs import pair_of_row
+from pipeline.maths.taylor._operators import _factor as psd_factor
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -97,7 +98,7 @@ def _laplacian(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str
         return {"values": lap, "value": value}
     v = _directions(first, pts, options, gaussian=False)  # (S, r, D)
     if weights is not None:
-        v = v @ _factor(weights).T
+        v = v @ psd_factor(weights, pts.shape[1], pts).T  # C = L L^T, v = L z
     return _estimate(fn, pts, v, order=2, scale=1.0)
 
 
@@ -157,19 +158,6 @@ def _tensor(value: Any, like: Tensor) -> Tensor | None:
     if value is None:
         return None
     return torch.as_tensor(np.asarray(value, dtype=np.float64)).to(like.dtype).to(like.device)
-
-
-def _factor(weights: Tensor) -> Tensor:
-    """``L`` with ``C = L L^T`` for the Hutchinson estimate of ``tr(C H)``."""
-    if weights.ndim == 1:
-        if (weights < 0).any():
-            raise JacpipeError("operator weights: a stochastic estimate needs weights >= 0")
-        return torch.diag(weights.sqrt())
-    lam, q = torch.linalg.eigh((weights + weights.T) / 2)
-    if (lam < -1e-12 * lam.abs().max().clamp_min(1)).any():
-        raise JacpipeError("operator weights: a stochastic estimate needs a positive "
-                           f"semi-definite C (smallest eigenvalue {float(lam.min()):g})")
-    return q * lam.clamp_min(0).sqrt()
 
 
 # ---------------------------------------------------------------------------

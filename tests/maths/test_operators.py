@@ -183,3 +183,13 @@ def test_the_transforms_are_public_names_of_pipeline():
     quartic = lambda t: (t**4).sum()  # noqa: E731
     assert float(pipeline.laplacian(quartic)(x)) == 60.0  # 12 (1 + 4)
     assert float(pipeline.biharmonic(quartic)(x)) == 48.0  # 24 + 24
+
+
+def test_a_weighted_stochastic_laplacian_estimates_tr_c_h():
+    fn, pts = _mlp(4, 1, seed=3), _points(20, 4, seed=4)
+    c = (np.eye(4) + 0.2).tolist()
+    est = _collect(Problem(fn, pts, kind="laplacian",
+                           operator={"weights": c, "samples": 400, "seed": 1}), 7)
+    exact = point_reference_rows(Problem(fn, pts, kind="laplacian", operator={"weights": c}),
+                                 np.arange(20))
+    assert (np.abs(est["values"] - exact) / est["stderr"]).max() < 4.5
