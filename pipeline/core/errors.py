@@ -31,6 +31,14 @@ class SparsityError(JacpipeError, ValueError):
     """
 
 
+class SampleShapeError(JacpipeError, ValueError):
+    """A per-sample output has another number of entries than the first sample's."""
+
+
+class OutputTypeError(JacpipeError, TypeError):
+    """``fn`` returned something that has no real Jacobian: not a floating, real tensor."""
+
+
 def first_line(exc: BaseException | str, *, limit: int | None = None) -> str:
     """The first non-empty line of an exception's message (its type name if it has none).
 

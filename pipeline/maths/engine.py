@@ -22,7 +22,6 @@ NOTE: [Rows by forward mode]
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from pipeline.core.errors import JacpipeError
+from pipeline.core.errors import JacpipeError, OutputTypeError, SampleShapeError
+from pipeline.maths import checks
 
 METHODS = ("rev", "fwd")
 
@@ -41,10 +41,6 @@ class VmapFallbackWarning(UserWarning):
 
 class InputWriteError(JacpipeError, ValueError):
     """``fn`` writes into its input: no derivative of it is autograd's answer."""
-
-
-class SampleShapeError(JacpipeError, ValueError):
-    """A per-sample output has another number of entries than the first sample's."""
 
 
 INPUT_WRITE_MESSAGE = (
@@ -156,8 +152,19 @@ def _jacobian_blocks(
     chunk_size: int | None,
     method: str,
     sample: tuple[int, int] | None = None,
+    vectorise: bool = True,
 ) -> Iterator[tuple[int, Tensor]]:
-    """:func:`iter_jacobian_rows`; ``sample = (s, m)``: ``fn(x)`` must have ``m`` entries."""
+    """:func:`iter_jacobian_rows`; ``sample = (s, m)``: ``fn(x)`` must have ``m`` entries.
+
+    ``vectorise=False``: rows one ``autograd.grad`` at a time (a batching rule was found wrong).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    fn = strict_outputs(fn)
+    if not (vectorise and checks.vectorised()):  # the run's spot check found a wrong batching rule
+        yield from _iter_rows_loop(fn, x, start, stop, chunk_size=chunk_size, reason=None,
+                                   sample=sample)
+        return
     if method == "fwd":
         try:
             blocks = list(_iter_rows_fwd(fn, x, start, stop, chunk_size=chunk_size, sample=sample))
@@ -167,10 +174,12 @@ def _jacobian_blocks(
                 fn, x, start, stop, chunk_size=chunk_size, reason=exc, sample=sample
             )
             return
-        yield from blocks
-        return
-    if method != "rev":
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if blocks and checks.forward_rejected(
+                lambda: _jacobian_forward_gap(fn, x, *blocks[0]), "Jacobian rows"):
+            method = "rev"
+        else:
+            yield from blocks
+            return
     x_flat = _fresh(x).reshape(-1)
     try:
         y, pullback = torch.func.vjp(_flat_fn(fn, x.shape), x_flat)
@@ -190,6 +199,10 @@ def _jacobian_blocks(
                 fn, x, a, stop, chunk_size=chunk_size, reason=exc, sample=sample
             )
             return
+        if a == start and _spot_rejected(lambda e: pullback(e)[0], rows, a, y, "Jacobian rows"):
+            yield from _iter_rows_loop(fn, x, a, stop, chunk_size=chunk_size, reason=None,
+                                       sample=sample)
+            return
         yield a, rows.to(x.dtype)
 
 
@@ -200,16 +213,19 @@ def _iter_rows_loop(
     stop: int,
     *,
     chunk_size: int | None,
-    reason: BaseException,
+    reason: BaseException | None,
     sample: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Rows one ``autograd.grad`` at a time: the fallback for non-vectorisable functions."""
-    warnings.warn(
-        f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
-        "computing Jacobian rows one at a time with torch.autograd.grad",
-        VmapFallbackWarning,
-        stacklevel=3,
-    )
+    """Rows one ``autograd.grad`` at a time: the fallback for non-vectorisable functions.
+
+    ``reason``: why vmap failed (warned); None when the caller has said why.
+    """
+    if reason is not None:
+        checks.report(
+            f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
+            "computing Jacobian rows one at a time with torch.autograd.grad",
+            VmapFallbackWarning,
+        )
     xg = _fresh(x).requires_grad_(True)
     y = _forward_with_graph(fn, xg).reshape(-1)
     _check_range(start, stop, y.numel(), sample)
@@ -456,14 +472,19 @@ def iter_hessian_rows(
         method = HESSIAN_AUTO
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or 'auto', got {method!r}")
+    fn = strict_outputs(fn)
     x_flat = _fresh(x).reshape(-1)
     version = x_flat._version
     n = x_flat.numel()
     _check_range(start, stop, n)
     if stop <= start:  # chunked vmap over zero rows raises
         return
+    if not checks.vectorised():  # the run's spot check found a wrong batching rule
+        yield from _iter_hessian_loop(fn, x, start, stop, chunk_size=chunk_size, reason=None)
+        return
     f = _flat_fn(fn, x.shape)
     grad = torch.func.grad(lambda t: f(t).reshape(()))
+    pullback = None  # reverse mode's: also the spot check's unbatched rows
     try:
         if method == "rev":
             _, pullback = torch.func.vjp(grad, x_flat)
@@ -482,7 +503,40 @@ def iter_hessian_rows(
             yield from _iter_hessian_loop(fn, x, a, stop, chunk_size=chunk_size, reason=exc)
             return
         _check_untouched(x_flat, version)
+        if a == start:
+            checked = _checked_hessian_rows(fn, x, grad, a, rows, pullback)
+            if checked is None:  # vmap is wrong here: one row at a time
+                yield from _iter_hessian_loop(fn, x, a, stop, chunk_size=chunk_size, reason=None)
+                return
+            rows, rows_of = checked[0], checked[1] or rows_of
         yield a, rows.to(x.dtype)
+
+
+def _checked_hessian_rows(
+    fn: Callable[[Tensor], Tensor], x: Tensor, grad: Callable[[Tensor], Tensor], a: int,
+    rows: Tensor, pullback: Callable[[Tensor], tuple[Tensor, ...]] | None,
+) -> tuple[Tensor, Callable[[Tensor], Tensor] | None] | None:
+    """A call's first chunk of Hessian rows after the checks: ``(rows, rows_of the rest)``.
+
+    ``rows_of`` None: the caller's own goes on.
+
+    Forward-over-reverse rows (``pullback`` None) against reverse-over-reverse
+    autograd: rejected, they are computed again by reverse mode, which the
+    rest of the call then uses. Reverse-mode rows: one random row without
+    vmap; None when it differs (the caller goes one row at a time).
+    """
+    x_flat = _fresh(x).reshape(-1)
+    rows_of = None  # the caller's
+    if pullback is None:
+        if not checks.forward_rejected(lambda: _hessian_forward_gap(fn, x, a, rows),
+                                       "Hessian rows"):
+            return rows, None
+        _, pullback = torch.func.vjp(grad, x_flat)
+        rows_of = torch.func.vmap(lambda v: pullback(v)[0])
+        rows = rows_of(basis_rows(a, a + rows.shape[0], x_flat.numel(), x_flat))
+    if _spot_rejected(lambda e: pullback(e)[0], rows, a, x_flat, "Hessian rows"):
+        return None
+    return rows, rows_of
 
 
 def _iter_hessian_loop(
@@ -492,7 +546,7 @@ def _iter_hessian_loop(
     stop: int,
     *,
     chunk_size: int | None,
-    reason: BaseException,
+    reason: BaseException | None,
 ) -> Iterator[tuple[int, Tensor]]:
     """Hessian rows by double backward, one ``autograd.grad`` per row.
 
@@ -500,13 +554,14 @@ def _iter_hessian_loop(
     ``autograd.Function``, ``.item()`` under ``vmap``), as
     ``torch.autograd.functional.hessian`` computes them: the gradient is
     recorded with ``create_graph`` once, and row ``i`` is ``d g_i / d x``.
+    ``reason``: why vmap failed (warned); None when the caller has said why.
     """
-    warnings.warn(
-        f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
-        "computing Hessian rows one at a time with torch.autograd.grad",
-        VmapFallbackWarning,
-        stacklevel=3,
-    )
+    if reason is not None:
+        checks.report(
+            f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
+            "computing Hessian rows one at a time with torch.autograd.grad",
+            VmapFallbackWarning,
+        )
     grad_rows = hessian_vector_products(fn, x)
     for a, b in _chunks(start, stop, chunk_size):
         yield a, grad_rows(basis_rows(a, b, x.numel(), x))
@@ -630,20 +685,21 @@ def iter_batched_rows(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    fn = strict_outputs(fn)
     batch = xs.shape[0]
     flat = _fresh(xs).reshape(batch, -1)  # fn never sees the caller's batch
     version = flat._version
     n = flat.shape[1]
-    f = _flat_fn(fn, xs.shape[1:])
     # fn on samples of their own shape: jac*(fn) of one sample is out_shape + in_shape,
     # which flattens to its (m, n) rows for free; a reshaping wrapper around fn
     # adds four batched ops to every pass.
     samples = flat.view(xs.shape)
     vectorized = torch.func.vmap(_sample_jacobian(fn, method))
     if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
-        m, block = _outputs_per_sample(
-            f, vectorized, samples, flat, version, stop if start == 0 and chunk_size is None else 0)
-        if block is not None:  # the whole batch, computed while learning m
+        m, block, method = _outputs_per_sample(
+            fn, method, vectorized, samples, flat, version,
+            stop if start == 0 and chunk_size is None and checks.vectorised() else 0)
+        if block is not None:  # the whole batch, computed (and checked) while learning m
             yield 0, block
             return
     _check_untouched(flat, version)
@@ -651,16 +707,18 @@ def iter_batched_rows(
     if stop <= start:
         return
 
-    def one_sample(s: int, r0: int, r1: int) -> Iterator[tuple[int, Tensor]]:
+    def one_sample(s: int, r0: int, r1: int, vectorise: bool = True
+                   ) -> Iterator[tuple[int, Tensor]]:
         blocks = _jacobian_blocks(
             fn, flat[s].reshape(xs.shape[1:]), r0, r1, chunk_size=chunk_size, method=method,
-            sample=(s, m),
+            sample=(s, m), vectorise=vectorise,
         )
         for a, block in blocks:
             yield s * m + a, block
 
     per_sample = n if method == "fwd" else m
     step = (chunk_size // per_sample) if chunk_size else batch
+    step = step if checks.vectorised() else 0  # one sample, one row at a time
     first, last = start // m, (stop - 1) // m + 1
     whole_a = first if start % m == 0 else first + 1  # whole samples [whole_a, whole_b)
     whole_b = last if stop % m == 0 else last - 1
@@ -671,26 +729,43 @@ def iter_batched_rows(
     if whole_a > first:
         yield from one_sample(first, start - first * m, min(stop - first * m, m))
     for s0 in range(whole_a, whole_b, step):
-        s1 = min(s0 + step, whole_b)
-        try:
-            block = vectorized(samples[s0:s1])
-        except RuntimeError as exc:
-            _refuse_input_writes(f, flat[s0])
-            warnings.warn(
-                f"fn cannot be vectorised over samples ({str(exc).splitlines()[0][:160]}); "
-                "computing the per-sample Jacobians one sample at a time",
-                VmapFallbackWarning,
-                stacklevel=2,
-            )
+        block, method, vectorise = _sample_block(fn, method, samples, flat, version, s0,
+                                                 min(s0 + step, whole_b), m)
+        if block is None:  # vmap failed, or is wrong here: the samples left one by one
             for s in range(s0, whole_b):
-                yield from one_sample(s, 0, m)
+                yield from one_sample(s, 0, m, vectorise=vectorise)
             break
-        _check_untouched(flat, version)
-        if block.numel() != (s1 - s0) * m * n:  # vmap gives every sample one shape
-            _wrong_sample_size(f"{s0}:{s1}", block.numel() // max((s1 - s0) * n, 1), m)
-        yield s0 * m, block.reshape((s1 - s0) * m, n).to(flat.dtype)
+        yield s0 * m, block
     if whole_b < last:
         yield from one_sample(whole_b, 0, stop - whole_b * m)
+
+
+def _sample_block(fn: Callable[[Tensor], Tensor], method: str, samples: Tensor, flat: Tensor,
+                  version: int, s0: int, s1: int, m: int) -> tuple[Tensor | None, str, bool]:
+    """Rows of whole samples ``[s0, s1)`` in one vectorised, checked pass.
+
+    Returns ``(rows, method, vectorise)``: ``rows`` None when vmap failed
+    (``vectorise`` True: each sample may still vectorise over its rows) or
+    is wrong here (False: one ``autograd.grad`` per row); ``method``: the
+    one the call goes on with (:func:`_checked_samples`).
+    """
+    n = flat.shape[1]
+    try:
+        block = torch.func.vmap(_sample_jacobian(fn, method))(samples[s0:s1])
+    except RuntimeError as exc:
+        _refuse_input_writes(fn, samples[s0])
+        checks.report(
+            f"fn cannot be vectorised over samples ({str(exc).splitlines()[0][:160]}); "
+            "computing the per-sample Jacobians one sample at a time",
+            VmapFallbackWarning,
+        )
+        return None, method, True
+    _check_untouched(flat, version)
+    if block.numel() != (s1 - s0) * m * n:  # vmap gives every sample one shape
+        _wrong_sample_size(f"{s0}:{s1}", block.numel() // max((s1 - s0) * n, 1), m)
+    block, method = _checked_samples(
+        fn, samples[s0:s1], s0, block.reshape((s1 - s0) * m, n).to(flat.dtype), method, m)
+    return block, method, False
 
 
 def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[Tensor], Tensor]:
@@ -731,15 +806,21 @@ def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[T
 
 
 def _outputs_per_sample(
-    f: Callable[[Tensor], Tensor], vectorized: Callable[[Tensor], Tensor], samples: Tensor,
-    flat: Tensor, version: int, whole: int,
-) -> tuple[int, Tensor | None]:
-    """``(m, rows)``: rows ``[0, whole)`` too when they are the whole batch (else ``None``)."""
+    fn: Callable[[Tensor], Tensor], method: str, vectorized: Callable[[Tensor], Tensor],
+    samples: Tensor, flat: Tensor, version: int, whole: int,
+) -> tuple[int, Tensor | None, str]:
+    """``(m, rows, method)``: rows ``[0, whole)`` too when they are the whole batch (else None).
+
+    The rows are checked (:func:`_checked_samples`); ``method`` is the one the
+    call goes on with.
+    """
     m, block = _whole_batch(vectorized, samples, flat, version, whole) if whole else (None, None)
     if m is None:
         with torch.no_grad():
-            m = f(flat[0]).numel() if flat.shape[0] else 0
-    return m, block
+            m = fn(flat[0].view(samples.shape[1:])).numel() if flat.shape[0] else 0
+    if block is not None:
+        block, method = _checked_samples(fn, samples, 0, block, method, m)
+    return m, block, method
 
 
 def _whole_batch(
@@ -798,3 +879,204 @@ def batched_rows(
     """
     blocks = iter_batched_rows(fn, xs, start, stop, chunk_size=chunk_size, method=method)
     return _assemble(blocks, start, stop, xs.new_empty(0, xs[0].numel()))
+
+
+# ---------------------------------------------------------------------------
+# Checks of the engine's own rows (NOTE: [Checks on every engine call] in checks.py)
+# ---------------------------------------------------------------------------
+
+
+def strict_outputs(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``fn``, refusing outputs that have no real Jacobian with one :class:`OutputTypeError`.
+
+    A tuple, dict, list, float or NumPy array, an integer or boolean tensor,
+    and a complex tensor (whose real part alone reverse mode would
+    differentiate, silently) are refused as ``pipeline.run`` refuses them.
+    """
+    if getattr(fn, "_jacpipe_strict", False):
+        return fn
+
+    def strict(t: Tensor) -> Tensor:
+        y = fn(t)
+        if not isinstance(y, Tensor):
+            raise OutputTypeError(
+                f"fn(x) must return a torch.Tensor, got {type(y).__name__}; return one "
+                "tensor (torch.cat / torch.stack several outputs, torch.as_tensor a number)")
+        if y.is_complex():
+            raise OutputTypeError(
+                f"fn(x) returned complex dtype {y.dtype}; jacpipe differentiates real outputs: "
+                "return torch.view_as_real(y) (real and imaginary parts) or y.abs()")
+        if not y.is_floating_point():
+            raise OutputTypeError(
+                f"fn(x) returned dtype {y.dtype}; a Jacobian needs a floating output (an "
+                "integer or boolean output has no derivative): return a float tensor")
+        return y
+
+    strict._jacpipe_strict = True  # type: ignore[attr-defined]
+    return strict
+
+
+def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, like: Tensor,
+                   what: str) -> bool:
+    """Compare one random row of a vectorised chunk with the same row without vmap.
+
+    ``unbatched(e_i)`` is row ``i`` by one unbatched pullback. True (reported):
+    the rows must be computed one at a time.
+    """
+    if rows.shape[0] < 2 or not checks.vectorised():
+        return False
+    i = checks.pick(0, rows.shape[0], a, rows.shape[0])
+    try:
+        plain = unbatched(basis_rows(a + i, a + i + 1, like.numel(), like)[0])
+    except RuntimeError:  # the unbatched pass cannot run: no verdict
+        return False
+    reason = checks.row_mismatch(rows[i], plain, a + i)
+    if reason is not None:
+        checks.report(f"{what}: {reason}; computing them one at a time with "
+                      "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
+    return reason is not None
+
+
+def plain_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, start: int = 0
+              ) -> tuple[Tensor, torch.dtype]:
+    """``(Jᵀ u, fn's output dtype)`` by one plain ``torch.autograd`` backward pass, no torch.func.
+
+    ``u`` covers outputs ``[start, start + len(u))`` (zero elsewhere).
+    """
+    xg = _fresh(x).requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(xg).reshape(-1)
+    if not y.requires_grad:
+        return x.new_zeros(x.numel()), y.dtype
+    cot = y.new_zeros(y.numel()).detach()
+    cot[start:start + u.numel()] = u.to(y.dtype)
+    (g,) = torch.autograd.grad(y, xg, cot, allow_unused=True)
+    return (x.new_zeros(x.numel()) if g is None else g.reshape(-1)), y.dtype
+
+
+def _jacobian_forward_gap(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, rows: Tensor
+                          ) -> str | None:
+    """``u . (rows v)`` against ``(Jᵀ u) . v`` (one plain VJP), ``u`` over these rows."""
+    key = (start, rows.shape[0])
+    u = checks.uniform((rows.shape[0],), rows, 1, *key)
+    v = checks.uniform((x.numel(),), rows, 2, *key)
+    jtu, out_dtype = plain_vjp(fn, x, u, start)
+    return checks.disagreement(u, rows @ v, jtu, v, out_dtype=out_dtype)
+
+
+def _hessian_forward_gap(fn: Callable[[Tensor], Tensor], x: Tensor, start: int, rows: Tensor
+                         ) -> str | None:
+    """``u . (rows v)`` against ``(H u) . v`` by reverse-over-reverse autograd."""
+    key = (start, rows.shape[0])
+    u = checks.uniform((rows.shape[0],), rows, 1, *key)
+    v = checks.uniform((x.numel(),), rows, 2, *key)
+    cot = rows.new_zeros(1, x.numel())
+    cot[0, start:start + rows.shape[0]] = u
+    return checks.disagreement(u, rows @ v, hessian_vector_products(fn, x)(cot)[0], v)
+
+
+def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, block: Tensor,
+                     method: str, m: int) -> tuple[Tensor | None, str]:
+    """A chunk of per-sample rows after the checks: ``(rows, method for the rest)``.
+
+    Forward mode: ``u . (J v)`` over every sample of the chunk against one
+    vectorised VJP; rejected rows are computed again by reverse mode (and
+    the call goes on in reverse mode). Reverse mode: one random row of a
+    random sample against plain ``autograd.grad``; ``rows`` None when they
+    differ (the caller computes the samples one row at a time).
+    """
+    if method == "fwd":
+        if not checks.forward_rejected(
+                lambda: _batched_forward_gap(fn, samples, s0, block, m), "per-sample rows"):
+            return block, method
+        block = torch.func.vmap(_sample_jacobian(fn, "rev"))(samples)
+        block, method = block.reshape(-1, samples[0].numel()).to(samples.dtype), "rev"
+    count = samples.shape[0]
+    if count * m < 2:
+        return block, method
+    s = checks.pick(0, count, s0, count)
+    i = checks.pick(0, m, s0, count, s)
+    xg = _fresh(samples[s]).requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            y = fn(xg).reshape(-1)
+        g = torch.autograd.grad(y[i], xg, allow_unused=True)[0] if y.requires_grad else None
+    except RuntimeError:
+        return block, method
+    plain = xg.new_zeros(xg.numel()) if g is None else g.reshape(-1)
+    reason = checks.row_mismatch(block[s * m + i], plain, (s0 + s) * m + i)
+    if reason is None:
+        return block, method
+    checks.report(f"per-sample rows: {reason}; computing them one at a time with "
+                  "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
+    return None, method
+
+
+def _batched_forward_gap(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int,
+                         block: Tensor, m: int) -> str | None:
+    """``sum_s u_s . (J_s v_s)`` from the rows against one vectorised VJP over the samples."""
+    count, n = samples.shape[0], samples[0].numel()
+    u = checks.uniform((count, m), block, 3, s0, count)
+    v = checks.uniform((count, n), block, 4, s0, count)
+    jv = torch.einsum("smn,sn->sm", block.reshape(count, m, n), v)
+
+    def pulled(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+        y, pullback = torch.func.vjp(fn, x)
+        return pullback(w.reshape(y.shape).to(y.dtype))[0], y.new_zeros(())  # and y's dtype
+
+    jtu, out = torch.func.vmap(pulled)(samples, u)
+    return checks.disagreement(u, jv, jtu, v, out_dtype=out.dtype)
+
+
+def jvps_by_reverse(fn: Callable[[Tensor], Tensor], x: Tensor, vs: Tensor) -> Tensor:
+    """Rows ``J v`` for each row ``v`` of ``vs`` by reverse mode alone (no forward AD).
+
+    ``J v = d/du ((Jᵀ u) . v)``: the VJP's graph is recorded once with
+    ``create_graph`` and each ``v`` costs one backward pass of it, so the
+    products are autograd's (hooks, ``no_grad`` blocks and custom backwards
+    honoured). The fallback of a forward-mode sparse evaluation that
+    disagrees with reverse mode.
+    """
+    xg = _fresh(x).requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(xg).reshape(-1)
+        out = y.new_zeros(vs.shape[0], y.numel()).detach()
+        if not y.requires_grad:
+            return out
+        u = torch.zeros_like(y, requires_grad=True)
+        (g,) = torch.autograd.grad(y, xg, u, create_graph=True, allow_unused=True)
+    if g is None or not g.requires_grad:
+        return out
+    g = g.reshape(-1)
+    for k in range(vs.shape[0]):
+        (jv,) = torch.autograd.grad(g, u, vs[k].to(g.dtype), retain_graph=True,
+                                    allow_unused=True)
+        if jv is not None:
+            out[k] = jv
+    return out
+
+
+def checked_compressed(fn: Callable[[Tensor], Tensor], x: Tensor, seeds: Tensor,
+                       compressed: Tensor, *, hessian: bool) -> Tensor:
+    """A forward-mode compressed matrix (rows ``J s_c``, Hessians ``H s_c``) after its check.
+
+    ``u . (B^T w)`` (``= u . (J v)``, ``v = S^T w``) against ``(Jᵀ u) . v`` by
+    one plain reverse pass (Hessians: reverse-over-reverse). Rejected:
+    computed again by reverse mode (:func:`jvps_by_reverse`,
+    :func:`hessian_vector_products`).
+    """
+    def gap() -> str | None:
+        key = (seeds.shape[0], compressed.shape[1])
+        w = checks.uniform((seeds.shape[0],), compressed, 5, *key)
+        u = checks.uniform((compressed.shape[1],), compressed, 6, *key)
+        v, jv = seeds.T.to(w.dtype) @ w, compressed.T @ w
+        jtu = (hessian_vector_products(fn, x)(u[None])[0] if hessian
+               else plain_vjp(fn, x, u)[0])
+        return checks.disagreement(u, jv, jtu, v)
+
+    what = "sparse Hessian rows" if hessian else "sparse Jacobian rows"
+    if not checks.forward_rejected(gap, what):
+        return compressed
+    if hessian:
+        return hessian_vector_products(fn, x)(seeds)
+    return jvps_by_reverse(fn, x, seeds).to(compressed.dtype)

@@ -215,7 +215,10 @@ def test_whole_batch_rows_learn_m_from_their_own_pass(method):
     ref = torch.cat([jacobian(f, xs[b]) for b in range(5)])  # (5*4, 3)
     calls.clear()
     assert_close(batched_rows(f, xs, 0, 20, method=method), ref, torch.float64)
-    assert calls == [(3,)]  # fn traced once, inside the vectorised pass
+    # fn traced once inside the vectorised pass, and once more by the call's own
+    # check (NOTE: [Checks on every engine call]): a sample's row without vmap
+    # (rev) or one vectorised VJP (fwd); never a pass on xs[0] to learn m first
+    assert calls == [(3,), (3,)]
     # B * 2 rows of m = 4: the pass learns m, then the rows asked are computed
     assert_close(batched_rows(f, xs, 0, 10, method=method), ref[:10], torch.float64)
     with pytest.raises(ValueError, match=r"row range \[0, 25\) outside \[0, 20\)"):
@@ -264,7 +267,9 @@ def test_forward_mode_runs_no_extra_forward_pass():
         return fn(v)
 
     rows = engine.jacobian_rows(counted, x, 10, 40, method="fwd")
-    assert calls == 1  # one vmapped JVP pass over all 8 columns, nothing else
+    # one vmapped JVP pass over all 8 columns, and the forward+backward pass of
+    # the call's own check (NOTE: [Checks on every engine call])
+    assert calls == 2
     torch.testing.assert_close(rows, torch.func.jacfwd(fn)(x)[10:40])
 
 

@@ -1,0 +1,215 @@
+"""The checks every engine call makes of its rows: forward against reverse mode, vmap against none.
+
+NOTE: [Checks on every engine call]
+    Two ways a vectorised derivative can be silently wrong, each checked
+    where the rows are computed, at the cost of about one extra backward
+    pass per engine call:
+
+    - *forward mode* (``torch.func.jvp``) ignores what reverse mode honours
+      (``torch.no_grad`` blocks, tensor hooks, module backward hooks, a
+      custom ``autograd.Function`` whose ``jvp`` disagrees with its
+      ``backward``). Where a call computed rows by forward mode, random
+      ``u`` (over those rows; per-sample: over every sample of the call) and
+      ``v`` give ``u . (J v)`` from the rows themselves and ``(Jᵀ u) . v`` from
+      one plain reverse pass; they agree to rounding (NOTE: [The adjoint
+      check] in :mod:`pipeline.maths.adjoint`, same tolerance) exactly when
+      both modes differentiate the same function. A disagreement is
+      reported (:class:`ForwardModeWarning`); under the ``fallback`` policy
+      (``pipeline.run`` with ``--method auto`` / ``sparse``) the rows are
+      computed again by reverse mode.
+    - *vmap* has wrong batching rules for a few ops (``torch.cdist``'s
+      backward in torch 2.x: ``torch.func.jacrev`` is wrong by 80-200%
+      there, ``autograd.functional.jacobian`` right). Where a call computed
+      rows by a vectorised reverse pass, one random row of its first chunk
+      is computed again without vmap (one unbatched backward) and compared;
+      on a disagreement the call's rows are computed one at a time with
+      ``torch.autograd.grad`` (the engine's per-row fallback), and said so.
+
+    The policy of a call and where its reports go are context variables
+    (:func:`checking`): the engine's signatures stay as they were, the
+    worker sets them around a shard and records the reports in the shard's
+    manifest entry, and a direct engine call warns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+#: Tolerance of the forward/reverse comparison, relative to the Cauchy-Schwarz
+#: bound (NOTE: [Tolerance of the adjoint check]): 100 machine epsilons.
+ADJOINT_RTOL = {"float32": 100 * 2.0**-23, "float64": 100 * 2.0**-52}
+#: Tolerance of the vmap spot check, relative to the row's norm: the square
+#: root of the machine epsilon. A batched and an unbatched kernel sum in
+#: different orders, and a row may be a small difference of large terms; a
+#: wrong batching rule is off by tens of percent (NOTE: [Tolerance of the
+#: vmap spot check] in benchmarks/checks.py measures both).
+SPOT_RTOL = {"float32": 2.0**-11.5, "float64": 2.0**-26}
+#: What a call does when forward mode disagrees with reverse mode.
+POLICIES = ("warn", "fallback", "reverse")
+
+
+class ForwardModeWarning(UserWarning):
+    """Forward mode gave another derivative than reverse mode (autograd's) on these rows."""
+
+
+class VmapMismatchWarning(UserWarning):
+    """Vectorised rows differ from the same rows computed without vmap (torch's batching rule)."""
+
+
+_FORWARD: contextvars.ContextVar[str] = contextvars.ContextVar("jacpipe_forward", default="warn")
+_VECTORISE: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_vectorise",
+                                                                  default=True)
+_LOG: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("jacpipe_checks_log",
+                                                                        default=None)
+
+
+@contextlib.contextmanager
+def checking(*, forward: str = "warn", vectorise: bool = True,
+             log: list[str] | None = None) -> Iterator[None]:
+    """Set the policy of the engine calls inside the block.
+
+    Args:
+        forward: ``"warn"`` (keep forward mode's rows, report the
+            disagreement: an explicit ``--method fwd``), ``"fallback"`` (on a
+            disagreement compute the rows again by reverse mode, and report
+            it: ``--method auto``), or ``"reverse"`` (the run's check already
+            found one: wherever a path may choose, it uses reverse mode).
+        vectorise: ``False``: rows one ``autograd.grad`` at a time (the run's
+            spot check found a wrong batching rule).
+        log: where reports go (one line each, no repeats) instead of
+            :func:`warnings.warn`.
+
+    Raises:
+        ValueError: an unknown ``forward`` policy.
+    """
+    if forward not in POLICIES:
+        raise ValueError(f"forward must be one of {POLICIES}, got {forward!r}")
+    tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log))
+    try:
+        yield
+    finally:
+        _LOG.reset(tokens[2])
+        _VECTORISE.reset(tokens[1])
+        _FORWARD.reset(tokens[0])
+
+
+def forward_policy() -> str:
+    """The forward-mode policy of the calls now running (:func:`checking`)."""
+    return _FORWARD.get()
+
+
+def vectorised() -> bool:
+    """Whether the calls now running may vectorise (:func:`checking`)."""
+    return _VECTORISE.get()
+
+
+def report(message: str, category: type[Warning]) -> None:
+    """One line: into the active log (once), else a warning."""
+    log = _LOG.get()
+    if log is None:
+        warnings.warn(message, category, stacklevel=3)
+    elif message not in log:
+        log.append(message)
+
+
+def pick(low: int, high: int, *key: int) -> int:
+    """A random integer in ``[low, high)``, drawn from ``key`` (reproducible per call)."""
+    return random.Random(hash(key)).randrange(low, high)
+
+
+def uniform(shape: tuple[int, ...], like: Tensor, *key: int) -> Tensor:
+    """Uniform ``[-1, 1)`` entries drawn on the CPU from ``key``, in ``like``'s dtype/device."""
+    import torch
+
+    g = torch.Generator().manual_seed(hash(key) & 0x7FFF_FFFF)
+    out = torch.rand(shape, generator=g, dtype=torch.float32).mul_(2).sub_(1)
+    return out.to(like.device, like.dtype)
+
+
+def adjoint_gap(u: Tensor, Jv: Tensor, JTu: Tensor, v: Tensor) -> tuple[float, float, float]:
+    """``(u . Jv, JTu . v, |difference| / Cauchy-Schwarz bound)`` in float64.
+
+    The bound is ``max(|u| |Jv|, |JTu| |v|)``; the relative difference is NaN
+    when a number is not finite, 0 when both are 0 at a zero bound.
+    """
+    u, Jv, JTu, v = (t.detach().reshape(-1).double() for t in (u, Jv, JTu, v))
+    a, b = float(u @ Jv), float(JTu @ v)
+    scale = max(float(u.norm() * Jv.norm()), float(JTu.norm() * v.norm()))
+    if not all(math.isfinite(t) for t in (a, b, scale)):
+        return a, b, float("nan")
+    return a, b, abs(a - b) / scale if scale > 0 else (0.0 if a == b else float("inf"))
+
+
+def tolerance(dtype: torch.dtype, table: dict[str, float] = ADJOINT_RTOL) -> float:
+    """The tolerance of ``table`` for ``dtype`` (float32's for other dtypes)."""
+    return table.get(str(dtype).removeprefix("torch."), table["float32"])
+
+
+def disagreement(u: Tensor, Jv: Tensor, JTu: Tensor, v: Tensor, *,
+                 out_dtype: torch.dtype | None = None) -> str | None:
+    """One line when forward (``Jv``) and reverse (``JTu``) products disagree, else None.
+
+    The tolerance is that of the less precise of ``v``'s dtype and ``fn``'s
+    output dtype ``out_dtype``. Non-finite products cannot be compared: None
+    (the run's check reports those).
+    """
+    a, b, rel = adjoint_gap(u, Jv, JTu, v)
+    tol = max(tolerance(v.dtype), tolerance(out_dtype or v.dtype))
+    if not rel > tol:  # NaN: not comparable
+        return None
+    return (f"forward and reverse mode give different derivatives: u.(J v) = {a:.6g} by "
+            f"forward mode, (J^T u).v = {b:.6g} by reverse mode (relative difference "
+            f"{rel:.2g} > {tol:.2g}); fn holds something forward mode ignores (torch.no_grad, "
+            "a tensor or module hook, a custom autograd.Function whose jvp disagrees with "
+            "its backward)")
+
+
+def row_mismatch(vectorised_row: Tensor, plain_row: Tensor, row: int) -> str | None:
+    """One line when a vectorised row differs from the same row without vmap, else None.
+
+    Compared relative to the larger of the two norms with :data:`SPOT_RTOL`;
+    a non-finite plain row is not compared (None).
+    """
+    import torch
+
+    a, b = vectorised_row.detach().reshape(-1).double(), plain_row.detach().reshape(-1).double()
+    if not bool(torch.isfinite(b).all()):
+        return None
+    scale = max(float(a.norm()), float(b.norm()))
+    diff = float((a - b).norm())
+    tol = tolerance(vectorised_row.dtype, SPOT_RTOL)
+    if diff == diff and diff <= tol * scale:
+        return None
+    rel = diff / scale if scale > 0 else float("inf")
+    return (f"vectorised row {row} differs from the same row without vmap (relative "
+            f"difference {rel:.2g} > {tol:.2g}): a torch batching rule of an op in fn is wrong")
+
+
+def forward_rejected(check: Callable[[], str | None], what: str) -> bool:
+    """Run a forward-mode check; report a disagreement; True: recompute by reverse mode.
+
+    Under the ``warn`` policy forward mode's rows are kept (and reported);
+    under ``fallback`` and ``reverse`` they are computed again by reverse mode.
+    A check that cannot run (fn or its backward raises) keeps them silently.
+    """
+    try:
+        reason = check()
+    except Exception:  # noqa: BLE001 - a reverse pass that cannot run is not a verdict
+        return False
+    if reason is None:
+        return False
+    keep = forward_policy() == "warn"
+    then = ("forward mode's rows kept (--method fwd); use reverse mode" if keep
+            else "computed by reverse mode instead")
+    report(f"{what}: {reason}; {then}", ForwardModeWarning)
+    return not keep
