@@ -41,6 +41,10 @@ class ShardSpec:
         group_rows: rows per Parquet row group.
         compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
         smoothing: a smoothed run's settings, else None.
+        forward: where forward mode disagrees with reverse mode: ``warn``,
+            ``fallback`` or ``reverse`` (``pipeline.maths.checks.checking``).
+        vectorise: False: rows one ``autograd.grad`` at a time (the run's
+            vmap spot check found vectorised rows wrong).
     """
 
     job: str
@@ -62,6 +66,8 @@ class ShardSpec:
     chunk_size: int | None = None
     compression: str = "zstd"
     smoothing: Smoothing | None = None
+    forward: str = "fallback"
+    vectorise: bool = True
 
     @property
     def rows(self) -> int:
@@ -135,6 +141,9 @@ class ShardResult:
         chunk_size: rows (or columns) per vectorised pass; peak_rss: the
             process's peak resident memory.
         run_id, attempt: which run computed it, and its attempt within that run.
+        checks: what the engine's own checks reported while computing it (one
+            line each: forward mode disagreeing, a wrong batching rule, a
+            function that could not be vectorised).
     """
 
     index: int
@@ -157,6 +166,7 @@ class ShardResult:
     pid: int | None = None
     run_id: str | None = None
     attempt: int = 1
+    checks: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

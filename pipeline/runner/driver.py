@@ -187,6 +187,7 @@ def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callabl
         forward_disagrees=None if job.adjoint is None or job.adjoint.agree
         else job.adjoint.reason,
         pass_seconds=job.pass_seconds if embedded else None,
+        vectorise=job.spot is None or job.spot.agree,
     )
     # The colouring of a sparse run is one of the plan's notes (printed once here).
     for note in plan.notes:
@@ -245,6 +246,7 @@ def _manifest(opts: RunOptions, job: CheckedJob, plan: RunPlan) -> Manifest:
         versions=versions(),
         extra={
             **({} if job.adjoint is None else {"adjoint_check": job.adjoint.to_json()}),
+            **({} if job.spot is None else {"vmap_check": job.spot.to_json()}),
             **({} if job.pattern.facts() is None
                else {"sparsity_detection": job.pattern.facts()}),
         },
@@ -274,6 +276,8 @@ def _spec(opts: RunOptions, job: CheckedJob, plan: RunPlan, shard: Shard, out: s
         chunk_size=opts.chunk_size,
         compression=plan.compression,
         smoothing=job.smoothing,
+        forward=plan.forward,
+        vectorise=plan.vectorise,
     )
 
 
@@ -323,6 +327,9 @@ def _execute(
             f"(shards {', '.join(map(str, bad[:10]))}{'...' if len(bad) > 10 else ''})"
         )
         echo(f"warning: {notes[-1]}")
+    for line in dict.fromkeys(line for s in manifest.committed for line in s.checks):
+        notes.append(line)  # the engine's own checks, once each (also in each shard's entry)
+        echo(f"warning: {line}")
     return RunSummary(
         out=folder.storage.uri, manifest=manifest, computed=len(todo),
         skipped=len(keep), notes=notes,

@@ -29,7 +29,7 @@ from pipeline.problem.problem import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.maths.adjoint import AdjointCheck
+    from pipeline.maths.adjoint import AdjointCheck, SpotCheck
     from pipeline.problem.problem import Problem
 
 
@@ -44,6 +44,7 @@ class CheckedJob:
     device_param: bool
     pattern: PatternChoice  # the sparsity pattern and where it came from
     adjoint: AdjointCheck | None  # when forward mode was on the table
+    spot: SpotCheck | None = None  # vectorised rows against plain autograd (vmap spot check)
     pass_seconds: float = 0.0  # one forward + backward, timed by the fingerprint
     problem: Problem | None = None  # handed in memory (shipped to workers), else None
     smoothing: Smoothing | None = None
@@ -92,8 +93,16 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
+        spot=None if smoothing else _vmap_spot_check(problem),
         smoothing=smoothing,
     )
+
+
+def _vmap_spot_check(problem: Problem) -> SpotCheck | None:
+    """Two random vectorised rows against plain autograd (NOTE: [The vmap spot check])."""
+    from pipeline.maths.adjoint import vmap_spot_check
+
+    return vmap_spot_check(problem)
 
 
 def _pass_seconds(problem: Problem) -> float:
@@ -122,10 +131,14 @@ def _adjoint_if_forward_possible(opts: RunOptions, problem: Problem, shapes: Sha
         whose ``jvp`` and ``backward`` disagree): ``u . (J v)`` by one JVP
         and ``(Jᵀ u) . v`` by one VJP agree to rounding exactly when both
         modes compute the same derivative (:func:`pipeline.maths.adjoint.adjoint_check`,
-        2.9-5.0x one forward + backward, measured). It runs only where
-        forward mode is on the table: ``--method fwd``, or ``auto`` on a
-        tall problem (``2 n < m``, the cost model's precondition) without a
-        pattern. Hessian rows use reverse-over-reverse under ``auto``.
+        2.9-5.0x one forward + backward, measured). It runs wherever
+        forward mode is on the table: ``--method fwd``; ``auto`` on a tall
+        problem (``2 n < m``, the cost model's precondition); and every
+        sparse run (``auto`` or ``sparse`` with a pattern): a column
+        colouring is one JVP per colour, a Hessian's colours one
+        forward-over-reverse product each. Dense Hessian rows use
+        reverse-over-reverse under ``auto``. Each engine call checks its
+        own rows as well (NOTE: [Checks on every engine call]).
     """
     from pipeline.runner.plan import FWD_MARGIN
 
@@ -133,7 +146,8 @@ def _adjoint_if_forward_possible(opts: RunOptions, problem: Problem, shapes: Sha
         return None  # Taylor mode: no forward-mode Jacobian to check
     tall = (shapes.n * FWD_MARGIN < shapes.m and not kind_of(shapes.kind).symmetric
             and pattern is None)
-    if not (opts.method == "fwd" or (opts.method == "auto" and tall)):
+    coloured = pattern is not None and opts.method in ("auto", "sparse")
+    if not (opts.method == "fwd" or (opts.method == "auto" and tall) or coloured):
         return None
     from pipeline.maths.adjoint import adjoint_check
 

@@ -110,6 +110,12 @@ class RunPlan:
         pattern_source: ``job``, ``file``, ``detected`` or ``detected-local``.
         notes: lines for the user (clamped requests, the sparse summary).
         executor: ``ray`` (Ray tasks) or ``local`` (this process).
+        forward: what a shard does where forward mode disagrees with reverse
+            mode (:func:`pipeline.maths.checks.checking`): ``warn`` (``--method
+            fwd``), ``fallback`` (reverse mode instead), ``reverse`` (the
+            run's check disagreed: reverse mode wherever a path may choose).
+        vectorise: False when the run's vmap spot check found vectorised rows
+            wrong: shards compute rows one ``autograd.grad`` at a time.
     """
 
     slots: int
@@ -128,6 +134,8 @@ class RunPlan:
     pattern_source: str | None = None
     compression: str = DEFAULT_COMPRESSION
     executor: str = "ray"
+    forward: str = "fallback"
+    vectorise: bool = True
 
     def coloring_facts(self) -> dict[str, Any] | None:
         """The colouring as the manifest records it (None for dense runs)."""
@@ -152,6 +160,7 @@ def make_plan(
     forward_disagrees: str | None = None,
     pattern_source: str | None = None,
     pass_seconds: float | None = None,
+    vectorise: bool = True,
 ) -> RunPlan:
     """Plan a run: slots, shards, method, layout, colouring, budget, GPU share, executor.
 
@@ -164,7 +173,11 @@ def make_plan(
         pattern_source: where ``pattern`` came from (:class:`PatternChoice`).
         forward_disagrees: why forward mode gives another derivative than
             reverse mode at ``x`` (the adjoint check failed), else None:
-            ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned.
+            ``auto`` then keeps reverse mode, an explicit ``fwd`` is warned,
+            a sparse run uses a row colouring (Hessians: reverse-over-reverse
+            products).
+        vectorise: False when the run's vmap spot check found vectorised
+            rows wrong (the shards then go one row at a time).
         pass_seconds: one forward + backward pass of the job, timed, for an
             embedded run: ``--executor auto`` then runs a few seconds of work
             in this process (NOTE: [Small jobs in process]). None on a
@@ -186,6 +199,7 @@ def make_plan(
     sparse = pattern is not None and options.method in ("auto", "sparse")
     coloring = _worth_coloring(pattern, shapes, options, pattern_source) if sparse else None
     sparse = coloring is not None
+    coloring, forward_note = _reverse_if_forward_disagrees(coloring, pattern, forward_disagrees)
     row_bytes = stored_row_bytes(shapes, pattern if sparse else None)
     shards, note = plan_shards(
         shapes.total_rows,
@@ -202,6 +216,10 @@ def make_plan(
         align=shapes.m if kind_of(shapes.kind).per_sample else 1,
     )
     notes = [note] if note else []
+    if not vectorise:
+        notes.append("warning: vectorised rows differ from plain autograd's (a torch batching "
+                     "rule is wrong for an op in fn; see the manifest's vmap_check): rows "
+                     "computed one at a time with torch.autograd.grad")
     if pattern is not None and not sparse and options.method == "auto":
         notes.append("the detected pattern needs about as many colours as dense passes; "
                      "dense path")
@@ -211,6 +229,7 @@ def make_plan(
             f"sparse: {int(pattern.nnz)} nonzeros, {coloring.num_colors} colours "
             f"({coloring.mode} mode) instead of {min(shapes.m, shapes.n)} dense passes"
         )
+        notes.extend([forward_note] if forward_note else [])
     else:
         # Per-sample rows: every sample's rows sit in (about) one shard, so per
         # sample rev costs m VJPs and fwd n JVPs.
@@ -240,8 +259,33 @@ def make_plan(
         pattern_source=pattern_source if sparse else None,
         notes=notes,
         compression=options.compression,
+        forward="warn" if options.method == "fwd" else "reverse" if forward_disagrees
+        else "fallback",
+        vectorise=vectorise,
     )
     return _with_executor(plan, shapes, options.executor, pass_seconds)
+
+
+def _reverse_if_forward_disagrees(coloring: Coloring | None, pattern: Any, why: str | None
+                                  ) -> tuple[Coloring | None, str | None]:
+    """A sparse run's colouring where forward mode gives another derivative (``why``).
+
+    A column colouring (one JVP per colour) becomes a row colouring (one
+    VJP per colour); a Hessian's colours are kept and its products are
+    computed by reverse-over-reverse autograd instead of forward-over-reverse
+    (the shards' ``reverse`` policy). Returns the colouring and one note.
+    """
+    if coloring is None or why is None or coloring.mode == "rev":
+        return coloring, None
+    if coloring.mode == "symmetric":
+        return coloring, ("Hessian-vector products by reverse-over-reverse autograd, not "
+                          f"forward-over-reverse: {why}")
+    from pipeline.sparse.coloring import Coloring, row_coloring
+
+    colors = row_coloring(pattern)
+    rows = Coloring(colors=colors, num_colors=int(colors.max()) + 1 if colors.size else 0,
+                    mode="rev")
+    return rows, f"row colouring (reverse mode), not column colouring (forward mode): {why}"
 
 
 def _taylor_method(options: RunOptions, shapes: Shapes) -> Method:

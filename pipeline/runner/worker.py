@@ -21,7 +21,7 @@ import torch
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
 from pipeline.core.shard import ShardInputs, ShardResult, ShardSpec
-from pipeline.maths import engine
+from pipeline.maths import checks, engine
 from pipeline.maths.kinds import iter_rows, maths_of
 from pipeline.problem.problem import Problem, rebuild
 from pipeline.runner import plan
@@ -185,18 +185,11 @@ def compute_shard(
         group_rows=spec.group_rows, compression=spec.compression, encoders=encoders(spec),
     )
     busy = {"compute": 0.0, "write": 0.0}
+    reports: list[str] = []  # the engine's own checks (NOTE: [Checks on every engine call])
     _CURRENT = spec
     try:
-        if not layout_of(spec.layout).fixed_width:
-            _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
-        elif spec.smoothing:
-            from pipeline.runner.smoothed import write_shard
-
-            write_shard(writer, problem, spec, chunk)
-        elif maths_of(problem.kind).columns is not None:
-            _write_columns(writer, problem, spec, chunk, busy)
-        else:
-            _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
+        with checks.checking(forward=spec.forward, vectorise=spec.vectorise, log=reports):
+            _write_rows(writer, problem, spec, pattern, coloring, chunk, busy, pipelined)
         t_commit = time.perf_counter()
         info = writer.commit()
         busy["write"] += time.perf_counter() - t_commit
@@ -228,7 +221,23 @@ def compute_shard(
         pid=os.getpid(),
         run_id=spec.run_id,
         attempt=attempt,
+        checks=reports,
     )
+
+
+def _write_rows(writer: PartWriter, problem: Problem, spec: ShardSpec, pattern: Any,
+                coloring: Any, chunk: int, busy: dict[str, float], pipelined: bool) -> None:
+    """The shard's rows, by its layout and kind, into ``writer`` (not yet committed)."""
+    if not layout_of(spec.layout).fixed_width:
+        _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
+    elif spec.smoothing:
+        from pipeline.runner.smoothed import write_shard
+
+        write_shard(writer, problem, spec, chunk)
+    elif maths_of(problem.kind).columns is not None:
+        _write_columns(writer, problem, spec, chunk, busy)
+    else:
+        _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
 
 
 def encoders(spec: ShardSpec) -> int:

@@ -27,7 +27,8 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.core.kinds import kind_of
-from pipeline.maths.engine import VmapFallbackWarning, hessian_vector_products
+from pipeline.maths import checks
+from pipeline.maths.engine import VmapFallbackWarning, checked_compressed, hessian_vector_products
 from pipeline.problem.problem import Problem
 from pipeline.sparse.coloring import Coloring, as_pattern, star_direct
 
@@ -160,6 +161,7 @@ def sparse_jacobian_rows(
 
         compressed = torch.func.vmap(jvp, chunk_size=chunk_size)(seeds)  # (k, m)
         _check_rows(compressed.shape[1], p.shape[0])
+        compressed = checked_compressed(flat, xf, seeds, compressed, hessian=False)
         values = compressed[_index(pos, x), _index(row_of, x)]
     else:
         # NOTE: likewise only this shard's rows that hold entries are seeded.
@@ -247,7 +249,12 @@ def sparse_hessian_rows(
         return torch.func.jvp(grad, (xf,), (v,))[1]
 
     try:
-        compressed = torch.func.vmap(hvp, chunk_size=chunk_size)(seeds)  # (k, n): row c = H s_c
+        if checks.forward_policy() == "reverse":  # forward mode disagreed in the run's check
+            compressed = hessian_vector_products(scalar, x)(seeds)
+        else:
+            compressed = checked_compressed(  # (k, n): row c = H s_c
+                scalar, x, seeds, torch.func.vmap(hvp, chunk_size=chunk_size)(seeds),
+                hessian=True)
     except RuntimeError as exc:
         # NOTE: functions torch.func cannot transform (an old-style
         # autograd.Function, .item() under vmap) get the same compressed
