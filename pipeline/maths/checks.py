@@ -174,25 +174,43 @@ def disagreement(u: Tensor, Jv: Tensor, JTu: Tensor, v: Tensor, *,
             "its backward)")
 
 
-def row_mismatch(vectorised_row: Tensor, plain_row: Tensor, row: int) -> str | None:
+def row_mismatch(vectorised_row: Tensor, plain_row: Tensor, row: int | str,
+                 scale: float | None = None) -> str | None:
     """One line when a vectorised row differs from the same row without vmap, else None.
 
-    Compared relative to the larger of the two norms with :data:`SPOT_RTOL`;
-    a non-finite plain row is not compared (None).
+    Also for random combinations of rows (``w @ rows`` against one unbatched
+    pullback of ``w``): ``scale`` is then the Cauchy-Schwarz bound ``|w|
+    |rows|``, else the larger of the two norms. Compared with
+    :data:`SPOT_RTOL`; a non-finite plain row is not compared (None).
     """
     import torch
 
+    dtype = vectorised_row.dtype  # the tolerance's: the rows' own precision
     a, b = vectorised_row.detach().reshape(-1).double(), plain_row.detach().reshape(-1).double()
     if not bool(torch.isfinite(b).all()):
         return None
-    scale = max(float(a.norm()), float(b.norm()))
+    what = f"vectorised row {row}" if scale is None else f"a random combination of rows {row}"
+    if scale is None:
+        scale = max(float(a.norm()), float(b.norm()))
     diff = float((a - b).norm())
-    tol = tolerance(vectorised_row.dtype, SPOT_RTOL)
+    tol = tolerance(dtype, SPOT_RTOL)
     if diff == diff and diff <= tol * scale:
         return None
     rel = diff / scale if scale > 0 else float("inf")
-    return (f"vectorised row {row} differs from the same row without vmap (relative "
-            f"difference {rel:.2g} > {tol:.2g}): a torch batching rule of an op in fn is wrong")
+    return (f"{what} differs from the same without vmap (relative difference {rel:.2g} > "
+            f"{tol:.2g}): a torch batching rule of an op in fn is wrong")
+
+
+def combination_mismatch(rows: Tensor, w: Tensor, plain: Tensor, first: int) -> str | None:
+    """``w @ rows`` (vectorised) against ``plain`` (one unbatched pullback of ``w``).
+
+    A random combination sees an error in any of the rows, not only in one
+    picked row, for the same single backward pass.
+    """
+    rows64, w64 = rows.detach().double(), w.detach().reshape(-1).double()
+    scale = float(w64.norm() * rows64.norm())
+    return row_mismatch((w64 @ rows64).to(rows.dtype), plain,
+                        f"{first}..{first + rows.shape[0] - 1}", scale)
 
 
 def forward_rejected(check: Callable[[], str | None], what: str) -> bool:

@@ -695,6 +695,7 @@ def iter_batched_rows(
     # adds four batched ops to every pass.
     samples = flat.view(xs.shape)
     vectorized = torch.func.vmap(_sample_jacobian(fn, method))
+    vectorise = True
     if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
         m, block, method = _outputs_per_sample(
             fn, method, vectorized, samples, flat, version,
@@ -702,12 +703,14 @@ def iter_batched_rows(
         if block is not None:  # the whole batch, computed (and checked) while learning m
             yield 0, block
             return
+        vectorise = method in METHODS  # "loop": vmap was found wrong here
+        method = method if vectorise else "rev"
     _check_untouched(flat, version)
     _check_range(start, stop, m * batch)
     if stop <= start:
         return
 
-    def one_sample(s: int, r0: int, r1: int, vectorise: bool = True
+    def one_sample(s: int, r0: int, r1: int, vectorise: bool = vectorise
                    ) -> Iterator[tuple[int, Tensor]]:
         blocks = _jacobian_blocks(
             fn, flat[s].reshape(xs.shape[1:]), r0, r1, chunk_size=chunk_size, method=method,
@@ -718,7 +721,7 @@ def iter_batched_rows(
 
     per_sample = n if method == "fwd" else m
     step = (chunk_size // per_sample) if chunk_size else batch
-    step = step if checks.vectorised() else 0  # one sample, one row at a time
+    step = step if vectorise and checks.vectorised() else 0  # one sample, one row at a time
     first, last = start // m, (stop - 1) // m + 1
     whole_a = first if start % m == 0 else first + 1  # whole samples [whole_a, whole_b)
     whole_b = last if stop % m == 0 else last - 1
@@ -812,7 +815,7 @@ def _outputs_per_sample(
     """``(m, rows, method)``: rows ``[0, whole)`` too when they are the whole batch (else None).
 
     The rows are checked (:func:`_checked_samples`); ``method`` is the one the
-    call goes on with.
+    call goes on with (``"loop"``: one row at a time, vmap was found wrong).
     """
     m, block = _whole_batch(vectorized, samples, flat, version, whole) if whole else (None, None)
     if m is None:
@@ -820,6 +823,7 @@ def _outputs_per_sample(
             m = fn(flat[0].view(samples.shape[1:])).numel() if flat.shape[0] else 0
     if block is not None:
         block, method = _checked_samples(fn, samples, 0, block, method, m)
+        method = method if block is not None else "loop"  # vmap is wrong: no second try
     return m, block, method
 
 
@@ -918,19 +922,22 @@ def strict_outputs(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]
 
 def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, like: Tensor,
                    what: str) -> bool:
-    """Compare one random row of a vectorised chunk with the same row without vmap.
+    """Compare a random combination of a vectorised chunk's rows with one unbatched pullback.
 
-    ``unbatched(e_i)`` is row ``i`` by one unbatched pullback. True (reported):
-    the rows must be computed one at a time.
+    ``unbatched(c)`` is ``Jᵀ c`` by one pullback without vmap, ``c`` a random
+    combination of rows ``[a, a + len(rows))`` (zero elsewhere). True
+    (reported): the rows must be computed one at a time.
     """
     if rows.shape[0] < 2 or not checks.vectorised():
         return False
-    i = checks.pick(0, rows.shape[0], a, rows.shape[0])
+    w = checks.uniform((rows.shape[0],), rows, 7, a, rows.shape[0])
+    cot = like.new_zeros(like.numel())
+    cot[a:a + rows.shape[0]] = w.to(like.dtype)
     try:
-        plain = unbatched(basis_rows(a + i, a + i + 1, like.numel(), like)[0])
+        plain = unbatched(cot)
     except RuntimeError:  # the unbatched pass cannot run: no verdict
         return False
-    reason = checks.row_mismatch(rows[i], plain, a + i)
+    reason = checks.combination_mismatch(rows, w, plain, a)
     if reason is not None:
         checks.report(f"{what}: {reason}; computing them one at a time with "
                       "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
@@ -981,9 +988,9 @@ def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, b
 
     Forward mode: ``u . (J v)`` over every sample of the chunk against one
     vectorised VJP; rejected rows are computed again by reverse mode (and
-    the call goes on in reverse mode). Reverse mode: one random row of a
-    random sample against plain ``autograd.grad``; ``rows`` None when they
-    differ (the caller computes the samples one row at a time).
+    the call goes on in reverse mode). Reverse mode: a random combination
+    of a random sample's rows against plain ``autograd.grad``; ``rows`` None
+    when they differ (the caller computes the samples one row at a time).
     """
     if method == "fwd":
         if not checks.forward_rejected(
@@ -995,16 +1002,17 @@ def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, b
     if count * m < 2:
         return block, method
     s = checks.pick(0, count, s0, count)
-    i = checks.pick(0, m, s0, count, s)
+    w = checks.uniform((m,), block, 8, s0, count)
     xg = _fresh(samples[s]).requires_grad_(True)
     try:
         with torch.enable_grad():
             y = fn(xg).reshape(-1)
-        g = torch.autograd.grad(y[i], xg, allow_unused=True)[0] if y.requires_grad else None
+        g = (torch.autograd.grad(y, xg, w.to(y.dtype), allow_unused=True)[0]
+             if y.requires_grad else None)
     except RuntimeError:
         return block, method
     plain = xg.new_zeros(xg.numel()) if g is None else g.reshape(-1)
-    reason = checks.row_mismatch(block[s * m + i], plain, (s0 + s) * m + i)
+    reason = checks.combination_mismatch(block[s * m:(s + 1) * m], w, plain, (s0 + s) * m)
     if reason is None:
         return block, method
     checks.report(f"per-sample rows: {reason}; computing them one at a time with "

@@ -529,8 +529,7 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
     x = problem.x.detach().clone()  # fn never sees the problem's own x
     with torch.no_grad():
         if kind_of(problem.kind).per_sample:
-            k = min(int(x.shape[0]), _PROBE_SAMPLES)
-            y = torch.stack([problem.fn(x[i]) for i in range(k)])
+            y = _stacked_samples(problem.fn, x[: min(int(x.shape[0]), _PROBE_SAMPLES)])
         else:
             y = problem.fn(x)
     y = y.detach().cpu().reshape(-1).double()
@@ -547,6 +546,27 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
         "code_sha256": code_sha256(problem.fn),
         "source_sha256": source_sha256(spec) if spec else None,
     }
+
+
+def _stacked_samples(fn: Callable[[Any], Any], xs: Any) -> Any:
+    """``fn`` of each sample, stacked; another output shape is a :class:`SampleShapeError`.
+
+    The fingerprint (and its derivative probe) stack the first samples'
+    outputs: a per-sample function whose output size depends on the sample
+    is refused here with the engine's message, not torch.stack's.
+    """
+    import torch
+
+    from pipeline.core.errors import SampleShapeError
+
+    ys = [fn(xs[i]) for i in range(xs.shape[0])]
+    for i, y in enumerate(ys[1:], start=1):
+        if y.shape != ys[0].shape:
+            raise SampleShapeError(
+                f"fn(xs[{i}]) has shape {tuple(y.shape)} but fn(xs[0]) has "
+                f"{tuple(ys[0].shape)}: a batched job's fn must give every sample an output "
+                "of the same shape (pad it, or use one job per size)")
+    return torch.stack(ys)
 
 
 def _derivative_probe(problem: Problem) -> dict[str, Any]:
