@@ -495,3 +495,87 @@ def test_a_result_larger_than_the_free_disk_space_is_warned_about_before_it_star
                  out=str(tmp_path / "roomy"), executor="local", progress=False,
                  echo=lines.append)
     assert not [line for line in lines if "free" in line], lines
+
+
+# ---------------------------------------------------------------------------
+# Never silently wrong: forward-mode and vmap checks on every path (issue 25)
+# ---------------------------------------------------------------------------
+
+
+def _no_grad_product(v):
+    with torch.no_grad():
+        c = 2 * v
+    return c * v.sin() + v
+
+
+def _local_run(problem, out, **options):
+    lines: list[str] = []
+    summary = pipeline.run(problem, out=str(out), executor="local", progress=False,
+                           echo=lines.append, **options)
+    return summary, lines, read_doc(out)
+
+
+def test_a_sparse_run_whose_forward_mode_disagrees_uses_a_row_colouring(tmp_path):
+    import scipy.sparse as sp
+
+    x = torch.linspace(0.3, 1.7, 12, dtype=torch.float64)
+    problem = Problem(fn=_no_grad_product, x=x, sparsity=sp.eye(12, format="csr"))
+    _, lines, man = _local_run(problem, tmp_path / "out")
+    assert man["coloring"]["mode"] == "rev" and man["adjoint_check"]["agree"] is False
+    assert any("row colouring (reverse mode), not column colouring" in line for line in lines)
+    got = read_jacobian(str(tmp_path / "out"))
+    np.testing.assert_allclose(np.asarray(got.toarray() if hasattr(got, "toarray") else got),
+                               jacobian(_no_grad_product, x).numpy(), rtol=1e-12, atol=1e-12)
+
+
+_Y0 = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+
+
+def _cdist(t):
+    return torch.cdist(t.reshape(-1, 3), _Y0)
+
+
+def test_a_wrong_batching_rule_is_caught_by_the_spot_check(tmp_path):
+    x = torch.linspace(-0.7, 0.9, 15, dtype=torch.float64)
+    _, lines, man = _local_run(Problem(fn=_cdist, x=x), tmp_path / "out")
+    assert man["vmap_check"]["agree"] is False and "without vmap" in man["vmap_check"]["reason"]
+    assert any(line.startswith("warning: vectorised rows differ") for line in lines)
+    np.testing.assert_allclose(np.asarray(read_jacobian(str(tmp_path / "out"))),
+                               jacobian(_cdist, x).reshape(20, 15).numpy(), rtol=1e-12,
+                               atol=1e-12)
+
+
+_W = torch.linspace(-1, 1, 16, dtype=torch.float64).reshape(8, 2)
+
+
+def _tall_hooked(v):
+    h = _W @ v
+    g = h * 2
+    if g.requires_grad:
+        g.register_hook(lambda grad: grad * 3)
+    return g.sin() * h  # forward and reverse mode agree where v = 0 only
+
+
+def test_per_sample_forward_mode_is_checked_past_the_samples_the_run_checked(tmp_path):
+    xs = torch.zeros(16, 2, dtype=torch.float64)
+    xs[[5, 10]] = torch.tensor([[0.4, -0.3], [0.8, 0.5]], dtype=torch.float64)
+    problem = Problem(fn=_tall_hooked, x=xs, kind="batched")  # tall: auto picks forward mode
+    _, lines, man = _local_run(problem, tmp_path / "out", shards=2)
+    # the run's check drew samples 0, 3, 9, 13 (all zero) and passed; each shard's own
+    # check covers all of its samples, found the difference and used reverse mode
+    assert man["method"] == "fwd" and man["adjoint_check"]["agree"] is True
+    reported = [c for s in man["shards"] for c in s["checks"]]
+    assert reported and all("computed by reverse mode instead" in c for c in reported)
+    assert any("per-sample rows: forward and reverse mode" in line for line in lines)
+    ref = torch.cat([jacobian(_tall_hooked, s) for s in xs]).numpy()
+    np.testing.assert_allclose(np.asarray(read_jacobian(str(tmp_path / "out"))).reshape(-1, 2),
+                               ref, rtol=1e-12, atol=1e-12)
+
+
+def test_ragged_per_sample_outputs_are_one_sample_shape_error(tmp_path):
+    from pipeline.core.errors import SampleShapeError
+
+    xs = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(6, 1)
+    problem = Problem(fn=lambda t: t.repeat(int(t.item()) % 3 + 1), x=xs, kind="batched")
+    with pytest.raises(SampleShapeError, match=r"fn\(xs\[1\]\) has shape \(3,\) but fn\(xs\[0\]\)"):
+        pipeline.run(problem, out=str(tmp_path / "o"), executor="local", echo=lambda _: None)
