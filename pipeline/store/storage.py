@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import re
+import threading
 import uuid
 from typing import Any
 
@@ -46,7 +48,7 @@ class Storage:
         if "://" in self.uri and not self.uri.startswith("file://"):
             try:
                 self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
-                self.fs = _bounded(self.fs)
+                self.fs = _bounded(self.fs, answer_seconds())
             except (pa.ArrowInvalid, OSError, ValueError) as exc:
                 raise JacpipeError(
                     f"output {self.display!r}: cannot open it ({self.redact(str(exc))}); "
@@ -89,18 +91,20 @@ class Storage:
         """``get_file_info(path)``; an object store that does not answer is one line.
 
         Raises:
-            JacpipeError: an object store unreachable within :data:`ANSWER_SECONDS`
-                (no network, a wrong endpoint, no credentials).
+            JacpipeError: an object store unreachable within :func:`answer_seconds`
+                (no network, a wrong endpoint, a server that accepts and never
+                replies, no credentials).
         """
         if self.local:
             return self.fs.get_file_info(path)
         try:
-            return self.fs.get_file_info(path)
+            return _within(answer_seconds() * 1.5, self.fs.get_file_info, path)
         except OSError as exc:
             raise JacpipeError(
                 f"{self.display}: the object store did not answer "
                 f"({self.redact(first_line(exc, limit=200))}); check the URI, the network "
-                "and the credentials, or use a local folder"
+                f"and the credentials, or use a local folder ({TIMEOUT_ENV} sets how long "
+                "to wait)"
             ) from None
 
     def is_dir(self) -> bool:
@@ -236,22 +240,86 @@ def refuse_secret(value: str, what: str) -> None:
         )
 
 
-#: How long a Google Cloud Storage request may retry before the store is
-#: called unreachable (pyarrow's default retries for minutes: a host without
-#: network seemed to hang).
+#: How long, in seconds, an object store may take to answer before it is
+#: called unreachable, unless :data:`TIMEOUT_ENV` says otherwise (pyarrow's
+#: defaults retried for minutes: a host without network seemed to hang).
 ANSWER_SECONDS = 10.0
 
+#: The environment variable that overrides :data:`ANSWER_SECONDS`.
+TIMEOUT_ENV = "JACPIPE_STORE_TIMEOUT"
 
-def _bounded(fs: Any) -> Any:
-    """``fs`` with its retries bounded by :data:`ANSWER_SECONDS` where pyarrow allows it."""
+#: Attempts of an S3 request (each bounded by a third of the answer time).
+_S3_ATTEMPTS = 3
+
+
+def answer_seconds() -> float:
+    """How long an object store may take to answer: ``JACPIPE_STORE_TIMEOUT`` or the default.
+
+    Raises:
+        JacpipeError: the variable is set to anything but a number of seconds > 0.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return ANSWER_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise JacpipeError(
+            f"{TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (how long an object "
+            f"store may take to answer; default {ANSWER_SECONDS:g})"
+        )
+    return value
+
+
+def _bounded(fs: Any, seconds: float) -> Any:
+    """``fs`` with its retries bounded by ``seconds`` where pyarrow allows it.
+
+    Google Cloud Storage: ``retry_time_limit``. S3: each of :data:`_S3_ATTEMPTS`
+    attempts connects and waits for data at most ``seconds / _S3_ATTEMPTS``
+    (the AWS SDK's own default is 3 s a request; ``from_uri`` retried a request
+    that never answers for about 100 s, and pyarrow's exit waits for it).
+    """
     from datetime import timedelta
 
+    rebuild, (options,) = fs.__reduce__()
     if isinstance(fs, getattr(pafs, "GcsFileSystem", ())):
-        rebuild, (options,) = fs.__reduce__()
         if options.get("retry_time_limit") is None:
-            options["retry_time_limit"] = timedelta(seconds=ANSWER_SECONDS)
+            options["retry_time_limit"] = timedelta(seconds=seconds)
             return rebuild(options)
+    elif isinstance(fs, getattr(pafs, "S3FileSystem", ())):
+        for key in ("connect_timeout", "request_timeout"):
+            if options.get(key, -1) <= 0:
+                options[key] = seconds / _S3_ATTEMPTS
+        strategy = pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_ATTEMPTS)
+        return pafs.S3FileSystem(**options, retry_strategy=strategy)
     return fs
+
+
+def _within(seconds: float, call: Any, *args: Any) -> Any:
+    """``call(*args)``, or :class:`TimeoutError` when it has not returned after ``seconds``.
+
+    The call runs in a daemon thread, left behind on a timeout: a request that
+    the store's own options cannot bound (a Google Cloud Storage server that
+    accepts and never replies waits two minutes) does not hold the command.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="jacpipe-store-answer", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def shown_name(name: str) -> str:

@@ -370,28 +370,65 @@ def test_storage_masks_secrets(s3_server) -> None:
     assert s3_server.secret_key not in str(err.value) and "***" in str(err.value)
 
 
-def test_an_unreachable_gcs_store_is_one_line_in_bounded_time():
-    """``inspect gs://...`` where nothing answers: pyarrow's default retries ran for minutes.
+@pytest.fixture
+def silent_port():
+    """A port on 127.0.0.1 that accepts connections (the kernel's backlog) and never replies."""
+    import socket
 
-    The endpoint, and Google's metadata server used for credentials, are a
-    closed port on 127.0.0.1: no traffic leaves the machine.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("scheme", "server"), [
+    ("gs://anonymous@", "closed"), ("gs://anonymous@", "silent"), ("s3://KEY:SECRET@", "silent")])
+def test_an_unreachable_object_store_is_one_line_in_bounded_time(scheme, server, silent_port):
+    """``inspect`` of a store that refuses or never answers: pyarrow's defaults ran for minutes.
+
+    ``gs://bucket/x`` on a host without network hung for over 3.5 minutes; an
+    S3 endpoint that accepts and never replies held ``inspect`` 100 s, a GCS
+    one 2 minutes. Every endpoint (and Google's metadata server, used for
+    credentials) is on 127.0.0.1: no traffic leaves the machine.
     """
     import time
 
-    closed = "127.0.0.1:1"
-    uri = f"gs://bucket/x?endpoint_override={closed}&scheme=http"
-    code = ("import sys; import pipeline.store.storage as s; s.ANSWER_SECONDS = 2.0; "
-            "from pipeline.cli import app; app(['inspect', sys.argv[1]])")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_"))}
-    env.update(PYTHONPATH=os.getcwd(), GCE_METADATA_ROOT=closed, GCE_METADATA_HOST=closed,
-               NO_COLOR="1")
+    port = 1 if server == "closed" else silent_port
+    uri = f"{scheme}bucket/x?endpoint_override=127.0.0.1:{port}&scheme=http"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_", "AWS_"))}
+    env.update(PYTHONPATH=os.getcwd(), GCE_METADATA_ROOT="127.0.0.1:1",
+               GCE_METADATA_HOST="127.0.0.1:1", NO_COLOR="1", JACPIPE_STORE_TIMEOUT="1.5")
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True,
-                          timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", uri],
+                          capture_output=True, text=True, timeout=120, env=env)
     took = time.monotonic() - started
     assert proc.returncode == 2, proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert errors[0].startswith(f"error: {uri}: the object store did not answer (")
+    assert errors[0].startswith(f"error: {Storage.redact(uri)}: the object store did not answer (")
+    assert "SECRET" not in proc.stderr
     assert "check the URI, the network and the credentials" in errors[0]
-    assert took < 60, took
+    assert "JACPIPE_STORE_TIMEOUT" in errors[0]
+    assert took < 60, took  # not a speed target: the default retries ran 100 s and more
+
+
+def test_store_timeout_bounds_each_s3_attempt_and_a_bad_value_is_one_line(monkeypatch):
+    import pyarrow.fs as pafs
+
+    from pipeline.store import storage
+
+    uri = "s3://bucket/x?endpoint_override=127.0.0.1:1&scheme=http&region=eu-west-1"
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "6")
+    _, (options,) = Storage(uri).fs.__reduce__()
+    assert options["connect_timeout"] == options["request_timeout"] == 2.0
+    assert options["region"] == "eu-west-1" and options["endpoint_override"] == "127.0.0.1:1"
+    gcs = Storage("gs://anonymous@bucket/x?endpoint_override=127.0.0.1:1&scheme=http").fs
+    assert isinstance(gcs, pafs.GcsFileSystem)
+    assert gcs.__reduce__()[1][0]["retry_time_limit"].total_seconds() == 6.0
+    monkeypatch.delenv(storage.TIMEOUT_ENV)
+    assert storage.answer_seconds() == storage.ANSWER_SECONDS
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        monkeypatch.setenv(storage.TIMEOUT_ENV, bad)
+        with pytest.raises(JacpipeError, match=rf"^JACPIPE_STORE_TIMEOUT='{bad}': expected a "
+                                               r"number of seconds > 0"):
+            Storage(uri)
