@@ -70,6 +70,7 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
     problem = with_kind(problem, opts.kind)
     given = given if given is None else problem
     shapes = validate(problem, opts.job)
+    _refuse_random(problem, opts.job)
     smoothing = opts.smoothing()
     if smoothing is not None:
         from pipeline.maths.smoothing import check_problem
@@ -103,6 +104,14 @@ def _vmap_spot_check(problem: Problem) -> SpotCheck | None:
     from pipeline.maths.adjoint import vmap_spot_check
 
     return vmap_spot_check(problem)
+
+
+def _refuse_random(problem: Problem, spec: str) -> None:
+    """A random op in fn: refused before a shard (NOTE: [Random ops refused deterministically])."""
+    from pipeline.sparse.detect import refuse_random_ops
+
+    x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
+    refuse_random_ops(problem.fn, x, spec)
 
 
 def _pass_seconds(problem: Problem) -> float:

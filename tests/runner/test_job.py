@@ -35,3 +35,19 @@ def test_a_backward_that_raises_for_some_rows_is_one_line_from_the_driver_probe(
     line = error_line(result)
     assert result.exit_code == 1
     assert "fn(x) or its backward raised ValueError" in line and "JACPIPE_DEBUG" not in line
+
+
+def test_a_random_op_is_refused_before_any_shard(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    import pipeline
+    from pipeline.problem.problem import Problem
+
+    def fn(v):  # random windows: two calls often agree, so the fingerprint alone misses it
+        return F.fractional_max_pool2d(v.reshape(1, 1, 8, 8), 2, output_size=4).reshape(-1)
+
+    problem = Problem(fn=fn, x=torch.randn(64, dtype=torch.float64))
+    with pytest.raises(JacpipeError, match=r"fn uses a random op \(aten\.rand\.default\)"):
+        pipeline.run(problem, out=str(tmp_path / "o"), executor="local")
+    assert not (tmp_path / "o").exists()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline import read_jacobian
 from pipeline.cli import app
+from pipeline.core.errors import JacpipeError
 from pipeline.sparse.coloring import choose_coloring
 from pipeline.sparse.compressed import banded_pattern, sparse_hessian_rows, sparse_jacobian_rows
 from pipeline.sparse.detect import (
@@ -22,6 +23,7 @@ from pipeline.sparse.detect import (
     SparsityWarning,
     detect_sparsity,
     problem_sparsity,
+    refuse_random_ops,
     trace_sparsity,
 )
 from tests.manifests import read_doc
@@ -251,6 +253,55 @@ def test_constant_item_is_fine_in_global_mode():
 def test_random_ops_are_refused(fn):
     with pytest.raises(SparsityError, match="random op"):
         detect_sparsity(fn, torch.randn(6, dtype=torch.float64))
+
+
+_OUTER = torch.Generator().manual_seed(0)
+
+
+def _seeded_inside(v):
+    g = torch.Generator().manual_seed(0)  # the same draw on every call: deterministic
+    return v * torch.randn(v.shape, generator=g, dtype=v.dtype)
+
+
+@pytest.mark.parametrize(("fn", "op"), [
+    (lambda v: F.fractional_max_pool2d(v.reshape(1, 1, 6, 6), 2, output_size=3), "rand"),
+    (lambda v: F.dropout(v, 0.5, training=True), "bernoulli_"),
+    (lambda v: v * torch.rand(v.shape, dtype=v.dtype), "rand"),
+    (lambda v: v * torch.randn(v.shape, generator=_OUTER, dtype=v.dtype), "randn"),
+    (lambda v: torch.nn.Dropout(0.1).train()(v) + v, "bernoulli_"),
+], ids=["fractional_max_pool2d", "dropout-train", "torch.rand", "outer-generator", "Dropout"])
+def test_random_ops_are_refused_on_every_call(fn, op):
+    # NOTE: [Random ops refused deterministically]: whatever the draws, every call refuses
+    # (the fingerprint's two evaluations let fractional_max_pool2d through in 4 of 9 runs).
+    x = torch.randn(36, dtype=torch.float64)
+    for _ in range(5):
+        with pytest.raises(JacpipeError, match=rf"^job: fn uses a random op \(aten\.{op}\.") as e:
+            refuse_random_ops(fn, x, "job")
+        assert "\n" not in str(e.value) and "outside fn" in str(e.value)
+
+
+@pytest.mark.parametrize("fn", [
+    torch.sin,
+    lambda v: F.dropout(v, 0.5, training=False),
+    lambda v: F.max_pool2d(v.reshape(1, 1, 6, 6), 2),
+    _seeded_inside,
+], ids=["sin", "dropout-eval", "max_pool2d", "generator-seeded-inside-fn"])
+def test_deterministic_functions_are_not_refused(fn):
+    refuse_random_ops(fn, torch.randn(36, dtype=torch.float64), "job")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_no_builtin_job_is_refused_as_random(dtype):
+    from pipeline.core.kinds import kind_of
+    from pipeline.problem.problem import builtin_jobs, job_parameters, resolve_builder
+
+    jobs = builtin_jobs()
+    assert len(jobs) >= 10
+    for job in jobs:
+        build = resolve_builder(job)
+        problem = build(**({"dtype": dtype} if "dtype" in job_parameters(build) else {}))
+        x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
+        refuse_random_ops(problem.fn, x, job)
 
 
 def test_unknown_op_is_a_dense_block_with_one_warning():
