@@ -138,10 +138,13 @@ class Progress:
             self.echo(text)
 
     def _heartbeat(self) -> None:
-        """A line whenever HEARTBEAT seconds pass without one (stderr not a terminal)."""
         while not self._stop.wait(1.0):
-            now = time.perf_counter()
-            if now - self._last_line < HEARTBEAT:
-                continue
-            status = self._status(now)
-            self._line(status if self.label == "shards" else f"{self.label}... {status}")
+            self.beat(time.perf_counter())
+
+    def beat(self, now: float) -> bool:
+        """A status line if HEARTBEAT seconds passed without one at ``now``; whether it was."""
+        if now - self._last_line < HEARTBEAT:
+            return False
+        status = self._status(now)
+        self._line(status if self.label == "shards" else f"{self.label}... {status}")
+        return True
