@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     from pipeline.maths.taylor import biharmonic as biharmonic
     from pipeline.maths.taylor import laplacian as laplacian
     from pipeline.maths.taylor import taylor as taylor
+    from pipeline.runner.cluster import shutdown as shutdown
     from pipeline.runner.driver import run as run
+    from pipeline.runner.front import batched_jacobian as batched_jacobian
+    from pipeline.runner.front import hessian as hessian
+    from pipeline.runner.front import jacobian as jacobian
     from pipeline.sparse.detect import detect_sparsity as detect_sparsity
     from pipeline.store.reader import open_jacobian as open_jacobian
     from pipeline.store.reader import read_jacobian as read_jacobian
@@ -36,6 +40,10 @@ _LAZY = {
     "read_jacobian": "pipeline.store.reader",
     "open_jacobian": "pipeline.store.reader",
     "run": "pipeline.runner.driver",
+    "jacobian": "pipeline.runner.front",
+    "hessian": "pipeline.runner.front",
+    "batched_jacobian": "pipeline.runner.front",
+    "shutdown": "pipeline.runner.cluster",
     "RunOptions": "pipeline.core.options",
     "compare_result": "pipeline.analysis.compare",
     "detect_sparsity": "pipeline.sparse.detect",

@@ -140,7 +140,7 @@ VerifyRows = Annotated[int | None, typer.Option(
 def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = False,
             **options: Any) -> None:
     """Compute a Jacobian sharded by output rows on Ray and write it to Parquet."""
-    from pipeline.runner.driver import run
+    from pipeline.runner.driver import run_command as run
     from pipeline.store.storage import Storage
 
     if rows is not None and not verify:
@@ -216,7 +216,7 @@ def _sigterm_outside_the_run() -> Iterator[None]:
 
 
 def _run_options(run: Any, options: Any) -> Any:
-    return run(options, echo=lambda s: typer.echo(s, err=True))
+    return run(options, lambda s: typer.echo(s, err=True))
 
 
 def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None:

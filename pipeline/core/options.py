@@ -276,3 +276,48 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+#: Words that follow a flag in our messages without being its value.
+_NOT_VALUES = frozenset({"must", "is", "was", "to", "and", "or", "with", "without", "takes",
+                         "only", "applies", "expects", "of", "for", "in", "computes", "cannot",
+                         "ran", "the", "a", "an", "holds", "gives", "needs", "as", "at"})
+
+
+def python_spelling(message: str) -> str:
+    """``message`` with ``jacpipe run``'s flags spelled as the Python API's arguments.
+
+    ``--overwrite`` becomes ``overwrite=True``, ``--no-resume`` ``resume=False``,
+    ``--out DIR`` ``out=DIR``, ``-p`` ``params``: what a caller of
+    ``pipeline.run`` / ``pipeline.jacobian`` types to act on the message.
+
+    Args:
+        message: a :class:`~pipeline.core.errors.JacpipeError` line written for the CLI.
+
+    Returns:
+        The same line naming Python arguments.
+    """
+    spelled: dict[str, str] = {}
+    for f in fields(RunOptions):
+        flags = f.metadata.get(CLI, {}).get("flags", ())
+        for flag in flags:
+            for i, part in enumerate(flag.split("/")):
+                if not part.startswith("--"):
+                    continue
+                if f.type in ("bool", bool):
+                    spelled[part] = f"{f.name}={i == 0}"
+                else:
+                    spelled[part] = f"{f.name}="
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(
+        re.escape(k) for k in sorted(spelled, key=len, reverse=True)) + r")(?![\w-])( \S+)?")
+
+    def swap(match: re.Match[str]) -> str:
+        name, rest = spelled[match.group(1)], match.group(2) or ""
+        if not name.endswith("="):
+            return name + rest
+        value = rest.strip()
+        if not value or value.lower().strip(":;,.()") in _NOT_VALUES or value[0] in "([{'\"":
+            return name[:-1] + rest
+        return f"{name}{value}"
+
+    return pattern.sub(swap, message)

@@ -190,3 +190,68 @@ def cluster_resources() -> Resources:
         node_cpus=max((float(n["Resources"].get("CPU", 0)) for n in nodes), default=0.0),
         node_gpus=max((float(n["Resources"].get("GPU", 0)) for n in nodes), default=0.0),
     )
+
+
+# NOTE: [One embedded Ray per process]
+#   Starting Ray and its workers (each importing torch) costs 5-20 s on 2
+#   cores; a Newton loop that called `pipeline.run` or `pipeline.jacobian`
+#   ten times paid it ten times (29.5, 19.1, 17.1 s per iteration measured).
+#   So the Python API starts one embedded Ray the first time a run needs it
+#   and keeps it, and its workers (their torch, their cached problems), for
+#   the later calls of the process; it stops at exit (atexit), on
+#   `pipeline.shutdown()`, when a run fails or is interrupted (which kills the
+#   tasks left in flight, as before), or when a later call asks for another
+#   `num_cpus`. `jacpipe run` stops it at the end of its one run. A Ray the
+#   caller started (`ray.init`) is theirs: never stopped by jacpipe, and
+#   treated as a cluster.
+
+#: The embedded Ray this process started and keeps: ``{"num_cpus": ...}`` while it is up.
+_EMBEDDED: dict[str, Any] = {}
+
+
+def embedded_running() -> bool:
+    """Whether the Ray of this process is the embedded one jacpipe started (and keeps)."""
+    if _EMBEDDED and not ray_running():
+        _EMBEDDED.clear()  # stopped behind our back (the caller's ray.shutdown())
+    return bool(_EMBEDDED)
+
+
+def start_embedded(num_cpus: int | None) -> bool:
+    """Start the embedded Ray, or keep the one running; True if it was started now.
+
+    A running embedded Ray with another ``num_cpus`` than asked (a number, not
+    None) is stopped and started again with it.
+
+    Raises:
+        JacpipeError: what :func:`connect` raises (stale cluster variables, ...).
+    """
+    import atexit
+
+    if embedded_running():
+        if num_cpus is None or num_cpus == _EMBEDDED["num_cpus"]:
+            return False
+        shutdown()
+    connect(None, num_cpus)
+    if "registered" not in _ATEXIT:
+        atexit.register(shutdown)
+        _ATEXIT.add("registered")
+    _EMBEDDED["num_cpus"] = num_cpus
+    return True
+
+
+_ATEXIT: set[str] = set()
+
+
+def shutdown() -> None:
+    """Stop the embedded Ray that jacpipe started in this process (nothing else).
+
+    ``pipeline.shutdown()``: the workers it kept (and their memory) go; the
+    next run that needs Ray starts a new one. A Ray the caller started with
+    ``ray.init`` is left alone.
+    """
+    if not _EMBEDDED:
+        return
+    _EMBEDDED.clear()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -11,20 +11,29 @@ schedules, shows progress and reports failures.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.errors import JacpipeError
-from pipeline.core.options import RunOptions
+from pipeline.core.options import RunOptions, python_spelling
 from pipeline.core.shard import ShardSpec
 from pipeline.problem.problem import (
     Problem,
 )
-from pipeline.runner.cluster import cluster_resources, connect, ray_running
+from pipeline.runner.cluster import (
+    cluster_resources,
+    connect,
+    embedded_running,
+    ray_running,
+    shutdown,
+    start_embedded,
+)
 from pipeline.runner.job import CheckedJob, check_job
 from pipeline.runner.plan import (
     Resources,
@@ -40,7 +49,7 @@ from pipeline.store.folder import ResultFolder, default_out
 from pipeline.store.manifest import Manifest, utcnow, versions
 from pipeline.store.storage import Storage
 
-__all__ = ["Interrupted", "RunOptions", "RunSummary", "connect", "run"]
+__all__ = ["Interrupted", "RunOptions", "RunSummary", "connect", "run", "run_command", "shutdown"]
 
 
 @dataclass
@@ -88,7 +97,7 @@ def _uri_or_abspath(out: str) -> str:
 def run(
     job: str | Any,
     *,
-    echo: Callable[[str], None] = print,
+    echo: Callable[[str], None] | None = None,
     **options: Any,
 ) -> RunSummary:
     """Run a job end to end: check, plan, compute the shards, commit them (module docstring).
@@ -99,12 +108,19 @@ def run(
         pipeline.run(Problem(fn=lambda t: torch.tanh(w @ t), x=x0), out="out/step")
         pipeline.run(RunOptions(job="mlp", params=["n=4000"]))
 
+    An embedded Ray that a run starts stays up for the later runs of this
+    process (NOTE: [One embedded Ray per process]); ``pipeline.shutdown()``
+    stops it. Calling it again with the same ``out`` resumes, or returns at
+    once when every shard is committed.
+
     Args:
         job: a job spec (``"mlp"``, ``"pkg.mod:build"``), a :class:`~pipeline.Problem`
             built in memory (a closure over tensors, an ``nn.Module``: shipped
             to the workers through Ray's object store, its fingerprint checked
             there), or a :class:`~pipeline.core.options.RunOptions`.
-        echo: where progress and notes go (one line each).
+        echo: where progress and notes go (one line each); default: the
+            ``pipeline`` logger (``logging.basicConfig(level=logging.INFO)``
+            shows them on stderr; warnings show without it).
         **options: the ``jacpipe run`` options by name (``out``, ``shards``,
             ``method``, ``memory_budget``, ``executor``, ...; ``params`` as a
             dict or a list of ``"name=value"``).
@@ -114,23 +130,73 @@ def run(
 
     Raises:
         JacpipeError: any user-fixable problem, found before Ray starts where
-            it can be (options, the job, the plan, the output folder).
+            it can be (options, the job, the plan, the output folder), naming
+            the Python arguments (``overwrite=True``, not ``--overwrite``).
         ShardFailedError: the user's function raised in a shard.
         Interrupted: Ctrl-C or SIGTERM (the folder is resumable).
     """
-    t_start = time.perf_counter()
-    opts, given = _options(job, options)
+    with python_errors():
+        opts, given = _options(job, options)
+        return run_checked(opts, _checked(opts, given), echo or log_line, keep_ray=True)
+
+
+def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
+    """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end."""
+    return run_checked(options, _checked(options, None), echo, keep_ray=False)
+
+
+def _checked(opts: RunOptions, given: Problem | None) -> CheckedJob:
     opts.check()
-    checked = check_job(opts, given)
+    return check_job(opts, given)
+
+
+@contextlib.contextmanager
+def python_errors() -> Iterator[None]:
+    """Spell the flags of a :class:`JacpipeError` raised inside as Python arguments.
+
+    The same exception (type, exit code, traceback) goes on; only its line changes
+    (:func:`~pipeline.core.options.python_spelling`).
+    """
+    try:
+        yield
+    except JacpipeError as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (python_spelling(exc.args[0]), *exc.args[1:])
+        raise
+
+
+#: The logger of the Python API's notes and progress lines (``echo``'s default).
+LOG = logging.getLogger("pipeline")
+
+
+def log_line(line: str) -> None:
+    """One line of a run to the ``pipeline`` logger: warnings as warnings, the rest as info."""
+    if line.startswith("warning: "):
+        LOG.warning(line.removeprefix("warning: "))
+    else:
+        LOG.info(line)
+
+
+def run_checked(opts: RunOptions, checked: CheckedJob, echo: Callable[[str], None], *,
+                keep_ray: bool, t_start: float | None = None) -> RunSummary:
+    """Run a checked job: connect or plan for the embedded Ray, then :func:`_execute`.
+
+    Args:
+        keep_ray: keep an embedded Ray started here for later runs (the Python
+            API) or stop it at the end (``jacpipe run``).
+    """
+    t_start = time.perf_counter() if t_start is None else t_start
     storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
     if checked.pattern.note and not checked.pattern.quiet:
         echo(f"note: {checked.pattern.note}")
-    if opts.address or ray_running():
+    if opts.address and embedded_running():
+        shutdown()  # this run goes to a cluster: the embedded Ray is not it
+    if opts.address or (ray_running() and not embedded_running()):
         started = connect(opts.address, opts.num_cpus)
         try:
             plan = _plan(opts, checked, cluster_resources(), echo, embedded=False)
             return _execute(opts, checked, plan, ResultFolder(storage), echo, t_start=t_start,
-                            owns_ray=started)
+                            owns_ray=started, keep_ray=True)
         finally:
             if started:
                 import ray
@@ -140,21 +206,21 @@ def run(
     # starts, so a typo or a finished result costs no Ray start-up.
     plan = _plan(opts, checked, local_resources(opts.num_cpus), echo, embedded=True)
     return _execute(opts, checked, plan, ResultFolder(storage), echo, t_start=t_start,
-                    owns_ray=False)
+                    owns_ray=False, keep_ray=keep_ray)
 
 
 #: The job name recorded for a Problem handed in memory.
 IN_MEMORY = "python:"
 
 
-def _options(job: Any, options: dict[str, Any]) -> tuple[RunOptions, Any]:
+def _options(job: Any, options: dict[str, Any], *, caller: str = "run"
+             ) -> tuple[RunOptions, Any]:
     """``RunOptions`` from the Python API's arguments, and the in-memory Problem if any."""
     from dataclasses import fields
 
-
     if isinstance(job, RunOptions):
         if options:
-            raise JacpipeError("pipeline.run: give RunOptions or keyword options, not both")
+            raise JacpipeError(f"pipeline.{caller}: give RunOptions or keyword options, not both")
         return job, None
     given = job if isinstance(job, Problem) else None
     if given is not None:
@@ -162,14 +228,14 @@ def _options(job: Any, options: dict[str, Any]) -> tuple[RunOptions, Any]:
         job = f"{IN_MEMORY}{getattr(given.fn, '__module__', '?')}.{fn}"
     elif not isinstance(job, str):
         raise JacpipeError(
-            f"pipeline.run: expected a job spec (str), a Problem or RunOptions, got "
+            f"pipeline.{caller}: expected a job spec (str), a Problem or RunOptions, got "
             f"{type(job).__name__}"
         )
     names = {f.name for f in fields(RunOptions)} - {"job"}
     unknown = sorted(set(options) - names)
     if unknown:
         raise JacpipeError(
-            f"pipeline.run: unknown option(s) {', '.join(unknown)}; expected some of "
+            f"pipeline.{caller}: unknown option(s) {', '.join(unknown)}; expected some of "
             f"{', '.join(sorted(names))}"
         )
     params = options.pop("params", [])
@@ -322,6 +388,7 @@ def _execute(
     *,
     t_start: float,
     owns_ray: bool,
+    keep_ray: bool,
 ) -> RunSummary:
     """Prepare the folder, compute the shards still to do, and finish the manifest.
 
@@ -343,7 +410,8 @@ def _execute(
         progress.done_shards = len(keep)
         t_compute = time.perf_counter()
         if specs:
-            _compute(specs, opts, job, plan, folder, progress, echo, owns_ray=owns_ray)
+            _compute(specs, opts, job, plan, folder, progress, echo, owns_ray=owns_ray,
+                     keep_ray=keep_ray)
         folder.finish(
             "complete",
             wall_seconds=round(time.perf_counter() - t_start, 4),
@@ -373,24 +441,36 @@ def _execute(
 
 def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: RunPlan,
              folder: ResultFolder, progress: Progress, echo: Callable[[str], None], *,
-             owns_ray: bool) -> None:
-    """Run the shards with the executor chosen (starting an embedded Ray if needed)."""
+             owns_ray: bool, keep_ray: bool) -> None:
+    """Run the shards with the executor chosen (starting an embedded Ray if needed).
+
+    The embedded Ray (NOTE: [One embedded Ray per process]) stays up after a
+    run that succeeds when ``keep_ray``; a failed or interrupted run stops it,
+    which stops the tasks it left in flight.
+    """
     if plan.executor == "local":
         scheduler: Executor = LocalExecutor(plan, folder, progress, problem=job.problem)
         schedule(specs, scheduler, plan, folder, progress, owns_ray=True)
         return
-    started = False
-    if not ray_running():
-        t0 = time.perf_counter()
-        echo(f"starting Ray ({opts.num_cpus or int(plan.slots * plan.cpus_per_shard)} CPUs)...")
-        started = connect(None, opts.num_cpus)
-        echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
-    try:
-        scheduler = RayExecutor(plan, folder, progress, window=opts.max_in_flight or 2 * plan.slots,
-                               shard_timeout=opts.shard_timeout, echo=echo, problem=job.problem)
-        schedule(specs, scheduler, plan, folder, progress, owns_ray=owns_ray or started)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    with progress:  # the spinner (or heartbeat) turns while Ray starts
+        started = False
+        if not ray_running() or embedded_running():
+            t0 = time.perf_counter()
+            cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
+            progress.phase(f"starting Ray ({cpus} CPUs)")
+            started = start_embedded(opts.num_cpus)
+            if started:
+                echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+        embedded = embedded_running()
+        try:
+            scheduler = RayExecutor(plan, folder, progress,
+                                    window=opts.max_in_flight or 2 * plan.slots,
+                                    shard_timeout=opts.shard_timeout, echo=echo,
+                                    problem=job.problem, warm=started)
+            schedule(specs, scheduler, plan, folder, progress, owns_ray=owns_ray or embedded)
+        except BaseException:
+            if embedded:
+                shutdown()
+            raise
+    if embedded and not keep_ray:
+        shutdown()

@@ -50,8 +50,15 @@ class CheckedJob:
     smoothing: Smoothing | None = None
 
 
-def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
+def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) -> CheckedJob:
     """Build the job once in the driver (or take the one given): shapes, fingerprint, pattern.
+
+    Args:
+        in_process: for a result computed in this process and never written
+            (``pipeline.jacobian``): no fingerprint (no worker to check it;
+            :func:`with_fingerprint` adds it when the run needs one), and no
+            sparsity detection under ``--method auto`` for a few milliseconds
+            of dense work (NOTE: [Small jobs in process]).
 
     Raises:
         JacpipeError: unknown job, bad parameter, a build jacpipe cannot use.
@@ -76,19 +83,16 @@ def check_job(opts: RunOptions, given: Any = None) -> CheckedJob:
         from pipeline.maths.smoothing import check_problem
 
         check_problem(smoothing, problem, opts.job)
-    pattern = PatternChoice() if smoothing else run_pattern(opts, problem, shapes)
-    try:
-        fp = fingerprint(problem, shapes, spec=None if given is not None else opts.job)
-    except JacpipeError:
-        raise
-    except Exception as exc:  # the user's fn or backward, met first by the derivative probe
-        raise probe_failed(exc, opts.job) from None
+    passes = _pass_seconds(problem) if in_process else 0.0
+    detect = not in_process or passes * shapes.total_rows / 16 > DETECT_MIN_SECONDS
+    pattern = PatternChoice() if smoothing else run_pattern(opts, problem, shapes, detect=detect)
+    fp = {} if in_process else _fingerprint(problem, shapes, opts.job, given)
     return CheckedJob(
         spec=opts.job,
         params=json.loads(json.dumps(params, default=str)),
         shapes=shapes,
         fingerprint=fp,
-        pass_seconds=_pass_seconds(problem),
+        pass_seconds=passes or _pass_seconds(problem),
         problem=given,
         device_param=device_param,
         # the driver holds metadata only (and a sparsity pattern if any)
@@ -112,6 +116,33 @@ def _refuse_random(problem: Problem, spec: str) -> None:
 
     x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
     refuse_random_ops(problem.fn, x, spec)
+
+
+#: Dense work (seconds, estimated) below which an in-process call skips sparsity detection.
+DETECT_MIN_SECONDS = 0.05
+
+
+def _fingerprint(problem: Problem, shapes: Shapes, spec: str, given: Any) -> dict[str, Any]:
+    try:
+        return fingerprint(problem, shapes, spec=None if given is not None else spec)
+    except JacpipeError:
+        raise
+    except Exception as exc:  # the user's fn or backward, met first by the derivative probe
+        raise probe_failed(exc, spec) from None
+
+
+def with_fingerprint(job: CheckedJob) -> CheckedJob:
+    """``job`` (checked ``in_process``) with its fingerprint, for a run that writes shards.
+
+    Raises:
+        JacpipeError: the derivative probe failed (the user's fn or backward).
+    """
+    if job.fingerprint or job.problem is None:
+        return job
+    import dataclasses
+
+    fp = _fingerprint(job.problem, job.shapes, job.spec, job.problem)
+    return dataclasses.replace(job, fingerprint=fp)
 
 
 def _pass_seconds(problem: Problem) -> float:
@@ -192,7 +223,8 @@ class PatternChoice:
 DETECT = {"auto": "global", "auto-local": "local"}
 
 
-def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes) -> PatternChoice:
+def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes, *, detect: bool = True
+                ) -> PatternChoice:
     """The sparsity pattern a run uses: ``--sparsity FILE|auto``, the job's, or detected.
 
     ``--sparsity auto`` (or ``Problem(sparsity="auto")``) detects the pattern
@@ -200,7 +232,7 @@ def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes) -> Patter
     x; ``auto-local``: at this x only). ``--method auto`` without any pattern
     tries the same detection with its density cap (a dense problem gives up
     within about three forward passes) and keeps the dense path when it
-    gives up. Dense methods (``rev``, ``fwd``) use none.
+    gives up (``detect`` False skips that try). Dense methods (``rev``, ``fwd``) use none.
 
     Raises:
         JacpipeError: ``--method sparse`` without a pattern, a pattern of the
@@ -233,7 +265,7 @@ def run_pattern(options: RunOptions, problem: Problem, shapes: Shapes) -> Patter
             "--sparsity FILE (.npz scipy matrix or Parquet with row/col columns) or "
             "--sparsity auto (detected)"
         )
-    elif kind_of(shapes.kind).per_sample:
+    elif kind_of(shapes.kind).per_sample or not detect:
         return PatternChoice()
     else:
         choice = _detected(problem, shapes, "global", explicit=False, needed=False)

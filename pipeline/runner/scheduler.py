@@ -8,6 +8,7 @@ for stragglers and turns Ray's failures into one line.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -55,6 +56,13 @@ def _inputs(plan: RunPlan, problem: Problem | None) -> ShardInputs:
 
 
 _REMOTE: Any = None
+
+
+def _warm_task() -> int:
+    """Import what a shard needs (torch, the worker), so the first shard finds it loaded."""
+    import pipeline.runner.worker  # noqa: F401
+
+    return os.getpid()
 
 
 def _remote() -> Any:
@@ -132,8 +140,9 @@ class RayExecutor:
 
     def __init__(self, plan: RunPlan, folder: ResultFolder, progress: Progress, *,
                  window: int, shard_timeout: float | None, echo: Callable[[str], None],
-                 problem: Problem | None = None) -> None:
+                 problem: Problem | None = None, warm: bool = False) -> None:
         self.plan, self.folder, self.progress, self.echo = plan, folder, progress, echo
+        self.warm = warm
         self.problem = problem
         self.window, self.shard_timeout = window, shard_timeout
         self.in_flight: dict[Any, ShardSpec] = {}
@@ -151,6 +160,8 @@ class RayExecutor:
         # The pattern and colouring go to the object store once, not once per task.
         # A Problem built in memory goes once too (cloudpickled); the worker
         # checks its fingerprint like that of a rebuilt job.
+        # Fresh workers import torch first (NOTE: [Warm workers]).
+        warming = self._warm_up(min(self.plan.slots, len(specs))) if self.warm else []
         inputs = ray.put(_inputs(self.plan, self.problem))
         pending = list(specs)
         while pending or self.in_flight:
@@ -158,13 +169,51 @@ class RayExecutor:
                 spec = pending.pop(0)
                 self.in_flight[remote.remote(spec, inputs)] = spec
             self._watch(time.perf_counter())
-            done, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=1.0)
+            if warming:
+                warming = self._warmed(warming)
+            done, _ = ray.wait(list(self.in_flight), num_returns=1,
+                               timeout=0.25 if warming else 1.0)
             for ref in done:
                 result = _outcome(ref, self.in_flight.pop(ref))
                 self.started.pop(ref, None)
                 self.seconds.append(result.seconds)
                 self.folder.commit(result)
                 self.progress.advance(result)
+
+    def _warm_up(self, count: int) -> list[Any]:
+        """Start ``count`` tasks that import torch and the worker, ahead of the shards.
+
+        NOTE: [Warm workers]
+            A fresh embedded Ray's workers each import torch (seconds on a
+            loaded machine) before their first shard. One small task per
+            slot, submitted before the problem is pickled and put in the
+            object store, starts that import at once; it holds the slot
+            only while importing (what the first shard would have done), and
+            the worker it leaves, torch loaded, takes the next shard (Ray
+            reuses idle workers across functions). Their completions give
+            the ``workers ready k/N`` phase.
+        """
+        import ray
+
+        warm = ray.remote(max_retries=0)(_warm_task).options(
+            num_cpus=self.plan.cpus_per_shard, num_gpus=self.plan.gpus_per_shard)
+        self._warm_total, self._kept = count, self.progress.done_shards
+        self.progress.phase(f"workers ready 0/{count}")
+        return [warm.remote() for _ in range(count)]
+
+    def _warmed(self, warming: list[Any]) -> list[Any]:
+        """The warm-up tasks still running; the phase line when some ended."""
+        import ray
+
+        ready, rest = ray.wait(warming, num_returns=len(warming), timeout=0)
+        for ref in ready:
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - a shard on that worker reports it properly
+                pass
+        if ready and self.progress.done_shards == self._kept:
+            self.progress.phase(f"workers ready {self._warm_total - len(rest)}/{self._warm_total}")
+        return rest
 
     def _watch(self, now: float) -> None:
         """Start clocks of the tasks holding a slot; report stalls; enforce the timeout."""

@@ -60,3 +60,21 @@ def test_help_choices_are_the_library_ones():
     assert CHOICES["dtype"] == plan.DTYPES
     assert CHOICES["method"] == plan.METHODS
     assert CHOICES["executor"] == plan.EXECUTORS
+
+
+@pytest.mark.parametrize("cli,python", [
+    ("--out /tmp/o: the job changed; --overwrite to start again",
+     "out=/tmp/o: the job changed; overwrite=True to start again"),
+    ("--device must be auto or cpu, got 'tpu'", "device must be auto or cpu, got 'tpu'"),
+    ("rerun with --compression zstd to resume", "rerun with compression=zstd to resume"),
+    ("it takes no --address (use --executor ray or auto)",
+     "it takes no address (use executor=ray or auto)"),
+    ("--no-resume and --resume", "resume=False and resume=True"),
+    ("--chunk-size must be at least 1", "chunk_size must be at least 1"),
+    ("see `jacpipe run --help`; keep --out-of-band as is", "see `jacpipe run --help`; keep "
+     "--out-of-band as is"),
+])
+def test_python_spelling_names_the_python_arguments(cli, python):
+    from pipeline.core.options import python_spelling
+
+    assert python_spelling(cli) == python

@@ -1,0 +1,264 @@
+"""The front door shaped like ``torch.func``: jacobian, hessian, batched_jacobian.
+
+Each call computes with everything a run has (the memory budget's chunks, the
+forward/reverse cost model, sparsity and colouring, the adjoint check, the
+executor rule: this process or Ray) and *returns* the result:
+
+- a ``torch.Tensor`` shaped like ``torch.func.jacrev``'s (``out_shape +
+  in_shape``; Hessian ``in_shape * 2``; batched ``(B,) + out_shape + in_shape``),
+  on ``x``'s device, or a ``scipy.sparse.csr_array`` of the flat rows when the
+  result is sparse (a pattern given, or detected and used by ``method="auto"``);
+- the result folder opened (:class:`~pipeline.store.reader.JacobianResult`,
+  ``.as_linear_operator()`` away) when ``out=`` is given, or when the result
+  would not fit the memory budget (a temporary folder is then kept, and a
+  warning names it).
+
+NOTE: [Three paths of the front door]
+    Small work in this process (``executor`` auto or local, no ``out``, the
+    result within half the memory budget) is computed in memory: the same row
+    generators and chunk sizes as a shard, no fingerprint (no worker checks
+    it), no folder, nothing written; sparsity detection only when the dense
+    work is worth it. Work the executor rule sends to Ray is written to a
+    temporary folder (the workers write parts), read back and removed; with
+    ``out=`` it is an ordinary run of that folder (a rerun resumes, or
+    returns the finished result at once). The Ray started by the first call
+    stays up for the next (NOTE: [One embedded Ray per process]).
+
+What is differentiable: nothing of the result. It is a plain tensor (or
+scipy matrix), detached from ``x`` and from the tensors ``fn`` closes over:
+no autograd graph is recorded through it, so ``result.backward()`` or
+``torch.func.jacrev(pipeline.jacobian)`` do not work. For a derivative of a
+derivative use :func:`hessian` (second derivatives of a scalar),
+``torch.func`` nested transforms, or Taylor mode
+(``pipeline.taylor``). ``x`` itself needs no ``requires_grad``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.errors import JacpipeError
+from pipeline.core.kinds import layout_of
+from pipeline.core.options import RunOptions
+from pipeline.problem.problem import Problem
+from pipeline.runner.cluster import embedded_running, ray_running
+from pipeline.runner.driver import _options, log_line, python_errors, run_checked
+from pipeline.runner.job import CheckedJob, check_job, with_fingerprint
+from pipeline.runner.plan import RunPlan, chunk_rows, local_resources, make_plan
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["batched_jacobian", "hessian", "jacobian"]
+
+
+def jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, *, sparsity: Any = None,
+             **options: Any) -> Any:
+    """The Jacobian of ``fn`` at ``x``, like ``torch.func.jacrev(fn)(x)``, computed by jacpipe.
+
+    Example::
+
+        J = pipeline.jacobian(lambda t: torch.tanh(w @ t), x)     # (m, n) tensor
+        J = pipeline.jacobian(f, x, out="out/J")                  # the folder, opened
+        J = pipeline.jacobian(f, x, sparsity="auto")              # scipy CSR
+
+    Args:
+        fn: ``R^in_shape -> R^out_shape`` (a function, closure or ``nn.Module``).
+        x: the point; its dtype and device are the result's.
+        sparsity: a ``scipy.sparse`` pattern, ``"auto"`` (detected) or None.
+        **options: ``pipeline.run``'s options (``out``, ``method``, ``memory_budget``,
+            ``executor``, ``shards``, ``overwrite``, ``progress``, ...).
+
+    Returns:
+        A tensor ``out_shape + in_shape``, a ``scipy.sparse.csr_array`` for a
+        sparse result, or the opened folder with ``out=`` or a result beyond
+        the memory budget (module docstring).
+
+    Raises:
+        JacpipeError: a bad option or function (naming the Python argument),
+            ``ShardFailedError`` when ``fn`` raised in a shard.
+    """
+    return _derive(Problem(fn=fn, x=x, sparsity=sparsity), options, "jacobian")
+
+
+def hessian(fn: Callable[[Tensor], Tensor], x: Tensor, *, sparsity: Any = None,
+            **options: Any) -> Any:
+    """The Hessian of a scalar ``fn`` at ``x``, like ``torch.func.hessian(fn)(x)``.
+
+    Args, Returns, Raises: as :func:`jacobian`; the tensor is ``in_shape + in_shape``.
+    """
+    problem = Problem(fn=fn, x=x, kind="hessian", sparsity=sparsity)
+    return _derive(problem, options, "hessian")
+
+
+def batched_jacobian(fn: Callable[[Tensor], Tensor], xs: Tensor, **options: Any) -> Any:
+    """Per-sample Jacobians, like ``torch.func.vmap(torch.func.jacrev(fn))(xs)``.
+
+    Args:
+        fn: a function of one sample.
+        xs: the samples, ``(B, *in_shape)``.
+        **options: as :func:`jacobian`.
+
+    Returns:
+        A tensor ``(B, *out_shape, *in_shape)`` (never the ``B²`` cross terms),
+        or the opened folder (as :func:`jacobian`).
+    """
+    return _derive(Problem(fn=fn, x=xs, kind="batched"), options, "batched_jacobian")
+
+
+def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
+    """Check, then compute in memory or through a folder.
+
+    NOTE: [Three paths of the front door] (module docstring).
+    """
+    echo = options.pop("echo", None) or log_line
+    with python_errors():
+        opts, given = _options(problem, {"progress": False, **options}, caller=caller)
+        opts.check()
+        if opts.kind is not None:
+            raise JacpipeError(f"pipeline.{caller}: kind= is the function's choice here; use "
+                               "pipeline.jacobian, hessian or batched_jacobian")
+        job = check_job(opts, given, in_process=True)
+        if opts.out is None and not opts.address and not _on_callers_ray():
+            plan = _plan(opts, job)
+            if plan.executor == "local" and _fits(job, plan):
+                return _in_memory(job, plan)
+        return _through_folder(opts, with_fingerprint(job), echo)
+
+
+def _on_callers_ray() -> bool:
+    """Whether a Ray the caller started is up (then it is where shards go, as in ``run``)."""
+    return ray_running() and not embedded_running()
+
+
+def _plan(opts: RunOptions, job: CheckedJob) -> RunPlan:
+    return make_plan(job.shapes, opts, local_resources(opts.num_cpus), pattern=job.pattern.pattern,
+                     pattern_source=job.pattern.source,
+                     forward_disagrees=None if job.adjoint is None or job.adjoint.agree
+                     else job.adjoint.reason, pass_seconds=job.pass_seconds)
+
+
+def _result_bytes(job: CheckedJob, plan: RunPlan) -> int:
+    s = job.shapes
+    if plan.coloring is not None:
+        return int(plan.pattern.nnz) * (s.itemsize + 8) + 8 * s.total_rows
+    return s.total_rows * s.n * s.itemsize
+
+
+def _fits(job: CheckedJob, plan: RunPlan) -> bool:
+    """Whether the whole result takes at most half the memory budget (the rest: the passes)."""
+    return 2 * _result_bytes(job, plan) <= plan.memory_budget
+
+
+#: Bytes a pass may touch per second of measured forward time: bounds the
+#: activations of a function too fast to be worth measuring (a 5 us pass
+#: cannot hold megabytes per row).
+TOUCHED_BYTES_PER_S = 2e10
+
+
+def _chunk(job: CheckedJob, plan: RunPlan) -> int | None:
+    """Rows (``rev``) or columns (``fwd``) per vectorised pass, from the memory budget.
+
+    The activations of a row are bounded from the timed pass for work of a
+    few milliseconds, measured (as a shard does) above that.
+    """
+    s = job.shapes
+    if job.pass_seconds * s.total_rows / 16 > 0.05:
+        from pipeline.runner.worker import activation_numel
+
+        activations = activation_numel(job.problem)
+    else:
+        activations = int(job.pass_seconds / 3 * TOUCHED_BYTES_PER_S / s.itemsize)
+    budget = plan.memory_budget - _result_bytes(job, plan)
+    return chunk_rows(budget=budget, baseline=0, m=s.m, n=s.n, activations=activations,
+                      itemsize=s.itemsize, group_bytes=0, method=plan.method)
+
+
+def _in_memory(job: CheckedJob, plan: RunPlan) -> Any:
+    """The whole result computed here, nothing written: a tensor, or CSR when sparse."""
+    import torch
+
+    from pipeline.maths.kinds import iter_rows
+
+    problem, s = job.problem, job.shapes
+    chunk = _chunk(job, plan)
+    if plan.coloring is not None:
+        return _sparse_in_memory(problem, plan, chunk)
+    out = torch.empty(s.total_rows, s.n, dtype=problem.x.dtype, device=problem.x.device)
+    for first, block in iter_rows(problem, 0, s.total_rows, chunk_size=chunk,
+                                  method=plan.method, m=s.m):
+        out[first:first + len(block)] = block.detach().reshape(len(block), s.n)
+    return out.reshape(s.full_shape)
+
+
+def _sparse_in_memory(problem: Problem, plan: RunPlan, chunk: int | None) -> Any:
+    import scipy.sparse as sp
+
+    from pipeline.sparse.compressed import evaluate_rows
+
+    rows = evaluate_rows(problem, 0, int(plan.pattern.shape[0]), plan.coloring,
+                         chunk_size=chunk, pattern=plan.pattern)
+    values = rows.values.detach().cpu().numpy()
+    return sp.csr_array((values, rows.cols, rows.indptr), shape=plan.pattern.shape)
+
+
+def _through_folder(opts: RunOptions, job: CheckedJob, echo: Callable[[str], None]) -> Any:
+    """A run into ``out`` (the folder opened), or into a temporary folder read back and removed."""
+    from pipeline.store.reader import open_jacobian
+
+    if opts.out is not None:
+        summary = run_checked(opts, job, echo, keep_ray=True)
+        return open_jacobian(summary.out)
+    if (opts.address or _on_callers_ray()) and not _one_node():
+        raise JacpipeError(
+            "out: a Ray cluster's workers write the parts where every node can reach them: "
+            "give out= a shared folder or an s3:// URI")
+    import dataclasses
+
+    tmp = tempfile.mkdtemp(prefix="jacpipe-")
+    keep = False
+    try:
+        summary = run_checked(dataclasses.replace(opts, out=tmp), job, echo, keep_ray=True)
+        result = open_jacobian(summary.out)
+        budget = summary.manifest.options.get("memory_budget") or 0
+        if 2 * _stored_bytes(result) > budget:
+            keep = True
+            echo(f"warning: the result ({_stored_bytes(result) / 2**20:.0f} MiB) exceeds half "
+                 f"the memory budget: kept in {tmp} and returned opened (give out= to choose "
+                 "the folder)")
+            return result
+        return _read_back(result, job)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stored_bytes(result: Any) -> int:
+    s = result.shapes
+    if layout_of(result.layout).fixed_width:
+        return s.total_rows * s.n * s.itemsize
+    return sum(int(e.bytes or 0) for e in result.committed) * 4  # decoded CSR, about
+
+
+def _read_back(result: Any, job: CheckedJob) -> Any:
+    """The folder's rows as the in-memory path returns them (tensor on ``x``'s device, or CSR)."""
+    x = job.problem.x
+    if not layout_of(result.layout).fixed_width:
+        import scipy.sparse as sp
+
+        return sp.csr_array(result.read(as_="scipy"))
+    return result.read(as_="torch", reshape=True).to(x.device)
+
+
+def _one_node() -> bool:
+    """Whether the Ray this process is connected to has one node (a local folder reaches it)."""
+    try:
+        import ray
+
+        return ray.is_initialized() and len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    except Exception:  # noqa: BLE001 - unknown: ask for a folder
+        return False
+

@@ -1,0 +1,185 @@
+"""The front door (pipeline.jacobian, hessian, batched_jacobian) against torch.func."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import pipeline
+from pipeline.core.errors import JacpipeError
+from pipeline.runner import front
+from pipeline.store.reader import JacobianResult
+
+# The suite's default executor is ray (tests/conftest.py); these calls pick theirs.
+LOCAL = {"executor": "local"}
+
+
+def _mlp(dtype: torch.dtype = torch.float64, n: int = 9, m: int = 12):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(m, n, generator=g, dtype=dtype)
+    b = torch.randn(m, generator=g, dtype=dtype)
+    return (lambda t: torch.tanh(w @ t + b) * t.sum()), torch.randn(n, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["auto", "rev", "fwd"])
+def test_jacobian_equals_jacrev(dtype, method):
+    fn, x = _mlp(dtype)
+    got = pipeline.jacobian(fn, x, method=method, **LOCAL)
+    assert isinstance(got, torch.Tensor) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x), rtol=tol, atol=tol)
+
+
+def test_jacobian_keeps_the_shapes_of_jacrev_and_needs_no_requires_grad():
+    w = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return torch.sin(torch.einsum("abij,ij->ab", w, t))
+
+    x = torch.randn(3, 4, dtype=torch.float64)
+    got = pipeline.jacobian(fn, x, chunk_size=3, **LOCAL)
+    assert got.shape == (2, 5, 3, 4) and not got.requires_grad
+    torch.testing.assert_close(got, torch.autograd.functional.jacobian(fn, x))
+
+
+def test_hessian_equals_torch_hessian():
+    def energy(t: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(t) ** 2).sum() * t.norm()
+
+    x = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    got = pipeline.hessian(energy, x, **LOCAL)
+    torch.testing.assert_close(got, torch.func.hessian(energy)(x))
+
+
+def test_batched_jacobian_equals_vmap_jacrev():
+    fn, _ = _mlp()
+    xs = torch.randn(4, 9, dtype=torch.float64)
+    got = pipeline.batched_jacobian(fn, xs, **LOCAL)
+    assert got.shape == (4, 12, 9)
+    torch.testing.assert_close(got, torch.func.vmap(torch.func.jacrev(fn))(xs))
+
+
+def test_a_sparse_pattern_gives_a_scipy_matrix():
+    n = 30
+
+    def stencil(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.nn.functional.pad(t, (1, 1))
+        return padded[:-2] - 2 * padded[1:-1] + padded[2:] + t**3
+
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    pattern = sp.diags([1, 1, 1], [-1, 0, 1], shape=(n, n), format="csr")
+    got = pipeline.jacobian(stencil, x, sparsity=pattern, **LOCAL)
+    assert sp.issparse(got)
+    np.testing.assert_allclose(got.toarray(), torch.func.jacrev(stencil)(x).numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_out_returns_the_folder_opened_and_a_rerun_returns_it_without_computing(tmp_path):
+    fn, x = _mlp()
+    out = str(tmp_path / "J")
+    first = pipeline.jacobian(fn, x, out=out, shards=3, **LOCAL)
+    assert isinstance(first, JacobianResult)
+    ref = torch.func.jacrev(fn)(x).numpy()
+    np.testing.assert_allclose(first.read(), ref, rtol=1e-12, atol=1e-12)
+    again = pipeline.jacobian(fn, x, out=out, shards=3, **LOCAL)
+    # The same shards, computed by the first call's run: nothing was recomputed.
+    assert [s.run_id for s in again.committed] == [s.run_id for s in first.committed]
+
+
+def test_errors_name_python_arguments_not_flags(tmp_path):
+    fn, x = _mlp()
+    out = str(tmp_path / "J")
+    pipeline.jacobian(fn, x, out=out, **LOCAL)
+    with pytest.raises(JacpipeError) as caught:
+        pipeline.jacobian(fn, x + 1, out=out, **LOCAL)  # another point: another result
+    line = str(caught.value)
+    assert "overwrite=True" in line and "--overwrite" not in line, line
+    moved = pipeline.jacobian(fn, x + 1, out=out, overwrite=True, **LOCAL)
+    np.testing.assert_allclose(moved.read(), torch.func.jacrev(fn)(x + 1).numpy(), rtol=1e-12)
+    with pytest.raises(JacpipeError, match="pipeline.jacobian: unknown option\\(s\\) shardz"):
+        pipeline.jacobian(fn, x, shardz=2)
+    with pytest.raises(JacpipeError, match="^chunk_size must be at least 1, got 0$"):
+        pipeline.jacobian(fn, x, chunk_size=0)
+
+
+def test_the_folder_path_reads_back_and_removes_its_temporary_folder(tmp_path, monkeypatch):
+    """A result not kept in memory goes through a temporary folder, read back and removed."""
+    made = []
+
+    def mkdtemp(prefix: str = "") -> str:
+        made.append(tmp_path / f"{prefix}tmp")
+        made[-1].mkdir()
+        return str(made[-1])
+
+    monkeypatch.setattr(front, "_fits", lambda job, plan: False)
+    monkeypatch.setattr(front.tempfile, "mkdtemp", mkdtemp)
+    fn, x = _mlp()
+    got = pipeline.jacobian(fn, x, shards=2, **LOCAL)
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    assert len(made) == 1 and not made[0].exists()
+
+
+def test_a_result_beyond_the_memory_budget_comes_back_opened(tmp_path, monkeypatch):
+    monkeypatch.setattr(front, "_fits", lambda job, plan: False)
+    monkeypatch.setattr(front, "_stored_bytes", lambda result: 2**50)
+    monkeypatch.setattr(front.tempfile, "mkdtemp", lambda prefix="": str(tmp_path / "kept"))
+    fn, x = _mlp()
+    lines: list[str] = []
+    got = pipeline.jacobian(fn, x, echo=lines.append, **LOCAL)
+    assert isinstance(got, JacobianResult) and (tmp_path / "kept").is_dir()
+    np.testing.assert_allclose(got.read(), torch.func.jacrev(fn)(x).numpy(), rtol=1e-12)
+    assert any("exceeds half the memory budget" in line for line in lines)
+
+
+def test_pipeline_run_errors_name_python_arguments(tmp_path):
+    fn, x = _mlp()
+    out = str(tmp_path / "o")
+    pipeline.run(pipeline.Problem(fn=fn, x=x), out=out, progress=False, **LOCAL)
+    with pytest.raises(JacpipeError) as caught:
+        pipeline.run(pipeline.Problem(fn=fn, x=2 * x), out=out, progress=False, **LOCAL)
+    assert "overwrite=True" in str(caught.value) and "--" not in str(caught.value)
+
+
+_LOOP = """
+import json, torch, ray, pipeline
+w = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) / 7
+fn = lambda t: torch.tanh(w @ t) + t
+x = torch.zeros(40, dtype=torch.float64)
+pids, up, errs, lines = [], [], [], []
+for k in range(3):
+    s = pipeline.run(pipeline.Problem(fn=fn, x=x), out=f"o{k}", shards=2, executor="ray",
+                     progress=False, num_cpus=2, echo=lines.append)
+    pids.append(sorted({e.pid for e in s.manifest.committed}))
+    up.append(ray.is_initialized())
+    J = pipeline.jacobian(fn, x, executor="ray", echo=lines.append)
+    errs.append(float((J - torch.func.jacrev(fn)(x)).abs().max()))
+    x = x - torch.linalg.solve(J, fn(x) - 1)
+pipeline.shutdown()
+starts = sum(line.startswith("Ray started") for line in lines)
+print(json.dumps({"pids": pids, "up": up, "errs": errs, "after": ray.is_initialized(),
+                  "starts": starts}))
+"""
+
+
+@pytest.mark.slow
+def test_one_embedded_ray_serves_a_newton_loop_and_stops_on_shutdown(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JACPIPE_EXECUTOR"}
+    env["PYTHONPATH"] = os.getcwd()
+    done = subprocess.run([sys.executable, "-c", _LOOP], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["up"] == [True, True, True] and doc["after"] is False
+    # One Ray start for six calls, and the shards of all three runs ran in the two
+    # or three worker processes of that Ray (a Ray per run starts new ones each time).
+    assert doc["starts"] == 1
+    assert len(set().union(*map(set, doc["pids"]))) <= 3
+    assert max(doc["errs"]) < 1e-12
