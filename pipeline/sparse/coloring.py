@@ -336,15 +336,34 @@ def _color_columns(p: sp.csr_matrix, pt: sp.csr_matrix | None = None) -> np.ndar
         if best is not None and _count(best) == lower_bound:
             return best.astype(np.int64)
     order = np.arange(n, dtype=structure[0].dtype)
-    colors = k.greedy(*structure, order)
+    colors = k.greedy(*structure, order, _hub_columns(p, row_nnz, structure[0].dtype))
     if best is None or _count(colors) < _count(best):
         best = colors
     if _count(best) > lower_bound and float((row_nnz**2).sum()) <= _GRAPH_MAX_PRODUCTS:
         degree = k.two_hop(*structure)
-        colors = k.greedy(*structure, np.argsort(-degree, kind="stable").astype(degree.dtype))
+        colors = k.greedy(*structure, np.argsort(-degree, kind="stable").astype(degree.dtype),
+                          np.full(n, -1, dtype=degree.dtype))
         if _count(colors) < _count(best):
             best = colors
     return best.astype(np.int64)
+
+
+def _hub_columns(p: sp.csr_matrix, row_nnz: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Initial colours for greedy: the columns of the rows too long to walk, numbered.
+
+    Greedy walks a row once per column in it: a row holding most columns (a
+    bordered system, a vertex next to nearly all) costs its length squared.
+    Its columns need distinct colours anyway, so they get ``0, 1, ...`` up
+    front and greedy never walks that row again; the other columns are
+    coloured around them. Rows shorter than ``sqrt(_GRAPH_MAX_PRODUCTS) / 10``
+    are walked as usual.
+    """
+    colors = np.full(p.shape[1], -1, dtype=dtype)
+    heavy = np.flatnonzero(row_nnz**2 * 100 > _GRAPH_MAX_PRODUCTS)
+    if heavy.size:
+        hubs = np.unique(p[heavy].indices)
+        colors[hubs] = np.arange(hubs.size, dtype=dtype)
+    return colors
 
 
 def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray | None:
@@ -383,12 +402,15 @@ def _kernels() -> Any:
     njit = numba.njit(cache=cache, nogil=True)
 
     @njit
-    def greedy(indptr, indices, cptr, cind, order):  # pragma: no cover - compiled
-        # First-fit distance-2 colouring of the columns of a CSR/CSC pair.
+    def greedy(indptr, indices, cptr, cind, order, colors):  # pragma: no cover - compiled
+        # First-fit distance-2 colouring of the columns of a CSR/CSC pair;
+        # columns coloured on entry (colors >= 0) keep their colour.
         n = cptr.size - 1
-        colors = np.full(n, -1, indices.dtype)
+        colors = colors.copy()
         mark = np.full(n + 1, -1, indices.dtype)
         for v in order:
+            if colors[v] >= 0:
+                continue
             for a in range(cptr[v], cptr[v + 1]):
                 i = cind[a]
                 for b in range(indptr[i], indptr[i + 1]):

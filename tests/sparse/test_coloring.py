@@ -310,3 +310,16 @@ def test_bordered_tridiagonal_stays_few_coloured():
     validate_coloring(pattern, Coloring(colors, _count(colors), "symmetric"))
     small = _arrowhead(15, 14, band=3)
     assert _is_star(small, symmetric_coloring(small))
+
+
+def test_a_nearly_dense_row_is_coloured_in_linear_time():
+    # A row over nearly all columns (beyond DSATUR's cap) plus a tridiagonal:
+    # its columns are numbered up front instead of walking the row per column.
+    n = 40_000
+    pattern = banded_pattern(n, 3).tolil()
+    pattern[7, 3:] = True
+    pattern = pattern.tocsr()
+    colors = column_coloring(pattern)
+    assert n - 3 <= _count(colors) <= n - 2  # row 7's n - 3 columns are a clique
+    validate_coloring(pattern, Coloring(colors, _count(colors), "fwd"))
+    assert choose_coloring(pattern).mode == "rev"
