@@ -16,7 +16,8 @@ from pathlib import Path
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 MAX_BODY_LINES = 80
 #: Kernels allowed to be as long as their algorithms.
-KERNELS = {("coloring.py", "_dsatur"), ("coloring.py", "_kernels"), ("fd.py", "fd_check")}
+KERNELS = {("coloring.py", "_dsatur"), ("coloring.py", "_kernels"), ("coloring.py", "greedy_star"),
+           ("fd.py", "fd_check")}
 
 #: Which layer may import which (besides itself). ARCHITECTURE.md explains each.
 ALLOWED = {

@@ -43,11 +43,12 @@ _DSATUR_MAX_BUCKETS = 5e7
 _DSATUR_MAX_TABLE = 2**28
 
 # NOTE: [star colouring cost]
-# The greedy star colouring takes about n * d^3 steps (d: the degree), a few
-# ns each in numba. It runs, in natural then in largest-first order, only
-# while the estimated steps stay below this (about 2 s); past it the
-# distance-2 colouring (also a star colouring) is used alone.
-_STAR_MAX_STEPS = 5e8
+# The greedy star colouring (NOTE: [star colouring with stars kept]) takes
+# about nnz * (1 + colours) steps, more where a vertex has two neighbours of
+# one colour next to many others; a few ns each in numba. Each order (natural,
+# then largest-first) gives up past this many steps (about 1 s); when both
+# do and no distance-2 colouring ran, the largest-first one is finished.
+_STAR_MAX_STEPS = 2e8
 
 
 @dataclass(frozen=True)
@@ -158,10 +159,12 @@ def symmetric_coloring(pattern: Any) -> np.ndarray:
     at ``(j, color[i])``. This is a true star colouring (greedy, the
     Gebremedhin-Manne-Pothen rules), tried in natural and largest-first order
     within a cost budget (NOTE: [star colouring cost]); the column
-    (distance-2) colouring, which is also a star colouring, is always tried
-    first (the star passes are skipped when it meets the simple lower bound,
-    e.g. 3 for a tridiagonal Hessian), and the fewest colours win. The
-    pattern is symmetrised (``P | P.T``).
+    (distance-2) colouring, which is also a star colouring, is tried first
+    unless a dense row makes it quadratic (the star passes are skipped when it
+    meets the simple lower bound, e.g. 3 for a tridiagonal Hessian), and the
+    fewest colours win. A vertex adjacent to every other (an arrowhead,
+    a bordered system) costs linear time and gets 2 colours with its
+    neighbours. The pattern is symmetrised (``P | P.T``).
 
     Args:
         pattern: ``(n, n)`` sparsity pattern of a Hessian.
@@ -173,20 +176,29 @@ def symmetric_coloring(pattern: Any) -> np.ndarray:
         ValueError: the pattern is not square.
     """
     p = _symmetrized(as_pattern(pattern))
-    best = _color_columns(p)
     adj = _strip_diagonal(p)
-    if _count(best) <= _star_lower_bound(adj):
-        return best
-    degree = np.diff(adj.indptr).astype(np.float64)
-    # See NOTE: [star colouring cost].
-    steps = float((degree**2).sum()) * max(1.0, float(degree.mean())) if degree.size else 0.0
+    bound = _star_lower_bound(adj)
+    best = None
+    row_nnz = np.diff(p.indptr).astype(np.float64)
+    # The distance-2 pass costs the sum of squared row counts: a hub row makes
+    # it quadratic (and needs n colours), so it runs only below that cap.
+    if float((row_nnz**2).sum()) <= _GRAPH_MAX_PRODUCTS:
+        # With the diagonal: neighbours must differ too (a pattern may omit H[i, i]).
+        best = _color_columns(as_pattern(p + sp.identity(p.shape[0], dtype=bool, format="csr")))
+        if _count(best) <= bound:
+            return best
+    degree = np.diff(adj.indptr)
     orders = (np.arange(p.shape[0]), np.argsort(-degree, kind="stable"))
-    for k, order in enumerate(orders, start=1):
-        if k * steps > _STAR_MAX_STEPS:
-            break
-        colors = _greedy_star(adj, order)
-        if _count(colors) < _count(best):
+    for order in orders:
+        # See NOTE: [star colouring cost].
+        colors = _greedy_star(adj, order, max_steps=_STAR_MAX_STEPS)
+        if colors is not None and (best is None or _count(colors) < _count(best)):
             best = colors
+            if _count(best) <= bound:
+                break
+    if best is None:  # both orders ran past the budget: finish one, whatever it costs
+        best = _greedy_star(adj, orders[1], max_steps=None)
+    assert best is not None
     return best
 
 
@@ -324,15 +336,34 @@ def _color_columns(p: sp.csr_matrix, pt: sp.csr_matrix | None = None) -> np.ndar
         if best is not None and _count(best) == lower_bound:
             return best.astype(np.int64)
     order = np.arange(n, dtype=structure[0].dtype)
-    colors = k.greedy(*structure, order)
+    colors = k.greedy(*structure, order, _hub_columns(p, row_nnz, structure[0].dtype))
     if best is None or _count(colors) < _count(best):
         best = colors
     if _count(best) > lower_bound and float((row_nnz**2).sum()) <= _GRAPH_MAX_PRODUCTS:
         degree = k.two_hop(*structure)
-        colors = k.greedy(*structure, np.argsort(-degree, kind="stable").astype(degree.dtype))
+        colors = k.greedy(*structure, np.argsort(-degree, kind="stable").astype(degree.dtype),
+                          np.full(n, -1, dtype=degree.dtype))
         if _count(colors) < _count(best):
             best = colors
     return best.astype(np.int64)
+
+
+def _hub_columns(p: sp.csr_matrix, row_nnz: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Initial colours for greedy: the columns of the rows too long to walk, numbered.
+
+    Greedy walks a row once per column in it: a row holding most columns (a
+    bordered system, a vertex next to nearly all) costs its length squared.
+    Its columns need distinct colours anyway, so they get ``0, 1, ...`` up
+    front and greedy never walks that row again; the other columns are
+    coloured around them. Rows shorter than ``sqrt(_GRAPH_MAX_PRODUCTS) / 10``
+    are walked as usual.
+    """
+    colors = np.full(p.shape[1], -1, dtype=dtype)
+    heavy = np.flatnonzero(row_nnz**2 * 100 > _GRAPH_MAX_PRODUCTS)
+    if heavy.size:
+        hubs = np.unique(p[heavy].indices)
+        colors[hubs] = np.arange(hubs.size, dtype=dtype)
+    return colors
 
 
 def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray | None:
@@ -371,12 +402,15 @@ def _kernels() -> Any:
     njit = numba.njit(cache=cache, nogil=True)
 
     @njit
-    def greedy(indptr, indices, cptr, cind, order):  # pragma: no cover - compiled
-        # First-fit distance-2 colouring of the columns of a CSR/CSC pair.
+    def greedy(indptr, indices, cptr, cind, order, colors):  # pragma: no cover - compiled
+        # First-fit distance-2 colouring of the columns of a CSR/CSC pair;
+        # columns coloured on entry (colors >= 0) keep their colour.
         n = cptr.size - 1
-        colors = np.full(n, -1, indices.dtype)
+        colors = colors.copy()
         mark = np.full(n + 1, -1, indices.dtype)
         for v in order:
+            if colors[v] >= 0:
+                continue
             for a in range(cptr[v], cptr[v + 1]):
                 i = cind[a]
                 for b in range(indptr[i], indptr[i + 1]):
@@ -459,35 +493,112 @@ def _kernels() -> Any:
         return colors, True
 
     @njit
-    def greedy_star(indptr, indices, order):  # pragma: no cover - compiled
-        # See _greedy_star for the rules (a), (b), (c).
+    def star_lookup(head, nxt, col, sid, v, c):  # pragma: no cover - compiled
+        # The star holding v's edges to colour c (one star: see _greedy_star), or -1.
+        t = head[v]
+        while t >= 0:
+            if col[t] == c:
+                return sid[t]
+            t = nxt[t]
+        return -1
+
+    @njit
+    def greedy_star(indptr, indices, edge, order, max_steps):  # pragma: no cover - compiled
+        # See _greedy_star for the algorithm and its bookkeeping.
         n = indptr.size - 1
+        nnz = indices.size
         colors = np.full(n, -1, np.int64)
-        mark = np.full(n + 1, -1, np.int64)
+        forbidden = np.full(n + 1, -1, np.int64)
+        treated = np.full(n, -1, np.int64)
+        first_v = np.full(n + 1, -1, np.int64)
+        first_w = np.full(n + 1, -1, np.int64)
+        star = np.full(nnz, -1, np.int64)  # by edge id
+        hub = np.full(nnz, -1, np.int64)  # by star id; -1: a one-edge star
+        end_a = np.empty(nnz, np.int64)  # the first edge of each star
+        end_b = np.empty(nnz, np.int64)
+        stars = 0
+        leaf_head = np.full(n, -1, np.int64)  # hubs of the stars v is a leaf of
+        leaf_next = np.empty(nnz, np.int64)
+        leaf_hub = np.empty(nnz, np.int64)
+        leaves = 0
+        tab_head = np.full(n, -1, np.int64)  # (vertex, neighbour colour) -> star
+        tab_next = np.empty(nnz, np.int64)
+        tab_col = np.empty(nnz, np.int64)
+        tab_star = np.empty(nnz, np.int64)
+        tabs = 0
+        steps = 0
         for v in order:
             for k in range(indptr[v], indptr[v + 1]):
                 w = indices[k]
                 cw = colors[w]
-                if cw >= 0:
-                    mark[cw] = v
-                for q in range(indptr[w], indptr[w + 1]):
-                    x = indices[q]
-                    cx = colors[x]
-                    if x == v or cx < 0 or mark[cx] == v:
-                        continue
-                    if cw < 0:
-                        mark[cx] = v
-                        continue
-                    for r in range(indptr[x], indptr[x + 1]):
-                        y = indices[r]
-                        if y != w and colors[y] == cw:
-                            mark[cx] = v
-                            break
+                if cw < 0:
+                    continue
+                steps += 1
+                forbidden[cw] = v
+                if first_v[cw] == v:  # a second neighbour of colour cw: v is a hub
+                    q = first_w[cw]
+                    for u in (q, w):
+                        if treated[u] == v:
+                            continue
+                        treated[u] = v
+                        steps += indptr[u + 1] - indptr[u]
+                        for r in range(indptr[u], indptr[u + 1]):
+                            cx = colors[indices[r]]
+                            if cx >= 0:
+                                forbidden[cx] = v
+                else:
+                    first_v[cw] = v
+                    first_w[cw] = w
+                    t = leaf_head[w]
+                    while t >= 0:  # w a leaf of a star centred on h: v must not take h's colour
+                        forbidden[colors[leaf_hub[t]]] = v
+                        steps += 1
+                        t = leaf_next[t]
+            if steps > max_steps:
+                return colors, False
             c = 0
-            while mark[c] == v:
+            while forbidden[c] == v:
                 c += 1
             colors[v] = c
-        return colors
+            for k in range(indptr[v], indptr[v + 1]):
+                w = indices[k]
+                cw = colors[w]
+                if cw < 0:
+                    continue
+                steps += 1
+                s = star_lookup(tab_head, tab_next, tab_col, tab_star, w, c)
+                h = w
+                if s < 0:
+                    s = star_lookup(tab_head, tab_next, tab_col, tab_star, v, cw)
+                    h = v
+                if s < 0:
+                    s = stars
+                    stars += 1
+                    end_a[s] = v
+                    end_b[s] = w
+                else:
+                    if hub[s] < 0:  # the star's first edge gets its hub
+                        hub[s] = h
+                        other = end_b[s] if end_a[s] == h else end_a[s]
+                        leaf_hub[leaves] = h
+                        leaf_next[leaves] = leaf_head[other]
+                        leaf_head[other] = leaves
+                        leaves += 1
+                    leaf = v if h == w else w
+                    leaf_hub[leaves] = h
+                    leaf_next[leaves] = leaf_head[leaf]
+                    leaf_head[leaf] = leaves
+                    leaves += 1
+                star[edge[k]] = s
+                for a in (w, v):
+                    b = c if a == w else cw
+                    if star_lookup(tab_head, tab_next, tab_col, tab_star, a, b) < 0:
+                        tab_col[tabs] = b
+                        tab_star[tabs] = s
+                        tab_next[tabs] = tab_head[a]
+                        tab_head[a] = tabs
+                        tabs += 1
+        return colors, True
 
     return types.SimpleNamespace(greedy=greedy, two_hop=two_hop, dsatur=dsatur,
                                  greedy_star=greedy_star)
@@ -540,20 +651,40 @@ def _star_lower_bound(adj: sp.csr_matrix) -> int:
     return 2
 
 
-def _greedy_star(adj: sp.csr_matrix, order: np.ndarray) -> np.ndarray:
-    """Greedy star colouring of the graph ``adj`` (no self loops) in ``order``."""
-    # NOTE: when vertex v gets a colour, forbid
-    #   (a) the colour of every coloured neighbour w (proper colouring);
-    #   (b) the colour of every coloured x two steps away through an
-    #       *uncoloured* w: x and v will then always differ, so w can never be
-    #       the middle of a two-coloured path later;
-    #   (c) the colour of x (coloured, via a coloured w) when x already has a
-    #       neighbour y != w coloured like w: v = x would close the two-coloured
-    #       path v-w-x-y.
-    # Any path a-b-c-d is then checked when its last vertex is coloured: as an
-    # end by (c), as a middle by (b) applied to its two neighbours.
-    # O(n d^3) steps for maximum degree d, compiled (NOTE: [numba colouring kernels]).
-    return _kernels().greedy_star(_i64(adj.indptr), _i64(adj.indices), _i64(order))
+def _greedy_star(
+    adj: sp.csr_matrix, order: np.ndarray, *, max_steps: float | None
+) -> np.ndarray | None:
+    """Greedy star colouring of the graph ``adj`` (no self loops) in ``order``.
+
+    Returns None once it has taken more than ``max_steps`` steps (``None``: no limit).
+    """
+    # NOTE: [star colouring with stars kept]
+    # Gebremedhin, Tarafdar, Manne, Pothen (SIAM J. Sci. Comput. 29(3), 2007),
+    # Algorithm 4.1, as SparseMatrixColorings.jl's star_coloring writes it:
+    # the edges between coloured vertices are kept as two-coloured stars
+    # (a hub and leaves). When v is coloured, for each coloured neighbour w
+    # of colour cw it forbids cw, and
+    #   - if v already has another neighbour q of colour cw (v becomes a
+    #     hub): every colour next to q and to w (a path q-v-w-x would be
+    #     two-coloured otherwise);
+    #   - else: the colour of every hub h of a star w is a leaf of (a path
+    #     v-w-h-y, y another leaf of h, would be two-coloured).
+    # SMC finds those hubs by walking all neighbours of w, which costs n per
+    # vertex next to a hub adjacent to everything (an arrowhead: n^2 in all).
+    # Here each vertex keeps the list of hubs it is a leaf of (at most one per
+    # colour) and a (vertex, neighbour colour) -> star table, so a vertex
+    # costs its degree times the colours, and the arrowhead is linear.
+    n = adj.shape[0]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    entry = np.arange(1, adj.nnz + 1, dtype=np.int64)
+    twin = sp.csr_matrix((entry, adj.indices, adj.indptr), shape=adj.shape).T.tocsr()
+    twin.sort_indices()  # the structure is symmetric: twin.data[k] - 1 is entry k's mirror
+    edge = np.minimum(np.arange(adj.nnz, dtype=np.int64), twin.data - 1)
+    limit = np.iinfo(np.int64).max if max_steps is None else int(max_steps)
+    colors, ok = _kernels().greedy_star(_i64(adj.indptr), _i64(adj.indices), _i64(edge),
+                                        _i64(order), limit)
+    return colors if ok else None
 
 
 # ---------------------------------------------------------------------------

@@ -154,26 +154,29 @@ def sparse_jacobian_rows(
     if coloring.mode == "fwd":
         # NOTE: seeding only the columns present in these rows is enough: a
         # column of the colour that no row here touches adds zero to them.
-        needed, pos, seeds = _seeds(colors[cols], cols, xf.numel(), xf)
+        m = p.shape[0]
 
         def jvp(v: torch.Tensor) -> torch.Tensor:
             return torch.func.jvp(flat, (xf,), (v,))[1]
 
-        compressed = torch.func.vmap(jvp, chunk_size=chunk_size)(seeds)  # (k, m)
-        _check_rows(compressed.shape[1], p.shape[0])
-        compressed = checked_compressed(flat, xf, seeds, compressed, hessian=False)
-        values = compressed[_index(pos, x), _index(row_of, x)]
+        def forward(seeds: torch.Tensor) -> torch.Tensor:
+            out = torch.func.vmap(jvp)(seeds)  # (c, m)
+            _check_rows(out.shape[1], m)
+            return checked_compressed(flat, xf, seeds, out, hessian=False)
+
+        values = _compressed_values(forward, colors[cols], cols, xf, m, colors[cols], row_of,
+                                    chunk_size=chunk_size)
     else:
         # NOTE: likewise only this shard's rows that hold entries are seeded.
         present = rows[np.diff(block.indptr) > 0]
         y, pullback = torch.func.vjp(flat, xf)
         _check_rows(y.numel(), p.shape[0])
-        needed, _, seeds = _seeds(colors[present], present, y.numel(), y)
-        lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
-        lookup[needed] = np.arange(needed.size)
-        pos = lookup[colors[row_of]]
-        (compressed,) = torch.func.vmap(pullback, chunk_size=chunk_size)(seeds)  # (k, n)
-        values = compressed[_index(pos, x), _index(cols, x)]
+
+        def reverse(seeds: torch.Tensor) -> torch.Tensor:
+            return torch.func.vmap(pullback)(seeds)[0]  # (c, n)
+
+        values = _compressed_values(reverse, colors[present], present, y, xf.numel(),
+                                    colors[row_of], cols, chunk_size=chunk_size)
     return SparseRows(rows, block.indptr.astype(np.int64), cols, values)
 
 
@@ -232,10 +235,9 @@ def sparse_hessian_rows(
     xf = x.detach().reshape(-1)
     # NOTE: the transposed reads B[j, .] need whole colour classes, so seeds
     # cover every column of each needed colour (not only this shard's).
-    needed, pos = _distinct(read_color)
-    every = np.arange(xf.numel(), dtype=np.int64)
-    in_needed = np.isin(colors, needed)
-    _, _, seeds = _seeds(colors[in_needed], every[in_needed], xf.numel(), xf)
+    in_needed = np.zeros(int(colors.max()) + 1, dtype=bool)
+    in_needed[read_color] = True
+    seeded = np.flatnonzero(in_needed[colors])
 
     def scalar(t: torch.Tensor) -> torch.Tensor:
         y = fn(t.reshape(x.shape))
@@ -248,27 +250,33 @@ def sparse_hessian_rows(
     def hvp(v: torch.Tensor) -> torch.Tensor:
         return torch.func.jvp(grad, (xf,), (v,))[1]
 
-    try:
+    looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
+
+    def products(seeds: torch.Tensor) -> torch.Tensor:  # (c, n): row c = H s_c
+        if looped:
+            return looped[0](seeds)
         if checks.forward_policy() == "reverse":  # forward mode disagreed in the run's check
-            compressed = hessian_vector_products(scalar, x)(seeds)
-        else:
-            compressed = checked_compressed(  # (k, n): row c = H s_c
-                scalar, x, seeds, torch.func.vmap(hvp, chunk_size=chunk_size)(seeds),
-                hessian=True)
-    except RuntimeError as exc:
-        # NOTE: functions torch.func cannot transform (an old-style
-        # autograd.Function, .item() under vmap) get the same compressed
-        # matrix by reverse-over-reverse autograd, one HVP per needed colour,
-        # as torch.autograd.functional.hessian would compute them.
-        warnings.warn(
-            f"fn cannot be vectorised with torch.func ({str(exc).splitlines()[0][:160]}); "
-            "computing the Hessian-vector products one colour at a time with "
-            "torch.autograd.grad",
-            VmapFallbackWarning,
-            stacklevel=2,
-        )
-        compressed = hessian_vector_products(scalar, x)(seeds)
-    values = compressed[_index(pos, x), _index(read_row, x)]
+            looped.append(hessian_vector_products(scalar, x))
+            return looped[0](seeds)
+        try:
+            return checked_compressed(scalar, x, seeds, torch.func.vmap(hvp)(seeds), hessian=True)
+        except RuntimeError as exc:
+            # NOTE: functions torch.func cannot transform (an old-style
+            # autograd.Function, .item() under vmap) get the same compressed
+            # matrix by reverse-over-reverse autograd, one HVP per needed colour,
+            # as torch.autograd.functional.hessian would compute them.
+            warnings.warn(
+                f"fn cannot be vectorised with torch.func ({str(exc).splitlines()[0][:160]}); "
+                "computing the Hessian-vector products one colour at a time with "
+                "torch.autograd.grad",
+                VmapFallbackWarning,
+                stacklevel=3,
+            )
+            looped.append(hessian_vector_products(scalar, x))
+            return looped[0](seeds)
+
+    values = _compressed_values(products, colors[seeded], seeded, xf, xf.numel(), read_color,
+                                read_row, chunk_size=chunk_size)
     return SparseRows(rows, block.indptr.astype(np.int64), cols, values)
 
 
@@ -401,18 +409,57 @@ def _block(p: sp.csr_matrix, start: int, stop: int) -> tuple[sp.csr_matrix, np.n
     return block, rows, np.repeat(rows, np.diff(block.indptr))
 
 
-def _seeds(
-    colors: np.ndarray, positions: np.ndarray, size: int, like: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Seed matrix ``(k, size)`` with ``S[c, positions[q]] = 1`` for ``c = colors[q]``.
+#: Bytes the seeds, outputs and tangents of one chunk of AD passes may take
+#: when the caller gives no ``chunk_size`` (a direct engine call; the worker
+#: passes one from ``--memory-budget``).
+DEFAULT_CHUNK_BYTES = 2**30
 
-    Returns the ``k`` distinct colours used, each entry's row in the seed
-    matrix, and the seeds (dtype and device of ``like``).
+
+def _compressed_values(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    seed_colors: np.ndarray,
+    seed_positions: np.ndarray,
+    like: torch.Tensor,
+    out_size: int,
+    read_colors: np.ndarray,
+    read_index: np.ndarray,
+    *,
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Entries ``B[read_colors, read_index]`` of the compressed matrix ``B = apply(S)``.
+
+    ``S`` has one row per distinct colour of ``seed_colors`` (every
+    ``read_colors`` value is one), with ones at ``seed_positions``. It is
+    built and passed through ``apply`` a chunk of colours at a time, so
+    neither the seeds nor ``B`` are ever whole in memory: ``chunk_size``
+    colours per chunk, or as many as :data:`DEFAULT_CHUNK_BYTES` holds.
     """
-    needed, pos = _distinct(colors)
-    seeds = like.new_zeros(needed.size, size)
-    seeds[_index(pos, like), _index(positions, like)] = 1
-    return needed, pos, seeds
+    needed, rank = _distinct(seed_colors)
+    lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
+    lookup[needed] = np.arange(needed.size)
+    pos = lookup[read_colors]
+    k, size = needed.size, like.numel()
+    step = chunk_size or DEFAULT_CHUNK_BYTES // max(1, 4 * (size + out_size) * like.element_size())
+    step = max(1, min(step, k))
+    if step == k:  # one chunk (the usual case): no sorting
+        seeds = like.new_zeros(k, size)
+        seeds[_index(rank, like), _index(seed_positions, like)] = 1
+        return apply(seeds)[_index(pos, like), _index(read_index, like)]
+    values = like.new_empty(pos.size)
+    by_seed = np.argsort(rank, kind="stable")
+    by_read = np.argsort(pos, kind="stable")
+    edges = np.arange(0, k + step, step).clip(max=k)
+    seed_cut = np.searchsorted(rank[by_seed], edges)
+    read_cut = np.searchsorted(pos[by_read], edges)
+    for c in range(edges.size - 1):
+        s = by_seed[seed_cut[c]:seed_cut[c + 1]]
+        r = by_read[read_cut[c]:read_cut[c + 1]]
+        seeds = like.new_zeros(int(edges[c + 1] - edges[c]), size)
+        seeds[_index(rank[s] - edges[c], like), _index(seed_positions[s], like)] = 1
+        block = apply(seeds)
+        at = (_index(pos[r] - edges[c], like), _index(read_index[r], like))
+        values[_index(r, like)] = block[at]
+    return values
 
 
 def _distinct(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

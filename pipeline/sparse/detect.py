@@ -334,15 +334,32 @@ def _decompositions() -> dict:
     return {op: f for op, f in table.items() if rule_for(op) is None and not is_random(op)}
 
 
-def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
-    from torch.fx.experimental.proxy_tensor import make_fx
+def _decomposition(op: Any) -> Callable | None:
+    """The decomposition the trace applies to ``op``: only ops without a rule look one up."""
+    return None if rule_for(op) is not None else _decompositions().get(op)
 
-    # NOTE: global mode traces with fake tensors: reading a value computed
-    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
-    # quietly burning in the value at this x. Local mode traces with real
-    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
-    # value at x and the branch taken is recorded.
+
+def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
+    from pipeline.sparse.recorder import UnrecordedOutput, record
+
+    # NOTE: [first-call tax] make_fx and fake tensors import torch._dynamo,
+    # torch._inductor and sympy (about 1.2 s of a fresh process's first
+    # detection, 98 evaluations of the heat residual at N = 1000), so the
+    # graph is recorded on real values by sparse/recorder.py; the decomposition
+    # table (0.1-0.2 s) loads only when an op without a rule is met.
+    # Global mode refuses reading a value computed from x (`.item()`,
+    # `if tensor:`) there, where a fake-tensor trace would have failed,
+    # instead of quietly burning in the value at this x; local mode lets
+    # `.item()` return the value at x and records the branch taken. make_fx
+    # (fake tensors in global mode) remains for what the recorder cannot follow.
     try:
+        try:
+            return record(target, x, decomposition=_decomposition,
+                          refuse_data_dependent=mode == "global")
+        except UnrecordedOutput:
+            pass
+        from torch.fx.experimental.proxy_tensor import make_fx
+
         return make_fx(torch.func.functionalize(target), decomposition_table=_decompositions(),
                        tracing_mode="fake" if mode == "global" else "real",
                        _allow_non_fake_inputs=True,

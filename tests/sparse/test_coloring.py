@@ -258,3 +258,68 @@ def test_wide_random_patterns_colour_validly_with_int32_and_transposes(seed):
     side = pattern if coloring.mode == "fwd" else pattern.T  # its rows are cliques
     assert coloring.num_colors >= np.diff(sp.csr_matrix(side).indptr).max()
     assert _independent_columns(pattern.T, row_coloring(pattern))
+
+
+def _arrowhead(n: int, hub: int, band: int = 1) -> sp.csr_matrix:
+    """Variable ``hub`` next to every other, plus ``band`` diagonals (the main one left out)."""
+    i = np.arange(n)
+    rows = [np.full(n, hub), i]
+    cols = [i, np.full(n, hub)]
+    for k in range(1, band // 2 + 1):
+        rows += [i[:-k], i[k:]]
+        cols += [i[k:], i[:-k]]
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return sp.csr_matrix((np.ones(r.size, dtype=bool), (r, c)), shape=(n, n))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_symmetric_colourings_with_a_hub_and_no_diagonal(seed):
+    # Brute force on small graphs: a random pattern without its diagonal
+    # (adjacent variables must still differ), plus one variable next to all.
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(6, 36))
+    pattern = _random_pattern(300 + seed, n, n, float(rng.uniform(0.02, 0.25))).tolil()
+    pattern.setdiag(0)
+    if seed % 2:
+        hub = int(rng.integers(n))
+        pattern[hub, :] = 1
+        pattern[hub, hub] = 0
+    pattern = pattern.tocsr()
+    pattern.eliminate_zeros()
+    colors = symmetric_coloring(pattern)
+    assert _is_star(pattern, colors)
+    validate_coloring(pattern, Coloring(colors, _count(colors), "symmetric"))
+
+
+@pytest.mark.parametrize("hub", [0, 5, -1])
+def test_arrowheads_take_two_colours_at_any_size(hub):
+    # The hub alone, every other variable together (ARWHEAD at n = 100,000
+    # had 100,000 colours when the star passes gave up on it).
+    for n in (12, 100_000):
+        pattern = _arrowhead(n, hub % n)
+        colors = symmetric_coloring(pattern)
+        assert _count(colors) == 2
+        validate_coloring(pattern, Coloring(colors, 2, "symmetric"))
+    assert _is_star(_arrowhead(12, hub % 12), symmetric_coloring(_arrowhead(12, hub % 12)))
+
+
+def test_bordered_tridiagonal_stays_few_coloured():
+    pattern = _arrowhead(100_000, 99_999, band=3)
+    colors = symmetric_coloring(pattern)
+    assert _count(colors) <= 4  # the tridiagonal's 3 (as a star colouring) and the hub
+    validate_coloring(pattern, Coloring(colors, _count(colors), "symmetric"))
+    small = _arrowhead(15, 14, band=3)
+    assert _is_star(small, symmetric_coloring(small))
+
+
+def test_a_nearly_dense_row_is_coloured_in_linear_time():
+    # A row over nearly all columns (beyond DSATUR's cap) plus a tridiagonal:
+    # its columns are numbered up front instead of walking the row per column.
+    n = 40_000
+    pattern = banded_pattern(n, 3).tolil()
+    pattern[7, 3:] = True
+    pattern = pattern.tocsr()
+    colors = column_coloring(pattern)
+    assert n - 3 <= _count(colors) <= n - 2  # row 7's n - 3 columns are a clique
+    validate_coloring(pattern, Coloring(colors, _count(colors), "fwd"))
+    assert choose_coloring(pattern).mode == "rev"

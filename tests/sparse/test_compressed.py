@@ -425,3 +425,73 @@ def test_parquet_pattern_file_and_dense_override(ray_session, tmp_path):
     assert result.exit_code == 0
     assert read_doc(dense)["layout"] == "dense"
     np.testing.assert_allclose(read_jacobian(out).toarray(), read_jacobian(dense), rtol=1e-12)
+
+
+def _arwhead(x: torch.Tensor) -> torch.Tensor:
+    """CUTEst ARWHEAD: the last variable is next to every other in the Hessian."""
+    return (-4 * x[:-1] + 3).sum() + ((x[:-1] ** 2 + x[-1] ** 2) ** 2).sum()
+
+
+def _arwhead_pattern(n: int) -> sp.csr_matrix:
+    i = np.arange(n)
+    r, c = np.concatenate([i, np.full(n, n - 1)]), np.concatenate([i, i])
+    return sp.csr_matrix((np.ones(2 * n, dtype=bool), (r, c)), shape=(n, n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_arwhead_hessian_small_equals_torch(dtype):
+    torch_dtype, rtol = DTYPES[dtype]
+    n = 30
+    x = torch.randn(n, generator=torch.Generator().manual_seed(8), dtype=torch_dtype)
+    coloring = choose_coloring(_arwhead_pattern(n), symmetric=True)
+    assert coloring.num_colors == 2
+    dense = torch.autograd.functional.hessian(_arwhead, x)
+    for start, stop in _ranges(n):
+        for chunk in (None, 1):
+            rows = sparse_hessian_rows(_arwhead, x, start, stop, _arwhead_pattern(n), coloring,
+                                       chunk_size=chunk)
+            _assert_rows_equal(rows, dense[start:stop], rtol)
+
+
+def test_arwhead_hessian_at_100000_takes_two_hvps():
+    # Two colours, and seeds chunked to DEFAULT_CHUNK_BYTES: this once tried
+    # to allocate 100,000 seed vectors (80 GB) at once.
+    n = 100_000
+    x = torch.randn(n, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    pattern = _arwhead_pattern(n)
+    coloring = choose_coloring(pattern, symmetric=True)
+    assert coloring.num_colors == 2
+    rows = (0, 1, n // 2, n - 2, n - 1)
+    got = {r: sparse_hessian_rows(_arwhead, x, r, r + 1, pattern, coloring) for r in rows}
+    for r in rows:
+        basis = torch.zeros(n, dtype=x.dtype)
+        basis[r] = 1
+        expected = torch.autograd.functional.hvp(_arwhead, x, basis)[1]
+        cols = np.flatnonzero(expected.numpy())
+        assert got[r].cols.tolist() == (list(range(n)) if r == n - 1 else sorted({r, n - 1}))
+        assert set(cols.tolist()) <= set(got[r].cols.tolist())
+        torch.testing.assert_close(got[r].values, expected[got[r].cols], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_chunks_follow_the_byte_budget(monkeypatch, dtype):
+    # A budget of one pass per chunk: the seeds go through in many chunks,
+    # built lazily, and every mode still equals the dense references.
+    import pipeline.sparse.compressed as compressed
+
+    monkeypatch.setattr(compressed, "DEFAULT_CHUNK_BYTES", 1)
+    torch_dtype, rtol = DTYPES[dtype]
+    prob = brusselator.build(N=6, dtype=dtype)
+    dense = _dense_jacobian(prob.fn, prob.x)
+    for make in (_forward, _reverse):
+        coloring = make(prob.sparsity)
+        assert coloring.num_colors > 1
+        for start, stop in _ranges(dense.shape[0]):
+            rows = sparse_jacobian_rows(prob.fn, prob.x, start, stop, prob.sparsity, coloring)
+            _assert_rows_equal(rows, dense[start:stop], rtol)
+    x = torch.randn(40, generator=torch.Generator().manual_seed(3), dtype=torch_dtype)
+    coloring = choose_coloring(banded_pattern(40, 3), symmetric=True)
+    hess = torch.autograd.functional.hessian(_rosenbrock, x)
+    for start, stop in _ranges(40):
+        rows = sparse_hessian_rows(_rosenbrock, x, start, stop, banded_pattern(40, 3), coloring)
+        _assert_rows_equal(rows, hess[start:stop], rtol)
