@@ -24,6 +24,8 @@ _OWNERS = {
     "biharmonic": "pipeline.maths.taylor",
     "iter_third_rows": "pipeline.maths.operators",
     "point_columns": "pipeline.maths.operators",
+    "ntk": "pipeline.maths.ntk",
+    "iter_param_rows": "pipeline.maths.params",
 }
 __all__ = sorted(_OWNERS)
 __getattr__, __dir__ = lazy_face(__name__, _OWNERS)
