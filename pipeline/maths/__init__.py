@@ -25,6 +25,9 @@ _OWNERS = {
     "iter_third_rows": "pipeline.maths.operators",
     "point_columns": "pipeline.maths.operators",
     "ntk": "pipeline.maths.ntk",
+    "sketch": "pipeline.maths.products",
+    "jsj": "pipeline.maths.products",
+    "Curvature": "pipeline.maths.products",
     "iter_param_rows": "pipeline.maths.params",
 }
 __all__ = sorted(_OWNERS)

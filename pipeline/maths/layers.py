@@ -95,6 +95,7 @@ class Dense:
 
     names: tuple[str, ...]
     jac: Tensor
+    sizes: tuple[int, ...] = ()
 
     def explicit(self) -> Tensor:
         return self.jac
@@ -222,7 +223,8 @@ def features(fn: ModuleFunction, xs: Tensor, net: Network, basis: Tensor | None 
     acts, gs, rest = torch.func.vmap(_sample_features(fn, net, basis))(xs.detach())
     out: list[Kron | Dense] = [Kron(info, a, g)
                                for info, a, g in zip(net.layers, acts, gs, strict=True)]
-    out.append(Dense(net.rest, rest))
+    shapes = dict(zip(fn.names, fn.shapes, strict=True))
+    out.append(Dense(net.rest, rest, tuple(_numel(shapes[n]) for n in net.rest)))
     return out
 
 
