@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from pipeline.maths.engine import batched_rows as batched_rows
     from pipeline.maths.engine import hessian_rows as hessian_rows
     from pipeline.maths.engine import jacobian_rows as jacobian_rows
+    from pipeline.maths.ntk import ntk as ntk
+    from pipeline.maths.products import Curvature as Curvature
+    from pipeline.maths.products import jsj as jsj
+    from pipeline.maths.products import sketch as sketch
     from pipeline.maths.taylor import biharmonic as biharmonic
     from pipeline.maths.taylor import laplacian as laplacian
     from pipeline.maths.taylor import taylor as taylor
@@ -34,6 +38,10 @@ _LAZY = {
     "jacobian_rows": "pipeline.maths.engine",
     "hessian_rows": "pipeline.maths.engine",
     "batched_rows": "pipeline.maths.engine",
+    "ntk": "pipeline.maths.ntk",
+    "sketch": "pipeline.maths.products",
+    "jsj": "pipeline.maths.products",
+    "Curvature": "pipeline.maths.products",
     "taylor": "pipeline.maths.taylor",
     "laplacian": "pipeline.maths.taylor",
     "biharmonic": "pipeline.maths.taylor",

@@ -67,6 +67,12 @@ def check_fingerprint(expected: Mapping[str, Any], got: Mapping[str, Any]) -> No
             f"({expected.get('operator')} vs {got.get('operator')}); build the same operator",
             field="operator",
         )
+    if expected.get("parameters") != got.get("parameters"):
+        raise FingerprintMismatch(
+            "nondeterministic job: the module's parameters differ between the driver and a "
+            "worker; seed the weights' initialisation (torch.manual_seed) in build()",
+            field="parameters",
+        )
     _check_derivative(expected.get("derivative"), got.get("derivative"), rtol)
     for key in ("code_sha256", "source_sha256"):
         a, b = expected.get(key), got.get(key)

@@ -16,6 +16,7 @@ laplacian   points ``x[p]``             ``Lap fn(x[p])`` per output  nested ``to
 biharmonic  points ``x[p]``             ``Lap^2 fn(x[p])``           nested ``torch.func``
 taylor      points ``x[p]``             ``D^K fn(x[p])[v, .., v]``   ``K`` nested ``jvp``
 third       pairs ``j <= k`` of x       ``grad d^2 fn/dx_j dx_k``    ``jacrev`` of ``hessian``
+params      ``(sample, model output)``  ``d out / d parameters``    ``jacobian`` per sample
 ==========  ==========================  ==========================  ===============================
 
 Per-point kinds (``laplacian``, ``biharmonic``, ``taylor``) take ``x`` of shape
@@ -32,9 +33,12 @@ from typing import Literal, TypeVar, get_args
 T = TypeVar("T")
 
 #: What is differentiated (one row of :data:`KINDS`).
-Kind = Literal["jacobian", "hessian", "batched", "laplacian", "biharmonic", "taylor", "third"]
+Kind = Literal["jacobian", "hessian", "batched", "laplacian", "biharmonic", "taylor", "third",
+               "params"]
 #: What a kind's rows are over (see the module docstring).
 RowsOver = Literal["outputs", "inputs", "points", "pairs"]
+#: What a kind's columns are over: ``fn``'s input (one sample's), or a module's parameters.
+ColumnsOver = Literal["inputs", "parameters"]
 #: How a result is stored: fixed-size rows, or (cols, values) per row.
 Layout = Literal["dense", "sparse"]
 LAYOUTS: tuple[str, ...] = get_args(Layout)
@@ -68,6 +72,8 @@ class KindSpec:
         hessian_pattern: ``Problem.sparsity`` is the Hessian's pattern (``n x n``,
             or ``"auto"``: detected): rows ``(j, k)`` outside it are zero and
             are not computed (third derivatives).
+        columns_over: ``inputs`` (of ``fn``, one sample's for per-sample kinds) or
+            ``parameters`` (a module's, flattened: ``Problem.from_module``).
     """
 
     name: Kind
@@ -82,6 +88,7 @@ class KindSpec:
     operator: tuple[str, ...] = ()
     sparse_ok: bool = False
     hessian_pattern: bool = False
+    columns_over: ColumnsOver = "inputs"
 
     @property
     def plain(self) -> bool:
@@ -145,6 +152,8 @@ KINDS: dict[str, KindSpec] = {
                        operator=("order", "direction")),
     "third": KindSpec("third", "pairs j <= k of x", "jacrev(jacrev(jacrev(fn)))",
                       rows_over="pairs", hessian_pattern=True),
+    "params": KindSpec("params", "(sample, model(x[b]) row)", "jacobian of functional_call",
+                       per_sample=True, index_column="sample", columns_over="parameters"),
 }
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 

@@ -24,6 +24,11 @@ _OWNERS = {
     "biharmonic": "pipeline.maths.taylor",
     "iter_third_rows": "pipeline.maths.operators",
     "point_columns": "pipeline.maths.operators",
+    "ntk": "pipeline.maths.ntk",
+    "sketch": "pipeline.maths.products",
+    "jsj": "pipeline.maths.products",
+    "Curvature": "pipeline.maths.products",
+    "iter_param_rows": "pipeline.maths.params",
 }
 __all__ = sorted(_OWNERS)
 __getattr__, __dir__ = lazy_face(__name__, _OWNERS)

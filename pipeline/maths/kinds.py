@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.kinds import KINDS, KindSpec, kind_of
-from pipeline.maths import engine, operators, references
+from pipeline.maths import engine, operators, params, references
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -61,6 +61,8 @@ class KindMaths:
             return scalar_grad(problem.fn), problem.x
         if not self.spec.jacobian_rows:
             raise ValueError(f"kind {self.spec.name!r}: its rows are not one function's Jacobian")
+        if self.spec.columns_over == "parameters":
+            return problem.fn.of_parameters(problem.x[sample]), problem.fn.flat
         if self.spec.per_sample:
             return problem.fn, problem.x[sample]
         return problem.fn, problem.x
@@ -79,6 +81,8 @@ KIND_MATHS: dict[str, KindMaths] = {
        for name in ("laplacian", "biharmonic", "taylor")},
     "third": KindMaths(KINDS["third"], operators.iter_third_rows, operators.third_reference,
                        operators.third_reference_rows, row_numel=operators.third_row_numel),
+    "params": KindMaths(KINDS["params"], params.iter_param_rows, params.param_reference,
+                        params.param_reference_rows, row_numel=params.param_row_numel),
 }
 
 

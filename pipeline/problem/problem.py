@@ -58,6 +58,30 @@ class Problem:
     sparsity: Any = None
     operator: Mapping[str, Any] | None = None
 
+    @classmethod
+    def from_module(cls, model: Any, inputs: Any, *, wrt: str = "parameters") -> Problem:
+        """Per-sample Jacobians of a network, with respect to its parameters or its inputs.
+
+        ``wrt="parameters"``: kind ``params``, rows ``(sample, output)`` and
+        columns the flattened parameters (those with ``requires_grad``, in
+        ``named_parameters()`` order; the fingerprint, so the manifest, names
+        each with its shape and offset). ``wrt="inputs"``: kind ``batched``.
+        The model maps a batch ``(B, *in_shape)`` to ``(B, *out_shape)``; the
+        problem holds a snapshot of its parameters and buffers
+        (:class:`pipeline.problem.module.ModuleFunction`).
+
+        Raises:
+            JacpipeError: ``wrt`` unknown, batch norm or dropout in training
+                mode (call ``model.eval()``), no trainable parameter, or
+                parameters of another dtype than ``inputs``.
+        """
+        from pipeline.problem.module import ModuleFunction
+
+        if wrt not in ("parameters", "inputs"):
+            raise JacpipeError(f"from_module: wrt must be 'parameters' or 'inputs', got {wrt!r}")
+        fn = ModuleFunction.of(model, getattr(inputs, "dtype", None))
+        return cls(fn, inputs, kind="params" if wrt == "parameters" else "batched")
+
 
 # ---------------------------------------------------------------------------
 # Loading jobs
@@ -323,9 +347,14 @@ def validate(problem: Problem, spec: str = "job") -> Shapes:
             "return a single number (e.g. an energy, or fn(x).sum())"
         )
     check_operator(problem, int(sample.numel()), spec)
+    in_shape = tuple(sample.shape)
+    if kind.columns_over == "parameters":
+        from pipeline.problem.module import parameter_columns
+
+        in_shape = (parameter_columns(problem.fn, spec),)
     shapes = Shapes(
         kind=problem.kind,
-        in_shape=tuple(sample.shape),
+        in_shape=in_shape,
         out_shape=kind.out_shape(tuple(sample.shape), tuple(y.shape)),
         batch=int(x.shape[0]) if kind.per_sample else None,
         dtype=str(x.dtype).removeprefix("torch."),
@@ -543,6 +572,7 @@ def fingerprint(problem: Problem, shapes: Shapes, *, spec: str | None = None) ->
         "y_nonfinite": int((~finite).sum()),
         "derivative": _derivative_probe(problem),
         "operator": _operator_json(problem.operator),
+        "parameters": _parameters_json(problem.fn),
         "code_sha256": code_sha256(problem.fn),
         "source_sha256": source_sha256(spec) if spec else None,
     }
@@ -708,6 +738,13 @@ def source_sha256(spec: str) -> str | None:
         with open(origin, "rb") as fh:
             digest.update(hashlib.sha256(fh.read()).digest())
     return digest.hexdigest()
+
+
+def _parameters_json(fn: Any) -> dict[str, Any] | None:
+    """A module's parameter layout and hash (``Problem.from_module``), else None."""
+    from pipeline.problem.module import ModuleFunction
+
+    return fn.facts() if isinstance(fn, ModuleFunction) else None
 
 
 def _operator_json(operator: Mapping[str, Any] | None) -> dict[str, Any] | None:

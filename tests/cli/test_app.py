@@ -427,6 +427,7 @@ def test_export_refuses_other_formats(results, tmp_path, name, match):
     ["cnn", "-p", "batch=3", "-p", "channels=2", "--dtype", "float64"],
     ["cnn", "-p", "batch=2", "-p", "channels=2", "--rows-per-shard", "7"],
     ["robot_arm", "-p", "batch=20", "--rows-per-shard", "7", "--dtype", "float32"],
+    ["netparams", "-p", "batch=3", "-p", "classes=4", "--shards", "2", "--dtype", "float64"],
 ])
 def test_every_new_job_runs_and_verifies_through_the_cli(ray_session, tmp_path, args):
     result = invoke("run", *args, "--out", tmp_path / "o", "--verify")

@@ -580,3 +580,40 @@ def test_ragged_per_sample_outputs_are_one_sample_shape_error(tmp_path):
     problem = Problem(fn=lambda t: t.repeat(int(t.item()) % 3 + 1), x=xs, kind="batched")
     with pytest.raises(SampleShapeError, match=r"fn\(xs\[1\]\) has shape \(3,\) but fn\(xs\[0\]\)"):
         pipeline.run(problem, out=str(tmp_path / "o"), executor="local", echo=lambda _: None)
+
+
+def _params_problem() -> Problem:
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3)).double().eval()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+    return Problem.from_module(net, torch.randn(5, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
+def test_parameter_jacobians_of_a_module_in_memory(request, tmp_path, executor):
+    if executor == "ray":
+        request.getfixturevalue("ray_session")  # the module is pickled to the workers
+    problem = _params_problem()
+    out = tmp_path / "o"
+    pipeline.run(problem, out=str(out), shards=3, executor=executor, progress=False,
+                 echo=lambda _: None)
+    got = read_jacobian(out)
+    net, xs = problem.fn.module, problem.x
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = {k: v.detach() for k, v in net.named_buffers()}
+    jac = torch.func.vmap(torch.func.jacrev(
+        lambda p, x: torch.func.functional_call(net, {**p, **buffers}, (x[None],))[0]),
+        in_dims=(None, 0))(params, xs)
+    ref = torch.cat([jac[k].reshape(5, 3, -1) for k in params], dim=2).numpy()
+    assert got.shape == ref.shape == (5, 3, problem.fn.numel)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(read_jacobian(out, sample=2), ref[2], rtol=1e-12, atol=1e-12)
+    result = pipeline.open_jacobian(out)
+    layout = result.manifest.fingerprint["parameters"]["layout"]
+    assert [row["name"] for row in layout] == list(params)
+    v = np.random.default_rng(0).standard_normal(problem.fn.numel)
+    np.testing.assert_allclose(result.as_linear_operator() @ v, ref.reshape(15, -1) @ v,
+                               rtol=1e-10, atol=1e-12)
+    assert pipeline.compare_result(str(out), problem=problem).ok

@@ -1,0 +1,209 @@
+"""Products with a network's parameter Jacobian that never form ``J``: sketches and ``J S Jᵀ``.
+
+Both stream blocks of samples through :func:`pipeline.maths.layers.features`
+and each piece through column chunks of at most :data:`CHUNK` parameters, so a
+process holds one block's per-layer pieces and one chunk of ``J`` at a time.
+
+- :func:`sketch`: ``J(x_i) Ω`` with a seeded ``Ω`` (``P x k``, Gaussian or
+  Rademacher), generated chunk by chunk from the seed (:func:`omega`): the
+  random projection of per-sample gradients that data attribution stores (TRAK).
+- :func:`jsj`: ``J(x_i) S J(x_i)ᵀ`` per sample (``(N, O, O)``, or its diagonal
+  ``(N, O)``: linearised-Laplace predictive variances) for ``S`` diagonal,
+  low-rank plus diagonal, or Kronecker-factored per layer (:class:`Curvature`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.core.errors import JacpipeError
+from pipeline.maths.layers import Dense, Kron, Network, analyse, blocks, features
+from pipeline.maths.ntk import module_function
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from pipeline.problem.module import ModuleFunction
+
+#: Rows of ``Ω`` drawn from one seed (``Ω`` is the same whatever the blocks), and the
+#: most parameter columns of ``J`` formed at once.
+CHUNK = 4096
+DISTRIBUTIONS = ("gaussian", "rademacher")
+
+
+def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
+          rows: tuple[int, int] | None = None, dtype: Any = torch.float64) -> Tensor:
+    """Rows ``[a, b)`` of the seeded ``P x k`` sketching matrix (all rows by default).
+
+    Rows ``[c CHUNK, (c + 1) CHUNK)`` come from a generator seeded with
+    ``(seed, c)``: any block of rows is reproducible on its own. Gaussian
+    entries are ``N(0, 1)``, Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
+    """
+    if distribution not in DISTRIBUTIONS:
+        raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
+                           f"got {distribution!r}")
+    a, b = rows or (0, p)
+    parts = []
+    for c in range(a // CHUNK, (b - 1) // CHUNK + 1 if b > a else a // CHUNK):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
+        n = min(CHUNK, p - c * CHUNK)
+        if distribution == "gaussian":
+            block = torch.randn(n, k, generator=g, dtype=torch.float64)
+        else:
+            block = torch.randint(0, 2, (n, k), generator=g).double() * 2 - 1
+        lo, hi = max(a - c * CHUNK, 0), min(b - c * CHUNK, n)
+        parts.append(block[lo:hi].to(dtype))
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
+
+
+def _offsets(fn: ModuleFunction) -> dict[str, int]:
+    return {row["name"]: row["offset"] for row in fn.layout()}
+
+
+def _chunks(piece: Kron | Dense, offsets: dict[str, int]) -> Iterator[tuple[int, Tensor]]:
+    """``(first column of fn, J block (b, O, w))``: a piece's columns, chunk by chunk."""
+    if isinstance(piece, Kron):
+        info, d_in = piece.info, piece.info.d_in
+        step = max(1, CHUNK // d_in)
+        for c0 in range(0, info.d_out, step):
+            c1 = min(c0 + step, info.d_out)
+            w = torch.einsum("iotc,itd->iocd", piece.g[..., c0:c1], piece.a)
+            yield offsets[info.weight] + c0 * d_in, w.reshape(*w.shape[:2], -1)
+        if info.bias is not None:
+            yield offsets[info.bias], piece.g.sum(2)
+        return
+    at = 0
+    for name, size in zip(piece.names, piece.sizes, strict=True):
+        for c0 in range(0, size, CHUNK):
+            c1 = min(c0 + CHUNK, size)
+            yield offsets[name] + c0, piece.jac[:, :, at + c0:at + c1]
+        at += size
+
+
+def _setup(model: Any, xs: Tensor, memory_budget: int, block: int | None
+           ) -> tuple[ModuleFunction, Network, int]:
+    fn = module_function(model, xs.dtype)
+    net = analyse(fn, xs[0])
+    if block is None:
+        per = sum(i.positions * (i.d_in + net.outputs * i.d_out) for i in net.layers)
+        per = (per + net.outputs * fn.numel // max(len(net.layers), 1)) * fn.flat.element_size()
+        block = max(1, min(int(xs.shape[0]), memory_budget // max(4 * per, 1)))
+    return fn, net, block
+
+
+def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str = "gaussian",
+           block: int | None = None, memory_budget: int = 1 << 30) -> Tensor:
+    """``J(x_i) Ω`` for every sample: ``(N, O, k)``, without ``J`` or ``Ω`` in memory.
+
+    Args:
+        model: a module (as for :func:`pipeline.ntk`) or ``Problem.from_module(...)``.
+        xs: samples ``(N, *in)``.
+        k: columns of ``Ω``.
+        seed, distribution: ``Ω`` (:func:`omega`).
+        block: samples per block; None: from ``memory_budget`` (bytes).
+    """
+    fn, net, block = _setup(model, xs, memory_budget, block)
+    offsets = _offsets(fn)
+    out = fn.flat.new_zeros(xs.shape[0], net.outputs, k)
+    for a, b in blocks(xs.shape[0], block):
+        for piece in features(fn, xs[a:b], net):
+            for g0, jac in _chunks(piece, offsets):
+                om = omega(fn.numel, k, seed=seed, distribution=distribution,
+                           rows=(g0, g0 + jac.shape[2]), dtype=jac.dtype).to(jac.device)
+                out[a:b] += jac @ om
+    return out
+
+
+@dataclass(frozen=True)
+class Curvature:
+    """A positive semi-definite ``S`` over the parameters, in one of three forms.
+
+    Args:
+        diagonal: ``(P,)``: ``S = diag(d)`` (with ``low_rank``: ``U Uᵀ + diag(d)``;
+            with ``kron``: the diagonal of the parameters no factor covers).
+        low_rank: ``(P, r)``: ``U``.
+        kron: ``{layer name: (Q, H)}`` for ``Linear`` / ``Conv2d`` layers: the
+            block of ``[W | b]`` is ``Q ⊗ H`` with ``Q`` ``(d_out, d_out)`` and
+            ``H`` ``(d_in, d_in)``, or ``(d_in + 1, d_in + 1)`` where the bias is
+            the last input column (KFAC's homogeneous coordinate).
+    """
+
+    diagonal: Tensor | None = None
+    low_rank: Tensor | None = None
+    kron: dict[str, tuple[Tensor, Tensor]] | None = None
+
+
+def _kron_block(piece: Kron, q: Tensor, h: Tensor) -> Tensor:
+    """``(b, O, O)``: ``J_o S J_pᵀ`` of one layer with ``S = Q ⊗ H`` over ``[W | b]``."""
+    a = piece.a
+    if h.shape[0] == piece.info.d_in + 1:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    elif h.shape[0] != piece.info.d_in or piece.info.bias is not None:
+        raise JacpipeError(
+            f"jsj: layer {piece.info.name!r}: H must be ({piece.info.d_in + 1}, "
+            f"{piece.info.d_in + 1}) with the bias as the last input column"
+            + ("" if piece.info.bias is not None else f" or ({piece.info.d_in}, "
+               f"{piece.info.d_in})") + f", got {tuple(h.shape)}")
+    m = torch.einsum("iotc,itd->iocd", piece.g, a)
+    y = torch.einsum("ce,iqef,df->iqcd", q, m, h)
+    return torch.einsum("iocd,iqcd->ioq", m, y)
+
+
+def jsj(model: Any, xs: Tensor, s: Curvature, *, diagonal: bool = False,
+        block: int | None = None, memory_budget: int = 1 << 30) -> Tensor:
+    """``J(x_i) S J(x_i)ᵀ`` for every sample, streamed by blocks and column chunks.
+
+    Args:
+        model: a module (as for :func:`pipeline.ntk`) or ``Problem.from_module(...)``.
+        xs: samples ``(N, *in)``.
+        s: the :class:`Curvature`.
+        diagonal: return only the diagonal ``(N, O)`` (predictive variances).
+        block: samples per block; None: from ``memory_budget`` (bytes).
+
+    Returns:
+        ``(N, O, O)``, or ``(N, O)`` with ``diagonal``.
+
+    Raises:
+        JacpipeError: an ``S`` of the wrong size, or a factor for a layer that is
+            not a structured ``Linear`` / ``Conv2d`` layer.
+    """
+    fn, net, block = _setup(model, xs, memory_budget, block)
+    _check_curvature(s, fn.numel, net)
+    offsets = _offsets(fn)
+    kron = s.kron or {}
+    o = net.outputs
+    out = fn.flat.new_zeros(xs.shape[0], o, o)
+    for a, b in blocks(xs.shape[0], block):
+        ju = None if s.low_rank is None else fn.flat.new_zeros(b - a, o, s.low_rank.shape[1])
+        for piece in features(fn, xs[a:b], net):
+            if isinstance(piece, Kron) and piece.info.name in kron:
+                out[a:b] += _kron_block(piece, *kron[piece.info.name])
+                continue
+            for g0, jac in _chunks(piece, offsets):
+                g1 = g0 + jac.shape[2]
+                if s.diagonal is not None:
+                    out[a:b] += torch.einsum("iow,w,iqw->ioq", jac, s.diagonal[g0:g1], jac)
+                if ju is not None:
+                    ju += jac @ s.low_rank[g0:g1]
+        if ju is not None:
+            out[a:b] += ju @ ju.transpose(1, 2)
+    return torch.diagonal(out, dim1=1, dim2=2) if diagonal else out
+
+
+def _check_curvature(s: Curvature, p: int, net: Network) -> None:
+    if s.diagonal is not None and tuple(s.diagonal.shape) != (p,):
+        raise JacpipeError(f"jsj: the diagonal must have shape ({p},), got "
+                           f"{tuple(s.diagonal.shape)}")
+    if s.low_rank is not None and (s.low_rank.dim() != 2 or s.low_rank.shape[0] != p):
+        raise JacpipeError(f"jsj: the low-rank factor must have shape ({p}, r), got "
+                           f"{tuple(s.low_rank.shape)}")
+    names = {i.name for i in net.layers}
+    unknown = sorted(set(s.kron or {}) - names)
+    if unknown:
+        raise JacpipeError(f"jsj: Kronecker factors for {', '.join(unknown)}, which are not "
+                           f"Linear / Conv2d layers of the model; expected some of "
+                           f"{', '.join(sorted(names))}")
