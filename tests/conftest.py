@@ -29,6 +29,12 @@ SLOW_FIXTURES = frozenset({"ray_session", "ray_cluster", "cluster", "s3_server",
                            "_moto_endpoint"})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _submissions_recorded_outside_home(tmp_path_factory):
+    """``jacpipe submit`` records its ids (for completion) under a temporary XDG_STATE_HOME."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

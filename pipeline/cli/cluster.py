@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -30,8 +31,76 @@ ADDRESS_HELP = (
     "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)."
 )
 Address = Annotated[str | None, typer.Option("--address", help=ADDRESS_HELP, show_default=False)]
+
+
+# ---------------------------------------------------------------------------
+# The local record of submissions: what ID completes to
+# ---------------------------------------------------------------------------
+
+#: How many submissions the record keeps (the newest).
+_REMEMBERED = 200
+
+
+def submissions_file() -> Path:
+    """This user's record of submissions: ``$XDG_STATE_HOME/jacpipe/submissions.jsonl``.
+
+    (``~/.local/state`` when ``XDG_STATE_HOME`` is not set.) One JSON object a
+    line: ``id``, ``job``, ``address`` (as given, None for the default) and ``at``.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "jacpipe" / "submissions.jsonl"
+
+
+def remember_submission(sid: str, job: str, address: str | None) -> None:
+    """Add a submission to :func:`submissions_file` (atomically; the newest 200 stay).
+
+    Only completion reads it: a record that cannot be written (a read-only
+    home) costs the completion of this id, not the submission.
+    """
+    import json
+
+    path = submissions_file()
+    entry = {"id": sid, "job": job, "address": address,
+             "at": datetime.now().isoformat(timespec="seconds")}
+    try:
+        lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+        lines = [*lines, json.dumps(entry)][-_REMEMBERED:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        return
+
+
+def complete_submission(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion of ID: the submissions recorded here, newest first, with their job.
+
+    Nothing is asked of the cluster (completing stays instant and works offline).
+    """
+    import json
+
+    try:
+        lines = submissions_file().read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    found: dict[str, str] = {}
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+            sid = entry["id"]
+        except (ValueError, TypeError, KeyError):
+            continue  # a damaged line: the others still complete
+        if isinstance(sid, str) and sid.startswith(incomplete) and sid not in found:
+            where = entry.get("address") or "the default address"
+            found[sid] = f"{entry.get('job', '?')}, submitted {entry.get('at', '?')} to {where}"
+    return list(found.items())
+
+
 SubmissionId = Annotated[str, typer.Argument(
-    metavar="ID", help="Submission id printed by `jacpipe submit`.")]
+    metavar="ID", help="Submission id printed by `jacpipe submit`.",
+    autocompletion=complete_submission)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 #: ``jacpipe run`` options whose value is the output folder.
@@ -95,6 +164,7 @@ def submit_cmd(
         job, run_args, address=address, submission_id=submission_id,
         extra_modules=list(extra_module or []),
     )
+    remember_submission(sid, job, address)
     typer.echo(sid)
     typer.echo(f"output: {out}", err=True)
     if not wait:

@@ -289,3 +289,56 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster) -> None:
     dash_port = int(ray_cluster.dashboard_url.rsplit(":", 1)[1])
     assert [s for s in exposed if s[2] == dash_port] == [], sockets
     assert any(port == dash_port for _, _, port in sockets), sockets
+
+
+def _complete(words: str, cword: int, env: dict) -> list[str]:
+    """What bash completion offers for ``words`` (the word at ``cword`` being typed)."""
+    env = {**env, "_JACPIPE_COMPLETE": "complete_bash", "COMP_WORDS": words,
+           "COMP_CWORD": str(cword)}
+    result = CliRunner().invoke(app, [], env=env, prog_name="jacpipe")
+    assert result.exit_code == 0, result.output
+    return result.output.split()
+
+
+def test_submission_ids_complete_from_the_local_record(tmp_path, monkeypatch):
+    """``jacpipe status|logs|stop <TAB>``: the ids this user submitted, newest first, offline."""
+    from pipeline.cli import cluster as cmds
+    from pipeline.runner import submit as sub
+
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    monkeypatch.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+    ids = iter(["raysubmit_aaa", "raysubmit_abc", "nightly-1"])
+    monkeypatch.setattr(sub, "submit", lambda *a, **k: next(ids))
+    for _ in range(3):
+        result = invoke("submit", "mlp", *SMALL, "--out", tmp_path / "o", "--address",
+                        "http://127.0.0.1:9")
+        assert result.exit_code == 0, result.output
+    assert cmds.submissions_file() == tmp_path / "state" / "jacpipe" / "submissions.jsonl"
+    for command in ("status", "logs", "stop"):
+        assert _complete(f"jacpipe {command} ", 2, env) == [
+            "nightly-1", "raysubmit_abc", "raysubmit_aaa"]
+        assert _complete(f"jacpipe {command} raysubmit_ab", 2, env) == ["raysubmit_abc"]
+        assert _complete(f"jacpipe {command} zz", 2, env) == []
+    with cmds.submissions_file().open("a") as f:
+        f.write('{"id": "raysubmit_aaa"}\nnot json\n{"job": "no id"}\n[1]\n')
+    assert [sid for sid, _ in cmds.complete_submission("r")] == ["raysubmit_aaa",
+                                                                 "raysubmit_abc"]
+    sid, what = cmds.complete_submission("raysubmit_abc")[0]
+    assert what.startswith("mlp, submitted ") and what.endswith(" to http://127.0.0.1:9")
+
+
+def test_the_record_keeps_the_newest_and_a_record_it_cannot_write_costs_only_completion(
+    tmp_path, monkeypatch
+):
+    from pipeline.cli import cluster as cmds
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr(cmds, "_REMEMBERED", 3)
+    for i in range(5):
+        cmds.remember_submission(f"id{i}", "mlp", None)
+    assert [sid for sid, _ in cmds.complete_submission("")] == ["id4", "id3", "id2"]
+    assert "to the default address" in cmds.complete_submission("id4")[0][1]
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "file"))  # a file, not a folder
+    cmds.remember_submission("lost", "mlp", None)  # no error: only completion needs it
+    assert cmds.complete_submission("") == []
