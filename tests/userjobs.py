@@ -215,3 +215,12 @@ def backward_raises_for_some_rows(n: int = 6) -> Problem:
             return 2 * grad
 
     return Problem(fn=Doubled.apply, x=torch.arange(1.0, n + 1, dtype=torch.float64))
+
+
+def waits_in_build(ready: str = "") -> Problem:
+    """A ``build()`` that touches ``ready`` and then waits (a test sends SIGTERM meanwhile)."""
+    import time
+
+    open(ready, "w").close()
+    time.sleep(120)
+    return Problem(fn=torch.tanh, x=torch.ones(3, dtype=torch.float64))

@@ -148,7 +148,7 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
                            "add --verify or drop --rows")
     opts = run_options(options)
     job = opts.job
-    with _stdout_to_stderr(as_json):
+    with _stdout_to_stderr(as_json), _sigterm_outside_the_run():
         summary = _run_options(run, opts)
     man = summary.manifest.to_json()
     if as_json:
@@ -192,6 +192,27 @@ def _sigterm_during_verify(out: str) -> Iterator[None]:
             f"unchecked; check it with `jacpipe compare {shown}`",
             exit_code=SIGTERM_EXIT,
         ) from None
+
+
+@contextlib.contextmanager
+def _sigterm_outside_the_run() -> Iterator[None]:
+    """SIGTERM before ``run`` prepares its folder (the job building, Ray connecting): one line.
+
+    Once the folder is prepared the driver says how far the run got
+    (``Interrupted``); before, nothing was written, and a SIGTERM ended the
+    command with no line (or Ray's ``sys.exit(15)``).
+    """
+    from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
+
+    seen = SigtermSeen()
+    try:
+        with sigterm_as_interrupt(seen):
+            yield
+    except KeyboardInterrupt as exc:
+        if not (isinstance(exc, Terminated) or seen.received):
+            raise
+        raise JacpipeError("terminated (SIGTERM) before any shard ran; rerun the same command",
+                           exit_code=SIGTERM_EXIT) from None
 
 
 def _run_options(run: Any, options: Any) -> Any:

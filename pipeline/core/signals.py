@@ -2,7 +2,9 @@
 
 One mechanism for every place a long step may be stopped by ``kill PID`` or a
 stopped cluster job: the shard loop (:mod:`pipeline.runner.scheduler`), the
-``--verify`` comparison and ``jacpipe export``. Each turns the signal into one
+run around it (Ray starting: :mod:`pipeline.runner.driver`, whose
+``ray.init`` raises :class:`Terminated` from :mod:`pipeline.runner.cluster`),
+the ``--verify`` comparison and ``jacpipe export``. Each turns the signal into one
 line and exit :data:`SIGTERM_EXIT`, and cleans up what it was writing.
 """
 

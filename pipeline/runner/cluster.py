@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from pipeline.core.errors import JacpipeError, first_line
+from pipeline.core.signals import Terminated
 from pipeline.runner.plan import (
     Resources,
 )
@@ -66,7 +67,7 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
     kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": True}
     if address:
         try:
-            ray.init(address=address, **kwargs)
+            _init_ray(address=address, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = first_line(exc)
             hint = ""
@@ -81,8 +82,47 @@ def connect(address: str | None, num_cpus: int | None) -> bool:
             ) from None
         return True
     refuse_stale_cluster_env()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    _init_ray(num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
+
+
+def _init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``; SIGTERM meanwhile is :class:`Terminated`, Ray shut down again.
+
+    ``ray.init`` first installs its own SIGTERM handler (``sys.exit(15)``: exit
+    15, no line) and then its core worker's, which dumps a C++ stack; a run
+    stopped while Ray started left its manifest ``running``. Here the first
+    becomes :class:`Terminated` (Ctrl-C stays a ``KeyboardInterrupt``), the
+    second is not installed, and the caller's handler (a Python one, such as
+    :func:`~pipeline.core.signals.sigterm_as_interrupt`'s) is put back once
+    Ray is up.
+    """
+    import signal
+    import threading
+
+    import ray
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    constants = sys.modules.get("ray._private.ray_constants")
+    dump = getattr(constants, "RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None)
+    if dump is not None:  # private to Ray: without it only the C++ stack comes back
+        constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    try:
+        ray.init(**kwargs)
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        ray.shutdown()
+        raise Terminated() from None
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
+    finally:
+        if dump is not None:
+            constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = dump
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 #: What `make cluster-up` exports; dropping them all makes `jacpipe run` local again.

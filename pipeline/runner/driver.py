@@ -277,6 +277,38 @@ def _spec(opts: RunOptions, job: CheckedJob, plan: RunPlan, shard: Shard, out: s
     )
 
 
+def _stops_resumably(execute: Callable[..., RunSummary]) -> Callable[..., RunSummary]:
+    """SIGTERM or Ctrl-C outside the shard loop (Ray starting, say): one line, folder resumable.
+
+    The shard loop says so itself (:func:`~pipeline.runner.scheduler.schedule`);
+    before it, a SIGTERM killed the driver without a line, its manifest left
+    ``running``. ``execute`` marks the folder ``interrupted``; this says how far it got.
+    """
+    import functools
+
+    from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
+
+    @functools.wraps(execute)
+    def wrapper(opts: RunOptions, job: CheckedJob, plan: RunPlan, folder: ResultFolder,
+                *args: Any, **kwargs: Any) -> RunSummary:
+        seen = SigtermSeen()
+        try:
+            with sigterm_as_interrupt(seen):
+                return execute(opts, job, plan, folder, *args, **kwargs)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated) or seen.received
+            committed = len(folder.manifest.shards) if folder.manifest else 0
+            raise Interrupted(
+                f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {committed} of "
+                f"{len(plan.shards)} shards committed in {folder.storage.display}; rerun the "
+                "same command to resume",
+                exit_code=SIGTERM_EXIT if terminated else None,
+            ) from None
+
+    return wrapper
+
+
+@_stops_resumably
 def _execute(
     opts: RunOptions,
     job: CheckedJob,
@@ -313,6 +345,9 @@ def _execute(
             wall_seconds=round(time.perf_counter() - t_start, 4),
             compute_seconds=round(time.perf_counter() - t_compute, 4),
         )
+    except KeyboardInterrupt:  # outside the shard loop, e.g. while Ray starts: resumable
+        folder.finish("interrupted")
+        raise
     finally:
         folder.unlock()
     notes = list(plan.notes)

@@ -474,3 +474,29 @@ def test_sigterm_during_run_verify_is_one_line_and_exit_143(tmp_path, monkeypatc
                     f"complete but unchecked; check it with `jacpipe compare {out}`"]
     assert signal.getsignal(signal.SIGTERM) is before
     assert read_doc(out)["status"] == "complete"
+
+
+def test_sigterm_before_the_run_folder_is_prepared_is_one_line(tmp_path):
+    """SIGTERM while the job builds (or ``--address`` connects): exit 143, one line, no folder."""
+    import signal
+    import time
+
+    out, ready = tmp_path / "out", tmp_path / "ready"
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), NO_COLOR="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "tests.userjobs:waits_in_build", "-p",
+         f"ready={ready}", "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert stderr.splitlines() == [
+        "error: terminated (SIGTERM) before any shard ran; rerun the same command"], stderr
+    assert not out.exists()
