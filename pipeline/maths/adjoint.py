@@ -365,7 +365,8 @@ def _plain_rows(problem: Any, rows: list[int]) -> Any:
     """Rows by plain ``torch.autograd.grad``, one per row, no torch.func."""
     from pipeline.maths.kinds import maths_of, reference_rows
 
-    if not maths_of(problem.kind).spec.per_sample:
+    spec = maths_of(problem.kind).spec
+    if not spec.per_sample or spec.columns_over != "inputs":  # the kind's own plain rows
         return reference_rows(problem, rows)
     with torch.no_grad():
         m = int(problem.fn(_fresh(problem.x[0])).numel())
