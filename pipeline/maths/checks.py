@@ -207,10 +207,10 @@ def combination_mismatch(rows: Tensor, w: Tensor, plain: Tensor, first: int) -> 
     A random combination sees an error in any of the rows, not only in one
     picked row, for the same single backward pass.
     """
-    rows64, w64 = rows.detach().double(), w.detach().reshape(-1).double()
-    scale = float(w64.norm() * rows64.norm())
-    return row_mismatch((w64 @ rows64).to(rows.dtype), plain,
-                        f"{first}..{first + rows.shape[0] - 1}", scale)
+    rows, w = rows.detach(), w.detach().reshape(-1).to(rows.dtype)
+    # in the rows' dtype: a copy of the chunk in float64 would cost more than the pullback
+    scale = float(w.norm()) * float(rows.norm())
+    return row_mismatch(w @ rows, plain, f"{first}..{first + rows.shape[0] - 1}", scale)
 
 
 def forward_rejected(check: Callable[[], str | None], what: str) -> bool:
