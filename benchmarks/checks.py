@@ -11,7 +11,10 @@
     whole range, the method ``--method auto`` picks; sparse jobs: the
     compressed evaluation); the checks' own wall time (each check function
     timed where it is called) over the rest of the shard's, medians of
-    ``--repeats``, 2 torch threads. Target: at most 5% on every job.
+    ``--repeats``, 2 torch threads: as a run's shard computes them (the
+    forward check only for per-sample kinds: the run's own check covered
+    the others) and as a direct engine call. Target: at most 5% on every
+    job in a run.
 (3) Cost per run: the run's own checks (the adjoint check where forward mode
     may run, the vmap spot check) as ``check_job`` times them, against the
     wall time of the same run (``pipeline.run(..., executor="local")``;
@@ -42,11 +45,13 @@ COST_JOBS: dict[str, dict] = {
     "robot_arm": {"batch": 2000},  # per-sample, tall: forward mode
     "rosenbrock": {"n": 1000, "pattern": False},  # a dense Hessian
     "trajectory": {"waypoints": 300},
+    "mlp_tall": {"n": 16, "m": 4000, "hidden": 512},  # tall: forward mode
 }
 QUICK_COST_JOBS: dict[str, dict] = {
     "mlp": {"n": 400, "m": 400, "hidden": 128},
     "heat": {"N": 30},
     "robot_arm": {"batch": 200},
+    "mlp_tall": {"n": 16, "m": 2000, "hidden": 256},
 }
 
 
@@ -157,20 +162,19 @@ def _shard(p, method: str):
     return lambda: [b for _, b in iter_rows(p, 0, shapes.total_rows, method=method)], method
 
 
-def shard_cost(report: Report, *, quick: bool, repeats: int) -> None:
-    from pipeline.core.kinds import kind_of
-    from pipeline.problem.problem import validate
-    from pipeline.runner.plan import choose_method
+def _share(compute, repeats: int, *, per_sample: bool | None) -> tuple[float, float]:
+    """``(checks' time / the rest's, median total)``; ``per_sample`` None: a direct call.
 
-    rows, worst = [], 0.0
-    for job, params in (QUICK_COST_JOBS if quick else COST_JOBS).items():
-        p = build(job, params, "float32")
-        s = validate(p)
-        method = choose_method("auto", m=s.m, n=s.n, shards=1) if not kind_of(
-            s.kind).symmetric else "rev"
-        compute, mode = _shard(p, method)
+    Otherwise the call runs as in a shard of a run (``fallback`` policy; the
+    forward check only for per-sample kinds, NOTE: [Checks on every engine call]).
+    """
+    from pipeline.maths import checks
+
+    context = (contextlib.nullcontext() if per_sample is None else
+               checks.checking(forward="fallback", log=[], check_forward=per_sample))
+    shares, totals = [], []
+    with context:
         compute()  # warm up
-        shares, totals = [], []
         for _ in range(repeats):
             spent = [0.0]
             with timed_checks(spent):
@@ -179,16 +183,33 @@ def shard_cost(report: Report, *, quick: bool, repeats: int) -> None:
                 total = time.perf_counter() - t0
             shares.append(spent[0] / (total - spent[0]))
             totals.append(total)
-        share = median(shares)
+    return median(shares), median(totals)
+
+
+def shard_cost(report: Report, *, quick: bool, repeats: int) -> None:
+    from pipeline.core.kinds import kind_of
+    from pipeline.problem.problem import validate
+    from pipeline.runner.plan import choose_method
+
+    rows, worst = [], 0.0
+    for job, params in (QUICK_COST_JOBS if quick else COST_JOBS).items():
+        p = build(job.removesuffix("_tall"), params, "float32")
+        s = validate(p)
+        method = choose_method("auto", m=s.m, n=s.n, shards=1) if not kind_of(
+            s.kind).symmetric else "rev"
+        compute, mode = _shard(p, method)
+        share, total = _share(compute, repeats, per_sample=kind_of(s.kind).per_sample)
+        direct, _ = _share(compute, repeats, per_sample=None)
         worst = max(worst, share)
-        rows.append([job, s.kind, str(params), mode, f"{median(totals) * 1e3:.1f} ms",
-                     f"{100 * share:.2f}%"])
+        rows.append([job, s.kind, str(params), mode, f"{total * 1e3:.1f} ms",
+                     f"{100 * share:.2f}%", f"{100 * direct:.2f}%"])
     report.table("(2) cost per shard: the checks' time over the rest of the shard's "
-                 "(float32, 2 threads; medians)",
-                 ["job", "kind", "params", "path", "shard", "checks / rest"], rows)
+                 "(float32, 2 threads; medians); in a run, and as a direct engine call",
+                 ["job", "kind", "params", "path", "shard", "checks / rest (run)",
+                  "checks / rest (direct call)"], rows)
     report.facts["shard_overhead_max"] = worst
-    report.target(Target("engine checks' overhead on a shard, worst job", 100 * worst, 5.0,
-                         higher_is_better=False, unit="%"))
+    report.target(Target("engine checks' overhead on a run's shard, worst job", 100 * worst,
+                         5.0, higher_is_better=False, unit="%"))
 
 
 def run_cost(report: Report, *, quick: bool) -> None:
