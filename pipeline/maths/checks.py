@@ -71,11 +71,13 @@ _VECTORISE: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_vecto
                                                                   default=True)
 _LOG: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("jacpipe_checks_log",
                                                                         default=None)
+_CHECK_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_forward",
+                                                                      default=True)
 
 
 @contextlib.contextmanager
 def checking(*, forward: str = "warn", vectorise: bool = True,
-             log: list[str] | None = None) -> Iterator[None]:
+             log: list[str] | None = None, check_forward: bool = True) -> Iterator[None]:
     """Set the policy of the engine calls inside the block.
 
     Args:
@@ -88,16 +90,25 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
             spot check found a wrong batching rule).
         log: where reports go (one line each, no repeats) instead of
             :func:`warnings.warn`.
+        check_forward: False where the run's own adjoint check already
+            compared forward with (vectorised) reverse mode at this very
+            point: a shard of a ``jacobian`` or ``hessian`` run computes the
+            same function at the same ``x``, so its calls skip the check
+            (one VJP: 13-25% of a tall forward-mode Jacobian's time,
+            ``benchmarks/checks.py``). Per-sample shards keep it: their
+            samples are not the ones the run checked.
 
     Raises:
         ValueError: an unknown ``forward`` policy.
     """
     if forward not in POLICIES:
         raise ValueError(f"forward must be one of {POLICIES}, got {forward!r}")
-    tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log))
+    tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log),
+              _CHECK_FORWARD.set(check_forward))
     try:
         yield
     finally:
+        _CHECK_FORWARD.reset(tokens[3])
         _LOG.reset(tokens[2])
         _VECTORISE.reset(tokens[1])
         _FORWARD.reset(tokens[0])
@@ -207,10 +218,10 @@ def combination_mismatch(rows: Tensor, w: Tensor, plain: Tensor, first: int) -> 
     A random combination sees an error in any of the rows, not only in one
     picked row, for the same single backward pass.
     """
-    rows64, w64 = rows.detach().double(), w.detach().reshape(-1).double()
-    scale = float(w64.norm() * rows64.norm())
-    return row_mismatch((w64 @ rows64).to(rows.dtype), plain,
-                        f"{first}..{first + rows.shape[0] - 1}", scale)
+    rows, w = rows.detach(), w.detach().reshape(-1).to(rows.dtype)
+    # in the rows' dtype: a copy of the chunk in float64 would cost more than the pullback
+    scale = float(w.norm()) * float(rows.norm())
+    return row_mismatch(w @ rows, plain, f"{first}..{first + rows.shape[0] - 1}", scale)
 
 
 def forward_rejected(check: Callable[[], str | None], what: str) -> bool:
@@ -218,8 +229,11 @@ def forward_rejected(check: Callable[[], str | None], what: str) -> bool:
 
     Under the ``warn`` policy forward mode's rows are kept (and reported);
     under ``fallback`` and ``reverse`` they are computed again by reverse mode.
-    A check that cannot run (fn or its backward raises) keeps them silently.
+    A check that cannot run (fn or its backward raises) keeps them silently;
+    none runs where the run's own check covered this call (:func:`checking`).
     """
+    if not _CHECK_FORWARD.get():
+        return False
     try:
         reason = check()
     except Exception:  # noqa: BLE001 - a reverse pass that cannot run is not a verdict

@@ -188,7 +188,10 @@ def compute_shard(
     reports: list[str] = []  # the engine's own checks (NOTE: [Checks on every engine call])
     _CURRENT = spec
     try:
-        with checks.checking(forward=spec.forward, vectorise=spec.vectorise, log=reports):
+        # the driver's adjoint check covered this very function and point, except
+        # for per-sample kinds (other samples): NOTE: [Checks on every engine call]
+        with checks.checking(forward=spec.forward, vectorise=spec.vectorise, log=reports,
+                             check_forward=kind_of(spec.shapes.kind).per_sample):
             _write_rows(writer, problem, spec, pattern, coloring, chunk, busy, pipelined)
         t_commit = time.perf_counter()
         info = writer.commit()

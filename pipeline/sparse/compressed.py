@@ -28,7 +28,12 @@ import torch
 
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
-from pipeline.maths.engine import VmapFallbackWarning, checked_compressed, hessian_vector_products
+from pipeline.maths.engine import (
+    VmapFallbackWarning,
+    checked_compressed,
+    hessian_vector_products,
+    strict_outputs,
+)
 from pipeline.problem.problem import Problem
 from pipeline.sparse.coloring import Coloring, as_pattern, star_direct
 
@@ -143,7 +148,7 @@ def sparse_jacobian_rows(
             disagree, the row range is out of bounds, or the mode is
             ``"symmetric"``.
     """
-    p = as_pattern(pattern)
+    p, fn = as_pattern(pattern), strict_outputs(fn)
     colors = _checked_colors(p, x, start, stop, coloring, ("fwd", "rev"))
     block, rows, row_of = _block(p, start, stop)
     cols = block.indices.astype(np.int64)
@@ -214,7 +219,7 @@ def sparse_hessian_rows(
             colouring has the wrong length, the row range is out of bounds,
             or ``fn(x)`` is not a scalar.
     """
-    p = as_pattern(pattern)
+    p, fn = as_pattern(pattern), strict_outputs(fn)
     if p.shape[0] != p.shape[1]:
         raise ValueError(f"a Hessian pattern must be square, got shape {p.shape}")
     p = (p + p.T).tocsr()

@@ -210,7 +210,10 @@ BAD_OUTPUTS = {
 @pytest.mark.parametrize("case", sorted(BAD_OUTPUTS))
 def test_engine_refuses_outputs_without_a_real_jacobian(case):
     fn, x = BAD_OUTPUTS[case], point(torch.float64, 3)
+    eye = sp.eye(3, format="csr")
     calls = [
+        lambda: sparse_jacobian_rows(fn, x, 0, 1, eye, choose_coloring(eye)),
+        lambda: sparse_hessian_rows(fn, x, 0, 1, eye, choose_coloring(eye, symmetric=True)),
         lambda: jacobian_rows(fn, x, 0, 1),
         lambda: jacobian_rows(fn, x, 0, 1, method="fwd"),
         lambda: hessian_rows(fn, x, 0, 1),

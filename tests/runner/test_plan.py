@@ -159,6 +159,34 @@ def test_make_plan_sparse_with_a_pattern():
     assert dense.layout == "dense" and dense.coloring_facts() is None
 
 
+def test_a_sparse_plan_leaves_forward_mode_where_it_disagrees():
+    """Issue 25: a column colouring becomes a row colouring, a Hessian's products reverse."""
+    from pipeline.sparse.coloring import validate_coloring
+    from pipeline.sparse.compressed import banded_pattern
+
+    pattern = banded_pattern(40, 3)
+    agree = make_plan(_shapes(m=40, n=40), RunOptions(job="j"), CPU2, pattern=pattern)
+    assert agree.coloring.mode == "fwd" and agree.forward == "fallback"
+    why = "forward and reverse mode give different derivatives: ..."
+    plan = make_plan(_shapes(m=40, n=40), RunOptions(job="j"), CPU2, pattern=pattern,
+                     forward_disagrees=why)
+    assert plan.coloring.mode == "rev" and plan.forward == "reverse"
+    validate_coloring(pattern, plan.coloring)  # every entry recoverable by rows
+    assert f"row colouring (reverse mode), not column colouring (forward mode): {why}" in \
+        plan.notes
+    hess = make_plan(_shapes(m=40, n=40, kind="hessian"), RunOptions(job="j"), CPU2,
+                     pattern=pattern, forward_disagrees=why)
+    assert hess.coloring.mode == "symmetric" and hess.forward == "reverse"
+    assert any(n.startswith("Hessian-vector products by reverse-over-reverse") for n in
+               hess.notes)
+    explicit = make_plan(_shapes(m=50_000, n=16), RunOptions(job="j", method="fwd"), CPU2,
+                         forward_disagrees=why)
+    assert explicit.method == "fwd" and explicit.forward == "warn"
+    unbatched = make_plan(_shapes(), RunOptions(job="j"), CPU2, vectorise=False)
+    assert not unbatched.vectorise
+    assert any(n.startswith("warning: vectorised rows differ") for n in unbatched.notes)
+
+
 def test_forward_mode_chunks_reserve_the_rows_they_keep():
     """Issue 11, item 7: the worker passes the shard's rows, so fwd chunks shrink with them."""
     from pipeline.core.shard import ShardSpec
