@@ -44,7 +44,14 @@ from pipeline.runner.plan import (
     stored_row_bytes,
 )
 from pipeline.runner.progress import Progress
-from pipeline.runner.scheduler import Executor, Interrupted, LocalExecutor, RayExecutor, schedule
+from pipeline.runner.scheduler import (
+    Executor,
+    Interrupted,
+    LocalExecutor,
+    RayExecutor,
+    gather_rows,
+    schedule,
+)
 from pipeline.store.folder import ResultFolder, default_out
 from pipeline.store.manifest import Manifest, utcnow, versions
 from pipeline.store.storage import Storage
@@ -411,14 +418,7 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
         schedule(specs, scheduler, plan, folder, progress, owns_ray=True)
         return
     with progress:  # the spinner (or heartbeat) turns while Ray starts
-        started = False
-        if not ray_running() or embedded_running():
-            t0 = time.perf_counter()
-            cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
-            progress.phase(f"starting Ray ({cpus} CPUs)")
-            started = start_embedded(opts.num_cpus)
-            if started:
-                echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+        started = _ray_up(opts, plan, progress, echo)
         embedded = embedded_running()
         try:
             scheduler = RayExecutor(plan, folder, progress,
@@ -432,3 +432,43 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
             raise
     if embedded and not keep_ray:
         shutdown()
+
+
+def _ray_up(opts: RunOptions, plan: RunPlan, progress: Progress, echo: Callable[[str], None]
+            ) -> bool:
+    """Start (or keep) the embedded Ray unless the caller's Ray is up; True if started now."""
+    if ray_running() and not embedded_running():
+        return False
+    t0 = time.perf_counter()
+    cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
+    progress.phase(f"starting Ray ({cpus} CPUs)")
+    started = start_embedded(opts.num_cpus)
+    if started:
+        echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+    return started
+
+
+def rows_on_ray(opts: RunOptions, job: CheckedJob, plan: RunPlan,
+                echo: Callable[[str], None]) -> list[Any]:
+    """A dense result computed by Ray tasks and kept in memory: its blocks, in row order.
+
+    ``pipeline.jacobian`` without ``out``: the plan's shards, each a task
+    returning its rows (:func:`~pipeline.runner.scheduler.gather_rows`); no
+    folder. The embedded Ray stays up; a failure or Ctrl-C stops it.
+    """
+    if opts.address and embedded_running():
+        shutdown()
+    if opts.address:
+        connect(opts.address, opts.num_cpus)
+    run_id = uuid.uuid4().hex[:12]
+    specs = [_spec(opts, job, plan, s, "", run_id) for s in plan.shards]
+    progress = Progress(len(specs), enabled=opts.progress, echo=echo)
+    with progress:
+        _ray_up(opts, plan, progress, echo)
+        embedded = embedded_running()
+        try:
+            return gather_rows(specs, plan, progress, problem=job.problem)
+        except BaseException:
+            if embedded:
+                shutdown()
+            raise

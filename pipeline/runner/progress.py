@@ -110,8 +110,12 @@ class Progress:
 
     def advance(self, result: ShardResult) -> None:
         """One more shard committed."""
+        self.advance_rows(result.rows)
+
+    def advance_rows(self, rows: int) -> None:
+        """One more shard of ``rows`` rows done."""
         self.done_shards += 1
-        self.done_rows += result.rows
+        self.done_rows += rows
         self.label = "shards"
         rate = self.done_rows / max(time.perf_counter() - self._t0, 1e-9)
         if self._bar is not None:

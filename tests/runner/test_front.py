@@ -183,3 +183,20 @@ def test_one_embedded_ray_serves_a_newton_loop_and_stops_on_shutdown(tmp_path):
     assert doc["starts"] == 1
     assert len(set().union(*map(set, doc["pids"]))) <= 3
     assert max(doc["errs"]) < 1e-12
+
+
+def test_on_the_callers_ray_rows_come_back_in_memory_and_failures_are_one_line(ray_session):
+    fn, x = _mlp()
+    got = pipeline.jacobian(fn, x, shards=3, executor="ray")
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    driver = os.getpid()
+
+    def fails_on_workers(t: torch.Tensor) -> torch.Tensor:
+        if os.getpid() != driver:
+            raise ValueError("boom on a worker")
+        return fn(t)
+
+    with pytest.raises(JacpipeError, match="^shard 0 \\(rows 0..6\\): .*ValueError: boom on a "
+                       "worker$"):
+        pipeline.jacobian(fails_on_workers, x, shards=2, executor="ray")
+    assert ray_session.is_initialized()  # the caller's Ray is theirs: still up
