@@ -43,7 +43,7 @@ from pipeline.runner.plan import (
     make_plan,
     stored_row_bytes,
 )
-from pipeline.runner.progress import Progress
+from pipeline.runner.progress import Progress, slow_phase
 from pipeline.runner.scheduler import (
     Executor,
     Interrupted,
@@ -142,19 +142,23 @@ def run(
         ShardFailedError: the user's function raised in a shard.
         Interrupted: Ctrl-C or SIGTERM (the folder is resumable).
     """
+    echo = echo or log_line
     with python_errors():
         opts, given = _options(job, options)
-        return run_checked(opts, _checked(opts, given), echo or log_line, keep_ray=True)
+        return run_checked(opts, _checked(opts, given, echo), echo, keep_ray=True)
 
 
 def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
     """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end."""
-    return run_checked(options, _checked(options, None), echo, keep_ray=False)
+    return run_checked(options, _checked(options, None, echo), echo, keep_ray=False)
 
 
-def _checked(opts: RunOptions, given: Problem | None) -> CheckedJob:
+def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
+             ) -> CheckedJob:
     opts.check()
-    return check_job(opts, given)
+    with slow_phase(echo, "checking the job (build, fingerprint, detecting sparsity)",
+                    enabled=opts.progress):
+        return check_job(opts, given)
 
 
 @contextlib.contextmanager
@@ -254,17 +258,24 @@ def _options(job: Any, options: dict[str, Any], *, caller: str = "run"
 def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callable[[str], None],
           *, embedded: bool) -> RunPlan:
     """The one planning call (:func:`~pipeline.runner.plan.make_plan`), its notes echoed."""
-    plan = make_plan(
+    with slow_phase(echo, "planning (colouring)" if job.pattern.pattern is not None
+                    else "planning", enabled=opts.progress):
+        plan = _make_plan(opts, job, resources, embedded=embedded)
+    # The colouring of a sparse run is one of the plan's notes (printed once here).
+    for note in plan.notes:
+        echo(note if note.startswith("warning:") else f"note: {note}")
+    return plan
+
+
+def _make_plan(opts: RunOptions, job: CheckedJob, resources: Resources, *, embedded: bool
+               ) -> RunPlan:
+    return make_plan(
         job.shapes, opts, resources, pattern=job.pattern.pattern,
         pattern_source=job.pattern.source, device_param=job.device_param,
         forward_disagrees=None if job.adjoint is None or job.adjoint.agree
         else job.adjoint.reason,
         pass_seconds=job.pass_seconds if embedded else None,
     )
-    # The colouring of a sparse run is one of the plan's notes (printed once here).
-    for note in plan.notes:
-        echo(note if note.startswith("warning:") else f"note: {note}")
-    return plan
 
 
 def _warn_if_disk_too_small(job: CheckedJob, plan: RunPlan, todo: list[Any], storage: Storage,
