@@ -288,8 +288,9 @@ def python_spelling(message: str) -> str:
     """``message`` with ``jacpipe run``'s flags spelled as the Python API's arguments.
 
     ``--overwrite`` becomes ``overwrite=True``, ``--no-resume`` ``resume=False``,
-    ``--out DIR`` ``out=DIR``, ``-p`` ``params``: what a caller of
-    ``pipeline.run`` / ``pipeline.jacobian`` types to act on the message.
+    ``--out DIR`` ``out=DIR``, "rerun the same command" "call again with the
+    same arguments": what a caller of ``pipeline.run`` / ``pipeline.jacobian``
+    does to act on the message.
 
     Args:
         message: a :class:`~pipeline.core.errors.JacpipeError` line written for the CLI.
@@ -320,4 +321,5 @@ def python_spelling(message: str) -> str:
             return name[:-1] + rest
         return f"{name}{value}"
 
-    return pattern.sub(swap, message)
+    return pattern.sub(swap, message).replace("rerun the same command",
+                                              "call again with the same arguments")

@@ -43,8 +43,15 @@ from pipeline.runner.plan import (
     make_plan,
     stored_row_bytes,
 )
-from pipeline.runner.progress import Progress
-from pipeline.runner.scheduler import Executor, Interrupted, LocalExecutor, RayExecutor, schedule
+from pipeline.runner.progress import Progress, slow_phase
+from pipeline.runner.scheduler import (
+    Executor,
+    Interrupted,
+    LocalExecutor,
+    RayExecutor,
+    gather_rows,
+    schedule,
+)
 from pipeline.store.folder import ResultFolder, default_out
 from pipeline.store.manifest import Manifest, utcnow, versions
 from pipeline.store.storage import Storage
@@ -135,19 +142,23 @@ def run(
         ShardFailedError: the user's function raised in a shard.
         Interrupted: Ctrl-C or SIGTERM (the folder is resumable).
     """
+    echo = echo or log_line
     with python_errors():
         opts, given = _options(job, options)
-        return run_checked(opts, _checked(opts, given), echo or log_line, keep_ray=True)
+        return run_checked(opts, _checked(opts, given, echo), echo, keep_ray=True)
 
 
 def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
     """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end."""
-    return run_checked(options, _checked(options, None), echo, keep_ray=False)
+    return run_checked(options, _checked(options, None, echo), echo, keep_ray=False)
 
 
-def _checked(opts: RunOptions, given: Problem | None) -> CheckedJob:
+def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
+             ) -> CheckedJob:
     opts.check()
-    return check_job(opts, given)
+    with slow_phase(echo, "checking the job (build, fingerprint, detecting sparsity)",
+                    enabled=opts.progress):
+        return check_job(opts, given)
 
 
 @contextlib.contextmanager
@@ -247,7 +258,18 @@ def _options(job: Any, options: dict[str, Any], *, caller: str = "run"
 def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callable[[str], None],
           *, embedded: bool) -> RunPlan:
     """The one planning call (:func:`~pipeline.runner.plan.make_plan`), its notes echoed."""
-    plan = make_plan(
+    with slow_phase(echo, "planning (colouring)" if job.pattern.pattern is not None
+                    else "planning", enabled=opts.progress):
+        plan = _make_plan(opts, job, resources, embedded=embedded)
+    # The colouring of a sparse run is one of the plan's notes (printed once here).
+    for note in plan.notes:
+        echo(note if note.startswith("warning:") else f"note: {note}")
+    return plan
+
+
+def _make_plan(opts: RunOptions, job: CheckedJob, resources: Resources, *, embedded: bool
+               ) -> RunPlan:
+    return make_plan(
         job.shapes, opts, resources, pattern=job.pattern.pattern,
         pattern_source=job.pattern.source, device_param=job.device_param,
         forward_disagrees=None if job.adjoint is None or job.adjoint.agree
@@ -255,10 +277,6 @@ def _plan(opts: RunOptions, job: CheckedJob, resources: Resources, echo: Callabl
         pass_seconds=job.pass_seconds if embedded else None,
         vectorise=job.spot is None or job.spot.agree,
     )
-    # The colouring of a sparse run is one of the plan's notes (printed once here).
-    for note in plan.notes:
-        echo(note if note.startswith("warning:") else f"note: {note}")
-    return plan
 
 
 def _warn_if_disk_too_small(job: CheckedJob, plan: RunPlan, todo: list[Any], storage: Storage,
@@ -453,14 +471,7 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
         schedule(specs, scheduler, plan, folder, progress, owns_ray=True)
         return
     with progress:  # the spinner (or heartbeat) turns while Ray starts
-        started = False
-        if not ray_running() or embedded_running():
-            t0 = time.perf_counter()
-            cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
-            progress.phase(f"starting Ray ({cpus} CPUs)")
-            started = start_embedded(opts.num_cpus)
-            if started:
-                echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+        started = _ray_up(opts, plan, progress, echo)
         embedded = embedded_running()
         try:
             scheduler = RayExecutor(plan, folder, progress,
@@ -474,3 +485,43 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
             raise
     if embedded and not keep_ray:
         shutdown()
+
+
+def _ray_up(opts: RunOptions, plan: RunPlan, progress: Progress, echo: Callable[[str], None]
+            ) -> bool:
+    """Start (or keep) the embedded Ray unless the caller's Ray is up; True if started now."""
+    if ray_running() and not embedded_running():
+        return False
+    t0 = time.perf_counter()
+    cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
+    progress.phase(f"starting Ray ({cpus} CPUs)")
+    started = start_embedded(opts.num_cpus)
+    if started:
+        echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+    return started
+
+
+def rows_on_ray(opts: RunOptions, job: CheckedJob, plan: RunPlan,
+                echo: Callable[[str], None]) -> list[Any]:
+    """A dense result computed by Ray tasks and kept in memory: its blocks, in row order.
+
+    ``pipeline.jacobian`` without ``out``: the plan's shards, each a task
+    returning its rows (:func:`~pipeline.runner.scheduler.gather_rows`); no
+    folder. The embedded Ray stays up; a failure or Ctrl-C stops it.
+    """
+    if opts.address and embedded_running():
+        shutdown()
+    if opts.address:
+        connect(opts.address, opts.num_cpus)
+    run_id = uuid.uuid4().hex[:12]
+    specs = [_spec(opts, job, plan, s, "", run_id) for s in plan.shards]
+    progress = Progress(len(specs), enabled=opts.progress, echo=echo)
+    with progress:
+        _ray_up(opts, plan, progress, echo)
+        embedded = embedded_running()
+        try:
+            return gather_rows(specs, plan, progress, problem=job.problem)
+        except BaseException:
+            if embedded:
+                shutdown()
+            raise

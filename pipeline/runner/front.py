@@ -14,15 +14,19 @@ executor rule: this process or Ray) and *returns* the result:
   warning names it).
 
 NOTE: [Three paths of the front door]
-    Small work in this process (``executor`` auto or local, no ``out``, the
-    result within half the memory budget) is computed in memory: the same row
-    generators and chunk sizes as a shard, no fingerprint (no worker checks
-    it), no folder, nothing written; sparsity detection only when the dense
-    work is worth it. Work the executor rule sends to Ray is written to a
-    temporary folder (the workers write parts), read back and removed; with
-    ``out=`` it is an ordinary run of that folder (a rerun resumes, or
-    returns the finished result at once). The Ray started by the first call
-    stays up for the next (NOTE: [One embedded Ray per process]).
+    Without ``out`` and with the result within half the memory budget, small
+    work (the executor rule says ``local``) is computed in this process: the
+    same row generators and chunk sizes as a shard, no fingerprint (no worker
+    checks it), nothing written, sparsity detection only when the dense work
+    is worth it. Work the rule sends to Ray (dense) runs as the plan's
+    shards, each task returning its rows through Ray's object store (no
+    folder; the workers check the fingerprint as for a run). Everything else
+    (``out=``, a sparse result on Ray, smoothing, a result too big to hold) is
+    an ordinary run into ``out`` or a temporary folder: a rerun with the
+    same ``out`` resumes or returns the finished result at once; a temporary
+    folder is read back and removed, or kept and returned opened when the
+    result is too big. The Ray started by the first call stays up for the
+    next (NOTE: [One embedded Ray per process]).
 
 What is differentiable: nothing of the result. It is a plain tensor (or
 scipy matrix), detached from ``x`` and from the tensors ``fn`` closes over:
@@ -44,8 +48,8 @@ from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import layout_of
 from pipeline.core.options import RunOptions
 from pipeline.problem.problem import Problem
-from pipeline.runner.cluster import embedded_running, ray_running
-from pipeline.runner.driver import _options, log_line, python_errors, run_checked
+from pipeline.runner.cluster import cluster_resources, connect, embedded_running, ray_running
+from pipeline.runner.driver import _options, log_line, python_errors, rows_on_ray, run_checked
 from pipeline.runner.job import CheckedJob, check_job, with_fingerprint
 from pipeline.runner.plan import RunPlan, chunk_rows, local_resources, make_plan
 
@@ -122,11 +126,13 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
             raise JacpipeError(f"pipeline.{caller}: kind= is the function's choice here; use "
                                "pipeline.jacobian, hessian or batched_jacobian")
         job = check_job(opts, given, in_process=True)
-        if opts.out is None and not opts.address and not _on_callers_ray():
+        if opts.out is None:
             plan = _plan(opts, job)
-            if plan.executor == "local" and _fits(job, plan):
+            if _fits(job, plan) and plan.executor == "local":
                 return _in_memory(job, plan)
-        return _through_folder(opts, with_fingerprint(job), echo)
+            if _fits(job, plan) and plan.coloring is None and opts.smooth is None:
+                return _on_ray(opts, with_fingerprint(job), plan, echo)
+        return _through_folder(opts, with_fingerprint(job), echo, options)
 
 
 def _on_callers_ray() -> bool:
@@ -135,10 +141,27 @@ def _on_callers_ray() -> bool:
 
 
 def _plan(opts: RunOptions, job: CheckedJob) -> RunPlan:
-    return make_plan(job.shapes, opts, local_resources(opts.num_cpus), pattern=job.pattern.pattern,
+    """The plan: this machine's resources, or the cluster's (connected now) if one is asked."""
+    cluster = bool(opts.address) or _on_callers_ray()
+    if opts.address and not ray_running():
+        connect(opts.address, opts.num_cpus)
+    return make_plan(job.shapes, opts, cluster_resources() if cluster
+                     else local_resources(opts.num_cpus), pattern=job.pattern.pattern,
                      pattern_source=job.pattern.source,
                      forward_disagrees=None if job.adjoint is None or job.adjoint.agree
-                     else job.adjoint.reason, pass_seconds=job.pass_seconds)
+                     else job.adjoint.reason, pass_seconds=None if cluster else job.pass_seconds)
+
+
+def _on_ray(opts: RunOptions, job: CheckedJob, plan: RunPlan, echo: Callable[[str], None]
+            ) -> Any:
+    """A dense result computed by Ray tasks, gathered here (no folder), as :func:`_in_memory`."""
+    import numpy as np
+    import torch
+
+    blocks = rows_on_ray(opts, job, plan, echo)
+    rows = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    out = torch.from_numpy(np.ascontiguousarray(rows)).to(job.problem.x.device)
+    return out.reshape(job.shapes.full_shape)
 
 
 def _result_bytes(job: CheckedJob, plan: RunPlan) -> int:
@@ -205,7 +228,8 @@ def _sparse_in_memory(problem: Problem, plan: RunPlan, chunk: int | None) -> Any
     return sp.csr_array((values, rows.cols, rows.indptr), shape=plan.pattern.shape)
 
 
-def _through_folder(opts: RunOptions, job: CheckedJob, echo: Callable[[str], None]) -> Any:
+def _through_folder(opts: RunOptions, job: CheckedJob, echo: Callable[[str], None],
+                    given_options: dict[str, Any]) -> Any:
     """A run into ``out`` (the folder opened), or into a temporary folder read back and removed."""
     from pipeline.store.reader import open_jacobian
 
@@ -220,8 +244,12 @@ def _through_folder(opts: RunOptions, job: CheckedJob, echo: Callable[[str], Non
 
     tmp = tempfile.mkdtemp(prefix="jacpipe-")
     keep = False
+    # Parts read back at once and removed: compressing them only costs time
+    # (unless asked for: the folder is kept when the result is too big).
+    codec = opts.compression if "compression" in given_options else "none"
     try:
-        summary = run_checked(dataclasses.replace(opts, out=tmp), job, echo, keep_ray=True)
+        summary = run_checked(dataclasses.replace(opts, out=tmp, compression=codec), job, echo,
+                              keep_ray=True)
         result = open_jacobian(summary.out)
         budget = summary.manifest.options.get("memory_budget") or 0
         if 2 * _stored_bytes(result) > budget:
@@ -249,8 +277,10 @@ def _read_back(result: Any, job: CheckedJob) -> Any:
     if not layout_of(result.layout).fixed_width:
         import scipy.sparse as sp
 
-        return sp.csr_array(result.read(as_="scipy"))
-    return result.read(as_="torch", reshape=True).to(x.device)
+        return sp.csr_array(result.read(as_="scipy", verify=False))
+    # verify=False: the parts were written a moment ago by this call (and their
+    # footers are still checked against the manifest).
+    return result.read(as_="torch", reshape=True, verify=False).to(x.device)
 
 
 def _one_node() -> bool:

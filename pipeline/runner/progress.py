@@ -11,10 +11,11 @@ NOTE: [Start-up you can see]
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pipeline.core.shard import ShardResult
@@ -110,8 +111,12 @@ class Progress:
 
     def advance(self, result: ShardResult) -> None:
         """One more shard committed."""
+        self.advance_rows(result.rows)
+
+    def advance_rows(self, rows: int) -> None:
+        """One more shard of ``rows`` rows done."""
         self.done_shards += 1
-        self.done_rows += result.rows
+        self.done_rows += rows
         self.label = "shards"
         rate = self.done_rows / max(time.perf_counter() - self._t0, 1e-9)
         if self._bar is not None:
@@ -148,3 +153,34 @@ class Progress:
         status = self._status(now)
         self._line(status if self.label == "shards" else f"{self.label}... {status}")
         return True
+
+
+@contextlib.contextmanager
+def slow_phase(echo: Callable[[str], None], text: str, *, enabled: bool = True,
+               after: float = 1.0) -> Iterator[None]:
+    """One ``text...`` line if the block runs past ``after`` seconds, then a heartbeat.
+
+    For the steps before the shards (building and checking the job, detecting
+    sparsity, colouring): silent when quick, visible when not (NOTE: [Start-up
+    you can see]); nothing when not ``enabled`` (``--no-progress``).
+    """
+    if not enabled:
+        yield
+        return
+    done = threading.Event()
+    t0 = time.perf_counter()
+
+    def watch() -> None:
+        if done.wait(after):
+            return
+        echo(f"{text}...")
+        while not done.wait(HEARTBEAT):
+            echo(f"{text}... {time.perf_counter() - t0:.0f}s")
+
+    watcher = threading.Thread(target=watch, name="jacpipe-phase", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join(timeout=1.0)

@@ -83,6 +83,58 @@ def _remote() -> Any:
     return _REMOTE
 
 
+def _rows_task(spec: ShardSpec, inputs: ShardInputs) -> Any:
+    from pipeline.runner.worker import compute_rows
+
+    return compute_rows(spec, inputs)
+
+
+_ROWS_REMOTE: Any = None
+
+
+def gather_rows(specs: list[ShardSpec], plan: RunPlan, progress: Progress, *,
+                problem: Problem | None = None) -> list[Any]:
+    """The rows of ``specs`` computed by Ray tasks and returned through the object store.
+
+    For a result that fits in memory (``pipeline.jacobian`` without ``out``):
+    no folder, no part files; the same task options, retries of dead workers
+    and one-line failures as :class:`RayExecutor`.
+
+    Returns:
+        One ``(rows, n)`` numpy array per spec, in the order of ``specs``.
+
+    Raises:
+        ShardFailedError: the user's function raised in a task.
+        Interrupted: Ctrl-C or SIGTERM.
+    """
+    import ray
+
+    global _ROWS_REMOTE
+    if _ROWS_REMOTE is None:
+        _ROWS_REMOTE = ray.remote(max_calls=0, max_retries=MAX_RETRIES,
+                                  retry_exceptions=False)(_rows_task)
+    remote = _ROWS_REMOTE.options(num_cpus=plan.cpus_per_shard, num_gpus=plan.gpus_per_shard)
+    inputs = ray.put(_inputs(plan, problem))
+    pending = {remote.remote(spec, inputs): spec for spec in specs}
+    blocks: dict[int, Any] = {}
+    sigterm = _Sigterm()
+    try:
+        with _sigterm_as_interrupt(sigterm), progress:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in done:
+                    spec = pending.pop(ref)
+                    blocks[spec.index] = _outcome(ref, spec)
+                    progress.advance_rows(spec.rows)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated) or sigterm.received
+        raise Interrupted("terminated (SIGTERM)" if terminated else "interrupted",
+                          exit_code=SIGTERM_EXIT if terminated else None) from None
+    finally:
+        _abandon(pending)
+    return [blocks[spec.index] for spec in specs]
+
+
 def _describe_failure(exc: BaseException, shard: ShardSpec) -> JacpipeError:
     import ray.exceptions as rex
 

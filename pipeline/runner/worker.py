@@ -35,7 +35,10 @@ from pipeline.store.storage import Storage
 # activation size). The fingerprint is part of the key so that a worker kept
 # from an earlier run checks its build again when the driver's build changed
 # (a job whose code or data changed between runs), instead of reusing a stale one.
+# Bounded (CACHE_SIZE, oldest out): a worker kept by the embedded Ray across a
+# Newton loop's calls meets a new fingerprint (a new x) at every call.
 _CACHE: dict[str, tuple[Problem, int]] = {}
+CACHE_SIZE = 4
 
 
 #: The shard this process is computing (see :func:`current_shard`).
@@ -130,6 +133,8 @@ def _problem(spec: ShardSpec, device: str, given: Problem | None = None
             if device != "cpu" and spec.device_param:
                 params["device"] = device
             problem = rebuild(spec.job, params, spec.fingerprint)
+        while len(_CACHE) >= CACHE_SIZE:
+            del _CACHE[next(iter(_CACHE))]
         _CACHE[key] = (problem, activation_numel(problem))
     return _CACHE[key]
 
@@ -241,6 +246,27 @@ def _write_rows(writer: PartWriter, problem: Problem, spec: ShardSpec, pattern: 
         _write_columns(writer, problem, spec, chunk, busy)
     else:
         _write_dense(writer, problem, spec, chunk, busy, pipelined=pipelined)
+
+
+def compute_rows(spec: ShardSpec, inputs: ShardInputs | None = None) -> np.ndarray:
+    """A dense shard's rows returned, not written: ``(rows, n)`` numpy.
+
+    What ``pipeline.jacobian`` asks of Ray for a result that fits in memory:
+    the same problem (rebuilt or handed in memory, its fingerprint checked),
+    device, threads and chunk size as :func:`compute_shard`, its rows going
+    back through Ray's object store instead of a part file.
+    """
+    inputs = inputs or ShardInputs()
+    torch.set_num_threads(spec.threads)
+    device = _device(spec.device)
+    problem, activations = _problem(spec, device, inputs.problem)
+    chunk = _chunk(spec, activations, None, baseline=_rss() if device == "cpu" else 0)
+    out = np.empty((spec.rows, spec.shapes.n), dtype=str(spec.shapes.dtype))
+    for a, block in iter_rows(problem, spec.start, spec.stop, chunk_size=chunk,
+                              method=spec.method, m=spec.shapes.m):
+        out[a - spec.start:a - spec.start + len(block)] = (
+            block.detach().reshape(len(block), -1).cpu().numpy())
+    return out
 
 
 def encoders(spec: ShardSpec) -> int:

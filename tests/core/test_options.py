@@ -71,6 +71,8 @@ def test_help_choices_are_the_library_ones():
      "it takes no address (use executor=ray or auto)"),
     ("--no-resume and --resume", "resume=False and resume=True"),
     ("--chunk-size must be at least 1", "chunk_size must be at least 1"),
+    ("stopped: rerun the same command to resume", "stopped: call again with the same arguments "
+     "to resume"),
     ("see `jacpipe run --help`; keep --out-of-band as is", "see `jacpipe run --help`; keep "
      "--out-of-band as is"),
 ])

@@ -142,7 +142,9 @@ def test_a_result_beyond_the_memory_budget_comes_back_opened(tmp_path, monkeypat
 def test_pipeline_run_errors_name_python_arguments(tmp_path):
     fn, x = _mlp()
     out = str(tmp_path / "o")
-    pipeline.run(pipeline.Problem(fn=fn, x=x), out=out, progress=False, **LOCAL)
+    summary = pipeline.run(pipeline.Problem(fn=fn, x=x), out=out, progress=False, **LOCAL)
+    shown = repr(summary)  # one line, not the manifest
+    assert "\n" not in shown and len(shown) < 400 and "computed=" in shown, shown
     with pytest.raises(JacpipeError) as caught:
         pipeline.run(pipeline.Problem(fn=fn, x=2 * x), out=out, progress=False, **LOCAL)
     assert "overwrite=True" in str(caught.value) and "--" not in str(caught.value)
@@ -183,3 +185,38 @@ def test_one_embedded_ray_serves_a_newton_loop_and_stops_on_shutdown(tmp_path):
     assert doc["starts"] == 1
     assert len(set().union(*map(set, doc["pids"]))) <= 3
     assert max(doc["errs"]) < 1e-12
+
+
+def test_on_the_callers_ray_rows_come_back_in_memory_and_failures_are_one_line(ray_session):
+    fn, x = _mlp()
+    got = pipeline.jacobian(fn, x, shards=3, executor="ray")
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    driver = os.getpid()
+
+    def fails_on_workers(t: torch.Tensor) -> torch.Tensor:
+        if os.getpid() != driver:
+            raise ValueError("boom on a worker")
+        return fn(t)
+
+    with pytest.raises(JacpipeError, match="^shard 0 \\(rows 0..6\\): .*ValueError: boom on a "
+                       "worker$"):
+        pipeline.jacobian(fails_on_workers, x, shards=2, executor="ray")
+    assert ray_session.is_initialized()  # the caller's Ray is theirs: still up
+
+
+def test_notes_go_to_the_pipeline_logger_not_stdout(tmp_path, capsys, caplog):
+    import logging
+
+    fn, x = _mlp()
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        pipeline.run(pipeline.Problem(fn=fn, x=x), out=str(tmp_path / "o"), progress=False,
+                     executor="auto")
+    assert capsys.readouterr().out == ""
+    notes = [r for r in caplog.records if r.name == "pipeline"]
+    assert any("executor: local" in r.getMessage() and r.levelno == logging.INFO for r in notes)
+    from pipeline.runner.driver import log_line
+
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        log_line("warning: the disk is small")
+    assert caplog.records[-1].levelno == logging.WARNING
+    assert caplog.records[-1].getMessage() == "the disk is small"

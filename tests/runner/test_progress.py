@@ -45,3 +45,20 @@ def test_disabled_progress_prints_only_phases():
         p.advance(_result(3))
         assert p._beat is None
     assert lines == ["starting Ray (1 CPUs)..."]
+
+
+def test_a_slow_phase_prints_one_line_and_a_quick_or_disabled_one_none():
+    import threading
+
+    from pipeline.runner.progress import slow_phase
+
+    lines: list[str] = []
+    with slow_phase(lines.append, "detecting sparsity", after=60.0):
+        pass
+    with slow_phase(lines.append, "colouring", enabled=False, after=0.0):
+        pass
+    assert lines == []
+    seen = threading.Event()
+    with slow_phase(lambda s: (lines.append(s), seen.set()), "colouring", after=0.0):
+        assert seen.wait(30.0)  # the watcher's line, whenever the machine gets to it
+    assert lines == ["colouring..."]

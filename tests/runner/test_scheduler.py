@@ -38,7 +38,7 @@ _SCRIPT = """
     import json, sys
     import ray
     from pipeline.core.errors import JacpipeError
-    from pipeline.runner.driver import RunOptions, run
+    from pipeline.runner.driver import RunOptions, run_command
     from tests.manifests import read_doc
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR")
@@ -49,7 +49,8 @@ _SCRIPT = """
         opts = dict(job="mlp", params=small, shards=8, out=f"{out}/{name}", progress=False)
         opts.update(kw)
         try:
-            return run(RunOptions(**opts), echo=lambda s: None).manifest.to_json()
+            # jacpipe run's entry: its errors name the flags the tests match
+            return run_command(RunOptions(**opts), lambda s: None).manifest.to_json()
         except JacpipeError as exc:
             return {"error": str(exc)}
 
@@ -220,7 +221,7 @@ def test_a_straggler_is_reported_and_the_timeout_fails_the_run_resumably(
     lines: list[str] = []
     opts = dict(job=job, params=["seconds=6"], shards=6, chunk_size=64,
                 out=str(tmp_path / "out"), progress=False, max_in_flight=2)
-    with pytest.raises(scheduler.ShardTimeout, match="ran past --shard-timeout 4s"):
+    with pytest.raises(scheduler.ShardTimeout, match="ran past shard_timeout=4s"):
         runner.run(RunOptions(**opts, shard_timeout=4), echo=lines.append)
     man = Manifest.read(Storage(opts["out"]))
     assert man.status == "failed" and 0 in man.shards and 1 not in man.shards
