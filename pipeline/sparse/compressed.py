@@ -27,6 +27,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.core.kinds import kind_of
+from pipeline.maths.compiled import run_pass
 from pipeline.maths.engine import VmapFallbackWarning, hessian_vector_products
 from pipeline.problem.problem import Problem
 from pipeline.sparse.coloring import Coloring, as_pattern, star_direct
@@ -65,6 +66,7 @@ def evaluate_rows(
     *,
     chunk_size: int | None = None,
     pattern: Any = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of a problem's sparse Jacobian or Hessian (the worker's entry).
 
@@ -78,6 +80,8 @@ def evaluate_rows(
             its fields (``colors``, ``num_colors``, ``mode``), e.g. read back
             from JSON.
         chunk_size: AD passes vectorised at once (``None``: all).
+        compile: ``"auto"``, ``"on"`` or ``"off"``: ``torch.compile`` the passes
+            (:mod:`pipeline.maths.compiled`).
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -105,7 +109,8 @@ def evaluate_rows(
             f"sparse evaluation supports kind 'jacobian' and 'hessian', got {problem.kind!r}"
         )
     rows = sparse_hessian_rows if kind.symmetric else sparse_jacobian_rows
-    return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size)
+    return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size,
+                compile=compile)
 
 
 def sparse_jacobian_rows(
@@ -117,6 +122,7 @@ def sparse_jacobian_rows(
     coloring: Coloring,
     *,
     chunk_size: int | None = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Jacobian of ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -132,7 +138,11 @@ def sparse_jacobian_rows(
         pattern: ``(m, n)`` sparsity pattern of the Jacobian.
         coloring: a ``"fwd"`` or ``"rev"`` colouring of ``pattern``, valid in
             the sense of :func:`pipeline.sparse.coloring.validate_coloring`.
-        chunk_size: AD passes vectorised at once (``None``: all).
+        chunk_size: AD passes vectorised at once (``None``: as many as
+            :data:`DEFAULT_CHUNK_BYTES` holds).
+        compile: ``"auto"`` (compiled once the eager passes have cost about
+            what compiling does), ``"on"`` or ``"off"``
+            (:mod:`pipeline.maths.compiled`).
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -149,17 +159,14 @@ def sparse_jacobian_rows(
     if cols.size == 0:
         return SparseRows(rows, block.indptr.astype(np.int64), cols, x.new_zeros(0))
     xf = x.detach().reshape(-1)
-    flat = _flat(fn, x.shape)
     if coloring.mode == "fwd":
         # NOTE: seeding only the columns present in these rows is enough: a
         # column of the colour that no row here touches adds zero to them.
         m = p.shape[0]
 
-        def jvp(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(flat, (xf,), (v,))[1]
-
         def forward(seeds: torch.Tensor) -> torch.Tensor:
-            out = torch.func.vmap(jvp)(seeds)  # (c, m)
+            out = run_pass(fn, ("fwd", x.shape, x.dtype, x.device), lambda: _jvps(fn, x.shape),
+                           xf, seeds, compile=compile)  # (c, m)
             _check_rows(out.shape[1], m)
             return out
 
@@ -168,11 +175,18 @@ def sparse_jacobian_rows(
     else:
         # NOTE: likewise only this shard's rows that hold entries are seeded.
         present = rows[np.diff(block.indptr) > 0]
-        y, pullback = torch.func.vjp(flat, xf)
-        _check_rows(y.numel(), p.shape[0])
+        y = torch.empty(p.shape[0], dtype=x.dtype, device=x.device)  # the seeds' shape
 
         def reverse(seeds: torch.Tensor) -> torch.Tensor:
-            return torch.func.vmap(pullback)(seeds)[0]  # (c, n)
+            try:
+                out, outputs = run_pass(fn, ("rev", x.shape, x.dtype, x.device),
+                                        lambda: _vjps(fn, x.shape), xf, seeds, compile=compile)
+            except RuntimeError:  # seeds of the wrong length, if fn(x) disagrees with the pattern
+                with torch.no_grad():
+                    _check_rows(fn(x.detach().clone()).numel(), p.shape[0])
+                raise
+            _check_rows(outputs.numel(), p.shape[0])
+            return out  # (c, n)
 
         values = _compressed_values(reverse, colors[present], present, y, xf.numel(),
                                     colors[row_of], cols, chunk_size=chunk_size)
@@ -188,6 +202,7 @@ def sparse_hessian_rows(
     coloring: Coloring,
     *,
     chunk_size: int | None = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Hessian of a scalar ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -203,7 +218,9 @@ def sparse_hessian_rows(
         pattern: ``(n, n)`` sparsity pattern of the Hessian.
         coloring: a ``"symmetric"`` (star) colouring, or a ``"fwd"``/``"rev"``
             colouring of the symmetrised pattern (the two coincide there).
-        chunk_size: HVPs vectorised at once (``None``: all).
+        chunk_size: HVPs vectorised at once (``None``: as many as
+            :data:`DEFAULT_CHUNK_BYTES` holds).
+        compile: as :func:`sparse_jacobian_rows`.
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -244,18 +261,14 @@ def sparse_hessian_rows(
             raise ValueError(f"a Hessian needs a scalar fn(x), got shape {tuple(y.shape)}")
         return y.reshape(())
 
-    grad = torch.func.grad(scalar)
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad, (xf,), (v,))[1]
-
     looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
     def products(seeds: torch.Tensor) -> torch.Tensor:  # (c, n): row c = H s_c
         if looped:
             return looped[0](seeds)
         try:
-            return torch.func.vmap(hvp)(seeds)
+            return run_pass(fn, ("hvp", x.shape, x.dtype, x.device), lambda: _hvps(scalar),
+                            xf, seeds, compile=compile)
         except RuntimeError as exc:
             # NOTE: functions torch.func cannot transform (an old-style
             # autograd.Function, .item() under vmap) get the same compressed
@@ -359,6 +372,37 @@ def _pattern_from(rows: np.ndarray, cols: np.ndarray, m: int, n: int) -> sp.csr_
 # ---------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------
+
+
+def _jvps(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:
+    """The forward pass ``(x, seeds) -> J @ seeds.T`` (rows: one JVP per seed)."""
+    flat = _flat(fn, shape)
+
+    def jvps(xf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda v: torch.func.jvp(flat, (xf,), (v,))[1])(seeds)
+
+    return jvps
+
+
+def _vjps(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:
+    """The reverse pass ``(x, seeds) -> (seeds @ J, fn(x))`` (one VJP per seed)."""
+    flat = _flat(fn, shape)
+
+    def vjps(xf: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, pullback = torch.func.vjp(flat, xf)
+        return torch.func.vmap(pullback)(seeds)[0], y
+
+    return vjps
+
+
+def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """The Hessian pass ``(x, seeds) -> H @ seeds.T`` (forward over reverse, one HVP per seed)."""
+    grad = torch.func.grad(scalar)
+
+    def hvps(xf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda v: torch.func.jvp(grad, (xf,), (v,))[1])(seeds)
+
+    return hvps
 
 
 def _flat(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from jobs import banded, brusselator
 from pipeline import read_jacobian
 from pipeline.cli import app
+from pipeline.maths.compiled import CompileFallbackWarning
 from pipeline.maths.engine import InputWriteError, VmapFallbackWarning
 from pipeline.problem.problem import Problem, build_problem
 from pipeline.sparse.coloring import (
@@ -495,3 +496,29 @@ def test_default_chunks_follow_the_byte_budget(monkeypatch, dtype):
     for start, stop in _ranges(40):
         rows = sparse_hessian_rows(_rosenbrock, x, start, stop, banded_pattern(40, 3), coloring)
         _assert_rows_equal(rows, hess[start:stop], rtol)
+
+
+@pytest.mark.slow
+def test_compiled_passes_equal_the_eager_ones(tmp_path, monkeypatch):
+    # torch.compile of the three passes (forward, reverse, Hessian) on small
+    # problems: the same entries as eager to rounding. About 30 s of compiling.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    prob = brusselator.build(N=4)
+    for make in (_forward, _reverse):
+        coloring = make(prob.sparsity)
+        eager = sparse_jacobian_rows(prob.fn, prob.x, 0, 32, prob.sparsity, coloring,
+                                     compile="off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)
+            got = sparse_jacobian_rows(prob.fn, prob.x, 0, 32, prob.sparsity, coloring,
+                                       compile="on")
+        torch.testing.assert_close(got.values, eager.values, rtol=1e-12, atol=1e-12)
+    x = torch.randn(30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    coloring = choose_coloring(_arwhead_pattern(30), symmetric=True)
+    eager = sparse_hessian_rows(_arwhead, x, 0, 30, _arwhead_pattern(30), coloring, compile="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        got = sparse_hessian_rows(_arwhead, x, 0, 30, _arwhead_pattern(30), coloring,
+                                  compile="on")
+    torch.testing.assert_close(got.values, eager.values, rtol=1e-12, atol=1e-12)
+    _assert_rows_equal(got, torch.autograd.functional.hessian(_arwhead, x), 1e-12)
