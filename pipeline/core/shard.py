@@ -40,6 +40,7 @@ class ShardSpec:
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
         compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
+        compile: ``auto``, ``on`` or ``off``: torch.compile the sparse passes.
         smoothing: a smoothed run's settings, else None.
     """
 
@@ -62,6 +63,7 @@ class ShardSpec:
     chunk_size: int | None = None
     compression: str = "zstd"
     smoothing: Smoothing | None = None
+    compile: str = "auto"
 
     @property
     def rows(self) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-COMPILE_MODES = ("auto", "on", "off")
+from pipeline.core.options import COMPILE_MODES
 
 # NOTE: [when compiling pays]
 # Compiling a vmap(jvp) pass cost 8-30 s on this 2-core machine (heat 10^4:

@@ -274,6 +274,7 @@ def _spec(opts: RunOptions, job: CheckedJob, plan: RunPlan, shard: Shard, out: s
         chunk_size=opts.chunk_size,
         compression=plan.compression,
         smoothing=job.smoothing,
+        compile=opts.compile,
     )
 
 
