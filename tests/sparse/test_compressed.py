@@ -547,3 +547,23 @@ def test_compile_option_reaches_the_sparse_passes(tmp_path, monkeypatch):
                                    atol=1e-13)
     result = invoke("run", "brusselator", "--compile", "maybe", "--out", out / "x")
     assert result.exit_code != 0 and "--compile must be auto, on or off" in result.output
+
+
+def test_repeated_calls_reuse_the_plan_and_follow_x(monkeypatch):
+    # A Newton loop: the same pattern and colouring, x changing. The pattern
+    # work is done once (NOTE: [compressed plans]); values follow x.
+    import pipeline.sparse.compressed as compressed
+
+    built = []
+    real = compressed._jacobian_plan
+    monkeypatch.setattr(compressed, "_jacobian_plan", lambda *a: built.append(a) or real(*a))
+    prob = brusselator.build(N=5)
+    coloring = _forward(prob.sparsity)
+    for k in range(3):
+        x = prob.x + 0.1 * k
+        rows = sparse_jacobian_rows(prob.fn, x, 0, 50, prob.sparsity, coloring)
+        _assert_rows_equal(rows, _dense_jacobian(prob.fn, x), 1e-12)
+    assert len(built) == 1
+    other = sp.csr_matrix(prob.sparsity)  # another object: its own plan
+    sparse_jacobian_rows(prob.fn, prob.x, 0, 50, other, coloring)
+    assert len(built) == 2
