@@ -154,17 +154,20 @@ def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int
 
 def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int,
                  python: str | None) -> None:
-    ours = {case_name(*c): jacpipe_sparse(*c, repeats) for c in cases}
-    for name, r in ours.items():
-        print(f"jacpipe {name}: {r}", flush=True)
-    peer: dict[str, Any] = {}
     if python is None:
         print("asdex: skipped (no interpreter with asdex and jax: pip install -e '.[peers]' "
               "into a separate venv and pass --peer-python)")
-    else:
-        answer = asdex_sparse(python, cases, repeats)
-        report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
-        peer = {r["case"]: r for r in answer["results"]}
+    ours: dict[str, Any] = {}
+    peer: dict[str, Any] = {}
+    for case in cases:  # case by case, so both sides meet the same machine load
+        name = case_name(*case)
+        ours[name] = jacpipe_sparse(*case, repeats)
+        print(f"jacpipe {name}: {ours[name]}", flush=True)
+        if python is not None:
+            answer = asdex_sparse(python, [case], repeats)
+            report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
+            peer[name] = answer["results"][0]
+            print(f"asdex {name}: {peer[name]}", flush=True)
     rows = []
     for name, r in ours.items():
         p = peer.get(name)
