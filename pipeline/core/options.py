@@ -28,6 +28,12 @@ METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
 
 
+#: ``--compile``: torch.compile the compressed sparse passes always (on), never
+#: (off), or once the eager time spent on a pass reaches the price of compiling
+#: (auto; pipeline/maths/compiled.py).
+COMPILE_MODES = ("auto", "on", "off")
+
+
 #: The key of a field's command-line facts in its ``dataclasses.field(metadata=...)``
 #: (see :func:`cli`); fields without it are Python-only.
 CLI = "cli"
@@ -138,6 +144,10 @@ class RunOptions:
         "without --address, else ray) [default: $JACPIPE_EXECUTOR or auto]."))
     compression: str = _opt(DEFAULT_COMPRESSION, "--compression", help=(
         "Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy or none."))
+    compile: str = _opt("auto", "--compile", choices=COMPILE_MODES, help=(
+        "torch.compile the sparse (compressed) passes: on, off, or auto (compile once the "
+        "eager passes of a worker have cost about what compiling does). Compiled code is "
+        "cached on disk ($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/jacpipe/inductor)."))
     #: Randomized smoothing (pipeline.maths.smoothing): sigma (a number, "auto" or a
     #: .npy file of per-input sigmas), samples K, estimator, seed of the draws.
     smooth: float | str | None = _opt(None, "--smooth", type=str, help=(

@@ -40,6 +40,7 @@ class ShardSpec:
         chunk_size: rows per vectorised pass, overriding the budget's choice.
         group_rows: rows per Parquet row group.
         compression: the part's Parquet codec (``zstd``, ``zstd:LEVEL``, ``lz4``, ``none``).
+        compile: ``auto``, ``on`` or ``off``: torch.compile the sparse passes.
         smoothing: a smoothed run's settings, else None.
         forward: where forward mode disagrees with reverse mode: ``warn``,
             ``fallback`` or ``reverse`` (``pipeline.maths.checks.checking``).
@@ -68,6 +69,7 @@ class ShardSpec:
     smoothing: Smoothing | None = None
     forward: str = "fallback"
     vectorise: bool = True
+    compile: str = "auto"
 
     @property
     def rows(self) -> int:

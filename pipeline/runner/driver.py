@@ -362,6 +362,7 @@ def _spec(opts: RunOptions, job: CheckedJob, plan: RunPlan, shard: Shard, out: s
         smoothing=job.smoothing,
         forward=plan.forward,
         vectorise=plan.vectorise,
+        compile=opts.compile,
     )
 
 

@@ -237,7 +237,7 @@ def _write_rows(writer: PartWriter, problem: Problem, spec: ShardSpec, pattern: 
                 coloring: Any, chunk: int, busy: dict[str, float], pipelined: bool) -> None:
     """The shard's rows, by its layout and kind, into ``writer`` (not yet committed)."""
     if not layout_of(spec.layout).fixed_width:
-        _write_sparse(writer, problem, pattern, coloring, spec.start, spec.stop, chunk, busy)
+        _write_sparse(writer, problem, pattern, coloring, spec, chunk, busy)
     elif spec.smoothing:
         from pipeline.runner.smoothed import write_shard
 
@@ -543,8 +543,7 @@ def _write_sparse(
     problem: Problem,
     pattern: Any,
     coloring: Any,
-    start: int,
-    stop: int,
+    spec: ShardSpec,
     chunk: int,
     busy: dict[str, float],
 ) -> None:
@@ -557,7 +556,8 @@ def _write_sparse(
     if coloring is None:
         raise RuntimeError("a sparse shard needs the colouring of its pattern")
     t0 = time.perf_counter()
-    rows = sparse.evaluate_rows(problem, start, stop, coloring, chunk_size=chunk, pattern=pattern)
+    rows = sparse.evaluate_rows(problem, spec.start, spec.stop, coloring, chunk_size=chunk,
+                                pattern=pattern, compile=spec.compile)
     values = rows.values.detach().cpu().numpy()
     t1 = time.perf_counter()
     writer.write_sparse(rows.rows, rows.indptr, rows.cols, values)

@@ -18,8 +18,9 @@ Everything here is pure torch/numpy; Ray tasks wrap it.
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
+from pipeline.maths.compiled import run_pass
 from pipeline.maths.engine import (
     VmapFallbackWarning,
     checked_compressed,
@@ -71,6 +73,7 @@ def evaluate_rows(
     *,
     chunk_size: int | None = None,
     pattern: Any = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of a problem's sparse Jacobian or Hessian (the worker's entry).
 
@@ -84,6 +87,8 @@ def evaluate_rows(
             its fields (``colors``, ``num_colors``, ``mode``), e.g. read back
             from JSON.
         chunk_size: AD passes vectorised at once (``None``: all).
+        compile: ``"auto"``, ``"on"`` or ``"off"``: ``torch.compile`` the passes
+            (:mod:`pipeline.maths.compiled`).
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -111,7 +116,8 @@ def evaluate_rows(
             f"sparse evaluation supports kind 'jacobian' and 'hessian', got {problem.kind!r}"
         )
     rows = sparse_hessian_rows if kind.symmetric else sparse_jacobian_rows
-    return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size)
+    return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size,
+                compile=compile)
 
 
 def sparse_jacobian_rows(
@@ -123,6 +129,7 @@ def sparse_jacobian_rows(
     coloring: Coloring,
     *,
     chunk_size: int | None = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Jacobian of ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -138,7 +145,11 @@ def sparse_jacobian_rows(
         pattern: ``(m, n)`` sparsity pattern of the Jacobian.
         coloring: a ``"fwd"`` or ``"rev"`` colouring of ``pattern``, valid in
             the sense of :func:`pipeline.sparse.coloring.validate_coloring`.
-        chunk_size: AD passes vectorised at once (``None``: all).
+        chunk_size: AD passes vectorised at once (``None``: as many as
+            :data:`DEFAULT_CHUNK_BYTES` holds).
+        compile: ``"auto"`` (compiled once the eager passes have cost about
+            what compiling does), ``"on"`` or ``"off"``
+            (:mod:`pipeline.maths.compiled`).
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -148,41 +159,53 @@ def sparse_jacobian_rows(
             disagree, the row range is out of bounds, or the mode is
             ``"symmetric"``.
     """
-    p, fn = as_pattern(pattern), strict_outputs(fn)
-    colors = _checked_colors(p, x, start, stop, coloring, ("fwd", "rev"))
+    strict = strict_outputs(fn)  # the pass's owner stays fn: its compiled passes are kept
+    plan = _cached_plan(("jacobian", start, stop, x.numel()), pattern, coloring,
+                        lambda: _jacobian_plan(pattern, x.numel(), start, stop, coloring))
+    if plan.cols.size == 0:
+        return SparseRows(plan.rows, plan.indptr, plan.cols, x.new_zeros(0))
+    xf = x.detach().reshape(-1)
+    if plan.mode == "fwd":
+
+        def forward(seeds: torch.Tensor) -> torch.Tensor:
+            out = run_pass(fn, ("fwd", x.shape, x.dtype, x.device), lambda: _jvps(strict, x.shape),
+                           xf, seeds, compile=compile)  # (c, m)
+            _check_rows(out.shape[1], plan.m)
+            return checked_compressed(_flat(strict, x.shape), xf, seeds, out, hessian=False)
+
+        values = _compressed_values(forward, plan, xf, chunk_size=chunk_size)
+    else:
+
+        def reverse(seeds: torch.Tensor) -> torch.Tensor:
+            try:
+                out, outputs = run_pass(fn, ("rev", x.shape, x.dtype, x.device),
+                                        lambda: _vjps(strict, x.shape), xf, seeds, compile=compile)
+            except RuntimeError:  # seeds of the wrong length, if fn(x) disagrees with the pattern
+                with torch.no_grad():
+                    _check_rows(strict(x.detach().clone()).numel(), plan.m)
+                raise
+            _check_rows(outputs.numel(), plan.m)
+            return out  # (c, n)
+
+        values = _compressed_values(reverse, plan, xf, chunk_size=chunk_size)
+    return SparseRows(plan.rows, plan.indptr, plan.cols, values)
+
+
+def _jacobian_plan(pattern: Any, n: int, start: int, stop: int, coloring: Coloring) -> _Plan:
+    """What a Jacobian's rows need from the pattern: seeds and reads (see :class:`_Plan`)."""
+    p = as_pattern(pattern)
+    colors = _checked_colors(p, n, start, stop, coloring, ("fwd", "rev"))
     block, rows, row_of = _block(p, start, stop)
     cols = block.indices.astype(np.int64)
-    if cols.size == 0:
-        return SparseRows(rows, block.indptr.astype(np.int64), cols, x.new_zeros(0))
-    xf = x.detach().reshape(-1)
-    flat = _flat(fn, x.shape)
+    indptr = block.indptr.astype(np.int64)
+    m = p.shape[0]
     if coloring.mode == "fwd":
         # NOTE: seeding only the columns present in these rows is enough: a
         # column of the colour that no row here touches adds zero to them.
-        m = p.shape[0]
-
-        def jvp(v: torch.Tensor) -> torch.Tensor:
-            return torch.func.jvp(flat, (xf,), (v,))[1]
-
-        def forward(seeds: torch.Tensor) -> torch.Tensor:
-            out = torch.func.vmap(jvp)(seeds)  # (c, m)
-            _check_rows(out.shape[1], m)
-            return checked_compressed(flat, xf, seeds, out, hessian=False)
-
-        values = _compressed_values(forward, colors[cols], cols, xf, m, colors[cols], row_of,
-                                    chunk_size=chunk_size)
-    else:
-        # NOTE: likewise only this shard's rows that hold entries are seeded.
-        present = rows[np.diff(block.indptr) > 0]
-        y, pullback = torch.func.vjp(flat, xf)
-        _check_rows(y.numel(), p.shape[0])
-
-        def reverse(seeds: torch.Tensor) -> torch.Tensor:
-            return torch.func.vmap(pullback)(seeds)[0]  # (c, n)
-
-        values = _compressed_values(reverse, colors[present], present, y, xf.numel(),
-                                    colors[row_of], cols, chunk_size=chunk_size)
-    return SparseRows(rows, block.indptr.astype(np.int64), cols, values)
+        return _Plan("fwd", rows, indptr, cols, colors[cols], cols, n, m, colors[cols], row_of)
+    # NOTE: likewise only this shard's rows that hold entries are seeded.
+    present = rows[np.diff(block.indptr) > 0]
+    return _Plan("rev", rows, indptr, cols, colors[present], present, m, n, colors[row_of], cols)
 
 
 def sparse_hessian_rows(
@@ -194,6 +217,7 @@ def sparse_hessian_rows(
     coloring: Coloring,
     *,
     chunk_size: int | None = None,
+    compile: str = "auto",
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Hessian of a scalar ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -209,7 +233,9 @@ def sparse_hessian_rows(
         pattern: ``(n, n)`` sparsity pattern of the Hessian.
         coloring: a ``"symmetric"`` (star) colouring, or a ``"fwd"``/``"rev"``
             colouring of the symmetrised pattern (the two coincide there).
-        chunk_size: HVPs vectorised at once (``None``: all).
+        chunk_size: HVPs vectorised at once (``None``: as many as
+            :data:`DEFAULT_CHUNK_BYTES` holds).
+        compile: as :func:`sparse_jacobian_rows`.
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -219,41 +245,18 @@ def sparse_hessian_rows(
             colouring has the wrong length, the row range is out of bounds,
             or ``fn(x)`` is not a scalar.
     """
-    p, fn = as_pattern(pattern), strict_outputs(fn)
-    if p.shape[0] != p.shape[1]:
-        raise ValueError(f"a Hessian pattern must be square, got shape {p.shape}")
-    p = (p + p.T).tocsr()
-    p.sort_indices()
-    colors = _checked_colors(p, x, start, stop, coloring, ("fwd", "rev", "symmetric"))
-    block, rows, row_of = _block(p, start, stop)
-    cols = block.indices.astype(np.int64)
-    if cols.size == 0:
-        return SparseRows(rows, block.indptr.astype(np.int64), cols, x.new_zeros(0))
-    if coloring.mode == "symmetric":
-        # Entry (i, j) is B[i, color[j]] if j is the only column of its colour
-        # in row i, else (star colouring) B[j, color[i]] = H[j, i] = H[i, j].
-        direct = star_direct(block, colors)
-        read_row = np.where(direct, row_of, cols)
-        read_color = np.where(direct, colors[cols], colors[row_of])
-    else:
-        read_row, read_color = row_of, colors[cols]
+    strict = strict_outputs(fn)
+    plan = _cached_plan(("hessian", start, stop, x.numel()), pattern, coloring,
+                        lambda: _hessian_plan(pattern, x.numel(), start, stop, coloring))
+    if plan.cols.size == 0:
+        return SparseRows(plan.rows, plan.indptr, plan.cols, x.new_zeros(0))
     xf = x.detach().reshape(-1)
-    # NOTE: the transposed reads B[j, .] need whole colour classes, so seeds
-    # cover every column of each needed colour (not only this shard's).
-    in_needed = np.zeros(int(colors.max()) + 1, dtype=bool)
-    in_needed[read_color] = True
-    seeded = np.flatnonzero(in_needed[colors])
 
     def scalar(t: torch.Tensor) -> torch.Tensor:
-        y = fn(t.reshape(x.shape))
+        y = strict(t.reshape(x.shape))
         if y.numel() != 1:
             raise ValueError(f"a Hessian needs a scalar fn(x), got shape {tuple(y.shape)}")
         return y.reshape(())
-
-    grad = torch.func.grad(scalar)
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad, (xf,), (v,))[1]
 
     looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
@@ -264,7 +267,9 @@ def sparse_hessian_rows(
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
         try:
-            return checked_compressed(scalar, x, seeds, torch.func.vmap(hvp)(seeds), hessian=True)
+            return checked_compressed(scalar, x, seeds, run_pass(
+                fn, ("hvp", x.shape, x.dtype, x.device), lambda: _hvps(scalar), xf, seeds,
+                compile=compile), hessian=True)
         except RuntimeError as exc:
             # NOTE: functions torch.func cannot transform (an old-style
             # autograd.Function, .item() under vmap) get the same compressed
@@ -280,9 +285,35 @@ def sparse_hessian_rows(
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
 
-    values = _compressed_values(products, colors[seeded], seeded, xf, xf.numel(), read_color,
-                                read_row, chunk_size=chunk_size)
-    return SparseRows(rows, block.indptr.astype(np.int64), cols, values)
+    values = _compressed_values(products, plan, xf, chunk_size=chunk_size)
+    return SparseRows(plan.rows, plan.indptr, plan.cols, values)
+
+
+def _hessian_plan(pattern: Any, n: int, start: int, stop: int, coloring: Coloring) -> _Plan:
+    """What a Hessian's rows need from the pattern (see :class:`_Plan`)."""
+    p = as_pattern(pattern)
+    if p.shape[0] != p.shape[1]:
+        raise ValueError(f"a Hessian pattern must be square, got shape {p.shape}")
+    p = (p + p.T).tocsr()
+    p.sort_indices()
+    colors = _checked_colors(p, n, start, stop, coloring, ("fwd", "rev", "symmetric"))
+    block, rows, row_of = _block(p, start, stop)
+    cols = block.indices.astype(np.int64)
+    if coloring.mode == "symmetric":
+        # Entry (i, j) is B[i, color[j]] if j is the only column of its colour
+        # in row i, else (star colouring) B[j, color[i]] = H[j, i] = H[i, j].
+        direct = star_direct(block, colors)
+        read_row = np.where(direct, row_of, cols)
+        read_color = np.where(direct, colors[cols], colors[row_of])
+    else:
+        read_row, read_color = row_of, colors[cols]
+    # NOTE: the transposed reads B[j, .] need whole colour classes, so seeds
+    # cover every column of each needed colour (not only this shard's).
+    in_needed = np.zeros(int(colors.max()) + 1 if colors.size else 0, dtype=bool)
+    in_needed[read_color] = True
+    seeded = np.flatnonzero(in_needed[colors])
+    return _Plan("hvp", rows, block.indptr.astype(np.int64), cols, colors[seeded], seeded, n, n,
+                 read_color, read_row)
 
 
 # ---------------------------------------------------------------------------
@@ -370,6 +401,37 @@ def _pattern_from(rows: np.ndarray, cols: np.ndarray, m: int, n: int) -> sp.csr_
 # ---------------------------------------------------------------------------
 
 
+def _jvps(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:
+    """The forward pass ``(x, seeds) -> J @ seeds.T`` (rows: one JVP per seed)."""
+    flat = _flat(fn, shape)
+
+    def jvps(xf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda v: torch.func.jvp(flat, (xf,), (v,))[1])(seeds)
+
+    return jvps
+
+
+def _vjps(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:
+    """The reverse pass ``(x, seeds) -> (seeds @ J, fn(x))`` (one VJP per seed)."""
+    flat = _flat(fn, shape)
+
+    def vjps(xf: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, pullback = torch.func.vjp(flat, xf)
+        return torch.func.vmap(pullback)(seeds)[0], y
+
+    return vjps
+
+
+def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """The Hessian pass ``(x, seeds) -> H @ seeds.T`` (forward over reverse, one HVP per seed)."""
+    grad = torch.func.grad(scalar)
+
+    def hvps(xf: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        return torch.func.vmap(lambda v: torch.func.jvp(grad, (xf,), (v,))[1])(seeds)
+
+    return hvps
+
+
 def _flat(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Callable:
     def flat(t: torch.Tensor) -> torch.Tensor:
         return fn(t.reshape(shape)).reshape(-1)
@@ -379,16 +441,16 @@ def _flat(fn: Callable[[torch.Tensor], torch.Tensor], shape: torch.Size) -> Call
 
 def _checked_colors(
     p: sp.csr_matrix,
-    x: torch.Tensor,
+    numel: int,
     start: int,
     stop: int,
     coloring: Coloring,
     modes: tuple[str, ...],
 ) -> np.ndarray:
     m, n = p.shape
-    if x.numel() != n:
+    if numel != n:
         raise ValueError(
-            f"pattern has {n} columns but x has {x.numel()} entries; the pattern must be "
+            f"pattern has {n} columns but x has {numel} entries; the pattern must be "
             "(len(fn(x).reshape(-1)), len(x.reshape(-1)))"
         )
     if not 0 <= start <= stop <= m:
@@ -420,36 +482,102 @@ def _block(p: sp.csr_matrix, start: int, stop: int) -> tuple[sp.csr_matrix, np.n
 DEFAULT_CHUNK_BYTES = 2**30
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What rows ``[start, stop)`` need from the pattern and colouring, computed once.
+
+    ``B = apply(S)`` has one row per distinct colour of ``seed_colors``, each
+    a seed with ones at ``seed_positions`` (length ``seed_size``) and
+    ``out_size`` columns; the entries are ``B[read_colors, read_index]`` in
+    the CSR order of ``rows``/``indptr``/``cols``.
+    """
+
+    mode: str
+    rows: np.ndarray
+    indptr: np.ndarray
+    cols: np.ndarray
+    seed_colors: np.ndarray
+    seed_positions: np.ndarray
+    seed_size: int
+    out_size: int
+    read_colors: np.ndarray
+    read_index: np.ndarray
+    #: Seeds and read indices of a one-chunk evaluation, per (dtype, device).
+    tensors: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def m(self) -> int:
+        """Rows of the pattern: entries ``fn(x)`` must have."""
+        return self.seed_size if self.mode == "rev" else self.out_size
+
+
+# NOTE: [compressed plans]
+# A Newton or time-stepping loop evaluates the same pattern many times: the
+# pattern work (symmetrising, the row block, the star reads, the seeds) is
+# done once per (pattern, colouring, rows, x size) and kept for the last
+# _MAX_PLANS calls, _MAX_PLAN_BYTES in all (a 10^6 stencil's plan is about
+# 200 MB: not kept; a shard's worker evaluates each block once anyway). Keyed
+# by the objects' identity (and held, so the ids stay theirs): a pattern
+# changed in place must be passed as a new object.
+_MAX_PLANS = 4
+_MAX_PLAN_BYTES = 2**27
+#: A one-chunk evaluation keeps its seed tensor up to this size.
+_MAX_KEPT_SEEDS = 2**24
+_PLANS: OrderedDict[tuple, tuple[Any, Any, _Plan]] = OrderedDict()
+
+
+def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[], _Plan]
+                 ) -> _Plan:
+    full = (id(pattern), id(coloring), *key)
+    hit = _PLANS.get(full)
+    if hit is not None and hit[0] is pattern and hit[1] is coloring:
+        _PLANS.move_to_end(full)
+        return hit[2]
+    plan = build()
+    _PLANS[full] = (pattern, coloring, plan)
+    while len(_PLANS) > _MAX_PLANS or sum(
+            _plan_bytes(entry[2]) for entry in _PLANS.values()) > _MAX_PLAN_BYTES:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _plan_bytes(plan: _Plan) -> int:
+    arrays = (plan.rows, plan.indptr, plan.cols, plan.seed_colors, plan.seed_positions,
+              plan.read_colors, plan.read_index)
+    return sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * len(plan.tensors)
+
+
 def _compressed_values(
     apply: Callable[[torch.Tensor], torch.Tensor],
-    seed_colors: np.ndarray,
-    seed_positions: np.ndarray,
+    plan: _Plan,
     like: torch.Tensor,
-    out_size: int,
-    read_colors: np.ndarray,
-    read_index: np.ndarray,
     *,
     chunk_size: int | None,
 ) -> torch.Tensor:
     """Entries ``B[read_colors, read_index]`` of the compressed matrix ``B = apply(S)``.
 
-    ``S`` has one row per distinct colour of ``seed_colors`` (every
-    ``read_colors`` value is one), with ones at ``seed_positions``. It is
-    built and passed through ``apply`` a chunk of colours at a time, so
-    neither the seeds nor ``B`` are ever whole in memory: ``chunk_size``
-    colours per chunk, or as many as :data:`DEFAULT_CHUNK_BYTES` holds.
+    ``S`` (see :class:`_Plan`) is built and passed through ``apply`` a chunk
+    of colours at a time, so neither the seeds nor ``B`` are ever whole in
+    memory: ``chunk_size`` colours per chunk, or as many as
+    :data:`DEFAULT_CHUNK_BYTES` holds.
     """
-    needed, rank = _distinct(seed_colors)
+    needed, rank = _distinct(plan.seed_colors)
+    k, size = needed.size, plan.seed_size
+    step = chunk_size or DEFAULT_CHUNK_BYTES // max(
+        1, 4 * (size + plan.out_size) * like.element_size())
+    step = max(1, min(step, k))
     lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
     lookup[needed] = np.arange(needed.size)
-    pos = lookup[read_colors]
-    k, size = needed.size, like.numel()
-    step = chunk_size or DEFAULT_CHUNK_BYTES // max(1, 4 * (size + out_size) * like.element_size())
-    step = max(1, min(step, k))
-    if step == k:  # one chunk (the usual case): no sorting
-        seeds = like.new_zeros(k, size)
-        seeds[_index(rank, like), _index(seed_positions, like)] = 1
-        return apply(seeds)[_index(pos, like), _index(read_index, like)]
+    pos = lookup[plan.read_colors]
+    if step == k:  # one chunk (the usual case): no sorting, tensors kept for the next call
+        kept = plan.tensors.get((like.dtype, like.device))
+        if kept is None:
+            seeds = like.new_zeros(k, size)
+            seeds[_index(rank, like), _index(plan.seed_positions, like)] = 1
+            kept = (seeds, _index(pos, like), _index(plan.read_index, like))
+            if seeds.numel() * seeds.element_size() <= _MAX_KEPT_SEEDS:
+                plan.tensors[(like.dtype, like.device)] = kept
+        return apply(kept[0])[kept[1], kept[2]]
     values = like.new_empty(pos.size)
     by_seed = np.argsort(rank, kind="stable")
     by_read = np.argsort(pos, kind="stable")
@@ -460,9 +588,9 @@ def _compressed_values(
         s = by_seed[seed_cut[c]:seed_cut[c + 1]]
         r = by_read[read_cut[c]:read_cut[c + 1]]
         seeds = like.new_zeros(int(edges[c + 1] - edges[c]), size)
-        seeds[_index(rank[s] - edges[c], like), _index(seed_positions[s], like)] = 1
+        seeds[_index(rank[s] - edges[c], like), _index(plan.seed_positions[s], like)] = 1
         block = apply(seeds)
-        at = (_index(pos[r] - edges[c], like), _index(read_index[r], like))
+        at = (_index(pos[r] - edges[c], like), _index(plan.read_index[r], like))
         values[_index(r, like)] = block[at]
     return values
 

@@ -1,0 +1,266 @@
+"""jacpipe against its closest peer, JAX's asdex, side by side in one run; and against jacrev.
+
+(1) Sparse Jacobians (heat residual, periodic Brusselator) and sparse Hessians
+    of CUTEst-style objectives (Rosenbrock, ARWHEAD, BROYDN3D), float64 on
+    the CPU, the same maths written in torch (here) and in JAX
+    (``benchmarks/peers_asdex.py``): detection seconds, colours, the first
+    Jacobian (detection + colouring + one evaluation; asdex also compiles
+    with ``jax.jit`` there, jacpipe evaluates eagerly) and the repeated
+    evaluation (median): jacpipe eager (``compile="off"``) and compiled
+    (``compile="on"``, its one-time compile seconds shown), asdex jitted.
+    asdex runs in its own interpreter (``--peer-python``, default
+    ``$JACPIPE_PEER_PYTHON`` or ``/tmp/peers-venv/bin/python``; install with
+    ``pip install -e '.[peers]'`` into a separate venv); without it that
+    half is skipped with one line.
+(2) Dense ``jacobian_rows`` against ``torch.func.jacrev`` from a
+    ``(30, 40) -> (30, 50)`` map to mlp 2000, timed interleaved.
+
+Also measured: the process's first sparsity detection (the first-call tax).
+Writes ``benchmarks/results/peers.json``.
+
+    python -m benchmarks.peers             # up to 10^6 unknowns; ~10 minutes on 2 cores
+    python -m benchmarks.peers --quick     # small sizes; ~2 minutes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Report, Target, interleaved, median, parser, seconds
+
+HERE = Path(__file__).resolve().parent
+PEER_SCRIPT = HERE / "peers_asdex.py"
+DEFAULT_PEER = "/tmp/peers-venv/bin/python"
+
+FULL = [("heat", "jacobian", 32), ("heat", "jacobian", 100), ("heat", "jacobian", 300),
+        ("heat", "jacobian", 1000), ("brusselator", "jacobian", 32),
+        ("brusselator", "jacobian", 256), ("rosenbrock", "hessian", 1000),
+        ("rosenbrock", "hessian", 100_000), ("arwhead", "hessian", 1000),
+        ("arwhead", "hessian", 100_000), ("broydn3d", "hessian", 100_000)]
+QUICK = [("heat", "jacobian", 32), ("heat", "jacobian", 100), ("brusselator", "jacobian", 32),
+         ("rosenbrock", "hessian", 1000), ("arwhead", "hessian", 100_000),
+         ("broydn3d", "hessian", 1000)]
+
+
+# ---------------------------------------------------------------------------
+# The functions (torch; peers_asdex.py has their JAX twins)
+# ---------------------------------------------------------------------------
+
+
+def torch_case(job: str, size: int) -> tuple[Callable[[Any], Any], Any]:
+    """``(fn, x)`` for a case: the same maths and point as the JAX twin."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    def heat(u: torch.Tensor) -> torch.Tensor:
+        h = 1.0 / (size + 1)
+        g = u + 0.5 * u**3 / 3
+        p = F.pad(g.unsqueeze(0), (1, 1, 1, 1)).squeeze(0)
+        lap = (p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * g) / h**2
+        return u - 1e-4 * lap
+
+    def lap(u: torch.Tensor) -> torch.Tensor:
+        near = u.roll(1, 0) + u.roll(-1, 0) + u.roll(1, 1) + u.roll(-1, 1)
+        return (near - 4 * u) * size**2
+
+    def brusselator(x: torch.Tensor) -> torch.Tensor:
+        N = size
+        u, v = x[: N * N].reshape(N, N), x[N * N:].reshape(N, N)
+        du = 1 + u**2 * v - 4.4 * u + 10.0 * lap(u)
+        dv = 3.4 * u - u**2 * v + 10.0 * lap(v)
+        return torch.cat([du.reshape(-1), dv.reshape(-1)])
+
+    def broydn3d(x: torch.Tensor) -> torch.Tensor:
+        p = F.pad(x, (1, 1))
+        return (((3 - 2 * x) * x - p[:-2] - 2 * p[2:] + 1) ** 2).sum()
+
+    table = {
+        "heat": (heat, (size, size)),
+        "brusselator": (brusselator, (2 * size * size,)),
+        "rosenbrock": (lambda x: (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum(),
+                       (size,)),
+        "arwhead": (lambda x: (-4 * x[:-1] + 3).sum() + ((x[:-1] ** 2 + x[-1] ** 2) ** 2).sum(),
+                    (size,)),
+        "broydn3d": (broydn3d, (size,)),
+    }
+    fn, shape = table[job]
+    x = torch.as_tensor(0.5 + 0.1 * np.random.default_rng(0).standard_normal(shape))
+    return fn, x
+
+
+def case_name(job: str, kind: str, size: int) -> str:
+    n = 2 * size * size if job == "brusselator" else size * size if job == "heat" else size
+    return f"{job} {'N' if job in ('heat', 'brusselator') else 'n'}={size:,} (n={n:,})"
+
+
+# ---------------------------------------------------------------------------
+# (1) sparse: jacpipe here, asdex in its interpreter
+# ---------------------------------------------------------------------------
+
+
+def jacpipe_sparse(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
+    """Detection, colours, first Jacobian, repeated eager and compiled evaluation."""
+    from pipeline.sparse.coloring import choose_coloring
+    from pipeline.sparse.compressed import sparse_hessian_rows, sparse_jacobian_rows
+    from pipeline.sparse.detect import trace_sparsity
+
+    fn, x = torch_case(job, size)
+    rows = sparse_hessian_rows if kind == "hessian" else sparse_jacobian_rows
+    began = time.perf_counter()
+    pattern = trace_sparsity(fn, x, kind=kind, max_density=None).pattern
+    detected = time.perf_counter()
+    coloring = choose_coloring(pattern, symmetric=kind == "hessian")
+    m = pattern.shape[0]
+    rows(fn, x, 0, m, pattern, coloring, compile="off")
+    first = time.perf_counter() - began
+    t0 = time.perf_counter()
+    rows(fn, x, 0, m, pattern, coloring, compile="on")
+    compile_seconds = time.perf_counter() - t0
+    times = interleaved({
+        "eager": lambda: rows(fn, x, 0, m, pattern, coloring, compile="off"),
+        "compiled": lambda: rows(fn, x, 0, m, pattern, coloring, compile="on"),
+    }, repeats=repeats, warmup=0)
+    return {"detection": detected - began, "colors": coloring.num_colors, "first": first,
+            "eager": median(times["eager"]), "compiled": median(times["compiled"]),
+            "compile": compile_seconds}
+
+
+def peer_python(asked: str | None) -> str | None:
+    """The interpreter with asdex, or None (then asdex is skipped)."""
+    path = asked or os.environ.get("JACPIPE_PEER_PYTHON") or DEFAULT_PEER
+    if not Path(path).exists():
+        return None
+    probe = subprocess.run([path, "-c", "import asdex, jax"], capture_output=True)
+    return path if probe.returncode == 0 else None
+
+
+def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int
+                 ) -> dict[str, Any]:
+    request = {"repeats": repeats, "cases": [
+        {"name": case_name(*c), "job": c[0], "kind": c[1], "size": c[2]} for c in cases]}
+    out = subprocess.run([python, str(PEER_SCRIPT), json.dumps(request)], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int,
+                 python: str | None) -> None:
+    if python is None:
+        print("asdex: skipped (no interpreter with asdex and jax: pip install -e '.[peers]' "
+              "into a separate venv and pass --peer-python)")
+    ours: dict[str, Any] = {}
+    peer: dict[str, Any] = {}
+    for case in cases:  # case by case, so both sides meet the same machine load
+        name = case_name(*case)
+        ours[name] = jacpipe_sparse(*case, repeats)
+        print(f"jacpipe {name}: {ours[name]}", flush=True)
+        if python is not None:
+            answer = asdex_sparse(python, [case], repeats)
+            report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
+            peer[name] = answer["results"][0]
+            print(f"asdex {name}: {peer[name]}", flush=True)
+    rows = []
+    for name, r in ours.items():
+        p = peer.get(name)
+        best = min(r["eager"], r["compiled"])
+
+        rows.append([name, _pair(r["detection"], p, "detection"),
+                     f"{r['colors']} / {p['colors']}" if p else str(r["colors"]),
+                     _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
+                     f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
+                     seconds(p["repeated"]) if p else "-",
+                     f"{best / p['repeated']:.2f}x" if p else "-"])
+        if p:
+            report.facts[name] = {"jacpipe": r, "asdex": p}
+            report.target(Target(f"{name}: repeated evaluation jacpipe (best) / asdex",
+                                 best / p["repeated"], 1.0, higher_is_better=False))
+            report.target(Target(f"{name}: first Jacobian jacpipe / asdex",
+                                 r["first"] / p["first"], 1.0, higher_is_better=False))
+        else:
+            report.facts[name] = {"jacpipe": r}
+    report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}",
+                 ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
+                  "jacpipe compiled (+compile once)", "asdex jit", "best / asdex"], rows)
+
+
+def _pair(ours: float, peer: dict[str, Any] | None, key: str) -> str:
+    return f"{seconds(ours)} / {seconds(peer[key])}" if peer else seconds(ours)
+
+
+# ---------------------------------------------------------------------------
+# (2) dense: jacobian_rows against torch.func.jacrev
+# ---------------------------------------------------------------------------
+
+
+def dense_table(report: Report, quick: bool, repeats: int) -> None:
+    import torch
+
+    from jobs import mlp
+    from pipeline.maths.engine import jacobian_rows
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 50, generator=g)
+    cases: list[tuple[str, Callable[[Any], Any], Any]] = [
+        ("(30, 40) -> (30, 50) tanh(x @ W)", lambda t: torch.tanh(t @ w),
+         torch.randn(30, 40, generator=g))]
+    for n in (200,) if quick else (200, 1000, 2000):
+        p = mlp.build(n=n, m=n)
+        cases.append((f"mlp {n}", p.fn, p.x))
+    rows = []
+    for name, fn, x in cases:
+        m = fn(x).numel()
+        times = interleaved({"jacrev": lambda fn=fn, x=x: torch.func.jacrev(fn)(x),
+                             "engine": lambda fn=fn, x=x, m=m: jacobian_rows(fn, x, 0, m)},
+                            repeats=max(repeats, 9 if quick else 15), warmup=2, shuffle=True)
+        ratio = median(times["jacrev"]) / median(times["engine"])
+        rows.append([name, seconds(median(times["jacrev"])), seconds(median(times["engine"])),
+                     f"{ratio:.2f}x"])
+        report.target(Target(f"dense {name}: jacrev / jacobian_rows", ratio, 1.0))
+    report.table("dense jacobian_rows vs torch.func.jacrev (float32, interleaved, shuffled)",
+                 ["case", "jacrev", "jacobian_rows", "jacrev / engine"], rows)
+
+
+def first_detection() -> float:
+    """Seconds of the first sparsity detection in a fresh process (heat N = 100)."""
+    code = ("import time, torch\ntorch.set_num_threads(2)\n"
+            "from benchmarks.peers import torch_case\n"
+            "from pipeline.sparse.detect import trace_sparsity\n"
+            "fn, x = torch_case('heat', 100)\nt = time.perf_counter()\n"
+            "trace_sparsity(fn, x)\nprint(time.perf_counter() - t)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=HERE.parent)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--peer-python", default=None, help="interpreter with asdex and jax")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--no-dense", action="store_true", help="skip the jacrev comparison")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (3 if args.quick else 5)
+    report = Report("peers", args.quick)
+    firsts = [first_detection() for _ in range(3)]
+    report.facts["first detection in a fresh process, heat N=100 (s)"] = firsts
+    report.target(Target("first detection in a fresh process, heat n=10^4 (s)",
+                         statistics.median(firsts), 0.2, higher_is_better=False, unit=" s"))
+    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python))
+    if not args.no_dense:
+        dense_table(report, args.quick, repeats)
+    report.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()
