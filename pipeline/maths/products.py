@@ -41,7 +41,8 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
 
     Rows ``[c CHUNK, (c + 1) CHUNK)`` come from a generator seeded with
     ``(seed, c)``: any block of rows is reproducible on its own. Gaussian
-    entries are ``N(0, 1)``, Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
+    entries are ``N(0, 1)`` drawn in ``dtype`` (a float32 and a float64 ``Ω``
+    differ), Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
     """
     if distribution not in DISTRIBUTIONS:
         raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
@@ -52,11 +53,11 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
         n = min(CHUNK, p - c * CHUNK)
         if distribution == "gaussian":
-            block = torch.randn(n, k, generator=g, dtype=torch.float64)
+            block = torch.randn(n, k, generator=g, dtype=dtype)
         else:
-            block = torch.randint(0, 2, (n, k), generator=g).double() * 2 - 1
+            block = torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
         lo, hi = max(a - c * CHUNK, 0), min(b - c * CHUNK, n)
-        parts.append(block[lo:hi].to(dtype))
+        parts.append(block[lo:hi])
     return torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
 
 
