@@ -15,8 +15,9 @@ Float32, 2 torch threads, random weights, batch norm in eval mode.
     Linear to 10 classes) on 32 x 32 inputs; ``c = 64`` is ResNet-18
     (11M parameters). Default ``c = 16`` and N = 8 on this 2-core machine
     (``--resnet-width 64 --resnet-n 16`` for the full size).
-(c) ``pipeline.sketch`` with k = 2,048 on (b): peak memory against one
-    forward + backward of the batch (``out.sum().backward()``).
+(c) ``pipeline.sketch`` with k = 2,048 (Rademacher) on (b) under a memory
+    budget of one forward + backward of the batch (``out.sum().backward()``):
+    its peak memory against that forward + backward's.
 
 Times are interleaved rounds in one process (medians, paired ratios); peak
 memory is the growth of the peak resident set (``VmHWM`` reset right before
@@ -160,7 +161,8 @@ def child(args: argparse.Namespace) -> None:
             net(x).sum().backward()
     elif method == "sketch":
         def run():
-            return pipeline.sketch(net, x, args.k, memory_budget=args.sketch_budget)
+            return pipeline.sketch(net, x, args.k, memory_budget=args.sketch_budget,
+                                   distribution="rademacher")
     else:
         run = methods(net, x)[method]
     # torch.func's and autograd's one-time set-up (~70 MiB), the gradients' buffers:
@@ -218,6 +220,7 @@ def compare(report: Report, args: argparse.Namespace, case: str, target: float) 
 
 def sketch_memory(report: Report, args: argparse.Namespace) -> None:
     fb = measure(args, "resnet:forward+backward")
+    args.sketch_budget = int(fb["peak"])  # the budget: what one forward + backward takes
     sk = measure(args, "resnet:sketch")
     ratio = sk["peak"] / fb["peak"]
     report.table(f"(c) J Ω sketch, k = {args.k}, on (b): peak RSS growth",
@@ -238,7 +241,7 @@ def main() -> None:
     p.add_argument("--resnet-width", type=int, default=16)
     p.add_argument("--resnet-n", type=int, default=8)
     p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--sketch-budget", type=int, default=64 << 20)
+    p.add_argument("--sketch-budget", type=int, default=64 << 20, help=argparse.SUPPRESS)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
