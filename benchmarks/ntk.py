@@ -7,10 +7,10 @@ Float32, 2 torch threads, random weights, batch norm in eval mode.
     tutorial's ``empirical_ntk_jacobian_contraction`` and
     ``empirical_ntk_ntk_vp`` (https://pytorch.org/tutorials/intermediate/neural_tangent_kernels.html),
     both called as ``(x, x)``; the NTK-VP recipe one ``x1`` sample at a time
-    (vmapped over every pair, as written, it allocates 24 GiB here). The issue's size is W = 2,048 and N = 16; the
-    tutorial's contraction then holds two 16 x 8 x 14.7M float32 Jacobians
-    (15 GB) on this shared 23 GB machine, so the default is W = 1,024
-    (``--width 2048`` for the issue's size).
+    (vmapped over every pair, as written, it allocates 24 GiB here). The
+    issue's size is W = 2,048 and N = 16; the tutorial's contraction then
+    holds two 16 x 8 x 14.7M float32 Jacobians (15 GB) on this shared 23 GB
+    machine, so the default is W = 1,024 (``--width 2048`` for the issue's size).
 (b) a ResNet-18-shaped network written here (CIFAR stem: a 3x3 convolution,
     four stages of two basic blocks, widths ``c, 2c, 4c, 8c``, average pool,
     Linear to 10 classes) on 32 x 32 inputs; ``c = 64`` is ResNet-18
