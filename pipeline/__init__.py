@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pipeline.maths.taylor import laplacian as laplacian
     from pipeline.maths.taylor import taylor as taylor
     from pipeline.runner.driver import run as run
+    from pipeline.runner.ntk import write_ntk as write_ntk
     from pipeline.sparse.detect import detect_sparsity as detect_sparsity
     from pipeline.store.reader import open_jacobian as open_jacobian
     from pipeline.store.reader import read_jacobian as read_jacobian
@@ -44,6 +45,7 @@ _LAZY = {
     "read_jacobian": "pipeline.store.reader",
     "open_jacobian": "pipeline.store.reader",
     "run": "pipeline.runner.driver",
+    "write_ntk": "pipeline.runner.ntk",
     "RunOptions": "pipeline.core.options",
     "compare_result": "pipeline.analysis.compare",
     "detect_sparsity": "pipeline.sparse.detect",
