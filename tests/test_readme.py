@@ -105,6 +105,11 @@ def test_taylor_example_runs_as_written():
     exec(compile(code, "README.md", "exec"), {})  # its asserts compare with torch.func
 
 
+def test_parameter_jacobian_example_runs_as_written():
+    (code,) = [code for lang, code in BLOCKS if lang == "python" and "from_module(" in code]
+    exec(compile(code, "README.md", "exec"), {})  # its asserts compare with torch.func
+
+
 def test_python_examples_run_against_a_real_result(ray_session, tmp_path):
     """Each snippet runs alone, in a fresh interpreter, as a reader would paste it."""
     out = tmp_path / "make-run"

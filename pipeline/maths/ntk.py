@@ -16,12 +16,15 @@ Three ways, chosen by a cost estimate (multiply-adds) and reported:
 
 NOTE: [Cost estimates]
     ``F`` is one sample's forward multiply-adds over the structured layers
-    (at least ``P``). A backward pass costs ``2F``; ``vmap`` over ``O``
-    cotangents costs ``O`` of them. Contraction: ``N O 2F`` for the rows plus
-    ``N1 N2 O² P`` (trace kernel: ``O P``). NTK-VP: ``N1 N2 O 5F`` (a VJP and
-    a JVP per output per pair). Structured: ``N O 2F`` plus, per layer, the
+    (at least ``P``). A backward pass costs ``F`` for the cotangents of the
+    activations and ``F`` more for the weights' gradients; ``vmap`` over
+    ``O`` cotangents costs ``O`` of them. Contraction: ``N F + N O 2F`` for
+    the rows plus ``N1 N2 O² P`` (trace kernel: ``O P``). NTK-VP:
+    ``N1 N2 O 5F`` (a VJP and a JVP per output per pair). Structured:
+    ``N F + N O F`` (activations' cotangents only) plus, per layer, the
     cheaper of ``N1 N2 (T² d_in + T² O d_out + T O² d_out)`` (from ``a``, ``g``)
-    and ``N O T d_in d_out + N1 N2 O² d_in d_out`` (its block formed).
+    and ``N O T d_in d_out + N1 N2 O² d_in d_out`` (its block formed: the
+    weights' gradients). Symmetric kernels (``x2`` None) count half the pairs.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def estimate(net: Network, p: int, n1: int, n2: int, *, trace: bool, symmetric: 
     pairs = n1 * n2 / (2 if symmetric else 1)
     oo = o if trace else o * o
     rows = n * o * 2 * f + n * f
-    ways, structured = {}, rows
+    ways, structured = {}, n * o * f + n * f
     covered = 0
     for layer in net.layers:
         kron, explicit = _kron_costs(layer, n1, n2, o, trace)
@@ -195,7 +198,7 @@ def _by_blocks(pieces: Callable[[Tensor], list[Any]], x1: Tensor, x2: Tensor, ou
     cache: dict[int, list[Any]] = {}
     held = 0
     for a1, b1 in blocks(x1.shape[0], block):
-        f1 = pieces(x1[a1:b1])
+        f1 = cache.pop(a1) if symmetric and a1 in cache else pieces(x1[a1:b1])
         for a2, b2 in blocks(x2.shape[0], block):
             if symmetric and a2 < a1:
                 continue

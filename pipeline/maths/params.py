@@ -29,13 +29,23 @@ if TYPE_CHECKING:
 
 
 def _jac(fn: ModuleFunction, method: str, chunk: int | None) -> Any:
-    """``(flat, x) -> (m, P)``: one sample's parameter Jacobian."""
-    def out(flat: Tensor, x: Tensor) -> Tensor:
-        return fn.call(flat, x).reshape(-1)
+    """``(flat, x) -> (m, P)``: one sample's parameter Jacobian.
 
-    if method == "fwd":
-        return torch.func.jacfwd(out)
-    return torch.func.jacrev(out, chunk_size=chunk)
+    Differentiated with respect to each parameter tensor and concatenated: the
+    backward of slicing one flat vector into the parameters would write every
+    parameter's gradient into a zero ``P``-vector of its own, per row.
+    """
+    def out(params: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        state = dict(zip(fn.names, params, strict=True))
+        return fn.call_state(state, x).reshape(-1)
+
+    jac = torch.func.jacfwd(out) if method == "fwd" else torch.func.jacrev(out, chunk_size=chunk)
+
+    def rows(flat: Tensor, x: Tensor) -> Tensor:
+        parts = jac(tuple(fn.unflatten(flat).values()), x)
+        return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+
+    return rows
 
 
 def iter_param_rows(

@@ -41,7 +41,8 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
 
     Rows ``[c CHUNK, (c + 1) CHUNK)`` come from a generator seeded with
     ``(seed, c)``: any block of rows is reproducible on its own. Gaussian
-    entries are ``N(0, 1)``, Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
+    entries are ``N(0, 1)`` drawn in ``dtype`` (a float32 and a float64 ``Ω``
+    differ), Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
     """
     if distribution not in DISTRIBUTIONS:
         raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
@@ -49,15 +50,36 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
     a, b = rows or (0, p)
     parts = []
     for c in range(a // CHUNK, (b - 1) // CHUNK + 1 if b > a else a // CHUNK):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
-        n = min(CHUNK, p - c * CHUNK)
-        if distribution == "gaussian":
-            block = torch.randn(n, k, generator=g, dtype=torch.float64)
-        else:
-            block = torch.randint(0, 2, (n, k), generator=g).double() * 2 - 1
-        lo, hi = max(a - c * CHUNK, 0), min(b - c * CHUNK, n)
-        parts.append(block[lo:hi].to(dtype))
+        lo, hi = max(a - c * CHUNK, 0), min(b - c * CHUNK, CHUNK)
+        parts.append(_omega_chunk(c, p, k, seed, distribution, dtype)[lo:hi])
     return torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
+
+
+def _omega_chunk(c: int, p: int, k: int, seed: int, distribution: str, dtype: Any) -> Tensor:
+    """Rows ``[c CHUNK, (c + 1) CHUNK)`` of ``Ω``, from the generator seeded with ``(seed, c)``."""
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
+    n = min(CHUNK, p - c * CHUNK)
+    if distribution == "gaussian":
+        return torch.randn(n, k, generator=g, dtype=dtype)
+    return torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
+
+
+class _Omega:
+    """Rows of ``Ω`` for consecutive column chunks: the last few seed chunks kept."""
+
+    def __init__(self, p: int, k: int, seed: int, distribution: str, dtype: Any) -> None:
+        self.args = (p, k, seed, distribution, dtype)
+        self.kept: dict[int, Tensor] = {}
+
+    def rows(self, a: int, b: int) -> Tensor:
+        parts = []
+        for c in range(a // CHUNK, (b - 1) // CHUNK + 1):
+            if c not in self.kept:
+                if len(self.kept) >= 2:
+                    self.kept.pop(next(iter(self.kept)))
+                self.kept[c] = _omega_chunk(c, *self.args)
+            parts.append(self.kept[c][max(a - c * CHUNK, 0):min(b - c * CHUNK, CHUNK)])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _offsets(fn: ModuleFunction) -> dict[str, int]:
@@ -84,14 +106,19 @@ def _chunks(piece: Kron | Dense, offsets: dict[str, int]) -> Iterator[tuple[int,
         at += size
 
 
-def _setup(model: Any, xs: Tensor, memory_budget: int, block: int | None
+def _setup(model: Any, xs: Tensor, memory_budget: int, block: int | None, k: int = 0
            ) -> tuple[ModuleFunction, Network, int]:
+    """The module function, its layers, and samples per block (from the budget)."""
     fn = module_function(model, xs.dtype)
     net = analyse(fn, xs[0])
     if block is None:
-        per = sum(i.positions * (i.d_in + net.outputs * i.d_out) for i in net.layers)
-        per = (per + net.outputs * fn.numel // max(len(net.layers), 1)) * fn.flat.element_size()
-        block = max(1, min(int(xs.shape[0]), memory_budget // max(4 * per, 1)))
+        # one sample's pieces (a, g of every structured layer) and one chunk of J,
+        # twice for the backward pass's working memory; one chunk of Ω held beside
+        o, itemsize = net.outputs, fn.flat.element_size()
+        per = 2 * itemsize * (sum(i.positions * (i.d_in + o * i.d_out) for i in net.layers)
+                              + o * (CHUNK + fn.numel - sum(i.numel for i in net.layers)))
+        free = memory_budget - 3 * CHUNK * k * itemsize
+        block = max(1, min(int(xs.shape[0]), free // max(per, 1)))
     return fn, net, block
 
 
@@ -106,15 +133,17 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
         seed, distribution: ``Ω`` (:func:`omega`).
         block: samples per block; None: from ``memory_budget`` (bytes).
     """
-    fn, net, block = _setup(model, xs, memory_budget, block)
+    if distribution not in DISTRIBUTIONS:
+        raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
+                           f"got {distribution!r}")
+    fn, net, block = _setup(model, xs, memory_budget, block, k)
     offsets = _offsets(fn)
     out = fn.flat.new_zeros(xs.shape[0], net.outputs, k)
+    om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype)
     for a, b in blocks(xs.shape[0], block):
         for piece in features(fn, xs[a:b], net):
             for g0, jac in _chunks(piece, offsets):
-                om = omega(fn.numel, k, seed=seed, distribution=distribution,
-                           rows=(g0, g0 + jac.shape[2]), dtype=jac.dtype).to(jac.device)
-                out[a:b] += jac @ om
+                out[a:b] += jac @ om.rows(g0, g0 + jac.shape[2]).to(jac.device)
     return out
 
 

@@ -114,9 +114,13 @@ class ModuleFunction:
 
     def call(self, flat: Tensor, x: Tensor) -> Tensor:
         """The model's output at one sample ``x`` with parameters ``flat``."""
+        return self.call_state(self.unflatten(flat), x)
+
+    def call_state(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The model's output at one sample ``x`` with parameters ``{name: tensor}``."""
         import torch
 
-        state = {**self.buffers, **self.unflatten(flat)}
+        state = {**self.buffers, **params}
         return torch.func.functional_call(self.module, state, (x.unsqueeze(0),)).squeeze(0)
 
     def call_batch(self, flat: Tensor, xs: Tensor) -> Tensor:

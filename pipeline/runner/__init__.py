@@ -11,6 +11,7 @@ _OWNERS = {
     "Resources": "pipeline.runner.plan",
     "compute_shard": "pipeline.runner.worker",
     "Interrupted": "pipeline.runner.scheduler",
+    "write_ntk": "pipeline.runner.ntk",
 }
 __all__ = sorted(_OWNERS)
 __getattr__, __dir__ = lazy_face(__name__, _OWNERS)
