@@ -14,10 +14,15 @@
     ``--memory-budget 1GiB``) against the same rows computed in process by
     ``iter_third_rows`` (n(n+1)/2 reverse passes over second-order jets, no
     files). Target (at n = 1,000): <= 1.3x.
+(5) The README's sparse third-derivative example, ``jacpipe run lennard_jones
+    -p atoms=64 -p cutoff=1.6 -p pattern=known`` (``--executor local``),
+    against the same run without the pattern: the rows computed, the seconds
+    (median of interleaved rounds) and the speed-up. No target.
 
     python -m benchmarks.operators            # about 5 minutes on 2 cores
     python -m benchmarks.operators --quick    # about a minute
     python -m benchmarks.operators --points 1000000 --atoms 333   # the issue's sizes
+    python -m benchmarks.operators --only-sparse   # (5) alone: results/operators-sparse.json
 """
 
 from __future__ import annotations
@@ -156,17 +161,52 @@ def third_large(report: Report, atoms: int) -> None:
                          run_s / alone, 1.3, higher_is_better=False))
 
 
+def third_sparse(report: Report, repeats: int, atoms: int, cutoff: float = 1.6) -> None:
+    from benchmarks.harness import interleaved, median, paired_speed
+    from pipeline.problem import build_problem
+
+    problem = build_problem("lennard_jones", {"atoms": atoms, "cutoff": cutoff,
+                                              "pattern": "known"})
+    n = problem.x.numel()
+    upper = problem.sparsity.tocoo()
+    computed = int((upper.row <= upper.col).sum())  # rows (j, k), j <= k, inside the pattern
+    total = n * (n + 1) // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        def one(pattern: str) -> object:
+            return _run("lennard_jones", {"atoms": atoms, "cutoff": cutoff, "pattern": pattern},
+                        f"{tmp}/{pattern}", executor="local", resume=False)
+
+        times = interleaved({"none": lambda: one("none"), "known": lambda: one("known")},
+                            repeats=repeats)
+    speed = paired_speed(times, "none", "known")
+    report.table(f"(5) sparse third derivatives: lennard_jones -p atoms={atoms} -p "
+                 f"cutoff={cutoff} (n = {n}), --executor local, median of {repeats}",
+                 ["pattern", "rows computed", "seconds", "speed-up"],
+                 [["none", f"{total:,}", round(median(times["none"]), 2), 1.0],
+                  ["known", f"{computed:,} ({computed / total:.0%})",
+                   round(median(times["known"]), 2), round(speed, 2)]])
+    report.facts["third_sparse"] = {"rows": total, "computed": computed, "speed_up": speed}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--points", type=int, default=None, help="poisson points")
     p.add_argument("--atoms", type=int, default=None, help="Lennard-Jones atoms (n = 3 atoms)")
+    p.add_argument("--only-sparse", action="store_true", help="table (5) alone")
     args = p.parse_args()
     torch.set_num_threads(2)
+    sparse_atoms, sparse_repeats = (27, 3) if args.quick else (64, args.repeats or 3)
+    if args.only_sparse:
+        report = Report("operators-sparse", quick=args.quick)
+        third_sparse(report, repeats=sparse_repeats, atoms=sparse_atoms)
+        report.finish(args.json)
+        return
     report = Report("operators", quick=args.quick)
     points = args.points or (500 if args.quick else 6000)
     poisson(report, points, 50, sample=16 if args.quick else 64)
     third_small(report)
     third_large(report, args.atoms or (12 if args.quick else 40))
+    third_sparse(report, repeats=sparse_repeats, atoms=sparse_atoms)
     report.finish(args.json)
 
 

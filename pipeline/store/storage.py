@@ -283,12 +283,13 @@ def _bounded(fs: Any, seconds: float) -> Any:
     """
     from datetime import timedelta
 
-    rebuild, (options,) = fs.__reduce__()
     if isinstance(fs, getattr(pafs, "GcsFileSystem", ())):
+        rebuild, (options,) = fs.__reduce__()
         if options.get("retry_time_limit") is None:
             options["retry_time_limit"] = timedelta(seconds=seconds)
             return rebuild(options)
     elif isinstance(fs, getattr(pafs, "S3FileSystem", ())):
+        _, (options,) = fs.__reduce__()
         for key in ("connect_timeout", "request_timeout"):
             if options.get(key, -1) <= 0:
                 options[key] = seconds / _S3_ATTEMPTS
