@@ -166,12 +166,14 @@ def _share(compute, repeats: int, *, per_sample: bool | None) -> tuple[float, fl
     """``(checks' time / the rest's, median total)``; ``per_sample`` None: a direct call.
 
     Otherwise the call runs as in a shard of a run (``fallback`` policy; the
-    forward check only for per-sample kinds, NOTE: [Checks on every engine call]).
+    forward check only for per-sample kinds, no vmap spot check: the run's
+    own checks covered them, NOTE: [Checks on every engine call]).
     """
     from pipeline.maths import checks
 
     context = (contextlib.nullcontext() if per_sample is None else
-               checks.checking(forward="fallback", log=[], check_forward=per_sample))
+               checks.checking(forward="fallback", log=[], check_forward=per_sample,
+                               check_vmap=False))
     shares, totals = [], []
     with context:
         compute()  # warm up
@@ -213,32 +215,40 @@ def shard_cost(report: Report, *, quick: bool, repeats: int) -> None:
 
 
 def run_cost(report: Report, *, quick: bool) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
     import pipeline
-    from pipeline.core.options import RunOptions
-    from pipeline.runner.job import check_job
 
     runs = {"mlp": ["n=400", "m=400", "hidden=128"]} if quick else {
-        "mlp": ["n=2000", "m=2000"], "robot_arm": ["batch=2000"], "heat": ["N=100"]}
+        "mlp": ["n=2000", "m=2000"], "robot_arm": ["batch=2000"], "heat": ["N=100"],
+        "cnn": ["batch=16", "channels=8"]}
     rows, worst = [], 0.0
     for job, params in runs.items():
-        checked = check_job(RunOptions(job=job, params=params))
-        seconds = sum(c.seconds for c in (checked.adjoint, checked.spot) if c is not None)
-        with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
-            pipeline.run(job, params=params, out=out, executor="local", progress=False,
-                         echo=lambda _: None)
-            wall = time.perf_counter() - t0
-        worst = max(worst, seconds / wall)
-        rows.append([job, " ".join(params),
-                     f"{checked.adjoint.seconds * 1e3:.1f} ms" if checked.adjoint else "-",
-                     f"{checked.spot.seconds * 1e3:.1f} ms" if checked.spot else "-",
-                     f"{wall:.2f} s", f"{100 * seconds / wall:.2f}%"])
-    report.table("(3) the run's own checks against the run's wall time (executor local)",
-                 ["job", "params", "adjoint check", "vmap spot check", "run wall", "share"],
-                 rows)
+        for attempt in range(2):  # the first pays the process's one-time set-up
+            with tempfile.TemporaryDirectory() as out:
+                t0 = time.perf_counter()
+                pipeline.run(job, params=params, out=out, executor="local", progress=False,
+                             echo=lambda _: None)
+                wall = time.perf_counter() - t0
+                doc = json.loads(pq.read_schema(f"{out}/_manifest.parquet")
+                                 .metadata[b"jacpipe.manifest"])
+            adjoint, spot = doc.get("adjoint_check"), doc.get("vmap_check")
+            seconds = sum(float(c["seconds"]) for c in (adjoint, spot) if c)
+            if attempt:
+                worst = max(worst, seconds / wall)
+            rows.append([job, " ".join(params), "first" if attempt == 0 else "second",
+                         f"{float(adjoint['seconds']) * 1e3:.1f} ms" if adjoint else "-",
+                         f"{float(spot['seconds']) * 1e3:.1f} ms" if spot else "-",
+                         f"{wall:.2f} s", f"{100 * seconds / wall:.2f}%"])
+    report.table("(3) the run's own checks against the run's wall time (executor local; the "
+                 "first run of a process pays torch.func's set-up)",
+                 ["job", "params", "run", "adjoint check", "vmap spot check", "run wall",
+                  "share"], rows)
     report.facts["run_share_max"] = worst
-    report.target(Target("run-level checks' share of a run, worst job", 100 * worst, 5.0,
-                         higher_is_better=False, unit="%"))
+    report.target(Target("run-level checks' share of a run (second run), worst job",
+                         100 * worst, 5.0, higher_is_better=False, unit="%"))
 
 
 def main() -> None:

@@ -284,7 +284,7 @@ SPOT_WINDOW = 8
 SPOT_SAMPLE_ROWS = 256
 
 
-def vmap_spot_check(problem: Any, *, seed: int = 0) -> SpotCheck | None:
+def vmap_spot_check(problem: Any, *, seed: int = 0, m: int | None = None) -> SpotCheck | None:
     """Compare two random rows of the vectorised engine with plain ``torch.autograd.grad``.
 
     NOTE: [The vmap spot check]
@@ -305,6 +305,7 @@ def vmap_spot_check(problem: Any, *, seed: int = 0) -> SpotCheck | None:
         problem: a :class:`~pipeline.Problem` whose kind's rows are a
             Jacobian's (``jacobian``, ``hessian``, ``batched``).
         seed: seed of the rows drawn.
+        m: outputs of ``fn`` (per sample), when known (spares a forward pass).
 
     Returns:
         A :class:`SpotCheck`, or None for kinds of other rows (Taylor mode)
@@ -322,12 +323,14 @@ def vmap_spot_check(problem: Any, *, seed: int = 0) -> SpotCheck | None:
         return None
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    a, b, rows = _spot_rows(problem, rng)
+    a, b, rows = _spot_rows(problem, rng, m)
     try:
+        # the engine's own check compares a random combination of all the window's
+        # rows with one unbatched pullback (and then fixes them): its warning counts
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            got = torch.cat([blk for _, blk in iter_rows(problem, a, b, method="rev")])
-            plain = torch.as_tensor(_plain_rows(problem, rows))
+            got = torch.cat([blk for _, blk in iter_rows(problem, a, b, method="rev", m=m)])
+        plain = torch.as_tensor(_plain_rows(problem, rows, m))
     except Exception:  # noqa: BLE001 - the run meets (and reports) the same failure
         return None
     reasons = [str(w.message) for w in caught if issubclass(w.category, VmapMismatchWarning)]
@@ -337,15 +340,27 @@ def vmap_spot_check(problem: Any, *, seed: int = 0) -> SpotCheck | None:
                      reasons[0] if reasons else "")
 
 
-def _spot_rows(problem: Any, rng: Any) -> tuple[int, int, list[int]]:
+def _outputs(problem: Any, m: int | None) -> int:
+    """``fn``'s outputs (per sample; Hessians: ``n``): ``m`` if given, else one forward pass."""
+    from pipeline.maths.kinds import maths_of
+
+    spec = maths_of(problem.kind).spec
+    if spec.symmetric:
+        return int(problem.x.numel())
+    if m is None:
+        x = problem.x[0] if spec.per_sample else problem.x
+        with torch.no_grad():
+            m = int(problem.fn(_fresh(x)).numel())
+    return m
+
+
+def _spot_rows(problem: Any, rng: Any, m: int | None) -> tuple[int, int, list[int]]:
     """The window ``[a, b)`` the spot check vectorises, and its two random rows."""
     from pipeline.maths.kinds import maths_of
 
-    x = problem.x
+    x, m = problem.x, _outputs(problem, m)
     if maths_of(problem.kind).spec.per_sample:
         batch = int(x.shape[0])
-        with torch.no_grad():
-            m = int(problem.fn(_fresh(x[0])).numel())
         if batch >= 2 and 2 * m <= SPOT_SAMPLE_ROWS:  # two whole samples: vmap over samples
             s = int(rng.integers(0, batch - 1))
             return s * m, (s + 2) * m, [s * m + int(rng.integers(0, m)),
@@ -353,27 +368,21 @@ def _spot_rows(problem: Any, rng: Any) -> tuple[int, int, list[int]]:
         s = int(rng.integers(0, batch))
         total, base = m, s * m
     else:
-        base = 0
-        if maths_of(problem.kind).spec.symmetric:
-            total = x.numel()
-        else:
-            with torch.no_grad():
-                total = int(problem.fn(_fresh(x)).numel())
+        total, base = m, 0
     w = min(total, SPOT_WINDOW)
     a = base + int(rng.integers(0, total - w + 1))
     picks = sorted(rng.choice(w, size=min(2, w), replace=False).tolist())
     return a, a + w, [a + int(p) for p in picks]
 
 
-def _plain_rows(problem: Any, rows: list[int]) -> Any:
+def _plain_rows(problem: Any, rows: list[int], m: int | None) -> Any:
     """Rows by plain ``torch.autograd.grad``, one per row, no torch.func."""
     from pipeline.maths.kinds import maths_of, reference_rows
 
     spec = maths_of(problem.kind).spec
     if not spec.per_sample or spec.columns_over != "inputs":  # the kind's own plain rows
         return reference_rows(problem, rows)
-    with torch.no_grad():
-        m = int(problem.fn(_fresh(problem.x[0])).numel())
+    m = _outputs(problem, m)
     out = []
     for r in rows:
         xg = _fresh(problem.x[r // m]).requires_grad_(True)

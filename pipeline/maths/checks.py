@@ -3,7 +3,8 @@
 NOTE: [Checks on every engine call]
     Two ways a vectorised derivative can be silently wrong, each checked
     where the rows are computed, at the cost of about one extra backward
-    pass per engine call:
+    pass per engine call (a run's shards skip what the run's own checks
+    already covered: :func:`checking`):
 
     - *forward mode* (``torch.func.jvp``) ignores what reverse mode honours
       (``torch.no_grad`` blocks, tensor hooks, module backward hooks, a
@@ -20,8 +21,9 @@ NOTE: [Checks on every engine call]
     - *vmap* has wrong batching rules for a few ops (``torch.cdist``'s
       backward in torch 2.x: ``torch.func.jacrev`` is wrong by 80-200%
       there, ``autograd.functional.jacobian`` right). Where a call computed
-      rows by a vectorised reverse pass, one random row of its first chunk
-      is computed again without vmap (one unbatched backward) and compared;
+      rows by a vectorised reverse pass, a random combination of up to
+      :data:`SPOT_ROWS` random rows of its first chunk is computed again
+      without vmap (one unbatched backward) and compared;
       on a disagreement the call's rows are computed one at a time with
       ``torch.autograd.grad`` (the engine's per-row fallback), and said so.
 
@@ -73,11 +75,17 @@ _LOG: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("jacpipe
                                                                         default=None)
 _CHECK_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_forward",
                                                                       default=True)
+_CHECK_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_vmap",
+                                                                   default=True)
+#: Rows of a chunk the vmap spot check combines (drawn at random): reading the
+#: whole chunk again cost 5% of a 2000-row mlp shard.
+SPOT_ROWS = 32
 
 
 @contextlib.contextmanager
 def checking(*, forward: str = "warn", vectorise: bool = True,
-             log: list[str] | None = None, check_forward: bool = True) -> Iterator[None]:
+             log: list[str] | None = None, check_forward: bool = True,
+             check_vmap: bool = True) -> Iterator[None]:
     """Set the policy of the engine calls inside the block.
 
     Args:
@@ -97,6 +105,11 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
             (one VJP: 13-25% of a tall forward-mode Jacobian's time,
             ``benchmarks/checks.py``). Per-sample shards keep it: their
             samples are not the ones the run checked.
+        check_vmap: False where the run's vmap spot check already compared
+            vectorised rows of this function with plain autograd's: a
+            shard's calls skip their own (one unbatched pass of one sample:
+            40% of a 16-image CNN shard, whose convolutions run slowly on
+            one unbatched image).
 
     Raises:
         ValueError: an unknown ``forward`` policy.
@@ -104,10 +117,11 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
     if forward not in POLICIES:
         raise ValueError(f"forward must be one of {POLICIES}, got {forward!r}")
     tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log),
-              _CHECK_FORWARD.set(check_forward))
+              _CHECK_FORWARD.set(check_forward), _CHECK_VMAP.set(check_vmap))
     try:
         yield
     finally:
+        _CHECK_VMAP.reset(tokens[4])
         _CHECK_FORWARD.reset(tokens[3])
         _LOG.reset(tokens[2])
         _VECTORISE.reset(tokens[1])
@@ -122,6 +136,11 @@ def forward_policy() -> str:
 def vectorised() -> bool:
     """Whether the calls now running may vectorise (:func:`checking`)."""
     return _VECTORISE.get()
+
+
+def spot_checks() -> bool:
+    """Whether the calls now running compare vectorised rows with unbatched ones."""
+    return _CHECK_VMAP.get() and _VECTORISE.get()
 
 
 def report(message: str, category: type[Warning]) -> None:
@@ -212,6 +231,13 @@ def row_mismatch(vectorised_row: Tensor, plain_row: Tensor, row: int | str,
             f"{tol:.2g}): a torch batching rule of an op in fn is wrong")
 
 
+def spot_rows(count: int, *key: int) -> list[int]:
+    """Up to :data:`SPOT_ROWS` of ``count`` rows, drawn at random from ``key``, sorted."""
+    if count <= SPOT_ROWS:
+        return list(range(count))
+    return sorted(random.Random(hash(key)).sample(range(count), SPOT_ROWS))
+
+
 def combination_mismatch(rows: Tensor, w: Tensor, plain: Tensor, first: int) -> str | None:
     """``w @ rows`` (vectorised) against ``plain`` (one unbatched pullback of ``w``).
 
@@ -221,7 +247,7 @@ def combination_mismatch(rows: Tensor, w: Tensor, plain: Tensor, first: int) -> 
     rows, w = rows.detach(), w.detach().reshape(-1).to(rows.dtype)
     # in the rows' dtype: a copy of the chunk in float64 would cost more than the pullback
     scale = float(w.norm()) * float(rows.norm())
-    return row_mismatch(w @ rows, plain, f"{first}..{first + rows.shape[0] - 1}", scale)
+    return row_mismatch(w @ rows, plain, f"{first}+", scale)
 
 
 def forward_rejected(check: Callable[[], str | None], what: str) -> bool:

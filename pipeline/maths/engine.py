@@ -928,16 +928,17 @@ def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, 
     combination of rows ``[a, a + len(rows))`` (zero elsewhere). True
     (reported): the rows must be computed one at a time.
     """
-    if rows.shape[0] < 2 or not checks.vectorised():
+    if rows.shape[0] < 2 or not checks.spot_checks():
         return False
-    w = checks.uniform((rows.shape[0],), rows, 7, a, rows.shape[0])
+    picked = checks.spot_rows(rows.shape[0], a, rows.shape[0])
+    w = checks.uniform((len(picked),), rows, 7, a, rows.shape[0])
     cot = like.new_zeros(like.numel())
-    cot[a:a + rows.shape[0]] = w.to(like.dtype)
+    cot[[a + i for i in picked]] = w.to(like.dtype)
     try:
         plain = unbatched(cot)
     except RuntimeError:  # the unbatched pass cannot run: no verdict
         return False
-    reason = checks.combination_mismatch(rows, w, plain, a)
+    reason = checks.combination_mismatch(rows[picked], w, plain, a)
     if reason is not None:
         checks.report(f"{what}: {reason}; computing them one at a time with "
                       "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
@@ -999,20 +1000,23 @@ def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, b
         block = torch.func.vmap(_sample_jacobian(fn, "rev"))(samples)
         block, method = block.reshape(-1, samples[0].numel()).to(samples.dtype), "rev"
     count = samples.shape[0]
-    if count * m < 2:
+    if count * m < 2 or not checks.spot_checks():
         return block, method
     s = checks.pick(0, count, s0, count)
-    w = checks.uniform((m,), block, 8, s0, count)
+    picked = checks.spot_rows(m, s0, count, s)
+    w = checks.uniform((len(picked),), block, 8, s0, count)
     xg = _fresh(samples[s]).requires_grad_(True)
     try:
         with torch.enable_grad():
             y = fn(xg).reshape(-1)
-        g = (torch.autograd.grad(y, xg, w.to(y.dtype), allow_unused=True)[0]
-             if y.requires_grad else None)
+        cot = y.new_zeros(y.numel()).detach()
+        cot[picked] = w.to(y.dtype)
+        g = torch.autograd.grad(y, xg, cot, allow_unused=True)[0] if y.requires_grad else None
     except RuntimeError:
         return block, method
     plain = xg.new_zeros(xg.numel()) if g is None else g.reshape(-1)
-    reason = checks.combination_mismatch(block[s * m:(s + 1) * m], w, plain, (s0 + s) * m)
+    reason = checks.combination_mismatch(block[[s * m + i for i in picked]], w, plain,
+                                         (s0 + s) * m)
     if reason is None:
         return block, method
     checks.report(f"per-sample rows: {reason}; computing them one at a time with "

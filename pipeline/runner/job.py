@@ -98,16 +98,16 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) 
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
-        spot=None if smoothing else _vmap_spot_check(problem),
+        spot=None if smoothing else _vmap_spot_check(problem, shapes),
         smoothing=smoothing,
     )
 
 
-def _vmap_spot_check(problem: Problem) -> SpotCheck | None:
+def _vmap_spot_check(problem: Problem, shapes: Shapes) -> SpotCheck | None:
     """Two random vectorised rows against plain autograd (NOTE: [The vmap spot check])."""
     from pipeline.maths.adjoint import vmap_spot_check
 
-    return vmap_spot_check(problem)
+    return vmap_spot_check(problem, m=shapes.m if kind_of(shapes.kind).jacobian_rows else None)
 
 
 def _refuse_random(problem: Problem, spec: str) -> None:

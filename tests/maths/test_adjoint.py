@@ -135,3 +135,29 @@ def test_adjoint_check_never_alarms_on_a_builtin_job(job, dtype):
         assert check.agree, check.reason
         # far inside the tolerance: rounding, not luck (see NOTE in pipeline/adjoint.py)
         assert check.rel_error <= ADJOINT_RTOL[dtype] / 10
+
+
+_Y0 = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+
+
+def cdist_rows(t):
+    """torch.cdist: its batched backward is wrong (torch.func.jacrev is)."""
+    return torch.cdist(t.reshape(-1, 3), _Y0).reshape(-1)
+
+
+def test_vmap_spot_check_flags_a_wrong_batching_rule_and_passes_the_jobs():
+    from pipeline import Problem
+    from pipeline.maths.adjoint import vmap_spot_check
+
+    x = torch.linspace(-0.7, 0.9, 15, dtype=torch.float64)
+    for problem in (Problem(fn=cdist_rows, x=x), Problem(fn=cdist_rows, x=x.reshape(5, 3),
+                                                          kind="batched")):
+        spot = vmap_spot_check(problem)
+        assert spot is not None and not spot.agree and "without vmap" in spot.reason
+        assert len(spot.rows) == 2 and spot.window[0] <= min(spot.rows)
+        json.dumps(spot.to_json(), allow_nan=False)
+    for job in ("mlp", "rosenbrock", "robot_arm"):
+        for dtype in ("float32", "float64"):
+            p = build_problem(job, {**BUILTIN[job], "dtype": dtype})
+            assert vmap_spot_check(p, seed=3).agree, (job, dtype)
+    assert vmap_spot_check(build_problem("poisson", {"points": 4})) is None  # Taylor mode
