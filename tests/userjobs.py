@@ -215,3 +215,15 @@ def backward_raises_for_some_rows(n: int = 6) -> Problem:
             return 2 * grad
 
     return Problem(fn=Doubled.apply, x=torch.arange(1.0, n + 1, dtype=torch.float64))
+
+
+def random_windows(size: int = 8) -> Problem:
+    """``F.fractional_max_pool2d``: its windows are drawn at random on every call."""
+    import torch.nn.functional as F
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return F.fractional_max_pool2d(v.reshape(1, 1, size, size), 2,
+                                       output_size=size // 2).reshape(-1)
+
+    x = torch.linspace(-1, 1, size * size, dtype=torch.float64)
+    return Problem(fn=fn, x=x)

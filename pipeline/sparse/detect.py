@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import scipy.sparse as sp
 import torch
 
-from pipeline.core.errors import JacpipeError
+from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.kinds import kind_of
 from pipeline.sparse.rules import (
     CONST,
@@ -231,6 +231,7 @@ def trace_sparsity(
             return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
     gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
+    _refuse_unfunctionalized(gm)
     if mode == "global":
         # The forward part of a Hessian's trace is dead code once grad is
         # taken (its scalar output is unused): no need to propagate it.
@@ -335,18 +336,18 @@ def _decompositions() -> dict:
 
 
 def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    # NOTE: global mode traces with fake tensors: reading a value computed
-    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
-    # quietly burning in the value at this x. Local mode traces with real
-    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
-    # value at x and the branch taken is recorded.
     try:
-        return make_fx(torch.func.functionalize(target), decomposition_table=_decompositions(),
-                       tracing_mode="fake" if mode == "global" else "real",
-                       _allow_non_fake_inputs=True,
-                       _error_on_data_dependent_ops=mode == "global")(x)
+        try:
+            return _make_fx(torch.func.functionalize(target), x, mode)
+        except RuntimeError as exc:
+            if _MUTATED_CONSTANT not in str(exc):
+                raise
+            # NOTE: fn writes into a tensor it closes over (the running statistics
+            # of _native_batch_norm_legit): functionalize refuses that. Traced once
+            # as it is, its writes into constants that nothing reads back are
+            # dropped (they do not change fn(x)), and the rest is functionalized.
+            plain = _drop_constant_writes(_make_fx(target, x, mode))
+            return _make_fx(torch.func.functionalize(plain), x, mode)
     except SparsityError:
         raise
     except Exception as exc:  # torch raises many kinds here; say where it came from
@@ -362,6 +363,61 @@ def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule
             f"could not trace fn to ATen ops for sparsity detection: {text.splitlines()[0]}. "
             "fn must be a torch function of x (no .numpy(), no Python-side state)"
         ) from exc
+
+
+_MUTATED_CONSTANT = "mutating a non-functional tensor"
+
+
+def _make_fx(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # NOTE: global mode traces with fake tensors: reading a value computed
+    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
+    # quietly burning in the value at this x. Local mode traces with real
+    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
+    # value at x and the branch taken is recorded.
+    return make_fx(target, decomposition_table=_decompositions(),
+                   tracing_mode="fake" if mode == "global" else "real",
+                   _allow_non_fake_inputs=True,
+                   _error_on_data_dependent_ops=mode == "global")(x)
+
+
+def _drop_constant_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` without its in-place writes into constants that nothing reads afterwards."""
+    nodes = list(gm.graph.nodes)
+    for i, node in enumerate(nodes):
+        schema = getattr(node.target, "_schema", None)
+        if not (node.op == "call_function" and schema is not None and schema.is_mutable
+                and node.args and isinstance(node.args[0], torch.fx.Node)
+                and node.args[0].op == "get_attr" and not node.users):
+            continue
+        target = node.args[0].target
+        if not any(n.op == "get_attr" and n.target == target and n.users
+                   for n in nodes[i + 1:]):
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
+    """Refuse a graph that still writes in place into a tensor computed in it.
+
+    NOTE: torch's Python decomposition of a circular ``F.pad`` copies into
+    slices of ``new_empty`` below functionalize, so the writes reach the rules
+    as ``copy_`` into views, whose effect on the base no rule can see: the
+    pattern would silently miss them. (Writes into constants, the running
+    statistics of batch norm, are harmless: nothing reads them back.)
+    """
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if (node.op == "call_function" and schema is not None and schema.is_mutable
+                and node.args and isinstance(node.args[0], torch.fx.Node)
+                and node.args[0].op != "get_attr"):
+            raise SparsityError(
+                f"sparsity detection cannot follow an in-place write ({node.target}) that "
+                "torch's tracing left in the graph (a circular F.pad does this): pass the "
+                "pattern by hand (Problem.sparsity) or use the dense path")
 
 
 def _refuse_random(gm: torch.fx.GraphModule) -> None:
@@ -504,10 +560,12 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
     # only its shape and dtype), so those values are not computed: the fake
     # tensor of the trace stands in. Constants are computed for real (they
     # are read as data: supports, indices, masks); so are creation ops fed a
-    # value of x (zeros_like(x)), from real stand-ins of the same shape.
+    # value of x (zeros_like(x)), from real stand-ins of the same shape; and
+    # so are ops whose shape the trace left symbolic (masked_select of x by a
+    # constant mask, in torch.combinations): the shape is decided by constants.
     if ctx.local or not tainted or fake is None:
         out = func(*_on_cpu(args), **_on_cpu(kwargs))
-    elif rule is constant:
+    elif rule is constant or not _concrete(fake):
         out = func(*_on_cpu(_realized(args)), **_on_cpu(_realized(kwargs)))
     else:
         out = fake
@@ -527,7 +585,16 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
                 "with x. Use mode='local' for the pattern at this x only, or rewrite the "
                 "branch with torch.where")
         ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
-    dep = rule(Op(func, args, kwargs, deps, kwdeps, out, ctx))
+    op = Op(func, args, kwargs, deps, kwdeps, out, ctx)
+    try:
+        dep = rule(op)
+    except (Dense, SparsityError):
+        raise
+    except Exception as exc:  # a rule met a case it does not know: a dense block, said once
+        ctx.warn(str(func), f"sparsity: the rule for {func} failed ({type(exc).__name__}: "
+                            f"{first_line(exc, limit=120)}); every output of it is taken to "
+                            "depend on all of its inputs (a dense block)")
+        dep = fallback(op, quiet=True)
     return out, _non_float(out, dep)
 
 
@@ -544,6 +611,15 @@ def _on_cpu(values: Any) -> Any:
     if isinstance(values, dict):
         return {k: _on_cpu(v) for k, v in values.items()}
     return values
+
+
+def _concrete(fake: Any) -> bool:
+    """Whether every shape in a traced value is a plain int (not a data-dependent symbol)."""
+    if isinstance(fake, torch.Tensor):
+        return all(isinstance(s, int) for s in fake.shape)
+    if isinstance(fake, list | tuple):
+        return all(_concrete(f) for f in fake)
+    return True
 
 
 def _realized(values: Any) -> Any:
