@@ -400,24 +400,51 @@ def _drop_constant_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
-    """Refuse a graph that still writes in place into a tensor computed in it.
+def _writes_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an in-place op (``add_``, ``copy_``...) on a tensor of the graph."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return False
+    alias = schema.arguments[0].alias_info
+    return bool(alias is not None and alias.is_write and isinstance(node.args[0], torch.fx.Node))
 
-    NOTE: torch's Python decomposition of a circular ``F.pad`` copies into
-    slices of ``new_empty`` below functionalize, so the writes reach the rules
-    as ``copy_`` into views, whose effect on the base no rule can see: the
-    pattern would silently miss them. (Writes into constants, the running
-    statistics of batch norm, are harmless: nothing reads them back.)
+
+def _is_view(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(node.op == "call_function" and schema is not None and schema.returns
+                and schema.returns[0].alias_info is not None and not schema.is_mutable)
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    while _is_view(node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
+    """Refuse a graph that still writes values computed from x in place into a view.
+
+    NOTE: torch's Python decompositions run below functionalize, so their
+    in-place ops reach the rules. One on a tensor of the graph (``clamp_min_``,
+    ``add_``, ``copy_`` into a fresh ``new_empty``) is followed: the written
+    tensor carries the op's result from there on. One into a *view* (a circular
+    ``F.pad`` copies into slices of ``new_empty``) would change the base, which
+    no rule sees: the pattern would silently miss it, so it is refused. (Writes
+    of constants, such as the mask ``torch.combinations`` builds, are computed
+    for real; writes into views of constants, the running statistics of
+    instance norm, are not read back.)
     """
+    from_x: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if (node.op == "call_function" and schema is not None and schema.is_mutable
-                and node.args and isinstance(node.args[0], torch.fx.Node)
-                and node.args[0].op != "get_attr"):
+        if node.op == "placeholder" or any(a in from_x for a in node.all_input_nodes):
+            from_x.add(node)
+        if (_writes_in_place(node) and _is_view(node.args[0])
+                and _view_root(node.args[0]).op != "get_attr"
+                and any(a in from_x for a in node.all_input_nodes[1:])):
             raise SparsityError(
-                f"sparsity detection cannot follow an in-place write ({node.target}) that "
-                "torch's tracing left in the graph (a circular F.pad does this): pass the "
-                "pattern by hand (Problem.sparsity) or use the dense path")
+                f"sparsity detection cannot follow an in-place write ({node.target}) into a "
+                "view that torch's tracing left in the graph (a circular F.pad does this): "
+                "pass the pattern by hand (Problem.sparsity) or use the dense path")
 
 
 def _refuse_random(gm: torch.fx.GraphModule) -> None:
@@ -504,7 +531,7 @@ def _generator_state(args: Any, kwargs: dict) -> bytes:
 
 def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     """Run the graph on real values, carrying each tensor's :class:`Dep`."""
-    from torch.fx.node import Node, map_aggregate
+    from torch.fx.node import Node
 
     nodes = list(gm.graph.nodes)
     last_use: dict[Node, int] = {}
@@ -519,25 +546,9 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
         elif node.op == "get_attr":
             env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
         elif node.op == "call_function":
-            args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
-            kwargs = map_aggregate(node.kwargs,
-                                   lambda a: env[a][0] if isinstance(a, Node) else a)
-            deps = map_aggregate(node.args, lambda a: env[a][1] if isinstance(a, Node) else None)
-            kwdeps = map_aggregate(node.kwargs,
-                                   lambda a: env[a][1] if isinstance(a, Node) else None)
-            if node.target is operator.getitem:
-                env[node] = (args[0][args[1]], deps[0][args[1]])
-            else:
-                try:
-                    env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
-                                      dict(kwdeps), ctx, node.meta.get("val"))
-                except (Dense, SparsityError):
-                    raise
-                except Exception as exc:  # a rule met a case it does not know: say which
-                    raise SparsityError(
-                        f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
-                        "(Problem.sparsity) or use the dense path") from exc
+            env[node] = _call_node(node, env, ctx)
+            if _writes_in_place(node):  # the written tensor carries the result from here on
+                env[node.args[0]] = env[node]
         elif node.op == "output":
             out = node.args[0]
             if isinstance(out, tuple | list):
@@ -550,6 +561,28 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
             if last_use.get(arg) == i:
                 env.pop(arg, None)
     raise SparsityError("traced graph has no output")
+
+
+def _call_node(node: torch.fx.Node, env: dict, ctx: Context) -> tuple[Any, Any]:
+    """One call_function node's value and :class:`Dep`, from those of its arguments."""
+    from torch.fx.node import Node, map_aggregate
+
+    args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
+    kwargs = map_aggregate(node.kwargs, lambda a: env[a][0] if isinstance(a, Node) else a)
+    deps = map_aggregate(node.args, lambda a: env[a][1] if isinstance(a, Node) else None)
+    kwdeps = map_aggregate(node.kwargs, lambda a: env[a][1] if isinstance(a, Node) else None)
+    if node.target is operator.getitem:
+        return args[0][args[1]], deps[0][args[1]]
+    try:
+        return _call(node.target, tuple(args), dict(kwargs), tuple(deps), dict(kwdeps), ctx,
+                     node.meta.get("val"))
+    except (Dense, SparsityError):
+        raise
+    except Exception as exc:  # computing the op itself failed: say which
+        raise SparsityError(
+            f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
+            "(Problem.sparsity) or use the dense path") from exc
 
 
 def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context,
