@@ -224,3 +224,15 @@ def waits_in_build(ready: str = "") -> Problem:
     open(ready, "w").close()
     time.sleep(120)
     return Problem(fn=torch.tanh, x=torch.ones(3, dtype=torch.float64))
+
+
+def random_windows(size: int = 8) -> Problem:
+    """``F.fractional_max_pool2d``: its windows are drawn at random on every call."""
+    import torch.nn.functional as F
+
+    def fn(v: torch.Tensor) -> torch.Tensor:
+        return F.fractional_max_pool2d(v.reshape(1, 1, size, size), 2,
+                                       output_size=size // 2).reshape(-1)
+
+    x = torch.linspace(-1, 1, size * size, dtype=torch.float64)
+    return Problem(fn=fn, x=x)

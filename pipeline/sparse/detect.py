@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import scipy.sparse as sp
 import torch
 
-from pipeline.core.errors import JacpipeError
+from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.kinds import kind_of
 from pipeline.sparse.rules import (
     CONST,
@@ -231,6 +231,7 @@ def trace_sparsity(
             return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
     gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
+    _refuse_unfunctionalized(gm)
     if mode == "global":
         # The forward part of a Hessian's trace is dead code once grad is
         # taken (its scalar output is unused): no need to propagate it.
@@ -358,12 +359,17 @@ def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule
                           refuse_data_dependent=mode == "global")
         except UnrecordedOutput:
             pass
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        return make_fx(torch.func.functionalize(target), decomposition_table=_decompositions(),
-                       tracing_mode="fake" if mode == "global" else "real",
-                       _allow_non_fake_inputs=True,
-                       _error_on_data_dependent_ops=mode == "global")(x)
+        try:
+            return _make_fx(torch.func.functionalize(target), x, mode)
+        except RuntimeError as exc:
+            if _MUTATED_CONSTANT not in str(exc):
+                raise
+            # NOTE: fn writes into a tensor it closes over (the running statistics
+            # of _native_batch_norm_legit): functionalize refuses that. Traced once
+            # as it is, its writes into constants that nothing reads back are
+            # dropped (they do not change fn(x)), and the rest is functionalized.
+            plain = _drop_constant_writes(_make_fx(target, x, mode))
+            return _make_fx(torch.func.functionalize(plain), x, mode)
     except SparsityError:
         raise
     except Exception as exc:  # torch raises many kinds here; say where it came from
@@ -379,6 +385,88 @@ def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule
             f"could not trace fn to ATen ops for sparsity detection: {text.splitlines()[0]}. "
             "fn must be a torch function of x (no .numpy(), no Python-side state)"
         ) from exc
+
+
+_MUTATED_CONSTANT = "mutating a non-functional tensor"
+
+
+def _make_fx(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    # NOTE: global mode traces with fake tensors: reading a value computed
+    # from x (`.item()`, `if tensor:`, `.numpy()`) fails there instead of
+    # quietly burning in the value at this x. Local mode traces with real
+    # values and _error_on_data_dependent_ops=False, so `.item()` returns the
+    # value at x and the branch taken is recorded.
+    return make_fx(target, decomposition_table=_decompositions(),
+                   tracing_mode="fake" if mode == "global" else "real",
+                   _allow_non_fake_inputs=True,
+                   _error_on_data_dependent_ops=mode == "global")(x)
+
+
+def _drop_constant_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` without its in-place writes into constants that nothing reads afterwards."""
+    nodes = list(gm.graph.nodes)
+    for i, node in enumerate(nodes):
+        schema = getattr(node.target, "_schema", None)
+        if not (node.op == "call_function" and schema is not None and schema.is_mutable
+                and node.args and isinstance(node.args[0], torch.fx.Node)
+                and node.args[0].op == "get_attr" and not node.users):
+            continue
+        target = node.args[0].target
+        if not any(n.op == "get_attr" and n.target == target and n.users
+                   for n in nodes[i + 1:]):
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _writes_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an in-place op (``add_``, ``copy_``...) on a tensor of the graph."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or not schema.arguments or not node.args:
+        return False
+    alias = schema.arguments[0].alias_info
+    return bool(alias is not None and alias.is_write and isinstance(node.args[0], torch.fx.Node))
+
+
+def _is_view(node: torch.fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(node.op == "call_function" and schema is not None and schema.returns
+                and schema.returns[0].alias_info is not None and not schema.is_mutable)
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    while _is_view(node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
+    """Refuse a graph that still writes values computed from x in place into a view.
+
+    NOTE: torch's Python decompositions run below functionalize, so their
+    in-place ops reach the rules. One on a tensor of the graph (``clamp_min_``,
+    ``add_``, ``copy_`` into a fresh ``new_empty``) is followed: the written
+    tensor carries the op's result from there on. One into a *view* (a circular
+    ``F.pad`` copies into slices of ``new_empty``) would change the base, which
+    no rule sees: the pattern would silently miss it, so it is refused. (Writes
+    of constants, such as the mask ``torch.combinations`` builds, are computed
+    for real; writes into views of constants, the running statistics of
+    instance norm, are not read back.)
+    """
+    from_x: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in from_x for a in node.all_input_nodes):
+            from_x.add(node)
+        if (_writes_in_place(node) and _is_view(node.args[0])
+                and _view_root(node.args[0]).op != "get_attr"
+                and any(a in from_x for a in node.all_input_nodes[1:])):
+            raise SparsityError(
+                f"sparsity detection cannot follow an in-place write ({node.target}) into a "
+                "view that torch's tracing left in the graph (a circular F.pad does this): "
+                "pass the pattern by hand (Problem.sparsity) or use the dense path")
 
 
 def _refuse_random(gm: torch.fx.GraphModule) -> None:
@@ -465,7 +553,7 @@ def _generator_state(args: Any, kwargs: dict) -> bytes:
 
 def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     """Run the graph on real values, carrying each tensor's :class:`Dep`."""
-    from torch.fx.node import Node, map_aggregate
+    from torch.fx.node import Node
 
     nodes = list(gm.graph.nodes)
     last_use: dict[Node, int] = {}
@@ -480,25 +568,9 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
         elif node.op == "get_attr":
             env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
         elif node.op == "call_function":
-            args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
-            kwargs = map_aggregate(node.kwargs,
-                                   lambda a: env[a][0] if isinstance(a, Node) else a)
-            deps = map_aggregate(node.args, lambda a: env[a][1] if isinstance(a, Node) else None)
-            kwdeps = map_aggregate(node.kwargs,
-                                   lambda a: env[a][1] if isinstance(a, Node) else None)
-            if node.target is operator.getitem:
-                env[node] = (args[0][args[1]], deps[0][args[1]])
-            else:
-                try:
-                    env[node] = _call(node.target, tuple(args), dict(kwargs), tuple(deps),
-                                      dict(kwdeps), ctx, node.meta.get("val"))
-                except (Dense, SparsityError):
-                    raise
-                except Exception as exc:  # a rule met a case it does not know: say which
-                    raise SparsityError(
-                        f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
-                        "(Problem.sparsity) or use the dense path") from exc
+            env[node] = _call_node(node, env, ctx)
+            if _writes_in_place(node):  # the written tensor carries the result from here on
+                env[node.args[0]] = env[node]
         elif node.op == "output":
             out = node.args[0]
             if isinstance(out, tuple | list):
@@ -513,6 +585,28 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     raise SparsityError("traced graph has no output")
 
 
+def _call_node(node: torch.fx.Node, env: dict, ctx: Context) -> tuple[Any, Any]:
+    """One call_function node's value and :class:`Dep`, from those of its arguments."""
+    from torch.fx.node import Node, map_aggregate
+
+    args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
+    kwargs = map_aggregate(node.kwargs, lambda a: env[a][0] if isinstance(a, Node) else a)
+    deps = map_aggregate(node.args, lambda a: env[a][1] if isinstance(a, Node) else None)
+    kwdeps = map_aggregate(node.kwargs, lambda a: env[a][1] if isinstance(a, Node) else None)
+    if node.target is operator.getitem:
+        return args[0][args[1]], deps[0][args[1]]
+    try:
+        return _call(node.target, tuple(args), dict(kwargs), tuple(deps), dict(kwdeps), ctx,
+                     node.meta.get("val"))
+    except (Dense, SparsityError):
+        raise
+    except Exception as exc:  # computing the op itself failed: say which
+        raise SparsityError(
+            f"sparsity detection failed at {node.target} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); pass the pattern by hand "
+            "(Problem.sparsity) or use the dense path") from exc
+
+
 def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context,
           fake: Any) -> tuple[Any, Any]:
     rule = rule_for(func) or fallback
@@ -521,10 +615,12 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
     # only its shape and dtype), so those values are not computed: the fake
     # tensor of the trace stands in. Constants are computed for real (they
     # are read as data: supports, indices, masks); so are creation ops fed a
-    # value of x (zeros_like(x)), from real stand-ins of the same shape.
+    # value of x (zeros_like(x)), from real stand-ins of the same shape; and
+    # so are ops whose shape the trace left symbolic (masked_select of x by a
+    # constant mask, in torch.combinations): the shape is decided by constants.
     if ctx.local or not tainted or fake is None:
         out = func(*_on_cpu(args), **_on_cpu(kwargs))
-    elif rule is constant:
+    elif rule is constant or not _concrete(fake):
         out = func(*_on_cpu(_realized(args)), **_on_cpu(_realized(kwargs)))
     else:
         out = fake
@@ -544,7 +640,16 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
                 "with x. Use mode='local' for the pattern at this x only, or rewrite the "
                 "branch with torch.where")
         ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
-    dep = rule(Op(func, args, kwargs, deps, kwdeps, out, ctx))
+    op = Op(func, args, kwargs, deps, kwdeps, out, ctx)
+    try:
+        dep = rule(op)
+    except (Dense, SparsityError):
+        raise
+    except Exception as exc:  # a rule met a case it does not know: a dense block, said once
+        ctx.warn(str(func), f"sparsity: the rule for {func} failed ({type(exc).__name__}: "
+                            f"{first_line(exc, limit=120)}); every output of it is taken to "
+                            "depend on all of its inputs (a dense block)")
+        dep = fallback(op, quiet=True)
     return out, _non_float(out, dep)
 
 
@@ -561,6 +666,15 @@ def _on_cpu(values: Any) -> Any:
     if isinstance(values, dict):
         return {k: _on_cpu(v) for k, v in values.items()}
     return values
+
+
+def _concrete(fake: Any) -> bool:
+    """Whether every shape in a traced value is a plain int (not a data-dependent symbol)."""
+    if isinstance(fake, torch.Tensor):
+        return all(isinstance(s, int) for s in fake.shape)
+    if isinstance(fake, list | tuple):
+        return all(_concrete(f) for f in fake)
+    return True
 
 
 def _realized(values: Any) -> Any:

@@ -332,8 +332,13 @@ def no_derivative(op: Op) -> Any:
     return dep
 
 
-def pointwise(op: Op) -> Dep:
-    """Elementwise ops with broadcasting: the union of the broadcast inputs' patterns."""
+def pointwise(op: Op) -> Any:
+    """Elementwise ops with broadcasting: the union of the broadcast inputs' patterns
+    (for each output of a multi-output op such as ``frexp``; none for integer outputs)."""
+    if isinstance(op.out, tuple | list):
+        first = next(o for o in op.out if isinstance(o, torch.Tensor))
+        dep = pointwise(Op(op.func, op.args, op.kwargs, op.deps, op.kwdeps, first, op.ctx))
+        return [dep if _floating(o) else Dep(None, dep.tainted) for o in op.out]
     n, shape = op.ctx.n, _shape(op.out)
     parts = []
     pairs = list(zip(op.args, op.deps, strict=False))
@@ -497,6 +502,8 @@ def write(op: Op) -> Dep:
         if isinstance(values.get(src_name), torch.Tensor):
             return accumulate(op)
         return identity(op)
+    if op.func.overloadpacket is aten.scatter and _written_twice(op, values):
+        return accumulate(op)
     base, bdep = values[base_name], deps[base_name]
     src = values.get(src_name)
     sdep = deps.get(src_name) if isinstance(deps.get(src_name), Dep) else CONST
@@ -521,14 +528,52 @@ def write(op: Op) -> Dep:
     return Dep(op.ctx.check(take_rows(stacked, _rows(result), n), str(op.func)), tainted)
 
 
+def as_strided_write(op: Op) -> Dep:
+    """``as_strided_scatter``: :func:`write`, plus the base's pattern at the written positions.
+
+    NOTE: torch's reverse mode (``as_strided_scatter_backward``, torch 2.13)
+    sends self's gradient through the *written* region and zeroes the rest,
+    while forward mode and finite differences do the opposite. The engine's
+    rows follow autograd, so the pattern holds both: every output keeps the
+    base's dependencies, and the written ones add the source's.
+    """
+    dep = write(op)
+    base = op.deps[0] if isinstance(op.deps[0], Dep) else CONST
+    pattern = union([dep.pattern, base.pattern])
+    return Dep(op.ctx.check(pattern, str(op.func)) if pattern is not None else None, dep.tainted)
+
+
 def _numel(v: Any) -> int:
     return v.numel() if isinstance(v, torch.Tensor) else 0
+
+
+def _written_twice(op: Op, values: dict) -> bool:
+    """Whether an index_put/scatter of a tensor writes some position twice (max_unpool with
+    repeated indices). NOTE: reverse mode then sends that position's gradient to every
+    source written there, forward mode takes the last: the pattern must hold all of them,
+    as an accumulating write's does."""
+    _, deps = op.named()
+    names = [a.name for a in op.func._schema.arguments]
+    src_name = "values" if "values" in values else "src"
+    src = values.get(src_name)
+    index = [d for k, d in deps.items() if k not in (names[0], src_name)]
+    if not isinstance(src, torch.Tensor) or src.numel() < 2 or (
+            _tainted(index) and not op.ctx.local):
+        return False  # one source, or indices from x (the rules' dense case)
+    mb = index_map(values[names[0]])
+    if op.func.overloadpacket is aten.index_put:
+        targets = aten.index.Tensor(mb, values["indices"])
+    else:
+        targets = mb.gather(values["dim"], values["index"])
+    flat = targets.reshape(-1)
+    return bool(flat.numel() > 1 and torch.unique(flat).numel() < flat.numel())
 
 
 def accumulate(op: Op) -> Dep:
     """Accumulating writes (index_put accumulate, scatter_add/reduce, index_add): base ∪ sources."""
     values, deps = op.named()
-    if op.func is aten.index_put.default and not values.get("accumulate"):
+    if op.func is aten.index_put.default and not values.get("accumulate") and not (
+            _written_twice(op, values)):
         return write(op)
     names = [a.name for a in op.func._schema.arguments]
     base_name = names[0]
@@ -969,8 +1014,8 @@ _MOVEMENT = ["view", "_unsafe_view", "reshape", "permute", "transpose", "t", "ex
 _IDENTITY = ["clone", "_to_copy", "alias", "lift_fresh_copy", "lift_fresh", "detach",
              "contiguous", "_conj", "conj", "resolve_conj", "resolve_neg", "positive",
              "_assert_tensor_metadata"]
-_WRITE = ["slice_scatter", "select_scatter", "diagonal_scatter", "as_strided_scatter",
-          "scatter", "index_copy", "index_fill", "masked_scatter"]
+_WRITE = ["slice_scatter", "select_scatter", "diagonal_scatter", "scatter", "index_copy",
+          "index_fill", "masked_scatter"]
 _ACCUMULATE = ["index_put", "scatter_add", "scatter_reduce", "index_add"]
 _REDUCTION = ["sum", "mean", "amax", "amin", "prod", "var", "std", "var_mean", "std_mean",
               "logsumexp", "max", "min", "norm", "linalg_vector_norm", "nansum", "nanmean",
@@ -996,6 +1041,7 @@ def _table() -> dict[str, Callable[[Op], Any]]:
         for name in names:
             table[name] = rule
     table.update(mul=multiply, where=where, masked_fill=masked_fill, copy=copy,
+                 as_strided_scatter=as_strided_write,
                  convolution=convolution,
                  _convolution=convolution, convolution_backward=convolution_backward)
     for name in ("avg_pool1d_backward", "avg_pool2d_backward", "avg_pool3d_backward",

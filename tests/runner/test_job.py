@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from typer.testing import CliRunner
 
 from pipeline.core.errors import JacpipeError
 from pipeline.core.options import RunOptions
@@ -16,8 +17,6 @@ def test_hessian_jobs_are_refused():
 
 
 def test_a_backward_that_raises_for_some_rows_is_one_line_from_the_driver_probe(tmp_path):
-    from typer.testing import CliRunner
-
     from pipeline.cli import app
     from pipeline.runner.job import check_job
     from tests.clitools import error_line
@@ -38,16 +37,19 @@ def test_a_backward_that_raises_for_some_rows_is_one_line_from_the_driver_probe(
 
 
 def test_a_random_op_is_refused_before_any_shard(tmp_path):
-    import torch
-    import torch.nn.functional as F
-
+    """Random windows: two calls often agree, so the fingerprint alone let it pass 4 in 9."""
     import pipeline
-    from pipeline.problem.problem import Problem
+    from pipeline.cli import app
+    from tests.clitools import error_line
+    from tests.userjobs import random_windows
 
-    def fn(v):  # random windows: two calls often agree, so the fingerprint alone misses it
-        return F.fractional_max_pool2d(v.reshape(1, 1, 8, 8), 2, output_size=4).reshape(-1)
-
-    problem = Problem(fn=fn, x=torch.randn(64, dtype=torch.float64))
-    with pytest.raises(JacpipeError, match=r"fn uses a random op \(aten\.rand\.default\)"):
-        pipeline.run(problem, out=str(tmp_path / "o"), executor="local")
+    for _ in range(3):  # the same answer on every call, whatever the draws
+        with pytest.raises(JacpipeError, match=r"fn uses a random op \(aten\.rand\.default\)"):
+            pipeline.run(random_windows(), out=str(tmp_path / "o"), executor="local")
     assert not (tmp_path / "o").exists()
+    spec = "tests.userjobs:random_windows"
+    result = CliRunner().invoke(app, ["run", spec, "--executor", "local", "--out",
+                                      str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert error_line(result).startswith(f"error: {spec}: fn uses a random op "
+                                         "(aten.rand.default) whose draws change")

@@ -67,6 +67,11 @@ PERM = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4, 9, 8, 11, 10])
 BAND = torch.tensor(banded_pattern(12, 3).toarray(), dtype=torch.float64) * 2.0
 
 
+UNPOOL = torch.tensor([[[1, 1, 2, 6]]])  # two inputs written to output 1
+BN = [torch.tensor([1.0, 2.0], dtype=torch.float64), torch.tensor([0.5, -1.0], dtype=torch.float64),
+      torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)]
+
+
 def _write_slice(v):
     y = torch.zeros(13, dtype=v.dtype)
     y[1:] = v**2
@@ -195,6 +200,17 @@ RULES = [
      + F.layer_norm(v.reshape(3, 4), (4,)).reshape(-1), 12, False),
     ("msort_detach", lambda v: v.reshape(3, 4).msort().reshape(-1) + v.detach() * v, 12,
      False),
+    ("frexp", lambda v: torch.frexp(v)[0] * v.roll(1), 6, True),
+    ("combinations", lambda v: torch.combinations(v, 2).reshape(-1).sin(), 5, True),
+    # torch's reverse mode and forward mode disagree on as_strided_scatter: both are held
+    ("as_strided_scatter", lambda v: torch.as_strided_scatter(
+        v.reshape(3, 3), -torch.ones(2, 2, dtype=v.dtype), (2, 2), (1, 2)).reshape(-1), 9,
+     False),
+    ("max_unpool_repeated", lambda v: F.max_unpool1d(
+        v.reshape(1, 1, 4), UNPOOL, 2, output_size=(1, 1, 8)).reshape(-1), 4, False),
+    ("native_batch_norm_legit", lambda v: torch.ops.aten._native_batch_norm_legit(
+        v.reshape(3, 2, 2), BN[0], BN[1], BN[2], BN[3], True, 0.1,
+        1e-5)[0].reshape(-1), 12, False),
 ]
 
 
@@ -318,6 +334,28 @@ def test_unknown_op_is_a_dense_block_with_one_warning():
     assert got[:9].all() and got[11:].all()
     assert np.array_equal(got[9:11], np.eye(9, dtype=bool)[:2])
     assert len(report.warnings) == 1
+
+
+def test_a_rule_that_fails_is_a_dense_block_with_one_warning(monkeypatch):
+    from pipeline.sparse import rules
+
+    def broken(op):
+        raise IndexError("a case this rule does not know")
+
+    monkeypatch.setitem(rules.RULES, "roll", broken)
+    x = torch.randn(6, dtype=torch.float64)
+    with pytest.warns(SparsityWarning, match=r"the rule for aten\.roll\.default failed "
+                                             r"\(IndexError: a case") as record:
+        report = trace_sparsity(lambda v: v.roll(1) * 2 + v[:6] ** 2, x, max_density=None)
+    assert len([w for w in record if issubclass(w.category, SparsityWarning)]) == 1
+    assert report.pattern.toarray().all()  # roll's block is dense; v**2 adds the diagonal
+    assert len(report.warnings) == 1
+
+
+def test_an_in_place_write_left_by_tracing_is_refused_not_missed():
+    x = torch.randn(1, 3, 3, dtype=torch.float64)
+    with pytest.raises(SparsityError, match=r"in-place write \(aten\.copy_\.default\)"):
+        detect_sparsity(lambda v: F.pad(v, (1, 2), mode="circular"), x)
 
 
 def test_bad_arguments_are_clear_errors():

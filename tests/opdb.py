@@ -1,0 +1,264 @@
+"""PyTorch's operator database as a corpus of functions with known Jacobians.
+
+``torch.testing._internal.common_methods_invocations.op_db`` (shipped with
+torch) lists every public op with sample inputs. Each sample becomes one
+function of one tensor, ``f(t) = op(t, *args, **kwargs)`` with all its
+floating outputs flattened and concatenated, at ``x = sample.input`` (for a
+list input such as ``cat``'s, its first tensor varies and the others are
+constants). The helpers here build those functions and their references
+(``torch.autograd.functional.jacobian`` for reverse mode, ``torch.func.jacfwd``
+for forward mode) for the engine's and the sparsity detector's tests, and for
+any check of forward against reverse mode (:data:`EXPECTED_DISAGREEMENTS`).
+
+    for op in ops():
+        for sample in samples(op, limit=1):
+            case = as_case(op, sample)      # a Case, or a str saying why not
+            ...
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+DTYPE = torch.float64
+
+#: Ops whose forward mode (``torch.func.jvp``/``jacfwd``) and reverse mode
+#: (``torch.autograd.functional.jacobian``) legitimately give different
+#: Jacobians on some op_db samples, with why. A forward/reverse consistency
+#: check should flag exactly these; the corpus tests compare each mode with its
+#: own reference there.
+EXPECTED_DISAGREEMENTS: dict[str, str] = {
+    "linalg.cholesky": "the sample input is not symmetric: reverse mode's formula treats it "
+                       "as symmetric (it reads one triangle), forward mode differentiates the "
+                       "triangle as given",
+    "linalg.cholesky_ex": "as linalg.cholesky: a non-symmetric sample input",
+    "cholesky": "as linalg.cholesky: a non-symmetric sample input",
+    "linalg.eigh": "as linalg.cholesky: a non-symmetric sample input (UPLO reads one triangle)",
+    "linalg.eigvalsh": "as linalg.eigh: a non-symmetric sample input",
+    "nn.functional.max_unpool1d": "repeated indices: several inputs written to one output, "
+                                  "reverse mode sends its gradient to all of them, forward "
+                                  "mode takes the one written last",
+    "nn.functional.max_unpool1d.grad": "repeated indices (see nn.functional.max_unpool1d)",
+    "nn.functional.max_unpool2d": "repeated indices (see nn.functional.max_unpool1d)",
+    "nn.functional.max_unpool2d.grad": "repeated indices (see nn.functional.max_unpool1d)",
+    "nn.functional.max_unpool3d": "repeated indices (see nn.functional.max_unpool1d)",
+    "nn.functional.max_unpool3d.grad": "repeated indices (see nn.functional.max_unpool1d)",
+    "cholesky_inverse": "torch's forward-mode formula differs from central differences even "
+                        "on the lower triangle the op reads (reverse mode agrees with them "
+                        "there and gives the unread upper triangle a symmetrised derivative)",
+    "special.entr": "at x < 0, where entr is the constant -inf, one mode gives NaN and the "
+                    "other 0 (torch's two formulas)",
+    "as_strided_scatter": "torch's reverse mode is wrong (as_strided_scatter_backward passes "
+                          "self's gradient through the written region, not the rest); forward "
+                          "mode and finite differences agree (jacfwd itself has no batching "
+                          "rule for it: compare single jvps)",
+}
+
+#: Largest ``m * n`` of the sample :func:`pick` prefers (the loop reference costs m backwards).
+SMALL = 2500
+#: Largest ``m * n`` :func:`pick` takes at all (larger ones: only in the all-samples corpus).
+LARGE = 200_000
+
+
+@dataclass(frozen=True)
+class Case:
+    """One op sample as a function of one tensor."""
+
+    name: str  # op name, with its variant ("nn.functional.conv2d", "max.reduction_with_dim")
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    x: torch.Tensor
+    forward_ad: bool  # the op supports forward-mode AD (jacfwd is a reference)
+
+    m: int  # outputs (rows of the Jacobian)
+
+    @property
+    def size(self) -> int:
+        return self.m * self.x.numel()
+
+
+def ops() -> list:
+    """The ops of op_db with autograd support and a float64 CPU kernel."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    return [op for op in op_db if op.supports_autograd
+            and DTYPE in op.supported_dtypes("cpu")]
+
+
+def op_id(op: object) -> str:
+    """``name`` or ``name.variant`` (op_db has several entries per name)."""
+    variant = getattr(op, "variant_test_name", "")
+    return f"{op.name}.{variant}" if variant else op.name
+
+
+def samples(op: object, limit: int | None = 1) -> list:
+    """The first ``limit`` float64 CPU samples of ``op`` (None: all), drawn seeded."""
+    torch.manual_seed(0)  # sample_inputs draws from the global generator
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = []
+        for sample in op.sample_inputs("cpu", DTYPE, requires_grad=False):
+            out.append(sample)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def random_op(op: object) -> bool:
+    """Whether ``op`` draws random numbers (dropout, bernoulli, normal, ...; op_db seeds them
+    inside its wrapper, so each is deterministic there, but has no Jacobian worth checking)."""
+    leaf = op.name.split(".")[-1]
+    return ("dropout" in op.name or leaf in {"bernoulli", "multinomial", "normal", "uniform",
+                                              "cauchy", "exponential", "geometric",
+                                              "log_normal", "poisson", "rand_like",
+                                              "randn_like", "randint_like", "rrelu",
+                                              "svd_lowrank", "pca_lowrank"}
+            or "fractional_max_pool" in op.name)
+
+
+def uninitialised(op: object) -> bool:
+    return op.name.split(".")[-1] in {"empty", "empty_like", "new_empty", "empty_strided",
+                                      "new_empty_strided", "empty_permuted"}
+
+
+def floating_outputs(out: object) -> list[torch.Tensor]:
+    """Every floating tensor in an op's output, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, tuple | list):
+        return [t for o in out for t in floating_outputs(o)]
+    return []
+
+
+def as_case(op: object, sample: object) -> Case | str:
+    """The sample as a :class:`Case`, or a one-line reason it is not a function of x."""
+    x, rest = sample.input, None
+    if isinstance(x, list | tuple) and x and isinstance(x[0], torch.Tensor):
+        x, rest = x[0], list(x[1:])
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+        return "skip: input is not a non-empty floating tensor"
+    if x.layout != torch.strided:
+        return "skip: a sparse input"
+    if random_op(op) or uninitialised(op):
+        return "skip: random or uninitialised"
+    args, kwargs = sample.args, sample.kwargs
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        outs = floating_outputs(op.op(t if rest is None else [t, *rest], *args, **kwargs))
+        return torch.cat([o.reshape(-1) for o in outs]) if outs else t.new_zeros(0)
+
+    x = x.detach().clone()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            y = fn(x)
+    except Exception as exc:  # noqa: BLE001 - the op itself refuses the sample: not ours
+        return f"skip: the op raises ({type(exc).__name__})"
+    if y.numel() == 0:
+        return "skip: no floating output"
+    return Case(op_id(op), fn, x, bool(op.supports_forward_ad), int(y.numel()))
+
+
+def cases(limit: int | None = None) -> Iterator[tuple[object, Case | str]]:
+    """``(op, case or skip reason)``: every sample of every op (``limit``: the first ones)."""
+    for op in ops():
+        try:
+            found = samples(op, limit)
+        except Exception as exc:  # noqa: BLE001 - a broken sample generator in torch
+            yield op, f"skip: no samples ({type(exc).__name__})"
+            continue
+        for sample in found:
+            yield op, as_case(op, sample)
+
+
+def pick(op: object, among: int = 8) -> Case | str:
+    """One sample of ``op``: the first of its first ``among`` with ``m * n <= SMALL``, else
+    the smallest of them if not over ``LARGE`` (the default corpus: one sample per op,
+    cheap to check)."""
+    best: Case | str = "skip: no samples"
+    try:
+        found = samples(op, among)
+    except Exception as exc:  # noqa: BLE001 - a broken sample generator in torch
+        return f"skip: no samples ({type(exc).__name__})"
+    for sample in found:
+        case = as_case(op, sample)
+        if isinstance(case, str):
+            best = case if isinstance(best, str) else best
+            continue
+        if isinstance(best, str) or case.size < best.size:
+            best = case
+        if case.size <= SMALL:
+            break
+    if not isinstance(best, str) and best.size > LARGE:
+        return "skip: every sample is large (checked by the all-samples corpus)"
+    return best
+
+
+def reverse_jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``(m, n)`` Jacobian by ``torch.autograd.functional.jacobian`` (reverse mode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        j = torch.autograd.functional.jacobian(fn, x)
+    return j.reshape(-1, x.numel())
+
+
+def batched_jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``(m, n)`` Jacobian by ``torch.func.jacrev`` (vmap over reverse mode; faster than the
+    loop of :func:`reverse_jacobian`), or by that loop where vmap cannot run the op."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            j = torch.func.jacrev(fn)(x)
+        return j.reshape(-1, x.numel())
+    except Exception:  # noqa: BLE001 - no batching rule: the loop
+        return reverse_jacobian(fn, x)
+
+
+def forward_jacobian(fn: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``(m, n)`` Jacobian by ``torch.func.jacfwd`` (forward mode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        j = torch.func.jacfwd(fn)(x)
+    return j.reshape(-1, x.numel())
+
+
+def points(case: Case, count: int = 3) -> list[torch.Tensor]:
+    """``x`` and ``count - 1`` seeded nearby points (each entry moved by up to 10%)."""
+    gen = torch.Generator().manual_seed(1)
+    out = [case.x]
+    for _ in range(count - 1):
+        noise = torch.rand(case.x.shape, generator=gen, dtype=case.x.dtype) * 0.2 + 0.9
+        out.append(case.x * noise)
+    return out
+
+
+def nonzeros(j: torch.Tensor) -> torch.Tensor:
+    """Where a reference Jacobian is a finite nonzero (a NaN is no structural fact)."""
+    return torch.isfinite(j) & (j != 0)
+
+
+def disagreement(got: torch.Tensor, want: torch.Tensor, *, rtol: float = 1e-7) -> float | None:
+    """None when ``got`` equals ``want`` to ``rtol`` (relative to ``max(1, |want|)``, NaN
+    equal to NaN, infinities equal), else the largest error."""
+    if got.shape != want.shape:
+        return float("inf")
+    finite = torch.isfinite(want)
+    scale = max(1.0, float(want[finite].abs().max())) if finite.any() else 1.0
+    same = (got == want) | (torch.isnan(got) & torch.isnan(want))
+    err = torch.where(same, 0.0, (got - want).abs().nan_to_num(nan=float("inf")))
+    worst = float(err.max()) if err.numel() else 0.0
+    return None if worst <= rtol * scale else worst
+
+
+def modes_disagree(case: Case) -> bool | None:
+    """Whether ``jacfwd`` and reverse mode differ on this case (None: jacfwd fails here)."""
+    if not case.forward_ad:
+        return None
+    try:
+        fwd = forward_jacobian(case.fn, case.x)
+    except Exception:  # noqa: BLE001 - torch's own forward mode refuses the op
+        return None
+    return disagreement(fwd, reverse_jacobian(case.fn, case.x)) is not None
