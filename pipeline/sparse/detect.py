@@ -359,6 +359,9 @@ def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule
                           refuse_data_dependent=mode == "global")
         except UnrecordedOutput:
             pass
+        except RuntimeError as exc:  # a write into a constant: make_fx drops it (below)
+            if _MUTATED_CONSTANT not in str(exc):
+                raise
         try:
             return _make_fx(torch.func.functionalize(target), x, mode)
         except RuntimeError as exc:
