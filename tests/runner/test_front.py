@@ -208,12 +208,14 @@ def test_notes_go_to_the_pipeline_logger_not_stdout(tmp_path, capsys, caplog):
     import logging
 
     fn, x = _mlp()
-    with caplog.at_level(logging.INFO, logger="pipeline"):
-        pipeline.run(pipeline.Problem(fn=fn, x=x), out=str(tmp_path / "o"), progress=False,
-                     executor="auto")
+    for _ in range(2):  # the second call resumes, and says so
+        with caplog.at_level(logging.INFO, logger="pipeline"):
+            pipeline.run(pipeline.Problem(fn=fn, x=x), out=str(tmp_path / "o"), progress=False,
+                         shards=2, **LOCAL)
     assert capsys.readouterr().out == ""
     notes = [r for r in caplog.records if r.name == "pipeline"]
-    assert any("executor: local" in r.getMessage() and r.levelno == logging.INFO for r in notes)
+    assert any(r.getMessage() == "resuming: 2 of 2 shards already committed"
+               and r.levelno == logging.INFO for r in notes), [r.getMessage() for r in notes]
     from pipeline.runner.driver import log_line
 
     with caplog.at_level(logging.INFO, logger="pipeline"):
