@@ -456,7 +456,8 @@ def _ray_up(opts: RunOptions, plan: RunPlan, progress: Progress, echo: Callable[
         return False
     t0 = time.perf_counter()
     cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
-    progress.phase(f"starting Ray ({cpus} CPUs)")
+    if not embedded_running():
+        progress.phase(f"starting Ray ({cpus} CPUs)")
     started = start_embedded(opts.num_cpus)
     if started:
         echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
