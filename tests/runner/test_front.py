@@ -198,8 +198,9 @@ def test_on_the_callers_ray_rows_come_back_in_memory_and_failures_are_one_line(r
             raise ValueError("boom on a worker")
         return fn(t)
 
-    with pytest.raises(JacpipeError, match="^shard 0 \\(rows 0..6\\): .*ValueError: boom on a "
-                       "worker$"):
+    # whichever shard's failure arrives first names itself
+    with pytest.raises(JacpipeError, match="^shard [01] \\(rows [0-9]+..[0-9]+\\): .*ValueError: "
+                       "boom on a worker$"):
         pipeline.jacobian(fails_on_workers, x, shards=2, executor="ray")
     assert ray_session.is_initialized()  # the caller's Ray is theirs: still up
 
