@@ -86,7 +86,7 @@ def _jacpipe(out: Path, *args: str) -> None:
            "--no-progress"])
 
 
-def _silence(out: Path, gaps: list[float]) -> None:
+def _silence(out: Path, gaps: list[float], where: list[str]) -> None:
     """Run ``make run``'s command with stderr a pipe; note its longest stretch without a line."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -109,10 +109,14 @@ def _silence(out: Path, gaps: list[float]) -> None:
     stamps.append(time.perf_counter())
     if proc.returncode != 0:
         raise RuntimeError(f"make run exited {proc.returncode}: {''.join(tail)[-800:]}")
-    gaps.append(max(b - a for a, b in zip(stamps, stamps[1:], strict=False)))
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps.append(max(steps))
+    k = steps.index(max(steps))  # the line that ended the longest silence (or the exit)
+    where.append(tail[k].strip() if k < len(tail) else "(exit)")
 
 
-def _processes(root: Path, repeats: int, gaps: list[float]) -> dict[str, list[float]]:
+def _processes(root: Path, repeats: int, gaps: list[float], where: list[str]
+               ) -> dict[str, list[float]]:
     cases = {
         "script robot_arm batch=200": lambda: _script("robot_arm", root / "s-arm.parquet",
                                                       "batch=200"),
@@ -123,7 +127,7 @@ def _processes(root: Path, repeats: int, gaps: list[float]) -> dict[str, list[fl
                                                           "-p", "m=6"),
         "script 2000 x 2000 + check": lambda: _script("mlp", root / "s-2000.parquet", "n=2000",
                                                       "m=2000", check=True),
-        "make run (--verify)": lambda: _silence(root / "make-run", gaps),
+        "make run (--verify)": lambda: _silence(root / "make-run", gaps, where),
     }
     return interleaved(cases, repeats=repeats, warmup=0)
 
@@ -185,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     newton = _newton(n, 10, 3)
     root = Path(tempfile.mkdtemp(prefix="jacpipe-frontdoor-"))
     gaps: list[float] = []
+    where: list[str] = []
     try:
-        times = _processes(root, repeats, gaps)
+        times = _processes(root, repeats, gaps, where)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -225,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     report.target(Target("make run: seconds without output", max(gaps), 10.0,
                          higher_is_better=False, unit=" s"))
     report.facts = {"closure_s": closure, "newton": newton, "times_s": times,
-                    "silence_s": gaps, "script": SCRIPT, "make_run": MAKE_RUN}
+                    "silence_s": gaps, "silence_ended_by": where, "script": SCRIPT,
+                    "make_run": MAKE_RUN}
     report.finish(args.json)
     return 0
 

@@ -39,6 +39,10 @@ def _submissions_recorded_outside_home(tmp_path_factory):
 def ray_session():
     import ray
 
+    from pipeline.runner.cluster import embedded_running, shutdown
+
+    if embedded_running():
+        shutdown()  # an embedded Ray kept by an earlier test's run: the session starts its own
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray

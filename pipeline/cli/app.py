@@ -168,7 +168,11 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
         typer.echo(f"smoothed: {describe(Smoothing.from_json(man['smoothing']))}; "
                    "stderr column holds each entry's standard error")
     if verify:
-        with _sigterm_during_verify(summary.out):
+        from pipeline.runner.progress import slow_phase
+
+        with _sigterm_during_verify(summary.out), slow_phase(
+                lambda s: typer.echo(s, err=True), "verifying against torch in one process",
+                enabled=opts.progress):
             _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
                                as_json=False, job=job)
 

@@ -142,15 +142,19 @@ def run(
         ShardFailedError: the user's function raised in a shard.
         Interrupted: Ctrl-C or SIGTERM (the folder is resumable).
     """
+    t_start = time.perf_counter()
     echo = echo or log_line
     with python_errors():
-        opts, given = _options(job, options)
-        return run_checked(opts, _checked(opts, given, echo), echo, keep_ray=True)
+        opts, given = options_from(job, options)
+        return run_checked(opts, _checked(opts, given, echo), echo, keep_ray=True,
+                           t_start=t_start)
 
 
 def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
     """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end."""
-    return run_checked(options, _checked(options, None, echo), echo, keep_ray=False)
+    t_start = time.perf_counter()
+    return run_checked(options, _checked(options, None, echo), echo, keep_ray=False,
+                       t_start=t_start)
 
 
 def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
@@ -224,7 +228,7 @@ def run_checked(opts: RunOptions, checked: CheckedJob, echo: Callable[[str], Non
 IN_MEMORY = "python:"
 
 
-def _options(job: Any, options: dict[str, Any], *, caller: str = "run"
+def options_from(job: Any, options: dict[str, Any], *, caller: str = "run"
              ) -> tuple[RunOptions, Any]:
     """``RunOptions`` from the Python API's arguments, and the in-memory Problem if any."""
     from dataclasses import fields
@@ -495,7 +499,8 @@ def _ray_up(opts: RunOptions, plan: RunPlan, progress: Progress, echo: Callable[
         return False
     t0 = time.perf_counter()
     cpus = opts.num_cpus or int(plan.slots * plan.cpus_per_shard)
-    progress.phase(f"starting Ray ({cpus} CPUs)")
+    if not embedded_running():
+        progress.phase(f"starting Ray ({cpus} CPUs)")
     started = start_embedded(opts.num_cpus)
     if started:
         echo(f"Ray started in {time.perf_counter() - t0:.1f}s")

@@ -49,8 +49,8 @@ from pipeline.core.kinds import layout_of
 from pipeline.core.options import RunOptions
 from pipeline.problem.problem import Problem
 from pipeline.runner.cluster import cluster_resources, connect, embedded_running, ray_running
-from pipeline.runner.driver import _options, log_line, python_errors, rows_on_ray, run_checked
-from pipeline.runner.job import CheckedJob, check_job, with_fingerprint
+from pipeline.runner.driver import log_line, options_from, python_errors, rows_on_ray, run_checked
+from pipeline.runner.job import DETECT_MIN_SECONDS, CheckedJob, check_job, with_fingerprint
 from pipeline.runner.plan import RunPlan, chunk_rows, local_resources, make_plan
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
     """
     echo = options.pop("echo", None) or log_line
     with python_errors():
-        opts, given = _options(problem, {"progress": False, **options}, caller=caller)
+        opts, given = options_from(problem, {"progress": False, **options}, caller=caller)
         opts.check()
         if opts.kind is not None:
             raise JacpipeError(f"pipeline.{caller}: kind= is the function's choice here; use "
@@ -189,7 +189,7 @@ def _chunk(job: CheckedJob, plan: RunPlan) -> int | None:
     few milliseconds, measured (as a shard does) above that.
     """
     s = job.shapes
-    if job.pass_seconds * s.total_rows / 16 > 0.05:
+    if job.pass_seconds * s.total_rows / 16 > DETECT_MIN_SECONDS:
         from pipeline.runner.worker import activation_numel
 
         activations = activation_numel(job.problem)

@@ -20,8 +20,10 @@ from typing import Any
 
 from pipeline.core.shard import ShardResult
 
-#: Seconds without a line (stderr not a terminal) before a heartbeat line.
-HEARTBEAT = 10.0
+#: Seconds without a line (stderr not a terminal) before a heartbeat line
+#: (checked every HEARTBEAT_POLL seconds: a log is never silent for 10 s).
+HEARTBEAT = 8.0
+HEARTBEAT_POLL = 0.5
 
 
 class Progress:
@@ -143,7 +145,7 @@ class Progress:
             self.echo(text)
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(HEARTBEAT_POLL):
             self.beat(time.perf_counter())
 
     def beat(self, now: float) -> bool:
