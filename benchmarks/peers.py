@@ -168,16 +168,19 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
             report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
             peer[name] = answer["results"][0]
             print(f"asdex {name}: {peer[name]}", flush=True)
+            if "error" in peer[name]:
+                report.facts[f"asdex failed: {name}"] = peer.pop(name)["error"]
     rows = []
     for name, r in ours.items():
         p = peer.get(name)
         best = min(r["eager"], r["compiled"])
+        failed = report.facts.get(f"asdex failed: {name}")
 
         rows.append([name, _pair(r["detection"], p, "detection"),
                      f"{r['colors']} / {p['colors']}" if p else str(r["colors"]),
                      _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
                      f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
-                     seconds(p["repeated"]) if p else "-",
+                     seconds(p["repeated"]) if p else "failed" if failed else "-",
                      f"{best / p['repeated']:.2f}x" if p else "-"])
         if p:
             report.facts[name] = {"jacpipe": r, "asdex": p}

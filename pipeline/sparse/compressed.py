@@ -268,7 +268,7 @@ def sparse_hessian_rows(
                 "computing the Hessian-vector products one colour at a time with "
                 "torch.autograd.grad",
                 VmapFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
