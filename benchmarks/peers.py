@@ -232,16 +232,20 @@ def dense_table(report: Report, quick: bool, repeats: int) -> None:
                  ["case", "jacrev", "jacobian_rows", "jacrev / engine"], rows)
 
 
-def first_detection() -> float:
-    """Seconds of the first sparsity detection in a fresh process (heat N = 100)."""
-    code = ("import time, torch\ntorch.set_num_threads(2)\n"
+def first_detection(N: int) -> tuple[float, float]:
+    """The first sparsity detection in a fresh process (heat N x N): seconds, and in fn calls."""
+    code = ("import statistics, time, torch\ntorch.set_num_threads(2)\n"
             "from benchmarks.peers import torch_case\n"
             "from pipeline.sparse.detect import trace_sparsity\n"
-            "fn, x = torch_case('heat', 100)\nt = time.perf_counter()\n"
-            "trace_sparsity(fn, x)\nprint(time.perf_counter() - t)\n")
+            f"fn, x = torch_case('heat', {N})\nt = time.perf_counter()\n"
+            "trace_sparsity(fn, x)\nd = time.perf_counter() - t\nts = []\n"
+            "for _ in range(7):\n    t = time.perf_counter()\n    fn(x)\n"
+            "    ts.append(time.perf_counter() - t)\n"
+            "print(d, d / statistics.median(ts))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=HERE.parent)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds_, calls = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds_), float(calls)
 
 
 def main() -> None:
@@ -255,10 +259,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     report = Report("peers", args.quick)
-    firsts = [first_detection() for _ in range(3)]
-    report.facts["first detection in a fresh process, heat N=100 (s)"] = firsts
+    small = [first_detection(100)[0] for _ in range(3)]
+    large = [first_detection(1000)[1] for _ in range(1 if args.quick else 3)]
+    report.facts["first detection in a fresh process, heat N=100 (s)"] = small
+    report.facts["first detection in a fresh process, heat N=1000 (fn calls)"] = large
     report.target(Target("first detection in a fresh process, heat n=10^4 (s)",
-                         statistics.median(firsts), 0.2, higher_is_better=False, unit=" s"))
+                         statistics.median(small), 0.2, higher_is_better=False, unit=" s"))
+    report.target(Target("first detection in a fresh process, heat N=1000 (calls of fn)",
+                         statistics.median(large), 30, higher_is_better=False, unit=""))
     sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python))
     if not args.no_dense:
         dense_table(report, args.quick, repeats)
