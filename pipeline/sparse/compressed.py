@@ -490,7 +490,8 @@ class _Plan:
     out_size: int
     read_colors: np.ndarray
     read_index: np.ndarray
-    #: Seeds and read indices of a one-chunk evaluation, per (dtype, device).
+    #: Seeds and read indices of a one-chunk evaluation, per (dtype, device),
+    #: and ``"ranks"``: each seed's and read's row of ``S``.
     tensors: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -532,7 +533,8 @@ def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[
 def _plan_bytes(plan: _Plan) -> int:
     arrays = (plan.rows, plan.indptr, plan.cols, plan.seed_colors, plan.seed_positions,
               plan.read_colors, plan.read_index)
-    return sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * len(plan.tensors)
+    kept = sum(1 for key in plan.tensors if key != "ranks")
+    return 2 * sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * kept
 
 
 def _compressed_values(
@@ -549,14 +551,17 @@ def _compressed_values(
     memory: ``chunk_size`` colours per chunk, or as many as
     :data:`DEFAULT_CHUNK_BYTES` holds.
     """
-    needed, rank = _distinct(plan.seed_colors)
-    k, size = needed.size, plan.seed_size
+    ranks = plan.tensors.get("ranks")
+    if ranks is None:  # each seed's and each read's row of S, once per plan
+        needed, rank = _distinct(plan.seed_colors)
+        lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
+        lookup[needed] = np.arange(needed.size)
+        ranks = plan.tensors["ranks"] = (needed.size, rank, lookup[plan.read_colors])
+    k, rank, pos = ranks
+    size = plan.seed_size
     step = chunk_size or DEFAULT_CHUNK_BYTES // max(
         1, 4 * (size + plan.out_size) * like.element_size())
     step = max(1, min(step, k))
-    lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
-    lookup[needed] = np.arange(needed.size)
-    pos = lookup[plan.read_colors]
     if step == k:  # one chunk (the usual case): no sorting, tensors kept for the next call
         kept = plan.tensors.get((like.dtype, like.device))
         if kept is None:
