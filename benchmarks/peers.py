@@ -143,17 +143,22 @@ def peer_python(asked: str | None) -> str | None:
     return path if probe.returncode == 0 else None
 
 
-def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int
-                 ) -> dict[str, Any]:
+def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int,
+                 threads: int) -> dict[str, Any]:
+    """asdex's side of ``cases``; with one thread XLA's Eigen pool is off too."""
     request = {"repeats": repeats, "cases": [
         {"name": case_name(*c), "job": c[0], "kind": c[1], "size": c[2]} for c in cases]}
+    env = dict(os.environ)
+    if threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1").strip()
     out = subprocess.run([python, str(PEER_SCRIPT), json.dumps(request)], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int,
-                 python: str | None) -> None:
+                 python: str | None, threads: int) -> None:
     if python is None:
         print("asdex: skipped (no interpreter with asdex and jax: pip install -e '.[peers]' "
               "into a separate venv and pass --peer-python)")
@@ -164,7 +169,7 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
         ours[name] = jacpipe_sparse(*case, repeats)
         print(f"jacpipe {name}: {ours[name]}", flush=True)
         if python is not None:
-            answer = asdex_sparse(python, [case], repeats)
+            answer = asdex_sparse(python, [case], repeats, threads)
             report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
             peer[name] = answer["results"][0]
             print(f"asdex {name}: {peer[name]}", flush=True)
@@ -190,7 +195,7 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                                  r["first"] / p["first"], 1.0, higher_is_better=False))
         else:
             report.facts[name] = {"jacpipe": r}
-    report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}",
+    report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}, {threads} thread(s)",
                  ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
                   "jacpipe compiled (+compile once)", "asdex jit", "best / asdex"], rows)
 
@@ -267,7 +272,9 @@ def main() -> None:
                          statistics.median(small), 0.2, higher_is_better=False, unit=" s"))
     report.target(Target("first detection in a fresh process, heat N=1000 (calls of fn)",
                          statistics.median(large), 30, higher_is_better=False, unit=""))
-    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python))
+    report.facts["threads"] = args.threads
+    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python),
+                 args.threads)
     if not args.no_dense:
         dense_table(report, args.quick, repeats)
     report.finish(args.json)
