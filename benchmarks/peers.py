@@ -34,7 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Report, Target, interleaved, median, parser, seconds
+from benchmarks.harness import Report, Target, interleaved, median, parser
+
+
+def seconds(x: float) -> str:
+    """Seconds for the tables, with sub-millisecond times kept readable."""
+    return f"{x * 1000:.2f} ms" if x < 0.1 else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 HERE = Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "peers_asdex.py"
