@@ -34,7 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Report, Target, interleaved, median, parser, seconds
+from benchmarks.harness import Report, Target, interleaved, median, parser
+
+
+def seconds(x: float) -> str:
+    """Seconds for the tables, with sub-millisecond times kept readable."""
+    return f"{x * 1000:.2f} ms" if x < 0.1 else f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 HERE = Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "peers_asdex.py"
@@ -143,17 +148,22 @@ def peer_python(asked: str | None) -> str | None:
     return path if probe.returncode == 0 else None
 
 
-def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int
-                 ) -> dict[str, Any]:
+def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int,
+                 threads: int) -> dict[str, Any]:
+    """asdex's side of ``cases``; with one thread XLA's Eigen pool is off too."""
     request = {"repeats": repeats, "cases": [
         {"name": case_name(*c), "job": c[0], "kind": c[1], "size": c[2]} for c in cases]}
+    env = dict(os.environ)
+    if threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1").strip()
     out = subprocess.run([python, str(PEER_SCRIPT), json.dumps(request)], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int,
-                 python: str | None) -> None:
+                 python: str | None, threads: int) -> None:
     if python is None:
         print("asdex: skipped (no interpreter with asdex and jax: pip install -e '.[peers]' "
               "into a separate venv and pass --peer-python)")
@@ -164,20 +174,23 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
         ours[name] = jacpipe_sparse(*case, repeats)
         print(f"jacpipe {name}: {ours[name]}", flush=True)
         if python is not None:
-            answer = asdex_sparse(python, [case], repeats)
+            answer = asdex_sparse(python, [case], repeats, threads)
             report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
             peer[name] = answer["results"][0]
             print(f"asdex {name}: {peer[name]}", flush=True)
+            if "error" in peer[name]:
+                report.facts[f"asdex failed: {name}"] = peer.pop(name)["error"]
     rows = []
     for name, r in ours.items():
         p = peer.get(name)
         best = min(r["eager"], r["compiled"])
+        failed = report.facts.get(f"asdex failed: {name}")
 
         rows.append([name, _pair(r["detection"], p, "detection"),
                      f"{r['colors']} / {p['colors']}" if p else str(r["colors"]),
                      _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
                      f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
-                     seconds(p["repeated"]) if p else "-",
+                     seconds(p["repeated"]) if p else "failed" if failed else "-",
                      f"{best / p['repeated']:.2f}x" if p else "-"])
         if p:
             report.facts[name] = {"jacpipe": r, "asdex": p}
@@ -187,7 +200,7 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                                  r["first"] / p["first"], 1.0, higher_is_better=False))
         else:
             report.facts[name] = {"jacpipe": r}
-    report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}",
+    report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}, {threads} thread(s)",
                  ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
                   "jacpipe compiled (+compile once)", "asdex jit", "best / asdex"], rows)
 
@@ -229,16 +242,20 @@ def dense_table(report: Report, quick: bool, repeats: int) -> None:
                  ["case", "jacrev", "jacobian_rows", "jacrev / engine"], rows)
 
 
-def first_detection() -> float:
-    """Seconds of the first sparsity detection in a fresh process (heat N = 100)."""
-    code = ("import time, torch\ntorch.set_num_threads(2)\n"
+def first_detection(N: int) -> tuple[float, float]:
+    """The first sparsity detection in a fresh process (heat N x N): seconds, and in fn calls."""
+    code = ("import statistics, time, torch\ntorch.set_num_threads(2)\n"
             "from benchmarks.peers import torch_case\n"
             "from pipeline.sparse.detect import trace_sparsity\n"
-            "fn, x = torch_case('heat', 100)\nt = time.perf_counter()\n"
-            "trace_sparsity(fn, x)\nprint(time.perf_counter() - t)\n")
+            f"fn, x = torch_case('heat', {N})\nt = time.perf_counter()\n"
+            "trace_sparsity(fn, x)\nd = time.perf_counter() - t\nts = []\n"
+            "for _ in range(7):\n    t = time.perf_counter()\n    fn(x)\n"
+            "    ts.append(time.perf_counter() - t)\n"
+            "print(d, d / statistics.median(ts))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=HERE.parent)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds_, calls = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds_), float(calls)
 
 
 def main() -> None:
@@ -252,11 +269,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     report = Report("peers", args.quick)
-    firsts = [first_detection() for _ in range(3)]
-    report.facts["first detection in a fresh process, heat N=100 (s)"] = firsts
+    small = [first_detection(100)[0] for _ in range(3)]
+    large = [first_detection(1000)[1] for _ in range(1 if args.quick else 3)]
+    report.facts["first detection in a fresh process, heat N=100 (s)"] = small
+    report.facts["first detection in a fresh process, heat N=1000 (fn calls)"] = large
     report.target(Target("first detection in a fresh process, heat n=10^4 (s)",
-                         statistics.median(firsts), 0.2, higher_is_better=False, unit=" s"))
-    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python))
+                         statistics.median(small), 0.2, higher_is_better=False, unit=" s"))
+    report.target(Target("first detection in a fresh process, heat N=1000 (calls of fn)",
+                         statistics.median(large), 30, higher_is_better=False, unit=""))
+    report.facts["threads"] = args.threads
+    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python),
+                 args.threads)
     if not args.no_dense:
         dense_table(report, args.quick, repeats)
     report.finish(args.json)

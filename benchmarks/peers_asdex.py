@@ -74,28 +74,37 @@ def main() -> None:
     functions = _functions(jnp)
     results = []
     for case in request["cases"]:
-        fn, shape = functions[case["job"]](case["size"])
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(0.5 + 0.1 * rng.standard_normal(shape))
-        hessian = case["kind"] == "hessian"
-        began = time.perf_counter()
-        pattern = (asdex.hessian_sparsity if hessian else asdex.jacobian_sparsity)(fn, x)
-        detected = time.perf_counter()
-        coloring = (asdex.hessian_coloring_from_sparsity(pattern) if hessian
-                    else asdex.jacobian_coloring_from_sparsity(pattern))
-        evaluate = jax.jit((asdex.hessian_from_coloring if hessian
-                            else asdex.jacobian_from_coloring)(fn, coloring))
-        jax.block_until_ready(evaluate(x))
-        first = time.perf_counter() - began
-        times = []
-        for _ in range(request["repeats"]):
-            t0 = time.perf_counter()
-            jax.block_until_ready(evaluate(x))
-            times.append(time.perf_counter() - t0)
-        results.append({"case": case["name"], "detection": detected - began,
-                        "colors": int(coloring.num_colors), "first": first,
-                        "repeated": statistics.median(times)})
+        try:
+            results.append(_measure(case, functions, request["repeats"], jax, jnp, asdex, np))
+        except Exception as exc:  # noqa: BLE001 - a peer's failure is a result too
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            results.append({"case": case["name"], "error": f"{type(exc).__name__}: {first}"})
     print(json.dumps({"jax": jax.__version__, "asdex": _version("asdex"), "results": results}))
+
+
+def _measure(case, functions, repeats, jax, jnp, asdex, np):  # noqa: ANN001, ANN202
+    """One case: detection, colours, first Jacobian (jit included), repeated evaluation."""
+    fn, shape = functions[case["job"]](case["size"])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(0.5 + 0.1 * rng.standard_normal(shape))
+    hessian = case["kind"] == "hessian"
+    began = time.perf_counter()
+    pattern = (asdex.hessian_sparsity if hessian else asdex.jacobian_sparsity)(fn, x)
+    detected = time.perf_counter()
+    coloring = (asdex.hessian_coloring_from_sparsity(pattern) if hessian
+                else asdex.jacobian_coloring_from_sparsity(pattern))
+    evaluate = jax.jit((asdex.hessian_from_coloring if hessian
+                        else asdex.jacobian_from_coloring)(fn, coloring))
+    jax.block_until_ready(evaluate(x))
+    first = time.perf_counter() - began
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(evaluate(x))
+        times.append(time.perf_counter() - t0)
+    return {"case": case["name"], "detection": detected - began,
+            "colors": int(coloring.num_colors), "first": first,
+            "repeated": statistics.median(times)}
 
 
 def _version(name: str) -> str:

@@ -493,16 +493,6 @@ def _kernels() -> Any:
         return colors, True
 
     @njit
-    def star_lookup(head, nxt, col, sid, v, c):  # pragma: no cover - compiled
-        # The star holding v's edges to colour c (one star: see _greedy_star), or -1.
-        t = head[v]
-        while t >= 0:
-            if col[t] == c:
-                return sid[t]
-            t = nxt[t]
-        return -1
-
-    @njit
     def greedy_star(indptr, indices, edge, order, max_steps):  # pragma: no cover - compiled
         # See _greedy_star for the algorithm and its bookkeeping.
         n = indptr.size - 1
@@ -566,11 +556,21 @@ def _kernels() -> Any:
                 if cw < 0:
                     continue
                 steps += 1
-                s = star_lookup(tab_head, tab_next, tab_col, tab_star, w, c)
-                h = w
-                if s < 0:
-                    s = star_lookup(tab_head, tab_next, tab_col, tab_star, v, cw)
-                    h = v
+                # (vertex, neighbour colour) -> star: w's star to colour c, v's to cw
+                # (inline loops: a call to another kernel would defeat numba's cache)
+                s_w = -1
+                t = tab_head[w]
+                while t >= 0 and s_w < 0:
+                    if tab_col[t] == c:
+                        s_w = tab_star[t]
+                    t = tab_next[t]
+                s_v = -1
+                t = tab_head[v]
+                while t >= 0 and s_v < 0:
+                    if tab_col[t] == cw:
+                        s_v = tab_star[t]
+                    t = tab_next[t]
+                s, h = (s_w, w) if s_w >= 0 else (s_v, v)
                 if s < 0:
                     s = stars
                     stars += 1
@@ -590,14 +590,18 @@ def _kernels() -> Any:
                     leaf_head[leaf] = leaves
                     leaves += 1
                 star[edge[k]] = s
-                for a in (w, v):
-                    b = c if a == w else cw
-                    if star_lookup(tab_head, tab_next, tab_col, tab_star, a, b) < 0:
-                        tab_col[tabs] = b
-                        tab_star[tabs] = s
-                        tab_next[tabs] = tab_head[a]
-                        tab_head[a] = tabs
-                        tabs += 1
+                if s_w < 0:
+                    tab_col[tabs] = c
+                    tab_star[tabs] = s
+                    tab_next[tabs] = tab_head[w]
+                    tab_head[w] = tabs
+                    tabs += 1
+                if s_v < 0:
+                    tab_col[tabs] = cw
+                    tab_star[tabs] = s
+                    tab_next[tabs] = tab_head[v]
+                    tab_head[v] = tabs
+                    tabs += 1
         return colors, True
 
     return types.SimpleNamespace(greedy=greedy, two_hop=two_hop, dsatur=dsatur,

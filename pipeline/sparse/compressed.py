@@ -117,7 +117,7 @@ def evaluate_rows(
         )
     rows = sparse_hessian_rows if kind.symmetric else sparse_jacobian_rows
     return rows(problem.fn, problem.x, start, stop, pattern, coloring, chunk_size=chunk_size,
-                compile=compile)
+                compile=compile, keep_plan=False)
 
 
 def sparse_jacobian_rows(
@@ -130,6 +130,7 @@ def sparse_jacobian_rows(
     *,
     chunk_size: int | None = None,
     compile: str = "auto",
+    keep_plan: bool = True,
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Jacobian of ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -150,6 +151,8 @@ def sparse_jacobian_rows(
         compile: ``"auto"`` (compiled once the eager passes have cost about
             what compiling does), ``"on"`` or ``"off"``
             (:mod:`pipeline.maths.compiled`).
+        keep_plan: keep the pattern work for the next call with the same
+            pattern and colouring objects (NOTE: [compressed plans]).
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -161,7 +164,8 @@ def sparse_jacobian_rows(
     """
     strict = strict_outputs(fn)  # the pass's owner stays fn: its compiled passes are kept
     plan = _cached_plan(("jacobian", start, stop, x.numel()), pattern, coloring,
-                        lambda: _jacobian_plan(pattern, x.numel(), start, stop, coloring))
+                        lambda: _jacobian_plan(pattern, x.numel(), start, stop, coloring),
+                        keep=keep_plan)
     if plan.cols.size == 0:
         return SparseRows(plan.rows, plan.indptr, plan.cols, x.new_zeros(0))
     xf = x.detach().reshape(-1)
@@ -218,6 +222,7 @@ def sparse_hessian_rows(
     *,
     chunk_size: int | None = None,
     compile: str = "auto",
+    keep_plan: bool = True,
 ) -> SparseRows:
     """Rows ``[start, stop)`` of the Hessian of a scalar ``fn`` at ``x``, restricted to ``pattern``.
 
@@ -235,7 +240,7 @@ def sparse_hessian_rows(
             colouring of the symmetrised pattern (the two coincide there).
         chunk_size: HVPs vectorised at once (``None``: as many as
             :data:`DEFAULT_CHUNK_BYTES` holds).
-        compile: as :func:`sparse_jacobian_rows`.
+        compile, keep_plan: as :func:`sparse_jacobian_rows`.
 
     Returns:
         The rows as :class:`SparseRows`.
@@ -247,7 +252,8 @@ def sparse_hessian_rows(
     """
     strict = strict_outputs(fn)
     plan = _cached_plan(("hessian", start, stop, x.numel()), pattern, coloring,
-                        lambda: _hessian_plan(pattern, x.numel(), start, stop, coloring))
+                        lambda: _hessian_plan(pattern, x.numel(), start, stop, coloring),
+                        keep=keep_plan)
     if plan.cols.size == 0:
         return SparseRows(plan.rows, plan.indptr, plan.cols, x.new_zeros(0))
     xf = x.detach().reshape(-1)
@@ -280,7 +286,7 @@ def sparse_hessian_rows(
                 "computing the Hessian-vector products one colour at a time with "
                 "torch.autograd.grad",
                 VmapFallbackWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
@@ -502,7 +508,8 @@ class _Plan:
     out_size: int
     read_colors: np.ndarray
     read_index: np.ndarray
-    #: Seeds and read indices of a one-chunk evaluation, per (dtype, device).
+    #: Seeds and read indices of a one-chunk evaluation, per (dtype, device),
+    #: and ``"ranks"``: each seed's and read's row of ``S``.
     tensors: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -515,19 +522,21 @@ class _Plan:
 # A Newton or time-stepping loop evaluates the same pattern many times: the
 # pattern work (symmetrising, the row block, the star reads, the seeds) is
 # done once per (pattern, colouring, rows, x size) and kept for the last
-# _MAX_PLANS calls, _MAX_PLAN_BYTES in all (a 10^6 stencil's plan is about
-# 200 MB: not kept; a shard's worker evaluates each block once anyway). Keyed
-# by the objects' identity (and held, so the ids stay theirs): a pattern
-# changed in place must be passed as a new object.
+# _MAX_PLANS calls, _MAX_PLAN_BYTES in all (the 10^6 heat stencil's is about
+# 250 MB). A shard's worker evaluates each block once, so evaluate_rows (its
+# entry) keeps none. Keyed by the objects' identity (and held, so the ids stay
+# theirs): a pattern changed in place must be passed as a new object.
 _MAX_PLANS = 4
-_MAX_PLAN_BYTES = 2**27
+_MAX_PLAN_BYTES = 2**29
 #: A one-chunk evaluation keeps its seed tensor up to this size.
-_MAX_KEPT_SEEDS = 2**24
+_MAX_KEPT_SEEDS = 2**26
 _PLANS: OrderedDict[tuple, tuple[Any, Any, _Plan]] = OrderedDict()
 
 
-def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[], _Plan]
-                 ) -> _Plan:
+def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[], _Plan],
+                 *, keep: bool = True) -> _Plan:
+    if not keep:
+        return build()
     full = (id(pattern), id(coloring), *key)
     hit = _PLANS.get(full)
     if hit is not None and hit[0] is pattern and hit[1] is coloring:
@@ -544,7 +553,8 @@ def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[
 def _plan_bytes(plan: _Plan) -> int:
     arrays = (plan.rows, plan.indptr, plan.cols, plan.seed_colors, plan.seed_positions,
               plan.read_colors, plan.read_index)
-    return sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * len(plan.tensors)
+    kept = sum(1 for key in plan.tensors if key != "ranks")
+    return 2 * sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * kept
 
 
 def _compressed_values(
@@ -561,23 +571,27 @@ def _compressed_values(
     memory: ``chunk_size`` colours per chunk, or as many as
     :data:`DEFAULT_CHUNK_BYTES` holds.
     """
-    needed, rank = _distinct(plan.seed_colors)
-    k, size = needed.size, plan.seed_size
+    ranks = plan.tensors.get("ranks")
+    if ranks is None:  # each seed's and each read's row of S, once per plan
+        needed, rank = _distinct(plan.seed_colors)
+        lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
+        lookup[needed] = np.arange(needed.size)
+        ranks = plan.tensors["ranks"] = (needed.size, rank, lookup[plan.read_colors])
+    k, rank, pos = ranks
+    size = plan.seed_size
     step = chunk_size or DEFAULT_CHUNK_BYTES // max(
         1, 4 * (size + plan.out_size) * like.element_size())
     step = max(1, min(step, k))
-    lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
-    lookup[needed] = np.arange(needed.size)
-    pos = lookup[plan.read_colors]
     if step == k:  # one chunk (the usual case): no sorting, tensors kept for the next call
         kept = plan.tensors.get((like.dtype, like.device))
         if kept is None:
             seeds = like.new_zeros(k, size)
             seeds[_index(rank, like), _index(plan.seed_positions, like)] = 1
-            kept = (seeds, _index(pos, like), _index(plan.read_index, like))
+            # B[pos, read_index] as one flat gather (about 2x faster than 2-D indexing)
+            kept = (seeds, _index(pos * plan.out_size + plan.read_index, like))
             if seeds.numel() * seeds.element_size() <= _MAX_KEPT_SEEDS:
                 plan.tensors[(like.dtype, like.device)] = kept
-        return apply(kept[0])[kept[1], kept[2]]
+        return apply(kept[0]).reshape(-1).index_select(0, kept[1])
     values = like.new_empty(pos.size)
     by_seed = np.argsort(rank, kind="stable")
     by_read = np.argsort(pos, kind="stable")
