@@ -200,13 +200,16 @@ def compare(report: Report, args: argparse.Namespace, case: str, target: float) 
     net, x = cases(args)[case]
     p = sum(t.numel() for t in net.parameters())
     calls = methods(net, x)
+    print(f"({case}) P = {p:,}: checking against the tutorial's contraction", flush=True)
     k, plan = pipeline.ntk(net, x, report=True)
     ref = calls["tutorial contraction"]()
     n, o = ref.shape[0], ref.shape[2]
     ref = ref.permute(0, 2, 1, 3).reshape(n * o, n * o)
     err = float((k - ref).abs().max() / ref.abs().max())
     del ref
+    print(f"({case}) timing {args.repeats} interleaved rounds", flush=True)
     times = interleaved(calls, repeats=args.repeats, warmup=0)
+    print(f"({case}) peak memory, a fresh process per method", flush=True)
     peaks = {m: measure(args, f"{case}:{m}")["peak"] for m in calls}
     rows = [[m, f"{median(t):.3f} s", paired_speed(times, "tutorial contraction", m),
              f"{peaks[m] / 2**20:.0f} MiB"] for m, t in times.items()]
@@ -249,7 +252,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.width, args.n, args.resnet_width, args.resnet_n, args.k = 128, 4, 4, 2, 64
-    args.repeats = max(args.repeats or 3, 1)
+    args.repeats = max(args.repeats or 3, 1)  # ``--repeats 1``: one round (a loaded machine)
     if args.child:
         child(args)
         return
