@@ -248,6 +248,7 @@ def main() -> None:
     p.add_argument("--resnet-n", type=int, default=8)
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--sketch-budget", type=int, default=64 << 20, help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="dense,resnet,sketch", help="which of (a), (b), (c)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
@@ -259,9 +260,13 @@ def main() -> None:
     torch.set_num_threads(2)
     report = Report("ntk", args.quick)
     report.facts["sizes"] = {k: v for k, v in vars(args).items() if k != "json"}
-    compare(report, args, "dense", 3.0)
-    compare(report, args, "resnet", 2.0)
-    sketch_memory(report, args)
+    parts = args.parts.split(",")
+    if "dense" in parts:
+        compare(report, args, "dense", 3.0)
+    if "resnet" in parts:
+        compare(report, args, "resnet", 2.0)
+    if "sketch" in parts:
+        sketch_memory(report, args)
     report.finish(args.json)
 
 
