@@ -200,13 +200,16 @@ def compare(report: Report, args: argparse.Namespace, case: str, target: float) 
     net, x = cases(args)[case]
     p = sum(t.numel() for t in net.parameters())
     calls = methods(net, x)
+    print(f"({case}) P = {p:,}: checking against the tutorial's contraction", flush=True)
     k, plan = pipeline.ntk(net, x, report=True)
     ref = calls["tutorial contraction"]()
     n, o = ref.shape[0], ref.shape[2]
     ref = ref.permute(0, 2, 1, 3).reshape(n * o, n * o)
     err = float((k - ref).abs().max() / ref.abs().max())
     del ref
+    print(f"({case}) timing {args.repeats} interleaved rounds", flush=True)
     times = interleaved(calls, repeats=args.repeats, warmup=0)
+    print(f"({case}) peak memory, a fresh process per method", flush=True)
     peaks = {m: measure(args, f"{case}:{m}")["peak"] for m in calls}
     rows = [[m, f"{median(t):.3f} s", paired_speed(times, "tutorial contraction", m),
              f"{peaks[m] / 2**20:.0f} MiB"] for m, t in times.items()]
@@ -245,20 +248,25 @@ def main() -> None:
     p.add_argument("--resnet-n", type=int, default=8)
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--sketch-budget", type=int, default=64 << 20, help=argparse.SUPPRESS)
+    p.add_argument("--parts", default="dense,resnet,sketch", help="which of (a), (b), (c)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.width, args.n, args.resnet_width, args.resnet_n, args.k = 128, 4, 4, 2, 64
-    args.repeats = max(args.repeats or 3, 1)
+    args.repeats = max(args.repeats or 3, 1)  # ``--repeats 1``: one round (a loaded machine)
     if args.child:
         child(args)
         return
     torch.set_num_threads(2)
     report = Report("ntk", args.quick)
     report.facts["sizes"] = {k: v for k, v in vars(args).items() if k != "json"}
-    compare(report, args, "dense", 3.0)
-    compare(report, args, "resnet", 2.0)
-    sketch_memory(report, args)
+    parts = args.parts.split(",")
+    if "dense" in parts:
+        compare(report, args, "dense", 3.0)
+    if "resnet" in parts:
+        compare(report, args, "resnet", 2.0)
+    if "sketch" in parts:
+        sketch_memory(report, args)
     report.finish(args.json)
 
 

@@ -29,7 +29,8 @@ def check_fingerprint(expected: Mapping[str, Any], got: Mapping[str, Any]) -> No
 
     Raises:
         FingerprintMismatch: with ``field`` one of ``"shapes"``, ``"x"``,
-            ``"y"``, ``"derivative"``, ``"source"``.
+            ``"y"``, ``"operator"``, ``"parameters"`` (a module's layout or
+            values, ``Problem.from_module``), ``"derivative"``, ``"source"``.
     """
     if expected.get("shapes") != got.get("shapes"):
         raise FingerprintMismatch(

