@@ -110,7 +110,7 @@ def test_every_shell_block_runs_as_written_in_a_fresh_clone(tmp_path):
 
     The help's first example runs before the quick tour (it writes out/mlp,
     which the tour must not collide with); everything lands under out/. About
-    7 minutes on 2 cores at a load average of 10 (each command imports torch).
+    4 to 7 minutes on 2 cores at a load average of 10 to 14 (each command imports torch).
     """
     clone = tmp_path / "jacpipe"
     env = fresh_clone(clone)

@@ -477,6 +477,7 @@ def test_sigterm_during_run_verify_is_one_line_and_exit_143(tmp_path, monkeypatc
     assert read_doc(out)["status"] == "complete"
 
 
+@pytest.mark.slow  # a subprocess
 def test_sigterm_before_the_run_folder_is_prepared_is_one_line(tmp_path):
     """SIGTERM while the job builds (or ``--address`` connects): exit 143, one line, no folder."""
     import signal

@@ -47,7 +47,8 @@ main()
 """
 
 
-@pytest.mark.parametrize("where", ["before", pytest.param("after", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a subprocess each; "after" starts Ray
+@pytest.mark.parametrize("where", ["before", "after"])
 def test_sigterm_while_ray_starts_is_one_line_and_the_folder_resumes(tmp_path, where):
     """SIGTERM during ``ray.init``: exit 143, one line, the manifest ``interrupted``.
 

@@ -381,6 +381,7 @@ def silent_port():
         yield sock.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess each
 @pytest.mark.parametrize(("scheme", "server"), [
     ("gs://anonymous@", "closed"), ("gs://anonymous@", "silent"), ("s3://KEY:SECRET@", "silent")])
 def test_an_unreachable_object_store_is_one_line_in_bounded_time(scheme, server, silent_port):
