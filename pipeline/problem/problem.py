@@ -593,9 +593,9 @@ def _stacked_samples(fn: Callable[[Any], Any], xs: Any) -> Any:
     for i, y in enumerate(ys[1:], start=1):
         if y.shape != ys[0].shape:
             raise SampleShapeError(
-                f"fn(xs[{i}]) has shape {tuple(y.shape)} but fn(xs[0]) has "
-                f"{tuple(ys[0].shape)}: a batched job's fn must give every sample an output "
-                "of the same shape (pad it, or use one job per size)")
+                f"fn(xs[{i}]) has {y.numel()} entries (shape {tuple(y.shape)}) but fn(xs[0]) "
+                f"has {ys[0].numel()} (shape {tuple(ys[0].shape)}): a batched job's fn must "
+                "give every sample an output of the same shape (pad it, or use one job per size)")
     return torch.stack(ys)
 
 

@@ -578,7 +578,8 @@ def test_ragged_per_sample_outputs_are_one_sample_shape_error(tmp_path):
 
     xs = torch.arange(1.0, 7.0, dtype=torch.float64).reshape(6, 1)
     problem = Problem(fn=lambda t: t.repeat(int(t.item()) % 3 + 1), x=xs, kind="batched")
-    with pytest.raises(SampleShapeError, match=r"fn\(xs\[1\]\) has shape \(3,\) but fn\(xs\[0\]\)"):
+    wanted = r"fn\(xs\[1\]\) has 3 entries \(shape \(3,\)\) but fn\(xs\[0\]\) has 2"
+    with pytest.raises(SampleShapeError, match=wanted):
         pipeline.run(problem, out=str(tmp_path / "o"), executor="local", echo=lambda _: None)
 
 
