@@ -18,6 +18,7 @@ any check of forward against reverse mode (:data:`EXPECTED_DISAGREEMENTS`).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,8 +61,11 @@ EXPECTED_DISAGREEMENTS: dict[str, str] = {
 
 #: Largest ``m * n`` of the sample :func:`pick` prefers (the loop reference costs m backwards).
 SMALL = 2500
-#: Largest ``m * n`` :func:`pick` takes at all (larger ones: only in the all-samples corpus).
+#: Largest ``m * n`` and ``m`` :func:`pick` takes at all (larger: the all-samples corpus only).
 LARGE = 200_000
+MOST_ROWS = 500
+#: Largest ``m * n`` of the all-samples corpus (slice_scatter's 8000 x 8000 is left out).
+HUGE = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,16 @@ def cases(limit: int | None = None) -> Iterator[tuple[object, Case | str]]:
             yield op, f"skip: no samples ({type(exc).__name__})"
             continue
         for sample in found:
-            yield op, as_case(op, sample)
+            case = as_case(op, sample)
+            if not isinstance(case, str) and case.size > HUGE:
+                case = "skip: a dense reference Jacobian would be too large"
+            yield op, case
+
+
+@functools.cache
+def picked() -> tuple[tuple[object, Case | str], ...]:
+    """``(op, pick(op))`` for every op, built once per process (both corpus tests use it)."""
+    return tuple((op, pick(op)) for op in ops())
 
 
 def pick(op: object, among: int = 8) -> Case | str:
@@ -192,7 +205,7 @@ def pick(op: object, among: int = 8) -> Case | str:
             best = case
         if case.size <= SMALL:
             break
-    if not isinstance(best, str) and best.size > LARGE:
+    if not isinstance(best, str) and (best.size > LARGE or best.m > MOST_ROWS):
         return "skip: every sample is large (checked by the all-samples corpus)"
     return best
 

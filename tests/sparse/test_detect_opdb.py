@@ -101,7 +101,7 @@ def _corpus(found, local_points: int) -> None:
 def test_patterns_contain_every_nonzero_on_one_sample_per_op():
     # NOTE: the local pattern at x only (two more traces per op would add about 15 s of
     # CPU); the all-samples test checks it at all three points.
-    _corpus(((op, opdb.pick(op)) for op in opdb.ops()), local_points=1)
+    _corpus(opdb.picked(), local_points=1)
 
 
 @pytest.mark.slow  # every sample of every op: several minutes
