@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 OUT     ?= out/make-run
 
-.PHONY: setup run test test-fast lint bench clean cluster-up cluster-down cluster-status
+.PHONY: setup run test test-fast test-opdb lint bench clean cluster-up cluster-down cluster-status
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 # The fast subset, in process (no Ray, subprocess, cluster or S3; under two minutes).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
+
+# Every sample of every op of PyTorch's operator database (not in `make test`).
+test-opdb: setup
+	$(BIN)/python -m pytest -q -m opdb_all tests/maths/test_engine_opdb.py tests/sparse/test_detect_opdb.py
 
 lint: setup
 	$(BIN)/ruff check pipeline jobs tests benchmarks scripts examples

@@ -80,6 +80,7 @@ def test_rows_equal_torch_on_one_sample_per_op():
     assert "linalg.cholesky" in disagree  # the expected disagreements are live
 
 
-@pytest.mark.slow  # every sample of every op: several minutes
+@pytest.mark.slow
+@pytest.mark.opdb_all  # every sample of every op: `make test-opdb` (not in `make test`)
 def test_rows_equal_torch_on_every_sample():
     _corpus(opdb.cases())

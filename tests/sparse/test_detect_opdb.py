@@ -104,7 +104,8 @@ def test_patterns_contain_every_nonzero_on_one_sample_per_op():
     _corpus(opdb.picked(), local_points=1)
 
 
-@pytest.mark.slow  # every sample of every op: several minutes
+@pytest.mark.slow
+@pytest.mark.opdb_all  # every sample of every op: `make test-opdb` (not in `make test`)
 def test_patterns_contain_every_nonzero_on_every_sample():
     _corpus(opdb.cases(), local_points=3)
 
