@@ -178,10 +178,9 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
 
 
 @contextlib.contextmanager
-def _sigterm_during_verify(out: str) -> Iterator[None]:
-    """SIGTERM while ``run --verify`` compares: one line and exit 143, as in the shard loop."""
+def _sigterm_as_error(message: str) -> Iterator[None]:
+    """SIGTERM inside the block: one line (``message``) and exit 143, as in the shard loop."""
     from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
-    from pipeline.store.storage import Storage
 
     seen = SigtermSeen()
     try:
@@ -190,33 +189,27 @@ def _sigterm_during_verify(out: str) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         if not (isinstance(exc, Terminated) or seen.received):
             raise
-        shown = Storage.redact(out)
-        raise JacpipeError(
-            f"terminated (SIGTERM) during --verify: the result in {shown} is complete but "
-            f"unchecked; check it with `jacpipe compare {shown}`",
-            exit_code=SIGTERM_EXIT,
-        ) from None
+        raise JacpipeError(message, exit_code=SIGTERM_EXIT) from None
 
 
-@contextlib.contextmanager
-def _sigterm_outside_the_run() -> Iterator[None]:
+def _sigterm_during_verify(out: str) -> contextlib.AbstractContextManager[None]:
+    """SIGTERM while ``run --verify`` compares: the result is complete but unchecked."""
+    from pipeline.store.storage import Storage
+
+    shown = Storage.redact(out)
+    return _sigterm_as_error(
+        f"terminated (SIGTERM) during --verify: the result in {shown} is complete but "
+        f"unchecked; check it with `jacpipe compare {shown}`")
+
+
+def _sigterm_outside_the_run() -> contextlib.AbstractContextManager[None]:
     """SIGTERM before ``run`` prepares its folder (the job building, Ray connecting): one line.
 
     Once the folder is prepared the driver says how far the run got
     (``Interrupted``); before, nothing was written, and a SIGTERM ended the
     command with no line (or Ray's ``sys.exit(15)``).
     """
-    from pipeline.core.signals import SIGTERM_EXIT, SigtermSeen, Terminated, sigterm_as_interrupt
-
-    seen = SigtermSeen()
-    try:
-        with sigterm_as_interrupt(seen):
-            yield
-    except KeyboardInterrupt as exc:
-        if not (isinstance(exc, Terminated) or seen.received):
-            raise
-        raise JacpipeError("terminated (SIGTERM) before any shard ran; rerun the same command",
-                           exit_code=SIGTERM_EXIT) from None
+    return _sigterm_as_error("terminated (SIGTERM) before any shard ran; rerun the same command")
 
 
 def _run_options(run: Any, options: Any) -> Any:

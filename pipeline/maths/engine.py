@@ -221,11 +221,7 @@ def _iter_rows_loop(
     ``reason``: why vmap failed (warned); None when the caller has said why.
     """
     if reason is not None:
-        checks.report(
-            f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
-            "computing Jacobian rows one at a time with torch.autograd.grad",
-            VmapFallbackWarning,
-        )
+        _report_unvectorised(reason, "Jacobian rows")
     xg = _fresh(x).requires_grad_(True)
     y = _forward_with_graph(fn, xg).reshape(-1)
     _check_range(start, stop, y.numel(), sample)
@@ -557,11 +553,7 @@ def _iter_hessian_loop(
     ``reason``: why vmap failed (warned); None when the caller has said why.
     """
     if reason is not None:
-        checks.report(
-            f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
-            "computing Hessian rows one at a time with torch.autograd.grad",
-            VmapFallbackWarning,
-        )
+        _report_unvectorised(reason, "Hessian rows")
     grad_rows = hessian_vector_products(fn, x)
     for a, b in _chunks(start, stop, chunk_size):
         yield a, grad_rows(basis_rows(a, b, x.numel(), x))
@@ -1092,3 +1084,12 @@ def checked_compressed(fn: Callable[[Tensor], Tensor], x: Tensor, seeds: Tensor,
     if hessian:
         return hessian_vector_products(fn, x)(seeds)
     return jvps_by_reverse(fn, x, seeds).to(compressed.dtype)
+
+
+def _report_unvectorised(reason: BaseException, what: str) -> None:
+    """One report: vmap failed on fn (``reason``), so ``what`` are computed one at a time."""
+    checks.report(
+        f"fn cannot be vectorised with torch.func ({str(reason).splitlines()[0][:160]}); "
+        f"computing {what} one at a time with torch.autograd.grad",
+        VmapFallbackWarning,
+    )
