@@ -516,6 +516,10 @@ def _random_draws(fn: Callable, x: torch.Tensor) -> list[tuple[str, bytes]]:
     draws: list[tuple[str, bytes]] = []
 
     class Watch(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            return False  # as sparse/recorder.py's: no torch._dynamo import (~1 s) on the first op
+
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
                                kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
