@@ -23,7 +23,7 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The fast subset, in process (no Ray, subprocess, cluster or S3; under two minutes).
+# The fast subset, in process (no Ray, subprocess, cluster or S3; about a minute and a half).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not cluster"
 
