@@ -143,7 +143,9 @@ class RunOptions:
         "parts and manifest, no Ray start-up) or auto (local for a few seconds of work "
         "without --address, else ray) [default: $JACPIPE_EXECUTOR or auto]."))
     compression: str = _opt(DEFAULT_COMPRESSION, "--compression", help=(
-        "Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy or none."))
+        "Parquet codec of the part files: zstd, zstd:LEVEL, lz4, snappy, none, or auto (the "
+        "codec that commits fastest by the encode and disk write rates measured in the run; "
+        "a resume keeps the manifest's codec)."))
     compile: str = _opt("auto", "--compile", choices=COMPILE_MODES, help=(
         "torch.compile the sparse (compressed) passes: on, off, or auto (compile once the "
         "eager passes of a worker have cost about what compiling does). Compiled code is "

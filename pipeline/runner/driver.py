@@ -12,6 +12,7 @@ schedules, shows progress and reports failures.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -421,6 +422,7 @@ def _execute(
     """
     manifest = _manifest(opts, job, plan)
     keep = folder.prepare(manifest, resume=opts.resume, overwrite=opts.overwrite)
+    plan = dataclasses.replace(plan, compression=manifest.options["compression"])  # auto resolved
     try:
         for note in folder.notes:
             echo(f"note: {note}")

@@ -13,7 +13,8 @@ What lives in ``OUT/`` and who may touch it:
 - leftovers, all starting with ``.`` so readers skip them: parts being
   written (``.part-*.tmp``), manifests being rewritten
   (``._manifest.parquet.*.tmp``), and attempt markers (``.attempt-*``) with their
-  own temp files (``..attempt-*.tmp``). A crash at any moment leaves only
+  own temp files (``..attempt-*.tmp``), and the disk probe of
+  ``--compression auto`` (``.probe-*.tmp``). A crash at any moment leaves only
   these; they are swept on resume and at the end of a run.
 """
 
@@ -28,6 +29,7 @@ import time
 import uuid
 from typing import Any
 
+from pipeline.core.codec import AUTO
 from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.shard import ShardResult
 from pipeline.store.manifest import (
@@ -39,11 +41,12 @@ from pipeline.store.manifest import (
     append_commit,
 )
 from pipeline.store.storage import Storage, shown_name
+from pipeline.store.throughput import PROBE_PREFIX, auto_codec
 
 #: Prefixes of every file a run writes into its folder.
 OUR_FILES = (
     "part-", ".part-", ".attempt-", "..attempt-", "._manifest.", MANIFEST, LEGACY_MANIFEST,
-    COMMIT_LOG, COMMIT_OBJECT, ".lock", "_stray",
+    COMMIT_LOG, COMMIT_OBJECT, ".lock", "_stray", PROBE_PREFIX,
 )
 LOCK = ".lock"
 #: Where resume moves part-like files that the manifest does not own, renamed
@@ -57,7 +60,7 @@ LEASE_SECONDS = 600.0
 
 def is_leftover(name: str) -> bool:
     """Whether ``name`` is a temp file or attempt marker of a run, never part of a result."""
-    return name.startswith((".part-", ".attempt-", "..attempt-", "._manifest."))
+    return name.startswith((".part-", ".attempt-", "..attempt-", "._manifest.", PROBE_PREFIX))
 
 
 def default_out(job: str) -> str:
@@ -109,6 +112,7 @@ class ResultFolder:
         self.storage = storage
         self.manifest: Manifest | None = None
         self.notes: list[str] = []
+        self._resumed: Manifest | None = None  # the folder's manifest when this run resumes it
         self._lock: Any = None
         self._lease_written = 0.0
 
@@ -204,6 +208,9 @@ class ResultFolder:
     ) -> dict[int, ShardResult]:
         """Make the folder ready for the run described by ``manifest`` and write it.
 
+        ``--compression auto`` in ``manifest.options`` is resolved here, before
+        any part is written (NOTE: [Auto codec on resume]).
+
         Returns:
             Committed shards of the same run that are kept (resume), by index;
             they are also recorded in ``manifest``.
@@ -222,6 +229,8 @@ class ResultFolder:
         try:
             keep = self._reuse(manifest.identity(), resume=resume, overwrite=overwrite,
                                compression=manifest.options.get("compression"))
+            if manifest.options.get("compression") == AUTO:
+                self._resolve_auto(manifest)
         except BaseException:
             self.unlock()
             raise
@@ -278,7 +287,30 @@ class ResultFolder:
             return self._clear()
         if self._codec_differs(old, compression, overwrite=overwrite):
             return self._clear()
+        self._resumed = old
         return self._trusted_shards()
+
+    def _resolve_auto(self, manifest: Manifest) -> None:
+        """Replace ``--compression auto`` in ``manifest`` by a codec, and record why.
+
+        NOTE: [Auto codec on resume]
+            The manifest names the codec of every part, so a resumed run keeps
+            the codec its folder's manifest names (``auto`` on resume is that
+            codec, and so are its measurements); a new or cleared folder
+            measures the rates (:func:`pipeline.store.throughput.auto_codec`)
+            and takes the codec that commits fastest.
+        """
+        old = self._resumed
+        before = None if old is None else old.options.get("compression")
+        if before is not None and before != AUTO:
+            manifest.options["compression"] = before
+            facts = dict(old.extra.get("compression_auto") or {"codec": before})  # type: ignore[union-attr]
+            manifest.extra["compression_auto"] = dict(facts, resumed=True)
+            return
+        choice = auto_codec(self.storage, manifest.part_schema())
+        manifest.options["compression"] = choice.codec
+        manifest.extra["compression_auto"] = choice.to_json()
+        self.notes.append(choice.line())
 
     def _codec_differs(self, old: Manifest, compression: str | None, *, overwrite: bool) -> bool:
         """Whether the parts have another codec (then only ``--overwrite`` may go on).
@@ -291,7 +323,7 @@ class ResultFolder:
                 and ``overwrite`` is False.
         """
         before = old.options.get("compression")
-        if before is None or compression is None or before == compression:
+        if before is None or compression in (None, AUTO) or before == compression:
             return False
         if overwrite:
             return True

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.codec import DEFAULT_COMPRESSION, parse_compression
+from pipeline.core.codec import AUTO, DEFAULT_COMPRESSION, parse_compression
 from pipeline.store import footer
 from pipeline.store.storage import Storage
 
@@ -402,9 +402,11 @@ def writer_options(schema: pa.Schema, compression: str) -> dict[str, Any]:
 
     Args:
         schema: a dense or sparse part schema.
-        compression: ``zstd``, ``zstd:LEVEL``, ``lz4``, ``snappy`` or ``none``.
+        compression: ``zstd``, ``zstd:LEVEL``, ``lz4``, ``snappy`` or ``none`` (never ``auto``).
     """
     codec, level = parse_compression(compression)
+    if codec == AUTO:  # resolved by ResultFolder.prepare (store/throughput.py) before any write
+        raise ValueError("--compression auto reached a part writer unresolved")
     sparse = pa.types.is_list(schema.field("values").type) and not pa.types.is_fixed_size_list(
         schema.field("values").type
     )

@@ -125,6 +125,27 @@ def test_a_bad_choice_is_one_line_naming_the_choices(name):
         assert choice in errors[0], (choice, errors[0])
 
 
+@pytest.mark.parametrize("value", ["fast", "auto:3", "lz4:1"])
+def test_a_bad_compression_is_one_line_listing_the_codecs(value):
+    result = runner.invoke(app, ["run", "mlp", "--compression", value])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "--compression" in errors[0] and repr(value) in errors[0]
+    if ":" not in value:
+        for codec in ("auto", "zstd", "lz4", "snappy", "none", "zstd:LEVEL"):
+            assert codec in errors[0], (codec, errors[0])
+    else:
+        assert "only zstd takes a level" in errors[0]
+
+
+def test_compression_auto_is_a_run_option_of_both_the_cli_and_python():
+    ctx = run_command().make_context("jacpipe run", ["mlp", "--compression", "auto"])
+    assert run_options(ctx.params).compression == "auto"
+    RunOptions(job="mlp", compression="auto").check()  # accepted by pipeline.run too
+    assert "auto (the codec that commits fastest" in " ".join(run_help().split())
+
+
 @pytest.mark.slow
 def test_a_bad_choice_starts_neither_ray_nor_torch():
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom pipeline.cli import app\n"

@@ -208,3 +208,71 @@ def test_a_rerun_with_another_compression_is_refused_and_the_manifest_keeps_the_
     assert read_doc(out)["options"]["compression"] == "lz4"
     for part in sorted(out.glob("part-*.parquet")):
         assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == "LZ4"
+
+
+def _rates(codec: str):
+    """Injected probe results under which ``--compression auto`` chooses ``codec``."""
+    from pipeline.store.throughput import EncodeRate
+
+    rates = {c: EncodeRate(100e6, 1.0) for c in ("zstd", "lz4", "snappy", "none")}
+    rates[codec] = EncodeRate(900e6, 0.5)
+    return lambda schema, threads, codecs: rates
+
+
+def test_compression_auto_is_recorded_and_a_resume_keeps_the_manifests_codec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pyarrow.parquet as pq
+
+    from pipeline.store import throughput
+
+    out = tmp_path / "out"
+    base = ["run", "mlp", "-p", "n=6", "-p", "m=8", "-p", "hidden=4", "--shards", "2",
+            "--out", out, "--executor", "local", "--no-progress"]
+    monkeypatch.setattr(throughput, "encode_rates", _rates("lz4"))
+    first = _run(*base, "--compression", "auto")
+    assert first.exit_code == 0, first.output
+    assert "note: --compression auto: lz4 (disk " in first.output
+    doc = read_doc(out)
+    assert doc["options"]["compression"] == "lz4"
+    facts = doc["compression_auto"]
+    assert facts["codec"] == "lz4" and facts["disk_bytes_per_s"] > 0
+    assert facts["encode"]["lz4"]["ratio"] == 0.5 and facts["threads"] >= 1
+    for part in sorted(out.glob("part-*.parquet")):
+        assert pq.ParquetFile(part).metadata.row_group(0).column(1).compression == "LZ4"
+    expected = read_jacobian(out)
+    # auto on resume is the manifest's codec, whatever the rates say now
+    monkeypatch.setattr(throughput, "encode_rates", _rates("none"))
+    (out / "part-00001.parquet").unlink()
+    again = _run(*base, "--compression", "auto")
+    assert again.exit_code == 0 and "resuming: 1 of 2" in again.output, again.output
+    doc = read_doc(out)
+    assert doc["options"]["compression"] == "lz4" and doc["compression_auto"]["resumed"]
+    assert pq.ParquetFile(out / "part-00001.parquet").metadata.row_group(0).column(
+        1).compression == "LZ4"
+    np.testing.assert_array_equal(read_jacobian(out), expected)
+    # the codec named explicitly resumes too; another one is refused
+    assert _run(*base, "--compression", "lz4").exit_code == 0
+    line = _one_error(_run(*base, "--compression", "none"))
+    assert "written with --compression lz4" in line, line
+    # a cleared folder measures again
+    assert _run(*base, "--compression", "auto", "--overwrite", "--no-resume").exit_code == 0
+    assert read_doc(out)["options"]["compression"] == "none"
+    np.testing.assert_array_equal(read_jacobian(out), expected)
+
+
+def test_compression_auto_resumes_a_folder_written_with_a_named_codec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pipeline.store import throughput
+
+    out = tmp_path / "out"
+    base = ["run", "mlp", "-p", "n=6", "-p", "m=8", "-p", "hidden=4", "--shards", "2",
+            "--out", out, "--executor", "local", "--no-progress"]
+    assert _run(*base, "--compression", "snappy").exit_code == 0
+    monkeypatch.setattr(throughput, "encode_rates", _rates("none"))
+    monkeypatch.setattr(throughput, "disk_rate", lambda storage: pytest.fail("probed"))
+    result = _run(*base, "--compression", "auto")
+    assert result.exit_code == 0, result.output
+    assert "resuming: 2 of 2" in result.output
+    assert read_doc(out)["options"]["compression"] == "snappy"

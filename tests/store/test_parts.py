@@ -113,3 +113,20 @@ def test_groups_are_encoded_in_pieces_that_do_not_depend_on_the_thread_count(
     assert len(sums) == 1
     # Variable-length rows (the sparse layout) are never cut.
     assert parts._pieces(parts.sparse_schema("float32"), 10**6) == 1
+
+
+@pytest.mark.parametrize("compression", ["zstd", "zstd:3", "lz4", "snappy", "none"])
+@pytest.mark.parametrize("encoders", [1, 2])
+def test_every_codec_reads_back_identical(tmp_path, matrix, compression, encoders):
+    storage = Storage(str(tmp_path))
+    writer = PartWriter(storage, "part-00000.parquet", dense_schema(7, "float64"), {},
+                        group_rows=4, compression=compression, encoders=encoders)
+    for a in range(0, 23, 5):
+        writer.write(a, matrix[a:a + 5])
+    info = writer.commit()
+    codec = pq.ParquetFile(tmp_path / info.file).metadata.row_group(0).column(1).compression
+    assert codec == {"none": "UNCOMPRESSED"}.get(compression, compression.split(":")[0].upper())
+    table = pq.read_table(tmp_path / info.file)
+    assert table.column("row").to_pylist() == list(range(23))
+    got = table.column("values").combine_chunks().flatten().to_numpy().reshape(23, 7)
+    np.testing.assert_array_equal(got, matrix)

@@ -1,0 +1,300 @@
+"""Measured write rates and ``--compression auto``: the codec the writer or the disk allows.
+
+A part is committed through a pipeline of three stages: encoder threads
+(Parquet pages, compressed), the writer's thread (sha256 of the encoded
+bytes), and the disk (written, ``fsync``-ed). The committed rate, in bytes of
+values per second, is bounded by the slowest stage::
+
+    committed(codec) = min(encode(codec), hash / ratio(codec), disk / ratio(codec))
+
+where ``encode`` is the rate of the encoder threads over raw bytes and
+``ratio`` the encoded size over the raw size. ``auto`` measures these in the
+run (a short probe write in the output folder, a short encode of a
+random-looking sample on the host's threads), and takes the codec that
+commits fastest (:func:`choose_codec`, a pure function of the rates).
+
+NOTE: [Random-looking probe data]
+    The encode probe compresses random-looking values of the run's row width,
+    dtype and schema: the case where the writer is the bottleneck (dense
+    float results, a GPU computing faster than zstd encodes; issue 27 measured
+    zstd at about 270 MB/s behind an H200). Results with many zeros or
+    repeated values compress far better than the probe says; with them,
+    ``zstd`` is usually both the fastest and the smallest, which is why it
+    stays the default (README, "Choosing the codec by measurement").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION
+from pipeline.store.storage import Storage
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+#: Bytes written by the disk probe (in PROBE_BLOCK pieces, then ``fsync``).
+PROBE_BYTES = 64 * 2**20
+PROBE_BLOCK = 8 * 2**20
+#: Raw bytes of one encoding piece of the encode probe (one per thread).
+SAMPLE_BYTES = 2 * 2**20
+#: Name prefix of the probe file (a leftover if a run dies mid-probe; swept).
+PROBE_PREFIX = ".probe-"
+#: Codecs within this fraction of the fastest count as equally fast: the
+#: smallest of them is taken (fewer bytes on disk for no measurable time).
+TIE = 0.05
+
+_DISK_CACHE: dict[Any, float] = {}
+_ENCODE_CACHE: dict[Any, dict[str, EncodeRate]] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EncodeRate:
+    """One codec's measured encoding.
+
+    Args:
+        rate: raw bytes encoded per second, all encoder threads together.
+        ratio: encoded bytes / raw bytes (1.0: no smaller).
+    """
+
+    rate: float
+    ratio: float
+
+
+def committed_rate(encode: EncodeRate, disk: float, *, hash_rate: float = float("inf")) -> float:
+    """Raw bytes per second committed with this codec: the slowest of the three stages."""
+    ratio = max(encode.ratio, 1e-9)
+    return min(encode.rate, hash_rate / ratio, disk / ratio)
+
+
+def choose_codec(
+    encode: Mapping[str, EncodeRate], disk: float | None, *, hash_rate: float = float("inf"),
+) -> str:
+    """The codec that commits the most raw bytes per second (see the module docstring).
+
+    Pure: rates in, codec out. Codecs within :data:`TIE` of the fastest count
+    as equally fast, and the smallest output of them wins.
+
+    Args:
+        encode: each candidate codec's :class:`EncodeRate`.
+        disk: the disk's sequential write rate (bytes/s); None when unknown
+            (an object store): then :data:`~pipeline.core.codec.DEFAULT_COMPRESSION`.
+        hash_rate: sha256 bytes per second of the writer's thread.
+
+    Returns:
+        A key of ``encode``.
+    """
+    if disk is None or not encode:
+        return DEFAULT_COMPRESSION
+    rates = {c: committed_rate(e, disk, hash_rate=hash_rate) for c, e in encode.items()}
+    best = max(rates.values())
+    near = [c for c, r in rates.items() if r >= (1 - TIE) * best]
+    return min(near, key=lambda c: (encode[c].ratio, -rates[c]))
+
+
+@dataclass
+class AutoChoice:
+    """What ``--compression auto`` measured and chose; the manifest's ``compression_auto``."""
+
+    codec: str
+    disk_bytes_per_s: float | None
+    hash_bytes_per_s: float
+    threads: int
+    encode: dict[str, EncodeRate] = field(default_factory=dict)
+    disk_probe: str = "measured"
+
+    def line(self) -> str:
+        """One line for the run's notes: the codec, and the rates that chose it."""
+        disk = self.disk_bytes_per_s
+        rates = ", ".join(f"{c} {e.rate / 1e6:,.0f} MB/s x{e.ratio:.2f}"
+                          for c, e in self.encode.items())
+        where = f"disk {disk / 1e6:,.0f} MB/s" if disk is not None else f"disk {self.disk_probe}"
+        return (f"--compression auto: {self.codec} ({where}; encode on {self.threads} "
+                f"thread(s): {rates})")
+
+    def to_json(self) -> dict[str, Any]:
+        disk = self.disk_bytes_per_s
+        return {
+            "codec": self.codec,
+            "disk_bytes_per_s": None if disk is None else round(disk),
+            "disk_probe": self.disk_probe,
+            "hash_bytes_per_s": round(self.hash_bytes_per_s),
+            "threads": self.threads,
+            "encode": {c: {"bytes_per_s": round(e.rate), "ratio": round(e.ratio, 4),
+                           "committed_bytes_per_s": None if disk is None else round(
+                               committed_rate(e, disk, hash_rate=self.hash_bytes_per_s))}
+                       for c, e in self.encode.items()},
+        }
+
+
+def auto_codec(storage: Storage, schema: pa.Schema, *, threads: int | None = None,
+               codecs: Sequence[str] = CODECS) -> AutoChoice:
+    """Measure the rates for a run writing ``schema`` parts into ``storage``, and choose.
+
+    Args:
+        storage: the output folder (the disk probe writes there).
+        schema: the parts' schema (the encode probe's sample has its columns).
+        threads: encoder threads [default: the CPUs this process may use].
+        codecs: the candidates.
+    """
+    threads = threads or host_threads()
+    disk = disk_rate(storage)
+    probe = "measured" if disk is not None else "none (not a local folder)"
+    if disk is None and storage.local:
+        probe = "none (too little free space)"
+    encode = encode_rates(schema, threads=threads, codecs=codecs)
+    hashed = hash_rate()
+    return AutoChoice(codec=choose_codec(encode, disk, hash_rate=hashed), disk_bytes_per_s=disk,
+                      hash_bytes_per_s=hashed, threads=threads, encode=encode, disk_probe=probe)
+
+
+def host_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def disk_rate(storage: Storage, *, size: int = PROBE_BYTES, cached: bool = True) -> float | None:
+    """Sequential write rate (bytes/s, ``fsync`` included) of a local folder's disk.
+
+    A probe file of ``size`` bytes is written into the folder (which must
+    exist) and removed. Measured once per device and process unless
+    ``cached`` is False. None for object stores, and where the file system
+    has less than four times ``size`` free.
+    """
+    if not storage.local:
+        return None
+    key = os.stat(storage.root).st_dev
+    with _LOCK:
+        if cached and key in _DISK_CACHE:
+            return _DISK_CACHE[key]
+    free = storage.free_bytes()
+    if free is not None and free < 4 * size:
+        return None
+    name = f"{PROBE_PREFIX}{uuid.uuid4().hex}.tmp"
+    block = _noise(min(size, PROBE_BLOCK))  # no file system compresses it
+    written = 0
+    try:
+        t0 = time.perf_counter()
+        with open(storage.path(name), "wb") as f:
+            while written < size:
+                written += f.write(block[: size - written])
+            f.flush()
+            os.fsync(f.fileno())
+        rate = written / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        storage.delete(name)
+    with _LOCK:
+        _DISK_CACHE[key] = rate
+    return rate
+
+
+def hash_rate(size: int = 16 * 2**20) -> float:
+    """sha256 bytes per second on one thread (the writer's checksum)."""
+    data = bytes(size)  # sha256 takes the same time whatever the bytes
+    best = float("inf")
+    for _ in range(2):
+        t0 = time.perf_counter()
+        hashlib.sha256(data).digest()
+        best = min(best, time.perf_counter() - t0)
+    return size / max(best, 1e-9)
+
+
+def encode_rates(schema: pa.Schema, *, threads: int, codecs: Sequence[str] = CODECS,
+                 cached: bool = True) -> dict[str, EncodeRate]:
+    """Each codec's rate and ratio on a random-looking sample, ``threads`` pieces at once.
+
+    NOTE: [Random-looking probe data]. Best of two rounds per codec (the
+    first warms the allocator and the codec's tables).
+    """
+    from pipeline.store.parts import _encode_group, writer_options
+
+    key = (schema.remove_metadata(), threads, tuple(codecs))
+    with _LOCK:
+        if cached and key in _ENCODE_CACHE:
+            return _ENCODE_CACHE[key]
+    pieces = [sample_table(schema, seed=i) for i in range(threads)]
+    raw = sum(p.nbytes for p in pieces)
+    out = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="jacpipe-probe") as pool:
+        for codec in codecs:
+            options = writer_options(schema, codec)
+            best, size = float("inf"), 0
+            for _ in range(2):
+                t0 = time.perf_counter()
+                done = [f.result()[0] for f in
+                        [pool.submit(_encode_group, p, schema, options) for p in pieces]]
+                best = min(best, time.perf_counter() - t0)
+                size = sum(b.size for b in done)
+            out[codec] = EncodeRate(rate=raw / max(best, 1e-9), ratio=size / raw)
+    with _LOCK:
+        _ENCODE_CACHE[key] = out
+    return out
+
+
+def sample_table(schema: pa.Schema, *, seed: int = 0, nbytes: int = SAMPLE_BYTES) -> pa.Table:
+    """About ``nbytes`` of random-looking rows of ``schema`` (NOTE: [Random-looking probe data]).
+
+    Integer columns count rows; float lists hold normal draws (fixed-size
+    lists of their width, variable lists of 64 entries with sorted columns).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    width = sum(_row_bytes(f.type) for f in schema)
+    rows = max(1, nbytes // max(width, 1))
+    arrays = [_sample_column(f.type, rows, rng) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema.remove_metadata())
+
+
+def _noise(size: int) -> bytes:
+    """``size`` random bytes, quickly (``os.urandom`` and ``Generator.bytes`` are slower)."""
+    import numpy as np
+
+    words = np.random.default_rng(0).integers(0, 2**63, -(-size // 8), dtype=np.int64)
+    return words.tobytes()[:size]
+
+
+#: Entries per row of a variable-length (sparse) column in the sample.
+_SPARSE_ROW = 64
+
+
+def _row_bytes(kind: pa.DataType) -> int:
+    import pyarrow as pa
+
+    if pa.types.is_fixed_size_list(kind):
+        return kind.list_size * kind.value_type.bit_width // 8
+    if pa.types.is_list(kind):
+        return _SPARSE_ROW * kind.value_type.bit_width // 8
+    return kind.bit_width // 8
+
+
+def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator) -> pa.Array:
+    import numpy as np
+    import pyarrow as pa
+
+    if pa.types.is_integer(kind):
+        return pa.array(np.arange(rows, dtype=np.int64), type=kind)
+    floats = f"float{kind.value_type.bit_width}"
+    if pa.types.is_fixed_size_list(kind):
+        flat = rng.standard_normal(rows * kind.list_size).astype(floats)
+        return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=kind.value_type), type=kind)
+    offsets = pa.array(np.arange(0, (rows + 1) * _SPARSE_ROW, _SPARSE_ROW, dtype=np.int32))
+    if pa.types.is_integer(kind.value_type):
+        cols = np.sort(rng.integers(0, 2**20, (rows, _SPARSE_ROW)), axis=1).reshape(-1)
+        return pa.ListArray.from_arrays(offsets, pa.array(cols, type=kind.value_type))
+    flat = rng.standard_normal(rows * _SPARSE_ROW).astype(floats)
+    return pa.ListArray.from_arrays(offsets, pa.array(flat, type=kind.value_type))

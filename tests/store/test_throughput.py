@@ -1,0 +1,115 @@
+"""``pipeline.store.throughput``: measured rates and the codec ``--compression auto`` takes."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.core.codec import CODECS, DEFAULT_COMPRESSION
+from pipeline.store.parts import dense_schema, sparse_schema
+from pipeline.store.storage import Storage
+from pipeline.store.throughput import (
+    AutoChoice,
+    EncodeRate,
+    auto_codec,
+    choose_codec,
+    committed_rate,
+    disk_rate,
+    encode_rates,
+    sample_table,
+)
+
+MB = 1e6
+#: Rates like those measured on random-looking float32 (issue 27): the faster
+#: the codec encodes, the less it shrinks.
+RATES = {
+    "zstd": EncodeRate(300 * MB, 0.84),
+    "lz4": EncodeRate(400 * MB, 0.92),
+    "snappy": EncodeRate(380 * MB, 0.92),
+    "none": EncodeRate(700 * MB, 1.0),
+}
+
+
+@pytest.mark.parametrize(("disk", "expected"), [
+    (2000 * MB, "none"),  # a fast disk: the encoder is the bottleneck, encode least
+    (500 * MB, "none"),   # none commits 500, lz4 400, zstd 300
+    (380 * MB, "lz4"),    # none 380 (the disk), lz4 400 (its encoder), zstd 300
+    (200 * MB, "zstd"),   # a disk slower than zstd's encode: the fewest bytes win
+    (None, DEFAULT_COMPRESSION),  # not measured (an object store): the default
+])
+def test_auto_picks_the_codec_that_commits_fastest(disk, expected):
+    assert choose_codec(RATES, disk) == expected
+
+
+def test_committed_rate_is_the_slowest_stage():
+    zstd = RATES["zstd"]
+    assert committed_rate(zstd, 1000 * MB) == 300 * MB  # the encoder
+    assert committed_rate(zstd, 100 * MB) == pytest.approx(100 * MB / 0.84)  # the disk
+    assert committed_rate(zstd, 1000 * MB, hash_rate=200 * MB) == pytest.approx(200 * MB / 0.84)
+
+
+def test_near_ties_take_the_smaller_files_and_the_hash_counts():
+    rates = {"none": EncodeRate(1000 * MB, 1.0), "zstd": EncodeRate(980 * MB, 0.5)}
+    assert choose_codec(rates, 1000 * MB) == "zstd"  # 2 % slower, half the bytes
+    assert choose_codec({"none": EncodeRate(1000 * MB, 1.0), "zstd": EncodeRate(800 * MB, 0.9)},
+                        5000 * MB) == "none"
+    # a slow sha256 on the writer's thread bounds "none" as a slow disk would
+    assert choose_codec({"none": EncodeRate(1000 * MB, 1.0), "zstd": EncodeRate(800 * MB, 0.5)},
+                        5000 * MB, hash_rate=500 * MB) == "zstd"
+
+
+@pytest.mark.parametrize("schema", [dense_schema(300, "float32"), sparse_schema("float64"),
+                                    dense_schema(40, "float64", index="sample", extra=("stderr",))])
+def test_the_encode_probe_sample_has_the_parts_schema(schema):
+    table = sample_table(schema, nbytes=64 * 1024)
+    assert table.schema.equals(schema.remove_metadata())
+    assert 32 * 1024 <= table.nbytes <= 2 * 64 * 1024
+    assert table.column("values").null_count == 0
+
+
+def test_encode_rates_measure_every_codec_on_random_looking_values():
+    rates = encode_rates(dense_schema(1000, "float32"), threads=2, cached=False)
+    assert sorted(rates) == sorted(CODECS)
+    assert all(r.rate > 0 for r in rates.values())
+    assert rates["none"].ratio == pytest.approx(1.0, abs=0.01)
+    # random floats: zstd shrinks the exponent bytes (BYTE_STREAM_SPLIT), not the mantissas
+    assert 0.6 < rates["zstd"].ratio < 0.95
+
+
+def test_the_disk_probe_writes_in_the_folder_leaves_nothing_and_is_cached(tmp_path):
+    storage = Storage(str(tmp_path))
+    rate = disk_rate(storage, size=2 * 2**20, cached=False)
+    assert rate is not None and rate > 0
+    assert list(tmp_path.iterdir()) == []
+    cached = disk_rate(storage, size=2 * 2**20)
+    assert disk_rate(storage, size=2 * 2**20) == cached  # one probe per device and process
+
+
+def test_an_object_store_is_not_probed_and_gets_the_default(monkeypatch):
+    class Remote:
+        local = False
+
+    assert disk_rate(Remote()) is None  # type: ignore[arg-type]
+    monkeypatch.setattr("pipeline.store.throughput.disk_rate", lambda storage: None)
+    monkeypatch.setattr("pipeline.store.throughput.encode_rates",
+                        lambda schema, threads, codecs: RATES)
+    choice = auto_codec(Remote(), dense_schema(4, "float32"), threads=1)  # type: ignore[arg-type]
+    assert choice.codec == DEFAULT_COMPRESSION
+    assert choice.to_json()["disk_bytes_per_s"] is None
+
+
+def test_the_choice_is_recorded_with_its_rates():
+    choice = AutoChoice(codec="none", disk_bytes_per_s=500 * MB, hash_bytes_per_s=1500 * MB,
+                        threads=2, encode=RATES)
+    doc = choice.to_json()
+    assert doc["codec"] == "none" and doc["disk_bytes_per_s"] == 500 * MB
+    assert doc["encode"]["zstd"] == {"bytes_per_s": 300 * MB, "ratio": 0.84,
+                                     "committed_bytes_per_s": 300 * MB}
+    assert doc["encode"]["none"]["committed_bytes_per_s"] == 500 * MB
+    assert "auto: none (disk 500 MB/s" in choice.line()
+
+
+def test_auto_never_reaches_a_part_writer_unresolved():
+    from pipeline.store.parts import writer_options
+
+    with pytest.raises(ValueError, match="auto reached a part writer"):
+        writer_options(dense_schema(4, "float32"), "auto")
