@@ -9,18 +9,21 @@ values per second, is bounded by the slowest stage::
 
 where ``encode`` is the rate of the encoder threads over raw bytes and
 ``ratio`` the encoded size over the raw size. ``auto`` measures these in the
-run (a short probe write in the output folder, a short encode of a
-random-looking sample on the host's threads), and takes the codec that
-commits fastest (:func:`choose_codec`, a pure function of the rates).
+run (a short probe write in the output folder, a short encode of two samples
+on the host's threads), and takes the codec that commits fastest
+(:func:`choose_codec`, a pure function of the rates).
 
-NOTE: [Random-looking probe data]
-    The encode probe compresses random-looking values of the run's row width,
-    dtype and schema: the case where the writer is the bottleneck (dense
-    float results, a GPU computing faster than zstd encodes; issue 27 measured
-    zstd at about 270 MB/s behind an H200). Results with many zeros or
-    repeated values compress far better than the probe says; with them,
-    ``zstd`` is usually both the fastest and the smallest, which is why it
-    stays the default (README, "Choosing the codec by measurement").
+NOTE: [Two probe samples]
+    The codec is chosen before any row exists, and a codec's speed and ratio
+    depend on the data: on random-looking floats (a dense MLP Jacobian, the
+    issue-27 GPU case) ``none`` encodes fastest and zstd shrinks by 15 %; on
+    rows that are mostly zeros (a banded Jacobian stored dense) zstd and lz4
+    shrink 100-1000x and commit faster than ``none``, which writes every
+    byte. Measured on random-looking samples alone, ``auto`` chose ``none``
+    for such rows: 0.76x zstd's rate and 694x its bytes (benchmarks/codecs.py).
+    So the probe encodes both kinds, random-looking and banded rows, and
+    ``auto`` takes the codec whose *worse* case is best: the highest
+    ``min over samples of committed(codec) / committed(fastest codec)``.
 """
 
 from __future__ import annotations
@@ -78,49 +81,78 @@ def committed_rate(encode: EncodeRate, disk: float, *, hash_rate: float = float(
 
 
 def choose_codec(
-    encode: Mapping[str, EncodeRate], disk: float | None, *, hash_rate: float = float("inf"),
+    encode: Mapping[str, Mapping[str, EncodeRate]] | Mapping[str, EncodeRate],
+    disk: float | None, *, hash_rate: float = float("inf"),
 ) -> str:
-    """The codec that commits the most raw bytes per second (see the module docstring).
+    """The codec whose worst case commits fastest (NOTE: [Two probe samples]).
 
-    Pure: rates in, codec out. Codecs within :data:`TIE` of the fastest count
-    as equally fast, and the smallest output of them wins.
+    Pure: rates in, codec out. For each sample, a codec's committed rate is
+    divided by the fastest codec's on that sample; the codec with the
+    highest minimum over the samples wins. Codecs within :data:`TIE` of it
+    count as equally good, and the one with the smallest output (mean ratio)
+    of them wins.
 
     Args:
-        encode: each candidate codec's :class:`EncodeRate`.
+        encode: per sample, each candidate codec's :class:`EncodeRate` (or
+            one sample's rates: ``{codec: EncodeRate}``).
         disk: the disk's sequential write rate (bytes/s); None when unknown
             (an object store): then :data:`~pipeline.core.codec.DEFAULT_COMPRESSION`.
         hash_rate: sha256 bytes per second of the writer's thread.
 
     Returns:
-        A key of ``encode``.
+        A codec named in every sample.
     """
-    if disk is None or not encode:
+    samples = _by_sample(encode)
+    codecs = set.intersection(*(set(r) for r in samples.values())) if samples else set()
+    if disk is None or not codecs:
         return DEFAULT_COMPRESSION
-    rates = {c: committed_rate(e, disk, hash_rate=hash_rate) for c, e in encode.items()}
-    best = max(rates.values())
-    near = [c for c, r in rates.items() if r >= (1 - TIE) * best]
-    return min(near, key=lambda c: (encode[c].ratio, -rates[c]))
+    worst = {c: 1.0 for c in codecs}
+    for rates in samples.values():
+        rate = {c: committed_rate(rates[c], disk, hash_rate=hash_rate) for c in codecs}
+        fastest = max(rate.values())
+        for c in codecs:
+            worst[c] = min(worst[c], rate[c] / fastest)
+    best = max(worst.values())
+    near = [c for c in codecs if worst[c] >= best - TIE]
+    return min(near, key=lambda c: (sum(r[c].ratio for r in samples.values()), -worst[c], c))
+
+
+def _by_sample(encode: Mapping[str, Any]) -> dict[str, Mapping[str, EncodeRate]]:
+    """``{sample: {codec: EncodeRate}}``, also from one sample's ``{codec: EncodeRate}``."""
+    if any(isinstance(v, EncodeRate) for v in encode.values()):
+        return {"sample": encode}
+    return dict(encode)
+
+
+#: The probe's samples (NOTE: [Two probe samples]).
+SAMPLES = ("random-looking", "banded")
 
 
 @dataclass
 class AutoChoice:
-    """What ``--compression auto`` measured and chose; the manifest's ``compression_auto``."""
+    """What ``--compression auto`` measured and chose; the manifest's ``compression_auto``.
+
+    ``encode``: per sample (:data:`SAMPLES`), each codec's :class:`EncodeRate`.
+    """
 
     codec: str
     disk_bytes_per_s: float | None
     hash_bytes_per_s: float
     threads: int
-    encode: dict[str, EncodeRate] = field(default_factory=dict)
+    encode: dict[str, dict[str, EncodeRate]] = field(default_factory=dict)
     disk_probe: str = "measured"
 
     def line(self) -> str:
         """One line for the run's notes: the codec, and the rates that chose it."""
         disk = self.disk_bytes_per_s
-        rates = ", ".join(f"{c} {e.rate / 1e6:,.0f} MB/s x{e.ratio:.2f}"
-                          for c, e in self.encode.items())
+        samples = list(self.encode.values())
+        codecs = list(samples[0]) if samples else []
+        rates = ", ".join(
+            c + " " + "|".join(f"{r[c].rate / 1e6:,.0f}" for r in samples) + " MB/s x"
+            + "|".join(f"{r[c].ratio:.2g}" for r in samples) for c in codecs)
         where = f"disk {disk / 1e6:,.0f} MB/s" if disk is not None else f"disk {self.disk_probe}"
-        return (f"--compression auto: {self.codec} ({where}; encode on {self.threads} "
-                f"thread(s): {rates})")
+        return (f"--compression auto: {self.codec} ({where}; encoding "
+                f"{' | '.join(self.encode)} rows on {self.threads} thread(s): {rates})")
 
     def to_json(self) -> dict[str, Any]:
         disk = self.disk_bytes_per_s
@@ -130,10 +162,11 @@ class AutoChoice:
             "disk_probe": self.disk_probe,
             "hash_bytes_per_s": round(self.hash_bytes_per_s),
             "threads": self.threads,
-            "encode": {c: {"bytes_per_s": round(e.rate), "ratio": round(e.ratio, 4),
-                           "committed_bytes_per_s": None if disk is None else round(
-                               committed_rate(e, disk, hash_rate=self.hash_bytes_per_s))}
-                       for c, e in self.encode.items()},
+            "encode": {sample: {c: {
+                "bytes_per_s": round(e.rate), "ratio": round(e.ratio, 4),
+                "committed_bytes_per_s": None if disk is None else round(
+                    committed_rate(e, disk, hash_rate=self.hash_bytes_per_s))}
+                for c, e in rates.items()} for sample, rates in self.encode.items()},
         }
 
 
@@ -213,11 +246,12 @@ def hash_rate(size: int = 16 * 2**20) -> float:
 
 
 def encode_rates(schema: pa.Schema, *, threads: int, codecs: Sequence[str] = CODECS,
-                 cached: bool = True) -> dict[str, EncodeRate]:
-    """Each codec's rate and ratio on a random-looking sample, ``threads`` pieces at once.
+                 cached: bool = True) -> dict[str, dict[str, EncodeRate]]:
+    """Each codec's rate and ratio per sample, ``threads`` pieces of it encoded at once.
 
-    NOTE: [Random-looking probe data]. Best of two rounds per codec (the
-    first warms the allocator and the codec's tables).
+    NOTE: [Two probe samples] (a schema with variable-length rows, the sparse
+    layout, has no banded sample: it stores nonzeros only). Best of two
+    rounds per codec (the first warms the allocator and the codec's tables).
     """
     from pipeline.store.parts import _encode_group, writer_options
 
@@ -225,30 +259,38 @@ def encode_rates(schema: pa.Schema, *, threads: int, codecs: Sequence[str] = COD
     with _LOCK:
         if cached and key in _ENCODE_CACHE:
             return _ENCODE_CACHE[key]
-    pieces = [sample_table(schema, seed=i) for i in range(threads)]
-    raw = sum(p.nbytes for p in pieces)
-    out = {}
+    import pyarrow as pa
+
+    kinds = SAMPLES[:1] if any(pa.types.is_list(f.type) for f in schema) else SAMPLES
+    out: dict[str, dict[str, EncodeRate]] = {}
     with ThreadPoolExecutor(threads, thread_name_prefix="jacpipe-probe") as pool:
-        for codec in codecs:
-            options = writer_options(schema, codec)
-            best, size = float("inf"), 0
-            for _ in range(2):
-                t0 = time.perf_counter()
-                done = [f.result()[0] for f in
-                        [pool.submit(_encode_group, p, schema, options) for p in pieces]]
-                best = min(best, time.perf_counter() - t0)
-                size = sum(b.size for b in done)
-            out[codec] = EncodeRate(rate=raw / max(best, 1e-9), ratio=size / raw)
+        for kind in kinds:
+            pieces = [sample_table(schema, seed=i, banded=kind != SAMPLES[0])
+                      for i in range(threads)]
+            raw = sum(p.nbytes for p in pieces)
+            out[kind] = {}
+            for codec in codecs:
+                options = writer_options(schema, codec)
+                best, size = float("inf"), 0
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    done = [f.result()[0] for f in
+                            [pool.submit(_encode_group, p, schema, options) for p in pieces]]
+                    best = min(best, time.perf_counter() - t0)
+                    size = sum(b.size for b in done)
+                out[kind][codec] = EncodeRate(rate=raw / max(best, 1e-9), ratio=size / raw)
     with _LOCK:
         _ENCODE_CACHE[key] = out
     return out
 
 
-def sample_table(schema: pa.Schema, *, seed: int = 0, nbytes: int = SAMPLE_BYTES) -> pa.Table:
-    """About ``nbytes`` of random-looking rows of ``schema`` (NOTE: [Random-looking probe data]).
+def sample_table(schema: pa.Schema, *, seed: int = 0, nbytes: int = SAMPLE_BYTES,
+                 banded: bool = False) -> pa.Table:
+    """About ``nbytes`` of rows of ``schema`` for the encode probe (NOTE: [Two probe samples]).
 
     Integer columns count rows; float lists hold normal draws (fixed-size
-    lists of their width, variable lists of 64 entries with sorted columns).
+    lists of their width, variable lists of 64 entries with sorted columns),
+    or with ``banded`` zeros but for 7 entries a row about the diagonal.
     """
     import numpy as np
     import pyarrow as pa
@@ -256,7 +298,7 @@ def sample_table(schema: pa.Schema, *, seed: int = 0, nbytes: int = SAMPLE_BYTES
     rng = np.random.default_rng(seed)
     width = sum(_row_bytes(f.type) for f in schema)
     rows = max(1, nbytes // max(width, 1))
-    arrays = [_sample_column(f.type, rows, rng) for f in schema]
+    arrays = [_sample_column(f.type, rows, rng, banded=banded) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema.remove_metadata())
 
 
@@ -282,7 +324,8 @@ def _row_bytes(kind: pa.DataType) -> int:
     return kind.bit_width // 8
 
 
-def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator) -> pa.Array:
+def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator, *,
+                   banded: bool) -> pa.Array:
     import numpy as np
     import pyarrow as pa
 
@@ -291,6 +334,12 @@ def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator) -> pa
     floats = f"float{kind.value_type.bit_width}"
     if pa.types.is_fixed_size_list(kind):
         flat = rng.standard_normal(rows * kind.list_size).astype(floats)
+        if banded:
+            width, k = kind.list_size, min(7, kind.list_size)
+            band = np.zeros((rows, width), dtype=floats)
+            at = (np.arange(rows)[:, None] + np.arange(k)[None, :] - k // 2) % width
+            band[np.arange(rows)[:, None], at] = flat[: rows * k].reshape(rows, k)
+            flat = band.reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=kind.value_type), type=kind)
     offsets = pa.array(np.arange(0, (rows + 1) * _SPARSE_ROW, _SPARSE_ROW, dtype=np.int32))
     if pa.types.is_integer(kind.value_type):

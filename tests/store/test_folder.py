@@ -216,7 +216,7 @@ def _rates(codec: str):
 
     rates = {c: EncodeRate(100e6, 1.0) for c in ("zstd", "lz4", "snappy", "none")}
     rates[codec] = EncodeRate(900e6, 0.5)
-    return lambda schema, threads, codecs: rates
+    return lambda schema, threads, codecs: {"random-looking": rates, "banded": rates}
 
 
 def test_compression_auto_is_recorded_and_a_resume_keeps_the_manifests_codec(
@@ -237,7 +237,7 @@ def test_compression_auto_is_recorded_and_a_resume_keeps_the_manifests_codec(
     assert doc["options"]["compression"] == "lz4"
     facts = doc["compression_auto"]
     assert facts["codec"] == "lz4" and facts["disk_bytes_per_s"] > 0
-    assert facts["encode"]["lz4"]["ratio"] == 0.5 and facts["threads"] >= 1
+    assert facts["encode"]["banded"]["lz4"]["ratio"] == 0.5 and facts["threads"] >= 1
     for part in sorted(out.glob("part-*.parquet")):
         assert pq.ParquetFile(part).metadata.row_group(0).column(1).compression == "LZ4"
     expected = read_jacobian(out)

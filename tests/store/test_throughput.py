@@ -29,6 +29,16 @@ RATES = {
 }
 
 
+#: Rates like those measured on banded rows (mostly zeros): every codec but
+#: ``none`` shrinks them 100-1000x, and zstd encodes them fastest.
+BANDED = {
+    "zstd": EncodeRate(500 * MB, 0.003),
+    "lz4": EncodeRate(330 * MB, 0.007),
+    "snappy": EncodeRate(380 * MB, 0.05),
+    "none": EncodeRate(430 * MB, 1.0),
+}
+
+
 @pytest.mark.parametrize(("disk", "expected"), [
     (2000 * MB, "none"),  # a fast disk: the encoder is the bottleneck, encode least
     (500 * MB, "none"),   # none commits 500, lz4 400, zstd 300
@@ -38,6 +48,28 @@ RATES = {
 ])
 def test_auto_picks_the_codec_that_commits_fastest(disk, expected):
     assert choose_codec(RATES, disk) == expected
+
+
+@pytest.mark.parametrize(("disk", "expected"), [
+    (2000 * MB, "none"),  # worst cases: none 0.86 (banded), lz4 0.57, snappy 0.54, zstd 0.43
+    (380 * MB, "zstd"),   # zstd 0.75, snappy and none 0.76: a tie, and zstd's files are smallest
+    (200 * MB, "zstd"),   # a slow disk: zstd is fastest on both samples
+])
+def test_auto_takes_the_codec_whose_worse_sample_is_best(disk, expected):
+    samples = {"random-looking": RATES, "banded": BANDED}
+    assert choose_codec(samples, disk) == expected
+    assert choose_codec({"random-looking": RATES}, disk) == choose_codec(RATES, disk)
+
+
+def test_the_banded_sample_keeps_auto_from_writing_zeros_uncompressed():
+    """Rates as PartWriter committed them on 2 busy cores (benchmarks/codecs.py, MB/s)."""
+    random = {"none": EncodeRate(80 * MB, 1.0), "snappy": EncodeRate(61 * MB, 0.914),
+              "lz4": EncodeRate(58 * MB, 0.92), "zstd": EncodeRate(56 * MB, 0.84)}
+    banded = {"none": EncodeRate(81 * MB, 1.0), "snappy": EncodeRate(115 * MB, 0.05),
+              "lz4": EncodeRate(122 * MB, 0.007), "zstd": EncodeRate(106 * MB, 0.003)}
+    assert choose_codec(random, 400 * MB) == "none"
+    # none: 0.66 of lz4 on banded rows; lz4 0.73 of none on random ones, snappy 0.76 (a tie)
+    assert choose_codec({"random-looking": random, "banded": banded}, 400 * MB) == "lz4"
 
 
 def test_committed_rate_is_the_slowest_stage():
@@ -59,20 +91,35 @@ def test_near_ties_take_the_smaller_files_and_the_hash_counts():
 
 @pytest.mark.parametrize("schema", [dense_schema(300, "float32"), sparse_schema("float64"),
                                     dense_schema(40, "float64", index="sample", extra=("stderr",))])
-def test_the_encode_probe_sample_has_the_parts_schema(schema):
-    table = sample_table(schema, nbytes=64 * 1024)
-    assert table.schema.equals(schema.remove_metadata())
-    assert 32 * 1024 <= table.nbytes <= 2 * 64 * 1024
-    assert table.column("values").null_count == 0
+def test_the_encode_probe_samples_have_the_parts_schema(schema):
+    for banded in (False, True):
+        table = sample_table(schema, nbytes=64 * 1024, banded=banded)
+        assert table.schema.equals(schema.remove_metadata())
+        assert 32 * 1024 <= table.nbytes <= 2 * 64 * 1024
+        assert table.column("values").null_count == 0
 
 
-def test_encode_rates_measure_every_codec_on_random_looking_values():
-    rates = encode_rates(dense_schema(1000, "float32"), threads=2, cached=False)
-    assert sorted(rates) == sorted(CODECS)
-    assert all(r.rate > 0 for r in rates.values())
+def test_the_banded_sample_holds_seven_entries_a_row():
+    table = sample_table(dense_schema(50, "float32"), nbytes=(50 * 4 + 8) * 20, banded=True)
+    values = table.column("values").combine_chunks().flatten().to_numpy().reshape(-1, 50)
+    assert values.shape == (20, 50)
+    assert ((values != 0).sum(axis=1) == 7).all()
+    assert values[10, 7] != 0 and values[10, 13] != 0 and values[10, 14] == 0
+
+
+def test_encode_rates_measure_every_codec_on_both_samples():
+    samples = encode_rates(dense_schema(1000, "float32"), threads=2, cached=False)
+    assert list(samples) == ["random-looking", "banded"]
+    rates, banded = samples["random-looking"], samples["banded"]
+    assert sorted(rates) == sorted(banded) == sorted(CODECS)
+    assert all(r.rate > 0 for r in [*rates.values(), *banded.values()])
     assert rates["none"].ratio == pytest.approx(1.0, abs=0.01)
     # random floats: zstd shrinks the exponent bytes (BYTE_STREAM_SPLIT), not the mantissas
     assert 0.6 < rates["zstd"].ratio < 0.95
+    assert banded["zstd"].ratio < 0.05 and banded["none"].ratio == pytest.approx(1.0, abs=0.01)
+    # the sparse layout stores nonzeros only: no banded sample
+    assert list(encode_rates(sparse_schema("float64"), threads=1, codecs=("none",))) == [
+        "random-looking"]
 
 
 def test_the_disk_probe_writes_in_the_folder_leaves_nothing_and_is_cached(tmp_path):
@@ -91,7 +138,7 @@ def test_an_object_store_is_not_probed_and_gets_the_default(monkeypatch):
     assert disk_rate(Remote()) is None  # type: ignore[arg-type]
     monkeypatch.setattr("pipeline.store.throughput.disk_rate", lambda storage: None)
     monkeypatch.setattr("pipeline.store.throughput.encode_rates",
-                        lambda schema, threads, codecs: RATES)
+                        lambda schema, threads, codecs: {"random-looking": RATES})
     choice = auto_codec(Remote(), dense_schema(4, "float32"), threads=1)  # type: ignore[arg-type]
     assert choice.codec == DEFAULT_COMPRESSION
     assert choice.to_json()["disk_bytes_per_s"] is None
@@ -99,13 +146,16 @@ def test_an_object_store_is_not_probed_and_gets_the_default(monkeypatch):
 
 def test_the_choice_is_recorded_with_its_rates():
     choice = AutoChoice(codec="none", disk_bytes_per_s=500 * MB, hash_bytes_per_s=1500 * MB,
-                        threads=2, encode=RATES)
+                        threads=2, encode={"random-looking": RATES, "banded": BANDED})
     doc = choice.to_json()
     assert doc["codec"] == "none" and doc["disk_bytes_per_s"] == 500 * MB
-    assert doc["encode"]["zstd"] == {"bytes_per_s": 300 * MB, "ratio": 0.84,
-                                     "committed_bytes_per_s": 300 * MB}
-    assert doc["encode"]["none"]["committed_bytes_per_s"] == 500 * MB
-    assert "auto: none (disk 500 MB/s" in choice.line()
+    assert doc["encode"]["random-looking"]["zstd"] == {
+        "bytes_per_s": 300 * MB, "ratio": 0.84, "committed_bytes_per_s": 300 * MB}
+    assert doc["encode"]["random-looking"]["none"]["committed_bytes_per_s"] == 500 * MB
+    assert doc["encode"]["banded"]["zstd"]["committed_bytes_per_s"] == 500 * MB
+    line = choice.line()
+    assert "auto: none (disk 500 MB/s; encoding random-looking | banded rows on 2" in line
+    assert "zstd 300|500 MB/s x0.84|0.003" in line
 
 
 def test_auto_never_reaches_a_part_writer_unresolved():
