@@ -13,8 +13,9 @@ measured in the same rounds (:func:`pipeline.store.throughput.disk_rate`, a
   rows of a stencil Jacobian written without the sparse layout.
 
 ``auto`` is the codec :func:`pipeline.store.throughput.auto_codec` chooses
-for that schema in this folder (the probe runs once per process, like once
-per run; its seconds are reported apart). Interleaved rounds; medians, and
+once for the schema in this folder, before any data exists, as a run does
+(its probe's seconds are reported apart); both data sets are written with
+that one choice. Interleaved rounds; medians, and
 the median over rounds of committed rate / that round's disk rate.
 
     python -m benchmarks.codecs [--dir /path/on/the/disk] [--quick]
@@ -63,17 +64,13 @@ def write_part(folder: Path, data: Any, codec: str, threads: int) -> int:
 
 
 def measure(name: str, data: Any, root: Path, threads: int, repeats: int) -> dict[str, Any]:
-    """Interleaved rounds of every codec, auto's choice and the disk probe on one data set."""
+    """Interleaved rounds of every codec and the disk probe on one data set."""
     from pipeline.core.codec import CODECS
-    from pipeline.store import Storage, dense_schema
-    from pipeline.store.throughput import auto_codec, disk_rate
+    from pipeline.store import Storage
+    from pipeline.store.throughput import disk_rate
 
     folder = root / name.split()[0]
     folder.mkdir()
-    t0 = time.perf_counter()
-    choice = auto_codec(Storage(str(folder)), dense_schema(data.shape[1], "float32"),
-                        threads=threads)
-    probe_s = time.perf_counter() - t0
     sizes: dict[str, int] = {}
     disks: list[float] = []
 
@@ -86,12 +83,13 @@ def measure(name: str, data: Any, root: Path, threads: int, repeats: int) -> dic
     times = interleaved(methods, repeats=repeats)
     disks = disks[-repeats:]  # the timed rounds' (the warm-up's first)
     rates = {c: [data.nbytes / t for t in times[c]] for c in CODECS}
-    return {"choice": choice, "probe_s": probe_s, "sizes": sizes, "disk": disks,
+    return {"sizes": sizes, "disk": disks,
             "rates": rates, "times": times}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.store.throughput import host_threads
+    from pipeline.store import Storage, dense_schema
+    from pipeline.store.throughput import auto_codec, host_threads
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--dir", default=None,
@@ -109,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="codecs-", dir=base))
     results = {}
     try:
+        t0 = time.perf_counter()
+        choice = auto_codec(Storage(str(root)), dense_schema(n, "float32"), threads=threads)
+        probe_s = time.perf_counter() - t0
+        print(choice.line(), f"[probe {probe_s:.2f} s]", flush=True)
         for name, data in datasets(rows, n).items():
-            results[name] = measure(name, data, root, threads, repeats)
+            results[name] = dict(measure(name, data, root, threads, repeats), choice=choice,
+                                 probe_s=probe_s)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     facts: dict[str, Any] = {"rows": rows, "n": n, "threads": threads, "dir": base}
