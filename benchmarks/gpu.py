@@ -176,6 +176,10 @@ def _one_gpu(index: int, args: Any, params: dict[str, Any]) -> dict[str, Any]:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     over = piped["committed_over_disk"]
+    if over is not None:
+        _log(f"[gpu {index}] committed {piped['committed_bytes_per_s'] / 1e6:,.0f} MB/s of values "
+             f"({auto['codec']}), disk {piped['disk_bytes_per_s'] / 1e6:,.0f} MB/s: {over:.2f}x "
+             f"(target >= {DISK_TARGET}: {'MET' if over >= DISK_TARGET else 'MISSED'})")
     return {
         "gpu": index, "name": name, "torch.func.jacrev": base,
         "compression": auto,

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU benchmark, ready to run on NVIDIA GPUs (under 5 minutes on one H100/H200; no network):
 #   bash benchmarks/gpu.sh [--n 8192 --m 8192 --hidden 2048 --shards 4 --gpus 1]
-# Prints one JSON object to stdout; writes benchmarks/results/gpu.json.
+# Prints one JSON object to stdout; writes benchmarks/results/gpu.json. Its "disk" row is
+# issue 27's target: committed bytes/s of values over the same disk's sequential write rate,
+# measured in the run in the scratch folder (--dir; target >= 0.8; --compression auto default).
 # Uses the machine's python3 with torch; installs carried wheels from .whl/
 # if there are any (e.g. pyarrow or typer for another Python), never the network.
 set -euo pipefail
