@@ -204,7 +204,8 @@ def auto_codec(storage: Storage, schema: pa.Schema, *, threads: int | None = Non
     probe = "measured" if disk is not None else "none (not a local folder)"
     if disk is None and storage.local:
         probe = "none (too little free space)"
-    encode = encode_rates(schema, threads=threads, codecs=codecs)
+    # Unmeasured disk: the default codec, whatever the encoders do (no encode probe).
+    encode = {} if disk is None else encode_rates(schema, threads=threads, codecs=codecs)
     hashed = hash_rate()
     codec = choose_codec(encode, disk, hash_rate=hashed, threads=threads)
     return AutoChoice(codec=codec, disk_bytes_per_s=disk,

@@ -276,3 +276,16 @@ def test_compression_auto_resumes_a_folder_written_with_a_named_codec(
     assert result.exit_code == 0, result.output
     assert "resuming: 2 of 2" in result.output
     assert read_doc(out)["options"]["compression"] == "snappy"
+
+
+def test_compression_auto_through_the_python_api(tmp_path: Path, monkeypatch) -> None:
+    import pipeline
+    from pipeline.store import throughput
+
+    monkeypatch.setattr(throughput, "encode_rates", _rates("snappy"))
+    summary = pipeline.run("mlp", params={"n": 6, "m": 8, "hidden": 4}, out=str(tmp_path / "o"),
+                           compression="auto", executor="local", progress=False)
+    assert summary.manifest.options["compression"] == "snappy"
+    assert read_doc(tmp_path / "o")["compression_auto"]["codec"] == "snappy"
+    with pytest.raises(JacpipeError, match="^compression must be one of auto, zstd, lz4, snappy"):
+        pipeline.run("mlp", out=str(tmp_path / "p"), compression="brotli")
