@@ -59,12 +59,12 @@ PROBE_BLOCK = 8 * 2**20
 SAMPLE_BYTES = 2 * 2**20
 #: Name prefix of the probe file (a leftover if a run dies mid-probe; swept).
 PROBE_PREFIX = ".probe-"
-#: Codecs within this fraction of the fastest count as equally fast: the
+#: Codecs whose worse case is within this of the best count as equally good: the
 #: smallest of them is taken (fewer bytes on disk for no measurable time).
 TIE = 0.05
 
 _DISK_CACHE: dict[Any, float] = {}
-_ENCODE_CACHE: dict[Any, dict[str, EncodeRate]] = {}
+_ENCODE_CACHE: dict[Any, dict[str, dict[str, EncodeRate]]] = {}
 _LOCK = threading.Lock()
 
 
