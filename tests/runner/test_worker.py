@@ -36,6 +36,19 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert worker._device("auto") == "cpu"
 
 
+def test_a_gpu_shard_encodes_on_its_share_of_the_host(tmp_path) -> None:
+    """On a GPU the host's CPUs are idle: a shard encodes on CPUs / GPUs - 1 threads."""
+    _, _, (spec, _) = _specs(tmp_path, "mlp", {"n": 8, "m": 8}, threads=1)
+    assert worker.encoders(spec, "cpu", host=(16, 1)) == 1  # on the CPU: threads - 1, at least 1
+    assert worker.encoders(spec, "cuda", host=(16, 1)) == 15
+    assert worker.encoders(spec, "cuda", host=(16, 4)) == 3
+    assert worker.encoders(spec, "cuda", host=(2, 8)) == 1
+    wide = _specs(tmp_path, "mlp", {"n": 8, "m": 8}, threads=9)[2][0]
+    assert worker.encoders(wide, "cuda", host=(16, 4)) == 8  # never fewer than its own threads
+    cpus, gpus = worker._host()  # outside Ray: this process's view
+    assert cpus == (os.cpu_count() or 1) and gpus >= 1
+
+
 def test_gpu_ids_record_the_gpu_torch_really_uses(monkeypatch: pytest.MonkeyPatch) -> None:
     """A reused worker given GPU 1 after torch opened GPU 0 computes on 0: say so."""
     monkeypatch.setattr(worker, "_ray_gpus", lambda: (True, ["1"]))
