@@ -19,6 +19,7 @@ code generation. A pass that fails to compile falls back to eager with one
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 import warnings
@@ -68,24 +69,30 @@ def check_compile(mode: str) -> str:
 
 
 def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]], *args: Any,
-             compile: str = "auto") -> Any:
+             compile: str = "auto", eager: Callable[[], Any] | None = None) -> Any:
     """Run the pass ``build()`` of ``owner`` (built once per ``key``) on ``args``.
 
     Args:
         owner: the user's function (weakly referenced: its passes go with it).
-        key: what else fixes the pass: mode, shapes, dtype, device.
+        key: what else fixes the pass: mode, shapes (the seeds' too), dtype, device.
         build: makes the eager pass function (called once per owner and key).
         *args: the pass's arguments (tensors whose values may change between calls).
         compile: ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring).
+        eager: what runs instead of ``build()(*args)`` when the pass runs
+            eagerly (the same values, e.g. by a pullback the caller has
+            already recorded); ``None``: ``build()(*args)``.
 
     Returns:
         What the pass returns.
     """
     mode = check_compile(compile)
+    run_eager = eager or (lambda: entry.eager(*args))
+    if mode == "off" and eager is not None:  # nothing to build nor to count
+        return eager()
     try:
         passes = _PASSES.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: a pass per call, never compiled
-        return build()(*args)
+        return eager() if eager is not None else build()(*args)
     entry = passes.get(key)
     if entry is None:
         entry = passes[key] = _Pass(build())
@@ -93,7 +100,7 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         mode == "auto" and entry.compiled is None and entry.eager_seconds < PAYBACK_SECONDS
     ):
         began = time.perf_counter()
-        out = entry.eager(*args)
+        out = run_eager()
         entry.eager_seconds += time.perf_counter() - began
         return out
     try:
@@ -105,15 +112,33 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         warnings.warn(f"torch.compile failed on this pass ({type(exc).__name__}: {first}); "
                       "running it eagerly", CompileFallbackWarning, stacklevel=3)
-        return entry.eager(*args)
+        return run_eager()
+
+
+_SERIAL = itertools.count()
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn)`` with inductor's on-disk caches in a stable folder."""
+    """``torch.compile(fn)`` with inductor's on-disk caches in a stable folder.
+
+    NOTE: [one code object per compiled pass]
+        dynamo keeps its compiled frames on the *code object* and recompiles
+        a code object at most ``recompile_limit`` (8) times, then silently
+        runs it eagerly. Every pass of a kind is a closure of one code object
+        (``_jvps``'s ``jvps`` for every function and shape), so the ninth
+        function or seed shape of a process would never be compiled. Each
+        compiled pass therefore enters through a trampoline with a code
+        object of its own, and its cache holds that pass's frames only.
+    """
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jacpipe", "inductor"))
     import torch
     from torch._inductor import config
 
     config.fx_graph_cache = True
-    return torch.compile(fn, dynamic=False)
+
+    def trampoline(*args: Any) -> Any:
+        return fn(*args)
+
+    trampoline.__code__ = trampoline.__code__.replace(co_name=f"jacpipe_pass_{next(_SERIAL)}")
+    return torch.compile(trampoline, dynamic=False)
