@@ -1,8 +1,10 @@
 """Compiled AD passes: ``torch.compile`` where the evaluations to come pay for it.
 
 A pass (one vectorised JVP/VJP/HVP over a block of seeds) is a pure function
-``pass_(x, seeds)`` built once per (function, shapes, mode) and kept in
-:data:`_PASSES`, weakly keyed by the user's function. ``compile`` picks:
+``pass_(x, seeds)``; what is known of it (eager seconds spent, its compiled
+form) is kept per (function, shapes, mode) in :data:`_PASSES`, weakly keyed by
+the user's function. The pass is built only to be compiled or run: an eager
+one is never kept. ``compile`` picks:
 
 - ``"off"``: eager PyTorch, op by op;
 - ``"on"``: ``torch.compile`` from the first call;
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -46,7 +50,12 @@ class CompileFallbackWarning(UserWarning):
 
 @dataclass
 class _Pass:
-    eager: Callable[..., Any]
+    """What is known of one pass: nothing that refers to its owner until it is compiled.
+
+    (An entry that referred to its owner would keep it alive in the weak dictionary:
+    every function a Newton loop builds, with the tensors it closes over.)
+    """
+
     compiled: Callable[..., Any] | None = None
     eager_seconds: float = 0.0
     failed: bool = False
@@ -86,17 +95,19 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         What the pass returns.
     """
     mode = check_compile(compile)
-    run_eager = eager or (lambda: entry.eager(*args))
-    if mode == "off" and eager is not None:  # nothing to build nor to count
-        return eager()
+    if not _SPARED:
+        spare_dynamo_import()
+    run_eager = eager or (lambda: build()(*args))
+    if mode == "off":  # nothing to keep nor to count
+        return run_eager()
     try:
         passes = _PASSES.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: a pass per call, never compiled
-        return eager() if eager is not None else build()(*args)
+        return run_eager()
     entry = passes.get(key)
     if entry is None:
-        entry = passes[key] = _Pass(build())
-    if mode == "off" or entry.failed or (
+        entry = passes[key] = _Pass()
+    if entry.failed or (
         mode == "auto" and entry.compiled is None and entry.eager_seconds < PAYBACK_SECONDS
     ):
         began = time.perf_counter()
@@ -105,7 +116,7 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         return out
     try:
         if entry.compiled is None:
-            entry.compiled = _compile(entry.eager)
+            entry.compiled = _compile(build())  # it keeps its owner alive from now on
         return entry.compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the answer
         entry.failed = True
@@ -116,6 +127,70 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
 
 
 _SERIAL = itertools.count()
+_SPARED = False
+#: The modules whose ``torch._disable_dynamo``-wrapped references run in eager
+#: forward mode (NOTE: [eager passes without torch._dynamo]).
+_REFERENCE_MODULES = ("torch._refs", "torch._refs.nn.functional", "torch._refs.special",
+                      "torch._refs.linalg", "torch._refs.fft", "torch._prims",
+                      "torch._decomp.decompositions")
+
+
+def spare_dynamo_import() -> int:
+    """Let eager passes call torch's Python references without importing ``torch._dynamo``.
+
+    NOTE: [eager passes without torch._dynamo]
+        Under ``vmap(jvp)`` a few ops (``u ** 3``: ``aten.pow``) run torch's
+        Python reference, wrapped by ``torch._disable_dynamo``, which imports
+        ``torch._dynamo`` on its first call to build the wrapper: 1.1 s
+        unloaded, 4 s on this loaded 2-core machine, and most of a small
+        sparse Jacobian's first evaluation (heat N = 32: 2.4 of 3.2 s). The
+        wrapper matters only while dynamo traces or runs compiled code, which
+        needs ``torch._dynamo`` imported; so each wrapped reference gets a
+        stand-in that calls the reference itself while ``torch._dynamo`` is
+        not imported, and builds and keeps the real wrapper once it is (the
+        wrapper's own module is one dynamo skips, so it never traces the
+        stand-in). Reverse mode (``torch.func.vjp`` / ``grad``) imports
+        ``torch._dynamo`` for its own use in torch 2.13: only forward-mode
+        passes are spared.
+
+    Returns:
+        How many references got a stand-in (0 on later calls).
+    """
+    global _SPARED
+    _SPARED = True
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        return 0
+    code = torch._compile._disable_dynamo(lambda: None).__code__
+    spared = 0
+    for name in _REFERENCE_MODULES:
+        for obj in list(vars(sys.modules.get(name) or types).values()):
+            for _ in range(8):  # down the functools.wraps chain to the wrapper
+                if type(obj) is types.FunctionType and obj.__code__ is code:
+                    cells = dict(zip(code.co_freevars, obj.__closure__ or (), strict=True))
+                    spared += _stand_in(cells["fn"].cell_contents, cells["recursive"].cell_contents)
+                obj = getattr(obj, "__wrapped__", None)
+                if obj is None:
+                    break
+    return spared
+
+
+def _stand_in(fn: Callable[..., Any], recursive: bool) -> int:
+    """Give ``fn`` (a reference wrapped by ``torch._disable_dynamo``) a lazy wrapper; 1 if new."""
+    if getattr(fn, "__dynamo_disable", None) is not None:
+        return 0
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if getattr(dynamo, "disable", None) is None:  # nothing traces without dynamo
+            return fn(*args, **kwargs)
+        real = dynamo.disable(fn, recursive, wrapping=False)
+        fn.__dynamo_disable = real  # type: ignore[attr-defined]
+        return real(*args, **kwargs)
+
+    fn.__dynamo_disable = call  # type: ignore[attr-defined]
+    return 1
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
