@@ -203,6 +203,7 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
     peer: dict[str, Any] = {}
     for case in cases:  # case by case, so both sides meet the same machine load
         name = case_name(*case)
+        report.facts[f"load average before {name}"] = list(os.getloadavg())
         ours[name] = jacpipe_sparse(*case, repeats, threads)
         print(f"jacpipe {name}: {ours[name]}", flush=True)
         if python is not None:
