@@ -21,6 +21,7 @@ code generation. A pass that fails to compile falls back to eager with one
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -95,8 +96,7 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         What the pass returns.
     """
     mode = check_compile(compile)
-    if not _SPARED:
-        spare_dynamo_import()
+    spare_dynamo_import()
     run_eager = eager or (lambda: build()(*args))
     if mode == "off":  # nothing to keep nor to count
         return run_eager()
@@ -149,20 +149,31 @@ def spare_dynamo_import() -> int:
         stand-in that calls the reference itself while ``torch._dynamo`` is
         not imported, and builds and keeps the real wrapper once it is (the
         wrapper's own module is one dynamo skips, so it never traces the
-        stand-in). Reverse mode (``torch.func.vjp`` / ``grad``) imports
-        ``torch._dynamo`` for its own use in torch 2.13: only forward-mode
-        passes are spared.
+        stand-in). Reverse mode (``torch.func.vjp`` / ``grad``) reads
+        ``torch._dynamo.compiled_autograd._disable()`` around every backward
+        (torch 2.13), which imports ``torch._dynamo`` too (1.1 s idle, 4.9 s
+        of a loaded fresh process's first Hessian detection): while dynamo is
+        not imported ``torch._dynamo`` is a stand-in module whose
+        ``compiled_autograd._disable`` does nothing (compiled autograd cannot
+        be on without dynamo) and whose every other attribute imports the real
+        module, which replaces the stand-in as any import of it does.
 
     Returns:
-        How many references got a stand-in (0 on later calls).
+        How many references got a stand-in (0 on later calls: a flag test).
     """
     global _SPARED
+    if _SPARED:
+        return 0
     _SPARED = True
     import torch
 
     if "torch._dynamo" in sys.modules:
         return 0
+    if "_dynamo" not in vars(torch):
+        torch._dynamo = _LazyDynamo("torch._dynamo")  # type: ignore[attr-defined]
     code = torch._compile._disable_dynamo(lambda: None).__code__
+    if code.co_freevars != ("fn", "recursive"):  # another torch: leave it as it is
+        return 0
     spared = 0
     for name in _REFERENCE_MODULES:
         for obj in list(vars(sys.modules.get(name) or types).values()):
@@ -174,6 +185,18 @@ def spare_dynamo_import() -> int:
                 if obj is None:
                     break
     return spared
+
+
+class _LazyDynamo(types.ModuleType):
+    """``torch._dynamo`` until it is imported (NOTE: [eager passes without torch._dynamo])."""
+
+    class compiled_autograd:  # noqa: N801 - the attribute torch.func's reverse mode reads
+        _disable = contextlib.nullcontext
+
+    def __getattr__(self, name: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module("torch._dynamo"), name)
 
 
 def _stand_in(fn: Callable[..., Any], recursive: bool) -> int:

@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline.core.errors import JacpipeError, OutputTypeError, SampleShapeError
 from pipeline.maths import checks
-from pipeline.maths.compiled import run_pass
+from pipeline.maths.compiled import run_pass, spare_dynamo_import
 
 METHODS = ("rev", "fwd")
 
@@ -536,6 +536,7 @@ def iter_hessian_rows(
         method = HESSIAN_AUTO
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or 'auto', got {method!r}")
+    spare_dynamo_import()  # before the gradient's first backward (reverse-over-reverse)
     owner, fn = fn, strict_outputs(fn)
     x_flat = _fresh(x).reshape(-1)
     version = x_flat._version

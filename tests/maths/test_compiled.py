@@ -266,23 +266,36 @@ def test_engine_and_taylor_passes_compiled_by_torch_equal_eager(tmp_path, monkey
                                    rtol=1e-12, atol=1e-12)
 
 
-def test_a_first_forward_pass_imports_no_dynamo():
+def test_first_passes_and_detections_import_no_dynamo():
     # NOTE: [eager passes without torch._dynamo]: u ** 3 under vmap(jvp) runs a
-    # Python reference whose torch._disable_dynamo wrapper would import dynamo.
+    # Python reference whose torch._disable_dynamo wrapper would import dynamo,
+    # and torch.func's reverse mode reads torch._dynamo.compiled_autograd.
+    # Once something imports dynamo (torch.compile), it is the real module.
     code = (
         "import sys, torch\n"
         "from jobs import heat\n"
-        "from pipeline.maths.engine import jacobian_rows\n"
+        "from pipeline.maths.engine import hessian_rows, jacobian_rows\n"
+        "from pipeline.sparse.detect import trace_sparsity\n"
         "p = heat.build(N=6, pattern=False)\n"
         "fn = lambda u: p.fn(u) + u ** 3\n"
-        "got = jacobian_rows(fn, p.x, 0, 36, method='fwd', compile='off')\n"
         "ref = torch.autograd.functional.jacobian(fn, p.x).reshape(36, 36)\n"
-        "torch.testing.assert_close(got, ref)\n"
+        "for method in ('fwd', 'rev'):\n"
+        "    got = jacobian_rows(fn, p.x, 0, 36, method=method, compile='off')\n"
+        "    torch.testing.assert_close(got, ref)\n"
+        "f = lambda t: (100 * (t[1:] - t[:-1] ** 2) ** 2).sum()\n"
+        "x = torch.linspace(-1, 1, 12, dtype=torch.float64)\n"
+        "assert trace_sparsity(f, x, kind='hessian').pattern.nnz == 12 + 2 * 11\n"
+        "h = torch.autograd.functional.hessian(f, x)\n"
+        "torch.testing.assert_close(hessian_rows(f, x, 0, 12, compile='off'), h)\n"
         "print('torch._dynamo' in sys.modules)\n"
+        "c = torch.compile(lambda t: t.sin() * 2, backend='eager')\n"
+        "torch.testing.assert_close(c(x), x.sin() * 2)\n"
+        "import torch._dynamo\n"
+        "print(type(torch._dynamo).__name__, torch._dynamo is sys.modules['torch._dynamo'])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "module", "True"]
 
 
 def test_compile_option_reaches_the_dense_passes(tmp_path, fake_compile):
