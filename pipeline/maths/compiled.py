@@ -190,10 +190,9 @@ def spare_dynamo_import() -> int:
 class _LazyDynamo(types.ModuleType):
     """``torch._dynamo`` until it is imported (NOTE: [eager passes without torch._dynamo])."""
 
-    class compiled_autograd:  # noqa: N801 - the attribute torch.func's reverse mode reads
-        _disable = contextlib.nullcontext
-
     def __getattr__(self, name: str) -> Any:
+        if name == "compiled_autograd" and "torch._dynamo" not in sys.modules:
+            return types.SimpleNamespace(_disable=contextlib.nullcontext)
         import importlib
 
         return getattr(importlib.import_module("torch._dynamo"), name)
