@@ -17,6 +17,12 @@ take minutes; they are timed on the first rows only and scaled to all rows
 
     python -m benchmarks.engine            # ~5 minutes on 2 cores
     python -m benchmarks.engine --quick    # small sizes, ~30 s
+    python -m benchmarks.engine --compiled # compile="on" against "off" (engine-compiled.json)
+
+``--compiled`` times instead the compiled passes (NOTE: [Compiled row passes])
+against the eager ones on the dense rows, Hessian rows, per-sample rows and a
+Laplacian, interleaved, with the one-time compile seconds and the largest
+difference from eager.
 """
 
 from __future__ import annotations
@@ -157,8 +163,81 @@ def run_case(case: Case, repeats: int, report: Report) -> dict[str, float]:
     return med
 
 
+def compiled_cases() -> dict[str, Callable[[str], Any]]:
+    """name -> ``call(compile)``: one engine or Taylor call per kind of compiled pass."""
+    import torch
+
+    from pipeline.maths.engine import batched_rows, hessian_rows, jacobian_rows
+    from pipeline.maths.taylor import laplacian
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 50, generator=g)
+    w1 = torch.randn(8, 64, generator=g, dtype=torch.float64)
+    w2 = torch.randn(64, 1, generator=g, dtype=torch.float64)
+    xj, xh = torch.randn(30, 40, generator=g), torch.linspace(-1, 1, 200, dtype=torch.float64)
+    xb = torch.randn(4096, 2, generator=g, dtype=torch.float64)
+    pts = torch.randn(1024, 8, generator=g, dtype=torch.float64)
+
+    def layer(t: Any) -> Any:
+        return torch.tanh(t @ w)
+
+    def rosenbrock(x: Any) -> Any:
+        return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
+
+    def arm(q: Any) -> Any:
+        return torch.stack([q[0].cos() + (q[0] + q[1]).cos(), q[0].sin() + (q[0] + q[1]).sin()])
+
+    def mlp(p: Any) -> Any:
+        return (torch.tanh(p @ w1) @ w2).squeeze(-1)
+
+    lap = {c: laplacian(mlp, batched=True, compile=c) for c in ("off", "on")}
+    return {
+        "jacobian_rows tanh(x @ W) (30, 40) -> (30, 50), float32":
+            lambda c: jacobian_rows(layer, xj, 0, 1500, compile=c),
+        "hessian_rows Rosenbrock n = 200": lambda c: hessian_rows(rosenbrock, xh, 0, 200,
+                                                                  compile=c),
+        "batched_rows 2-joint arm, B = 4096": lambda c: batched_rows(arm, xb, 0, 8192, compile=c),
+        "laplacian MLP 8-64-1, 1024 points": lambda c: lap[c](pts),
+    }
+
+
+def compiled_main(args: Any) -> int:
+    """``--compiled``: compiled passes against eager ones (NOTE: [Compiled row passes])."""
+    import os
+    import time
+
+    repeats = max(3, args.repeats or 15)
+    report = Report("engine-compiled", quick=args.quick)
+    rows = []
+    for name, call in compiled_cases().items():
+        began = time.perf_counter()
+        eager, got = call("off"), call("on")
+        compile_seconds = time.perf_counter() - began
+        diff = float((got - eager).abs().max())
+        times = interleaved({"off": lambda call=call: call("off"),
+                             "on": lambda call=call: call("on")},
+                            repeats=repeats, warmup=1, shuffle=True)
+        ratio = median(times["off"]) / median(times["on"])
+        rows.append([name, seconds(median(times["off"])), seconds(median(times["on"])),
+                     f"{ratio:.2f}x", f"{compile_seconds:.1f} s", f"{diff:.1e}"])
+        report.target(Target(f"{name}: eager / compiled", ratio, 1.0))
+    report.facts["load average after"] = list(os.getloadavg())
+    report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    report.facts["threads"] = __import__("torch").get_num_threads()
+    report.table(f"compile='on' against 'off', medians of {repeats} interleaved rounds",
+                 ["case", "eager", "compiled", "eager / compiled", "first call (+compile)",
+                  "max |compiled - eager|"], rows)
+    report.finish(args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--compiled", action="store_true",
+                   help="compiled passes against eager ones (engine-compiled.json)")
+    args = p.parse_args(argv)
+    if args.compiled:
+        return compiled_main(args)
     repeats = max(3, args.repeats or (3 if args.quick else 9))
     report = Report("engine", quick=args.quick)
     sq, tall, heat = cases(args.quick)

@@ -18,6 +18,17 @@
 Also measured: the process's first sparsity detection (the first-call tax).
 Writes ``benchmarks/results/peers.json``.
 
+Each jacpipe case runs in a fresh interpreter, as each asdex case does, so
+every first Jacobian pays its process's first-call costs (imports, numba,
+torch's lazily loaded pieces). jacpipe checks its rows on every call (NOTE:
+[Checks on every engine call]: one extra reverse pass); asdex and jacrev
+check nothing, so the repeated evaluations and the dense calls are also
+timed with the checks off (``checks.checking(check_forward=False,
+check_vmap=False)``). ``OMP_WAIT_POLICY`` is ``PASSIVE`` unless set: with
+the default (spinning) policy, 2 OpenMP threads on a loaded 2-core machine
+wait for each other's descheduled thread at every parallel region (heat
+n = 10^4, eager: 174-296 ms against 7.6 ms passive, load 5).
+
     python -m benchmarks.peers             # up to 10^6 unknowns; ~10 minutes on 2 cores
     python -m benchmarks.peers --quick     # small sizes; ~2 minutes
 """
@@ -26,15 +37,19 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from benchmarks.harness import Report, Target, interleaved, median, parser
+# Before torch is imported anywhere in this process (libgomp reads it once).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from benchmarks.harness import Report, Target, interleaved, median, parser  # noqa: E402
 
 
 def seconds(x: float) -> str:
@@ -112,8 +127,20 @@ def case_name(job: str, kind: str, size: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def jacpipe_sparse(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
+def jacpipe_sparse(job: str, kind: str, size: int, repeats: int, threads: int) -> dict[str, Any]:
+    """:func:`jacpipe_case` in a fresh interpreter (first-call costs included, as asdex's)."""
+    code = ("import json, sys, torch\n"
+            f"torch.set_num_threads({threads})\n"
+            "from benchmarks.peers import jacpipe_case\n"
+            f"print(json.dumps(jacpipe_case({job!r}, {kind!r}, {size}, {repeats})))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=HERE.parent)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def jacpipe_case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
     """Detection, colours, first Jacobian, repeated eager and compiled evaluation."""
+    from pipeline.maths import checks
     from pipeline.sparse.coloring import choose_coloring
     from pipeline.sparse.compressed import sparse_hessian_rows, sparse_jacobian_rows
     from pipeline.sparse.detect import trace_sparsity
@@ -130,13 +157,18 @@ def jacpipe_sparse(job: str, kind: str, size: int, repeats: int) -> dict[str, An
     t0 = time.perf_counter()
     rows(fn, x, 0, m, pattern, coloring, compile="on")
     compile_seconds = time.perf_counter() - t0
+    def unchecked() -> Any:
+        with checks.checking(check_forward=False, check_vmap=False):
+            return rows(fn, x, 0, m, pattern, coloring, compile="on")
+
     times = interleaved({
         "eager": lambda: rows(fn, x, 0, m, pattern, coloring, compile="off"),
         "compiled": lambda: rows(fn, x, 0, m, pattern, coloring, compile="on"),
+        "unchecked": unchecked,
     }, repeats=repeats, warmup=0)
     return {"detection": detected - began, "colors": coloring.num_colors, "first": first,
             "eager": median(times["eager"]), "compiled": median(times["compiled"]),
-            "compile": compile_seconds}
+            "unchecked": median(times["unchecked"]), "compile": compile_seconds}
 
 
 def peer_python(asked: str | None) -> str | None:
@@ -171,7 +203,8 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
     peer: dict[str, Any] = {}
     for case in cases:  # case by case, so both sides meet the same machine load
         name = case_name(*case)
-        ours[name] = jacpipe_sparse(*case, repeats)
+        report.facts[f"load average before {name}"] = list(os.getloadavg())
+        ours[name] = jacpipe_sparse(*case, repeats, threads)
         print(f"jacpipe {name}: {ours[name]}", flush=True)
         if python is not None:
             answer = asdex_sparse(python, [case], repeats, threads)
@@ -190,19 +223,25 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                      f"{r['colors']} / {p['colors']}" if p else str(r["colors"]),
                      _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
                      f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
+                     seconds(r["unchecked"]),
                      seconds(p["repeated"]) if p else "failed" if failed else "-",
-                     f"{best / p['repeated']:.2f}x" if p else "-"])
+                     f"{best / p['repeated']:.2f}x" if p else "-",
+                     f"{r['unchecked'] / p['repeated']:.2f}x" if p else "-"])
         if p:
             report.facts[name] = {"jacpipe": r, "asdex": p}
-            report.target(Target(f"{name}: repeated evaluation jacpipe (best) / asdex",
+            report.target(Target(f"{name}: repeated evaluation jacpipe (best, checked) / asdex",
                                  best / p["repeated"], 1.0, higher_is_better=False))
+            report.target(Target(f"{name}: repeated evaluation jacpipe (compiled, unchecked) "
+                                 "/ asdex", r["unchecked"] / p["repeated"], 1.0,
+                                 higher_is_better=False))
             report.target(Target(f"{name}: first Jacobian jacpipe / asdex",
                                  r["first"] / p["first"], 1.0, higher_is_better=False))
         else:
             report.facts[name] = {"jacpipe": r}
     report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}, {threads} thread(s)",
                  ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
-                  "jacpipe compiled (+compile once)", "asdex jit", "best / asdex"], rows)
+                  "jacpipe compiled (+compile once)", "compiled, unchecked", "asdex jit",
+                  "best checked / asdex", "unchecked / asdex"], rows)
 
 
 def _pair(ours: float, peer: dict[str, Any] | None, key: str) -> str:
@@ -218,7 +257,12 @@ def dense_table(report: Report, quick: bool, repeats: int) -> None:
     import torch
 
     from jobs import mlp
+    from pipeline.maths import checks
     from pipeline.maths.engine import jacobian_rows
+
+    def unchecked(fn: Callable[[Any], Any], x: Any, m: int) -> Any:
+        with checks.checking(check_forward=False, check_vmap=False):
+            return jacobian_rows(fn, x, 0, m)
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 50, generator=g)
@@ -232,14 +276,18 @@ def dense_table(report: Report, quick: bool, repeats: int) -> None:
     for name, fn, x in cases:
         m = fn(x).numel()
         times = interleaved({"jacrev": lambda fn=fn, x=x: torch.func.jacrev(fn)(x),
-                             "engine": lambda fn=fn, x=x, m=m: jacobian_rows(fn, x, 0, m)},
+                             "engine": lambda fn=fn, x=x, m=m: jacobian_rows(fn, x, 0, m),
+                             "unchecked": lambda fn=fn, x=x, m=m: unchecked(fn, x, m)},
                             repeats=max(repeats, 9 if quick else 15), warmup=2, shuffle=True)
         ratio = median(times["jacrev"]) / median(times["engine"])
+        bare = median(times["jacrev"]) / median(times["unchecked"])
         rows.append([name, seconds(median(times["jacrev"])), seconds(median(times["engine"])),
-                     f"{ratio:.2f}x"])
-        report.target(Target(f"dense {name}: jacrev / jacobian_rows", ratio, 1.0))
+                     seconds(median(times["unchecked"])), f"{ratio:.2f}x", f"{bare:.2f}x"])
+        report.target(Target(f"dense {name}: jacrev / jacobian_rows (checked)", ratio, 1.0))
+        report.target(Target(f"dense {name}: jacrev / jacobian_rows (unchecked)", bare, 1.0))
     report.table("dense jacobian_rows vs torch.func.jacrev (float32, interleaved, shuffled)",
-                 ["case", "jacrev", "jacobian_rows", "jacrev / engine"], rows)
+                 ["case", "jacrev", "jacobian_rows", "unchecked", "jacrev / engine",
+                  "jacrev / unchecked"], rows)
 
 
 def first_detection(N: int) -> tuple[float, float]:
@@ -278,6 +326,7 @@ def main() -> None:
     report.target(Target("first detection in a fresh process, heat N=1000 (calls of fn)",
                          statistics.median(large), 30, higher_is_better=False, unit=""))
     report.facts["threads"] = args.threads
+    report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python),
                  args.threads)
     if not args.no_dense:

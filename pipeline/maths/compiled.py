@@ -1,8 +1,10 @@
 """Compiled AD passes: ``torch.compile`` where the evaluations to come pay for it.
 
 A pass (one vectorised JVP/VJP/HVP over a block of seeds) is a pure function
-``pass_(x, seeds)`` built once per (function, shapes, mode) and kept in
-:data:`_PASSES`, weakly keyed by the user's function. ``compile`` picks:
+``pass_(x, seeds)``; what is known of it (eager seconds spent, its compiled
+form) is kept per (function, shapes, mode) in :data:`_PASSES`, weakly keyed by
+the user's function. The pass is built only to be compiled or run: an eager
+one is never kept. ``compile`` picks:
 
 - ``"off"``: eager PyTorch, op by op;
 - ``"on"``: ``torch.compile`` from the first call;
@@ -19,8 +21,12 @@ code generation. A pass that fails to compile falls back to eager with one
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
+import sys
 import time
+import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
@@ -45,7 +51,12 @@ class CompileFallbackWarning(UserWarning):
 
 @dataclass
 class _Pass:
-    eager: Callable[..., Any]
+    """What is known of one pass: nothing that refers to its owner until it is compiled.
+
+    (An entry that referred to its owner would keep it alive in the weak dictionary:
+    every function a Newton loop builds, with the tensors it closes over.)
+    """
+
     compiled: Callable[..., Any] | None = None
     eager_seconds: float = 0.0
     failed: bool = False
@@ -68,52 +79,163 @@ def check_compile(mode: str) -> str:
 
 
 def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]], *args: Any,
-             compile: str = "auto") -> Any:
+             compile: str = "auto", eager: Callable[[], Any] | None = None) -> Any:
     """Run the pass ``build()`` of ``owner`` (built once per ``key``) on ``args``.
 
     Args:
         owner: the user's function (weakly referenced: its passes go with it).
-        key: what else fixes the pass: mode, shapes, dtype, device.
+        key: what else fixes the pass: mode, shapes (the seeds' too), dtype, device.
         build: makes the eager pass function (called once per owner and key).
         *args: the pass's arguments (tensors whose values may change between calls).
         compile: ``"auto"``, ``"on"`` or ``"off"`` (see the module docstring).
+        eager: what runs instead of ``build()(*args)`` when the pass runs
+            eagerly (the same values, e.g. by a pullback the caller has
+            already recorded); ``None``: ``build()(*args)``.
 
     Returns:
         What the pass returns.
     """
     mode = check_compile(compile)
+    spare_dynamo_import()
+    run_eager = eager or (lambda: build()(*args))
+    if mode == "off":  # nothing to keep nor to count
+        return run_eager()
     try:
         passes = _PASSES.setdefault(owner, {})
     except TypeError:  # not weakly referenceable: a pass per call, never compiled
-        return build()(*args)
+        return run_eager()
     entry = passes.get(key)
     if entry is None:
-        entry = passes[key] = _Pass(build())
-    if mode == "off" or entry.failed or (
+        entry = passes[key] = _Pass()
+    if entry.failed or (
         mode == "auto" and entry.compiled is None and entry.eager_seconds < PAYBACK_SECONDS
     ):
         began = time.perf_counter()
-        out = entry.eager(*args)
+        out = run_eager()
         entry.eager_seconds += time.perf_counter() - began
         return out
     try:
         if entry.compiled is None:
-            entry.compiled = _compile(entry.eager)
+            entry.compiled = _compile(build())  # it keeps its owner alive from now on
         return entry.compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the answer
         entry.failed = True
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         warnings.warn(f"torch.compile failed on this pass ({type(exc).__name__}: {first}); "
                       "running it eagerly", CompileFallbackWarning, stacklevel=3)
-        return entry.eager(*args)
+        return run_eager()
+
+
+_SERIAL = itertools.count()
+_SPARED = False
+#: The modules whose ``torch._disable_dynamo``-wrapped references run in eager
+#: forward mode (NOTE: [eager passes without torch._dynamo]).
+_REFERENCE_MODULES = ("torch._refs", "torch._refs.nn.functional", "torch._refs.special",
+                      "torch._refs.linalg", "torch._refs.fft", "torch._prims",
+                      "torch._decomp.decompositions")
+
+
+def spare_dynamo_import() -> int:
+    """Let eager passes call torch's Python references without importing ``torch._dynamo``.
+
+    NOTE: [eager passes without torch._dynamo]
+        Under ``vmap(jvp)`` a few ops (``u ** 3``: ``aten.pow``) run torch's
+        Python reference, wrapped by ``torch._disable_dynamo``, which imports
+        ``torch._dynamo`` on its first call to build the wrapper: 1.1 s
+        unloaded, 4 s on this loaded 2-core machine, and most of a small
+        sparse Jacobian's first evaluation (heat N = 32: 2.4 of 3.2 s). The
+        wrapper matters only while dynamo traces or runs compiled code, which
+        needs ``torch._dynamo`` imported; so each wrapped reference gets a
+        stand-in that calls the reference itself while ``torch._dynamo`` is
+        not imported, and builds and keeps the real wrapper once it is (the
+        wrapper's own module is one dynamo skips, so it never traces the
+        stand-in). Reverse mode (``torch.func.vjp`` / ``grad``) reads
+        ``torch._dynamo.compiled_autograd._disable()`` around every backward
+        (torch 2.13), which imports ``torch._dynamo`` too (1.1 s idle, 4.9 s
+        of a loaded fresh process's first Hessian detection): while dynamo is
+        not imported ``torch._dynamo`` is a stand-in module whose
+        ``compiled_autograd._disable`` does nothing (compiled autograd cannot
+        be on without dynamo) and whose every other attribute imports the real
+        module, which replaces the stand-in as any import of it does.
+
+    Returns:
+        How many references got a stand-in (0 on later calls: a flag test).
+    """
+    global _SPARED
+    if _SPARED:
+        return 0
+    _SPARED = True
+    import torch
+
+    if "torch._dynamo" in sys.modules:
+        return 0
+    if "_dynamo" not in vars(torch):
+        torch._dynamo = _LazyDynamo("torch._dynamo")  # type: ignore[attr-defined]
+    code = torch._compile._disable_dynamo(lambda: None).__code__
+    if code.co_freevars != ("fn", "recursive"):  # another torch: leave it as it is
+        return 0
+    spared = 0
+    for name in _REFERENCE_MODULES:
+        for obj in list(vars(sys.modules.get(name) or types).values()):
+            for _ in range(8):  # down the functools.wraps chain to the wrapper
+                if type(obj) is types.FunctionType and obj.__code__ is code:
+                    cells = dict(zip(code.co_freevars, obj.__closure__ or (), strict=True))
+                    spared += _stand_in(cells["fn"].cell_contents, cells["recursive"].cell_contents)
+                obj = getattr(obj, "__wrapped__", None)
+                if obj is None:
+                    break
+    return spared
+
+
+class _LazyDynamo(types.ModuleType):
+    """``torch._dynamo`` until it is imported (NOTE: [eager passes without torch._dynamo])."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "compiled_autograd" and "torch._dynamo" not in sys.modules:
+            return types.SimpleNamespace(_disable=contextlib.nullcontext)
+        import importlib
+
+        return getattr(importlib.import_module("torch._dynamo"), name)
+
+
+def _stand_in(fn: Callable[..., Any], recursive: bool) -> int:
+    """Give ``fn`` (a reference wrapped by ``torch._disable_dynamo``) a lazy wrapper; 1 if new."""
+    if getattr(fn, "__dynamo_disable", None) is not None:
+        return 0
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        dynamo = sys.modules.get("torch._dynamo")
+        if getattr(dynamo, "disable", None) is None:  # nothing traces without dynamo
+            return fn(*args, **kwargs)
+        real = dynamo.disable(fn, recursive, wrapping=False)
+        fn.__dynamo_disable = real  # type: ignore[attr-defined]
+        return real(*args, **kwargs)
+
+    fn.__dynamo_disable = call  # type: ignore[attr-defined]
+    return 1
 
 
 def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn)`` with inductor's on-disk caches in a stable folder."""
+    """``torch.compile(fn)`` with inductor's on-disk caches in a stable folder.
+
+    NOTE: [one code object per compiled pass]
+        dynamo keeps its compiled frames on the *code object* and recompiles
+        a code object at most ``recompile_limit`` (8) times, then silently
+        runs it eagerly. Every pass of a kind is a closure of one code object
+        (``_jvps``'s ``jvps`` for every function and shape), so the ninth
+        function or seed shape of a process would never be compiled. Each
+        compiled pass therefore enters through a trampoline with a code
+        object of its own, and its cache holds that pass's frames only.
+    """
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jacpipe", "inductor"))
     import torch
     from torch._inductor import config
 
     config.fx_graph_cache = True
-    return torch.compile(fn, dynamic=False)
+
+    def trampoline(*args: Any) -> Any:
+        return fn(*args)
+
+    trampoline.__code__ = trampoline.__code__.replace(co_name=f"jacpipe_pass_{next(_SERIAL)}")
+    return torch.compile(trampoline, dynamic=False)

@@ -17,6 +17,19 @@ NOTE: [Rows by forward mode]
     ``m`` outputs. For tall Jacobians (``m ≫ n``) ``n`` JVPs give every row at
     once: a shard computes ``J e_j`` for all ``j`` in column chunks and keeps its
     own rows.
+
+NOTE: [Compiled row passes]
+    Each vectorised pass (a chunk's ``vmap`` of VJPs, JVPs or Hessian-vector
+    products, a block of samples' Jacobians) goes through
+    :func:`pipeline.maths.compiled.run_pass`, keyed by the user's function
+    and the shapes, dtype and device of ``x`` and of the chunk: ``"off"``
+    runs it eagerly, as before; ``"on"`` and ``"auto"`` (once the eager
+    seconds spent on that pass pay for compiling) run a ``torch.compile``d
+    pure pass ``(x, basis) -> rows`` that also recomputes ``fn(x)``. The
+    eager pass reuses the pullback recorded for the call (one forward pass
+    per call). The engine's checks (the vmap spot check, forward against
+    reverse mode) compare the compiled rows with plain autograd as they do
+    the eager ones.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline.core.errors import JacpipeError, OutputTypeError, SampleShapeError
 from pipeline.maths import checks
+from pipeline.maths.compiled import run_pass, spare_dynamo_import
 
 METHODS = ("rev", "fwd")
 
@@ -120,6 +134,7 @@ def iter_jacobian_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    compile: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(first_row, block)`` for rows ``[start, stop)`` of ``J``, chunk by chunk.
 
@@ -130,6 +145,8 @@ def iter_jacobian_rows(
         chunk_size: rows (``rev``) or columns (``fwd``) per vectorised pass;
             ``None`` means all at once.
         method: ``"rev"`` (one VJP per row) or ``"fwd"`` (one JVP per column).
+        compile: ``"auto"``, ``"on"`` or ``"off"``: ``torch.compile`` the
+            vectorised passes (NOTE: [Compiled row passes]).
 
     Yields:
         ``(a, block)`` with ``block`` of shape ``(b - a, x.numel())``, in
@@ -140,7 +157,8 @@ def iter_jacobian_rows(
             [Functions that write into their input]); ``x`` is never changed.
         ValueError: an unknown method or a row range outside ``fn(x)``.
     """
-    return _jacobian_blocks(fn, x, start, stop, chunk_size=chunk_size, method=method)
+    return _jacobian_blocks(fn, x, start, stop, chunk_size=chunk_size, method=method,
+                            compile=compile)
 
 
 def _jacobian_blocks(
@@ -153,6 +171,7 @@ def _jacobian_blocks(
     method: str,
     sample: tuple[int, int] | None = None,
     vectorise: bool = True,
+    compile: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """:func:`iter_jacobian_rows`; ``sample = (s, m)``: ``fn(x)`` must have ``m`` entries.
 
@@ -160,14 +179,15 @@ def _jacobian_blocks(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    fn = strict_outputs(fn)
+    owner, fn = fn, strict_outputs(fn)
     if not (vectorise and checks.vectorised()):  # the run's spot check found a wrong batching rule
         yield from _iter_rows_loop(fn, x, start, stop, chunk_size=chunk_size, reason=None,
                                    sample=sample)
         return
     if method == "fwd":
         try:
-            blocks = list(_iter_rows_fwd(fn, x, start, stop, chunk_size=chunk_size, sample=sample))
+            blocks = list(_iter_rows_fwd(fn, x, start, stop, chunk_size=chunk_size, sample=sample,
+                                         owner=owner, compile=compile))
         except RuntimeError as exc:
             _refuse_input_writes(fn, x)
             yield from _iter_rows_loop(
@@ -192,8 +212,11 @@ def _jacobian_blocks(
     _check_range(start, stop, y.numel(), sample)
     vectorized = torch.func.vmap(pullback)
     for a, b in _chunks(start, stop, chunk_size):
+        basis = basis_rows(a, b, y.numel(), y)
         try:
-            (rows,) = vectorized(basis_rows(a, b, y.numel(), y))
+            rows = run_pass(owner, ("rows-rev", x.shape, x.dtype, x.device, basis.shape),
+                            lambda: _vjp_rows(fn, x.shape), x_flat, basis, compile=compile,
+                            eager=lambda basis=basis: vectorized(basis)[0])
         except RuntimeError as exc:
             yield from _iter_rows_loop(
                 fn, x, a, stop, chunk_size=chunk_size, reason=exc, sample=sample
@@ -204,6 +227,41 @@ def _jacobian_blocks(
                                        sample=sample)
             return
         yield a, rows.to(x.dtype)
+
+
+def _vjp_rows(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable:
+    """The pure reverse pass ``(x_flat, basis) -> basis @ J`` (NOTE: [Compiled row passes])."""
+    f = _flat_fn(fn, shape)
+
+    def rows(x_flat: Tensor, basis: Tensor) -> Tensor:
+        _, pullback = torch.func.vjp(f, x_flat)
+        return torch.func.vmap(pullback)(basis)[0]
+
+    return rows
+
+
+def _jvp_columns(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable:
+    """The pure forward pass ``(x_flat, basis) -> (J @ basis.T).T`` (one JVP per row of basis)."""
+    f = _flat_fn(fn, shape)
+
+    def columns(x_flat: Tensor, basis: Tensor) -> Tensor:
+        return torch.func.vmap(lambda v: torch.func.jvp(f, (x_flat,), (v,))[1])(basis)
+
+    return columns
+
+
+def _hessian_pass(f: Callable[[Tensor], Tensor], method: str) -> Callable:
+    """The pure Hessian pass ``(x_flat, basis) -> basis @ H`` by ``method`` (rev: ``vjp`` of
+    ``grad``, fwd: ``jvp`` of ``grad``), ``f`` a function of flat ``x``."""
+    grad = torch.func.grad(lambda t: f(t).reshape(()))
+
+    def rows(x_flat: Tensor, basis: Tensor) -> Tensor:
+        if method == "fwd":
+            return torch.func.vmap(lambda v: torch.func.jvp(grad, (x_flat,), (v,))[1])(basis)
+        _, pullback = torch.func.vjp(grad, x_flat)
+        return torch.func.vmap(lambda v: pullback(v)[0])(basis)
+
+    return rows
 
 
 def _iter_rows_loop(
@@ -251,6 +309,8 @@ def _iter_rows_fwd(
     *,
     chunk_size: int | None,
     sample: tuple[int, int] | None = None,
+    owner: Callable[[Tensor], Tensor],
+    compile: str,
 ) -> Iterator[tuple[int, Tensor]]:
     x_flat = _fresh(x).reshape(-1)
     version = x_flat._version
@@ -264,7 +324,10 @@ def _iter_rows_fwd(
     out = None
     for a, b in _chunks(0, n, chunk_size):
         # (b - a, m): J[:, a:b].T, in x's dtype whatever fn(x)'s dtype (as rev mode)
-        tangents = vectorized(basis_rows(a, b, n, x_flat)).to(x_flat.dtype)
+        basis = basis_rows(a, b, n, x_flat)
+        tangents = run_pass(owner, ("rows-fwd", x.shape, x.dtype, x.device, basis.shape),
+                            lambda: _jvp_columns(fn, x.shape), x_flat, basis, compile=compile,
+                            eager=lambda basis=basis: vectorized(basis)).to(x_flat.dtype)
         _check_untouched(x_flat, version)
         if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
             m = tangents.shape[1]
@@ -297,6 +360,7 @@ def jacobian_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    compile: str = "auto",
 ) -> Tensor:
     """Rows ``[start, stop)`` of ``d fn(x).flatten() / d x.flatten()``.
 
@@ -306,13 +370,15 @@ def jacobian_rows(
         start, stop: flat output row range; an empty range gives ``(0, n)``.
         chunk_size: rows (``rev``) or columns (``fwd``) per vectorised pass.
         method: ``"rev"`` or ``"fwd"``.
+        compile: ``"auto"``, ``"on"`` or ``"off"`` (NOTE: [Compiled row passes]).
 
     Returns:
         A ``(stop - start, x.numel())`` tensor. Like ``torch.func.jacrev`` it
         may be column-major (``w @ x`` layers give transposed batched
         products); call ``.contiguous()`` where rows must be contiguous.
     """
-    blocks = iter_jacobian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method)
+    blocks = iter_jacobian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method,
+                                compile=compile)
     return _assemble(blocks, start, stop, x.new_empty(0, x.numel()))
 
 
@@ -431,6 +497,7 @@ def iter_hessian_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    compile: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(first_row, block)`` for rows ``[start, stop)`` of the Hessian of scalar ``fn``.
 
@@ -451,6 +518,7 @@ def iter_hessian_rows(
         start, stop: flat row range over ``x.reshape(-1)``.
         chunk_size: rows per vectorised pass (both modes); ``None`` = all at once.
         method: ``"rev"``, ``"fwd"`` or ``"auto"`` (= :data:`HESSIAN_AUTO`).
+        compile: ``"auto"``, ``"on"`` or ``"off"`` (NOTE: [Compiled row passes]).
 
     Functions torch.func cannot transform (an old-style ``autograd.Function``)
     fall back, with one :class:`VmapFallbackWarning`, to one double backward
@@ -468,7 +536,8 @@ def iter_hessian_rows(
         method = HESSIAN_AUTO
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or 'auto', got {method!r}")
-    fn = strict_outputs(fn)
+    spare_dynamo_import()  # before the gradient's first backward (reverse-over-reverse)
+    owner, fn = fn, strict_outputs(fn)
     x_flat = _fresh(x).reshape(-1)
     version = x_flat._version
     n = x_flat.numel()
@@ -492,8 +561,12 @@ def iter_hessian_rows(
         yield from _iter_hessian_loop(fn, x, start, stop, chunk_size=chunk_size, reason=exc)
         return
     for a, b in _chunks(start, stop, chunk_size):
+        basis = basis_rows(a, b, n, x_flat)
         try:
-            rows = rows_of(basis_rows(a, b, n, x_flat))
+            rows = run_pass(owner, (f"hessian-{method}", x.shape, x.dtype, x.device, basis.shape),
+                            lambda method=method: _hessian_pass(f, method), x_flat, basis,
+                            compile=compile,
+                            eager=lambda basis=basis, rows_of=rows_of: rows_of(basis))
         except RuntimeError as exc:
             _refuse_input_writes(fn, x)
             yield from _iter_hessian_loop(fn, x, a, stop, chunk_size=chunk_size, reason=exc)
@@ -504,7 +577,9 @@ def iter_hessian_rows(
             if checked is None:  # vmap is wrong here: one row at a time
                 yield from _iter_hessian_loop(fn, x, a, stop, chunk_size=chunk_size, reason=None)
                 return
-            rows, rows_of = checked[0], checked[1] or rows_of
+            rows = checked[0]
+            if checked[1] is not None:  # forward mode was rejected: reverse for the rest
+                rows_of, method = checked[1], "rev"
         yield a, rows.to(x.dtype)
 
 
@@ -613,16 +688,18 @@ def hessian_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    compile: str = "auto",
 ) -> Tensor:
     """Rows ``[start, stop)`` of the Hessian of scalar ``fn`` at ``x`` (flat indices).
 
     Args:
-        fn, x, start, stop, chunk_size, method: as :func:`iter_hessian_rows`.
+        fn, x, start, stop, chunk_size, method, compile: as :func:`iter_hessian_rows`.
 
     Returns:
         A ``(stop - start, x.numel())`` tensor.
     """
-    blocks = iter_hessian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method)
+    blocks = iter_hessian_rows(fn, x, start, stop, chunk_size=chunk_size, method=method,
+                               compile=compile)
     return _assemble(blocks, start, stop, x.new_empty(0, x.numel()))
 
 
@@ -640,6 +717,7 @@ def iter_batched_rows(
     chunk_size: int | None = None,
     method: str = "rev",
     m: int | None = None,
+    compile: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """Yield ``(first_row, block)`` for rows ``[start, stop)`` of the per-sample Jacobians.
 
@@ -664,6 +742,7 @@ def iter_batched_rows(
         start, stop: row range over ``(sample, row)`` flattened as ``b * m + i``.
         chunk_size: basis vectors per vectorised pass; ``None`` = all at once.
         method: ``"rev"`` or ``"fwd"``.
+        compile: ``"auto"``, ``"on"`` or ``"off"`` (NOTE: [Compiled row passes]).
 
     Yields:
         ``(a, block)`` with ``block`` of shape ``(rows, xs[0].numel())``.
@@ -677,7 +756,7 @@ def iter_batched_rows(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    fn = strict_outputs(fn)
+    owner, fn = fn, strict_outputs(fn)
     batch = xs.shape[0]
     flat = _fresh(xs).reshape(batch, -1)  # fn never sees the caller's batch
     version = flat._version
@@ -686,7 +765,7 @@ def iter_batched_rows(
     # which flattens to its (m, n) rows for free; a reshaping wrapper around fn
     # adds four batched ops to every pass.
     samples = flat.view(xs.shape)
-    vectorized = torch.func.vmap(_sample_jacobian(fn, method))
+    vectorized = _sample_pass(owner, fn, method, compile)
     vectorise = True
     if m is None:  # the caller knows it (the worker's shapes): spare a forward pass
         m, block, method = _outputs_per_sample(
@@ -706,7 +785,7 @@ def iter_batched_rows(
                    ) -> Iterator[tuple[int, Tensor]]:
         blocks = _jacobian_blocks(
             fn, flat[s].reshape(xs.shape[1:]), r0, r1, chunk_size=chunk_size, method=method,
-            sample=(s, m), vectorise=vectorise,
+            sample=(s, m), vectorise=vectorise, compile=compile,
         )
         for a, block in blocks:
             yield s * m + a, block
@@ -724,8 +803,9 @@ def iter_batched_rows(
     if whole_a > first:
         yield from one_sample(first, start - first * m, min(stop - first * m, m))
     for s0 in range(whole_a, whole_b, step):
-        block, method, vectorise = _sample_block(fn, method, samples, flat, version, s0,
-                                                 min(s0 + step, whole_b), m)
+        block, method, vectorise = _sample_block(
+            fn, method, samples, flat, version, s0, min(s0 + step, whole_b), m,
+            vectorized=_sample_pass(owner, fn, method, compile))
         if block is None:  # vmap failed, or is wrong here: the samples left one by one
             for s in range(s0, whole_b):
                 yield from one_sample(s, 0, m, vectorise=vectorise)
@@ -736,8 +816,9 @@ def iter_batched_rows(
 
 
 def _sample_block(fn: Callable[[Tensor], Tensor], method: str, samples: Tensor, flat: Tensor,
-                  version: int, s0: int, s1: int, m: int) -> tuple[Tensor | None, str, bool]:
-    """Rows of whole samples ``[s0, s1)`` in one vectorised, checked pass.
+                  version: int, s0: int, s1: int, m: int, *,
+                  vectorized: Callable[[Tensor], Tensor]) -> tuple[Tensor | None, str, bool]:
+    """Rows of whole samples ``[s0, s1)`` in one vectorised, checked pass (``vectorized``).
 
     Returns ``(rows, method, vectorise)``: ``rows`` None when vmap failed
     (``vectorise`` True: each sample may still vectorise over its rows) or
@@ -746,7 +827,7 @@ def _sample_block(fn: Callable[[Tensor], Tensor], method: str, samples: Tensor, 
     """
     n = flat.shape[1]
     try:
-        block = torch.func.vmap(_sample_jacobian(fn, method))(samples[s0:s1])
+        block = vectorized(samples[s0:s1])
     except RuntimeError as exc:
         _refuse_input_writes(fn, samples[s0])
         checks.report(
@@ -761,6 +842,18 @@ def _sample_block(fn: Callable[[Tensor], Tensor], method: str, samples: Tensor, 
     block, method = _checked_samples(
         fn, samples[s0:s1], s0, block.reshape((s1 - s0) * m, n).to(flat.dtype), method, m)
     return block, method, False
+
+
+def _sample_pass(owner: Callable[[Tensor], Tensor], fn: Callable[[Tensor], Tensor], method: str,
+                 compile: str) -> Callable[[Tensor], Tensor]:
+    """``samples -> vmap(J of fn)(samples)``, compiled by ``compile`` per block shape."""
+
+    def vectorized(samples: Tensor) -> Tensor:
+        return run_pass(owner, (f"samples-{method}", samples.shape, samples.dtype, samples.device),
+                        lambda: torch.func.vmap(_sample_jacobian(fn, method)), samples,
+                        compile=compile)
+
+    return vectorized
 
 
 def _sample_jacobian(fn: Callable[[Tensor], Tensor], method: str) -> Callable[[Tensor], Tensor]:
@@ -863,17 +956,19 @@ def batched_rows(
     *,
     chunk_size: int | None = None,
     method: str = "rev",
+    compile: str = "auto",
 ) -> Tensor:
     """Rows ``[start, stop)`` over ``(sample, row)`` of the per-sample Jacobians.
 
     Args:
-        fn, xs, start, stop, chunk_size, method: as :func:`iter_batched_rows`.
+        fn, xs, start, stop, chunk_size, method, compile: as :func:`iter_batched_rows`.
 
     Returns:
         A ``(stop - start, xs[0].numel())`` tensor; ``.reshape(B, m, n)`` of a
         whole range gives the per-sample Jacobians.
     """
-    blocks = iter_batched_rows(fn, xs, start, stop, chunk_size=chunk_size, method=method)
+    blocks = iter_batched_rows(fn, xs, start, stop, chunk_size=chunk_size, method=method,
+                               compile=compile)
     return _assemble(blocks, start, stop, xs.new_empty(0, xs[0].numel()))
 
 

@@ -46,6 +46,8 @@ class KindMaths:
         row_numel: ``problem -> elements one row carries through a pass``, for
             kinds not computed by the engine's vectorised VJPs (whose count is
             :func:`~pipeline.maths.engine.intermediate_numel`), else None.
+        compiles: ``rows`` takes ``compile=`` (NOTE: [Compiled row passes] in
+            :mod:`pipeline.maths.engine`).
     """
 
     spec: KindSpec
@@ -54,6 +56,7 @@ class KindMaths:
     reference_rows: Callable[[Any, Any], Any]
     columns: Callable[..., Iterator[tuple[int, dict[str, Tensor]]]] | None = None
     row_numel: Callable[[Any], int] | None = None
+    compiles: bool = False
 
     def differentiated(self, problem: Problem, sample: int = 0) -> tuple[Callable, Tensor]:
         """``(f, x)`` whose Jacobian is this kind's matrix (one sample if per-sample)."""
@@ -70,11 +73,14 @@ class KindMaths:
 
 KIND_MATHS: dict[str, KindMaths] = {
     "jacobian": KindMaths(KINDS["jacobian"], engine.iter_jacobian_rows,
-                          references.jacobian_reference, references.gradient_reference_rows),
+                          references.jacobian_reference, references.gradient_reference_rows,
+                          compiles=True),
     "hessian": KindMaths(KINDS["hessian"], engine.iter_hessian_rows,
-                         references.hessian_reference, references.gradient_reference_rows),
+                         references.hessian_reference, references.gradient_reference_rows,
+                         compiles=True),
     "batched": KindMaths(KINDS["batched"], engine.iter_batched_rows,
-                         references.batched_reference, references.batched_reference_rows),
+                         references.batched_reference, references.batched_reference_rows,
+                         compiles=True),
     **{name: KindMaths(KINDS[name], operators.point_rows, operators.point_reference,
                        operators.point_reference_rows, columns=operators.point_columns,
                        row_numel=operators.point_row_numel)
@@ -97,12 +103,13 @@ def maths_of(name: str) -> KindMaths:
 
 def iter_rows(
     problem: Problem, start: int, stop: int, *, chunk_size: int | None = None,
-    method: str = "rev", m: int | None = None, pattern: Any = None,
+    method: str = "rev", m: int | None = None, pattern: Any = None, compile: str = "auto",
 ) -> Iterator[tuple[int, Tensor]]:
     """Rows ``[start, stop)`` of ``problem``'s derivative, chunk by chunk (dense methods).
 
     ``m``: outputs per sample, when known (per-sample kinds skip a forward pass to learn it).
     ``pattern``: the Hessian's pattern of a kind that skips the rows outside it (third).
+    ``compile``: ``--compile`` for the kinds whose passes compile (``KindMaths.compiles``).
     """
     maths = maths_of(problem.kind)
     extra: dict[str, Any] = {"m": m} if maths.spec.per_sample and m is not None else {}
@@ -110,6 +117,8 @@ def iter_rows(
         extra = {"kind": problem.kind, "operator": problem.operator}
     if maths.spec.hessian_pattern:
         extra = {"pattern": pattern}
+    if maths.compiles:
+        extra["compile"] = compile
     return maths.rows(problem.fn, problem.x, start, stop, chunk_size=chunk_size, method=method,
                       **extra)
 

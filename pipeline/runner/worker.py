@@ -265,7 +265,7 @@ def compute_rows(spec: ShardSpec, inputs: ShardInputs | None = None) -> np.ndarr
     chunk = _chunk(spec, activations, None, baseline=_rss() if device == "cpu" else 0)
     out = np.empty((spec.rows, spec.shapes.n), dtype=str(spec.shapes.dtype))
     for a, block in iter_rows(problem, spec.start, spec.stop, chunk_size=chunk,
-                              method=spec.method, m=spec.shapes.m):
+                              method=spec.method, m=spec.shapes.m, compile=spec.compile):
         out[a - spec.start:a - spec.start + len(block)] = (
             block.detach().reshape(len(block), -1).cpu().numpy())
     return out
@@ -366,7 +366,8 @@ def _write_dense(
         ramp = _first_block_end(spec, chunk)
         pattern = hessian_pattern(problem)
         rows = itertools.chain(*(
-            iter_rows(problem, a, b, chunk_size=c, method=spec.method, m=m, pattern=pattern)
+            iter_rows(problem, a, b, chunk_size=c, method=spec.method, m=m, pattern=pattern,
+                      compile=spec.compile)
             for a, b, c in ((spec.start, ramp, ramp - spec.start), (ramp, spec.stop, chunk))
             if b > a))
         while True:

@@ -15,6 +15,9 @@ arrays with values ``0 .. num_colors - 1``.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,14 +328,14 @@ def _color_columns(p: sp.csr_matrix, pt: sp.csr_matrix | None = None) -> np.ndar
     lower_bound = _lower_bound(p)
     if lower_bound == n:  # a dense row: every column needs its own colour
         return np.arange(n, dtype=np.int64)
-    k = _kernels()
     structure = _structure(p, pt)
     row_nnz = np.diff(p.indptr).astype(np.float64)
+    k = _loops(float((row_nnz**2).sum()))
     best = None
     if float((row_nnz**2).sum()) <= _GRAPH_MAX_PRODUCTS:
         # DSATUR first: it usually reaches the lower bound, and then greedy
         # (0.13 s of 0.6 s on the 1e6 stencil) is not needed.
-        best = _dsatur(structure, give_up_at=max(2 * lower_bound, lower_bound + 8))
+        best = _dsatur(structure, k, give_up_at=max(2 * lower_bound, lower_bound + 8))
         if best is not None and _count(best) == lower_bound:
             return best.astype(np.int64)
     order = np.arange(n, dtype=structure[0].dtype)
@@ -366,7 +369,8 @@ def _hub_columns(p: sp.csr_matrix, row_nnz: np.ndarray, dtype: np.dtype) -> np.n
     return colors
 
 
-def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray | None:
+def _dsatur(structure: tuple[np.ndarray, ...], k: Any, *, give_up_at: int
+            ) -> np.ndarray | None:
     """DSATUR colouring of the columns, or None once it needs ``give_up_at`` colours.
 
     DSATUR colours next the uncoloured column with the most distinct colours
@@ -376,7 +380,6 @@ def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray
     in O(1); neighbours are walked through the rows (no intersection graph).
     """
     n = structure[2].size - 1
-    k = _kernels()
     degree = k.two_hop(*structure)
     max_degree = int(degree.max()) if n else 0
     if (give_up_at + 1) * (max_degree + 1) > _DSATUR_MAX_BUCKETS or (
@@ -387,21 +390,32 @@ def _dsatur(structure: tuple[np.ndarray, ...], *, give_up_at: int) -> np.ndarray
     return colors if ok else None
 
 
+def _loops(work: float) -> Any:
+    """The colouring loops for about ``work`` steps: plain Python while small and numba unloaded.
+
+    NOTE: [small colourings without numba]
+        Loading numba and its cached kernels costs 1-2.6 s on a process's
+        first colouring (this 2-core machine, loaded), against 1 ms for the
+        colouring of a 1,024-column stencil: most of a small problem's first
+        Jacobian. Below :data:`_PYTHON_MAX_WORK` steps the same loops run as
+        plain Python (about 1.4 us a step: 37 ms for that stencil, 0.7 s at the
+        limit) unless numba is loaded already.
+    """
+    if work <= _PYTHON_MAX_WORK and "numba" not in sys.modules:
+        return _kernels(compiled=False)
+    return _kernels()
+
+
+#: Steps (sum over rows of nnz^2, or nnz times colours for star colouring)
+#: below which a process that has not loaded numba colours in plain Python.
+_PYTHON_MAX_WORK = 5e5
+
+
 @functools.cache
-def _kernels() -> Any:
-    """The numba-compiled loops (compiled on first use; see NOTE: [numba colouring kernels])."""
-    import os
-    import types
+def _kernels(*, compiled: bool = True) -> Any:
+    """The colouring loops, numba-compiled unless ``compiled=False`` (NOTE: [numba colouring
+    kernels], NOTE: [small colourings without numba])."""
 
-    import numba
-
-    # Cache compiled code next to this file when that is writable (else numba
-    # might fail to find a cache locator); otherwise compile per process.
-    cache = os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK) or bool(
-        os.environ.get("NUMBA_CACHE_DIR"))
-    njit = numba.njit(cache=cache, nogil=True)
-
-    @njit
     def greedy(indptr, indices, cptr, cind, order, colors):  # pragma: no cover - compiled
         # First-fit distance-2 colouring of the columns of a CSR/CSC pair;
         # columns coloured on entry (colors >= 0) keep their colour.
@@ -423,7 +437,6 @@ def _kernels() -> Any:
             colors[v] = c
         return colors
 
-    @njit
     def two_hop(indptr, indices, cptr, cind):  # pragma: no cover - compiled
         # Entries in the rows of each column, itself excluded: a degree estimate.
         n = cptr.size - 1
@@ -436,7 +449,6 @@ def _kernels() -> Any:
             degree[v] = d
         return degree
 
-    @njit
     def dsatur(indptr, indices, cptr, cind, degree, width):  # pragma: no cover - compiled
         n = cptr.size - 1
         stride = degree.max() + 1
@@ -492,7 +504,6 @@ def _kernels() -> Any:
                         top = k
         return colors, True
 
-    @njit
     def greedy_star(indptr, indices, edge, order, max_steps):  # pragma: no cover - compiled
         # See _greedy_star for the algorithm and its bookkeeping.
         n = indptr.size - 1
@@ -604,8 +615,17 @@ def _kernels() -> Any:
                     tabs += 1
         return colors, True
 
-    return types.SimpleNamespace(greedy=greedy, two_hop=two_hop, dsatur=dsatur,
-                                 greedy_star=greedy_star)
+    loops = {"greedy": greedy, "two_hop": two_hop, "dsatur": dsatur, "greedy_star": greedy_star}
+    if not compiled:
+        return types.SimpleNamespace(**loops)
+    import numba
+
+    # Cache compiled code next to this file when that is writable (else numba
+    # might fail to find a cache locator); otherwise compile per process.
+    cache = os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK) or bool(
+        os.environ.get("NUMBA_CACHE_DIR"))
+    njit = numba.njit(cache=cache, nogil=True)
+    return types.SimpleNamespace(**{name: njit(f) for name, f in loops.items()})
 
 
 def _strip_diagonal(a: sp.csr_matrix) -> sp.csr_matrix:
@@ -686,8 +706,9 @@ def _greedy_star(
     twin.sort_indices()  # the structure is symmetric: twin.data[k] - 1 is entry k's mirror
     edge = np.minimum(np.arange(adj.nnz, dtype=np.int64), twin.data - 1)
     limit = np.iinfo(np.int64).max if max_steps is None else int(max_steps)
-    colors, ok = _kernels().greedy_star(_i64(adj.indptr), _i64(adj.indices), _i64(edge),
-                                        _i64(order), limit)
+    # a step per entry and colour, about (NOTE: [star colouring cost]); 8 colours assumed
+    colors, ok = _loops(8.0 * adj.nnz).greedy_star(_i64(adj.indptr), _i64(adj.indices),
+                                                   _i64(edge), _i64(order), limit)
     return colors if ok else None
 
 

@@ -341,7 +341,10 @@ def _decomposition(op: Any) -> Callable | None:
 
 
 def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:
+    from pipeline.maths.compiled import spare_dynamo_import
     from pipeline.sparse.recorder import UnrecordedOutput, record
+
+    spare_dynamo_import()  # a Hessian's trace runs torch.func.grad's backward (NOTE there)
 
     # NOTE: [first-call tax] make_fx and fake tensors import torch._dynamo,
     # torch._inductor and sympy (about 1.2 s of a fresh process's first

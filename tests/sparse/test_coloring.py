@@ -323,3 +323,28 @@ def test_a_nearly_dense_row_is_coloured_in_linear_time():
     assert n - 3 <= _count(colors) <= n - 2  # row 7's n - 3 columns are a clique
     validate_coloring(pattern, Coloring(colors, _count(colors), "fwd"))
     assert choose_coloring(pattern).mode == "rev"
+
+
+def test_small_colourings_in_plain_python_equal_numba_ones(monkeypatch):
+    # NOTE: [small colourings without numba]: the same loops, the same colours.
+    from pipeline.sparse import coloring
+
+    rng = np.random.default_rng(3)
+    random = sp.random(60, 80, density=0.06, random_state=rng, format="csr") != 0
+    arrow = sp.lil_matrix((40, 40), dtype=bool)
+    arrow[-1, :], arrow[:, -1] = True, True
+    arrow.setdiag(True)
+    patterns = [(stencil_pattern(12, 5), False), (random, False), (banded_pattern(50, 3), True),
+                (arrow.tocsr(), True)]
+    answers = {}
+    loops = coloring._loops
+    assert loops(1e9) is coloring._kernels()  # a large colouring: numba
+    for plain in (True, False):
+        monkeypatch.setattr(coloring, "_loops", lambda work, plain=plain: (
+            coloring._kernels(compiled=False) if plain else coloring._kernels()))
+        for i, (pattern, symmetric) in enumerate(patterns):
+            got = choose_coloring(pattern, symmetric=symmetric)
+            validate_coloring(pattern, got)
+            answers.setdefault(i, []).append(got.colors)
+    for plain, compiled_ in answers.values():
+        np.testing.assert_array_equal(plain, compiled_)

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from pipeline.maths.compiled import run_pass
 
 from ._errors import TaylorError
 from ._interpret import interpret
@@ -39,7 +42,8 @@ Result = torch.Tensor | tuple
 
 
 def taylor(fn: Callable[[torch.Tensor], torch.Tensor], order: int, *,
-           batched: bool = False) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+           batched: bool = False, compile: str = "auto"
+           ) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """Directional derivatives up to ``order`` by one Taylor-mode pass.
 
     Args:
@@ -47,6 +51,8 @@ def taylor(fn: Callable[[torch.Tensor], torch.Tensor], order: int, *,
         order: K >= 0, the highest derivative.
         batched: the returned function takes points ``(P, *shape)`` and
             directions ``(P, *shape)`` (one per point), and ``fn`` is of one point.
+        compile: ``"auto"``, ``"on"`` or ``"off"``: ``torch.compile`` the jet
+            pass (NOTE: [compiled jet passes]).
 
     Returns:
         ``g(x, v) -> (f(x), D f[v], D^2 f[v, v], ..., D^K f[v, ..., v])``: plain
@@ -66,7 +72,7 @@ def taylor(fn: Callable[[torch.Tensor], torch.Tensor], order: int, *,
         v = v.to(x.dtype)
         x0 = x.unsqueeze(0)
         coeffs = [x0, v.unsqueeze(0)] + [torch.zeros_like(x0)] * (order - 1)
-        out = _run(fn, x, Series(order, 1), coeffs[: order + 1], batched)
+        out = _run(fn, x, Series(order, 1), coeffs[: order + 1], batched, compile)
         return tuple(c[0] * math.factorial(k) for k, c in enumerate(out))
 
     return directional
@@ -74,8 +80,8 @@ def taylor(fn: Callable[[torch.Tensor], torch.Tensor], order: int, *,
 
 def laplacian(fn: Callable[[torch.Tensor], torch.Tensor], *,
               weights: torch.Tensor | None = None, samples: int | None = None,
-              seed: int = 0, batched: bool = False,
-              return_value: bool = False) -> Callable[[torch.Tensor], Result]:
+              seed: int = 0, batched: bool = False, return_value: bool = False,
+              compile: str = "auto") -> Callable[[torch.Tensor], Result]:
     """The Laplacian ``sum_d d^2 f / dx_d^2`` (or ``tr(C H)``), per output of ``fn``.
 
     Args:
@@ -89,6 +95,7 @@ def laplacian(fn: Callable[[torch.Tensor], torch.Tensor], *,
         seed: the seed of the estimator's directions (deterministic per seed).
         batched: the returned function takes points ``(P, *shape)`` (fast path).
         return_value: also return ``f(x)``.
+        compile: as :func:`taylor`.
 
     Returns:
         ``g(x)``: ``Lap f(x)`` shaped like ``f(x)``; with ``samples``, ``(estimate,
@@ -110,10 +117,10 @@ def laplacian(fn: Callable[[torch.Tensor], torch.Tensor], *,
             if weights is not None:  # v = L z
                 lead = v.shape[: v.ndim - len(shape)]
                 v = (v.reshape(*lead, n) @ _factor(weights, n, x).T).reshape(v.shape)
-            y = _plain(fn, x, v, 2, batched)
+            y = _plain(fn, x, v, 2, batched, compile)
             return _estimate(y, 1.0, return_value)
         dirs, w = _laplacian_directions(weights, n, x)
-        y = _collapsed(fn, x, dirs.reshape(-1, *shape), w, 2, batched)
+        y = _collapsed(fn, x, dirs.reshape(-1, *shape), w, 2, batched, compile)
         lap = y[2][0] * 2
         return (y[0][0], lap) if return_value else lap
 
@@ -121,8 +128,8 @@ def laplacian(fn: Callable[[torch.Tensor], torch.Tensor], *,
 
 
 def biharmonic(fn: Callable[[torch.Tensor], torch.Tensor], *, samples: int | None = None,
-               seed: int = 0, batched: bool = False,
-               return_value: bool = False) -> Callable[[torch.Tensor], Result]:
+               seed: int = 0, batched: bool = False, return_value: bool = False,
+               compile: str = "auto") -> Callable[[torch.Tensor], Result]:
     """The biharmonic ``Lap^2 f = sum_(i,j) d_i^2 d_j^2 f``, per output of ``fn``.
 
     Args:
@@ -133,6 +140,7 @@ def biharmonic(fn: Callable[[torch.Tensor], torch.Tensor], *, samples: int | Non
         seed: the seed of the estimator's directions.
         batched: the returned function takes points ``(P, *shape)`` (fast path).
         return_value: also return ``f(x)``.
+        compile: as :func:`taylor`.
 
     Returns:
         ``g(x)``: ``Lap^2 f(x)`` shaped like ``f(x)``; with ``samples``, ``(estimate,
@@ -152,10 +160,10 @@ def biharmonic(fn: Callable[[torch.Tensor], torch.Tensor], *, samples: int | Non
             gen = torch.Generator().manual_seed(seed)
             pts = (x.shape[0],) if batched else ()
             v = torch.randn((samples, *pts, *shape), generator=gen, dtype=x.dtype).to(x.device)
-            y = _plain(fn, x, v, 4, batched)
+            y = _plain(fn, x, v, 4, batched, compile)
             return _estimate(y, 3.0, return_value)
         dirs, w = _biharmonic_directions(n, x)
-        y = _collapsed(fn, x, dirs.reshape(-1, *shape), w, 4, batched)
+        y = _collapsed(fn, x, dirs.reshape(-1, *shape), w, 4, batched, compile)
         bih = y[4][0] * 24
         return (y[0][0], bih) if return_value else bih
 
@@ -165,9 +173,35 @@ def biharmonic(fn: Callable[[torch.Tensor], torch.Tensor], *, samples: int | Non
 # ---------------------------------------------------------------------------
 
 
-def _run(fn: Callable, x: torch.Tensor, s: Series, coeffs: list, batched: bool) -> Jet:
+def _run(fn: Callable, x: torch.Tensor, s: Series, coeffs: list, batched: bool,
+         compile: str = "auto") -> Jet:
+    """The jet of ``fn`` at the jet ``coeffs``: one pass of the traced graph (``compile``).
+
+    NOTE: [compiled jet passes]
+        The pass ``(coefficients, weights) -> output coefficients`` (the
+        interpreter over the traced graph, with its rules) goes through
+        :func:`pipeline.maths.compiled.run_pass`, owned by the traced graph
+        (a changed ``fn``, shape or dtype is another trace, hence another
+        pass) and keyed by the series' shape: ``torch.compile`` fuses the
+        rules' many small ops into a few kernels once the eager seconds pay
+        for compiling (``"auto"``), from the first call (``"on"``) or never
+        (``"off"``).
+    """
     gm = trace(fn, x, batched=batched)
-    out = interpret(gm, s, Jet(coeffs))
+    order, directions, collapsed = s.order, s.directions, s.collapsed
+
+    def build() -> Callable:
+        def jet_pass(coeffs: list, weights: torch.Tensor | None) -> Any:
+            out = interpret(gm, Series(order, directions, collapsed=collapsed, weights=weights),
+                            Jet(coeffs))
+            return tuple(out) if isinstance(out, Jet) else out
+
+        return jet_pass
+
+    key = ("jet", order, directions, collapsed, s.weights is not None,
+           tuple(None if c is None else c.shape for c in coeffs), x.dtype, x.device)
+    out = run_pass(gm, key, build, list(coeffs), s.weights, compile=compile)
+    out = Jet(out) if isinstance(out, tuple) else out
     if not isinstance(out, Jet):  # f does not depend on x
         out = Jet([out.unsqueeze(0)] + [torch.zeros((s.size(k), *out.shape), dtype=out.dtype,
                                                     device=out.device)
@@ -176,22 +210,22 @@ def _run(fn: Callable, x: torch.Tensor, s: Series, coeffs: list, batched: bool) 
 
 
 def _collapsed(fn: Callable, x: torch.Tensor, dirs: torch.Tensor, w: torch.Tensor | None,
-               order: int, batched: bool) -> Jet:
+               order: int, batched: bool, compile: str = "auto") -> Jet:
     """The collapsed jet of order ``order`` along ``dirs`` (R, *shape of one point)."""
     r = dirs.shape[0]
     if batched:
         dirs = dirs.unsqueeze(1).expand(r, *x.shape)
     x0 = x.unsqueeze(0)
     coeffs = [x0, dirs] + [x.new_zeros((r, *x.shape))] * (order - 2) + [torch.zeros_like(x0)]
-    return _run(fn, x, Series(order, r, collapsed=True, weights=w), coeffs, batched)
+    return _run(fn, x, Series(order, r, collapsed=True, weights=w), coeffs, batched, compile)
 
 
 def _plain(fn: Callable, x: torch.Tensor, v: torch.Tensor, order: int,
-           batched: bool) -> Jet:
+           batched: bool, compile: str = "auto") -> Jet:
     """The order-``order`` jet along each of the S directions ``v`` (S, *x.shape)."""
     x0 = x.unsqueeze(0)
     coeffs = [x0, v] + [torch.zeros_like(v)] * (order - 1)
-    return _run(fn, x, Series(order, v.shape[0]), coeffs, batched)
+    return _run(fn, x, Series(order, v.shape[0]), coeffs, batched, compile)
 
 
 def _estimate(y: Jet, scale: float, return_value: bool) -> Result:

@@ -110,7 +110,7 @@ def _square_ok(s: Series, t: torch.Tensor | None) -> bool:
     """Whether ``sum_d t_d^2`` may be a norm (no weights; no autograd: its gradient at 0 is nan)."""
     return (t is not None and s.weights is None and t.shape[0] == s.directions
             and not (torch.is_grad_enabled() and t.requires_grad)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t))  # grad transforms
+            and not _wrapped(t))  # grad transforms
 
 
 def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | None], *,
@@ -148,8 +148,15 @@ def compose(s: Series, x: Sequence[torch.Tensor], d: Sequence[torch.Tensor | Non
 def _writable(t: torch.Tensor, d1: torch.Tensor, acc: torch.Tensor | None) -> bool:
     return (t.is_contiguous() and not t.requires_grad and t.dtype == d1.dtype
             and d1.shape[1:] == t.shape[1:] and (acc is None or acc.shape == t.shape)
-            and not any(torch._C._functorch.is_functorch_wrapped_tensor(a)
-                        for a in (t, d1, acc) if a is not None))  # under vmap/grad
+            and not torch.compiler.is_compiling()  # (compiled: fused anyway, no in-place)
+            and not any(_wrapped(a) for a in (t, d1, acc) if a is not None))  # under vmap/grad
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a functorch (vmap/grad) wrapper; False while torch.compile traces,
+    which cannot trace the test (NOTE: [compiled jet passes] in ``_operators.py``)."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def scalar_series(order: int) -> Series:
