@@ -28,7 +28,8 @@ METHODS = ("auto", "rev", "fwd", "sparse")
 DTYPES = ("float32", "float64")
 
 
-#: ``--compile``: torch.compile the compressed sparse passes always (on), never
+#: ``--compile``: torch.compile the AD passes (compressed sparse, dense row chunks,
+#: per-sample blocks, Taylor operators) always (on), never
 #: (off), or once the eager time spent on a pass reaches the price of compiling
 #: (auto; pipeline/maths/compiled.py).
 COMPILE_MODES = ("auto", "on", "off")
@@ -147,7 +148,8 @@ class RunOptions:
         "codec that commits fastest by the encode and disk write rates measured in the run; "
         "a resume keeps the manifest's codec)."))
     compile: str = _opt("auto", "--compile", choices=COMPILE_MODES, help=(
-        "torch.compile the sparse (compressed) passes: on, off, or auto (compile once the "
+        "torch.compile the AD passes (sparse compressed, dense row chunks, per-sample "
+        "blocks, Taylor operators): on, off, or auto (compile once the "
         "eager passes of a worker have cost about what compiling does). Compiled code is "
         "cached on disk ($TORCHINDUCTOR_CACHE_DIR, default ~/.cache/jacpipe/inductor)."))
     #: Randomized smoothing (pipeline.maths.smoothing): sigma (a number, "auto" or a

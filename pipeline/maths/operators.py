@@ -54,14 +54,15 @@ def _chunks(start: int, stop: int, chunk: int | None) -> Iterator[tuple[int, int
 # ---------------------------------------------------------------------------
 
 
-def point_columns(problem: Problem, start: int, stop: int, *, chunk_size: int | None = None
-                  ) -> Iterator[tuple[int, dict[str, Tensor]]]:
+def point_columns(problem: Problem, start: int, stop: int, *, chunk_size: int | None = None,
+                  compile: str = "auto") -> Iterator[tuple[int, dict[str, Tensor]]]:
     """Rows ``[start, stop)`` (points) of a per-point kind: ``values``, ``value``, [``stderr``].
 
     Args:
         problem: a ``laplacian``, ``biharmonic`` or ``taylor`` problem (points ``(P, D)``).
         start, stop: the points.
         chunk_size: points per Taylor pass (None: all at once).
+        compile: ``--compile`` of the Taylor passes (:mod:`pipeline.maths.compiled`).
 
     Yields:
         ``(first_point, {"values": (r, k), "value": (r, k)[, "stderr": (r, k)]})``
@@ -71,7 +72,7 @@ def point_columns(problem: Problem, start: int, stop: int, *, chunk_size: int | 
     if not 0 <= start <= stop <= problem.x.shape[0]:
         raise JacpipeError(f"points [{start}, {stop}) outside 0..{problem.x.shape[0]}")
     evaluate = _OPERATORS[problem.kind]
-    options = dict(problem.operator or {})
+    options = {**(problem.operator or {}), "compile": compile}
     for a, b in _chunks(start, stop, chunk_size):
         cols = evaluate(problem.fn, problem.x[a:b], a, options)
         yield a, {name: t.detach().reshape(b - a, -1) for name, t in cols.items()}
@@ -94,23 +95,25 @@ def _laplacian(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str
 
     weights = _tensor(options.get("weights"), pts)
     if options.get("samples") is None:
-        value, lap = laplacian(fn, weights=weights, batched=True, return_value=True)(pts)
+        value, lap = laplacian(fn, weights=weights, batched=True, return_value=True,
+                               compile=options["compile"])(pts)
         return {"values": lap, "value": value}
     v = _directions(first, pts, options, gaussian=False)  # (S, r, D)
     if weights is not None:
         v = v @ psd_factor(weights, pts.shape[1], pts).T  # C = L L^T, v = L z
-    return _estimate(fn, pts, v, order=2, scale=1.0)
+    return _estimate(fn, pts, v, order=2, scale=1.0, compile=options["compile"])
 
 
 def _biharmonic(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, Tensor]:
     from pipeline.maths.taylor import biharmonic
 
     if options.get("samples") is None:
-        value, bih = biharmonic(fn, batched=True, return_value=True)(pts)
+        value, bih = biharmonic(fn, batched=True, return_value=True,
+                                compile=options["compile"])(pts)
         return {"values": bih, "value": value}
     # E[D^4 f[v, v, v, v]] = 3 Lap^2 f for v ~ N(0, I) (Isserlis)
     return _estimate(fn, pts, _directions(first, pts, options, gaussian=True), order=4,
-                     scale=3.0)
+                     scale=3.0, compile=options["compile"])
 
 
 def _taylor(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, Tensor]:
@@ -119,7 +122,7 @@ def _taylor(fn: Callable, pts: Tensor, first: int, options: dict) -> dict[str, T
 
     order = int(options["order"])
     v = _tensor(options["direction"], pts).reshape(1, -1).expand(pts.shape[0], -1)
-    out = taylor(fn, order=order, batched=True)(pts, v.contiguous())
+    out = taylor(fn, order=order, batched=True, compile=options["compile"])(pts, v.contiguous())
     return {"values": out[order], "value": out[0]}
 
 
@@ -128,14 +131,14 @@ _OPERATORS: dict[str, Callable[[Callable, Tensor, int, dict], dict[str, Tensor]]
 }
 
 
-def _estimate(fn: Callable, pts: Tensor, v: Tensor, *, order: int, scale: float
-              ) -> dict[str, Tensor]:
+def _estimate(fn: Callable, pts: Tensor, v: Tensor, *, order: int, scale: float,
+              compile: str = "auto") -> dict[str, Tensor]:
     """Mean and standard error over the S directions ``v`` (S, r, D) of ``D^order f[v] / scale``."""
     from pipeline.maths.taylor import taylor
 
     s, r = v.shape[0], pts.shape[0]
     reps = pts.unsqueeze(0).expand(s, *pts.shape).reshape(s * r, -1)
-    out = taylor(fn, order=order, batched=True)(reps, v.reshape(s * r, -1))
+    out = taylor(fn, order=order, batched=True, compile=compile)(reps, v.reshape(s * r, -1))
     draws = (out[order] / scale).reshape(s, r, -1)
     return {"values": draws.mean(0), "value": out[0].reshape(s, r, -1)[0],
             "stderr": draws.std(0) / math.sqrt(s)}

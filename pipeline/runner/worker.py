@@ -399,7 +399,7 @@ def _write_columns(writer: PartWriter, problem: Problem, spec: ShardSpec, chunk:
     index = kind_of(spec.shapes.kind).index_column
     m = spec.shapes.m
     t0 = time.perf_counter()
-    for a, cols in columns(problem, spec.start, spec.stop, chunk_size=chunk):
+    for a, cols in columns(problem, spec.start, spec.stop, chunk_size=chunk, compile=spec.compile):
         host = {name: t.detach().cpu().numpy() for name, t in cols.items()}
         r = len(host["values"])
         if index is not None:

@@ -193,3 +193,27 @@ def test_a_weighted_stochastic_laplacian_estimates_tr_c_h():
     exact = point_reference_rows(Problem(fn, pts, kind="laplacian", operator={"weights": c}),
                                  np.arange(20))
     assert (np.abs(est["values"] - exact) / est["stderr"]).max() < 4.5
+
+
+@pytest.mark.parametrize("kind,operator", [("laplacian", None), ("biharmonic", None),
+                                           ("laplacian", {"samples": 3, "seed": 1})])
+def test_a_runs_compile_mode_reaches_the_taylor_passes(monkeypatch, kind, operator):
+    """``--compile on`` compiles the per-point Taylor passes, ``off`` never does; same values."""
+    from pipeline.maths import compiled
+
+    built = []
+
+    def compile_(fn):
+        built.append(fn)
+        return fn
+
+    monkeypatch.setattr(compiled, "_compile", compile_)
+    fn = _mlp(3, 2)
+    pts = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    problem = Problem(fn, pts, kind=kind, operator=operator)
+    off = dict(point_columns(problem, 0, 5, compile="off"))[0]
+    assert built == []
+    on = dict(point_columns(problem, 0, 5, compile="on"))[0]
+    assert built, "compile='on' never reached the Taylor pass"
+    for name in off:
+        torch.testing.assert_close(on[name], off[name], rtol=1e-12, atol=1e-12)
