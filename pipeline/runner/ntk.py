@@ -124,6 +124,7 @@ def compute_ntk_shard(model: Any, x1: Tensor, x2: Tensor, shard: NTKShard) -> Sh
     t0 = time.perf_counter()
     if shard.threads:
         torch.set_num_threads(shard.threads)
+    model = module_function(model, x1.dtype)
     intermediate_numel(model, x1[0])  # torch.func's one-time setup, before the baseline
     held = x2.element_size() * x2.numel() + x1.element_size() * (shard.b - shard.a) * (
         x1[0].numel() if len(x1) else 0)
