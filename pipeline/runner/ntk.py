@@ -141,7 +141,7 @@ def compute_ntk_shard(model: Any, x1: Tensor, x2: Tensor, shard: NTKShard) -> Sh
     try:
         for s0 in range(shard.a, shard.b, rows):
             t = time.perf_counter()
-            k = ntk(model, x1[s0:s0 + rows], x2, **options).detach().cpu().numpy()
+            k = ntk(model, x1[s0:min(s0 + rows, shard.b)], x2, **options).detach().cpu().numpy()
             busy["compute"] += time.perf_counter() - t
             t = time.perf_counter()
             writer.write(s0 * shard.per, k)

@@ -62,6 +62,17 @@ def test_shards_run_as_ray_tasks_and_report_their_processes(ray_session, tmp_pat
     assert all(e.pid not in (None, os.getpid()) and e.peak_rss > 0 for e in entries)
 
 
+def test_little_room_gives_blocks_of_one_sample_and_row_blocks_of_two(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.runner.ntk.MIN_ROOM", 8 * 2 * (3 * 12 * 8))  # 2 rows of K
+    net, x1, x2 = small_cnn(), images(5), images(4, seed=2)
+    out = str(tmp_path / "k")
+    manifest = pipeline.write_ntk(net, x1, x2, out=out, executor="local", memory_budget=1,
+                                  samples_per_shard=3)
+    ref = tutorial_full(net, x1, x2).numpy()
+    np.testing.assert_allclose(pipeline.read_jacobian(out), ref, rtol=1e-10, atol=1e-12)
+    assert [e.chunk_size for e in manifest.committed] == [1, 1]
+
+
 def test_blocks_are_sized_from_the_room_the_budget_leaves():
     shard = NTKShard(0, 0, 1000, "o", "r", "full", "structured", per=10, n=50_000,
                      dtype="float32", kept_bytes=40_000, sample_bytes=800_000, pair_bytes=4_000,
