@@ -258,7 +258,8 @@ def write_ntk(model: Any, x1: Tensor, x2: Tensor | None = None, *, out: str,
 
     Args:
         model, x1, x2, kernel, method: as :func:`pipeline.ntk`.
-        out: the result folder (local path or ``s3://`` URI).
+        out: the result folder (local path or ``s3://`` URI; on a Ray cluster of
+            several nodes, one every node reaches).
         samples_per_shard: ``x1`` samples per shard (rows ``samples * O``, or
             ``samples`` for the trace and sum kernels); None: two shards per CPU.
         memory_budget: bytes per process (``"1GiB"`` or an int): the shards
