@@ -16,6 +16,7 @@ are checked against ``pipeline.ntk`` computed directly.
 
     python -m benchmarks.ntk_scale --n 2000                 # ~5 minutes on 2 cores
     python -m benchmarks.ntk_scale --n 10000                # the issue's size
+    python -m benchmarks.ntk_scale --n 1000 --stored        # and K from stored J (ntk_from)
 """
 
 from __future__ import annotations
@@ -71,9 +72,35 @@ class Sampler(threading.Thread):
                     continue
                 seen = self.peaks.setdefault(proc.pid, {"name": name, "rss": 0})
                 seen["rss"] = max(seen["rss"], rss)
-                if name.startswith("ray::"):
-                    seen["name"] = name if seen["name"] == name else seen["name"]
             self.stop.wait(self.period)
+
+
+def from_stored(net: nn.Module, x: torch.Tensor, direct: str, args: argparse.Namespace
+                ) -> dict:
+    """``J`` written by ``pipeline.run`` (Ray tasks), then ``K`` by ``pipeline.ntk_from``."""
+    jdir, kdir = tempfile.mkdtemp(prefix="ntk-scale-J-"), tempfile.mkdtemp(prefix="ntk-scale-K-")
+    try:
+        t0 = time.perf_counter()
+        pipeline.run(pipeline.Problem.from_module(net, x), out=jdir, overwrite=True,
+                     memory_budget=args.memory_budget, executor="ray", progress=False,
+                     echo=lambda _: None)
+        t1 = time.perf_counter()
+        sampler = Sampler()  # this process only, from here on
+        sampler.start()
+        pipeline.ntk_from(jdir, kernel="trace", model=net, memory_budget=args.memory_budget,
+                          out=kdir, overwrite=True)
+        t2 = time.perf_counter()
+        sampler.stop.set()
+        sampler.join()
+        k, ref = pipeline.read_jacobian(kdir), pipeline.read_jacobian(direct)
+        jac = pipeline.open_jacobian(jdir)
+        return {"jacobian_seconds": round(t1 - t0, 2), "ntk_from_seconds": round(t2 - t1, 2),
+                "jacobian_stored_mib": round(sum(e.bytes for e in jac.committed) / 2**20, 1),
+                "ntk_from_peak_rss_mib": round(sampler.peaks[os.getpid()]["rss"] / 2**20, 1),
+                "vs_write_ntk_rel": float(np.abs(k - ref).max() / np.abs(ref).max())}
+    finally:
+        shutil.rmtree(jdir, ignore_errors=True)
+        shutil.rmtree(kdir, ignore_errors=True)
 
 
 def main() -> None:
@@ -84,6 +111,8 @@ def main() -> None:
     ap.add_argument("--samples-per-shard", type=int, default=None)
     ap.add_argument("--out", default=None, help="the result folder (default: a temporary one)")
     ap.add_argument("--json", default=None, help="default: benchmarks/results/ntk-scale-N.json")
+    ap.add_argument("--stored", action="store_true",
+                    help="also: J stored by pipeline.run, then K from it by pipeline.ntk_from")
     args = ap.parse_args()
 
     net = small_cnn()
@@ -133,6 +162,8 @@ def main() -> None:
         "load_average_before_after": [load0, load1],
         "torch": torch.__version__,
     }
+    if args.stored:
+        report["stored"] = from_stored(net, x, out, args)
     print(json.dumps({k: v for k, v in report.items() if k != "sampled_peak_rss_mib"},
                      indent=1))
     print("top sampled processes:", report["sampled_peak_rss_mib"][:6])

@@ -396,8 +396,10 @@ def ntk_from(jacobian: Any, jacobian2: Any = None, *, model: Any = None, kernel:
         model: when given, the stored parameters' hash (the fingerprint's
             ``parameters``) must be this model's.
         kernel: ``full``, ``trace`` or ``sum``, as :func:`pipeline.ntk`.
-        memory_budget: bytes (or ``"1GiB"``): two blocks of Jacobians take at
-            most half, a block of rows of ``K`` at most a quarter.
+        memory_budget: bytes (or ``"1GiB"``) for this process: of what it has
+            left (less ``K`` when returned), a block of Jacobians takes at most
+            an eighth (two are held, each read through Arrow) and a block of
+            rows of ``K`` an eighth.
         out: write the rows of ``K`` to this folder (one part per block of
             ``x1`` samples) instead of returning them.
         overwrite: replace an existing result in ``out``.
@@ -420,16 +422,23 @@ def ntk_from(jacobian: Any, jacobian2: Any = None, *, model: Any = None, kernel:
     s1, s2 = r1.shapes, r2.shapes
     per = s1.m if kernel == "full" else 1
     n1, n2 = int(s1.batch or 1), int(s2.batch or 1)
-    sample = s1.m * s1.n * s1.itemsize
-    block = max(1, budget // (4 * sample))
-    rows = max(1, min(block, n1, budget // (4 * per * n2 * per * s1.itemsize)))
+    # NOTE: [eNTK shards within the memory budget]: a block of Jacobians is read
+    # through Arrow (two copies, and the row groups decoded ahead), two are held,
+    # and a block of rows of K written.
+    result = 0 if out is not None else n1 * per * n2 * per * s1.itemsize
+    room = max(budget - _rss() - result - _reading_bytes(s1.n, s1.itemsize), MIN_ROOM)
+    block = max(1, room // (8 * s1.m * s1.n * s1.itemsize))
+    rows = max(1, min(block, n1, room // (8 * per * n2 * per * s1.itemsize)))
+    # a row group is decoded whole: blocks of x2 samples at least its size (within
+    # the reading's share) read each group about once per pass over x2
+    block = max(block, group_rows(s1.n, s1.itemsize) // s1.m)
     symmetric = jacobian2 is None and out is None
     if out is not None:
         return _write_from(r1, r2, kernel, (rows, min(block, n2)), out, budget, stored,
                            overwrite)
     import torch
 
-    step = min(rows, block) if symmetric else rows
+    step = min(rows, block) if symmetric else rows  # equal steps: the upper blocks
     k = torch.empty(n1 * per, n2 * per, dtype=getattr(torch, s1.dtype))
     for a1, a2, part in _stored_blocks(r1, r2, kernel, (step, step if symmetric else block),
                                        upper=symmetric):
@@ -437,6 +446,13 @@ def ntk_from(jacobian: Any, jacobian2: Any = None, *, model: Any = None, kernel:
         if symmetric and a2 > a1:
             k[a2 * per:a2 * per + part.shape[1], a1 * per:a1 * per + part.shape[0]] = part.T
     return k
+
+
+def _reading_bytes(n: int, itemsize: int) -> int:
+    """What reading rows holds besides them: the row groups decoded ahead, twice (Arrow, NumPy)."""
+    from pipeline.store.reader import READ_THREADS
+
+    return 2 * (READ_THREADS + 1) * group_rows(n, itemsize) * n * itemsize
 
 
 def _params_result(source: Any, arg: str) -> Any:

@@ -92,11 +92,11 @@ def _stored(tmp_path, name, net, x, shards=2):
     return out
 
 
-def test_ntk_from_stored_rows_equals_ntk_and_the_tutorial(tmp_path):
+def test_ntk_from_stored_rows_equals_ntk_and_the_tutorial(tmp_path, monkeypatch):
     net, x1, x2 = small_cnn(), images(5), images(3, seed=2)
     j1, j2 = _stored(tmp_path, "j1", net, x1, 3), _stored(tmp_path, "j2", net, x2)
-    tiny = 50_000  # blocks of one sample
-    for budget in (2**30, tiny):
+    monkeypatch.setattr("pipeline.runner.ntk.MIN_ROOM", 20_000 * 8)  # blocks of one sample
+    for budget in (2**40, 1):
         got = pipeline.ntk_from(j1, j2, model=net, memory_budget=budget)
         np.testing.assert_allclose(got, pipeline.ntk(net, x1, x2), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(got, tutorial_full(net, x1, x2), rtol=1e-10, atol=1e-12)
@@ -109,11 +109,12 @@ def test_ntk_from_stored_rows_equals_ntk_and_the_tutorial(tmp_path):
     assert got.dtype == torch.float64 and got.shape == (15, 9)
 
 
-def test_ntk_from_writes_rows_of_k_as_a_folder(tmp_path):
+def test_ntk_from_writes_rows_of_k_as_a_folder(tmp_path, monkeypatch):
     net, x1, x2 = small_cnn(), images(4), images(3, seed=2)
     j1, j2 = _stored(tmp_path, "j1", net, x1), _stored(tmp_path, "j2", net, x2)
     out = str(tmp_path / "k")
-    manifest = pipeline.ntk_from(j1, j2, out=out, memory_budget=50_000)
+    monkeypatch.setattr("pipeline.runner.ntk.MIN_ROOM", 20_000 * 8)  # blocks of one sample
+    manifest = pipeline.ntk_from(j1, j2, out=out, memory_budget=1)
     assert len(manifest.plan) == 4 and manifest.fingerprint["ntk"]["method"] == "stored"
     ref = tutorial_full(net, x1, x2).numpy()
     np.testing.assert_allclose(pipeline.read_jacobian(out), ref, rtol=1e-10, atol=1e-12)
