@@ -518,6 +518,8 @@ def _stored_blocks(r1: Any, r2: Any, kernel: str, steps: tuple[int, int], *, upp
 
     ``upper``: only blocks with ``a2 >= a1`` (a symmetric kernel; equal steps).
     """
+    import pyarrow as pa
+
     n1, n2 = int(r1.shapes.batch or 1), int(r2.shapes.batch or 1)
     for a1 in range(0, n1, steps[0]):
         j1 = _samples(r1, a1, min(a1 + steps[0], n1))
@@ -526,6 +528,7 @@ def _stored_blocks(r1: Any, r2: Any, kernel: str, steps: tuple[int, int], *, upp
             j2 = j1 if same else _samples(r2, a2, min(a2 + steps[1], n2))
             yield a1, a2, _contract(j1, j2, kernel)
             del j2
+            pa.default_memory_pool().release_unused()  # Arrow keeps decoded groups' pages
 
 
 def _write_from(r1: Any, r2: Any, kernel: str, steps: tuple[int, int], out: str,
