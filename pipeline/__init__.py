@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pipeline.runner.front import batched_jacobian as batched_jacobian
     from pipeline.runner.front import hessian as hessian
     from pipeline.runner.front import jacobian as jacobian
+    from pipeline.runner.ntk import ntk_from as ntk_from
     from pipeline.runner.ntk import write_ntk as write_ntk
     from pipeline.sparse.detect import detect_sparsity as detect_sparsity
     from pipeline.store.reader import open_jacobian as open_jacobian
@@ -54,6 +55,7 @@ _LAZY = {
     "batched_jacobian": "pipeline.runner.front",
     "shutdown": "pipeline.runner.cluster",
     "write_ntk": "pipeline.runner.ntk",
+    "ntk_from": "pipeline.runner.ntk",
     "RunOptions": "pipeline.core.options",
     "compare_result": "pipeline.analysis.compare",
     "detect_sparsity": "pipeline.sparse.detect",

@@ -12,6 +12,7 @@ _OWNERS = {
     "compute_shard": "pipeline.runner.worker",
     "Interrupted": "pipeline.runner.scheduler",
     "write_ntk": "pipeline.runner.ntk",
+    "ntk_from": "pipeline.runner.ntk",
 }
 __all__ = sorted(_OWNERS)
 __getattr__, __dir__ = lazy_face(__name__, _OWNERS)
