@@ -15,7 +15,8 @@ Fresh processes (interpreter start and imports included), interleaved rounds:
   not a terminal) vs a script that computes the same Jacobian with
   ``torch.func.jacrev``, writes it with pyarrow, reads it back and checks it
   against ``torch.autograd.functional.jacobian`` (what ``--verify`` does);
-  and the longest stretch of ``make run`` without a line on stderr.
+  and the longest stretch of ``make run`` without a line on stderr (its last
+  round's stderr lines, timed, go to the JSON: where its seconds went).
 
     python -m benchmarks.frontdoor            # 3 rounds
     python -m benchmarks.frontdoor --quick    # 1 round, a 600 x 600 Newton loop
@@ -86,8 +87,12 @@ def _jacpipe(out: Path, *args: str) -> None:
            "--no-progress"])
 
 
-def _silence(out: Path, gaps: list[float], where: list[str]) -> None:
-    """Run ``make run``'s command with stderr a pipe; note its longest stretch without a line."""
+def _silence(out: Path, gaps: list[float], where: list[str],
+             timeline: list[list[Any]] | None = None) -> None:
+    """Run ``make run``'s command with stderr a pipe; note its longest stretch without a line.
+
+    ``timeline`` gets ``[seconds, line]`` for each stderr line of this run, and the exit.
+    """
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *MAKE_RUN, "--out", str(out)],
@@ -109,14 +114,18 @@ def _silence(out: Path, gaps: list[float], where: list[str]) -> None:
     stamps.append(time.perf_counter())
     if proc.returncode != 0:
         raise RuntimeError(f"make run exited {proc.returncode}: {''.join(tail)[-800:]}")
+    if timeline is not None:
+        timeline[:] = [[round(t - t0, 2), line.strip()] for t, line in zip(stamps[1:], tail,
+                                                                           strict=False)]
+        timeline.append([round(stamps[-1] - t0, 2), "(exit)"])
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     gaps.append(max(steps))
     k = steps.index(max(steps))  # the line that ended the longest silence (or the exit)
     where.append(tail[k].strip() if k < len(tail) else "(exit)")
 
 
-def _processes(root: Path, repeats: int, gaps: list[float], where: list[str]
-               ) -> dict[str, list[float]]:
+def _processes(root: Path, repeats: int, gaps: list[float], where: list[str],
+               timeline: list[list[Any]]) -> dict[str, list[float]]:
     cases = {
         "script robot_arm batch=200": lambda: _script("robot_arm", root / "s-arm.parquet",
                                                       "batch=200"),
@@ -127,7 +136,7 @@ def _processes(root: Path, repeats: int, gaps: list[float], where: list[str]
                                                           "-p", "m=6"),
         "script 2000 x 2000 + check": lambda: _script("mlp", root / "s-2000.parquet", "n=2000",
                                                       "m=2000", check=True),
-        "make run (--verify)": lambda: _silence(root / "make-run", gaps, where),
+        "make run (--verify)": lambda: _silence(root / "make-run", gaps, where, timeline),
     }
     return interleaved(cases, repeats=repeats, warmup=0)
 
@@ -190,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="jacpipe-frontdoor-"))
     gaps: list[float] = []
     where: list[str] = []
+    timeline: list[list[Any]] = []
     try:
-        times = _processes(root, repeats, gaps, where)
+        times = _processes(root, repeats, gaps, where, timeline)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -230,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     report.target(Target("make run: seconds without output", max(gaps), 10.0,
                          higher_is_better=False, unit=" s"))
     report.facts = {"closure_s": closure, "newton": newton, "times_s": times,
-                    "silence_s": gaps, "silence_ended_by": where, "script": SCRIPT,
+                    "silence_s": gaps, "silence_ended_by": where,
+                    "make_run_last_timeline": timeline, "script": SCRIPT,
                     "make_run": MAKE_RUN}
     report.finish(args.json)
     return 0
