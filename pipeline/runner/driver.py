@@ -173,10 +173,10 @@ def _starts_ray_early(opts: RunOptions) -> bool:
 
     Only where the run needs an embedded Ray whatever the checks find: ``--executor
     ray`` on CPUs (no GPU share to place), no cluster, no Ray of the caller's, and a
-    folder that is new, or
-    one the run will replace (``--overwrite``, or ``--no-resume`` over a result of
-    the same job and parameters). A resumed or refused folder, like ``--executor
-    auto``, waits for the checks as before (a finished result starts no Ray).
+    folder that is new or that the run replaces (``--overwrite``, or ``--no-resume``
+    over a result of the same job and parameters). A folder to resume or to refuse,
+    like ``--executor auto``, waits for the checks as before (a finished result
+    starts no Ray).
 
     Raises:
         JacpipeError: the options, the job spec or a parameter are wrong
