@@ -639,7 +639,7 @@ def bench_cmd(
 
 
 def main() -> None:
-    """Console-script entry point.
+    """Console-script entry point; it ends the process (NOTE: [A quick exit]).
 
     An unexpected exception (a bug, a full disk) is still one line; set
     ``JACPIPE_DEBUG=1`` to see its traceback.
