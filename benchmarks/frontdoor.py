@@ -15,10 +15,12 @@ Fresh processes (interpreter start and imports included), interleaved rounds:
   not a terminal) vs a script that computes the same Jacobian with
   ``torch.func.jacrev``, writes it with pyarrow, reads it back and checks it
   against ``torch.autograd.functional.jacobian`` (what ``--verify`` does);
-  and the longest stretch of ``make run`` without a line on stderr.
+  and the longest stretch of ``make run`` without a line on stderr (its last
+  round's stderr lines, timed, go to the JSON: where its seconds went).
 
     python -m benchmarks.frontdoor            # 3 rounds
     python -m benchmarks.frontdoor --quick    # 1 round, a 600 x 600 Newton loop
+    git worktree add /tmp/before COMMIT && python -m benchmarks.frontdoor --before /tmp/before
 """
 
 from __future__ import annotations
@@ -61,16 +63,16 @@ MAKE_RUN = ["run", "mlp", "-p", "n=2000", "-p", "m=2000", "--shards", "8", "--ex
             "--no-resume", "--verify"]
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE",
                         "JACPIPE_EXECUTOR")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
 
 
-def _call(args: list[str]) -> None:
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True)
+def _call(args: list[str], root: Path = ROOT) -> None:
+    proc = subprocess.run(args, cwd=root, env=_env(root), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:6])} exited {proc.returncode}: "
                            f"{proc.stderr.strip()[-800:]}")
@@ -86,8 +88,12 @@ def _jacpipe(out: Path, *args: str) -> None:
            "--no-progress"])
 
 
-def _silence(out: Path, gaps: list[float], where: list[str]) -> None:
-    """Run ``make run``'s command with stderr a pipe; note its longest stretch without a line."""
+def _silence(out: Path, gaps: list[float], where: list[str],
+             timeline: list[list[Any]] | None = None) -> None:
+    """Run ``make run``'s command with stderr a pipe; note its longest stretch without a line.
+
+    ``timeline`` gets ``[seconds, line]`` for each stderr line of this run, and the exit.
+    """
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *MAKE_RUN, "--out", str(out)],
@@ -109,13 +115,24 @@ def _silence(out: Path, gaps: list[float], where: list[str]) -> None:
     stamps.append(time.perf_counter())
     if proc.returncode != 0:
         raise RuntimeError(f"make run exited {proc.returncode}: {''.join(tail)[-800:]}")
+    if timeline is not None:
+        timeline[:] = [[round(t - t0, 2), line.strip()] for t, line in zip(stamps[1:], tail,
+                                                                           strict=False)]
+        timeline.append([round(stamps[-1] - t0, 2), "(exit)"])
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     gaps.append(max(steps))
     k = steps.index(max(steps))  # the line that ended the longest silence (or the exit)
     where.append(tail[k].strip() if k < len(tail) else "(exit)")
 
 
-def _processes(root: Path, repeats: int, gaps: list[float], where: list[str]
+def _before(out: Path, checkout: Path) -> None:
+    """``make run``'s command with the code of another checkout (``--before``)."""
+    shutil.rmtree(out, ignore_errors=True)
+    _call([sys.executable, "-m", "pipeline.cli", *MAKE_RUN, "--out", str(out)], checkout)
+
+
+def _processes(root: Path, repeats: int, gaps: list[float], where: list[str],
+               timeline: list[list[Any]], before: Path | None = None
                ) -> dict[str, list[float]]:
     cases = {
         "script robot_arm batch=200": lambda: _script("robot_arm", root / "s-arm.parquet",
@@ -127,9 +144,15 @@ def _processes(root: Path, repeats: int, gaps: list[float], where: list[str]
                                                           "-p", "m=6"),
         "script 2000 x 2000 + check": lambda: _script("mlp", root / "s-2000.parquet", "n=2000",
                                                       "m=2000", check=True),
-        "make run (--verify)": lambda: _silence(root / "make-run", gaps, where),
+        "make run (--verify)": lambda: _silence(root / "make-run", gaps, where, timeline),
     }
+    if before is not None:
+        cases[BEFORE] = lambda: _before(root / "make-run-before", before)
     return interleaved(cases, repeats=repeats, warmup=0)
+
+
+#: The case of ``--before DIR``: ``make run``'s command with that checkout's code.
+BEFORE = "make run (--verify), code of --before"
 
 
 def _closure(repeats: int) -> dict[str, list[float]]:
@@ -181,6 +204,9 @@ def _newton(n: int, iterations: int, local_repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Time every case, print the tables, write ``benchmarks/results/frontdoor.json``."""
     p = parser(__doc__.splitlines()[0])
+    p.add_argument("--before", type=Path, default=None,
+                   help="another checkout (e.g. a git worktree of an older commit): its "
+                        "make run command joins the interleaved rounds")
     args = p.parse_args(argv)
     repeats = max(1, args.repeats or (1 if args.quick else 3))
     report = Report("frontdoor", quick=args.quick)
@@ -190,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="jacpipe-frontdoor-"))
     gaps: list[float] = []
     where: list[str] = []
+    timeline: list[list[Any]] = []
     try:
-        times = _processes(root, repeats, gaps, where)
+        times = _processes(root, repeats, gaps, where, timeline, args.before)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -209,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                   ["ratio", f"{later / local:.2f}x"]])
     base = {"jacpipe run robot_arm -p batch=200": "script robot_arm batch=200",
             "jacpipe run mlp -p n=6 -p m=6": "script mlp 6 x 6",
-            "make run (--verify)": "script 2000 x 2000 + check"}
+            "make run (--verify)": "script 2000 x 2000 + check",
+            BEFORE: "script 2000 x 2000 + check"}
     rows = []
     for name, ts in times.items():
         ratio = f"{median(ts) / median(times[base[name]]):.2f}x" if name in base else "1"
@@ -230,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     report.target(Target("make run: seconds without output", max(gaps), 10.0,
                          higher_is_better=False, unit=" s"))
     report.facts = {"closure_s": closure, "newton": newton, "times_s": times,
-                    "silence_s": gaps, "silence_ended_by": where, "script": SCRIPT,
+                    "silence_s": gaps, "silence_ended_by": where,
+                    "make_run_last_timeline": timeline, "script": SCRIPT,
                     "make_run": MAKE_RUN}
     report.finish(args.json)
     return 0

@@ -639,7 +639,7 @@ def bench_cmd(
 
 
 def main() -> None:
-    """Console-script entry point.
+    """Console-script entry point; it ends the process (NOTE: [A quick exit]).
 
     An unexpected exception (a bug, a full disk) is still one line; set
     ``JACPIPE_DEBUG=1`` to see its traceback.
@@ -648,6 +648,8 @@ def main() -> None:
 
     try:
         app(prog_name="jacpipe")
+    except SystemExit as exc:
+        _exit_quickly(exc.code)
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, exit 1
         if os.environ.get("JACPIPE_DEBUG"):
             raise
@@ -657,6 +659,36 @@ def main() -> None:
         where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
         _err(f"{type(exc).__name__}: {exc}{where} (set JACPIPE_DEBUG=1 for the traceback)")
         sys.exit(1)
+
+
+def _exit_quickly(code: Any) -> None:
+    """End the process with ``code`` after the exit handlers, without the interpreter's teardown.
+
+    NOTE: [A quick exit]
+        Once a command has ended, freeing the modules it loaded (torch, Ray,
+        pyarrow) took the interpreter 1.1-2.0 s (measured on 2 cores), seconds
+        that ``make run`` paid after its last line. Here the ``atexit``
+        handlers run (an embedded Ray stops, logging flushes), the standard
+        streams are flushed, and ``os._exit`` skips the rest. A thread still
+        at work (not a daemon) gets the ordinary exit, which waits for it.
+    """
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.exit(code)
+    if isinstance(code, str):  # sys.exit("message"): the message on stderr, status 1
+        _err(code)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -254,4 +254,33 @@ def shutdown() -> None:
     _EMBEDDED.clear()
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
+        _stop_monitor(ray)
         ray.shutdown()
+
+
+def _stop_monitor(ray: Any) -> None:
+    """Kill the embedded Ray's autoscaler monitor, which ``ray.shutdown`` waits 1 s for.
+
+    NOTE: [A quicker ray.shutdown]
+        ``ray.shutdown`` stops the processes ``ray.init`` started one after
+        the other, SIGTERM then up to 1 s each: the raylet and the GCS go in
+        0.1 s, but the autoscaler monitor, told to stop after the GCS is
+        gone, tries to report its own death to it and is killed only when
+        its second is up (1.0 of the 1.4 s of every shutdown, measured with
+        Ray 2.60). An embedded Ray has fixed resources and nothing for it to
+        scale, so it is killed first; the rest of the shutdown is Ray's.
+        Private to Ray: where its node object has moved, the shutdown is
+        simply 1 s slower.
+    """
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    if not isinstance(processes, dict):
+        return
+    for info in processes.get("monitor", []):
+        process = getattr(info, "process", None)
+        try:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=1)
+        except Exception:  # noqa: BLE001 - best effort: ray.shutdown stops it anyway
+            pass

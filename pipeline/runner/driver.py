@@ -152,10 +152,123 @@ def run(
 
 
 def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
-    """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end."""
+    """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end.
+
+    With ``--executor ray`` on an embedded Ray, Ray starts while the job is
+    checked (NOTE: [Ray starts while the job is checked]).
+    """
     t_start = time.perf_counter()
-    return run_checked(options, _checked(options, None, echo), echo, keep_ray=False,
-                       t_start=t_start)
+    if not _starts_ray_early(options):
+        return run_checked(options, _checked(options, None, echo), echo, keep_ray=False,
+                           t_start=t_start)
+    try:
+        checked, warming = _checked_while_ray_starts(options, echo)
+        return run_checked(options, checked, echo, keep_ray=False, t_start=t_start,
+                           warming=warming)
+    finally:
+        shutdown()  # a no-op when the run stopped it already
+
+
+def _starts_ray_early(opts: RunOptions) -> bool:
+    """Whether ``jacpipe run`` may start Ray before its checks end (cheap checks done here).
+
+    Only where the run needs an embedded Ray whatever the checks find: ``--executor
+    ray`` on CPUs (no GPU share to place), no cluster, no Ray of the caller's, and a
+    folder that is new or that the run replaces (``--overwrite``, or ``--no-resume``
+    over a result of the same job and parameters). A folder to resume or to refuse,
+    like ``--executor auto``, waits for the checks as before (a finished result
+    starts no Ray).
+
+    Raises:
+        JacpipeError: the options, the job spec or a parameter are wrong
+            (before any Ray start-up, as without the overlap).
+    """
+    opts.check()
+    if opts.executor != "ray" or opts.address or ray_running():
+        return False
+    cpus = local_resources(opts.num_cpus).cpus
+    if opts.gpus_per_shard or opts.device == "cuda" or opts.cpus_per_shard > cpus:
+        return False  # the plan refuses or places GPU shares: it decides before Ray
+    params: dict[str, Any] = {}
+    if not opts.job.startswith(IN_MEMORY):
+        from pipeline.problem.problem import job_parameters, parse_params, resolve_builder
+
+        builder = resolve_builder(opts.job)
+        params = parse_params(builder, opts.params)
+        if opts.dtype is not None:
+            if "dtype" not in job_parameters(builder):
+                return False  # check_job refuses it, before Ray
+            params["dtype"] = opts.dtype
+    storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
+    try:
+        names = storage.listdir() if storage.is_dir() else []
+        old = Manifest.read(storage) if names else None
+    except (JacpipeError, OSError):
+        return False  # prepare() says what is wrong with the folder, before Ray
+    if old is None:
+        return not names  # files but no result: prepare() refuses them, before Ray
+    if opts.overwrite:
+        return True
+    import json
+
+    same = old.job == opts.job and old.params == json.loads(json.dumps(params, default=str))
+    return same and not opts.resume
+
+
+def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None]
+                              ) -> tuple[CheckedJob, list[Any]]:
+    """Check the job in a thread while this one starts the embedded Ray and warms its workers.
+
+    NOTE: [Ray starts while the job is checked]
+        ``make run`` spent 3 s building and checking the job (fingerprint,
+        random-op watch, vmap spot check), then 3-9 s starting Ray, then
+        2 s while the workers imported torch, one after the other. When the
+        run will need an embedded Ray whatever the checks find
+        (:func:`_starts_ray_early`), ``ray.init`` runs in the main thread
+        (where Ray installs its signal handlers, and where a SIGTERM while it
+        starts becomes one line: :func:`~pipeline.runner.cluster._init_ray`)
+        while :func:`~pipeline.runner.job.check_job` runs in a thread; the
+        warm-up tasks (NOTE: [Warm workers]) go out as soon as Ray is up, so
+        the workers import torch while the checks finish. Cheap checks (the
+        options, the job spec, the parameters, the folder) still come before
+        Ray starts. A check that fails, a SIGTERM or a Ctrl-C stops the Ray
+        started here before the error goes on, unchanged.
+
+    Returns:
+        The checked job, and the warm-up tasks submitted.
+    """
+    import threading
+
+    from pipeline.runner.scheduler import warm_workers
+
+    box: dict[str, Any] = {}
+
+    def check() -> None:
+        try:
+            box["job"] = check_job(opts, None)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=check, name="jacpipe-check", daemon=True)
+    cpus = opts.num_cpus or os.cpu_count() or 1
+    with slow_phase(echo, f"starting Ray ({cpus} CPUs) while checking the job (build, "
+                    "fingerprint, detecting sparsity)", enabled=opts.progress):
+        thread.start()
+        try:
+            t0 = time.perf_counter()
+            start_embedded(opts.num_cpus)
+            echo(f"Ray started in {time.perf_counter() - t0:.1f}s")
+            ray_cpus = int(cluster_resources().cpus) or 1
+            warming = warm_workers(min(ray_cpus, opts.shards or ray_cpus))
+            while thread.is_alive():  # a timed join: signals are handled meanwhile
+                thread.join(0.2)
+        except BaseException:
+            shutdown()
+            raise
+    if "error" in box:
+        shutdown()
+        raise box["error"]
+    return box["job"], warming
 
 
 def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
@@ -194,12 +307,14 @@ def log_line(line: str) -> None:
 
 
 def run_checked(opts: RunOptions, checked: CheckedJob, echo: Callable[[str], None], *,
-                keep_ray: bool, t_start: float | None = None) -> RunSummary:
+                keep_ray: bool, t_start: float | None = None,
+                warming: list[Any] | None = None) -> RunSummary:
     """Run a checked job: connect or plan for the embedded Ray, then :func:`_execute`.
 
     Args:
         keep_ray: keep an embedded Ray started here for later runs (the Python
             API) or stop it at the end (``jacpipe run``).
+        warming: warm-up tasks already submitted to the embedded Ray.
     """
     t_start = time.perf_counter() if t_start is None else t_start
     storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
@@ -222,7 +337,7 @@ def run_checked(opts: RunOptions, checked: CheckedJob, echo: Callable[[str], Non
     # starts, so a typo or a finished result costs no Ray start-up.
     plan = _plan(opts, checked, local_resources(opts.num_cpus), echo, embedded=True)
     return _execute(opts, checked, plan, ResultFolder(storage), echo, t_start=t_start,
-                    owns_ray=False, keep_ray=keep_ray)
+                    owns_ray=False, keep_ray=keep_ray, warming=warming)
 
 
 #: The job name recorded for a Problem handed in memory.
@@ -413,6 +528,7 @@ def _execute(
     t_start: float,
     owns_ray: bool,
     keep_ray: bool,
+    warming: list[Any] | None = None,
 ) -> RunSummary:
     """Prepare the folder, compute the shards still to do, and finish the manifest.
 
@@ -436,7 +552,7 @@ def _execute(
         t_compute = time.perf_counter()
         if specs:
             _compute(specs, opts, job, plan, folder, progress, echo, owns_ray=owns_ray,
-                     keep_ray=keep_ray)
+                     keep_ray=keep_ray, warming=warming)
         folder.finish(
             "complete",
             wall_seconds=round(time.perf_counter() - t_start, 4),
@@ -466,7 +582,7 @@ def _execute(
 
 def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: RunPlan,
              folder: ResultFolder, progress: Progress, echo: Callable[[str], None], *,
-             owns_ray: bool, keep_ray: bool) -> None:
+             owns_ray: bool, keep_ray: bool, warming: list[Any] | None = None) -> None:
     """Run the shards with the executor chosen (starting an embedded Ray if needed).
 
     The embedded Ray (NOTE: [One embedded Ray per process]) stays up after a
@@ -484,7 +600,7 @@ def _compute(specs: list[ShardSpec], opts: RunOptions, job: CheckedJob, plan: Ru
             scheduler = RayExecutor(plan, folder, progress,
                                     window=opts.max_in_flight or 2 * plan.slots,
                                     shard_timeout=opts.shard_timeout, echo=echo,
-                                    problem=job.problem, warm=started)
+                                    problem=job.problem, warm=started, warming=warming)
             schedule(specs, scheduler, plan, folder, progress, owns_ray=owns_ray or embedded)
         except BaseException:
             if embedded:

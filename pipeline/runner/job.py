@@ -58,7 +58,10 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) 
             (``pipeline.jacobian``): no fingerprint (no worker to check it;
             :func:`with_fingerprint` adds it when the run needs one), and no
             sparsity detection under ``--method auto`` for a few milliseconds
-            of dense work (NOTE: [Small jobs in process]).
+            of dense work (NOTE: [Small jobs in process]), nor the run-level
+            vmap spot check there: its two reference rows cost as much as such
+            a result, whose one engine call checks a random row of its own
+            against an unbatched pullback (NOTE: [Checks on every engine call]).
 
     Raises:
         JacpipeError: unknown job, bad parameter, a build jacpipe cannot use.
@@ -98,7 +101,7 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) 
         # the driver holds metadata only (and a sparsity pattern if any)
         pattern=pattern,
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
-        spot=None if smoothing else _vmap_spot_check(problem, shapes),
+        spot=None if smoothing or not detect else _vmap_spot_check(problem, shapes),
         smoothing=smoothing,
     )
 

@@ -65,6 +65,20 @@ def _warm_task() -> int:
     return os.getpid()
 
 
+def warm_workers(count: int, *, cpus: float = 1, gpus: float = 0) -> list[Any]:
+    """Submit ``count`` tasks that import torch and the worker (NOTE: [Warm workers]).
+
+    The driver calls it right after an embedded Ray starts (while the job is
+    still being checked: NOTE: [Ray starts while the job is checked]) and
+    hands the refs to :class:`RayExecutor` (``warming``), which reports them
+    as ``workers ready k/N``.
+    """
+    import ray
+
+    warm = ray.remote(max_retries=0)(_warm_task).options(num_cpus=cpus, num_gpus=gpus)
+    return [warm.remote() for _ in range(count)]
+
+
 def _remote() -> Any:
     """The Ray task: thin wrapper around :func:`pipeline.runner.worker.compute_shard`.
 
@@ -192,9 +206,11 @@ class RayExecutor:
 
     def __init__(self, plan: RunPlan, folder: ResultFolder, progress: Progress, *,
                  window: int, shard_timeout: float | None, echo: Callable[[str], None],
-                 problem: Problem | None = None, warm: bool = False) -> None:
+                 problem: Problem | None = None, warm: bool = False,
+                 warming: list[Any] | None = None) -> None:
         self.plan, self.folder, self.progress, self.echo = plan, folder, progress, echo
         self.warm = warm
+        self.early = warming or []  # warm-up tasks submitted while the driver checked
         self.problem = problem
         self.window, self.shard_timeout = window, shard_timeout
         self.in_flight: dict[Any, ShardSpec] = {}
@@ -213,7 +229,10 @@ class RayExecutor:
         # A Problem built in memory goes once too (cloudpickled); the worker
         # checks its fingerprint like that of a rebuilt job.
         # Fresh workers import torch first (NOTE: [Warm workers]).
-        warming = self._warm_up(min(self.plan.slots, len(specs))) if self.warm else []
+        if self.early:
+            warming = self._adopt(self.early)
+        else:
+            warming = self._warm_up(min(self.plan.slots, len(specs))) if self.warm else []
         inputs = ray.put(_inputs(self.plan, self.problem))
         pending = list(specs)
         while pending or self.in_flight:
@@ -245,13 +264,14 @@ class RayExecutor:
             reuses idle workers across functions). Their completions give
             the ``workers ready k/N`` phase.
         """
-        import ray
+        refs = warm_workers(count, cpus=self.plan.cpus_per_shard, gpus=self.plan.gpus_per_shard)
+        return self._adopt(refs)
 
-        warm = ray.remote(max_retries=0)(_warm_task).options(
-            num_cpus=self.plan.cpus_per_shard, num_gpus=self.plan.gpus_per_shard)
-        self._warm_total, self._kept = count, self.progress.done_shards
-        self.progress.phase(f"workers ready 0/{count}")
-        return [warm.remote() for _ in range(count)]
+    def _adopt(self, refs: list[Any]) -> list[Any]:
+        """Follow warm-up tasks (``workers ready k/N``), however early they were submitted."""
+        self._warm_total, self._kept = len(refs), self.progress.done_shards
+        self.progress.phase(f"workers ready 0/{len(refs)}")
+        return self._warmed(refs)
 
     def _warmed(self, warming: list[Any]) -> list[Any]:
         """The warm-up tasks still running; the phase line when some ended."""

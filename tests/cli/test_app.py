@@ -45,9 +45,12 @@ def assert_one_line_error(result, match, code=None):
 
 @pytest.mark.slow
 def test_help_imports_neither_torch_nor_ray():
-    code = ("import sys; from pipeline.cli import main; sys.argv=['jacpipe','--help']\n"
-            "try:\n main()\nexcept SystemExit: pass\n"
-            "print(sorted(m for m in ('torch','ray','pyarrow') if m in sys.modules))")
+    # main() ends the process (NOTE: [A quick exit]); its exit handlers still run
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print(sorted(m for m in ('torch', 'ray', 'pyarrow')\n"
+            "                                     if m in sys.modules)))\n"
+            "from pipeline.cli import main; sys.argv=['jacpipe','--help']\n"
+            "main()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "Usage" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -504,3 +507,35 @@ def test_sigterm_before_the_run_folder_is_prepared_is_one_line(tmp_path):
         "error: terminated (SIGTERM) before any shard ran; rerun the same command"], stderr
     assert stderr.splitlines()[-1].startswith("error:") and "Traceback" not in stderr, stderr
     assert not out.exists()
+
+
+def test_the_quick_exit_runs_the_exit_handlers_flushes_and_keeps_the_status(tmp_path):
+    """NOTE: [A quick exit]: atexit handlers, flushed streams, the status; no teardown."""
+    code = ("import atexit, sys\n"
+            "from pipeline.cli.app import _exit_quickly\n"
+            "atexit.register(lambda: print('handler ran'))\n"
+            "sys.stdout.write('pending output, ')\n"
+            "_exit_quickly(int(sys.argv[1]) if sys.argv[1].isdigit() else sys.argv[1])\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for arg, status, err in (("0", 0, ""), ("3", 3, ""), ("a message", 1, "a message")):
+        proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == status, proc.stderr
+        assert proc.stdout == "pending output, handler ran\n" and err in proc.stderr
+
+
+def test_the_quick_exit_waits_for_a_thread_at_work():
+    import threading
+
+    from pipeline.cli.app import _exit_quickly
+
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait, daemon=False)
+    worker.start()
+    try:
+        with pytest.raises(SystemExit) as exc:  # the ordinary exit, which joins it
+            _exit_quickly(4)
+        assert exc.value.code == 4
+    finally:
+        done.set()
+        worker.join()

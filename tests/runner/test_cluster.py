@@ -1,4 +1,4 @@
-"""``pipeline.runner.cluster``: stale cluster variables."""
+"""``pipeline.runner.cluster``: stale cluster variables, SIGTERM while Ray starts, shutdown."""
 
 from __future__ import annotations
 
@@ -48,12 +48,16 @@ main()
 
 
 @pytest.mark.slow  # a subprocess each; "after" starts Ray
-@pytest.mark.parametrize("where", ["before", "after"])
-def test_sigterm_while_ray_starts_is_one_line_and_the_folder_resumes(tmp_path, where):
+@pytest.mark.parametrize(("where", "fresh"), [("before", True), ("after", True),
+                                              ("after", False)])
+def test_sigterm_while_ray_starts_is_one_line_and_the_folder_resumes(tmp_path, where, fresh):
     """SIGTERM during ``ray.init``: exit 143, one line, the manifest ``interrupted``.
 
     It used to end with exit 15 (Ray's handler) or -15 and a C++ stack (its
-    core worker's), no line, and a manifest left ``running``.
+    core worker's), no line, and a manifest left ``running``. Into a new folder
+    Ray starts while the job is checked, before the folder is prepared
+    (NOTE: [Ray starts while the job is checked]); over a folder to resume,
+    after.
     """
     import os
     import signal
@@ -78,6 +82,9 @@ def test_sigterm_while_ray_starts_is_one_line_and_the_folder_resumes(tmp_path, w
             "--out", str(out), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PYTHONPATH=os.getcwd(), NO_COLOR="1")
+    if not fresh:  # a folder to resume: 1 of 2 shards committed, the other one lost
+        assert CliRunner().invoke(app, [*args, "--executor", "local"]).exit_code == 0
+        (out / "part-00001.parquet").unlink()
     cmd = [sys.executable, "-c", _WAIT_IN_RAY_INIT, str(ready), where, *args,
            "--executor", "ray", "--num-cpus", "1"]
     with open(tmp_path / "stderr.txt", "wb") as err:
@@ -97,11 +104,43 @@ def test_sigterm_while_ray_starts_is_one_line_and_the_folder_resumes(tmp_path, w
     assert "Traceback" not in stderr and "*** SIGTERM" not in stderr, stderr
     assert session_processes(proc.pid) == []
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: terminated (SIGTERM): 0 of 2 shards committed in {out}; "
-                      "rerun the same command to resume"], stderr
-    assert Manifest.read(Storage(str(out))).status == "interrupted"
+    if fresh:  # Ray starts while the job is checked, before the folder is prepared
+        assert errors == ["error: terminated (SIGTERM) before any shard ran; rerun the same "
+                          "command"], stderr
+        assert not out.exists()
+    else:
+        assert errors == [f"error: terminated (SIGTERM): 1 of 2 shards committed in {out}; "
+                          "rerun the same command to resume"], stderr
+        assert Manifest.read(Storage(str(out))).status == "interrupted"
     result = CliRunner().invoke(app, [*args, "--executor", "local"])
     assert result.exit_code == 0, result.output
     problem = build_problem("mlp", {"n": 12, "m": 10, "dtype": "float64"})
     np.testing.assert_allclose(read_jacobian(str(out)), jacobian(problem.fn, problem.x).numpy(),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_the_monitor_is_killed_before_ray_shutdown_and_odd_nodes_are_left_alone():
+    """NOTE: [A quicker ray.shutdown]: the embedded Ray's monitor goes first; nothing else."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from pipeline.runner.cluster import _stop_monitor
+
+    def ray_with(processes: object) -> object:
+        node = SimpleNamespace(all_processes=processes)
+        return SimpleNamespace(_private=SimpleNamespace(worker=SimpleNamespace(_global_node=node)))
+
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    monitor, raylet = subprocess.Popen(sleeper), subprocess.Popen(sleeper)
+    try:
+        _stop_monitor(ray_with({"monitor": [SimpleNamespace(process=monitor)],
+                                "raylet": [SimpleNamespace(process=raylet)]}))
+        assert monitor.poll() is not None and raylet.poll() is None  # Ray stops the raylet
+        _stop_monitor(ray_with({"monitor": [SimpleNamespace(process=monitor)]}))  # gone: fine
+        _stop_monitor(ray_with(None))
+        _stop_monitor(SimpleNamespace())  # where Ray moved its node: the plain shutdown
+    finally:
+        monitor.kill()
+        raylet.kill()
+        raylet.wait()

@@ -618,3 +618,95 @@ def test_parameter_jacobians_of_a_module_in_memory(request, tmp_path, executor):
     np.testing.assert_allclose(result.as_linear_operator() @ v, ref.reshape(15, -1) @ v,
                                rtol=1e-10, atol=1e-12)
     assert pipeline.compare_result(str(out), problem=problem).ok
+
+
+def test_ray_starts_early_only_where_the_run_needs_it_whatever_the_checks_find(
+        tmp_path, monkeypatch):
+    """NOTE: [Ray starts while the job is checked]: new or replaced folders, --executor ray."""
+    from pipeline.core.options import RunOptions
+    from pipeline.runner import driver
+
+    monkeypatch.setattr(driver, "ray_running", lambda: False)  # a test session's Ray aside
+
+    def early(**kw: object) -> bool:
+        kw.setdefault("out", str(tmp_path / "o"))
+        return driver._starts_ray_early(RunOptions(job="mlp", params=["n=4", "m=3"], **kw))
+
+    assert early(executor="ray") and early(executor="ray", shards=2)
+    assert not early(executor="auto") and not early(executor="local")
+    assert not early(executor="ray", gpus_per_shard=1) and not early(executor="ray", device="cuda")
+    assert not early(executor="ray", address="127.0.0.1:6379")
+    assert early(executor="ray", dtype="float64")
+    assert not driver._starts_ray_early(RunOptions(  # no dtype parameter: check_job refuses it
+        job="tests.userjobs:branchy", executor="ray",
+        dtype="float64", out=str(tmp_path / "b")))
+    with pytest.raises(JacpipeError, match="nope"):  # a typo: refused before Ray, as before
+        driver._starts_ray_early(RunOptions(job="mlp", params=["nope=1"], executor="ray",
+                                            out=str(tmp_path / "o")))
+    with pytest.raises(JacpipeError, match="no_such_job"):
+        driver._starts_ray_early(RunOptions(job="no_such_job", executor="ray",
+                                            out=str(tmp_path / "o")))
+    # a folder with a result: resumed (maybe finished) or refused before Ray; replaced early
+    pipeline.run("mlp", params={"n": 4, "m": 3}, out=str(tmp_path / "o"), executor="local",
+                 progress=False)
+    assert not early(executor="ray")  # resume: perhaps nothing to compute, no Ray
+    assert early(executor="ray", resume=False) and early(executor="ray", overwrite=True)
+    assert not driver._starts_ray_early(RunOptions(  # another job's result: prepare() refuses
+        job="mlp", params=["n=5", "m=3"], executor="ray", resume=False, out=str(tmp_path / "o")))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("not a result")
+    assert not early(executor="ray", out=str(tmp_path / "junk"))
+    assert not early(executor="ray", out=str(tmp_path / "junk"), overwrite=True)
+    (tmp_path / "empty").mkdir()
+    assert early(executor="ray", out=str(tmp_path / "empty"))
+
+
+#: In a fresh process (no Ray of a test session): a check failing while Ray starts
+#: (the CLI's one line, Ray stopped), then a run whose Ray started during its checks.
+_EARLY_RAY = """
+import json, sys
+import ray
+from typer.testing import CliRunner
+from pipeline.cli import app
+from pipeline.core.options import RunOptions
+from pipeline.runner.cluster import embedded_running
+from pipeline.runner.driver import run_command
+bad, good = sys.argv[1], sys.argv[2]
+failed = CliRunner().invoke(app, ["run", "tests.userjobs:random_windows", "--executor", "ray",
+                                  "--num-cpus", "2", "--out", bad])
+after_failure = [ray.is_initialized(), embedded_running()]
+lines = []
+summary = run_command(RunOptions(job="mlp", params=["n=30", "m=20", "dtype=float64"],
+                                 executor="ray", shards=4, num_cpus=2, out=good,
+                                 progress=True), lines.append)
+print(json.dumps({"code": failed.exit_code, "output": failed.output, "after": after_failure,
+                  "lines": lines, "computed": summary.computed,
+                  "up": [ray.is_initialized(), embedded_running()]}))
+"""
+
+
+@pytest.mark.slow  # a fresh process, two Ray start-ups
+def test_ray_started_during_the_checks_is_stopped_when_a_check_fails_and_results_are_unchanged(
+        tmp_path):
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith("RAY_") and k != "JACPIPE_EXECUTOR"}
+    environ["PYTHONPATH"] = os.getcwd()
+    proc = subprocess.run([sys.executable, "-c", _EARLY_RAY, str(bad), str(good)],
+                          capture_output=True, text=True, env=environ, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the check failed after Ray had started: one error line, Ray stopped, no folder
+    assert doc["code"] == 2 and "Traceback" not in doc["output"], doc["output"]
+    errors = [ln for ln in doc["output"].splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "fn uses a random op" in errors[0], doc["output"]
+    assert "Ray started in" in doc["output"]  # the overlap did happen
+    assert doc["after"] == [False, False] and not bad.exists()
+    # a good run: Ray started while checking, the warm-up followed, the result is torch's
+    assert any(ln.startswith("Ray started in") for ln in doc["lines"]), doc["lines"]
+    assert "workers ready 0/2..." in doc["lines"], doc["lines"]  # the early warm-up, adopted
+    assert doc["computed"] == 4 and doc["up"] == [False, False]  # jacpipe run stops its Ray
+    problem = build_problem("mlp", {"n": 30, "m": 20, "dtype": "float64"})
+    np.testing.assert_allclose(read_jacobian(str(good)), jacobian(problem.fn, problem.x).numpy(),
+                               rtol=1e-12, atol=1e-12)
+    assert read_doc(good)["status"] == "complete"

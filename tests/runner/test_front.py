@@ -223,3 +223,31 @@ def test_notes_go_to_the_pipeline_logger_not_stdout(tmp_path, capsys, caplog):
         log_line("warning: the disk is small")
     assert caplog.records[-1].levelno == logging.WARNING
     assert caplog.records[-1].getMessage() == "the disk is small"
+
+
+def test_a_small_closure_with_a_wrong_batching_rule_is_right_without_the_run_level_spot_check():
+    """A few ms of work skips the run's vmap spot check; the engine's own check still holds.
+
+    ``torch.cdist``'s batched backward is wrong (``torch.func.jacrev`` is off);
+    the one engine call of a small in-process result checks a random row of
+    its own against an unbatched pullback and computes its rows one at a time.
+    """
+    from torch.autograd.functional import jacobian
+
+    from pipeline.core.options import RunOptions
+    from pipeline.maths.checks import VmapMismatchWarning
+    from pipeline.runner.job import check_job
+
+    y0 = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(t.reshape(-1, 3), y0).reshape(-1)
+
+    x = torch.linspace(-0.7, 0.9, 15, dtype=torch.float64)
+    ref = jacobian(fn, x)
+    assert (torch.func.jacrev(fn)(x) - ref).abs().max() > 0.1  # torch's bug
+    job = check_job(RunOptions(job="python:fn"), pipeline.Problem(fn=fn, x=x), in_process=True)
+    assert job.spot is None  # a few ms of work: no run-level spot check
+    with pytest.warns(VmapMismatchWarning, match="without vmap"):
+        got = pipeline.jacobian(fn, x, **LOCAL)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
