@@ -41,7 +41,8 @@ from __future__ import annotations
 import functools
 import operator
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -498,17 +499,56 @@ def refuse_random_ops(fn: Callable, x: torch.Tensor, spec: str = "job") -> None:
         call in the same state (deterministic, accepted); any other draw has
         advanced it, so the refusal never depends on the values drawn.
 
+        A function found deterministic is not watched again in this process
+        at the same input shape, dtype and device (and, for a module, the same
+        ``training`` flags): repeated ``pipeline.jacobian`` calls (a Newton
+        loop, a 100 x 100 closure) paid the watched pass every time, as long
+        as the call's own work.
+
     Raises:
         JacpipeError: ``fn`` uses a random op whose draws differ between calls.
     """
+    key = _watch_key(fn, x)
+    seen = _DETERMINISTIC.get(fn) if key is not None else None
+    if seen is not None and key in seen:
+        return
     first = _random_draws(fn, x)
     if not first or first == _random_draws(fn, x):
+        if key is not None:
+            _DETERMINISTIC.setdefault(fn, set()).add(key)
         return
     names = ", ".join(dict.fromkeys(op for op, _ in first))
     raise JacpipeError(
         f"{spec}: fn uses a random op ({names}) whose draws change from call to call, so its "
         "Jacobian is not defined and workers would disagree; draw the noise once in build "
         "(outside fn) and close over it, or call model.eval() (dropout)")
+
+
+#: Functions found deterministic, weakly keyed, with the inputs they were watched at.
+_DETERMINISTIC: weakref.WeakKeyDictionary[Callable, set[Hashable]] = weakref.WeakKeyDictionary()
+
+
+def _watch_key(fn: Callable, x: torch.Tensor) -> Hashable | None:
+    """What a deterministic verdict on ``fn`` holds for; None: never cached (not weakly
+    referenceable)."""
+    try:
+        weakref.ref(fn)
+    except TypeError:
+        return None
+    cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or ()
+             if _filled(c)]
+    held = [fn, getattr(fn, "__self__", None), *cells]  # fn, a bound method's owner, closure
+    modes = tuple(m.training for h in held if isinstance(h, torch.nn.Module)
+                  for m in h.modules())
+    return tuple(x.shape), x.dtype, x.device.type, modes
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def _random_draws(fn: Callable, x: torch.Tensor) -> list[tuple[str, bytes]]:

@@ -556,3 +556,30 @@ def test_explicit_detection_refusals_are_one_line(ray_session, tmp_path):
                  tmp_path / "l", "--no-progress", "--verify")
     assert local.exit_code == 0, local.output
     assert "holds at this x only" in local.output and "MATCH" in local.output
+
+
+def test_a_deterministic_verdict_is_kept_per_function_input_and_module_mode(monkeypatch):
+    """Watched once per (fn, input shape/dtype, modules' training flags); a module put
+    in train mode, held directly or by a closure, is watched (and refused) again."""
+    from pipeline.sparse import detect
+
+    watched = []
+    real = detect._random_draws
+    monkeypatch.setattr(detect, "_random_draws", lambda f, x: watched.append(1) or real(f, x))
+    drop = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.5)).double().eval()
+
+    def closure(v):
+        return drop(v)
+
+    x = torch.randn(6, dtype=torch.float64)
+    for fn in (drop, closure):
+        watched.clear()
+        refuse_random_ops(fn, x, "job")
+        refuse_random_ops(fn, x, "job")
+        assert len(watched) == 1  # the second call is not watched again
+        refuse_random_ops(fn, x.float(), "job")
+        assert len(watched) == 2  # another dtype is
+        drop.train()
+        with pytest.raises(JacpipeError, match="random op"):
+            refuse_random_ops(fn, x, "job")
+        drop.eval()
