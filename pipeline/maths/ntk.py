@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -281,7 +281,7 @@ def ntk(model: Any, x1: Tensor, x2: Tensor | None = None, *, kernel: str = "full
     basis = (torch.ones(1, o, dtype=fn.flat.dtype, device=fn.flat.device) if kernel == "sum"
              else torch.eye(o, dtype=fn.flat.dtype, device=fn.flat.device))
     ob = basis.shape[0]
-    est_net = Network(net.layers, net.rest, ob, net.flops)
+    est_net = replace(net, outputs=ob)
     estimates, ways = estimate(est_net, p, x1.shape[0], x2.shape[0], trace=kernel == "trace",
                                symmetric=symmetric)
     chosen = min(estimates, key=estimates.__getitem__) if method == "auto" else method

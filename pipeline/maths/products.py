@@ -21,7 +21,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.core.errors import JacpipeError
-from pipeline.maths.layers import Dense, Kron, Network, analyse, blocks, features
+from pipeline.maths.layers import (
+    Dense,
+    Kron,
+    Network,
+    NormInfo,
+    analyse,
+    batch_pass,
+    blocks,
+    features,
+    norm_columns,
+    patches,
+    positions,
+)
 from pipeline.maths.ntk import module_function
 
 if TYPE_CHECKING:
@@ -32,8 +44,9 @@ if TYPE_CHECKING:
 #: The most parameter columns of ``J`` formed at once.
 CHUNK = 4096
 #: Entries of ``Ω`` drawn from one seed: rows ``[c R, (c + 1) R)`` with
-#: ``R = max(1, OMEGA_ENTRIES // k)`` (``Ω`` is the same whatever the blocks).
-OMEGA_ENTRIES = 1 << 20
+#: ``R = max(1, OMEGA_ENTRIES // k)`` (``Ω`` is the same whatever the blocks):
+#: 256 KiB of float32, so that ``Ω``'s share of a sketch's memory stays small.
+OMEGA_ENTRIES = 1 << 16
 
 
 def omega_rows(k: int) -> int:
@@ -145,15 +158,134 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
     if distribution not in DISTRIBUTIONS:
         raise JacpipeError(f"sketch: distribution must be one of {DISTRIBUTIONS}, "
                            f"got {distribution!r}")
+    fn = module_function(model, xs.dtype)
+    net = analyse(fn, xs[0])
+    om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype)
+    out = fn.flat.new_zeros(xs.shape[0], net.outputs, k)
+    if not net.rest:
+        _streamed_sketch(fn, net, xs, om, out, memory_budget, block)
+        return out
     fn, net, block = _setup(model, xs, memory_budget, block, k)
     offsets = _offsets(fn)
-    out = fn.flat.new_zeros(xs.shape[0], net.outputs, k)
-    om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype)
     for a, b in blocks(xs.shape[0], block):
         for piece in features(fn, xs[a:b], net):
             for g0, jac in _chunks(piece, offsets, omega_rows(k)):
                 out[a:b] += jac @ om.rows(g0, g0 + jac.shape[2]).to(jac.device)
     return out
+
+
+def _activation_bytes(net: Network, itemsize: int) -> int:
+    """One sample's share of a forward pass kept for the backward (about three per layer)."""
+    outs = sum(_size(i.out_shape) for i in (*net.layers, *net.norms))
+    widest = max((i.positions * i.d_in for i in net.layers), default=0)
+    return itemsize * (3 * outs + widest)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def _streamed_sketch(fn: ModuleFunction, net: Network, xs: Tensor, om: _Omega, out: Tensor,
+                     budget: int, block: int | None) -> None:
+    """NOTE: [A sketch in a forward + backward's memory].
+
+    A block of samples goes forward once (:func:`pipeline.maths.layers.batch_pass`).
+    The layers, in the order of their columns, are taken in groups whose output
+    cotangents for every output fit a quarter of the budget: per group, one
+    backward pass per output keeps that group's ``g`` (the others' are dropped),
+    then each layer's Jacobian columns are formed a few rows of ``Ω`` at a
+    time (:func:`_layer_columns`: never a whole layer's ``g ⊗ a``) and
+    multiplied into the result. ``Ω`` is drawn once per block, a tile at a time.
+    """
+    itemsize, o = fn.flat.element_size(), net.outputs
+    if block is None:
+        block = max(1, min(int(xs.shape[0]), budget // (2 * _activation_bytes(net, itemsize))))
+    units = sorted([*net.layers, *net.norms], key=_first_offset(fn))
+    index = {u.name: i for i, u in enumerate((*net.layers, *net.norms))}
+    step = max(omega_rows(out.shape[2]), budget // (16 * out.shape[2] * itemsize))
+    for a, b in blocks(xs.shape[0], block):
+        inputs, pull = batch_pass(fn, net, xs[a:b])
+        for group in _groups(units, (b - a) * o * itemsize, budget // 4):
+            gs = {u.name: fn.flat.new_empty(o, b - a, *u.out_shape[1:]) for u in group}
+            for q in range(o):
+                cot = fn.flat.new_zeros(b - a, o)
+                cot[:, q] = 1
+                every = pull(cot)
+                for u in group:
+                    gs[u.name][q] = every[index[u.name]]
+                del every
+            for u in group:
+                cols = _layer_columns(fn, u, inputs[index[u.name]], gs.pop(u.name))
+                for offset, size, get in cols:
+                    for r0 in range(0, size, step):
+                        r1 = min(size, r0 + step)
+                        rows = om.rows(offset + r0, offset + r1).to(out.device)
+                        out[a:b] += get(r0, r1) @ rows
+
+
+def _first_offset(fn: ModuleFunction) -> Any:
+    offsets = _offsets(fn)
+    return lambda u: min(offsets[n] for n in (u.weight, u.bias) if n)
+
+
+def _groups(units: list[Any], per_output: int, share: int) -> Iterator[list[Any]]:
+    """Consecutive layers whose cotangents (``per_output`` bytes an element) fit ``share``."""
+    group: list[Any] = []
+    held = 0
+    for u in units:
+        size = per_output * _size(u.out_shape)
+        if group and held + size > share:
+            yield group
+            group, held = [], 0
+        group.append(u)
+        held += size
+    if group:
+        yield group
+
+
+def _layer_columns(fn: ModuleFunction, unit: Any, x: Tensor, g: Tensor
+                   ) -> list[tuple[int, int, Any]]:
+    """``(first column of fn, columns, rows -> J columns (b, O, rows))`` per parameter."""
+    offsets = _offsets(fn)
+    mod = dict(fn.module.named_modules())[unit.name]
+    g = positions(mod, g)  # (b, O, T, C)
+    if isinstance(unit, NormInfo):
+        jac = norm_columns(fn, unit, x, g)
+        c = unit.channels
+        return [(offsets[n], c, lambda r0, r1, at=i * c: jac[:, :, at + r0:at + r1])
+                for i, n in enumerate(unit.names)]
+    a = patches(mod, x)
+    cols = [(offsets[unit.weight], unit.d_in * unit.d_out,
+             lambda r0, r1: _weight_columns(g, a, r0, r1))]
+    if unit.bias is not None:
+        bias = g.sum(2)
+        cols.append((offsets[unit.bias], unit.d_out, lambda r0, r1: bias[:, :, r0:r1]))
+    return cols
+
+
+def _weight_columns(g: Tensor, a: Tensor, r0: int, r1: int) -> Tensor:
+    """Columns ``[r0, r1)`` of ``W`` (row-major ``(d_out, d_in)``) of ``sum_t g_t a_tᵀ``.
+
+    Whole output channels by one product, a channel's part by its slice of ``a``:
+    no column is formed twice, whatever the rows.
+    """
+    d = a.shape[2]
+    parts, r = [], r0
+    while r < r1:
+        c = r // d
+        if r % d == 0 and r1 - r >= d:
+            c1 = r1 // d
+            w = torch.einsum("iotc,itd->iocd", g[..., c:c1], a)
+            parts.append(w.reshape(*w.shape[:2], -1))
+            r = c1 * d
+        else:
+            e = min(r1, (c + 1) * d)
+            parts.append(torch.einsum("iot,itd->iod", g[..., c], a[..., r - c * d:e - c * d]))
+            r = e
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 @dataclass(frozen=True)
