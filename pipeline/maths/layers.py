@@ -299,19 +299,30 @@ def _pieces(fn: ModuleFunction, net: Network, inputs: list[Tensor], gs: list[Ten
 
 
 def batch_pass(fn: ModuleFunction, net: Network, xs: Tensor
-               ) -> tuple[list[Tensor], Callable[[Tensor], list[Tensor]]]:
+               ) -> tuple[list[Tensor], Callable[..., list[Tensor]]]:
     """One forward pass of a batch (NOTE: [One backward pass for the batch]).
 
     Returns:
         the layers' batch inputs (Linear / Conv2d layers, then batch norms) and
-        ``pull``: cotangents of the outputs ``(B, O)`` -> each layer's output
-        cotangents ``(B, *out)`` (``vmap``-able).
+        ``pull(cot, which=None, batched=False)``: cotangents of the outputs
+        ``(B, O)`` (``batched``: ``(O', B, O)``) -> the output cotangents
+        ``(B, *out)`` (``(O', B, *out)``) of the layers ``which`` (indices;
+        None: all). The backward pass stops at the earliest layer asked for.
     """
     f = _probed(fn, net)
-    zero = fn.flat.new_zeros(())
+    # the probes: zero-strided views of one scalar, no memory of their own
+    zero = fn.flat.new_zeros((), requires_grad=True)
     probes = [zero.expand(xs.shape[0], *i.out_shape[1:]) for i in (*net.layers, *net.norms)]
-    _, pull, inputs = torch.func.vjp(lambda p: f(xs.detach(), p, {}), probes, has_aux=True)
-    return [i.detach() for i in inputs], lambda cot: pull(cot)[0]
+    with torch.enable_grad():
+        y, inputs = f(xs.detach(), probes, {})
+
+    def pull(cot: Tensor, which: list[int] | None = None, batched: bool = False
+             ) -> list[Tensor]:
+        wanted = probes if which is None else [probes[i] for i in which]
+        return list(torch.autograd.grad(y, wanted, cot, retain_graph=True,
+                                        is_grads_batched=batched))
+
+    return [i.detach() for i in inputs], pull
 
 
 def _sample_features(fn: ModuleFunction, net: Network, basis: Tensor) -> Any:
@@ -354,7 +365,7 @@ def features(fn: ModuleFunction, xs: Tensor, net: Network, basis: Tensor | None 
     else:
         inputs, pull = batch_pass(fn, net, xs)
         cots = basis.unsqueeze(1).expand(basis.shape[0], xs.shape[0], net.outputs)
-        kron, dense = _pieces(fn, net, inputs, torch.func.vmap(pull)(cots))
+        kron, dense = _pieces(fn, net, inputs, pull(cots, batched=True))
     shapes = dict(zip(fn.names, fn.shapes, strict=True))
     jac = torch.cat(dense, dim=2) if dense else basis.new_zeros(xs.shape[0], basis.shape[0], 0)
     return [*kron, Dense(net.dense, jac, tuple(_numel(shapes[n]) for n in net.dense))]

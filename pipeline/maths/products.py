@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 CHUNK = 4096
 #: Entries of ``Ω`` drawn from one seed: rows ``[c R, (c + 1) R)`` with
 #: ``R = max(1, OMEGA_ENTRIES // k)`` (``Ω`` is the same whatever the blocks):
-#: 256 KiB of float32, so that ``Ω``'s share of a sketch's memory stays small.
-OMEGA_ENTRIES = 1 << 16
+#: 1 MiB of float32: a sketch holds one such tile of ``Ω`` at a time.
+OMEGA_ENTRIES = 1 << 18
 
 
 def omega_rows(k: int) -> int:
@@ -59,9 +59,9 @@ def omega(p: int, k: int, *, seed: int = 0, distribution: str = "gaussian",
           rows: tuple[int, int] | None = None, dtype: Any = torch.float64) -> Tensor:
     """Rows ``[a, b)`` of the seeded ``P x k`` sketching matrix (all rows by default).
 
-    Rows ``[c R, (c + 1) R)`` (:func:`omega_rows`: about a million entries)
-    come from a generator seeded with ``(seed, c)``: any block of rows is
-    reproducible on its own, and a sketch holds two such chunks at a time. Gaussian
+    Rows ``[c R, (c + 1) R)`` (:func:`omega_rows`: about :data:`OMEGA_ENTRIES`
+    entries) come from a generator seeded with ``(seed, c)``: any block of rows
+    is reproducible on its own, and a sketch holds one or two such tiles at a time. Gaussian
     entries are ``N(0, 1)`` drawn in ``dtype`` (a float32 and a float64 ``Ω``
     differ), Rademacher ``±1``; neither is scaled by ``1/sqrt(k)``.
     """
@@ -81,22 +81,24 @@ def _omega_chunk(c: int, p: int, k: int, seed: int, distribution: str, dtype: An
     n = min(r, p - c * r)
     if distribution == "gaussian":
         return torch.randn(n, k, generator=g, dtype=dtype)
-    return torch.randint(0, 2, (n, k), generator=g, dtype=torch.int8).to(dtype) * 2 - 1
+    return torch.randint(0, 2, (n, k), generator=g, dtype=dtype).mul_(2).sub_(1)
 
 
 class _Omega:
     """Rows of ``Ω`` for consecutive column chunks: the last few seed chunks kept."""
 
-    def __init__(self, p: int, k: int, seed: int, distribution: str, dtype: Any) -> None:
+    def __init__(self, p: int, k: int, seed: int, distribution: str, dtype: Any,
+                 keep: int = 2) -> None:
         self.args = (p, k, seed, distribution, dtype)
         self.kept: dict[int, Tensor] = {}
+        self.keep = keep
 
     def rows(self, a: int, b: int) -> Tensor:
         r = omega_rows(self.args[1])
         parts = []
         for c in range(a // r, (b - 1) // r + 1):
             if c not in self.kept:
-                if len(self.kept) >= 2:
+                if len(self.kept) >= self.keep:
                     self.kept.pop(next(iter(self.kept)))
                 self.kept[c] = _omega_chunk(c, *self.args)
             parts.append(self.kept[c][max(a - c * r, 0):min(b - c * r, r)])
@@ -160,7 +162,7 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
                            f"got {distribution!r}")
     fn = module_function(model, xs.dtype)
     net = analyse(fn, xs[0])
-    om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype)
+    om = _Omega(fn.numel, k, seed, distribution, fn.flat.dtype, keep=1 if not net.rest else 2)
     out = fn.flat.new_zeros(xs.shape[0], net.outputs, k)
     if not net.rest:
         _streamed_sketch(fn, net, xs, om, out, memory_budget, block)
@@ -175,10 +177,8 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
 
 
 def _activation_bytes(net: Network, itemsize: int) -> int:
-    """One sample's share of a forward pass kept for the backward (about three per layer)."""
-    outs = sum(_size(i.out_shape) for i in (*net.layers, *net.norms))
-    widest = max((i.positions * i.d_in for i in net.layers), default=0)
-    return itemsize * (3 * outs + widest)
+    """One sample's share of a forward pass kept for the backward: about a tensor per layer."""
+    return itemsize * sum(_size(i.out_shape) for i in (*net.layers, *net.norms))
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -192,38 +192,53 @@ def _streamed_sketch(fn: ModuleFunction, net: Network, xs: Tensor, om: _Omega, o
                      budget: int, block: int | None) -> None:
     """NOTE: [A sketch in a forward + backward's memory].
 
-    A block of samples goes forward once (:func:`pipeline.maths.layers.batch_pass`).
-    The layers, in the order of their columns, are taken in groups whose output
-    cotangents for every output fit a quarter of the budget: per group, one
-    backward pass per output keeps that group's ``g`` (the others' are dropped),
+    A block of samples goes forward once (:func:`pipeline.maths.layers.batch_pass`;
+    its kept activations about the budget: ``Ω`` is drawn once per block, the
+    dearest part). The layers, in the order of their columns, are taken in groups
+    whose output cotangents for every output fit a third of the budget: per
+    group, backward passes for a few outputs at a time (their cotangents an
+    eighth of the budget) keep that group's ``g`` and stop at its first layer,
     then each layer's Jacobian columns are formed a few rows of ``Ω`` at a
     time (:func:`_layer_columns`: never a whole layer's ``g ⊗ a``) and
     multiplied into the result. ``Ω`` is drawn once per block, a tile at a time.
     """
     itemsize, o = fn.flat.element_size(), net.outputs
-    if block is None:
-        block = max(1, min(int(xs.shape[0]), budget // (2 * _activation_bytes(net, itemsize))))
+    if block is None:  # the forward pass of a block: about the budget (Ω is drawn per block)
+        block = max(1, min(int(xs.shape[0]), budget // _activation_bytes(net, itemsize)))
     units = sorted([*net.layers, *net.norms], key=_first_offset(fn))
     index = {u.name: i for i, u in enumerate((*net.layers, *net.norms))}
-    step = max(omega_rows(out.shape[2]), budget // (16 * out.shape[2] * itemsize))
+    tile = omega_rows(out.shape[2])
     for a, b in blocks(xs.shape[0], block):
         inputs, pull = batch_pass(fn, net, xs[a:b])
-        for group in _groups(units, (b - a) * o * itemsize, budget // 4):
+        for first, group in _groups(units, (b - a) * o * itemsize, budget // 3):
+            # outputs per backward pass: its cotangents (a few of the widest
+            # activation it passes through, per output) fit the same share
+            widest = max(_size(u.out_shape) for u in units[first:])
+            per = max(1, min(o, budget // (8 * (b - a) * itemsize * widest)))
+            wanted = [index[u.name] for u in group]
             gs = {u.name: fn.flat.new_empty(o, b - a, *u.out_shape[1:]) for u in group}
-            for q in range(o):
-                cot = fn.flat.new_zeros(b - a, o)
-                cot[:, q] = 1
-                every = pull(cot)
-                for u in group:
-                    gs[u.name][q] = every[index[u.name]]
-                del every
+            for q0, q1 in blocks(o, per):
+                cot = fn.flat.new_zeros(q1 - q0, b - a, o)
+                for j in range(q1 - q0):
+                    cot[j, :, q0 + j] = 1
+                for u, g in zip(group, pull(cot, wanted, batched=True), strict=True):
+                    gs[u.name][q0:q1] = g
             for u in group:
                 cols = _layer_columns(fn, u, inputs[index[u.name]], gs.pop(u.name))
+                flat = out[a:b].view(-1, out.shape[2])
                 for offset, size, get in cols:
-                    for r0 in range(0, size, step):
-                        r1 = min(size, r0 + step)
+                    for r0, r1 in _cut(offset, size, tile):
                         rows = om.rows(offset + r0, offset + r1).to(out.device)
-                        out[a:b] += get(r0, r1) @ rows
+                        flat.addmm_(get(r0, r1).reshape(flat.shape[0], -1), rows)
+
+
+def _cut(offset: int, size: int, tile: int) -> Iterator[tuple[int, int]]:
+    """A parameter's rows ``[0, size)`` (``Ω``'s rows from ``offset``) cut at ``Ω``'s tiles."""
+    r = 0
+    while r < size:
+        r1 = min(size, ((offset + r) // tile + 1) * tile - offset)
+        yield r, r1
+        r = r1
 
 
 def _first_offset(fn: ModuleFunction) -> Any:
@@ -231,19 +246,22 @@ def _first_offset(fn: ModuleFunction) -> Any:
     return lambda u: min(offsets[n] for n in (u.weight, u.bias) if n)
 
 
-def _groups(units: list[Any], per_output: int, share: int) -> Iterator[list[Any]]:
-    """Consecutive layers whose cotangents (``per_output`` bytes an element) fit ``share``."""
+def _groups(units: list[Any], per_output: int, share: int) -> Iterator[tuple[int, list[Any]]]:
+    """``(index of the first, layers)``: consecutive layers whose cotangents fit ``share``.
+
+    ``per_output``: bytes of one element of a layer's output over every output and sample.
+    """
     group: list[Any] = []
-    held = 0
-    for u in units:
+    held = start = 0
+    for i, u in enumerate(units):
         size = per_output * _size(u.out_shape)
         if group and held + size > share:
-            yield group
-            group, held = [], 0
+            yield start, group
+            group, held, start = [], 0, i
         group.append(u)
         held += size
     if group:
-        yield group
+        yield start, group
 
 
 def _layer_columns(fn: ModuleFunction, unit: Any, x: Tensor, g: Tensor
