@@ -185,9 +185,11 @@ def _pieces(fn: ModuleFunction, net: Network, method: str, ways: dict[str, str],
         return [Dense((), torch.einsum("qo,iop->iqp", basis, jac))]
 
     def structured(xb: Tensor) -> list[Any]:
+        # every explicit column in one block: one product per pair of blocks, not one a layer
         out = features(fn, xb, net, basis)
-        return [Dense((), p.explicit()) if isinstance(p, Kron) and ways[p.info.name] != "kron"
-                else p for p in out]
+        kron = [p for p in out if isinstance(p, Kron) and ways[p.info.name] == "kron"]
+        dense = [p.explicit() for p in out if not any(p is k for k in kron)]
+        return [*kron, Dense((), torch.cat(dense, dim=2))]
 
     return contraction if method == "contraction" else structured
 
