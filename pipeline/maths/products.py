@@ -177,8 +177,8 @@ def sketch(model: Any, xs: Tensor, k: int, *, seed: int = 0, distribution: str =
 
 
 def _activation_bytes(net: Network, itemsize: int) -> int:
-    """One sample's share of a forward pass kept for the backward: about a tensor per layer."""
-    return itemsize * sum(_size(i.out_shape) for i in (*net.layers, *net.norms))
+    """One sample's share of a forward pass kept for the backward: about two tensors a layer."""
+    return 2 * itemsize * sum(_size(i.out_shape) for i in (*net.layers, *net.norms))
 
 
 def _size(shape: tuple[int, ...]) -> int:
@@ -193,28 +193,27 @@ def _streamed_sketch(fn: ModuleFunction, net: Network, xs: Tensor, om: _Omega, o
     """NOTE: [A sketch in a forward + backward's memory].
 
     A block of samples goes forward once (:func:`pipeline.maths.layers.batch_pass`;
-    its kept activations about the budget: ``Ω`` is drawn once per block, the
-    dearest part). The layers, in the order of their columns, are taken in groups
-    whose output cotangents for every output fit a third of the budget: per
-    group, backward passes for a few outputs at a time (their cotangents an
-    eighth of the budget) keep that group's ``g`` and stop at its first layer,
+    its kept activations about half the budget: ``Ω`` is drawn once per block).
+    The layers, in the order of their columns, are taken in groups whose output
+    cotangents for every output fit a quarter of the budget: per group,
+    backward passes for a few outputs at a time (their cotangents about a
+    quarter of the budget) keep that group's ``g`` and stop at its first layer,
     then each layer's Jacobian columns are formed a few rows of ``Ω`` at a
     time (:func:`_layer_columns`: never a whole layer's ``g ⊗ a``) and
     multiplied into the result. ``Ω`` is drawn once per block, a tile at a time.
     """
     itemsize, o = fn.flat.element_size(), net.outputs
-    if block is None:  # the forward pass of a block: about the budget (Ω is drawn per block)
-        block = max(1, min(int(xs.shape[0]), budget // _activation_bytes(net, itemsize)))
+    if block is None:  # the forward pass of a block: about half the budget
+        block = max(1, min(int(xs.shape[0]), budget // (2 * _activation_bytes(net, itemsize))))
     units = sorted([*net.layers, *net.norms], key=_first_offset(fn))
     index = {u.name: i for i, u in enumerate((*net.layers, *net.norms))}
-    tile = omega_rows(out.shape[2])
     for a, b in blocks(xs.shape[0], block):
         inputs, pull = batch_pass(fn, net, xs[a:b])
-        for first, group in _groups(units, (b - a) * o * itemsize, budget // 3):
+        for first, group in _groups(units, (b - a) * o * itemsize, budget // 4):
             # outputs per backward pass: its cotangents (a few of the widest
             # activation it passes through, per output) fit the same share
             widest = max(_size(u.out_shape) for u in units[first:])
-            per = max(1, min(o, budget // (8 * (b - a) * itemsize * widest)))
+            per = max(1, min(o, budget // (16 * (b - a) * itemsize * widest)))
             wanted = [index[u.name] for u in group]
             gs = {u.name: fn.flat.new_empty(o, b - a, *u.out_shape[1:]) for u in group}
             for q0, q1 in blocks(o, per):
@@ -223,13 +222,18 @@ def _streamed_sketch(fn: ModuleFunction, net: Network, xs: Tensor, om: _Omega, o
                     cot[j, :, q0 + j] = 1
                 for u, g in zip(group, pull(cot, wanted, batched=True), strict=True):
                     gs[u.name][q0:q1] = g
-            for u in group:
-                cols = _layer_columns(fn, u, inputs[index[u.name]], gs.pop(u.name))
-                flat = out[a:b].view(-1, out.shape[2])
-                for offset, size, get in cols:
-                    for r0, r1 in _cut(offset, size, tile):
-                        rows = om.rows(offset + r0, offset + r1).to(out.device)
-                        flat.addmm_(get(r0, r1).reshape(flat.shape[0], -1), rows)
+            for u in group:  # a layer's g and patches are freed before the next one's
+                _multiply(_layer_columns(fn, u, inputs[index[u.name]], gs.pop(u.name)), om,
+                          out[a:b].view(-1, out.shape[2]))
+
+
+def _multiply(cols: list[tuple[int, int, Any]], om: _Omega, flat: Tensor) -> None:
+    """``flat += J Ω`` over one layer's columns, a tile of ``Ω`` at a time."""
+    tile = omega_rows(flat.shape[1])
+    for offset, size, get in cols:
+        for r0, r1 in _cut(offset, size, tile):
+            rows = om.rows(offset + r0, offset + r1).to(flat.device)
+            flat.addmm_(get(r0, r1).reshape(flat.shape[0], -1), rows)
 
 
 def _cut(offset: int, size: int, tile: int) -> Iterator[tuple[int, int]]:
