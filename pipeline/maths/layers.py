@@ -325,23 +325,6 @@ def batch_pass(fn: ModuleFunction, net: Network, xs: Tensor
     return [i.detach() for i in inputs], pull
 
 
-def _batch_cotangents(fn: ModuleFunction, net: Network, xs: Tensor, basis: Tensor
-                      ) -> tuple[list[Tensor], list[Tensor]]:
-    """The layers' batch inputs and output cotangents ``(O', B, *out)`` for every row of ``basis``.
-
-    ``torch.func.vmap`` over a ``torch.func.vjp``: its batching rules take the
-    ``O'`` cotangents of a convolution's backward in one call, where
-    ``autograd.grad(is_grads_batched=True)`` loops over them.
-    """
-    f = _probed(fn, net)
-    zero = fn.flat.new_zeros(())
-    probes = [zero.expand(xs.shape[0], *i.out_shape[1:]) for i in (*net.layers, *net.norms)]
-    _, pull, inputs = torch.func.vjp(lambda p: f(xs.detach(), p, {}), probes, has_aux=True)
-    cots = basis.unsqueeze(1).expand(basis.shape[0], xs.shape[0], net.outputs)
-    (gs,) = torch.func.vmap(pull)(cots)
-    return [i.detach() for i in inputs], gs
-
-
 def _sample_features(fn: ModuleFunction, net: Network, basis: Tensor) -> Any:
     """``x -> (A list, G list, norm columns, J_rest)`` of one sample (``vmap``-able)."""
     f = _probed(fn, net)
@@ -380,7 +363,9 @@ def features(fn: ModuleFunction, xs: Tensor, net: Network, basis: Tensor | None 
         kron = [Kron(info, a, g) for info, a, g in zip(net.layers, acts, gs, strict=True)]
         dense = [*norms, rest]
     else:
-        kron, dense = _pieces(fn, net, *_batch_cotangents(fn, net, xs, basis))
+        inputs, pull = batch_pass(fn, net, xs)
+        cots = basis.unsqueeze(1).expand(basis.shape[0], xs.shape[0], net.outputs)
+        kron, dense = _pieces(fn, net, inputs, pull(cots, batched=True))
     shapes = dict(zip(fn.names, fn.shapes, strict=True))
     jac = torch.cat(dense, dim=2) if dense else basis.new_zeros(xs.shape[0], basis.shape[0], 0)
     return [*kron, Dense(net.dense, jac, tuple(_numel(shapes[n]) for n in net.dense))]
