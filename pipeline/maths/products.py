@@ -7,6 +7,9 @@ process holds one block's per-layer pieces and one chunk of ``J`` at a time.
 - :func:`sketch`: ``J(x_i) Ω`` with a seeded ``Ω`` (``P x k``, Gaussian or
   Rademacher), generated chunk by chunk from the seed (:func:`omega`): the
   random projection of per-sample gradients that data attribution stores (TRAK).
+  A network of Linear, Conv2d and batch-norm layers is streamed by layer groups
+  from one forward pass per block instead (NOTE: [A sketch in a forward +
+  backward's memory]).
 - :func:`jsj`: ``J(x_i) S J(x_i)ᵀ`` per sample (``(N, O, O)``, or its diagonal
   ``(N, O)``: linearised-Laplace predictive variances) for ``S`` diagonal,
   low-rank plus diagonal, or Kronecker-factored per layer (:class:`Curvature`).
@@ -190,8 +193,9 @@ def _size(shape: tuple[int, ...]) -> int:
 
 def _streamed_sketch(fn: ModuleFunction, net: Network, xs: Tensor, om: _Omega, out: Tensor,
                      budget: int, block: int | None) -> None:
-    """NOTE: [A sketch in a forward + backward's memory].
+    """``out += J Ω`` of a Linear / Conv2d / batch-norm network, block by block.
 
+    NOTE: [A sketch in a forward + backward's memory]
     A block of samples goes forward once (:func:`pipeline.maths.layers.batch_pass`;
     its kept activations about half the budget: ``Ω`` is drawn once per block).
     The layers, in the order of their columns, are taken in groups whose output
