@@ -22,7 +22,9 @@ Float32, 2 torch threads, random weights, batch norm in eval mode.
 
 Times are interleaved rounds in one process (medians, paired ratios); peak
 memory is the growth of the peak resident set (``VmHWM`` reset right before
-the call) of a fresh process per method, with a fixed mmap threshold.
+the call) of a fresh process per method, the same set-up before each
+(a forward + backward and a small sketch), with glibc's mmap threshold at 16 KiB
+(``MMAP_THRESHOLD``) so that freed tensors leave the resident set.
 
     python -m benchmarks.ntk             # ~5 minutes on 2 loaded cores
     python -m benchmarks.ntk --quick     # ~30 seconds, small sizes
@@ -45,6 +47,10 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from benchmarks.harness import Report, Target, interleaved, median, paired_speed, parser
 
 ROOT = Path(__file__).resolve().parent.parent
+#: glibc serves allocations from this size by mmap and returns them on free, so a
+#: process's resident set follows its live tensors (16 KiB: every tensor of (b) and
+#: (c)); larger, freed heap chunks stay resident and are reused unseen by a later call.
+MMAP_THRESHOLD = 16384
 
 
 def dense_net(width: int, outputs: int = 8) -> nn.Module:
@@ -183,7 +189,7 @@ def child(args: argparse.Namespace) -> None:
 
 def measure(args: argparse.Namespace, name: str) -> dict[str, float]:
     cmd = [sys.executable, "-m", "benchmarks.ntk", "--child", name, *_size_flags(args)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

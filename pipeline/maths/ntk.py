@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -185,9 +185,11 @@ def _pieces(fn: ModuleFunction, net: Network, method: str, ways: dict[str, str],
         return [Dense((), torch.einsum("qo,iop->iqp", basis, jac))]
 
     def structured(xb: Tensor) -> list[Any]:
+        # every explicit column in one block: one product per pair of blocks, not one a layer
         out = features(fn, xb, net, basis)
-        return [Dense((), p.explicit()) if isinstance(p, Kron) and ways[p.info.name] != "kron"
-                else p for p in out]
+        kron = [p for p in out if isinstance(p, Kron) and ways[p.info.name] == "kron"]
+        dense = [p.explicit() for p in out if not any(p is k for k in kron)]
+        return [*kron, Dense((), torch.cat(dense, dim=2))]
 
     return contraction if method == "contraction" else structured
 
@@ -281,7 +283,7 @@ def ntk(model: Any, x1: Tensor, x2: Tensor | None = None, *, kernel: str = "full
     basis = (torch.ones(1, o, dtype=fn.flat.dtype, device=fn.flat.device) if kernel == "sum"
              else torch.eye(o, dtype=fn.flat.dtype, device=fn.flat.device))
     ob = basis.shape[0]
-    est_net = Network(net.layers, net.rest, ob, net.flops)
+    est_net = replace(net, outputs=ob)
     estimates, ways = estimate(est_net, p, x1.shape[0], x2.shape[0], trace=kernel == "trace",
                                symmetric=symmetric)
     chosen = min(estimates, key=estimates.__getitem__) if method == "auto" else method

@@ -12,6 +12,7 @@ from pipeline.maths.layers import analyse
 from pipeline.maths.ntk import estimate, ntk
 from pipeline.problem.module import ModuleFunction
 from tests.maths.ntkrefs import images, small_cnn, tutorial_full, tutorial_ntk
+from tests.maths.test_layers import tiny_resnet
 
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -43,6 +44,15 @@ def test_every_path_equals_the_tutorial_contraction(refs, method, block, dtype):
     close(ntk(net, x1, x2, method=method, block=block), full)
     close(ntk(net, x1, method=method, block=block, kernel="trace"), trace)  # symmetric
     close(ntk(net, x1, x2, method=method, block=block, kernel="sum"), total)
+
+
+def test_a_resnet_with_batch_norm_and_skip_connections_equals_the_tutorial():
+    net, x1, x2 = tiny_resnet(), images(3), images(2, seed=3)
+    k, report = ntk(net, x1, x2, method="structured", report=True)
+    close(k, tutorial_full(net, x1, x2))
+    assert "kron" in report.layers.values()
+    net, x1 = tiny_resnet(torch.float32), images(3, torch.float32)
+    close(ntk(net, x1, kernel="trace", block=2), tutorial_ntk(net, x1, x1, "trace"))
 
 
 def test_auto_picks_the_structured_path_for_wide_dense_layers_and_reports_it():

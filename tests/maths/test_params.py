@@ -14,8 +14,8 @@ from tests.maths.kindrefs import assert_close
 
 
 def func_reference(net, xs):
-    """``vmap(jacrev(functional_call))`` over dict parameters: ``(N, O, P)``."""
-    params = {k: v.detach() for k, v in net.named_parameters()}
+    """``vmap(jacrev(functional_call))`` over the trainable parameters: ``(N, O, P)``."""
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in net.named_buffers()}
 
     def f(p, x):

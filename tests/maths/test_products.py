@@ -10,6 +10,7 @@ from pipeline import JacpipeError
 from pipeline.maths.products import Curvature, jsj, omega, omega_rows, sketch
 from pipeline.problem.module import ModuleFunction
 from tests.maths.ntkrefs import images, small_cnn
+from tests.maths.test_layers import tiny_resnet
 from tests.maths.test_params import func_reference
 
 
@@ -49,6 +50,26 @@ def test_omega_rows_across_a_seed_chunk_and_refusal(cnn):
     close(sketch(net, xs[:2], k, seed=5), jac[:2] @ omega(jac.shape[2], k, seed=5))
     with pytest.raises(JacpipeError, match="distribution"):
         omega(4, 2, distribution="uniform")
+
+
+def test_a_resnet_sketch_streamed_in_a_small_budget_is_the_dense_one():
+    # one batch pass per block; a budget of a few KiB: blocks of one sample,
+    # a layer per group, Ω a tile at a time
+    net, xs = tiny_resnet(), images(2)
+    jac = func_reference(net, xs)
+    ref = jac @ omega(jac.shape[2], 300, seed=2, distribution="rademacher")
+    close(sketch(net, xs, 300, seed=2, distribution="rademacher"), ref)
+    close(sketch(net, xs, 300, seed=2, distribution="rademacher", memory_budget=1 << 14), ref)
+    net, xs = tiny_resnet(torch.float32), images(2, torch.float32)
+    jac = func_reference(net, xs)
+    close(sketch(net, xs, 300, seed=2), jac @ omega(jac.shape[2], 300, seed=2,
+                                                    dtype=torch.float32), 1e-5)
+
+
+def test_a_sketch_with_other_parameters_goes_sample_by_sample():
+    net, xs = tiny_resnet(extra=nn.GroupNorm(2, 8)), images(2)
+    jac = func_reference(net, xs)
+    close(sketch(net, xs, 5, seed=1), jac @ omega(jac.shape[2], 5, seed=1))
 
 
 def test_jsj_diagonal_and_low_rank_match_the_full_jacobian(cnn):
