@@ -201,17 +201,40 @@ def _newton(n: int, iterations: int, local_repeats: int) -> dict[str, Any]:
     return {"ray_s": ray_s, "local_s": local, "residual_norms": norms}
 
 
+def _closure_table(report: Report, closure: dict[str, list[float]]) -> tuple[float, float]:
+    jr, pj = median(closure["torch.func.jacrev"]), median(closure["pipeline.jacobian"])
+    report.table("in this process: a 100 x 100 closure, ms (median)",
+                 ["call", "median ms", "ratio"],
+                 [["torch.func.jacrev(fn)(x)", f"{jr * 1e3:.3f}", "1"],
+                  ["pipeline.jacobian(fn, x)", f"{pj * 1e3:.3f}", f"{pj / jr:.2f}x"]])
+    return jr, pj
+
+
+def _closure_only(closure: dict[str, list[float]], args: Any) -> int:
+    report = Report("frontdoor-closure", quick=args.quick)
+    jr, pj = _closure_table(report, closure)
+    report.target(Target("pipeline.jacobian 100 x 100 / torch.func.jacrev", pj / jr, 1.5,
+                         higher_is_better=False))
+    report.facts = {"closure_s": closure, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    report.finish(args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time every case, print the tables, write ``benchmarks/results/frontdoor.json``."""
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--before", type=Path, default=None,
                    help="another checkout (e.g. a git worktree of an older commit): its "
                         "make run command joins the interleaved rounds")
+    p.add_argument("--closure-only", action="store_true",
+                   help="only the 100 x 100 closure (benchmarks/results/frontdoor-closure.json)")
     args = p.parse_args(argv)
     repeats = max(1, args.repeats or (1 if args.quick else 3))
+    closure = _closure(50 if args.quick else 300)
+    if args.closure_only:
+        return _closure_only(closure, args)
     report = Report("frontdoor", quick=args.quick)
     n = 600 if args.quick else 2000
-    closure = _closure(50 if args.quick else 300)
     newton = _newton(n, 10, 3)
     root = Path(tempfile.mkdtemp(prefix="jacpipe-frontdoor-"))
     gaps: list[float] = []
@@ -222,11 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    jr, pj = median(closure["torch.func.jacrev"]), median(closure["pipeline.jacobian"])
-    report.table("in this process: a 100 x 100 closure, ms (median)",
-                 ["call", "median ms", "ratio"],
-                 [["torch.func.jacrev(fn)(x)", f"{jr * 1e3:.3f}", "1"],
-                  ["pipeline.jacobian(fn, x)", f"{pj * 1e3:.3f}", f"{pj / jr:.2f}x"]])
+    jr, pj = _closure_table(report, closure)
     later, local = median(newton["ray_s"][1:]), median(newton["local_s"])
     report.table(f"Newton loop, {n} x {n}, 10 calls of pipeline.jacobian on Ray",
                  ["", "seconds"],
