@@ -137,6 +137,20 @@ def floating_outputs(out: object) -> list[torch.Tensor]:
     return []
 
 
+def _draws(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether ``fn`` draws from the default generator (e.g. a dropout whose mask the
+    output never sees: detection refuses the draw all the same)."""
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        state = torch.get_rng_state()
+        try:
+            fn(x.clone())
+        except Exception:  # noqa: BLE001 - judged by the caller's own call
+            return False
+        return not torch.equal(state, torch.get_rng_state())
+
+
 def as_case(op: object, sample: object) -> Case | str:
     """The sample as a :class:`Case`, or a one-line reason it is not a function of x."""
     x, rest = sample.input, None
@@ -146,21 +160,29 @@ def as_case(op: object, sample: object) -> Case | str:
         return "skip: input is not a non-empty floating tensor"
     if x.layout != torch.strided:
         return "skip: a sparse input"
-    if random_op(op) or uninitialised(op):
-        return "skip: random or uninitialised"
     args, kwargs = sample.args, sample.kwargs
+    if random_op(op) or uninitialised(op) or float(kwargs.get("dropout_p") or 0) > 0:
+        return "skip: random or uninitialised"  # dropout_p: scaled_dot_product_attention's
 
     def fn(t: torch.Tensor) -> torch.Tensor:
         outs = floating_outputs(op.op(t if rest is None else [t, *rest], *args, **kwargs))
         return torch.cat([o.reshape(-1) for o in outs]) if outs else t.new_zeros(0)
 
     x = x.detach().clone()
+    before = x.clone()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             y = fn(x)
     except Exception as exc:  # noqa: BLE001 - the op itself refuses the sample: not ours
         return f"skip: the op raises ({type(exc).__name__})"
+    if _draws(fn, before):
+        return "skip: random or uninitialised"  # e.g. multi_head_attention's dropout_p, training
+    if not torch.isclose(x, before, rtol=0, atol=0, equal_nan=True).all():
+        # embedding's max_norm renormalises its weight in place: refused (InputWriteError),
+        # as torch.autograd.functional.jacobian refuses it
+        return "skip: the op writes into its input"
+    x = before
     if y.numel() == 0:
         return "skip: no floating output"
     return Case(op_id(op), fn, x, bool(op.supports_forward_ad), int(y.numel()))

@@ -61,6 +61,7 @@ from pipeline.sparse.rules import (
     SparsityWarning,
     active,
     constant,
+    draws_random,
     fallback,
     is_random,
     op_name,
@@ -478,7 +479,7 @@ def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
 
 def _refuse_random(gm: torch.fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        if node.op == "call_function" and is_random(node.target):
+        if node.op == "call_function" and draws_random(node.target, node.args, node.kwargs):
             raise SparsityError(
                 f"fn uses a random op ({node.target}): its Jacobian changes from call to call "
                 "and has no fixed pattern. Seed it outside fn or pass the noise as a constant "

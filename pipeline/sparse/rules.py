@@ -1073,3 +1073,24 @@ def rule_for(func: Any) -> Callable[[Op], Any] | None:
 def is_random(func: Any) -> bool:
     return op_name(func) in RANDOM or torch.Tag.nondeterministic_seeded in getattr(
         func, "tags", ())
+
+
+def draws_random(func: Any, args: Any = (), kwargs: Any = None) -> bool:
+    """Whether this call of ``func`` draws random numbers: :func:`is_random`, except a
+    dropout that cannot drop (``dropout_p=0``, ``train=False``: attention's fused kernels
+    are tagged random for their dropout alone)."""
+    if not is_random(func):
+        return False
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return True
+    given = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    given.update(zip((a.name for a in schema.arguments), args, strict=False))
+    given.update(kwargs or {})
+    for name, value in given.items():
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if (name == "dropout_p" and number and value == 0) or (
+                name == "train" and value is False) or (
+                name == "p" and number and value in (0, 1) and "bernoulli" in op_name(func)):
+            return False  # bernoulli(p=1): F.dropout(p=0) in training mode
+    return True

@@ -26,6 +26,7 @@ from pipeline.sparse.detect import (
     refuse_random_ops,
     trace_sparsity,
 )
+from pipeline.sparse.rules import draws_random
 from tests.manifests import read_doc
 
 POINTS = 3  # random points each pattern is checked at
@@ -583,3 +584,23 @@ def test_a_deterministic_verdict_is_kept_per_function_input_and_module_mode(monk
         with pytest.raises(JacpipeError, match="random op"):
             refuse_random_ops(fn, x, "job")
         drop.eval()
+
+
+def test_attention_without_dropout_is_not_refused_as_random():
+    """The fused attention kernels are tagged random for their dropout alone: dropout_p=0
+    (the default) draws nothing and is detected; dropout_p > 0 is still refused."""
+    x = torch.randn(1, 4, 3, dtype=torch.float64)
+
+    def attend(t: torch.Tensor, p: float = 0.0) -> torch.Tensor:
+        return F.scaled_dot_product_attention(t, t, t, dropout_p=p).reshape(-1)
+
+    got = detect_sparsity(attend, x)
+    jac = torch.autograd.functional.jacobian(attend, x).reshape(12, 12)
+    assert np.all(got.toarray()[jac.abs().numpy() > 0])  # every nonzero in the pattern
+    with pytest.raises(SparsityError, match="random op"):
+        detect_sparsity(lambda t: attend(t, 0.5), x)
+    assert not draws_random(torch.ops.aten.native_dropout.default, (x, 0.5, False))
+    assert draws_random(torch.ops.aten.native_dropout.default, (x, 0.5, True))
+    assert not draws_random(torch.ops.aten.bernoulli.p, (x, 1.0))
+    assert draws_random(torch.ops.aten.bernoulli.p, (x, 0.5))
+    assert not draws_random(torch.ops.aten.sin.default, (x,))
