@@ -539,3 +539,18 @@ def test_the_quick_exit_waits_for_a_thread_at_work():
     finally:
         done.set()
         worker.join()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_lets_openmp_threads_sleep_unless_told(given, expected):
+    """NOTE: [OpenMP threads that sleep]: PASSIVE before torch is imported, unless set."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = ("import os, sys, pipeline.cli; "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == [expected, "False"]
