@@ -176,6 +176,10 @@ def outside_pattern(stored: Any, ref: Any, rows: Any) -> list[tuple[int, int, fl
     return [(int(rows[i]), int(j), float(ref[i, j])) for i, j in hit]
 
 
+#: The whole reference is computed where three copies of it fit this many bytes.
+DEFAULT_BUDGET = 2 * 2**30
+
+
 def compare(
     out: str,
     *,
@@ -183,11 +187,12 @@ def compare(
     all_rows: bool = False,
     rtol: float | None = None,
     atol: float | None = None,
-    memory_budget: int = 2 * 2**30,
+    memory_budget: int = DEFAULT_BUDGET,
     seed: int = 0,
     job: str | None = None,
     trust_job: bool = False,
     problem: Problem | None = None,
+    reference: tuple[Any, float] | None = None,
 ) -> CompareReport:
     """Compare a result folder against the single-process torch reference.
 
@@ -201,6 +206,9 @@ def compare(
         job, trust_job: allow rebuilding a ``module:function`` job (see :func:`rebuilt`).
         problem: the :class:`~pipeline.Problem` itself (a result of
             ``pipeline.run(problem)``); checked against the stored fingerprint.
+        reference: ``(reference_full(problem), seconds)`` already computed for
+            ``problem`` (NOTE: [The reference while Ray starts]); used where
+            every row is checked.
 
     NaN and Inf entries of the result match only the same NaN / Inf of the
     reference at the same place (torch gives them too where the maths is not
@@ -231,8 +239,11 @@ def compare(
     t0 = time.perf_counter()
     if (all_rows or (rows is None and _fits(result, memory_budget))) and not problems:
         mode, idx = "all", None
-        ref = reference_full(problem)
-        ref_seconds = time.perf_counter() - t0
+        if reference is not None and getattr(reference[0], "shape", None) == result.shape:
+            ref, ref_seconds = reference
+        else:
+            ref = reference_full(problem)
+            ref_seconds = time.perf_counter() - t0
         got = result.read(slice(None), verify=False, as_="numpy")  # rows, not the tensor
     else:
         mode = "sampled"
@@ -463,12 +474,16 @@ def _checked_given(result: JacobianResult, problem: Problem) -> Any:
 
 def _fits(result: JacobianResult, memory_budget: int) -> bool:
     """Whether the whole reference fits (and, per sample, is not too slow)."""
-    total, n = result.shape
-    fits = total * n * result.shapes.itemsize * 3 <= memory_budget
-    if kind_of(result.shapes.kind).per_sample:
+    return fits_full_reference(result.shapes, memory_budget)
+
+
+def fits_full_reference(shapes: Any, memory_budget: int = DEFAULT_BUDGET) -> bool:
+    """Whether :func:`compare` checks every row of a result of these shapes by default."""
+    fits = shapes.total_rows * shapes.n * shapes.itemsize * 3 <= memory_budget
+    if kind_of(shapes.kind).per_sample:
         # The per-sample reference loop costs one autograd.functional.jacobian
         # per sample (~10 ms for robot_arm): beyond a few thousand, sample rows.
-        fits = fits and (result.shapes.batch or 0) <= MAX_FULL_SAMPLES
+        fits = fits and (shapes.batch or 0) <= MAX_FULL_SAMPLES
     return fits
 
 

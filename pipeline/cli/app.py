@@ -8,7 +8,9 @@ exit non-zero; they never show a traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -148,11 +150,19 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
                            "add --verify or drop --rows")
     opts = run_options(options)
     job = opts.job
+    early = None
+    if verify and rows is None:  # NOTE: [The reference while Ray starts]
+        from pipeline.analysis.early import EarlyReference
+
+        early = EarlyReference()
+        run = functools.partial(run, on_checked=early.start)
     with _stdout_to_stderr(as_json), _sigterm_outside_the_run():
         summary = _run_options(run, opts)
     man = summary.manifest.to_json()
+    problem, reference = early.result() if early is not None else (None, None)
     if as_json:
-        _run_json(summary, verify=verify, rows=rows, job=job)
+        _run_json(summary, verify=verify, rows=rows, job=job, problem=problem,
+                  reference=reference)
         return
     shape = "x".join(str(s) for s in [man["shapes"]["total_rows"], man["shapes"]["n"]])
     typer.echo(
@@ -174,7 +184,7 @@ def run_cmd(verify: Verify = False, rows: VerifyRows = None, as_json: JsonDoc = 
                 lambda s: typer.echo(s, err=True), "verifying against torch in one process",
                 enabled=opts.progress):
             _compare_and_print(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
-                               as_json=False, job=job)
+                               as_json=False, job=job, problem=problem, reference=reference)
 
 
 @contextlib.contextmanager
@@ -216,7 +226,8 @@ def _run_options(run: Any, options: Any) -> Any:
     return run(options, lambda s: typer.echo(s, err=True))
 
 
-def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None:
+def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str, problem: Any = None,
+              reference: Any = None) -> None:
     """``run --json``: the run's facts (and the --verify report) as one document."""
     from pipeline.store.storage import Storage
 
@@ -234,7 +245,7 @@ def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None
 
         with _stdout_to_stderr(True), _sigterm_during_verify(summary.out):
             report = compare(summary.out, rows=rows, all_rows=False, rtol=None, atol=None,
-                             job=job)
+                             job=job, problem=problem, reference=reference)
         doc["compare"] = report.to_json()
         ok = report.ok
     _echo_json(doc)
@@ -249,12 +260,13 @@ def _run_json(summary: Any, *, verify: bool, rows: int | None, job: str) -> None
 
 def _compare_and_print(
     out: str, *, rows: int | None, all_rows: bool, rtol: float | None, atol: float | None,
-    as_json: bool, job: str | None = None, trust_job: bool = False,
+    as_json: bool, job: str | None = None, trust_job: bool = False, problem: Any = None,
+    reference: Any = None,
 ) -> None:
     from pipeline.analysis.compare import compare
 
     report = compare(out, rows=rows, all_rows=all_rows, rtol=rtol, atol=atol, job=job,
-                     trust_job=trust_job)
+                     trust_job=trust_job, problem=problem, reference=reference)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=1))
     else:
@@ -622,7 +634,6 @@ def bench_cmd(
     Each benchmark runs in its own process from the repository root and writes
     benchmarks/results/NAME.json. Same as `make bench` or `python -m benchmarks`.
     """
-    import os
 
     if os.path.isdir("benchmarks") and os.getcwd() not in sys.path:
         # Benchmarks are not installed: they run from a checkout (console
@@ -644,7 +655,6 @@ def main() -> None:
     An unexpected exception (a bug, a full disk) is still one line; set
     ``JACPIPE_DEBUG=1`` to see its traceback.
     """
-    import os
 
     try:
         app(prog_name="jacpipe")
@@ -673,7 +683,6 @@ def _exit_quickly(code: Any) -> None:
         at work (not a daemon) gets the ordinary exit, which waits for it.
     """
     import atexit
-    import os
     import threading
 
     if any(t.is_alive() and not t.daemon for t in threading.enumerate()

@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.imports import spare_sympy_import
 from pipeline.core.options import COMPILE_MODES
 
 # NOTE: [when compiling pays]
@@ -162,6 +163,7 @@ def spare_dynamo_import() -> int:
         How many references got a stand-in (0 on later calls: a flag test).
     """
     global _SPARED
+    spare_sympy_import()  # NOTE: [backward without sympy]
     if _SPARED:
         return 0
     _SPARED = True

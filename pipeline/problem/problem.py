@@ -227,16 +227,91 @@ def job_doc(builder: Callable[..., Problem]) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def parse_params(builder: Callable[..., Problem], pairs: list[str]) -> dict[str, Any]:
+def static_parameters(spec: str) -> dict[str, Any] | None:
+    """A job's parameters and defaults read from its source, the module not imported.
+
+    NOTE: [Parameters without imports]
+        A job module imports torch (1.7 s); ``jacpipe run --executor ray``
+        starts Ray while the job is built and checked in a thread, but a
+        typo in a job or parameter name must still cost a second, not a
+        Ray start. The ``build`` function's signature is read from the
+        module's source instead: a plain top-level ``def`` whose defaults
+        are literals. Anything else (a decorated, assigned or generated
+        builder, a default such as ``torch.float32``, a module that is not
+        a ``.py`` file) is None: the caller imports the module as before.
+        The thread's real import checks the same pairs again.
+
+    Args:
+        spec: a built-in job name or ``"package.module:function"``.
+
+    Raises:
+        JacpipeError: an unknown built-in job or a malformed spec (:func:`split_spec`).
+    """
+    import ast
+    import importlib.util
+    import os
+    import sys
+
+    mod_name, fn_name = split_spec(spec)
+    if os.getcwd() not in sys.path:  # where resolve_builder would look too
+        sys.path.append(os.getcwd())
+    try:
+        found = importlib.util.find_spec(mod_name)
+        origin = found.origin if found is not None else None
+        if not origin or not origin.endswith(".py"):
+            return None
+        with open(origin, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except Exception:  # noqa: BLE001 - any doubt: the caller imports and says what is wrong
+        return None
+    defs = [node for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                 ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom))
+            and fn_name in _bound_names(node)]
+    if len(defs) != 1 or not isinstance(defs[0], ast.FunctionDef) or defs[0].decorator_list:
+        return None
+    args = defs[0].args
+    positional = [*args.posonlyargs, *args.args]
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(args.defaults))
+    defaults += list(args.defaults)
+    pairs = [*zip(positional, defaults, strict=True),
+             *zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+    params: dict[str, Any] = {}
+    for arg, default in pairs:
+        try:
+            params[arg.arg] = None if default is None else ast.literal_eval(default)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+    return params
+
+
+def _bound_names(node: Any) -> set[str]:
+    """The top-level names a module statement binds."""
+    import ast
+
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+
+
+def parse_params(builder: Callable[..., Problem] | dict[str, Any], pairs: list[str]
+                 ) -> dict[str, Any]:
     """Turn ``["n=4000", "act=tanh"]`` into typed keyword arguments.
 
     Each value is converted to the type of the parameter's default (int,
     float, bool or str); a parameter without a default takes JSON or a string.
 
+    Args:
+        builder: the job's ``build`` function, or its parameters and defaults
+            (:func:`job_parameters`, :func:`static_parameters`).
+
     Raises:
         JacpipeError: a malformed pair, an unknown name, or a badly typed value.
     """
-    known = job_parameters(builder)
+    known = builder if isinstance(builder, dict) else job_parameters(builder)
     out: dict[str, Any] = {}
     for pair in pairs:
         name, sep, raw = pair.partition("=")
@@ -603,6 +678,9 @@ def _derivative_probe(problem: Problem) -> dict[str, Any]:
     """``(Jᵀ u) . v`` (Hessian: ``u . (H v)``) at ``x`` by ``torch.autograd``, seeded."""
     import torch
 
+    from pipeline.core.imports import spare_sympy_import
+
+    spare_sympy_import()  # NOTE: [backward without sympy]
     x = problem.x.detach()
     if kind_of(problem.kind).per_sample:
         x = x[: min(int(x.shape[0]), _PROBE_SAMPLES)]

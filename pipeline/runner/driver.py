@@ -151,18 +151,27 @@ def run(
                            t_start=t_start)
 
 
-def run_command(options: RunOptions, echo: Callable[[str], None]) -> RunSummary:
+def run_command(options: RunOptions, echo: Callable[[str], None], *,
+                on_checked: Callable[[CheckedJob], None] | None = None) -> RunSummary:
     """``jacpipe run``: :func:`run`, its errors naming flags, an embedded Ray stopped at its end.
 
     With ``--executor ray`` on an embedded Ray, Ray starts while the job is
     checked (NOTE: [Ray starts while the job is checked]).
+
+    Args:
+        on_checked: called with the checked job (its ``built`` problem kept)
+            as soon as the checks pass, before the shards: ``run --verify``
+            starts its reference there (NOTE: [The reference while Ray starts]).
     """
     t_start = time.perf_counter()
+    keep = on_checked is not None
     if not _starts_ray_early(options):
-        return run_checked(options, _checked(options, None, echo), echo, keep_ray=False,
-                           t_start=t_start)
+        checked = _checked(options, None, echo, keep_built=keep)
+        if on_checked is not None:
+            on_checked(checked)
+        return run_checked(options, checked, echo, keep_ray=False, t_start=t_start)
     try:
-        checked, warming = _checked_while_ray_starts(options, echo)
+        checked, warming = _checked_while_ray_starts(options, echo, on_checked)
         return run_checked(options, checked, echo, keep_ray=False, t_start=t_start,
                            warming=warming)
     finally:
@@ -191,12 +200,19 @@ def _starts_ray_early(opts: RunOptions) -> bool:
         return False  # the plan refuses or places GPU shares: it decides before Ray
     params: dict[str, Any] = {}
     if not opts.job.startswith(IN_MEMORY):
-        from pipeline.problem.problem import job_parameters, parse_params, resolve_builder
+        from pipeline.problem.problem import (
+            job_parameters,
+            parse_params,
+            resolve_builder,
+            static_parameters,
+        )
 
-        builder = resolve_builder(opts.job)
-        params = parse_params(builder, opts.params)
+        known = static_parameters(opts.job)  # NOTE: [Parameters without imports]
+        if known is None:
+            known = job_parameters(resolve_builder(opts.job))
+        params = parse_params(known, opts.params)
         if opts.dtype is not None:
-            if "dtype" not in job_parameters(builder):
+            if "dtype" not in known:
                 return False  # check_job refuses it, before Ray
             params["dtype"] = opts.dtype
     storage = Storage(_uri_or_abspath(default_out(opts.job) if opts.out is None else opts.out))
@@ -215,7 +231,8 @@ def _starts_ray_early(opts: RunOptions) -> bool:
     return same and not opts.resume
 
 
-def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None]
+def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None],
+                              on_checked: Callable[[CheckedJob], None] | None = None,
                               ) -> tuple[CheckedJob, list[Any]]:
     """Check the job in a thread while this one starts the embedded Ray and warms its workers.
 
@@ -245,7 +262,9 @@ def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None]
 
     def check() -> None:
         try:
-            box["job"] = check_job(opts, None)
+            box["job"] = check_job(opts, None, keep_built=on_checked is not None)
+            if on_checked is not None:
+                on_checked(box["job"])
         except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
             box["error"] = exc
 
@@ -271,12 +290,12 @@ def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None]
     return box["job"], warming
 
 
-def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
-             ) -> CheckedJob:
+def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None], *,
+             keep_built: bool = False) -> CheckedJob:
     opts.check()
     with slow_phase(echo, "checking the job (build, fingerprint, detecting sparsity)",
                     enabled=opts.progress):
-        return check_job(opts, given)
+        return check_job(opts, given, keep_built=keep_built)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import JacpipeError
@@ -48,9 +48,12 @@ class CheckedJob:
     pass_seconds: float = 0.0  # one forward + backward, timed by the fingerprint
     problem: Problem | None = None  # handed in memory (shipped to workers), else None
     smoothing: Smoothing | None = None
+    #: the problem built in the driver, kept only when asked (``check_job(keep_built=True)``)
+    built: Problem | None = field(default=None, repr=False, compare=False)
 
 
-def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) -> CheckedJob:
+def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False,
+              keep_built: bool = False) -> CheckedJob:
     """Build the job once in the driver (or take the one given): shapes, fingerprint, pattern.
 
     Args:
@@ -62,6 +65,8 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) 
             vmap spot check there: its two reference rows cost as much as such
             a result, whose one engine call checks a random row of its own
             against an unbatched pullback (NOTE: [Checks on every engine call]).
+        keep_built: keep the problem built here in ``CheckedJob.built`` (the
+            ``--verify`` reference computed while the run goes on).
 
     Raises:
         JacpipeError: unknown job, bad parameter, a build jacpipe cannot use.
@@ -103,6 +108,7 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False) 
         adjoint=_adjoint_if_forward_possible(opts, problem, shapes, pattern.pattern),
         spot=None if smoothing or not detect else _vmap_spot_check(problem, shapes),
         smoothing=smoothing,
+        built=problem if keep_built else None,
     )
 
 

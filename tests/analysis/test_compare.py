@@ -137,3 +137,34 @@ def test_compare_labels_which_rows_each_time_is_for(tmp_path):
     assert "reference seconds (1 process, 4 rows)" in rows, rows
     assert "pipeline seconds (all 30 rows)" in rows, rows
     assert "tolerance" in rows and "worst |err| / tol" in rows
+
+
+def test_the_reference_started_during_the_run_is_the_one_compare_uses(tmp_path):
+    """NOTE: [The reference while Ray starts]: the same torch reference, computed early."""
+    from pipeline.analysis.early import EarlyReference
+    from pipeline.maths.kinds import reference_full
+    from pipeline.runner.job import check_job
+
+    out = tmp_path / "d"
+    params = ["n=8", "m=30", "hidden=4", "dtype=float64"]
+    done = _run("run", "mlp", *sum((["-p", p] for p in params), []), "--shards", "2",
+                "--out", out, "--executor", "local", "--no-progress")
+    assert done.exit_code == 0, done.output
+    checked = check_job(RunOptions(job="mlp", params=params), keep_built=True)
+    early = EarlyReference()
+    early.start(checked)
+    problem, reference = early.result()
+    assert problem is checked.built
+    np.testing.assert_array_equal(reference[0], reference_full(problem))
+    report = compare(str(out), problem=problem, reference=reference)
+    assert report.ok and report.mode == "all" and report.reference_seconds == round(
+        reference[1], 4)
+    # it is the reference compared against: a wrong one is a mismatch
+    wrong = compare(str(out), problem=problem, reference=(reference[0] * 1.5, reference[1]))
+    assert not wrong.ok and wrong.worst_ratio > 1
+    # a reference too big to hold through the run is not started; compare computes its own
+    small = EarlyReference(hold=0)
+    small.start(checked)
+    assert small.result() == (None, None)
+    without = check_job(RunOptions(job="mlp", params=params))
+    assert without.built is None

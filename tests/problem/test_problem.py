@@ -265,3 +265,51 @@ def test_the_suggestion_runs():
 
     assert resolve_builder(did_you_mean("examples/my_job.py")).__name__ == "build"
     assert did_you_mean("mlp") == "mlp"
+
+
+def test_parameters_read_from_source_equal_the_imported_signature():
+    """NOTE: [Parameters without imports]: every built-in job, without importing it."""
+    from pipeline.problem.problem import job_parameters, static_parameters
+
+    for name in builtin_jobs():
+        assert static_parameters(name) == job_parameters(resolve_builder(name)), name
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def build(n: int = 3, act='tanh', *, flag=False, w=None):\n    pass\n",
+     {"n": 3, "act": "tanh", "flag": False, "w": None}),
+    ("def build(a, b=2.5):\n    pass\n", {"a": None, "b": 2.5}),
+    # anything the source alone cannot settle: the caller imports the module
+    ("import torch\ndef build(dtype=torch.float32):\n    pass\n", None),
+    ("import functools\n@functools.cache\ndef build(n=3):\n    pass\n", None),
+    ("def build(n=3):\n    pass\nbuild = lambda n=4: n\n", None),
+    ("from somewhere import build\n", None),
+    ("def other(n=3):\n    pass\n", None),
+])
+def test_parameters_from_source_or_none(tmp_path, monkeypatch, source, expected):
+    from pipeline.problem.problem import static_parameters
+
+    (tmp_path / "srcjob.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert static_parameters("srcjob:build") == expected
+    import sys
+
+    assert "srcjob" not in sys.modules  # read, never imported
+
+
+def test_a_typo_in_a_parameter_is_refused_before_torch_is_imported(tmp_path):
+    """``run --executor ray`` starts Ray while the job imports: a typo is still caught first."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, sys\nfrom pipeline.cli import main\n"
+            "atexit.register(lambda: print('torch' in sys.modules, 'ray' in sys.modules))\n"
+            "sys.argv = ['jacpipe', 'run', 'mlp', '-p', 'nn=3', '--executor', 'ray', "
+            "'--out', 'o']\nmain()\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={**env, "PYTHONPATH": __import__("os").getcwd()})
+    assert "unknown parameter 'nn'" in done.stderr, done.stderr
+    assert done.returncode == 2 and done.stdout.split() == ["False", "False"], (
+        done.returncode, done.stdout, done.stderr)

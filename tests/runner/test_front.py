@@ -161,13 +161,17 @@ for k in range(3):
                      progress=False, num_cpus=2, echo=lines.append)
     pids.append(sorted({e.pid for e in s.manifest.committed}))
     up.append(ray.is_initialized())
+    if k == 0:  # NOTE: [A lean embedded Ray]: what this Ray started, and Ray's Node restored
+        from ray._private.node import Node
+        started = sorted(ray._private.worker._global_node.all_processes)
+        restored = Node.start_monitor.__name__ == "start_monitor"
     J = pipeline.jacobian(fn, x, executor="ray", echo=lines.append)
     errs.append(float((J - torch.func.jacrev(fn)(x)).abs().max()))
     x = x - torch.linalg.solve(J, fn(x) - 1)
 pipeline.shutdown()
 starts = sum(line.startswith("Ray started") for line in lines)
 print(json.dumps({"pids": pids, "up": up, "errs": errs, "after": ray.is_initialized(),
-                  "starts": starts}))
+                  "starts": starts, "started": started, "restored": restored}))
 """
 
 
@@ -185,6 +189,10 @@ def test_one_embedded_ray_serves_a_newton_loop_and_stops_on_shutdown(tmp_path):
     assert doc["starts"] == 1
     assert len(set().union(*map(set, doc["pids"]))) <= 3
     assert max(doc["errs"]) < 1e-12
+    # an embedded Ray starts neither an autoscaler monitor nor a dashboard process
+    assert "raylet" in doc["started"] and "gcs_server" in doc["started"], doc["started"]
+    assert not {"monitor", "dashboard"} & set(doc["started"]), doc["started"]
+    assert doc["restored"] is True
 
 
 def test_on_the_callers_ray_rows_come_back_in_memory_and_failures_are_one_line(ray_session):
