@@ -168,3 +168,42 @@ def test_the_reference_started_during_the_run_is_the_one_compare_uses(tmp_path):
     assert small.result() == (None, None)
     without = check_job(RunOptions(job="mlp", params=params))
     assert without.built is None
+
+
+def _errors_whole(got, ref, *, rtol, atol):
+    """The whole-array version ``errors`` had before it went block by block."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    both_nan = np.isnan(got) & np.isnan(ref)
+    same_inf = np.isinf(got) & (got == ref)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        diff = np.where(both_nan | same_inf, 0.0, np.abs(got - ref))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        finite_ref = np.abs(np.where(np.isfinite(ref), ref, 0.0))
+        scale = float(finite_ref.max())
+        max_abs = float(diff.max())
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        tol = atol + rtol * finite_ref
+        worst = float(np.where(diff == 0, 0.0, diff / tol).max())
+    return max_abs, max_rel, worst
+
+
+@pytest.mark.parametrize("case", ["close", "nan", "inf", "zeros", "far"])
+def test_errors_block_by_block_equal_the_whole_array_ones(case):
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((300, 700)).astype(np.float32)  # 3+ blocks of 64k entries
+    got = ref + np.float32(1e-6) * rng.standard_normal(ref.shape).astype(np.float32)
+    if case == "nan":
+        got[5, 5] = ref[5, 5] = np.nan
+        got[250, 3] = np.nan  # one-sided: an infinite difference
+    if case == "inf":
+        got[7, 1] = ref[7, 1] = np.inf
+        got[290, 600], ref[290, 600] = np.inf, -np.inf
+    if case == "zeros":
+        ref[:] = 0
+        got[:] = 0
+        got[299, 699] = 1e-30
+    if case == "far":
+        got[123, 456] += 10
+    for rtol, atol in ((1e-5, 1e-7), (0.0, 0.0)):
+        assert errors(got, ref, rtol=rtol, atol=atol) == _errors_whole(got, ref, rtol=rtol,
+                                                                       atol=atol)
