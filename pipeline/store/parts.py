@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline.core.codec import AUTO, DEFAULT_COMPRESSION, parse_compression
 from pipeline.store import footer
+from pipeline.store.arrays import arrow_array, numpy_view
 from pipeline.store.storage import Storage
 
 #: Key of the JSON facts in each part file's schema metadata.
@@ -237,14 +238,14 @@ class PartWriter:
         """Append rows ``start .. start + len(block)`` (dense layout)."""
         block = np.ascontiguousarray(block)
         r, n = block.shape
-        rows = pa.array(np.arange(start, start + r, dtype=np.int64))
+        rows = arrow_array(np.arange(start, start + r, dtype=np.int64))
         kind = self.schema.field("values").type
         values = pa.FixedSizeListArray.from_arrays(
-            pa.array(block.reshape(-1), type=kind.value_type), type=kind
+            arrow_array(block.reshape(-1), kind.value_type), type=kind
         )
         arrays = [rows]
         if self.schema.field(1).name != "values":  # the kind's index column
-            arrays.append(pa.array(np.asarray(samples, dtype=np.int64)))
+            arrays.append(arrow_array(np.asarray(samples, dtype=np.int64)))
         arrays.append(values)
         self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
@@ -257,15 +258,15 @@ class PartWriter:
         """
         names = [name for name in self.schema.names if name != "row"]
         r = np.asarray(columns["values"]).shape[0]
-        arrays = [pa.array(np.arange(start, start + r, dtype=np.int64))]
+        arrays = [arrow_array(np.arange(start, start + r, dtype=np.int64))]
         for name in names:  # NaN/Inf of `values` are counted on the encoder threads
             kind = self.schema.field(name).type
             if kind == pa.int64():  # the kind's index column (sample, point)
-                arrays.append(pa.array(np.asarray(columns[name], dtype=np.int64)))
+                arrays.append(arrow_array(np.asarray(columns[name], dtype=np.int64)))
                 continue
             flat = np.ascontiguousarray(columns[name]).reshape(-1)
             arrays.append(pa.FixedSizeListArray.from_arrays(
-                pa.array(flat, type=kind.value_type), type=kind))
+                arrow_array(flat, kind.value_type), type=kind))
         self._append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
 
     def write_sparse(
@@ -273,12 +274,12 @@ class PartWriter:
     ) -> None:
         """Append sparse rows in CSR form (sparse layout)."""
         values = np.ascontiguousarray(values)
-        offsets = pa.array(np.asarray(indptr, dtype=np.int32))
+        offsets = arrow_array(np.asarray(indptr, dtype=np.int32))
         batch = pa.RecordBatch.from_arrays(
             [
-                pa.array(np.asarray(rows, dtype=np.int64)),
-                pa.ListArray.from_arrays(offsets, pa.array(np.asarray(cols, dtype=np.int64))),
-                pa.ListArray.from_arrays(offsets, pa.array(values)),
+                arrow_array(np.asarray(rows, dtype=np.int64)),
+                pa.ListArray.from_arrays(offsets, arrow_array(np.asarray(cols, dtype=np.int64))),
+                pa.ListArray.from_arrays(offsets, arrow_array(values)),
             ],
             schema=self.schema,
         )
@@ -437,7 +438,7 @@ def _encode_group(
             writer.write_table(table, row_group_size=table.num_rows)
     nan = inf = 0
     for chunk in table.column("values").chunks:
-        n, i = count_nonfinite(chunk.flatten().to_numpy(zero_copy_only=False))
+        n, i = count_nonfinite(numpy_view(chunk.flatten()))
         nan, inf = nan + n, inf + i
     return buf.getvalue(), nan, inf
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.core.errors import JacpipeError
 from pipeline.core.kinds import kind_of, layout_of
 from pipeline.core.shard import ShardResult
+from pipeline.store.arrays import numpy_view
 from pipeline.store.manifest import MANIFEST, Manifest
 from pipeline.store.parts import NUMPY_FLOAT, part_name
 from pipeline.store.storage import Storage
@@ -316,10 +317,10 @@ class JacobianResult:
         for index, _, _ in shards:
             entry = self._require(index, verify=verify)
             table = pq.read_table(self.storage.path(entry.file), filesystem=self.storage.fs)
-            lengths = table.column("cols").combine_chunks().value_lengths().to_numpy()
-            rows_here = np.repeat(table.column("row").to_numpy(), lengths)
-            cols = table.column("cols").combine_chunks().flatten().to_numpy()
-            vals = table.column("values").combine_chunks().flatten().to_numpy()
+            lengths = numpy_view(table.column("cols").combine_chunks().value_lengths())
+            rows_here = np.repeat(numpy_view(table.column("row")), lengths)
+            cols = numpy_view(table.column("cols").combine_chunks().flatten())
+            vals = numpy_view(table.column("values").combine_chunks().flatten())
             r_all.append(rows_here)
             c_all.append(cols)
             v_all.append(vals)
@@ -545,7 +546,7 @@ def _read_group(
     """``(rows, block)`` of one row group (only the rows in ``sel`` when given)."""
     pf = pq.ParquetFile(path, filesystem=fs, metadata=meta)
     table = pf.read_row_group(group, columns=["row", "values"], use_threads=False)
-    row_idx = table.column("row").to_numpy()
+    row_idx = numpy_view(table.column("row"))
     block = _fixed_list_to_numpy(table.column("values"), n)
     if sel is not None:
         keep = np.isin(row_idx, sel)
@@ -575,7 +576,7 @@ def _prefetched(calls: Iterator[Callable[[], _T]], threads: int) -> Iterator[_T]
 
 def _fixed_list_to_numpy(column: pa.ChunkedArray | pa.Array, n: int) -> np.ndarray:
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    parts = [c.flatten().to_numpy(zero_copy_only=False).reshape(-1, n) for c in chunks]
+    parts = [numpy_view(c.flatten()).reshape(-1, n) for c in chunks]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
