@@ -13,8 +13,10 @@ class EarlyReference:
         ``make run``'s ``--verify`` rebuilt the job and computed
         ``torch.autograd.functional.jacobian`` (0.9 s of its 2000 x 2000)
         after the shards, on a machine whose cores had sat half idle while
-        Ray started (the raylet waits on its agents). The run hands the job
-        it built and checked to :meth:`start` as soon as the checks pass;
+        Ray started (the raylet waits on its agents). Where Ray starts while
+        the job is checked (its shards then all run on Ray workers, none in
+        the driver, whose torch the thread would share), the run hands the
+        job it built and checked to :meth:`start` as soon as the checks pass;
         where ``compare`` would check every row (:func:`fits_full_reference`)
         and the reference is at most :attr:`hold` bytes, a thread computes
         it from that problem, the same torch call ``compare`` makes, while

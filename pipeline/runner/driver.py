@@ -160,16 +160,15 @@ def run_command(options: RunOptions, echo: Callable[[str], None], *,
 
     Args:
         on_checked: called with the checked job (its ``built`` problem kept)
-            as soon as the checks pass, before the shards: ``run --verify``
-            starts its reference there (NOTE: [The reference while Ray starts]).
+            as soon as the checks pass, where Ray starts while the job is
+            checked (the shards then run on Ray, none in this process):
+            ``run --verify`` starts its reference there (NOTE: [The reference
+            while Ray starts]).
     """
     t_start = time.perf_counter()
-    keep = on_checked is not None
     if not _starts_ray_early(options):
-        checked = _checked(options, None, echo, keep_built=keep)
-        if on_checked is not None:
-            on_checked(checked)
-        return run_checked(options, checked, echo, keep_ray=False, t_start=t_start)
+        return run_checked(options, _checked(options, None, echo), echo, keep_ray=False,
+                           t_start=t_start)
     try:
         checked, warming = _checked_while_ray_starts(options, echo, on_checked)
         return run_checked(options, checked, echo, keep_ray=False, t_start=t_start,
@@ -290,12 +289,12 @@ def _checked_while_ray_starts(opts: RunOptions, echo: Callable[[str], None],
     return box["job"], warming
 
 
-def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None], *,
-             keep_built: bool = False) -> CheckedJob:
+def _checked(opts: RunOptions, given: Problem | None, echo: Callable[[str], None]
+             ) -> CheckedJob:
     opts.check()
     with slow_phase(echo, "checking the job (build, fingerprint, detecting sparsity)",
                     enabled=opts.progress):
-        return check_job(opts, given, keep_built=keep_built)
+        return check_job(opts, given)
 
 
 @contextlib.contextmanager

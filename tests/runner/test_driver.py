@@ -710,3 +710,36 @@ def test_ray_started_during_the_checks_is_stopped_when_a_check_fails_and_results
     np.testing.assert_allclose(read_jacobian(str(good)), jacobian(problem.fn, problem.x).numpy(),
                                rtol=1e-12, atol=1e-12)
     assert read_doc(good)["status"] == "complete"
+
+
+_EARLY = """
+import json
+import numpy as np
+from pipeline.analysis.compare import compare
+from pipeline.analysis.early import EarlyReference
+from pipeline.core.options import RunOptions
+from pipeline.maths.kinds import reference_full
+from pipeline.runner.driver import run_command
+
+early, seen = EarlyReference(), []
+opts = RunOptions(job="mlp", params=["n=40", "m=30", "hidden=8", "dtype=float64"], shards=2,
+                  executor="ray", num_cpus=1, out="o", progress=False)
+summary = run_command(opts, seen.append, on_checked=early.start)
+problem, reference = early.result()
+report = compare("o", problem=problem, reference=reference)
+print(json.dumps({"started": any(s.startswith("Ray started") for s in seen),
+                  "same": bool(np.array_equal(reference[0], reference_full(problem))),
+                  "ok": report.ok, "mode": report.mode, "computed": summary.computed}))
+"""
+
+
+@pytest.mark.slow
+def test_the_verify_reference_runs_while_an_embedded_ray_starts(tmp_path):
+    """NOTE: [The reference while Ray starts], on the path that starts Ray early."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_") and k != "JACPIPE_EXECUTOR"}
+    done = subprocess.run([sys.executable, "-c", _EARLY], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc == {"started": True, "same": True, "ok": True, "mode": "all", "computed": 2}, doc
