@@ -106,7 +106,13 @@ def _refuse_input_writes(fn: Callable[[Tensor], Tensor], x: Tensor) -> None:
 
 
 def _flat_fn(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable[[Tensor], Tensor]:
-    return lambda t: fn(t.reshape(shape)).reshape(-1)
+    """``fn`` of a flat ``x``, flat output; no reshape where one is flat already (under
+    ``vjp`` each op is a few microseconds of a small call)."""
+    def flat(t: Tensor) -> Tensor:
+        y = fn(t if len(shape) == 1 else t.reshape(shape))
+        return y if y.dim() == 1 else y.reshape(-1)
+
+    return flat
 
 
 def _chunks(start: int, stop: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
@@ -117,6 +123,8 @@ def _chunks(start: int, stop: int, chunk_size: int | None) -> Iterator[tuple[int
 
 def basis_rows(start: int, stop: int, size: int, like: Tensor) -> Tensor:
     """Rows ``[start, stop)`` of the ``size × size`` identity, dtype/device of ``like``."""
+    if start == 0 and stop == size:  # one op instead of three
+        return torch.eye(size, dtype=like.dtype, device=like.device)
     basis = like.new_zeros(stop - start, size)
     basis.diagonal(offset=start).fill_(1)  # basis[k, start + k] = 1
     return basis
@@ -1032,9 +1040,8 @@ def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, 
     count = rows.shape[0]
     if count < 2 or not checks.spot_checks():
         return False
-    picked, index, w, w_norm = _spot_draw(count, a, rows.dtype, rows.device)
-    cot = like.new_zeros(like.numel())
-    cot.index_put_((index + a if a else index,), w.to(like.dtype))
+    picked, index, w, w_norm = _spot_draw(count, a, rows.shape[1], rows.dtype, rows.device)
+    cot = _spot_cotangent(index, w, a, like.numel(), like.dtype)
     try:
         plain = unbatched(cot)
     except RuntimeError:  # the unbatched pass cannot run: no verdict
@@ -1049,25 +1056,56 @@ def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, 
     return reason is not None
 
 
+#: A chunk of at most this many entries is combined whole by the spot check
+#: (every row, not :data:`checks.SPOT_ROWS` of them: reading it costs less
+#: than picking rows out of it).
+SPOT_WHOLE_NUMEL = 2**16
+
+
 @functools.lru_cache(maxsize=256)
-def _spot_draw(count: int, a: int, dtype: torch.dtype, device: torch.device
+def _spot_draw(count: int, a: int, width: int, dtype: torch.dtype, device: torch.device
                ) -> tuple[list[int], Tensor, Tensor, float]:
-    """The spot check's rows of a chunk and their weights (``checks.spot_rows``,
-    ``checks.uniform``): ``(picked, picked as a tensor, weights, |weights|)``, drawn once."""
-    picked = checks.spot_rows(count, a, count)
+    """The spot check's rows of a chunk and their weights: ``(picked, picked as a
+    tensor, weights, |weights|)``, drawn once (``checks.uniform``): every row of a
+    small chunk (:data:`SPOT_WHOLE_NUMEL`), else ``checks.spot_rows``."""
+    picked = (list(range(count)) if count * width <= SPOT_WHOLE_NUMEL
+              else checks.spot_rows(count, a, count))
     like = torch.empty(0, dtype=dtype, device=device)
     w = checks.uniform((len(picked),), like, 7, a, count)
     index = torch.tensor(picked, dtype=torch.long, device=device)
     return picked, index, w, float(w.norm())
 
 
+#: Outputs up to which the spot check's cotangent is kept between calls.
+SPOT_KEEP_NUMEL = 2**16
+
+
+def _spot_cotangent(index: Tensor, w: Tensor, a: int, m: int, dtype: torch.dtype) -> Tensor:
+    """The weights ``w`` at rows ``a + index`` of ``m`` outputs (zero elsewhere), in
+    ``dtype``; kept between calls for small ``m`` (a pullback does not write into it)."""
+    if m <= SPOT_KEEP_NUMEL:
+        return _kept_cotangent(index, w, a, m, dtype)
+    cot = torch.zeros(m, dtype=dtype, device=w.device)
+    cot[index + a] = w.to(dtype)
+    return cot
+
+
+@functools.lru_cache(maxsize=32)
+def _kept_cotangent(index: Tensor, w: Tensor, a: int, m: int, dtype: torch.dtype) -> Tensor:
+    cot = torch.zeros(m, dtype=dtype, device=w.device)
+    cot[index + a] = w.to(dtype)
+    return cot
+
+
 def _spot_clearly_agrees(chosen: Tensor, w: Tensor, w_norm: float, plain: Tensor) -> bool:
     """``w @ chosen`` within half the spot tolerance of ``plain`` (NOTE: [A cheap spot check,
     the same verdict]); False also for non-finite values (then judged in full)."""
-    chosen = chosen.detach()
-    comb = w @ chosen
-    comb -= plain.detach().reshape(-1).to(comb.dtype)
-    diff, scale = torch.stack((torch.linalg.vector_norm(comb),
+    chosen = chosen.detach() if chosen.requires_grad else chosen
+    plain = plain.detach().reshape(-1) if plain.dim() != 1 or plain.requires_grad else plain
+    plain = plain if plain.dtype == chosen.dtype else plain.to(chosen.dtype)
+    # w @ chosen - plain in one op
+    diff = torch.addmv(plain, chosen.T, w, beta=-1)
+    diff, scale = torch.stack((torch.linalg.vector_norm(diff),
                                torch.linalg.vector_norm(chosen))).tolist()
     tol = checks.tolerance(chosen.dtype, checks.SPOT_RTOL)
     return math.isfinite(diff) and math.isfinite(scale) and diff <= 0.5 * tol * w_norm * scale

@@ -259,3 +259,90 @@ def test_a_small_closure_with_a_wrong_batching_rule_is_right_without_the_run_lev
     with pytest.warns(VmapMismatchWarning, match="without vmap"):
         got = pipeline.jacobian(fn, x, **LOCAL)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+class _DoubledUnderVmap(torch.autograd.Function):
+    """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
+
+    @staticmethod
+    def forward(g):
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, g):
+        return 2 * g, in_dims[0]
+
+    @staticmethod
+    def backward(ctx, gg):
+        return gg
+
+
+class _SinWrongUnderVmap(torch.autograd.Function):
+    """sin, whose backward is right alone and doubled under vmap (as torch.cdist's)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return torch.sin(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return _DoubledUnderVmap.apply(g) * torch.cos(v)
+
+
+def test_every_repeated_call_refuses_a_wrong_batching_rule():
+    """A remembered call (NOTE: [Repeated calls of one function]) still checks its rows:
+    the wrong vmap rule is caught on the first call and on every later one, at new x."""
+    from torch.autograd.functional import jacobian
+
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return _SinWrongUnderVmap.apply(w @ t)
+
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.jacrev(fn)(x), 2 * jacobian(fn, x))  # the bug
+    for k in range(3):
+        with pytest.warns(VmapMismatchWarning, match="without vmap"):
+            got = pipeline.jacobian(fn, x + k, **LOCAL)
+        torch.testing.assert_close(got, jacobian(fn, x + k), rtol=1e-12, atol=1e-12)
+    assert fn in front._REMEMBERED  # calls 2 and 3 took the remembered path
+
+
+def test_a_repeated_call_reuses_its_plan_and_plans_again_when_fn_changes(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    rows, dtype = [8], [torch.float64]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w[:rows[0]] @ t).to(dtype[0])
+
+    x = torch.randn(5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), torch.func.jacrev(fn)(x))
+    planned = []
+    check_job = front.check_job
+    monkeypatch.setattr(front, "check_job", lambda *a, **k: planned.append(1) or check_job(*a, **k))
+    for y in (2 * x, x.sin()):  # new points, the remembered plan
+        torch.testing.assert_close(pipeline.jacobian(fn, y, **LOCAL), torch.func.jacrev(fn)(y))
+    assert planned == []
+    rows[0] = 3  # fn's output changes shape: planned (and checked) again
+    got = pipeline.jacobian(fn, x, **LOCAL)
+    assert got.shape == (3, 5) and planned == [1]
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    pipeline.jacobian(fn, x, method="rev", **LOCAL)  # other options: another key
+    assert planned == [1, 1]
+    dtype[0] = torch.float32  # refused as a first call is
+    with pytest.raises(JacpipeError, match="returned torch.float32 for an input of"):
+        pipeline.jacobian(fn, x, **LOCAL)
