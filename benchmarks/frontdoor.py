@@ -19,6 +19,10 @@ Fresh processes (interpreter start and imports included), interleaved rounds:
   round's stderr lines, timed, go to the JSON: where its seconds went).
 
     python -m benchmarks.frontdoor            # 3 rounds
+    python -m benchmarks.frontdoor --closure-only   # the closure alone (frontdoor-closure.json)
+    python -m benchmarks.frontdoor --dense-only     # the engine's dense rows vs jacrev, from
+                                                    # (30, 40) -> (30, 50) to mlp 2000, as
+                                                    # benchmarks.peers (frontdoor-dense.json)
     python -m benchmarks.frontdoor --quick    # 1 round, a 600 x 600 Newton loop
     git worktree add /tmp/before COMMIT && python -m benchmarks.frontdoor --before /tmp/before
 """
@@ -220,6 +224,20 @@ def _closure_only(closure: dict[str, list[float]], args: Any) -> int:
     return 0
 
 
+def _dense_only(args: Any) -> int:
+    """``benchmarks.peers``' dense table alone (issue 27's small-call target), 2 threads."""
+    import torch
+
+    from benchmarks.peers import dense_table
+
+    torch.set_num_threads(2)
+    report = Report("frontdoor-dense", quick=args.quick)
+    dense_table(report, args.quick, args.repeats or (3 if args.quick else 5))
+    report.facts = {"threads": 2, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    report.finish(args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time every case, print the tables, write ``benchmarks/results/frontdoor.json``."""
     p = parser(__doc__.splitlines()[0])
@@ -228,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                         "make run command joins the interleaved rounds")
     p.add_argument("--closure-only", action="store_true",
                    help="only the 100 x 100 closure (benchmarks/results/frontdoor-closure.json)")
+    p.add_argument("--dense-only", action="store_true",
+                   help="only jacobian_rows vs jacrev (benchmarks/results/frontdoor-dense.json)")
     args = p.parse_args(argv)
+    if args.dense_only:
+        return _dense_only(args)
     repeats = max(1, args.repeats or (1 if args.quick else 3))
     closure = _closure(50 if args.quick else 300)
     if args.closure_only:

@@ -34,6 +34,8 @@ NOTE: [Compiled row passes]
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -1038,7 +1040,7 @@ def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, 
         is 0.09 ms), ``benchmarks/frontdoor.py --closure-only``.
     """
     count = rows.shape[0]
-    if count < 2 or not checks.spot_checks():
+    if count < 2 or not checks.spot_checks() or not _SPOT_DUE.get():
         return False
     picked, index, w, w_norm = _spot_draw(count, a, rows.shape[1], rows.dtype, rows.device)
     cot = _spot_cotangent(index, w, a, like.numel(), like.dtype)
@@ -1051,9 +1053,31 @@ def _spot_rejected(unbatched: Callable[[Tensor], Tensor], rows: Tensor, a: int, 
         return False
     reason = checks.combination_mismatch(chosen, w, plain, a)
     if reason is not None:
+        _SPOT_REJECTIONS[0] += 1
         checks.report(f"{what}: {reason}; computing them one at a time with "
                       "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
     return reason is not None
+
+
+_SPOT_DUE: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_spot_due",
+                                                                 default=True)
+_SPOT_REJECTIONS = [0]  # rejections so far (spot_rejections)
+
+
+@contextlib.contextmanager
+def spot_check_skipped() -> Iterator[None]:
+    """Calls inside skip the vmap spot check (the front door's remembered calls between
+    checked ones: NOTE: [Repeated calls of one function] in :mod:`pipeline.runner.front`)."""
+    token = _SPOT_DUE.set(False)
+    try:
+        yield
+    finally:
+        _SPOT_DUE.reset(token)
+
+
+def spot_rejections() -> int:
+    """How many vmap spot checks of this process found vectorised rows wrong (so far)."""
+    return _SPOT_REJECTIONS[0]
 
 
 #: A chunk of at most this many entries is combined whole by the spot check
@@ -1166,7 +1190,7 @@ def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, b
         block = torch.func.vmap(_sample_jacobian(fn, "rev"))(samples)
         block, method = block.reshape(-1, samples[0].numel()).to(samples.dtype), "rev"
     count = samples.shape[0]
-    if count * m < 2 or not checks.spot_checks():
+    if count * m < 2 or not checks.spot_checks() or not _SPOT_DUE.get():
         return block, method
     s = checks.pick(0, count, s0, count)
     picked = checks.spot_rows(m, s0, count, s)
@@ -1185,6 +1209,7 @@ def _checked_samples(fn: Callable[[Tensor], Tensor], samples: Tensor, s0: int, b
                                          (s0 + s) * m)
     if reason is None:
         return block, method
+    _SPOT_REJECTIONS[0] += 1
     checks.report(f"per-sample rows: {reason}; computing them one at a time with "
                   "torch.autograd.grad (no vmap)", checks.VmapMismatchWarning)
     return None, method

@@ -143,9 +143,7 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
         if opts.out is None:
             plan = _plan(opts, job)
             if _fits(job, plan) and plan.executor == "local":
-                chunk = _chunk(job, plan)
-                _remember(problem, key, job, plan, chunk)
-                return _in_memory(job, plan, chunk)
+                return _first_in_memory(problem, key, job, plan)
             if _fits(job, plan) and plan.coloring is None and opts.smooth is None:
                 return _on_ray(opts, with_fingerprint(job), plan, echo)
         return _through_folder(opts, with_fingerprint(job), echo, options)
@@ -157,17 +155,33 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
 #   the options, the timed pass, the plan (psutil's memory reading) and the
 #   chunk size cost as much as the derivative. A call that took the
 #   in-memory path with nothing x-dependent decided (no sparsity detection,
-#   no adjoint check, no run-level spot check, no pattern, no smoothing) is
-#   remembered, weakly keyed by the function object, under its kind, the
-#   shape, dtype, layout and device of x, the options given and whether a
-#   Ray of the caller's is up. A later call with the same key reuses the
-#   plan and chunk size and repeats everything else: fn(x) must give a
-#   tensor of the first call's shape and dtype (the key holds x's; else the
-#   call is planned, checked and refused as a first call), the random-op
-#   refusal (cached per function and module training flags in
-#   pipeline.sparse.detect) and every check of the engine call itself (the
-#   vmap spot check: NOTE: [Checks on every engine call]). A new function
-#   object (a lambda made in the loop) is a new key.
+#   no adjoint check, no run-level spot check, no pattern, no smoothing) and
+#   whose rows passed the engine's vmap spot check is remembered, weakly
+#   keyed by the function object, under its kind, the shape, dtype, layout
+#   and device of x, the options given and whether a Ray of the caller's is
+#   up. A later call with the same key reuses the plan and chunk size. Every
+#   call still checks: fn(x) must give a tensor of the first call's shape
+#   and dtype (the key holds x's; else the call is planned, checked and
+#   refused as a first call), the random-op refusal (cached per function
+#   and module training flags in pipeline.sparse.detect), and the engine's
+#   forward-mode checks. The vmap spot check (NOTE: [Checks on every engine
+#   call]), one unbatched pullback, about a fifth of such a call, runs on
+#   every :data:`SPOT_EVERY`-th remembered call (8; set it to 1 to check every
+#   call). So:
+#
+#   - a wrong batching rule that shows at the first call's x is refused on
+#     that first call (its rows computed one at a time, a warning), and the
+#     function is never remembered: every later call is checked in full;
+#   - one that shows only at other points, or after fn's closed-over state
+#     changed without changing its output's shape or dtype, is caught on the
+#     next checked call (its rows recomputed, a warning, the key forgotten:
+#     every call after it is checked); the remembered calls before it return
+#     unchecked rows. tests/runner/test_front.py holds both cases.
+#   A new function object (a lambda made in the loop) is a new key.
+
+#: A remembered call compares its rows with an unbatched pullback on every
+#: ``SPOT_EVERY``-th call (1: every call). NOTE: [Repeated calls of one function].
+SPOT_EVERY = 8
 
 _REMEMBERED: weakref.WeakKeyDictionary[Any, dict[Hashable, _Remembered]] = (
     weakref.WeakKeyDictionary())
@@ -175,12 +189,26 @@ _REMEMBERED: weakref.WeakKeyDictionary[Any, dict[Hashable, _Remembered]] = (
 REMEMBER_PER_FUNCTION = 8
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Remembered:
     job: CheckedJob  # its problem is None: the call's own is put in
     plan: RunPlan
     chunk: int | None
     output: tuple[Any, ...] | None  # what _output_of gave (fn(x)'s shape and dtype)
+    calls: int = 0  # remembered calls so far
+
+
+def _first_in_memory(problem: Problem, key: Hashable | None, job: CheckedJob, plan: RunPlan
+                     ) -> Any:
+    """:func:`_in_memory`, remembered for the next call if its rows passed the spot check."""
+    from pipeline.maths.engine import spot_rejections
+
+    chunk = _chunk(job, plan)
+    rejected = spot_rejections()
+    out = _in_memory(job, plan, chunk)
+    if spot_rejections() == rejected:
+        _remember(problem, key, job, plan, chunk)
+    return out
 
 
 def _call_key(problem: Problem, options: dict[str, Any], caller: str) -> Hashable | None:
@@ -214,6 +242,8 @@ def _remember(problem: Problem, key: Hashable | None, job: CheckedJob, plan: Run
 
 def _recall(problem: Problem, key: Hashable | None) -> Any:
     """The result of a remembered call's plan at this ``x``, or None (plan it afresh)."""
+    from pipeline.maths.engine import spot_check_skipped, spot_rejections
+
     known = _REMEMBERED.get(problem.fn) if key is not None else None
     entry = known.get(key) if known else None
     if entry is None:
@@ -222,7 +252,16 @@ def _recall(problem: Problem, key: Hashable | None) -> Any:
         known.pop(key, None)
         return None
     refuse_random(problem, entry.job.spec)
-    return _in_memory(dataclasses.replace(entry.job, problem=problem), entry.plan, entry.chunk)
+    entry.calls += 1
+    job = dataclasses.replace(entry.job, problem=problem)
+    if SPOT_EVERY > 1 and entry.calls % SPOT_EVERY:
+        with spot_check_skipped():
+            return _in_memory(job, entry.plan, entry.chunk)
+    rejected = spot_rejections()
+    out = _in_memory(job, entry.plan, entry.chunk)
+    if spot_rejections() != rejected:  # vmap is wrong here: check every call from now on
+        known.pop(key, None)
+    return out
 
 
 def _output_of(problem: Problem) -> tuple[Any, ...] | None:

@@ -261,6 +261,10 @@ def test_a_small_closure_with_a_wrong_batching_rule_is_right_without_the_run_lev
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
+#: What _DoubledUnderVmap's batching rule multiplies by (2: wrong; 1: right).
+_FACTOR = [2.0]
+
+
 class _DoubledUnderVmap(torch.autograd.Function):
     """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
 
@@ -274,7 +278,7 @@ class _DoubledUnderVmap(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, g):
-        return 2 * g, in_dims[0]
+        return _FACTOR[0] * g, in_dims[0]
 
     @staticmethod
     def backward(ctx, gg):
@@ -300,25 +304,72 @@ class _SinWrongUnderVmap(torch.autograd.Function):
         return _DoubledUnderVmap.apply(g) * torch.cos(v)
 
 
-def test_every_repeated_call_refuses_a_wrong_batching_rule():
-    """A remembered call (NOTE: [Repeated calls of one function]) still checks its rows:
-    the wrong vmap rule is caught on the first call and on every later one, at new x."""
+def _wrong_under_vmap_fn():
+    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return lambda t: _SinWrongUnderVmap.apply(w @ t)
+
+
+def test_a_wrong_batching_rule_is_refused_on_the_first_call_and_every_later_one():
+    """NOTE: [Repeated calls of one function]: found on the first call, the function is
+    never remembered, so every later call checks its rows too."""
     from torch.autograd.functional import jacobian
 
     from pipeline.maths.checks import VmapMismatchWarning
 
-    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-
-    def fn(t: torch.Tensor) -> torch.Tensor:
-        return _SinWrongUnderVmap.apply(w @ t)
-
+    fn = _wrong_under_vmap_fn()
     x = torch.linspace(-1, 1, 5, dtype=torch.float64)
     torch.testing.assert_close(torch.func.jacrev(fn)(x), 2 * jacobian(fn, x))  # the bug
-    for k in range(3):
+    for k in range(front.SPOT_EVERY + 2):
         with pytest.warns(VmapMismatchWarning, match="without vmap"):
             got = pipeline.jacobian(fn, x + k, **LOCAL)
         torch.testing.assert_close(got, jacobian(fn, x + k), rtol=1e-12, atol=1e-12)
-    assert fn in front._REMEMBERED  # calls 2 and 3 took the remembered path
+    assert not front._REMEMBERED.get(fn)
+
+
+@pytest.mark.parametrize("every", [1, 8])
+def test_a_rule_gone_wrong_after_the_first_call_is_caught_on_the_next_checked_call(
+        monkeypatch, every):
+    """What the NOTE says a remembered call skips: SPOT_EVERY = 1 checks every call."""
+
+
+
+    monkeypatch.setattr(front, "SPOT_EVERY", every)
+    fn = _wrong_under_vmap_fn()
+    _FACTOR[0] = 1.0  # right at first: remembered
+    try:
+        _rule_gone_wrong(fn, every)
+    finally:
+        _FACTOR[0] = 2.0
+
+
+def _rule_gone_wrong(fn, every: int) -> None:
+    import warnings
+
+    from torch.autograd.functional import jacobian
+
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), jacobian(fn, x))
+    assert fn in front._REMEMBERED
+    _FACTOR[0] = 2.0  # the rule goes wrong (as a rule wrong at other points only would)
+    wrong = 0
+    for k in range(1, 2 * 8 + 1):  # remembered calls 1, 2, ...
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = pipeline.jacobian(fn, x + k, **LOCAL)
+        ok = torch.allclose(got, jacobian(fn, x + k), rtol=1e-12, atol=1e-12)
+        flagged = any(issubclass(c.category, VmapMismatchWarning) for c in caught)
+        assert ok or not flagged  # a checked call is right
+        wrong += not ok
+        if flagged:
+            assert k == every  # the first checked remembered call
+            break
+    assert flagged and wrong == every - 1 and not front._REMEMBERED.get(fn)
+    for k in range(3):  # forgotten: every call is checked again
+        with pytest.warns(VmapMismatchWarning, match="without vmap"):
+            got = pipeline.jacobian(fn, x - k, **LOCAL)
+        torch.testing.assert_close(got, jacobian(fn, x - k), rtol=1e-12, atol=1e-12)
 
 
 def test_a_repeated_call_reuses_its_plan_and_plans_again_when_fn_changes(monkeypatch):
