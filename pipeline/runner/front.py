@@ -143,7 +143,7 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
         if opts.out is None:
             plan = _plan(opts, job)
             if _fits(job, plan) and plan.executor == "local":
-                return _first_in_memory(problem, key, job, plan)
+                return _first_in_memory(problem, key, job, plan, opts.chunk_size)
             if _fits(job, plan) and plan.coloring is None and opts.smooth is None:
                 return _on_ray(opts, with_fingerprint(job), plan, echo)
         return _through_folder(opts, with_fingerprint(job), echo, options)
@@ -198,12 +198,13 @@ class _Remembered:
     calls: int = 0  # remembered calls so far
 
 
-def _first_in_memory(problem: Problem, key: Hashable | None, job: CheckedJob, plan: RunPlan
-                     ) -> Any:
-    """:func:`_in_memory`, remembered for the next call if its rows passed the spot check."""
+def _first_in_memory(problem: Problem, key: Hashable | None, job: CheckedJob, plan: RunPlan,
+                     chunk_size: int | None) -> Any:
+    """:func:`_in_memory` (``chunk_size``: the caller's, else from the budget), remembered
+    for the next call if its rows passed the spot check."""
     from pipeline.maths.engine import spot_rejections
 
-    chunk = _chunk(job, plan)
+    chunk = chunk_size or _chunk(job, plan)
     rejected = spot_rejections()
     out = _in_memory(job, plan, chunk)
     if spot_rejections() == rejected:

@@ -397,3 +397,17 @@ def test_a_repeated_call_reuses_its_plan_and_plans_again_when_fn_changes(monkeyp
     dtype[0] = torch.float32  # refused as a first call is
     with pytest.raises(JacpipeError, match="returned torch.float32 for an input of"):
         pipeline.jacobian(fn, x, **LOCAL)
+
+
+def test_the_in_memory_path_takes_the_callers_chunk_size_and_one_pass_otherwise(monkeypatch):
+    from pipeline.maths import kinds
+
+    seen = []
+    iter_rows = kinds.iter_rows
+    monkeypatch.setattr(kinds, "iter_rows",
+                        lambda *a, **k: seen.append(k["chunk_size"]) or iter_rows(*a, **k))
+    fn, x = _mlp(n=100, m=100)
+    for chunk_size in (None, 7, None):
+        got = pipeline.jacobian(fn, x, chunk_size=chunk_size, **LOCAL)
+        torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    assert seen[1] == 7 and seen[0] >= 100 and seen[2] == seen[0]
