@@ -411,3 +411,23 @@ def test_the_in_memory_path_takes_the_callers_chunk_size_and_one_pass_otherwise(
         got = pipeline.jacobian(fn, x, chunk_size=chunk_size, **LOCAL)
         torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
     assert seen[1] == 7 and seen[0] >= 100 and seen[2] == seen[0]
+
+
+def test_repeated_hessian_and_batched_calls_are_remembered_and_right():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+
+    def energy(t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ t).pow(2).sum()
+
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        return torch.sin(w @ t)
+
+    for _ in range(3):
+        x = torch.randn(4, generator=g, dtype=torch.float64)
+        xs = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(pipeline.hessian(energy, x, **LOCAL),
+                                   torch.func.hessian(energy)(x))
+        torch.testing.assert_close(pipeline.batched_jacobian(sample, xs, **LOCAL),
+                                   torch.func.vmap(torch.func.jacrev(sample))(xs))
+    assert front._REMEMBERED.get(energy) and front._REMEMBERED.get(sample)
