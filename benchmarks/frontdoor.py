@@ -19,6 +19,10 @@ Fresh processes (interpreter start and imports included), interleaved rounds:
   round's stderr lines, timed, go to the JSON: where its seconds went).
 
     python -m benchmarks.frontdoor            # 3 rounds
+    python -m benchmarks.frontdoor --closure-only   # the closure alone (frontdoor-closure.json)
+    python -m benchmarks.frontdoor --dense-only     # the engine's dense rows vs jacrev, from
+                                                    # (30, 40) -> (30, 50) to mlp 2000, as
+                                                    # benchmarks.peers (frontdoor-dense.json)
     python -m benchmarks.frontdoor --quick    # 1 round, a 600 x 600 Newton loop
     git worktree add /tmp/before COMMIT && python -m benchmarks.frontdoor --before /tmp/before
 """
@@ -167,10 +171,24 @@ def _closure(repeats: int) -> dict[str, list[float]]:
     def fn(t: torch.Tensor) -> torch.Tensor:
         return torch.tanh(w @ t)
 
+    def every_call_checked() -> Any:
+        from pipeline.runner import front
+
+        every, front.SPOT_EVERY = getattr(front, "SPOT_EVERY", 1), 1
+        try:
+            return pipeline.jacobian(fn, x, executor="auto")
+        finally:
+            front.SPOT_EVERY = every
+
     return interleaved({
         "torch.func.jacrev": lambda: torch.func.jacrev(fn)(x),
         "pipeline.jacobian": lambda: pipeline.jacobian(fn, x, executor="auto"),
+        CHECKED: every_call_checked,
     }, repeats=repeats, warmup=3, shuffle=True)
+
+
+#: The closure with the vmap spot check on every call (NOTE: [Repeated calls of one function]).
+CHECKED = "pipeline.jacobian, SPOT_EVERY = 1"
 
 
 def _newton(n: int, iterations: int, local_repeats: int) -> dict[str, Any]:
@@ -203,10 +221,13 @@ def _newton(n: int, iterations: int, local_repeats: int) -> dict[str, Any]:
 
 def _closure_table(report: Report, closure: dict[str, list[float]]) -> tuple[float, float]:
     jr, pj = median(closure["torch.func.jacrev"]), median(closure["pipeline.jacobian"])
+    every = median(closure[CHECKED])
     report.table("in this process: a 100 x 100 closure, ms (median)",
                  ["call", "median ms", "ratio"],
                  [["torch.func.jacrev(fn)(x)", f"{jr * 1e3:.3f}", "1"],
-                  ["pipeline.jacobian(fn, x)", f"{pj * 1e3:.3f}", f"{pj / jr:.2f}x"]])
+                  ["pipeline.jacobian(fn, x)", f"{pj * 1e3:.3f}", f"{pj / jr:.2f}x"],
+                  ["the same, every call spot-checked (front.SPOT_EVERY = 1)",
+                   f"{every * 1e3:.3f}", f"{every / jr:.2f}x"]])
     return jr, pj
 
 
@@ -220,6 +241,20 @@ def _closure_only(closure: dict[str, list[float]], args: Any) -> int:
     return 0
 
 
+def _dense_only(args: Any) -> int:
+    """``benchmarks.peers``' dense table alone (issue 27's small-call target), 2 threads."""
+    import torch
+
+    from benchmarks.peers import dense_table
+
+    torch.set_num_threads(2)
+    report = Report("frontdoor-dense", quick=args.quick)
+    dense_table(report, args.quick, args.repeats or (3 if args.quick else 5))
+    report.facts = {"threads": 2, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+    report.finish(args.json)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time every case, print the tables, write ``benchmarks/results/frontdoor.json``."""
     p = parser(__doc__.splitlines()[0])
@@ -228,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                         "make run command joins the interleaved rounds")
     p.add_argument("--closure-only", action="store_true",
                    help="only the 100 x 100 closure (benchmarks/results/frontdoor-closure.json)")
+    p.add_argument("--dense-only", action="store_true",
+                   help="only jacobian_rows vs jacrev (benchmarks/results/frontdoor-dense.json)")
     args = p.parse_args(argv)
+    if args.dense_only:
+        return _dense_only(args)
     repeats = max(1, args.repeats or (1 if args.quick else 3))
     closure = _closure(50 if args.quick else 300)
     if args.closure_only:

@@ -39,18 +39,27 @@ derivative use :func:`hessian` (second derivatives of a scalar),
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import JacpipeError
-from pipeline.core.kinds import layout_of
+from pipeline.core.kinds import kind_of, layout_of
 from pipeline.core.options import RunOptions
 from pipeline.problem.problem import Problem
 from pipeline.runner.cluster import cluster_resources, connect, embedded_running, ray_running
 from pipeline.runner.driver import log_line, options_from, python_errors, rows_on_ray, run_checked
-from pipeline.runner.job import DETECT_MIN_SECONDS, CheckedJob, check_job, with_fingerprint
+from pipeline.runner.job import (
+    DETECT_MIN_SECONDS,
+    CheckedJob,
+    PatternChoice,
+    check_job,
+    refuse_random,
+    with_fingerprint,
+)
 from pipeline.runner.plan import RunPlan, chunk_rows, local_resources, make_plan
 
 if TYPE_CHECKING:
@@ -116,10 +125,15 @@ def batched_jacobian(fn: Callable[[Tensor], Tensor], xs: Tensor, **options: Any)
 def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
     """Check, then compute in memory or through a folder.
 
-    NOTE: [Three paths of the front door] (module docstring).
+    NOTE: [Three paths of the front door] (module docstring); a repeated call
+    reuses its first call's plan (NOTE: [Repeated calls of one function]).
     """
     echo = options.pop("echo", None) or log_line
+    key = _call_key(problem, options, caller)
     with python_errors():
+        recalled = _recall(problem, key)
+        if recalled is not None:
+            return recalled
         opts, given = options_from(problem, {"progress": False, **options}, caller=caller)
         opts.check()
         if opts.kind is not None:
@@ -129,10 +143,144 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
         if opts.out is None:
             plan = _plan(opts, job)
             if _fits(job, plan) and plan.executor == "local":
-                return _in_memory(job, plan)
+                return _first_in_memory(problem, key, job, plan, opts.chunk_size)
             if _fits(job, plan) and plan.coloring is None and opts.smooth is None:
                 return _on_ray(opts, with_fingerprint(job), plan, echo)
         return _through_folder(opts, with_fingerprint(job), echo, options)
+
+
+# NOTE: [Repeated calls of one function]
+#   A Newton loop or an optimiser calls pipeline.jacobian with the same
+#   function at a new x of the same shape many times; for a 100 x 100 closure
+#   the options, the timed pass, the plan (psutil's memory reading) and the
+#   chunk size cost as much as the derivative. A call that took the
+#   in-memory path with nothing x-dependent decided (no sparsity detection,
+#   no adjoint check, no run-level spot check, no pattern, no smoothing) and
+#   whose rows passed the engine's vmap spot check is remembered, weakly
+#   keyed by the function object, under its kind, the shape, dtype, layout
+#   and device of x, the options given and whether a Ray of the caller's is
+#   up. A later call with the same key reuses the plan and chunk size. Every
+#   call still checks: fn(x) must give a tensor of the first call's shape
+#   and dtype (the key holds x's; else the call is planned, checked and
+#   refused as a first call), the random-op refusal (cached per function
+#   and module training flags in pipeline.sparse.detect), and the engine's
+#   forward-mode checks. The vmap spot check (NOTE: [Checks on every engine
+#   call]), one unbatched pullback, about a fifth of such a call, runs on
+#   every :data:`SPOT_EVERY`-th remembered call (8; set it to 1 to check every
+#   call). So:
+#
+#   - a wrong batching rule that shows at the first call's x is refused on
+#     that first call (its rows computed one at a time, a warning), and the
+#     function is never remembered: every later call is checked in full;
+#   - one that shows only at other points, or after fn's closed-over state
+#     changed without changing its output's shape or dtype, is caught on the
+#     next checked call (its rows recomputed, a warning, the key forgotten:
+#     every call after it is checked); the remembered calls before it return
+#     unchecked rows. tests/runner/test_front.py holds both cases.
+#   A new function object (a lambda made in the loop) is a new key.
+
+#: A remembered call compares its rows with an unbatched pullback on every
+#: ``SPOT_EVERY``-th call (1: every call). NOTE: [Repeated calls of one function].
+SPOT_EVERY = 8
+
+_REMEMBERED: weakref.WeakKeyDictionary[Any, dict[Hashable, _Remembered]] = (
+    weakref.WeakKeyDictionary())
+#: Keys remembered per function (the oldest is dropped first).
+REMEMBER_PER_FUNCTION = 8
+
+
+@dataclasses.dataclass
+class _Remembered:
+    job: CheckedJob  # its problem is None: the call's own is put in
+    plan: RunPlan
+    chunk: int | None
+    output: tuple[Any, ...] | None  # what _output_of gave (fn(x)'s shape and dtype)
+    calls: int = 0  # remembered calls so far
+
+
+def _first_in_memory(problem: Problem, key: Hashable | None, job: CheckedJob, plan: RunPlan,
+                     chunk_size: int | None) -> Any:
+    """:func:`_in_memory` (``chunk_size``: the caller's, else from the budget), remembered
+    for the next call if its rows passed the spot check."""
+    from pipeline.maths.engine import spot_rejections
+
+    chunk = chunk_size or _chunk(job, plan)
+    rejected = spot_rejections()
+    out = _in_memory(job, plan, chunk)
+    if spot_rejections() == rejected:
+        _remember(problem, key, job, plan, chunk)
+    return out
+
+
+def _call_key(problem: Problem, options: dict[str, Any], caller: str) -> Hashable | None:
+    """What a repeated call must share with a remembered one, or None (never remembered)."""
+    x = problem.x
+    if problem.sparsity is not None or problem.operator or options.get("out") is not None:
+        return None
+    try:
+        key = (caller, problem.kind, tuple(x.shape), x.dtype, x.layout, x.device,
+               frozenset(options.items()), bool(options.get("address")) or _on_callers_ray())
+        hash(key)
+        weakref.ref(problem.fn)
+    except (TypeError, AttributeError):  # unhashable options, x not a tensor, fn not weakrefable
+        return None
+    return key
+
+
+def _remember(problem: Problem, key: Hashable | None, job: CheckedJob, plan: RunPlan,
+              chunk: int | None) -> None:
+    """Remember a call whose plan holds at any x (NOTE: [Repeated calls of one function])."""
+    if (key is None or job.adjoint is not None or job.spot is not None or job.smoothing
+            or job.pattern != PatternChoice() or plan.coloring is not None):
+        return
+    known = _REMEMBERED.setdefault(problem.fn, {})
+    known.pop(key, None)
+    while len(known) >= REMEMBER_PER_FUNCTION:
+        known.pop(next(iter(known)))
+    known[key] = _Remembered(dataclasses.replace(job, problem=None), plan, chunk,
+                             _output_of(problem))
+
+
+def _recall(problem: Problem, key: Hashable | None) -> Any:
+    """The result of a remembered call's plan at this ``x``, or None (plan it afresh)."""
+    from pipeline.maths.engine import spot_check_skipped, spot_rejections
+
+    known = _REMEMBERED.get(problem.fn) if key is not None else None
+    entry = known.get(key) if known else None
+    if entry is None:
+        return None
+    if _output_of(problem) != entry.output:  # fn(x) changed type, dtype or shape: plan again
+        known.pop(key, None)
+        return None
+    refuse_random(problem, entry.job.spec)
+    entry.calls += 1
+    job = dataclasses.replace(entry.job, problem=problem)
+    if SPOT_EVERY > 1 and entry.calls % SPOT_EVERY:
+        with spot_check_skipped():
+            return _in_memory(job, entry.plan, entry.chunk)
+    rejected = spot_rejections()
+    out = _in_memory(job, entry.plan, entry.chunk)
+    if spot_rejections() != rejected:  # vmap is wrong here: check every call from now on
+        known.pop(key, None)
+    return out
+
+
+def _output_of(problem: Problem) -> tuple[Any, ...] | None:
+    """``fn(x)``'s (or one sample's) shape and dtype, None if it is no tensor or raises.
+
+    With the key's kind, shape and dtype of x, the same answer means
+    :func:`~pipeline.problem.problem.validate` gives the same shapes (a
+    different one: the call is planned, and refused, as a first call).
+    """
+    import torch
+
+    x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
+    try:
+        with torch.no_grad():
+            y = problem.fn(x)
+    except Exception:  # noqa: BLE001 - the first call's path reports it
+        return None
+    return (tuple(y.shape), y.dtype) if isinstance(y, torch.Tensor) else None
 
 
 def _on_callers_ray() -> bool:
@@ -186,34 +334,50 @@ def _chunk(job: CheckedJob, plan: RunPlan) -> int | None:
     """Rows (``rev``) or columns (``fwd``) per vectorised pass, from the memory budget.
 
     The activations of a row are bounded from the timed pass for work of a
-    few milliseconds, measured (as a shard does) above that.
+    few milliseconds, and measured (as a shard does) above that, or where
+    the bound alone would split the call into several passes: the bound
+    took a 100 x 100 closure's 80 KiB of weights for 1.6 MiB per row and
+    computed it in two passes of 80 and 20 rows.
     """
     s = job.shapes
-    if job.pass_seconds * s.total_rows / 16 > DETECT_MIN_SECONDS:
-        from pipeline.runner.worker import activation_numel
+    if job.pass_seconds * s.total_rows / 16 <= DETECT_MIN_SECONDS:
+        bound = int(job.pass_seconds / 3 * TOUCHED_BYTES_PER_S / s.itemsize)
+        chunk = _chunk_for(job, plan, bound)
+        if chunk >= (s.n if plan.method == "fwd" else s.total_rows):
+            return chunk
+    from pipeline.runner.worker import activation_numel
 
-        activations = activation_numel(job.problem)
-    else:
-        activations = int(job.pass_seconds / 3 * TOUCHED_BYTES_PER_S / s.itemsize)
+    return _chunk_for(job, plan, activation_numel(job.problem))
+
+
+def _chunk_for(job: CheckedJob, plan: RunPlan, activations: int) -> int:
+    s = job.shapes
     budget = plan.memory_budget - _result_bytes(job, plan)
     return chunk_rows(budget=budget, baseline=0, m=s.m, n=s.n, activations=activations,
                       itemsize=s.itemsize, group_bytes=0, method=plan.method)
 
 
-def _in_memory(job: CheckedJob, plan: RunPlan) -> Any:
+def _in_memory(job: CheckedJob, plan: RunPlan, chunk: int | None) -> Any:
     """The whole result computed here, nothing written: a tensor, or CSR when sparse."""
     import torch
 
     from pipeline.maths.kinds import iter_rows
 
     problem, s = job.problem, job.shapes
-    chunk = _chunk(job, plan)
     if plan.coloring is not None:
         return _sparse_in_memory(problem, plan, chunk)
-    out = torch.empty(s.total_rows, s.n, dtype=problem.x.dtype, device=problem.x.device)
+    out = None
     for first, block in iter_rows(problem, 0, s.total_rows, chunk_size=chunk,
                                   method=plan.method, m=s.m):
-        out[first:first + len(block)] = block.detach().reshape(len(block), s.n)
+        block = block.detach().reshape(len(block), s.n)
+        if out is None and first == 0 and len(block) == s.total_rows:
+            out = block  # one pass: its rows, no copy (as jacrev)
+            continue
+        if out is None:
+            out = torch.empty(s.total_rows, s.n, dtype=problem.x.dtype, device=problem.x.device)
+        out[first:first + len(block)] = block
+    if out is None:  # no rows at all
+        out = torch.empty(s.total_rows, s.n, dtype=problem.x.dtype, device=problem.x.device)
     return out.reshape(s.full_shape)
 
 

@@ -85,7 +85,7 @@ def check_job(opts: RunOptions, given: Any = None, *, in_process: bool = False,
     problem = with_kind(problem, opts.kind)
     given = given if given is None else problem
     shapes = validate(problem, opts.job)
-    _refuse_random(problem, opts.job)
+    refuse_random(problem, opts.job)
     smoothing = opts.smoothing()
     if smoothing is not None:
         from pipeline.maths.smoothing import check_problem
@@ -119,8 +119,12 @@ def _vmap_spot_check(problem: Problem, shapes: Shapes) -> SpotCheck | None:
     return vmap_spot_check(problem, m=shapes.m if kind_of(shapes.kind).jacobian_rows else None)
 
 
-def _refuse_random(problem: Problem, spec: str) -> None:
-    """A random op in fn: refused before a shard (NOTE: [Random ops refused deterministically])."""
+def refuse_random(problem: Problem, spec: str) -> None:
+    """A random op in fn: refused before a shard (NOTE: [Random ops refused deterministically]).
+
+    Raises:
+        JacpipeError: ``fn`` draws random numbers that change from call to call.
+    """
     from pipeline.sparse.detect import refuse_random_ops
 
     x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x

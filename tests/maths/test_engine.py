@@ -386,3 +386,57 @@ def test_hessian_fallback_of_a_function_linear_in_x_is_zero():
     with pytest.warns(VmapFallbackWarning):
         got = hessian_rows(lambda t: OldStyle.apply(t * 0 + 1).sum() + t.sum(), x, 0, 4)
     close(got, torch.zeros(4, 4, dtype=torch.float64))
+
+
+class _DoubledUnderVmap(torch.autograd.Function):
+    """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
+
+    @staticmethod
+    def forward(g):
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, g):
+        return 2 * g, in_dims[0]
+
+    @staticmethod
+    def backward(ctx, gg):
+        return gg
+
+
+class _Identity(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return v.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return _DoubledUnderVmap.apply(g)
+
+
+def _doubled_under_vmap(t: torch.Tensor) -> torch.Tensor:
+    """Its Jacobian is diag(1); vectorised reverse mode gives diag(2) (the wrong rule)."""
+    return _Identity.apply(t)
+
+
+@pytest.mark.parametrize("n", [6, 300])  # every row combined; 32 rows picked of a big chunk
+def test_the_spot_check_refuses_a_wrong_batching_rule_in_small_and_big_chunks(n):
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    x = torch.linspace(-1, 1, n, dtype=torch.float64)
+    assert (n * n <= engine.SPOT_WHOLE_NUMEL) == (n == 6)
+    torch.testing.assert_close(torch.func.jacrev(_doubled_under_vmap)(x), 2 * torch.eye(n,
+                               dtype=torch.float64))  # the bug
+    with pytest.warns(VmapMismatchWarning, match="without vmap"):
+        got = jacobian_rows(_doubled_under_vmap, x, 0, n)
+    torch.testing.assert_close(got, torch.eye(n, dtype=torch.float64))

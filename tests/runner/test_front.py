@@ -259,3 +259,175 @@ def test_a_small_closure_with_a_wrong_batching_rule_is_right_without_the_run_lev
     with pytest.warns(VmapMismatchWarning, match="without vmap"):
         got = pipeline.jacobian(fn, x, **LOCAL)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+#: What _DoubledUnderVmap's batching rule multiplies by (2: wrong; 1: right).
+_FACTOR = [2.0]
+
+
+class _DoubledUnderVmap(torch.autograd.Function):
+    """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
+
+    @staticmethod
+    def forward(g):
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, g):
+        return _FACTOR[0] * g, in_dims[0]
+
+    @staticmethod
+    def backward(ctx, gg):
+        return gg
+
+
+class _SinWrongUnderVmap(torch.autograd.Function):
+    """sin, whose backward is right alone and doubled under vmap (as torch.cdist's)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return torch.sin(v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (v,) = ctx.saved_tensors
+        return _DoubledUnderVmap.apply(g) * torch.cos(v)
+
+
+def _wrong_under_vmap_fn():
+    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return lambda t: _SinWrongUnderVmap.apply(w @ t)
+
+
+def test_a_wrong_batching_rule_is_refused_on_the_first_call_and_every_later_one():
+    """NOTE: [Repeated calls of one function]: found on the first call, the function is
+    never remembered, so every later call checks its rows too."""
+    from torch.autograd.functional import jacobian
+
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    fn = _wrong_under_vmap_fn()
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.jacrev(fn)(x), 2 * jacobian(fn, x))  # the bug
+    for k in range(front.SPOT_EVERY + 2):
+        with pytest.warns(VmapMismatchWarning, match="without vmap"):
+            got = pipeline.jacobian(fn, x + k, **LOCAL)
+        torch.testing.assert_close(got, jacobian(fn, x + k), rtol=1e-12, atol=1e-12)
+    assert not front._REMEMBERED.get(fn)
+
+
+@pytest.mark.parametrize("every", [1, 8])
+def test_a_rule_gone_wrong_after_the_first_call_is_caught_on_the_next_checked_call(
+        monkeypatch, every):
+    """What the NOTE says a remembered call skips: SPOT_EVERY = 1 checks every call."""
+
+
+
+    monkeypatch.setattr(front, "SPOT_EVERY", every)
+    fn = _wrong_under_vmap_fn()
+    _FACTOR[0] = 1.0  # right at first: remembered
+    try:
+        _rule_gone_wrong(fn, every)
+    finally:
+        _FACTOR[0] = 2.0
+
+
+def _rule_gone_wrong(fn, every: int) -> None:
+    import warnings
+
+    from torch.autograd.functional import jacobian
+
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    x = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), jacobian(fn, x))
+    assert fn in front._REMEMBERED
+    _FACTOR[0] = 2.0  # the rule goes wrong (as a rule wrong at other points only would)
+    wrong = 0
+    for k in range(1, 2 * 8 + 1):  # remembered calls 1, 2, ...
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = pipeline.jacobian(fn, x + k, **LOCAL)
+        ok = torch.allclose(got, jacobian(fn, x + k), rtol=1e-12, atol=1e-12)
+        flagged = any(issubclass(c.category, VmapMismatchWarning) for c in caught)
+        assert ok or not flagged  # a checked call is right
+        wrong += not ok
+        if flagged:
+            assert k == every  # the first checked remembered call
+            break
+    assert flagged and wrong == every - 1 and not front._REMEMBERED.get(fn)
+    for k in range(3):  # forgotten: every call is checked again
+        with pytest.warns(VmapMismatchWarning, match="without vmap"):
+            got = pipeline.jacobian(fn, x - k, **LOCAL)
+        torch.testing.assert_close(got, jacobian(fn, x - k), rtol=1e-12, atol=1e-12)
+
+
+def test_a_repeated_call_reuses_its_plan_and_plans_again_when_fn_changes(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    rows, dtype = [8], [torch.float64]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w[:rows[0]] @ t).to(dtype[0])
+
+    x = torch.randn(5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), torch.func.jacrev(fn)(x))
+    planned = []
+    check_job = front.check_job
+    monkeypatch.setattr(front, "check_job", lambda *a, **k: planned.append(1) or check_job(*a, **k))
+    for y in (2 * x, x.sin()):  # new points, the remembered plan
+        torch.testing.assert_close(pipeline.jacobian(fn, y, **LOCAL), torch.func.jacrev(fn)(y))
+    assert planned == []
+    rows[0] = 3  # fn's output changes shape: planned (and checked) again
+    got = pipeline.jacobian(fn, x, **LOCAL)
+    assert got.shape == (3, 5) and planned == [1]
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    pipeline.jacobian(fn, x, method="rev", **LOCAL)  # other options: another key
+    assert planned == [1, 1]
+    dtype[0] = torch.float32  # refused as a first call is
+    with pytest.raises(JacpipeError, match="returned torch.float32 for an input of"):
+        pipeline.jacobian(fn, x, **LOCAL)
+
+
+def test_the_in_memory_path_takes_the_callers_chunk_size_and_one_pass_otherwise(monkeypatch):
+    from pipeline.maths import kinds
+
+    seen = []
+    iter_rows = kinds.iter_rows
+    monkeypatch.setattr(kinds, "iter_rows",
+                        lambda *a, **k: seen.append(k["chunk_size"]) or iter_rows(*a, **k))
+    fn, x = _mlp(n=100, m=100)
+    for chunk_size in (None, 7, None):
+        got = pipeline.jacobian(fn, x, chunk_size=chunk_size, **LOCAL)
+        torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    assert seen[1] == 7 and seen[0] >= 100 and seen[2] == seen[0]
+
+
+def test_repeated_hessian_and_batched_calls_are_remembered_and_right():
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(6, 4, generator=g, dtype=torch.float64)
+
+    def energy(t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ t).pow(2).sum()
+
+    def sample(t: torch.Tensor) -> torch.Tensor:
+        return torch.sin(w @ t)
+
+    for _ in range(3):
+        x = torch.randn(4, generator=g, dtype=torch.float64)
+        xs = torch.randn(5, 4, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(pipeline.hessian(energy, x, **LOCAL),
+                                   torch.func.hessian(energy)(x))
+        torch.testing.assert_close(pipeline.batched_jacobian(sample, xs, **LOCAL),
+                                   torch.func.vmap(torch.func.jacrev(sample))(xs))
+    assert front._REMEMBERED.get(energy) and front._REMEMBERED.get(sample)
