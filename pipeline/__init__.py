@@ -72,5 +72,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), _RENAMED.get(name, name))
+        value = getattr(importlib.import_module(_LAZY[name]), _RENAMED.get(name, name))
+        globals()[name] = value  # found once: a loop's `pipeline.jacobian` skips this hook
+        return value
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
