@@ -16,6 +16,25 @@ NOTE: [backward without sympy]
     as any import of it would. Nothing changes once the real module is
     imported (tracing, ``torch.compile`` and fake tensors import it
     themselves).
+
+NOTE: [forward mode without sympy]
+    Forward mode meets sympy on its first binary op with a constant operand
+    (``0.5 * u``, ``u * w`` with ``w`` not dual): the undefined tangent is an
+    efficient zero tensor, whose kernel finds the result's shape by running
+    the op's Meta kernel, and torch 2.13 registers its Python references
+    (``torch._refs.mul``) as the Meta kernels. Those run
+    ``torch._prims_common.elementwise_dtypes``, which imports sympy to ask
+    ``isinstance(x, sympy.Basic)``, and ``_broadcast_shapes``, which asks
+    ``symbolic_shapes`` four helpers: the 0.55 s of a small sparse Jacobian's
+    first evaluation. While sympy is not imported no ``sympy.Basic`` can
+    exist, so :func:`spare_sympy_import` points that one import (its
+    ``IMPORT_NAME``; the function object and so every reference to it stay
+    the same) at a module whose ``Basic`` is sympy's own once sympy is
+    imported and, until then, a class nothing is an instance of; and the
+    stand-in answers the plain-``int``/``bool`` helpers of :data:`_PLAIN`
+    itself (exactly what the real ones do for plain values), anything else
+    going to the real module. Applied only where the code is the one this was
+    written against (torch 2.13, ``sympy`` named once, by that import).
 """
 
 from __future__ import annotations
@@ -43,6 +62,42 @@ def spare_sympy_import() -> bool:
     stand_in = _LazySymbolicShapes(_NAME)
     sys.modules[_NAME] = stand_in
     setattr(sys.modules[_PARENT], _CHILD, stand_in)
+    _spare_dtype_sympy()
+    return True
+
+
+_BASIC = "_jacpipe_sympy_basic"  # a sys.modules key, no file (NOTE: [forward mode without sympy])
+
+
+class _NoSympyBasic:
+    """``sympy.Basic`` while sympy is not imported: no object is an instance of it."""
+
+
+class _SympyBasic(types.ModuleType):
+    """What ``elementwise_dtypes``'s ``import sympy`` gets: ``Basic``, real once imported."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name != "Basic":
+            raise AttributeError(name)
+        real = sys.modules.get("sympy")
+        return _NoSympyBasic if real is None else real.Basic
+
+
+def _spare_dtype_sympy() -> bool:
+    """``elementwise_dtypes`` without importing sympy (NOTE: [forward mode without sympy])."""
+    prims_common = sys.modules.get("torch._prims_common")
+    fn = getattr(prims_common, "elementwise_dtypes", None)
+    code = getattr(fn, "__code__", None)
+    if code is None or code.co_names.count("sympy") != 1:
+        return False  # another torch, or done already
+    import dis
+
+    uses = [i.opname for i in dis.get_instructions(code) if i.argval == "sympy"]
+    if uses != ["IMPORT_NAME", "STORE_FAST", "LOAD_FAST", "LOAD_FAST"]:
+        return False
+    sys.modules.setdefault(_BASIC, _SympyBasic(_BASIC))
+    fn.__code__ = code.replace(co_names=tuple(
+        _BASIC if name == "sympy" else name for name in code.co_names))
     return True
 
 
@@ -77,14 +132,43 @@ def sym_eq(x: Any, y: Any) -> Any:
     return _real().sym_eq(x, y)
 
 
+def _plain_only(name: str, kinds: tuple[type, ...], answer: Any) -> Any:
+    """``symbolic_shapes.<name>``: ``answer`` when every argument's type is one of ``kinds``."""
+
+    def helper(*args: Any) -> Any:
+        if all(type(a) in kinds for a in args):
+            return answer(*args)
+        return getattr(_real(), name)(*args)  # symbolic, or the real one's own error
+
+    helper.__name__ = helper.__qualname__ = name
+    return helper
+
+
+_B, _I, _S = (bool,), (bool, int), (bool, int, float)
+#: The helpers the stand-in answers for plain values, each as the real one does for them.
+_PLAIN: dict[str, Any] = {
+    "expect_true": expect_true,
+    "sym_eq": sym_eq,
+    "guard_or_false": _plain_only("guard_or_false", _B, lambda a: a),
+    "guard_or_true": _plain_only("guard_or_true", _B, lambda a: a),
+    "guard_bool": _plain_only("guard_bool", _B, lambda a: a),
+    "guard_size_oblivious": _plain_only("guard_size_oblivious", _B, lambda a: a),
+    "statically_known_true": _plain_only("statically_known_true", _B, lambda a: a),
+    "statically_known_false": _plain_only("statically_known_false", _B, lambda a: not a),
+    "guarding_hint_or_throw": _plain_only("guarding_hint_or_throw", _I, lambda a: a),
+    "has_guarding_hint": _plain_only("has_guarding_hint", _S, lambda a: True),
+    "is_nested_int": _plain_only("is_nested_int", _S, lambda a: False),
+    "sym_and": _plain_only("sym_and", _B, lambda *a: all(a)),
+    "sym_or": _plain_only("sym_or", _B, lambda *a: any(a)),
+}
+
+
 class _LazySymbolicShapes(types.ModuleType):
     """``torch.fx.experimental.symbolic_shapes`` until it is imported (NOTE above)."""
 
     def __getattr__(self, name: str) -> Any:
-        if name == "expect_true":
-            return expect_true
-        if name == "sym_eq":
-            return sym_eq
+        if name in _PLAIN:
+            return _PLAIN[name]
         if name.startswith("__") and name != "__all__":  # `from` imports probe __path__
             raise AttributeError(name)
         return getattr(_real(), name)

@@ -53,3 +53,57 @@ def test_a_backward_needs_no_sympy_and_the_real_module_comes_when_asked():
     assert doc["shape_error"] is not None and "Mismatch in shape" in doc["shape_error"]
     assert doc["real"] and doc["parent"] and doc["guard_bool"] is True
     assert doc["sympy_after"] is True
+
+
+_FORWARD = r"""
+import json, sys
+import torch
+from pipeline.maths.compiled import spare_dynamo_import  # what every eager pass calls first
+spare_dynamo_import()
+installed = type(sys.modules["torch.fx.experimental.symbolic_shapes"]).__name__ != "module"
+x = torch.randn(6, dtype=torch.float64)
+w = torch.randn(6, dtype=torch.float64)
+
+def fn(u):  # constants beside dual tensors: zero-tangent (Meta-kernel) paths
+    return 0.5 * u ** 3 / 3 + u * w - torch.where(u > 0, u, 2.0) + torch.tensor(1.5) * u
+
+fwd = torch.func.jacfwd(fn)(x)
+ref = torch.autograd.functional.jacobian(fn, x)
+before = "sympy" in sys.modules
+import torch._prims_common as utils
+from torch.fx.experimental.symbolic_shapes import guard_or_false, sym_and
+plain = [guard_or_false(True), guard_or_false(False), sym_and(True, False)]
+try:
+    guard_or_false(1)  # not a bool: the real helper's own error
+    refused = None
+except AssertionError as exc:
+    refused = str(exc)
+import sympy
+kind = utils.ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT
+_, sym_dtype = utils.elementwise_dtypes(sympy.Float(2.5), torch.ones(2, dtype=torch.int32),
+                                        type_promotion_kind=kind)
+_, int_dtype = utils.elementwise_dtypes(sympy.Integer(2), torch.ones(2, dtype=torch.int32),
+                                        type_promotion_kind=kind)
+fwd_after = torch.func.jacfwd(fn)(x)
+print(json.dumps({
+    "installed": installed, "err": float((fwd - ref).abs().max()), "sympy_before": before,
+    "plain": plain, "refused": refused, "sym_dtype": str(sym_dtype), "int_dtype": str(int_dtype),
+    "err_after": float((fwd_after - ref).abs().max()),
+}))
+"""
+
+
+def test_forward_mode_with_constants_needs_no_sympy():
+    """NOTE: [forward mode without sympy] in a fresh interpreter, then with sympy imported."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _FORWARD], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["installed"] is True
+    assert doc["err"] < 1e-12 and doc["err_after"] < 1e-12
+    assert doc["sympy_before"] is False
+    assert doc["plain"] == [True, False, False]
+    assert doc["refused"] is not None and "Expected bool" in doc["refused"]
+    # a sympy expression is promoted as torch promotes it, once sympy is there
+    assert doc["sym_dtype"] == "torch.float32" and doc["int_dtype"] == "torch.int32"
