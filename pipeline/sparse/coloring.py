@@ -399,8 +399,11 @@ def _loops(work: float) -> Any:
         colouring of a 1,024-column stencil: most of a small problem's first
         Jacobian. Below :data:`_PYTHON_MAX_WORK` steps the same loops run as
         plain Python on lists (NOTE: [colouring on lists]; about 0.8 us a
-        step: DSATUR of the 10^4-column stencil 0.21 s, 0.4 s at the limit)
-        unless numba is loaded already.
+        step: DSATUR of the 10^4-column stencil 0.21 s) unless numba is
+        loaded already. At the limit the two tie: the 4*10^4-column stencil
+        (9.9e5 steps) took 0.73-0.89 s in Python against 1.2-4.0 s with
+        numba's load, the 9*10^4-column one (2.2e6) 1.2-2.1 s against
+        0.8-1.1 s (fresh processes, this machine loaded).
     """
     if work <= _PYTHON_MAX_WORK and "numba" not in sys.modules:
         return _kernels(compiled=False)
@@ -409,7 +412,7 @@ def _loops(work: float) -> Any:
 
 #: Steps (sum over rows of nnz^2, or nnz times colours for star colouring)
 #: below which a process that has not loaded numba colours in plain Python.
-_PYTHON_MAX_WORK = 5e5
+_PYTHON_MAX_WORK = 1e6
 
 
 @functools.cache
