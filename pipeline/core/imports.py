@@ -35,6 +35,24 @@ NOTE: [forward mode without sympy]
     itself (exactly what the real ones do for plain values), anything else
     going to the real module. Applied only where the code is the one this was
     written against (torch 2.13, ``sympy`` named once, by that import).
+
+NOTE: [forward mode without TorchScript decompositions]
+    torch 2.13's first ``make_dual`` (every ``jvp``) imports
+    ``torch._decomp.decompositions_for_jvp``, which TorchScript-compiles
+    eleven decompositions (0.17-0.38 s of a fresh process on this loaded
+    machine, the largest first-call cost of a forward-mode pass once sympy is
+    gone). Forward mode uses them only for the derivatives of backward ops
+    (``_softmax_backward_data``, ``native_layer_norm_backward``,
+    ``nll_loss_backward``, the batch-norm backwards: forward over reverse);
+    ``trace`` and ``log_sigmoid_forward`` have Python decompositions that
+    work without them. Backward ops run inside the autograd engine, so
+    :func:`defer_jvp_decompositions` makes ``make_dual``'s load wait for the
+    first backward that runs while a forward-AD level is open (both names
+    of ``_engine_run_backward`` wrapped, as ``torch.compiler`` patches
+    them), loads them there with torch's own function and puts everything
+    back. A first-order ``jvp`` never loads them. An aten backward op called
+    directly on dual tensors, outside any backward, would meet torch's own
+    ``NotImplementedError``: loud, never a wrong value.
 """
 
 from __future__ import annotations
@@ -55,14 +73,56 @@ def spare_sympy_import() -> bool:
     helpers this was not written against (not 2.13).
     """
     torch = sys.modules.get("torch")
-    if torch is None or _NAME in sys.modules or _PARENT not in sys.modules:
+    if torch is None or not str(getattr(torch, "__version__", "")).startswith("2.13."):
         return False
-    if not str(getattr(torch, "__version__", "")).startswith("2.13."):
+    defer_jvp_decompositions()
+    if _NAME in sys.modules or _PARENT not in sys.modules:
         return False
     stand_in = _LazySymbolicShapes(_NAME)
     sys.modules[_NAME] = stand_in
     setattr(sys.modules[_PARENT], _CHILD, stand_in)
     _spare_dtype_sympy()
+    return True
+
+
+_DEFERRED: dict[str, Any] = {}
+
+
+def defer_jvp_decompositions() -> bool:
+    """NOTE: [forward mode without TorchScript decompositions]; True if deferred now.
+
+    A no-op once done, once the decompositions are loaded, or where torch's
+    functions are not the ones this was written against.
+    """
+    forward_ad = sys.modules.get("torch.autograd.forward_ad")
+    graph = sys.modules.get("torch.autograd.graph")
+    autograd = sys.modules.get("torch.autograd")
+    if _DEFERRED or forward_ad is None or graph is None or autograd is None:
+        return False
+    if "torch._decomp.decompositions_for_jvp" in sys.modules:
+        return False
+    load = getattr(forward_ad, "_maybe_load_decompositions", None)
+    run = getattr(graph, "_engine_run_backward", None)
+    if load is None or run is None or getattr(autograd, "_engine_run_backward", None) is not run:
+        return False
+    if "decompositions_for_jvp" not in load.__code__.co_names + load.__code__.co_consts:
+        return False
+
+    def deferred() -> None:
+        """``make_dual``'s load, deferred to the first backward under forward mode."""
+
+    def run_backward(*args: Any, **kwargs: Any) -> Any:
+        if forward_ad._current_level >= 0 and forward_ad._maybe_load_decompositions is deferred:
+            forward_ad._maybe_load_decompositions = load
+            for module in (graph, autograd):
+                if module._engine_run_backward is run_backward:
+                    module._engine_run_backward = run
+            load()
+        return run(*args, **kwargs)
+
+    _DEFERRED.update(load=load, run=run)
+    forward_ad._maybe_load_decompositions = deferred
+    graph._engine_run_backward = autograd._engine_run_backward = run_backward
     return True
 
 

@@ -107,3 +107,38 @@ def test_forward_mode_with_constants_needs_no_sympy():
     assert doc["refused"] is not None and "Expected bool" in doc["refused"]
     # a sympy expression is promoted as torch promotes it, once sympy is there
     assert doc["sym_dtype"] == "torch.float32" and doc["int_dtype"] == "torch.int32"
+
+
+_DECOMPOSITIONS = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from pipeline.core.imports import spare_sympy_import
+spare_sympy_import()
+MOD = "torch._decomp.decompositions_for_jvp"
+x = torch.randn(4, 5, dtype=torch.float64)
+first = lambda t: torch.tanh(t) * t.sum() + torch.trace(t[:, :4]) + F.logsigmoid(t)
+e1 = float((torch.func.jacfwd(first)(x) - torch.autograd.functional.jacobian(first, x)).abs().max())
+loaded_first = MOD in sys.modules
+g = torch.randn(4, 5, dtype=torch.float64)
+scalar = lambda t: (F.log_softmax(t, -1) * g).sum() + F.layer_norm(t, (5,)).pow(2).sum()
+hvp = torch.func.jvp(torch.func.grad(scalar), (x,), (g,))[1]
+ref = (torch.autograd.functional.hessian(scalar, x).reshape(20, 20) @ g.reshape(-1)).reshape(4, 5)
+print(json.dumps({"e1": e1, "loaded_first": loaded_first, "e2": float((hvp - ref).abs().max()),
+                  "loaded_after": MOD in sys.modules,
+                  "restored": torch.autograd.graph._engine_run_backward.__module__}))
+"""
+
+
+def test_forward_mode_defers_torchscript_decompositions_to_forward_over_reverse():
+    """NOTE: [forward mode without TorchScript decompositions] in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _DECOMPOSITIONS], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    # first order (trace and logsigmoid included) and a plain backward: not loaded, right values
+    assert doc["e1"] < 1e-12 and doc["loaded_first"] is False
+    # forward over reverse through softmax and layer-norm backwards: loaded there, right values
+    assert doc["e2"] < 1e-12 and doc["loaded_after"] is True
+    assert doc["restored"] == "torch.autograd.graph"  # torch's own function back in place
