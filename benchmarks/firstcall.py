@@ -26,7 +26,7 @@ from benchmarks.harness import Report, Target, parser
 from benchmarks.peers import PEER_SCRIPT, case_name, peer_python
 
 HERE = Path(__file__).resolve().parent
-CASES = [("heat", 32), ("brusselator", 32), ("heat", 70), ("heat", 100)]
+CASES = [("heat", 32), ("brusselator", 32), ("heat", 70), ("heat", 100), ("heat", 200)]
 QUICK = [("brusselator", 32), ("heat", 100)]
 
 _JACPIPE = """
