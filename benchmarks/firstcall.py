@@ -69,6 +69,29 @@ def asdex_first(python: str, job: str, size: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
 
 
+_FRONT = """
+import json, sys, time, torch
+torch.set_num_threads({threads})
+import pipeline
+w = torch.randn(40, 50, dtype=torch.float64)
+x = torch.randn(30, 40, dtype=torch.float64)
+t0 = time.perf_counter()
+pipeline.jacobian(lambda t: torch.tanh(t @ w), x, sparsity=None)
+t1 = time.perf_counter()
+pipeline.jacobian(lambda t: torch.tanh(t @ w), x, sparsity=None)
+t2 = time.perf_counter()
+print(json.dumps({{"first": t1 - t0, "second": t2 - t1, "scipy": "scipy.sparse" in sys.modules}}))
+"""
+
+
+def front_first(root: Path, threads: int) -> dict[str, Any]:
+    """The first and second ``pipeline.jacobian`` of a small dense map in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", _FRONT.format(threads=threads)],
+                         capture_output=True, text=True, check=True, cwd=root, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def first_detection(root: Path, N: int) -> tuple[float, float]:
     """``benchmarks.peers.first_detection`` for the checkout at ``root``."""
     code = ("import sys\nfrom benchmarks.peers import first_detection\n"
@@ -92,6 +115,7 @@ def main() -> None:
     sides = {"jacpipe": HERE.parent} | ({"baseline": args.baseline} if args.baseline else {})
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     detections: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+    fronts: dict[str, list[dict[str, Any]]] = {}
     for _ in range(rounds):
         for job, size in cases:
             name = case_name(job, "jacobian", size)
@@ -103,8 +127,13 @@ def main() -> None:
         for side, root in sides.items():
             detections[side].append((first_detection(root, 100)[0],
                                      first_detection(root, 1000)[1]))
+            fronts.setdefault(side, []).append(front_first(root, args.threads))
     report = Report("firstcall", args.quick)
     _tables(report, cases, sides, runs, detections)
+    report.table("pipeline.jacobian of (30, 40) -> (30, 50) tanh(x @ W) in a fresh process "
+                 "(s, medians)", ["side", "first call", "second call", "SciPy imported"],
+                 [[side, f"{_med(f, 'first'):.3f}", f"{_med(f, 'second'):.4f}",
+                   any(x["scipy"] for x in f)] for side, f in fronts.items()])
     report.facts.update(threads=args.threads, rounds=rounds,
                         OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY"),
                         load=os.getloadavg(), raw={f"{k[0]} / {k[1]}": v for k, v in runs.items()})
