@@ -85,28 +85,6 @@ def spare_sympy_import() -> bool:
     return True
 
 
-class LazyModule:
-    """A module imported on its first attribute read, e.g. ``sp = LazyModule("scipy.sparse")``.
-
-    NOTE: [scipy on demand]
-        ``scipy.sparse`` costs 0.4-0.7 s to import on this loaded machine
-        (0.3 s of it ``numpy.f2py``, which SciPy's array-API layer reaches by
-        cloning numpy's namespace). The sparsity modules hold one because
-        their patterns are SciPy matrices, but every ``pipeline.jacobian``
-        call imports ``pipeline.sparse.detect`` for the random-op watch, and
-        a dense Jacobian never makes a pattern: with the module read through
-        this, a dense first call imports no SciPy.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.__dict__["_lazy_name"] = name
-
-    def __getattr__(self, attr: str) -> Any:
-        import importlib
-
-        return getattr(importlib.import_module(self.__dict__["_lazy_name"]), attr)
-
-
 _DEFERRED: dict[str, Any] = {}
 
 

@@ -46,10 +46,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import scipy.sparse as sp
 import torch
 
 from pipeline.core.errors import JacpipeError, first_line
-from pipeline.core.imports import LazyModule
 from pipeline.core.kinds import kind_of
 from pipeline.sparse.rules import (
     CONST,
@@ -67,8 +67,6 @@ from pipeline.sparse.rules import (
     op_name,
     rule_for,
 )
-
-sp = LazyModule("scipy.sparse")  # NOTE: [scipy on demand]
 
 if TYPE_CHECKING:
     from pipeline.problem.problem import Problem

@@ -30,12 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from pipeline.core.errors import SparsityError as SparsityError
-from pipeline.core.imports import LazyModule
-
-sp = LazyModule("scipy.sparse")  # NOTE: [scipy on demand]
 
 aten = torch.ops.aten
 

@@ -604,33 +604,3 @@ def test_attention_without_dropout_is_not_refused_as_random():
     assert not draws_random(torch.ops.aten.bernoulli.p, (x, 1.0))
     assert draws_random(torch.ops.aten.bernoulli.p, (x, 0.5))
     assert not draws_random(torch.ops.aten.sin.default, (x,))
-
-
-_NO_SCIPY = r"""
-import json, sys
-import torch
-from pipeline.sparse.detect import refuse_random_ops, trace_sparsity
-w = torch.randn(5, 4, dtype=torch.float64)
-x = torch.randn(5, dtype=torch.float64)
-refuse_random_ops(lambda t: torch.tanh(t @ w), x)  # every pipeline.jacobian's watch
-watched = "scipy.sparse" in sys.modules
-pattern = trace_sparsity(lambda t: t[1:] * t[:-1], x).pattern
-print(json.dumps({"watched": watched, "after": "scipy.sparse" in sys.modules,
-                  "pattern": pattern.toarray().astype(int).tolist()}))
-"""
-
-
-def test_the_random_op_watch_imports_no_scipy():
-    """NOTE: [scipy on demand] in a fresh interpreter: SciPy comes with the first pattern."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    done = subprocess.run([sys.executable, "-c", _NO_SCIPY], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads(done.stdout.strip().splitlines()[-1])
-    assert doc["watched"] is False and doc["after"] is True
-    expected = (np.eye(4, 5, k=1) + np.eye(4, 5)).astype(int).tolist()  # d(t[i+1] t[i])/dt
-    assert doc["pattern"] == expected
