@@ -179,22 +179,26 @@ def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matri
         np.array_equal(rows, np.arange(rows.size))
     ):
         return p
-    valid = rows >= 0
-    r = np.where(valid, rows, 0)
-    indptr = p.indptr.astype(np.int64, copy=False)
     if _at_most_one_per_row(p):
         # At most one entry per row (x itself, its elementwise functions,
-        # their slices and paddings): 3x faster than the general path below.
-        starts = indptr[r]
-        has = valid & (indptr[r + 1] > starts)
+        # their slices and paddings): each row's column, -1 for none, with a
+        # -1 appended that a row -1 reads; 6x faster than the general path.
+        col = np.empty(rows.size + 1, dtype=np.int64)
+        np.take(_row_columns(p), rows, out=col[:-1])
+        col[-1] = -1
+        has = col[:-1] >= 0
         out_ptr = np.zeros(rows.size + 1, dtype=np.int64)
         np.cumsum(has, out=out_ptr[1:])
         _precheck_size(float(out_ptr[-1]), rows.size)
-        cols = p.indices[starts[has]]
+        cols = col[:-1][has]
         out = sp.csr_matrix((np.ones(cols.size, dtype=bool), cols, out_ptr),
                             shape=(rows.size, n))
         out._jacpipe_at_most_one = True
+        out._jacpipe_row_columns = col
         return out
+    valid = rows >= 0
+    r = np.where(valid, rows, 0)
+    indptr = p.indptr.astype(np.int64, copy=False)
     starts = indptr[r]
     lens = np.where(valid, indptr[r + 1] - starts, 0)
     out_ptr = np.zeros(rows.size + 1, dtype=np.int64)
@@ -204,6 +208,17 @@ def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matri
     src = np.repeat(starts - out_ptr[:-1], lens) + np.arange(total, dtype=np.int64)
     return sp.csr_matrix((np.ones(total, dtype=bool), p.indices[src], out_ptr),
                          shape=(rows.size, n))
+
+
+def _row_columns(p: sp.csr_matrix) -> np.ndarray:
+    """Each row's column (-1: an empty row) and a last -1, for a pattern with at most one
+    entry per row (remembered on the matrix, as :func:`_at_most_one_per_row`)."""
+    col = getattr(p, "_jacpipe_row_columns", None)
+    if col is None:
+        col = np.full(p.shape[0] + 1, -1, dtype=np.int64)
+        col[:-1][np.diff(p.indptr) > 0] = p.indices[: p.nnz]
+        p._jacpipe_row_columns = col
+    return col
 
 
 def _at_most_one_per_row(p: sp.csr_matrix) -> bool:

@@ -53,3 +53,92 @@ def test_a_backward_needs_no_sympy_and_the_real_module_comes_when_asked():
     assert doc["shape_error"] is not None and "Mismatch in shape" in doc["shape_error"]
     assert doc["real"] and doc["parent"] and doc["guard_bool"] is True
     assert doc["sympy_after"] is True
+
+
+_FORWARD = r"""
+import json, sys
+import torch
+from pipeline.maths.compiled import spare_dynamo_import  # what every eager pass calls first
+spare_dynamo_import()
+installed = type(sys.modules["torch.fx.experimental.symbolic_shapes"]).__name__ != "module"
+x = torch.randn(6, dtype=torch.float64)
+w = torch.randn(6, dtype=torch.float64)
+
+def fn(u):  # constants beside dual tensors: zero-tangent (Meta-kernel) paths
+    return 0.5 * u ** 3 / 3 + u * w - torch.where(u > 0, u, 2.0) + torch.tensor(1.5) * u
+
+fwd = torch.func.jacfwd(fn)(x)
+ref = torch.autograd.functional.jacobian(fn, x)
+before = "sympy" in sys.modules
+import torch._prims_common as utils
+from torch.fx.experimental.symbolic_shapes import guard_or_false, sym_and
+plain = [guard_or_false(True), guard_or_false(False), sym_and(True, False)]
+try:
+    guard_or_false(1)  # not a bool: the real helper's own error
+    refused = None
+except AssertionError as exc:
+    refused = str(exc)
+import sympy
+kind = utils.ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT
+_, sym_dtype = utils.elementwise_dtypes(sympy.Float(2.5), torch.ones(2, dtype=torch.int32),
+                                        type_promotion_kind=kind)
+_, int_dtype = utils.elementwise_dtypes(sympy.Integer(2), torch.ones(2, dtype=torch.int32),
+                                        type_promotion_kind=kind)
+fwd_after = torch.func.jacfwd(fn)(x)
+print(json.dumps({
+    "installed": installed, "err": float((fwd - ref).abs().max()), "sympy_before": before,
+    "plain": plain, "refused": refused, "sym_dtype": str(sym_dtype), "int_dtype": str(int_dtype),
+    "err_after": float((fwd_after - ref).abs().max()),
+}))
+"""
+
+
+def test_forward_mode_with_constants_needs_no_sympy():
+    """NOTE: [forward mode without sympy] in a fresh interpreter, then with sympy imported."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _FORWARD], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["installed"] is True
+    assert doc["err"] < 1e-12 and doc["err_after"] < 1e-12
+    assert doc["sympy_before"] is False
+    assert doc["plain"] == [True, False, False]
+    assert doc["refused"] is not None and "Expected bool" in doc["refused"]
+    # a sympy expression is promoted as torch promotes it, once sympy is there
+    assert doc["sym_dtype"] == "torch.float32" and doc["int_dtype"] == "torch.int32"
+
+
+_DECOMPOSITIONS = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from pipeline.core.imports import spare_sympy_import
+spare_sympy_import()
+MOD = "torch._decomp.decompositions_for_jvp"
+x = torch.randn(4, 5, dtype=torch.float64)
+first = lambda t: torch.tanh(t) * t.sum() + torch.trace(t[:, :4]) + F.logsigmoid(t)
+e1 = float((torch.func.jacfwd(first)(x) - torch.autograd.functional.jacobian(first, x)).abs().max())
+loaded_first = MOD in sys.modules
+g = torch.randn(4, 5, dtype=torch.float64)
+scalar = lambda t: (F.log_softmax(t, -1) * g).sum() + F.layer_norm(t, (5,)).pow(2).sum()
+hvp = torch.func.jvp(torch.func.grad(scalar), (x,), (g,))[1]
+ref = (torch.autograd.functional.hessian(scalar, x).reshape(20, 20) @ g.reshape(-1)).reshape(4, 5)
+print(json.dumps({"e1": e1, "loaded_first": loaded_first, "e2": float((hvp - ref).abs().max()),
+                  "loaded_after": MOD in sys.modules,
+                  "restored": torch.autograd.graph._engine_run_backward.__module__}))
+"""
+
+
+def test_forward_mode_defers_torchscript_decompositions_to_forward_over_reverse():
+    """NOTE: [forward mode without TorchScript decompositions] in a fresh interpreter."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _DECOMPOSITIONS], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    # first order (trace and logsigmoid included) and a plain backward: not loaded, right values
+    assert doc["e1"] < 1e-12 and doc["loaded_first"] is False
+    # forward over reverse through softmax and layer-norm backwards: loaded there, right values
+    assert doc["e2"] < 1e-12 and doc["loaded_after"] is True
+    assert doc["restored"] == "torch.autograd.graph"  # torch's own function back in place
