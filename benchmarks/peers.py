@@ -165,10 +165,28 @@ def jacpipe_case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]
         "eager": lambda: rows(fn, x, 0, m, pattern, coloring, compile="off"),
         "compiled": lambda: rows(fn, x, 0, m, pattern, coloring, compile="on"),
         "unchecked": unchecked,
+        "pass": compiled_pass(fn, x, "hvp" if kind == "hessian" else coloring.mode),
     }, repeats=repeats, warmup=0)
     return {"detection": detected - began, "colors": coloring.num_colors, "first": first,
             "eager": median(times["eager"]), "compiled": median(times["compiled"]),
-            "unchecked": median(times["unchecked"]), "compile": compile_seconds}
+            "unchecked": median(times["unchecked"]), "compile": compile_seconds,
+            "pass": median(times["pass"])}
+
+
+def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], Any]:
+    """The compiled AD pass alone, on the kept seeds of the last plan (no decompression, no check).
+
+    The repeated evaluation's parts: ``pass``; decompression = ``unchecked - pass``;
+    the check = ``compiled - unchecked``.
+    """
+    from pipeline.maths.compiled import run_pass
+    from pipeline.sparse import compressed
+
+    plan = next(reversed(compressed._PLANS.values()))[2]
+    seeds = plan.tensors[(x.dtype, x.device)][0]
+    xf = x.detach().reshape(-1)
+    key = (mode, x.shape, x.dtype, x.device)
+    return lambda: run_pass(fn, key, lambda: None, xf, seeds, compile="on")
 
 
 def peer_python(asked: str | None) -> str | None:
@@ -224,6 +242,8 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                      _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
                      f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
                      seconds(r["unchecked"]),
+                     f"{seconds(r['pass'])} / {seconds(r['unchecked'] - r['pass'])} / "
+                     f"{seconds(r['compiled'] - r['unchecked'])}",
                      seconds(p["repeated"]) if p else "failed" if failed else "-",
                      f"{best / p['repeated']:.2f}x" if p else "-",
                      f"{r['unchecked'] / p['repeated']:.2f}x" if p else "-"])
@@ -240,7 +260,8 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
             report.facts[name] = {"jacpipe": r}
     report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}, {threads} thread(s)",
                  ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
-                  "jacpipe compiled (+compile once)", "compiled, unchecked", "asdex jit",
+                  "jacpipe compiled (+compile once)", "compiled, unchecked",
+                  "parts: pass / decompression / check", "asdex jit",
                   "best checked / asdex", "unchecked / asdex"], rows)
 
 
@@ -311,12 +332,25 @@ def main() -> None:
     p.add_argument("--peer-python", default=None, help="interpreter with asdex and jax")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-dense", action="store_true", help="skip the jacrev comparison")
+    p.add_argument("--cases", default=None,
+                   help="only the sparse cases whose names contain one of these "
+                        "comma-separated words (e.g. 'N=256,n=100,000'); skips the "
+                        "first-detection measurement")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     report = Report("peers", args.quick)
+    cases = QUICK if args.quick else FULL
+    if args.cases:
+        words = args.cases.split(",")
+        cases = [c for c in cases if any(w in case_name(*c) for w in words)]
+        report.facts["threads"] = args.threads
+        report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+        sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
+        report.finish(args.json)
+        return
     small = [first_detection(100)[0] for _ in range(3)]
     large = [first_detection(1000)[1] for _ in range(1 if args.quick else 3)]
     report.facts["first detection in a fresh process, heat N=100 (s)"] = small
@@ -327,8 +361,7 @@ def main() -> None:
                          statistics.median(large), 30, higher_is_better=False, unit=""))
     report.facts["threads"] = args.threads
     report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
-    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python),
-                 args.threads)
+    sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
     if not args.no_dense:
         dense_table(report, args.quick, repeats)
     report.finish(args.json)

@@ -133,6 +133,11 @@ def forward_policy() -> str:
     return _FORWARD.get()
 
 
+def forward_checks() -> bool:
+    """Whether the calls now running check their forward-mode rows (:func:`checking`)."""
+    return _CHECK_FORWARD.get()
+
+
 def vectorised() -> bool:
     """Whether the calls now running may vectorise (:func:`checking`)."""
     return _VECTORISE.get()
