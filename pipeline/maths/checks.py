@@ -199,7 +199,13 @@ def disagreement(u: Tensor, Jv: Tensor, JTu: Tensor, v: Tensor, *,
     (the run's check reports those).
     """
     a, b, rel = adjoint_gap(u, Jv, JTu, v)
-    tol = max(tolerance(v.dtype), tolerance(out_dtype or v.dtype))
+    return verdict(a, b, rel, v.dtype, out_dtype)
+
+
+def verdict(a: float, b: float, rel: float, dtype: torch.dtype,
+            out_dtype: torch.dtype | None = None) -> str | None:
+    """:func:`disagreement`'s line for ``u . (J v) = a``, ``(Jᵀ u) . v = b``, gap ``rel``."""
+    tol = max(tolerance(dtype), tolerance(out_dtype or dtype))
     if not rel > tol:  # NaN: not comparable
         return None
     return (f"forward and reverse mode give different derivatives: u.(J v) = {a:.6g} by "
