@@ -38,9 +38,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -77,6 +79,8 @@ _CHECK_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_c
                                                                       default=True)
 _CHECK_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_vmap",
                                                                    default=True)
+_EVERY_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_every_call",
+                                                                   default=False)
 #: Rows of a chunk the vmap spot check combines (drawn at random): reading the
 #: whole chunk again cost 5% of a 2000-row mlp shard.
 SPOT_ROWS = 32
@@ -85,7 +89,7 @@ SPOT_ROWS = 32
 @contextlib.contextmanager
 def checking(*, forward: str = "warn", vectorise: bool = True,
              log: list[str] | None = None, check_forward: bool = True,
-             check_vmap: bool = True) -> Iterator[None]:
+             check_vmap: bool = True, every_call: bool | None = None) -> Iterator[None]:
     """Set the policy of the engine calls inside the block.
 
     Args:
@@ -110,6 +114,9 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
             shard's calls skip their own (one unbatched pass of one sample:
             40% of a 16-image CNN shard, whose convolutions run slowly on
             one unbatched image).
+        every_call: True: a repeated compressed evaluation checks every call,
+            not on :func:`due`'s schedule (also ``JACPIPE_CHECK_EVERY_CALL=1``
+            in the environment); ``None``: as the enclosing block.
 
     Raises:
         ValueError: an unknown ``forward`` policy.
@@ -117,10 +124,12 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
     if forward not in POLICIES:
         raise ValueError(f"forward must be one of {POLICIES}, got {forward!r}")
     tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log),
-              _CHECK_FORWARD.set(check_forward), _CHECK_VMAP.set(check_vmap))
+              _CHECK_FORWARD.set(check_forward), _CHECK_VMAP.set(check_vmap),
+              _EVERY_CALL.set(_EVERY_CALL.get() if every_call is None else every_call))
     try:
         yield
     finally:
+        _EVERY_CALL.reset(tokens[5])
         _CHECK_VMAP.reset(tokens[4])
         _CHECK_FORWARD.reset(tokens[3])
         _LOG.reset(tokens[2])
@@ -136,6 +145,51 @@ def forward_policy() -> str:
 def forward_checks() -> bool:
     """Whether the calls now running check their forward-mode rows (:func:`checking`)."""
     return _CHECK_FORWARD.get()
+
+
+# NOTE: [Spaced checks of repeated evaluations]
+#     A Newton or time-stepping loop evaluates the same compressed Jacobian or
+#     Hessian (same function object, pattern and colouring objects, rows,
+#     shapes, dtype) many times, and compiled, its check (one reverse pass)
+#     costs 10-100% of an evaluation. The first call of each such evaluation
+#     is always checked, so a pattern that misses a nonzero or a forward-mode
+#     rule that disagrees with reverse mode is refused or reported there, at
+#     the point the loop starts from. Later calls are checked when the
+#     evaluation seconds since the last check reach ``last check's seconds /
+#     CHECK_SHARE``: the checks then cost at most CHECK_SHARE (10%) of the
+#     evaluations, and a long loop is still checked again and again, at other
+#     x. A call that found a disagreement makes every later call of it
+#     checked. ``checking(every_call=True)`` or ``JACPIPE_CHECK_EVERY_CALL=1``
+#     checks every call (the contract before this schedule).
+#: The share of a repeated evaluation's time its spaced checks may take.
+CHECK_SHARE = 0.1
+
+
+@dataclass
+class Schedule:
+    """When a repeated evaluation is next checked (NOTE: [Spaced checks of repeated ...])."""
+
+    checks: int = 0
+    check_seconds: float = 0.0
+    unchecked_seconds: float = 0.0
+    failed: bool = False
+
+
+def due(schedule: Schedule, seconds: float) -> bool:
+    """Whether this call (its evaluation took ``seconds``) is checked; counts it otherwise."""
+    if schedule.checks == 0 or schedule.failed or _EVERY_CALL.get() or os.environ.get(
+            "JACPIPE_CHECK_EVERY_CALL", "") not in ("", "0"):
+        return True
+    schedule.unchecked_seconds += seconds
+    return schedule.unchecked_seconds * CHECK_SHARE >= schedule.check_seconds
+
+
+def checked(schedule: Schedule, seconds: float, *, agreed: bool) -> None:
+    """Record a check of ``seconds``; one that disagreed makes every later call checked."""
+    schedule.checks += 1
+    schedule.check_seconds = seconds
+    schedule.unchecked_seconds = 0.0
+    schedule.failed = schedule.failed or not agreed
 
 
 def vectorised() -> bool:

@@ -18,7 +18,9 @@ Everything here is pure torch/numpy; Ray tasks wrap it.
 from __future__ import annotations
 
 import math
+import time
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -182,6 +184,7 @@ def sparse_jacobian_rows(
             _check_rows(out.shape[1], plan.m)
             return out
 
+        began = time.perf_counter()
         values = _compressed_values(forward, plan, xf, chunk_size=chunk_size)
         redo: Callable[[], torch.Tensor] | None = lambda: _compressed_values(  # noqa: E731
             lambda seeds: jvps_by_reverse(flat, xf, seeds).to(xf.dtype), plan, xf,
@@ -199,13 +202,16 @@ def sparse_jacobian_rows(
             _check_rows(outputs.numel(), plan.m)
             return out  # (c, n)
 
+        began = time.perf_counter()
         values, redo = _compressed_values(reverse, plan, xf, chunk_size=chunk_size), None
 
     def pullback(u: torch.Tensor) -> torch.Tensor:  # Jᵀ u, u over all m outputs
         return run_check_pass(fn, key, ("vjp", *key[1:]), lambda: _vjp_one(flat), xf, u,
                               eager=lambda: plain_vjp(flat, xf, u)[0])
 
-    values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows")
+    schedule = _schedule(fn, plan, x, keep_plan)
+    values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows",
+                             schedule, time.perf_counter() - began)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
 
@@ -304,7 +310,9 @@ def sparse_hessian_rows(
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
 
+    began = time.perf_counter()
     values = _compressed_values(products, plan, xf, chunk_size=chunk_size)
+    seconds = time.perf_counter() - began
 
     def by_reverse() -> torch.Tensor:
         return _compressed_values(hessian_vector_products(scalar, x), plan, xf,
@@ -315,7 +323,7 @@ def sparse_hessian_rows(
                               eager=lambda: hessian_vector_products(scalar, x)(u[None])[0])
 
     values = _checked_values(values, plan, xf, pullback, None if looped else by_reverse,
-                             "sparse Hessian rows")
+                             "sparse Hessian rows", _schedule(fn, plan, x, keep_plan), seconds)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
 
@@ -484,16 +492,22 @@ def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 
 def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
                     pullback: Callable[[torch.Tensor], torch.Tensor],
-                    redo: Callable[[], torch.Tensor] | None, what: str) -> torch.Tensor:
-    """``values`` after the check (NOTE: [the check of a compressed evaluation])."""
-    if not checks.forward_checks() or values.numel() == 0:
+                    redo: Callable[[], torch.Tensor] | None, what: str,
+                    schedule: checks.Schedule, seconds: float) -> torch.Tensor:
+    """``values`` after the check (NOTE: [the check of a compressed evaluation]), when due.
+
+    ``seconds``: what the evaluation took (NOTE: [Spaced checks of repeated evaluations]).
+    """
+    if not checks.forward_checks() or values.numel() == 0 or not checks.due(schedule, seconds):
         return values
+    began = time.perf_counter()
     u_full, v, w, vw = _probe(plan, xf)
 
     def gap(vals: torch.Tensor, jtu: torch.Tensor) -> tuple[float, float, float]:
         # u . (J_P v) = sum_k vals_k u[row_k] v[col_k]: one dot with w, in float64;
         # the Cauchy-Schwarz bounds |vals| |w| and |Jᵀu| |v| (NOTE: [Tolerance of
         # the adjoint check]).
+        vals = vals.detach()
         a = float(torch.dot(vals.to(torch.float64), w))
         jtu = jtu.detach().reshape(-1).to(torch.float64)
         b = float(torch.dot(jtu, v))
@@ -506,7 +520,8 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
         jtu = pullback(u_full)
         reason = checks.verdict(*gap(values, jtu), xf.dtype, values.dtype)
     except Exception:  # noqa: BLE001 - a reverse pass that cannot run is not a verdict
-        return values
+        reason = None
+    checks.checked(schedule, time.perf_counter() - began, agreed=reason is None)
     if reason is None:
         return values
     redone = redo() if redo is not None else None
@@ -522,6 +537,32 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
             else "computed by reverse mode instead")
     checks.report(f"{what}: {reason}; {then}", checks.ForwardModeWarning)
     return values if keep else redone
+
+
+#: Per user function (weakly): the check schedules of its repeated evaluations.
+_SCHEDULES: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Any, checks.Schedule]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _schedule(fn: Any, plan: _Plan, x: torch.Tensor, keep: bool) -> checks.Schedule:
+    """The check schedule of ``fn``'s evaluations of ``plan`` at ``x``'s shape, dtype, device.
+
+    A new one (the call is checked) where nothing is kept: ``keep_plan=False``
+    (a shard's block, evaluated once), or ``fn`` not weakly referenceable.
+    """
+    if not keep:
+        return checks.Schedule()
+    try:
+        per = _SCHEDULES.setdefault(fn, {})
+    except TypeError:
+        return checks.Schedule()
+    key = (id(plan), x.shape, x.dtype, x.device)
+    hit = per.get(key)
+    if hit is None or hit[0]() is not plan:
+        for stale in [k for k, (ref, _) in per.items() if ref() is None]:
+            del per[stale]
+        hit = per[key] = (weakref.ref(plan), checks.Schedule())
+    return hit[1]
 
 
 def _probe(plan: _Plan, xf: torch.Tensor) -> tuple[Any, ...]:

@@ -126,3 +126,61 @@ def test_the_check_pass_is_compiled_with_the_evaluation(monkeypatch):
                               compile="on")
     assert built == ["jvps", "vjp", "hvps", "hvp"]
     close(got.to_dense(30), hessian(scalar, x))
+
+
+def _count_checks(monkeypatch) -> list[int]:
+    import pipeline.sparse.compressed as compressed
+
+    seen: list[int] = []
+    real = compressed._probe
+    monkeypatch.setattr(compressed, "_probe", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+def test_repeated_calls_are_checked_on_a_schedule_and_a_new_pattern_first(monkeypatch):
+    # NOTE: [Spaced checks of repeated evaluations]: with no time to spare for
+    # checks (CHECK_SHARE = 0) only the first call of each evaluation is checked.
+    seen = _count_checks(monkeypatch)
+    monkeypatch.setattr(checks, "CHECK_SHARE", 0.0)
+    x = point(torch.float64, 20)
+    good = sp.csr_matrix(jacobian(_shifted, x).abs().numpy() > 0)
+    coloring = _forward(good)
+    for k in range(4):
+        got = sparse_jacobian_rows(_shifted, x + 0.1 * k, 0, 20, good, coloring)
+        close(got.to_dense(20), jacobian(_shifted, x + 0.1 * k))
+    assert len(seen) == 1
+    with checks.checking(every_call=True):
+        sparse_jacobian_rows(_shifted, x, 0, 20, good, coloring)
+        sparse_jacobian_rows(_shifted, x, 0, 20, good, coloring)
+    assert len(seen) == 3
+    monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "1")
+    sparse_jacobian_rows(_shifted, x, 0, 20, good, coloring)
+    assert len(seen) == 4
+    monkeypatch.delenv("JACPIPE_CHECK_EVERY_CALL")
+    wrong = banded_pattern(20, 3)  # a new pattern: its first call is checked, and refused
+    wrong_colours = _forward(wrong)
+    with pytest.raises(SparsityError, match="pattern misses nonzeros"):
+        sparse_jacobian_rows(_shifted, x, 0, 20, wrong, wrong_colours)
+    with pytest.raises(SparsityError):  # refused again: a refusal is not a passed check
+        sparse_jacobian_rows(_shifted, x, 0, 20, wrong, wrong_colours)
+
+
+def test_a_disagreement_makes_every_later_call_checked(monkeypatch):
+    seen = _count_checks(monkeypatch)
+    monkeypatch.setattr(checks, "CHECK_SHARE", 0.0)
+
+    def hooked(v):  # diagonal; reverse mode sees the hook, forward mode does not
+        h = v.sin()
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 10)
+        return h * v
+
+    x, pattern = point(torch.float64, 6), sp.eye(6, format="csr")
+    coloring = _forward(pattern)
+    for _ in range(3):
+        log: list[str] = []
+        with checks.checking(forward="fallback", log=log):
+            got = sparse_jacobian_rows(hooked, x, 0, 6, pattern, coloring)
+        close(got.to_dense(6), jacobian(hooked, x))
+        assert len(log) == 1
+    assert len(seen) == 3
