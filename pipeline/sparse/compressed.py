@@ -209,7 +209,7 @@ def sparse_jacobian_rows(
         return run_check_pass(fn, key, ("vjp", *key[1:]), lambda: _vjp_one(flat), xf, u,
                               eager=lambda: plain_vjp(flat, xf, u)[0])
 
-    schedule = _schedule(fn, plan, x, keep_plan)
+    schedule = _schedule(fn, plan, x, keep_plan, is_compiled(fn, key))
     values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows",
                              schedule, time.perf_counter() - began)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
@@ -323,7 +323,8 @@ def sparse_hessian_rows(
                               eager=lambda: hessian_vector_products(scalar, x)(u[None])[0])
 
     values = _checked_values(values, plan, xf, pullback, None if looped else by_reverse,
-                             "sparse Hessian rows", _schedule(fn, plan, x, keep_plan), seconds)
+                             "sparse Hessian rows",
+                             _schedule(fn, plan, x, keep_plan, is_compiled(fn, key)), seconds)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
 
@@ -544,8 +545,12 @@ _SCHEDULES: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Any, checks.Schedul
     weakref.WeakKeyDictionary())
 
 
-def _schedule(fn: Any, plan: _Plan, x: torch.Tensor, keep: bool) -> checks.Schedule:
+def _schedule(fn: Any, plan: _Plan, x: torch.Tensor, keep: bool, compiled: bool
+              ) -> checks.Schedule:
     """The check schedule of ``fn``'s evaluations of ``plan`` at ``x``'s shape, dtype, device.
+
+    Compiled and eager evaluations have one each: the first compiled call is
+    checked (its check's pass compiled with it), as the first eager one was.
 
     A new one (the call is checked) where nothing is kept: ``keep_plan=False``
     (a shard's block, evaluated once), or ``fn`` not weakly referenceable.
@@ -556,7 +561,7 @@ def _schedule(fn: Any, plan: _Plan, x: torch.Tensor, keep: bool) -> checks.Sched
         per = _SCHEDULES.setdefault(fn, {})
     except TypeError:
         return checks.Schedule()
-    key = (id(plan), x.shape, x.dtype, x.device)
+    key = (id(plan), x.shape, x.dtype, x.device, compiled)
     hit = per.get(key)
     if hit is None or hit[0]() is not plan:
         for stale in [k for k, (ref, _) in per.items() if ref() is None]:
