@@ -27,6 +27,13 @@ NOTE: [Checks on every engine call]
       on a disagreement the call's rows are computed one at a time with
       ``torch.autograd.grad`` (the engine's per-row fallback), and said so.
 
+    A sparse (compressed) evaluation checks its decompressed rows instead,
+    which also refuses a pattern that misses a nonzero (NOTE: [the check of a
+    compressed evaluation] in :mod:`pipeline.sparse.compressed`); repeated
+    evaluations of the same function, pattern and shapes are checked on
+    their first call and then on a schedule (NOTE: [Spaced checks of
+    repeated evaluations]).
+
     The policy of a call and where its reports go are context variables
     (:func:`checking`): the engine's signatures stay as they were, the
     worker sets them around a shard and records the reports in the shard's
