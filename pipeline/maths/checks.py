@@ -180,23 +180,33 @@ class Schedule:
     check_seconds: float = 0.0
     unchecked_seconds: float = 0.0
     failed: bool = False
+    forced: bool = False
 
 
 def due(schedule: Schedule, seconds: float) -> bool:
-    """Whether this call (its evaluation took ``seconds``) is checked; counts it otherwise."""
-    if schedule.checks == 0 or schedule.failed or _EVERY_CALL.get() or os.environ.get(
-            "JACPIPE_CHECK_EVERY_CALL", "") not in ("", "0"):
+    """Whether this call (its evaluation took ``seconds``) is checked; counts it otherwise.
+
+    A check only asked for by ``every_call`` leaves the schedule as it was.
+    """
+    if schedule.checks == 0 or schedule.failed:
         return True
     schedule.unchecked_seconds += seconds
-    return schedule.unchecked_seconds * CHECK_SHARE >= schedule.check_seconds
+    if schedule.unchecked_seconds * CHECK_SHARE >= schedule.check_seconds:
+        return True
+    schedule.forced = _EVERY_CALL.get() or os.environ.get(
+        "JACPIPE_CHECK_EVERY_CALL", "") not in ("", "0")
+    return schedule.forced
 
 
 def checked(schedule: Schedule, seconds: float, *, agreed: bool) -> None:
     """Record a check of ``seconds``; one that disagreed makes every later call checked."""
+    schedule.failed = schedule.failed or not agreed
+    if schedule.forced:
+        schedule.forced = False
+        return
     schedule.checks += 1
     schedule.check_seconds = seconds
     schedule.unchecked_seconds = 0.0
-    schedule.failed = schedule.failed or not agreed
 
 
 def vectorised() -> bool:
