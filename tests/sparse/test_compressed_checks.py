@@ -124,10 +124,16 @@ def test_the_check_pass_is_compiled_with_the_evaluation(monkeypatch):
     got = sparse_jacobian_rows(fn, x, 0, 30, pattern, _forward(pattern), compile="on")
     assert built == ["jvps", "vjp"]
     close(got.to_dense(30), jacobian(fn, x))
-    got = sparse_hessian_rows(scalar, x, 0, 30, pattern, choose_coloring(pattern, symmetric=True),
-                              compile="on")
+    colours = choose_coloring(pattern, symmetric=True)
+    got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
     assert built == ["jvps", "vjp", "hvps", "hvp"]
     close(got.to_dense(30), hessian(scalar, x))
+    # the call that compiled the check's pass spent the compiler's time, not the
+    # check's: the next call is checked (and timed) again, the one after waits
+    seen = _count_checks(monkeypatch)
+    for _ in range(3):
+        sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
+    assert len(seen) == 1
 
 
 def _count_checks(monkeypatch) -> list[int]:
