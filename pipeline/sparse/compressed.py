@@ -486,9 +486,11 @@ def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 # reverse mode's rows under the ``fallback`` policy), else the pattern misses
 # nonzeros and the call is refused (SparsityError). The check's pass is
 # compiled when the evaluation's pass is (its eager form is plain autograd,
-# as torch.autograd.functional's), and J_P v is one gather and one
-# index_add over the entries: together 10-40% of a compiled evaluation
-# (benchmarks/peers.py), against 1-8x for the eager reverse pass before.
+# as torch.autograd.functional's), and u . (J_P v) is one dot of the entries
+# with w_k = u[row_k] v[col_k], kept with the plan: together 40-90% of a
+# compiled evaluation at n = 10^5 (benchmarks/peers.py), against 1-8x for the
+# eager reverse pass before; repeated calls are checked on a schedule
+# (NOTE: [Spaced checks of repeated evaluations] in pipeline.maths.checks).
 
 
 def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
