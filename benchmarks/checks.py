@@ -135,7 +135,7 @@ def timed_checks(spent: list[float]) -> Iterator[None]:
 
     places = [(checks, "forward_rejected"), (engine, "_spot_rejected"),
               (engine, "_checked_samples"), (engine, "_checked_hessian_rows"),
-              (compressed, "checked_compressed")]
+              (compressed, "_checked_values")]
     saved = [getattr(mod, name) for mod, name in places]
     for (mod, name), f in zip(places, saved, strict=True):
         setattr(mod, name, timer(f))

@@ -20,10 +20,12 @@ Writes ``benchmarks/results/peers.json``.
 
 Each jacpipe case runs in a fresh interpreter, as each asdex case does, so
 every first Jacobian pays its process's first-call costs (imports, numba,
-torch's lazily loaded pieces). jacpipe checks its rows on every call (NOTE:
-[Checks on every engine call]: one extra reverse pass); asdex and jacrev
-check nothing, so the repeated evaluations and the dense calls are also
-timed with the checks off (``checks.checking(check_forward=False,
+torch's lazily loaded pieces). jacpipe checks its rows (NOTE: [Checks on
+every engine call]: one extra reverse pass; a repeated sparse evaluation on
+its first call and then within 10% of its time, NOTE: [Spaced checks of
+repeated evaluations]; "every call checked" is ``checking(every_call=True)``);
+asdex and jacrev check nothing, so the repeated evaluations and the dense
+calls are also timed with the checks off (``checks.checking(check_forward=False,
 check_vmap=False)``). ``OMP_WAIT_POLICY`` is ``PASSIVE`` unless set: with
 the default (spinning) policy, 2 OpenMP threads on a loaded 2-core machine
 wait for each other's descheduled thread at every parallel region (heat
@@ -161,14 +163,37 @@ def jacpipe_case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]
         with checks.checking(check_forward=False, check_vmap=False):
             return rows(fn, x, 0, m, pattern, coloring, compile="on")
 
+    def every_call() -> Any:
+        with checks.checking(every_call=True):
+            return rows(fn, x, 0, m, pattern, coloring, compile="on")
+
     times = interleaved({
         "eager": lambda: rows(fn, x, 0, m, pattern, coloring, compile="off"),
         "compiled": lambda: rows(fn, x, 0, m, pattern, coloring, compile="on"),
+        "every call": every_call,
         "unchecked": unchecked,
-    }, repeats=repeats, warmup=0)
+        "pass": compiled_pass(fn, x, "hvp" if kind == "hessian" else coloring.mode),
+    }, repeats=repeats, warmup=0, shuffle=True)  # shuffled: no call always follows eager's
     return {"detection": detected - began, "colors": coloring.num_colors, "first": first,
             "eager": median(times["eager"]), "compiled": median(times["compiled"]),
-            "unchecked": median(times["unchecked"]), "compile": compile_seconds}
+            "unchecked": median(times["unchecked"]), "compile": compile_seconds,
+            "pass": median(times["pass"]), "every call": median(times["every call"])}
+
+
+def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], Any]:
+    """The compiled AD pass alone, on the kept seeds of the last plan (no decompression, no check).
+
+    The repeated evaluation's parts: ``pass``; decompression = ``unchecked - pass``;
+    the check = ``every call - unchecked``.
+    """
+    from pipeline.maths.compiled import run_pass
+    from pipeline.sparse import compressed
+
+    plan = next(reversed(compressed._PLANS.values()))[2]
+    seeds = plan.tensors[(x.dtype, x.device)][0]
+    xf = x.detach().reshape(-1)
+    key = (mode, x.shape, x.dtype, x.device)
+    return lambda: run_pass(fn, key, lambda: None, xf, seeds, compile="on")
 
 
 def peer_python(asked: str | None) -> str | None:
@@ -223,9 +248,12 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                      f"{r['colors']} / {p['colors']}" if p else str(r["colors"]),
                      _pair(r["first"], p, "first"), f"{seconds(r['eager'])}",
                      f"{seconds(r['compiled'])} (+{seconds(r['compile'])})",
-                     seconds(r["unchecked"]),
+                     seconds(r["every call"]), seconds(r["unchecked"]),
+                     f"{seconds(r['pass'])} / {seconds(r['unchecked'] - r['pass'])} / "
+                     f"{seconds(r['every call'] - r['unchecked'])}",
                      seconds(p["repeated"]) if p else "failed" if failed else "-",
                      f"{best / p['repeated']:.2f}x" if p else "-",
+                     f"{r['every call'] / p['repeated']:.2f}x" if p else "-",
                      f"{r['unchecked'] / p['repeated']:.2f}x" if p else "-"])
         if p:
             report.facts[name] = {"jacpipe": r, "asdex": p}
@@ -240,8 +268,10 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
             report.facts[name] = {"jacpipe": r}
     report.table(f"sparse, float64, jacpipe / asdex, medians of {repeats}, {threads} thread(s)",
                  ["case", "detection", "colours", "first Jacobian", "jacpipe eager",
-                  "jacpipe compiled (+compile once)", "compiled, unchecked", "asdex jit",
-                  "best checked / asdex", "unchecked / asdex"], rows)
+                  "jacpipe compiled (+compile once)", "compiled, every call checked",
+                  "compiled, unchecked",
+                  "parts: pass / decompression / check", "asdex jit",
+                  "best checked / asdex", "every call checked / asdex", "unchecked / asdex"], rows)
 
 
 def _pair(ours: float, peer: dict[str, Any] | None, key: str) -> str:
@@ -311,12 +341,25 @@ def main() -> None:
     p.add_argument("--peer-python", default=None, help="interpreter with asdex and jax")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-dense", action="store_true", help="skip the jacrev comparison")
+    p.add_argument("--cases", default=None,
+                   help="only the sparse cases whose names contain one of these "
+                        "';'-separated strings (e.g. 'N=256;rosenbrock n=100,000'); "
+                        "skips the first-detection measurement and the dense table")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 5)
     report = Report("peers", args.quick)
+    cases = QUICK if args.quick else FULL
+    if args.cases:
+        words = args.cases.split(";")
+        cases = [c for c in cases if any(w in case_name(*c) for w in words)]
+        report.facts["threads"] = args.threads
+        report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+        sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
+        report.finish(args.json)
+        return
     small = [first_detection(100)[0] for _ in range(3)]
     large = [first_detection(1000)[1] for _ in range(1 if args.quick else 3)]
     report.facts["first detection in a fresh process, heat N=100 (s)"] = small
@@ -327,8 +370,7 @@ def main() -> None:
                          statistics.median(large), 30, higher_is_better=False, unit=""))
     report.facts["threads"] = args.threads
     report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
-    sparse_table(report, QUICK if args.quick else FULL, repeats, peer_python(args.peer_python),
-                 args.threads)
+    sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
     if not args.no_dense:
         dense_table(report, args.quick, repeats)
     report.finish(args.json)

@@ -27,6 +27,13 @@ NOTE: [Checks on every engine call]
       on a disagreement the call's rows are computed one at a time with
       ``torch.autograd.grad`` (the engine's per-row fallback), and said so.
 
+    A sparse (compressed) evaluation checks its decompressed rows instead,
+    which also refuses a pattern that misses a nonzero (NOTE: [the check of a
+    compressed evaluation] in :mod:`pipeline.sparse.compressed`); repeated
+    evaluations of the same function, pattern and shapes are checked on
+    their first call and then on a schedule (NOTE: [Spaced checks of
+    repeated evaluations]).
+
     The policy of a call and where its reports go are context variables
     (:func:`checking`): the engine's signatures stay as they were, the
     worker sets them around a shard and records the reports in the shard's
@@ -38,9 +45,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 import random
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -77,6 +86,8 @@ _CHECK_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_c
                                                                       default=True)
 _CHECK_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_vmap",
                                                                    default=True)
+_EVERY_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_every_call",
+                                                                   default=False)
 #: Rows of a chunk the vmap spot check combines (drawn at random): reading the
 #: whole chunk again cost 5% of a 2000-row mlp shard.
 SPOT_ROWS = 32
@@ -85,7 +96,7 @@ SPOT_ROWS = 32
 @contextlib.contextmanager
 def checking(*, forward: str = "warn", vectorise: bool = True,
              log: list[str] | None = None, check_forward: bool = True,
-             check_vmap: bool = True) -> Iterator[None]:
+             check_vmap: bool = True, every_call: bool | None = None) -> Iterator[None]:
     """Set the policy of the engine calls inside the block.
 
     Args:
@@ -110,6 +121,9 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
             shard's calls skip their own (one unbatched pass of one sample:
             40% of a 16-image CNN shard, whose convolutions run slowly on
             one unbatched image).
+        every_call: True: a repeated compressed evaluation checks every call,
+            not on :func:`due`'s schedule (also ``JACPIPE_CHECK_EVERY_CALL=1``
+            in the environment); ``None``: as the enclosing block.
 
     Raises:
         ValueError: an unknown ``forward`` policy.
@@ -117,10 +131,12 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
     if forward not in POLICIES:
         raise ValueError(f"forward must be one of {POLICIES}, got {forward!r}")
     tokens = (_FORWARD.set(forward), _VECTORISE.set(vectorise), _LOG.set(log),
-              _CHECK_FORWARD.set(check_forward), _CHECK_VMAP.set(check_vmap))
+              _CHECK_FORWARD.set(check_forward), _CHECK_VMAP.set(check_vmap),
+              _EVERY_CALL.set(_EVERY_CALL.get() if every_call is None else every_call))
     try:
         yield
     finally:
+        _EVERY_CALL.reset(tokens[5])
         _CHECK_VMAP.reset(tokens[4])
         _CHECK_FORWARD.reset(tokens[3])
         _LOG.reset(tokens[2])
@@ -131,6 +147,66 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
 def forward_policy() -> str:
     """The forward-mode policy of the calls now running (:func:`checking`)."""
     return _FORWARD.get()
+
+
+def forward_checks() -> bool:
+    """Whether the calls now running check their forward-mode rows (:func:`checking`)."""
+    return _CHECK_FORWARD.get()
+
+
+# NOTE: [Spaced checks of repeated evaluations]
+#     A Newton or time-stepping loop evaluates the same compressed Jacobian or
+#     Hessian (same function object, pattern and colouring objects, rows,
+#     shapes, dtype) many times, and compiled, its check (one reverse pass)
+#     costs 10-100% of an evaluation. The first call of each such evaluation
+#     is always checked, so a pattern that misses a nonzero or a forward-mode
+#     rule that disagrees with reverse mode is refused or reported there, at
+#     the point the loop starts from. Later calls are checked when the
+#     evaluation seconds since the last check reach ``last check's seconds /
+#     CHECK_SHARE``: the checks then cost at most CHECK_SHARE (10%) of the
+#     evaluations, and a long loop is still checked again and again, at other
+#     x. A call that found a disagreement makes every later call of it
+#     checked. ``checking(every_call=True)`` or ``JACPIPE_CHECK_EVERY_CALL=1``
+#     checks every call (the contract before this schedule).
+#: The share of a repeated evaluation's time its spaced checks may take.
+CHECK_SHARE = 0.1
+
+
+@dataclass
+class Schedule:
+    """When a repeated evaluation is next checked (NOTE: [Spaced checks of repeated ...])."""
+
+    checks: int = 0
+    check_seconds: float = 0.0
+    unchecked_seconds: float = 0.0
+    failed: bool = False
+    forced: bool = False
+
+
+def due(schedule: Schedule, seconds: float) -> bool:
+    """Whether this call (its evaluation took ``seconds``) is checked; counts it otherwise.
+
+    A check only asked for by ``every_call`` leaves the schedule as it was.
+    """
+    if schedule.checks == 0 or schedule.failed:
+        return True
+    schedule.unchecked_seconds += seconds
+    if schedule.unchecked_seconds * CHECK_SHARE >= schedule.check_seconds:
+        return True
+    schedule.forced = _EVERY_CALL.get() or os.environ.get(
+        "JACPIPE_CHECK_EVERY_CALL", "") not in ("", "0")
+    return schedule.forced
+
+
+def checked(schedule: Schedule, seconds: float, *, agreed: bool) -> None:
+    """Record a check of ``seconds``; one that disagreed makes every later call checked."""
+    schedule.failed = schedule.failed or not agreed
+    if schedule.forced:
+        schedule.forced = False
+        return
+    schedule.checks += 1
+    schedule.check_seconds = seconds
+    schedule.unchecked_seconds = 0.0
 
 
 def vectorised() -> bool:
@@ -194,7 +270,13 @@ def disagreement(u: Tensor, Jv: Tensor, JTu: Tensor, v: Tensor, *,
     (the run's check reports those).
     """
     a, b, rel = adjoint_gap(u, Jv, JTu, v)
-    tol = max(tolerance(v.dtype), tolerance(out_dtype or v.dtype))
+    return verdict(a, b, rel, v.dtype, out_dtype)
+
+
+def verdict(a: float, b: float, rel: float, dtype: torch.dtype,
+            out_dtype: torch.dtype | None = None) -> str | None:
+    """:func:`disagreement`'s line for ``u . (J v) = a``, ``(Jᵀ u) . v = b``, gap ``rel``."""
+    tol = max(tolerance(dtype), tolerance(out_dtype or dtype))
     if not rel > tol:  # NaN: not comparable
         return None
     return (f"forward and reverse mode give different derivatives: u.(J v) = {a:.6g} by "

@@ -241,3 +241,12 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     trampoline.__code__ = trampoline.__code__.replace(co_name=f"jacpipe_pass_{next(_SERIAL)}")
     return torch.compile(trampoline, dynamic=False)
+
+
+def is_compiled(owner: Any, key: Hashable) -> bool:
+    """Whether the pass ``key`` of ``owner`` now runs compiled (a check's pass follows it)."""
+    try:
+        entry = _PASSES.get(owner, {}).get(key)
+    except TypeError:  # not weakly referenceable: never compiled
+        return False
+    return entry is not None and entry.compiled is not None and not entry.failed
