@@ -172,13 +172,10 @@ def _closure(repeats: int) -> dict[str, list[float]]:
         return torch.tanh(w @ t)
 
     def spaced_checks() -> Any:
-        from pipeline.runner import front
+        from pipeline.maths import checks
 
-        every, front.SPOT_EVERY = front.SPOT_EVERY, 8
-        try:
+        with checks.checking(every_call=False):  # every SPOT_EVERY-th remembered call
             return pipeline.jacobian(fn, x, executor="auto")
-        finally:
-            front.SPOT_EVERY = every
 
     return interleaved({
         "torch.func.jacrev": lambda: torch.func.jacrev(fn)(x),
@@ -187,9 +184,9 @@ def _closure(repeats: int) -> dict[str, list[float]]:
     }, repeats=repeats, warmup=3, shuffle=True)
 
 
-#: The closure with the vmap spot check on every 8th repeated call only (the default checks
-#: every call: NOTE: [Repeated calls of one function]).
-SPACED = "pipeline.jacobian, SPOT_EVERY = 8"
+#: The closure with spaced checks: the vmap spot check on every 8th repeated call only (the
+#: default checks every call: NOTE: [Repeated calls of one function]).
+SPACED = "pipeline.jacobian, checking(every_call=False)"
 
 
 def _newton(n: int, iterations: int, local_repeats: int) -> dict[str, Any]:
@@ -228,7 +225,7 @@ def _closure_table(report: Report, closure: dict[str, list[float]]) -> tuple[flo
                  [["torch.func.jacrev(fn)(x)", f"{jr * 1e3:.3f}", "1"],
                   ["pipeline.jacobian(fn, x), every call spot-checked", f"{pj * 1e3:.3f}",
                    f"{pj / jr:.2f}x"],
-                  ["the same, spot-checked on every 8th call (front.SPOT_EVERY = 8)",
+                  ["the same, spot-checked on every 8th call (checking(every_call=False))",
                    f"{spaced * 1e3:.3f}", f"{spaced / jr:.2f}x"]])
     return jr, pj
 

@@ -86,8 +86,8 @@ _CHECK_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_c
                                                                       default=True)
 _CHECK_VMAP: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_check_vmap",
                                                                    default=True)
-_EVERY_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("jacpipe_every_call",
-                                                                   default=False)
+_EVERY_CALL: contextvars.ContextVar[bool | None] = contextvars.ContextVar("jacpipe_every_call",
+                                                                          default=None)
 #: Rows of a chunk the vmap spot check combines (drawn at random): reading the
 #: whole chunk again cost 5% of a 2000-row mlp shard.
 SPOT_ROWS = 32
@@ -121,9 +121,12 @@ def checking(*, forward: str = "warn", vectorise: bool = True,
             shard's calls skip their own (one unbatched pass of one sample:
             40% of a 16-image CNN shard, whose convolutions run slowly on
             one unbatched image).
-        every_call: True: a repeated compressed evaluation checks every call,
-            not on :func:`due`'s schedule (also ``JACPIPE_CHECK_EVERY_CALL=1``
-            in the environment); ``None``: as the enclosing block.
+        every_call: True (the default, as ``JACPIPE_CHECK_EVERY_CALL`` unset
+            or ``1``): repeated calls check every call; False (or
+            ``JACPIPE_CHECK_EVERY_CALL=0``): a repeated compressed evaluation
+            is checked on :func:`due`'s schedule, and the front door's
+            remembered calls on every ``SPOT_EVERY``-th (NOTE: [Spaced checks
+            of repeated evaluations]); ``None``: as the enclosing block.
 
     Raises:
         ValueError: an unknown ``forward`` policy.
@@ -158,16 +161,21 @@ def forward_checks() -> bool:
 #     A Newton or time-stepping loop evaluates the same compressed Jacobian or
 #     Hessian (same function object, pattern and colouring objects, rows,
 #     shapes, dtype) many times, and compiled, its check (one reverse pass)
-#     costs 10-100% of an evaluation. The first call of each such evaluation
-#     is always checked, so a pattern that misses a nonzero or a forward-mode
-#     rule that disagrees with reverse mode is refused or reported there, at
-#     the point the loop starts from. Later calls are checked when the
-#     evaluation seconds since the last check reach ``last check's seconds /
-#     CHECK_SHARE``: the checks then cost at most CHECK_SHARE (10%) of the
-#     evaluations, and a long loop is still checked again and again, at other
-#     x. A call that found a disagreement makes every later call of it
-#     checked. ``checking(every_call=True)`` or ``JACPIPE_CHECK_EVERY_CALL=1``
-#     checks every call (the contract before this schedule).
+#     costs 10-100% of an evaluation. By default every call is checked: a
+#     rule that is wrong at some points only (a dependency whose derivative
+#     vanishes where the loop started, a forward-mode formula wrong at some
+#     values) is then never returned unchecked. A caller who trades that for
+#     speed sets ``checking(every_call=False)`` or
+#     ``JACPIPE_CHECK_EVERY_CALL=0``: the first call of each such evaluation
+#     (and its first compiled one) is checked, so a pattern that misses a
+#     nonzero or a forward-mode rule that disagrees with reverse mode is
+#     refused or reported there, at the point the loop starts from; later
+#     calls when the evaluation seconds since the last check reach ``last
+#     check's seconds / CHECK_SHARE``: the checks then cost at most
+#     CHECK_SHARE (10%) of the evaluations, and a long loop is still checked
+#     again and again, at other x; after a disagreement, every call. The
+#     front door's remembered calls then check every ``SPOT_EVERY``-th call
+#     (NOTE: [Repeated calls of one function]).
 #: The share of a repeated evaluation's time its spaced checks may take.
 CHECK_SHARE = 0.1
 
@@ -193,9 +201,18 @@ def due(schedule: Schedule, seconds: float) -> bool:
     schedule.unchecked_seconds += seconds
     if schedule.unchecked_seconds * CHECK_SHARE >= schedule.check_seconds:
         return True
-    schedule.forced = _EVERY_CALL.get() or os.environ.get(
-        "JACPIPE_CHECK_EVERY_CALL", "") not in ("", "0")
+    schedule.forced = every_call()
     return schedule.forced
+
+
+def every_call() -> bool:
+    """Whether repeated calls check every call (True unless :func:`checking` or
+    ``JACPIPE_CHECK_EVERY_CALL=0`` spaces them: NOTE: [Spaced checks of repeated ...])."""
+    chosen = _EVERY_CALL.get()
+    if chosen is not None:
+        return chosen
+    return os.environ.get("JACPIPE_CHECK_EVERY_CALL", "1").strip().lower() not in (
+        "0", "false", "no", "off")
 
 
 def checked(schedule: Schedule, seconds: float, *, agreed: bool) -> None:

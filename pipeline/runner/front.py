@@ -166,12 +166,14 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
 #   and module training flags in pipeline.sparse.detect), and the engine's
 #   forward-mode checks. The vmap spot check (NOTE: [Checks on every engine
 #   call]), one unbatched pullback, about a fifth of such a call, runs on
-#   every call by default (:data:`SPOT_EVERY` = 1): the spot check is what
-#   stands between a wrong batching rule and a silently wrong Jacobian, and
-#   a rule may be wrong at some points only. A caller who trusts the rules
-#   of a function's ops may set :data:`SPOT_EVERY` to N > 1 (the 100 x 100
-#   closure: 1.53x ``jacrev`` checked every call, 1.22x with N = 8, on the
-#   loaded 2-core machine); then
+#   every call by default: the spot check is what stands between a wrong
+#   batching rule and a silently wrong Jacobian, and a rule may be wrong at
+#   some points only. A caller who trusts the rules of a function's ops may
+#   space the checks (``checks.checking(every_call=False)`` or
+#   ``JACPIPE_CHECK_EVERY_CALL=0``, NOTE: [Spaced checks of repeated
+#   evaluations]): remembered calls are then checked on every
+#   :data:`SPOT_EVERY`-th call (the 100 x 100 closure: 1.53x ``jacrev``
+#   checked every call, 1.22x spaced, on the loaded 2-core machine), and
 #
 #   - a wrong batching rule that shows at the first call's x is refused on
 #     that first call (its rows computed one at a time, a warning), and the
@@ -179,15 +181,15 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
 #   - one that shows only at other points, or after fn's closed-over state
 #     changed without changing its output's shape or dtype, is caught on the
 #     next checked call (its rows recomputed, a warning, the key forgotten:
-#     every call after it is checked); the up to N - 1 remembered calls
-#     before it return unchecked rows. tests/runner/test_front.py holds both
-#     cases, at N = 1 and N = 8.
+#     every call after it is checked); the up to SPOT_EVERY - 1 remembered
+#     calls before it return unchecked rows. tests/runner/test_front.py
+#     holds both cases, checked every call and spaced.
 #   A new function object (a lambda made in the loop) is a new key.
 
-#: A remembered call compares its rows with an unbatched pullback on every
-#: ``SPOT_EVERY``-th call: 1, the default, checks every call; N > 1 trades the
-#: check of N - 1 calls in N for speed. NOTE: [Repeated calls of one function].
-SPOT_EVERY = 1
+#: Where checks are spaced (``checks.every_call()`` False), a remembered call compares
+#: its rows with an unbatched pullback on every ``SPOT_EVERY``-th call only.
+#: NOTE: [Repeated calls of one function].
+SPOT_EVERY = 8
 
 _REMEMBERED: weakref.WeakKeyDictionary[Any, dict[Hashable, _Remembered]] = (
     weakref.WeakKeyDictionary())
@@ -249,6 +251,7 @@ def _remember(problem: Problem, key: Hashable | None, job: CheckedJob, plan: Run
 
 def _recall(problem: Problem, key: Hashable | None) -> Any:
     """The result of a remembered call's plan at this ``x``, or None (plan it afresh)."""
+    from pipeline.maths import checks
     from pipeline.maths.engine import spot_check_skipped, spot_rejections
 
     known = _REMEMBERED.get(problem.fn) if key is not None else None
@@ -261,7 +264,7 @@ def _recall(problem: Problem, key: Hashable | None) -> Any:
     refuse_random(problem, entry.job.spec)
     entry.calls += 1
     job = dataclasses.replace(entry.job, problem=problem)
-    if SPOT_EVERY > 1 and entry.calls % SPOT_EVERY:
+    if SPOT_EVERY > 1 and entry.calls % SPOT_EVERY and not checks.every_call():
         with spot_check_skipped():
             return _in_memory(job, entry.plan, entry.chunk)
     rejected = spot_rejections()

@@ -329,11 +329,11 @@ def test_a_wrong_batching_rule_is_refused_on_the_first_call_and_every_later_one(
 @pytest.mark.parametrize("every", [1, 8])
 def test_a_rule_gone_wrong_after_the_first_call_is_caught_on_the_next_checked_call(
         monkeypatch, every):
-    """What the NOTE says a remembered call skips: SPOT_EVERY = 1 checks every call."""
-
-
-
-    monkeypatch.setattr(front, "SPOT_EVERY", every)
+    """What the NOTE says a remembered call skips: by default every call is checked;
+    spaced (JACPIPE_CHECK_EVERY_CALL=0), every SPOT_EVERY-th."""
+    monkeypatch.setattr(front, "SPOT_EVERY", 8)
+    if every > 1:
+        monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "0")
     fn = _wrong_under_vmap_fn()
     _FACTOR[0] = 1.0  # right at first: remembered
     try:

@@ -96,6 +96,7 @@ def test_forward_mode_disagreement_is_told_from_a_missed_nonzero():
 
 def test_the_check_pass_is_compiled_with_the_evaluation(monkeypatch):
     # torch.compile stood in for by a recording wrapper: which passes are built.
+    monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "0")  # spaced checks (below)
     from pipeline.maths import compiled
 
     built: list[str] = []
@@ -146,12 +147,21 @@ def _count_checks(monkeypatch) -> list[int]:
 
 
 def test_repeated_calls_are_checked_on_a_schedule_and_a_new_pattern_first(monkeypatch):
-    # NOTE: [Spaced checks of repeated evaluations]: with no time to spare for
-    # checks (CHECK_SHARE = 0) only the first call of each evaluation is checked.
+    # NOTE: [Spaced checks of repeated evaluations]: checked every call by default;
+    # spaced, with no time to spare for checks (CHECK_SHARE = 0), only the first
+    # call of each evaluation is.
     seen = _count_checks(monkeypatch)
     monkeypatch.setattr(checks, "CHECK_SHARE", 0.0)
     x = point(torch.float64, 20)
     good = sp.csr_matrix(jacobian(_shifted, x).abs().numpy() > 0)
+    coloring = _forward(good)
+    for k in range(3):  # by default every call is checked
+        sparse_jacobian_rows(_shifted, x + 0.1 * k, 0, 20, good, coloring)
+    assert len(seen) == 3
+    seen.clear()
+    monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "0")  # spaced: the first call of a new one
+    x = x + 1e-3
+    good = good.copy()  # a new pattern object: a new evaluation
     coloring = _forward(good)
     for k in range(4):
         got = sparse_jacobian_rows(_shifted, x + 0.1 * k, 0, 20, good, coloring)
@@ -164,7 +174,7 @@ def test_repeated_calls_are_checked_on_a_schedule_and_a_new_pattern_first(monkey
     monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "1")
     sparse_jacobian_rows(_shifted, x, 0, 20, good, coloring)
     assert len(seen) == 4
-    monkeypatch.delenv("JACPIPE_CHECK_EVERY_CALL")
+    monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "0")
     wrong = banded_pattern(20, 3)  # a new pattern: its first call is checked, and refused
     wrong_colours = _forward(wrong)
     with pytest.raises(SparsityError, match="pattern misses nonzeros"):
