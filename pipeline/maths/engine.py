@@ -125,7 +125,8 @@ def _chunks(start: int, stop: int, chunk_size: int | None) -> Iterator[tuple[int
 
 def basis_rows(start: int, stop: int, size: int, like: Tensor) -> Tensor:
     """Rows ``[start, stop)`` of the ``size × size`` identity, dtype/device of ``like``."""
-    if start == 0 and stop == size:  # one op instead of three
+    if start == 0 and stop == size:  # one op instead of three (never kept between calls:
+        # a function that writes into its input writes into forward mode's tangents)
         return torch.eye(size, dtype=like.dtype, device=like.device)
     basis = like.new_zeros(stop - start, size)
     basis.diagonal(offset=start).fill_(1)  # basis[k, start + k] = 1
@@ -223,6 +224,7 @@ def _jacobian_blocks(
             fn, x, start, stop, chunk_size=chunk_size, reason=exc, sample=sample
         )
         return
+    _observe(y)
     _check_range(start, stop, y.numel(), sample)
     vectorized, shaped = torch.func.vmap(pullback), (-1, *y.shape)
 
@@ -246,6 +248,32 @@ def _jacobian_blocks(
                                        sample=sample)
             return
         yield a, rows.to(x.dtype)
+
+
+_OUTPUTS: contextvars.ContextVar[list[tuple[Any, ...]] | None] = contextvars.ContextVar(
+    "jacpipe_outputs", default=None)
+
+
+@contextlib.contextmanager
+def observed_outputs() -> Iterator[list[tuple[Any, ...]]]:
+    """``(shape, dtype)`` of each ``fn(x)`` reverse-mode Jacobian rows record inside the block.
+
+    The front door's remembered calls read their output's shape and dtype from
+    the pass that computes the rows instead of calling ``fn`` once more
+    (NOTE: [Repeated calls of one function] in :mod:`pipeline.runner.front`).
+    """
+    seen: list[tuple[Any, ...]] = []
+    token = _OUTPUTS.set(seen)
+    try:
+        yield seen
+    finally:
+        _OUTPUTS.reset(token)
+
+
+def _observe(y: Tensor) -> None:
+    seen = _OUTPUTS.get()
+    if seen is not None:
+        seen.append((tuple(y.shape), y.dtype))
 
 
 def _vjp_rows(fn: Callable[[Tensor], Tensor], shape: torch.Size) -> Callable:

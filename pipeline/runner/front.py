@@ -162,7 +162,9 @@ def _derive(problem: Problem, options: dict[str, Any], caller: str) -> Any:
 #   up. A later call with the same key reuses the plan and chunk size. Every
 #   call still checks: fn(x) must give a tensor of the first call's shape
 #   and dtype (the key holds x's; else the call is planned, checked and
-#   refused as a first call), the random-op refusal (cached per function
+#   refused as a first call: reverse-mode Jacobian rows read them from the
+#   pass that records fn(x) for the rows, other kinds from one more fn(x)),
+#   the random-op refusal (cached per function
 #   and module training flags in pipeline.sparse.detect), and the engine's
 #   forward-mode checks. The vmap spot check (NOTE: [Checks on every engine
 #   call]), one unbatched pullback, about a fifth of such a call, runs on
@@ -251,16 +253,39 @@ def _remember(problem: Problem, key: Hashable | None, job: CheckedJob, plan: Run
 
 def _recall(problem: Problem, key: Hashable | None) -> Any:
     """The result of a remembered call's plan at this ``x``, or None (plan it afresh)."""
-    from pipeline.maths import checks
-    from pipeline.maths.engine import spot_check_skipped, spot_rejections
-
     known = _REMEMBERED.get(problem.fn) if key is not None else None
     entry = known.get(key) if known else None
     if entry is None:
         return None
-    if _output_of(problem) != entry.output:  # fn(x) changed type, dtype or shape: plan again
+    spec = kind_of(problem.kind)
+    plain = not (spec.per_sample or spec.symmetric) and spec.rows_over == "outputs"
+    if not plain or entry.plan.method != "rev":
+        if _output_of(problem) != entry.output:  # fn(x) changed type, dtype or shape
+            known.pop(key, None)
+            return None
+        return _recalled(problem, key, known, entry)
+    # plain reverse-mode rows record fn(x): its shape and dtype are read from that pass
+    from pipeline.maths.engine import observed_outputs
+
+    with observed_outputs() as seen:
+        try:
+            out = _recalled(problem, key, known, entry)
+        except Exception:
+            if seen[:1] == [entry.output]:
+                raise  # the same output: the error is the call's own
+            out = None
+    if seen[:1] != [entry.output] or out is None:  # changed (or not seen): plan it afresh
         known.pop(key, None)
         return None
+    return out
+
+
+def _recalled(problem: Problem, key: Hashable, known: dict[Hashable, _Remembered],
+              entry: _Remembered) -> Any:
+    """A remembered call's rows at this ``x``: its plan and chunk, its checks."""
+    from pipeline.maths import checks
+    from pipeline.maths.engine import spot_check_skipped, spot_rejections
+
     refuse_random(problem, entry.job.spec)
     entry.calls += 1
     job = dataclasses.replace(entry.job, problem=problem)

@@ -431,3 +431,28 @@ def test_repeated_hessian_and_batched_calls_are_remembered_and_right():
         torch.testing.assert_close(pipeline.batched_jacobian(sample, xs, **LOCAL),
                                    torch.func.vmap(torch.func.jacrev(sample))(xs))
     assert front._REMEMBERED.get(energy) and front._REMEMBERED.get(sample)
+
+
+def test_a_remembered_call_whose_output_grows_or_changes_shape_is_planned_again():
+    """The output's shape comes from the reverse pass that computes the rows (no extra
+    ``fn(x)``): a larger output, or the same size in another shape, is planned afresh."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    rows, shape = [3], [(-1,)]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w[:rows[0]] @ t).reshape(shape[0])
+
+    x = torch.randn(5, generator=g, dtype=torch.float64)
+    for _ in range(2):  # remembered at 3 outputs
+        torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), torch.func.jacrev(fn)(x))
+    assert front._REMEMBERED.get(fn)
+    rows[0] = 12  # more outputs than the remembered plan's rows
+    got = pipeline.jacobian(fn, x, **LOCAL)
+    assert got.shape == (12, 5)
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
+    pipeline.jacobian(fn, x, **LOCAL)
+    shape[0] = (3, 4)  # the same 12 outputs, another shape
+    got = pipeline.jacobian(fn, x, **LOCAL)
+    assert got.shape == (3, 4, 5)
+    torch.testing.assert_close(got, torch.func.jacrev(fn)(x))
