@@ -25,6 +25,7 @@ from pipeline.problem.problem import build_problem
 from tests.maths.trust import (
     DTYPES,
     METHODS,
+    DoubledUnderVmap,
     close,
     doubles_its_input,
     old_style_chain,
@@ -388,26 +389,6 @@ def test_hessian_fallback_of_a_function_linear_in_x_is_zero():
     close(got, torch.zeros(4, 4, dtype=torch.float64))
 
 
-class _DoubledUnderVmap(torch.autograd.Function):
-    """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
-
-    @staticmethod
-    def forward(g):
-        return g.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def vmap(info, in_dims, g):
-        return 2 * g, in_dims[0]
-
-    @staticmethod
-    def backward(ctx, gg):
-        return gg
-
-
 class _Identity(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -421,7 +402,7 @@ class _Identity(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _DoubledUnderVmap.apply(g)
+        return DoubledUnderVmap.apply(g)
 
 
 def _doubled_under_vmap(t: torch.Tensor) -> torch.Tensor:

@@ -35,3 +35,28 @@ def old_style_chain(v):
 
 def with_item_chain(v):
     return (v**3).sum() * v.sum().item() + (v[:-1] * v[1:].sin()).sum()
+
+
+#: What :class:`DoubledUnderVmap`'s batching rule multiplies by (2: wrong; 1: right).
+WRONG_VMAP_FACTOR = [2.0]
+
+
+class DoubledUnderVmap(torch.autograd.Function):
+    """The identity, whose batching rule multiplies by :data:`WRONG_VMAP_FACTOR`: a
+    deliberately wrong vmap rule (a backward built on it is right alone, wrong under vmap)."""
+
+    @staticmethod
+    def forward(g):
+        return g.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(info, in_dims, g):
+        return WRONG_VMAP_FACTOR[0] * g, in_dims[0]
+
+    @staticmethod
+    def backward(ctx, gg):
+        return gg

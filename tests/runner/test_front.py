@@ -16,6 +16,7 @@ import pipeline
 from pipeline.core.errors import JacpipeError
 from pipeline.runner import front
 from pipeline.store.reader import JacobianResult
+from tests.maths.trust import WRONG_VMAP_FACTOR, DoubledUnderVmap
 
 # The suite's default executor is ray (tests/conftest.py); these calls pick theirs.
 LOCAL = {"executor": "local"}
@@ -261,30 +262,6 @@ def test_a_small_closure_with_a_wrong_batching_rule_is_right_without_the_run_lev
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-#: What _DoubledUnderVmap's batching rule multiplies by (2: wrong; 1: right).
-_FACTOR = [2.0]
-
-
-class _DoubledUnderVmap(torch.autograd.Function):
-    """The identity, whose batching rule doubles: a deliberately wrong vmap rule."""
-
-    @staticmethod
-    def forward(g):
-        return g.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def vmap(info, in_dims, g):
-        return _FACTOR[0] * g, in_dims[0]
-
-    @staticmethod
-    def backward(ctx, gg):
-        return gg
-
-
 class _SinWrongUnderVmap(torch.autograd.Function):
     """sin, whose backward is right alone and doubled under vmap (as torch.cdist's)."""
 
@@ -301,7 +278,7 @@ class _SinWrongUnderVmap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (v,) = ctx.saved_tensors
-        return _DoubledUnderVmap.apply(g) * torch.cos(v)
+        return DoubledUnderVmap.apply(g) * torch.cos(v)
 
 
 def _wrong_under_vmap_fn():
@@ -335,11 +312,11 @@ def test_a_rule_gone_wrong_after_the_first_call_is_caught_on_the_next_checked_ca
     if every > 1:
         monkeypatch.setenv("JACPIPE_CHECK_EVERY_CALL", "0")
     fn = _wrong_under_vmap_fn()
-    _FACTOR[0] = 1.0  # right at first: remembered
+    WRONG_VMAP_FACTOR[0] = 1.0  # right at first: remembered
     try:
         _rule_gone_wrong(fn, every)
     finally:
-        _FACTOR[0] = 2.0
+        WRONG_VMAP_FACTOR[0] = 2.0
 
 
 def _rule_gone_wrong(fn, every: int) -> None:
@@ -352,7 +329,7 @@ def _rule_gone_wrong(fn, every: int) -> None:
     x = torch.linspace(-1, 1, 5, dtype=torch.float64)
     torch.testing.assert_close(pipeline.jacobian(fn, x, **LOCAL), jacobian(fn, x))
     assert fn in front._REMEMBERED
-    _FACTOR[0] = 2.0  # the rule goes wrong (as a rule wrong at other points only would)
+    WRONG_VMAP_FACTOR[0] = 2.0  # the rule goes wrong (as a rule wrong at other points only would)
     wrong = 0
     for k in range(1, 2 * 8 + 1):  # remembered calls 1, 2, ...
         with warnings.catch_warnings(record=True) as caught:
