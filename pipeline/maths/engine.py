@@ -1304,32 +1304,6 @@ def jvps_by_reverse(fn: Callable[[Tensor], Tensor], x: Tensor, vs: Tensor) -> Te
     return out
 
 
-def checked_compressed(fn: Callable[[Tensor], Tensor], x: Tensor, seeds: Tensor,
-                       compressed: Tensor, *, hessian: bool) -> Tensor:
-    """A forward-mode compressed matrix (rows ``J s_c``, Hessians ``H s_c``) after its check.
-
-    ``u . (B^T w)`` (``= u . (J v)``, ``v = S^T w``) against ``(Jᵀ u) . v`` by
-    one plain reverse pass (Hessians: reverse-over-reverse). Rejected:
-    computed again by reverse mode (:func:`jvps_by_reverse`,
-    :func:`hessian_vector_products`).
-    """
-    def gap() -> str | None:
-        key = (seeds.shape[0], compressed.shape[1])
-        w = checks.uniform((seeds.shape[0],), compressed, 5, *key)
-        u = checks.uniform((compressed.shape[1],), compressed, 6, *key)
-        v, jv = seeds.T.to(w.dtype) @ w, compressed.T @ w
-        jtu = (hessian_vector_products(fn, x)(u[None])[0] if hessian
-               else plain_vjp(fn, x, u)[0])
-        return checks.disagreement(u, jv, jtu, v)
-
-    what = "sparse Hessian rows" if hessian else "sparse Jacobian rows"
-    if not checks.forward_rejected(gap, what):
-        return compressed
-    if hessian:
-        return hessian_vector_products(fn, x)(seeds)
-    return jvps_by_reverse(fn, x, seeds).to(compressed.dtype)
-
-
 def _report_unvectorised(reason: BaseException, what: str) -> None:
     """One report: vmap failed on fn (``reason``), so ``what`` are computed one at a time."""
     checks.report(

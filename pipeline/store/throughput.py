@@ -350,8 +350,10 @@ def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator, *,
     import numpy as np
     import pyarrow as pa
 
+    from pipeline.store.arrays import arrow_array
+
     if pa.types.is_integer(kind):
-        return pa.array(np.arange(rows, dtype=np.int64), type=kind)
+        return arrow_array(np.arange(rows, dtype=np.int64), kind)
     floats = f"float{kind.value_type.bit_width}"
     if pa.types.is_fixed_size_list(kind):
         flat = rng.standard_normal(rows * kind.list_size).astype(floats)
@@ -361,10 +363,10 @@ def _sample_column(kind: pa.DataType, rows: int, rng: np.random.Generator, *,
             at = (np.arange(rows)[:, None] + np.arange(k)[None, :] - k // 2) % width
             band[np.arange(rows)[:, None], at] = flat[: rows * k].reshape(rows, k)
             flat = band.reshape(-1)
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=kind.value_type), type=kind)
-    offsets = pa.array(np.arange(0, (rows + 1) * _SPARSE_ROW, _SPARSE_ROW, dtype=np.int32))
+        return pa.FixedSizeListArray.from_arrays(arrow_array(flat, kind.value_type), type=kind)
+    offsets = arrow_array(np.arange(0, (rows + 1) * _SPARSE_ROW, _SPARSE_ROW, dtype=np.int32))
     if pa.types.is_integer(kind.value_type):
         cols = np.sort(rng.integers(0, 2**20, (rows, _SPARSE_ROW)), axis=1).reshape(-1)
-        return pa.ListArray.from_arrays(offsets, pa.array(cols, type=kind.value_type))
+        return pa.ListArray.from_arrays(offsets, arrow_array(cols, kind.value_type))
     flat = rng.standard_normal(rows * _SPARSE_ROW).astype(floats)
-    return pa.ListArray.from_arrays(offsets, pa.array(flat, type=kind.value_type))
+    return pa.ListArray.from_arrays(offsets, arrow_array(flat, kind.value_type))
