@@ -49,8 +49,13 @@ NOTE: [forward mode without TorchScript decompositions]
     :func:`defer_jvp_decompositions` makes ``make_dual``'s load wait for the
     first backward that runs while a forward-AD level is open (both names
     of ``_engine_run_backward`` wrapped, as ``torch.compiler`` patches
-    them), loads them there with torch's own function and puts everything
-    back. A first-order ``jvp`` never loads them. An aten backward op called
+    them), loads them there with torch's own function and puts the backward
+    back. ``make_dual``'s stand-in stays: torch's function only imports the
+    module, a no-op from then on, and dynamo knows that function by the
+    object it found when it built its trace rules; swapped back, the
+    original is a skipped function, and every forward-mode graph compiled
+    after it broke in two at ``make_dual`` (a compiled HVP pass ran 10-25x
+    slower). A first-order ``jvp`` never loads them. An aten backward op called
     directly on dual tensors, outside any backward, would meet torch's own
     ``NotImplementedError``: loud, never a wrong value.
 """
@@ -112,12 +117,12 @@ def defer_jvp_decompositions() -> bool:
         """``make_dual``'s load, deferred to the first backward under forward mode."""
 
     def run_backward(*args: Any, **kwargs: Any) -> Any:
-        if forward_ad._current_level >= 0 and forward_ad._maybe_load_decompositions is deferred:
-            forward_ad._maybe_load_decompositions = load
+        if forward_ad._current_level >= 0 and not _DEFERRED.get("loaded"):
+            _DEFERRED["loaded"] = True
             for module in (graph, autograd):
                 if module._engine_run_backward is run_backward:
                     module._engine_run_backward = run
-            load()
+            load()  # make_dual's load is an import: `deferred` stays, a no-op from now on
         return run(*args, **kwargs)
 
     _DEFERRED.update(load=load, run=run)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 _FRESH = r"""
 import json, sys
 import torch
@@ -142,3 +144,37 @@ def test_forward_mode_defers_torchscript_decompositions_to_forward_over_reverse(
     # forward over reverse through softmax and layer-norm backwards: loaded there, right values
     assert doc["e2"] < 1e-12 and doc["loaded_after"] is True
     assert doc["restored"] == "torch.autograd.graph"  # torch's own function back in place
+
+
+_TWO_COMPILES = r"""
+import json
+import torch
+from pipeline.core.imports import spare_sympy_import
+spare_sympy_import()
+from pipeline.maths.compiled import _compile
+x, s = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+def hvp(scalar):
+    return lambda x, s: torch.func.jvp(torch.func.grad(scalar), (x,), (s,))[1]
+
+first, second = (lambda t: (t.sin() ** 2).sum()), (lambda t: (t.cos() * t).sum())
+got = [_compile(hvp(first))(x, s)]
+hvp(first)(x, s)  # eager forward over reverse: the decompositions load here
+got.append(_compile(hvp(second))(x, s))
+from torch._dynamo.utils import counters
+ref = [torch.autograd.functional.hvp(f, x, s)[1] for f in (first, second)]
+print(json.dumps({"breaks": sum(counters["graph_break"].values()),
+                  "err": max(float((a - b).abs().max()) for a, b in zip(got, ref))}))
+"""
+
+
+@pytest.mark.slow
+def test_forward_mode_graphs_compile_whole_after_the_decompositions_load():
+    """NOTE: [forward mode without TorchScript decompositions]: no graph break at make_dual."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", _TWO_COMPILES], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    assert doc["err"] < 1e-12
+    assert doc["breaks"] == 0
