@@ -11,7 +11,12 @@
     asdex runs in its own interpreter (``--peer-python``, default
     ``$JACPIPE_PEER_PYTHON`` or ``/tmp/peers-venv/bin/python``; install with
     ``pip install -e '.[peers]'`` into a separate venv); without it that
-    half is skipped with one line.
+    half is skipped with one line. For each case, asdex's process sets
+    its case up first, then serves one timed evaluation at a time: its
+    evaluations join jacpipe's interleaved, shuffled rounds, so a ratio
+    compares the two at the same moments of a shared machine whose speed
+    drifts 2x within minutes (timed in separate runs, asdex's own time for
+    one case moved 2-5x).
 (2) Dense ``jacobian_rows`` against ``torch.func.jacrev`` from a
     ``(30, 40) -> (30, 50)`` map to mlp 2000, timed interleaved.
 
@@ -130,24 +135,82 @@ def case_name(job: str, kind: str, size: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def jacpipe_sparse(job: str, kind: str, size: int, repeats: int, threads: int) -> dict[str, Any]:
-    """:func:`jacpipe_case` in a fresh interpreter (first-call costs included, as asdex's)."""
+def jacpipe_sparse(job: str, kind: str, size: int, repeats: int, threads: int,
+                   peer: str | None = None) -> dict[str, Any]:
+    """:func:`jacpipe_case` in a fresh interpreter (first-call costs included, as asdex's).
+
+    ``peer``: the interpreter with asdex; its evaluations are timed interleaved
+    with jacpipe's, from a server process (``peers_asdex.py --serve``), under
+    ``"peer"`` in the result.
+    """
     code = ("import json, sys, torch\n"
             f"torch.set_num_threads({threads})\n"
             "from benchmarks.peers import jacpipe_case\n"
-            f"print(json.dumps(jacpipe_case({job!r}, {kind!r}, {size}, {repeats})))\n")
+            f"print(json.dumps(jacpipe_case({job!r}, {kind!r}, {size}, {repeats}, "
+            f"peer={peer!r}, threads={threads})))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=HERE.parent)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def jacpipe_case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
-    """Detection, colours, first Jacobian, repeated eager and compiled evaluation."""
+class PeerServer:
+    """asdex's side of one case in its interpreter: set up once, then one timed call per ask."""
+
+    def __init__(self, python: str, job: str, kind: str, size: int, threads: int) -> None:
+        case = {"name": case_name(job, kind, size), "job": job, "kind": kind, "size": size}
+        self.process = subprocess.Popen(
+            [python, str(PEER_SCRIPT), "--serve", json.dumps(case)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, env=peer_env(threads))
+        assert self.process.stdout is not None and self.process.stdin is not None
+        first = json.loads(self.process.stdout.readline())  # after asdex's first Jacobian
+        self.versions = {"jax": first["jax"], "asdex": first["asdex"]}
+        self.result: dict[str, Any] = first["result"]
+        self.times: list[float] = []
+
+    @property
+    def failed(self) -> bool:
+        return "error" in self.result
+
+    def time(self) -> None:
+        """One jitted evaluation, timed in the peer's process (no pipe in the timing)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write("time\n")
+        self.process.stdin.flush()
+        self.times.append(float(self.process.stdout.readline()))
+
+    def close(self) -> dict[str, Any]:
+        """The case's facts, with the median evaluation under ``repeated``."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+        if self.times:
+            self.result["repeated"] = median(self.times)
+        return {**self.result, **self.versions}
+
+
+def peer_env(threads: int) -> dict[str, str]:
+    """asdex's environment: with one thread, XLA's Eigen pool is off too."""
+    env = dict(os.environ)
+    if threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1").strip()
+    return env
+
+
+def jacpipe_case(job: str, kind: str, size: int, repeats: int, *, peer: str | None = None,
+                 threads: int = 2) -> dict[str, Any]:
+    """Detection, colours, first Jacobian, repeated eager and compiled evaluation.
+
+    With ``peer`` (asdex's interpreter), asdex's case is set up first (so
+    neither side's first call meets the other's), then its evaluations join
+    the interleaved, shuffled rounds.
+    """
     from pipeline.maths import checks
     from pipeline.sparse.coloring import choose_coloring
     from pipeline.sparse.compressed import sparse_hessian_rows, sparse_jacobian_rows
     from pipeline.sparse.detect import trace_sparsity
 
+    server = PeerServer(peer, job, kind, size, threads) if peer else None
     fn, x = torch_case(job, size)
     rows = sparse_hessian_rows if kind == "hessian" else sparse_jacobian_rows
     began = time.perf_counter()
@@ -168,17 +231,22 @@ def jacpipe_case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]
         with checks.checking(every_call=False):
             return rows(fn, x, 0, m, pattern, coloring, compile="on")
 
-    times = interleaved({
+    methods = {
         "eager": lambda: rows(fn, x, 0, m, pattern, coloring, compile="off"),
         "compiled": lambda: rows(fn, x, 0, m, pattern, coloring, compile="on"),
         "spaced": spaced,
         "unchecked": unchecked,
         "pass": compiled_pass(fn, x, "hvp" if kind == "hessian" else coloring.mode),
-    }, repeats=repeats, warmup=0, shuffle=True)  # shuffled: no call always follows eager's
+    }
+    if server is not None and not server.failed:
+        methods["asdex"] = server.time
+    times = interleaved(methods, repeats=repeats, warmup=0,
+                        shuffle=True)  # shuffled: no call always follows eager's
     return {"detection": detected - began, "colors": coloring.num_colors, "first": first,
             "eager": median(times["eager"]), "compiled": median(times["compiled"]),
             "unchecked": median(times["unchecked"]), "compile": compile_seconds,
-            "pass": median(times["pass"]), "spaced": median(times["spaced"])}
+            "pass": median(times["pass"]), "spaced": median(times["spaced"]),
+            "peer": server.close() if server is not None else None}
 
 
 def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], Any]:
@@ -206,20 +274,6 @@ def peer_python(asked: str | None) -> str | None:
     return path if probe.returncode == 0 else None
 
 
-def asdex_sparse(python: str, cases: list[tuple[str, str, int]], repeats: int,
-                 threads: int) -> dict[str, Any]:
-    """asdex's side of ``cases``; with one thread XLA's Eigen pool is off too."""
-    request = {"repeats": repeats, "cases": [
-        {"name": case_name(*c), "job": c[0], "kind": c[1], "size": c[2]} for c in cases]}
-    env = dict(os.environ)
-    if threads == 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                            "intra_op_parallelism_threads=1").strip()
-    out = subprocess.run([python, str(PEER_SCRIPT), json.dumps(request)], capture_output=True,
-                         text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int,
                  python: str | None, threads: int) -> None:
     if python is None:
@@ -230,12 +284,13 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
     for case in cases:  # case by case, so both sides meet the same machine load
         name = case_name(*case)
         report.facts[f"load average before {name}"] = list(os.getloadavg())
-        ours[name] = jacpipe_sparse(*case, repeats, threads)
+        ours[name] = jacpipe_sparse(*case, repeats, threads, peer=python)
+        answer = ours[name].pop("peer")
         print(f"jacpipe {name}: {ours[name]}", flush=True)
-        if python is not None:
-            answer = asdex_sparse(python, [case], repeats, threads)
-            report.facts["peer versions"] = {"jax": answer["jax"], "asdex": answer["asdex"]}
-            peer[name] = answer["results"][0]
+        if answer is not None:
+            report.facts["peer versions"] = {"jax": answer.pop("jax"),
+                                             "asdex": answer.pop("asdex")}
+            peer[name] = answer
             print(f"asdex {name}: {peer[name]}", flush=True)
             if "error" in peer[name]:
                 report.facts[f"asdex failed: {name}"] = peer.pop(name)["error"]
@@ -351,7 +406,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 9)
     report = Report("peers", args.quick)
     cases = QUICK if args.quick else FULL
     if args.cases:

@@ -1,8 +1,13 @@
 """The asdex (JAX) half of ``benchmarks/peers.py``: run by the peer interpreter, not imported.
 
     PEER_PYTHON benchmarks/peers_asdex.py '{"cases": [...], "repeats": 5}'
+    PEER_PYTHON benchmarks/peers_asdex.py --serve '{"name": ..., "job": ..., "size": ...}'
 
-Prints one JSON line: per case, detection seconds, colours, the first
+``--serve`` sets one case up, prints its JSON line (no ``repeated``), then
+times one jitted evaluation per ``time`` line read from stdin, printing its
+seconds: ``benchmarks/peers.py`` interleaves those with its own calls, so
+both sides meet the same machine at the same moments. Otherwise it prints
+one JSON line: per case, detection seconds, colours, the first
 Jacobian (detection + colouring + ``jax.jit`` compile + one evaluation) and
 the median repeated jitted evaluation, float64 on the CPU. The functions are
 the same maths as ``benchmarks/peers.py``'s torch ones (same points).
@@ -70,8 +75,11 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    request = json.loads(sys.argv[1])
     functions = _functions(jnp)
+    if sys.argv[1] == "--serve":
+        _serve(json.loads(sys.argv[2]), functions, jax, jnp, asdex, np)
+        return
+    request = json.loads(sys.argv[1])
     results = []
     for case in request["cases"]:
         try:
@@ -82,8 +90,25 @@ def main() -> None:
     print(json.dumps({"jax": jax.__version__, "asdex": _version("asdex"), "results": results}))
 
 
-def _measure(case, functions, repeats, jax, jnp, asdex, np):  # noqa: ANN001, ANN202
-    """One case: detection, colours, first Jacobian (jit included), repeated evaluation."""
+def _serve(case, functions, jax, jnp, asdex, np):  # noqa: ANN001, ANN202
+    """Set ``case`` up, print it, then time one evaluation per ``time`` line on stdin."""
+    try:
+        evaluate, x, result = _setup(case, functions, jax, jnp, asdex, np)
+    except Exception as exc:  # noqa: BLE001 - a peer's failure is a result too
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        result, evaluate = {"case": case["name"], "error": f"{type(exc).__name__}: {first}"}, None
+    print(json.dumps({"jax": jax.__version__, "asdex": _version("asdex"), "result": result}),
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() != "time" or evaluate is None:
+            break
+        t0 = time.perf_counter()
+        jax.block_until_ready(evaluate(x))
+        print(time.perf_counter() - t0, flush=True)
+
+
+def _setup(case, functions, jax, jnp, asdex, np):  # noqa: ANN001, ANN202
+    """Detection, colours, ``jit`` and one evaluation: (evaluate, x, the case's facts)."""
     fn, shape = functions[case["job"]](case["size"])
     rng = np.random.default_rng(0)
     x = jnp.asarray(0.5 + 0.1 * rng.standard_normal(shape))
@@ -97,14 +122,19 @@ def _measure(case, functions, repeats, jax, jnp, asdex, np):  # noqa: ANN001, AN
                         else asdex.jacobian_from_coloring)(fn, coloring))
     jax.block_until_ready(evaluate(x))
     first = time.perf_counter() - began
+    return evaluate, x, {"case": case["name"], "detection": detected - began,
+                         "colors": int(coloring.num_colors), "first": first}
+
+
+def _measure(case, functions, repeats, jax, jnp, asdex, np):  # noqa: ANN001, ANN202
+    """One case: detection, colours, first Jacobian (jit included), repeated evaluation."""
+    evaluate, x, result = _setup(case, functions, jax, jnp, asdex, np)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(evaluate(x))
         times.append(time.perf_counter() - t0)
-    return {"case": case["name"], "detection": detected - began,
-            "colors": int(coloring.num_colors), "first": first,
-            "repeated": statistics.median(times)}
+    return {**result, "repeated": statistics.median(times)}
 
 
 def _version(name: str) -> str:
