@@ -177,8 +177,13 @@ def _cotangents(start: int, stop: int, size: int, like: Tensor) -> Tensor:
 def _release_if_aliased(rows: Tensor, basis: Tensor) -> None:
     """Stop keeping ``basis`` (NOTE: [A kept identity]) when ``rows`` share its memory."""
     kept = getattr(_KEPT, "identity", None)
-    if (kept is not None and kept[0] is basis
-            and rows.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr()):
+    if kept is None or kept[0] is not basis:
+        return
+    try:
+        shared = rows.untyped_storage().data_ptr() == basis.untyped_storage().data_ptr()
+    except RuntimeError:  # no storage to compare (a backward's efficient zeros: sgn)
+        shared = True  # cannot tell: not kept
+    if shared:
         _KEPT.identity = None
 
 
