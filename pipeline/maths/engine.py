@@ -245,6 +245,11 @@ def _jacobian_blocks(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if torch.is_inference_mode_enabled():  # autograd records nothing there
+        yield from _outside_inference_mode(_jacobian_blocks(
+            fn, x, start, stop, chunk_size=chunk_size, method=method, sample=sample,
+            vectorise=vectorise, compile=compile))
+        return
     owner, fn = fn, strict_outputs(fn)
     if not (vectorise and checks.vectorised()):  # the run's spot check found a wrong batching rule
         yield from _iter_rows_loop(fn, x, start, stop, chunk_size=chunk_size, reason=None,
@@ -299,6 +304,18 @@ def _jacobian_blocks(
             return
         _release_if_aliased(rows, basis)
         yield a, rows.to(x.dtype)
+
+
+def _outside_inference_mode(blocks: Iterator[tuple[int, Tensor]]
+                            ) -> Iterator[tuple[int, Tensor]]:
+    """``blocks``, each computed with ``torch.inference_mode`` off (a caller inside it
+    gets rows as ``jacrev`` gives them there: reverse mode records ``fn`` by autograd)."""
+    while True:
+        with torch.inference_mode(False):
+            item = next(blocks, None)
+        if item is None:
+            return
+        yield item
 
 
 def _recorded(fn: Callable[[Tensor], Tensor], x: Tensor

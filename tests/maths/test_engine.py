@@ -491,3 +491,14 @@ def test_reverse_rows_equal_jacrev_and_autograd_under_forward_mode_and_on_subcla
 
     close(jacobian_rows(lambda t: problem.fn(t).as_subclass(Marked), problem.x, 0, 30)
           .as_subclass(torch.Tensor), flat_reference(problem.fn, problem.x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_inside_inference_mode_equal_autograd(method):
+    x = point(torch.float64, 5)
+    ref = flat_reference(lambda t: torch.sin(t) * t.sum(), x)
+    with torch.inference_mode():
+        inferred = x.clone()  # an inference tensor
+        for point_ in (x, inferred):
+            got = jacobian_rows(lambda t: torch.sin(t) * t.sum(), point_, 0, 5, method=method)
+            close(got, ref)
