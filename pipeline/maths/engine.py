@@ -146,10 +146,11 @@ def _cotangents(start: int, stop: int, size: int, like: Tensor) -> Tensor:
     identity of a small ``size`` is kept between calls of this thread.
 
     NOTE: [A kept identity]
-        Building the ``m x m`` identity of a one-chunk call cost more than the
-        vmap spot check (mlp 2000: 0.8 ms of fresh pages and fill against
-        the check's 0.7 ms; a (30, 40) -> (30, 50) map: 0.29 ms of 4-6 ms),
-        and ``jacrev`` builds it on every call. Reverse mode reads its
+        Building the ``m x m`` identity of a one-chunk call cost as much as
+        the vmap spot check (fresh pages and a fill: mlp 2000 0.4-0.8 ms
+        against the check's 0.6 ms, mlp 1000 0.1-0.5 ms against 0.3 ms, a
+        (30, 40) -> (30, 50) map 0.3 ms of 4-6 ms), and ``jacrev`` builds it
+        on every call. Reverse mode reads its
         cotangents and ``fn``'s forward pass never sees them, so the identity
         up to :data:`KEEP_IDENTITY_NUMEL` entries is kept per thread (no
         thread's backward can write into another's) and handed out again
