@@ -382,7 +382,7 @@ def _grad_of(y: Tensor, xg: Tensor) -> Callable[[Tensor], Tensor | None]:
     outputs, inputs = (y,), (xg,)
 
     def grad(c: Tensor) -> Tensor | None:
-        if forward_ad._current_level >= 0:
+        if getattr(forward_ad, "_current_level", 0) >= 0:  # (unknown: the wrapper)
             return torch.autograd.grad(y, xg, c, retain_graph=True, allow_unused=True)[0]
         # (outputs, cotangents, keep_graph, create_graph, inputs, allow_unreachable,
         #  accumulate_grad)
