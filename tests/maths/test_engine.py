@@ -502,3 +502,32 @@ def test_rows_inside_inference_mode_equal_autograd(method):
         for point_ in (x, inferred):
             got = jacobian_rows(lambda t: torch.sin(t) * t.sum(), point_, 0, 5, method=method)
             close(got, ref)
+
+
+engine_picked_rows = engine._picked_rows  # the real one, for the spy below
+
+
+def test_a_wrong_batching_rule_is_refused_in_a_column_major_chunk(monkeypatch):
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    w = torch.randn(200, 150, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = torch.linspace(-1, 1, 150, dtype=torch.float64)
+    fn = lambda t: w @ _doubled_under_vmap(t)  # noqa: E731
+    wrong = torch.func.jacrev(fn)(x)
+    assert wrong.stride(0) == 1  # w @ x layers give column-major rows
+    torch.testing.assert_close(wrong, 2 * w)  # the bug
+    gathered = []
+    monkeypatch.setattr(engine, "_picked_rows", lambda rows, index: gathered.append(
+        rows.stride()) or engine_picked_rows(rows, index))
+    with pytest.warns(VmapMismatchWarning, match="without vmap"):
+        got = jacobian_rows(fn, x, 0, 200)  # 32 of 200 rows picked, gathered by column
+    assert gathered and gathered[0][0] == 1
+    torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_picked_rows_are_the_rows_at_the_index(column_major):
+    rows = torch.randn(40, 30, dtype=torch.float64)
+    rows = rows.T.contiguous().T if column_major else rows
+    index = torch.tensor([0, 3, 17, 39])
+    torch.testing.assert_close(engine._picked_rows(rows, index), rows[index], rtol=0, atol=0)
