@@ -39,6 +39,7 @@ n = 10^4, eager: 174-296 ms against 7.6 ms passive, load 5).
 
     python -m benchmarks.peers             # up to 10^6 unknowns; ~10 minutes on 2 cores
     python -m benchmarks.peers --quick     # small sizes; ~2 minutes
+    python -m benchmarks.peers --dense-only --repeats 31   # the jacrev table alone
 """
 
 from __future__ import annotations
@@ -398,6 +399,8 @@ def main() -> None:
     p.add_argument("--peer-python", default=None, help="interpreter with asdex and jax")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--no-dense", action="store_true", help="skip the jacrev comparison")
+    p.add_argument("--dense-only", action="store_true",
+                   help="only the jacrev comparison (benchmarks/results/peers-dense.json)")
     p.add_argument("--cases", default=None,
                    help="only the sparse cases whose names contain one of these "
                         "';'-separated strings (e.g. 'N=256;rosenbrock n=100,000'); "
@@ -407,13 +410,17 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 9)
-    report = Report("peers", args.quick)
+    report = Report("peers-dense" if args.dense_only else "peers", args.quick)
+    report.facts["threads"] = args.threads
+    report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    if args.dense_only:
+        dense_table(report, args.quick, repeats)
+        report.finish(args.json)
+        return
     cases = QUICK if args.quick else FULL
     if args.cases:
         words = args.cases.split(";")
         cases = [c for c in cases if any(w in case_name(*c) for w in words)]
-        report.facts["threads"] = args.threads
-        report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
         sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
         report.finish(args.json)
         return
@@ -425,8 +432,6 @@ def main() -> None:
                          statistics.median(small), 0.2, higher_is_better=False, unit=" s"))
     report.target(Target("first detection in a fresh process, heat N=1000 (calls of fn)",
                          statistics.median(large), 30, higher_is_better=False, unit=""))
-    report.facts["threads"] = args.threads
-    report.facts["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     sparse_table(report, cases, repeats, peer_python(args.peer_python), args.threads)
     if not args.no_dense:
         dense_table(report, args.quick, repeats)

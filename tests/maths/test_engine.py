@@ -132,7 +132,9 @@ def inplace_into_fresh(v):
 
 
 @pytest.mark.parametrize("fn,falls_back", [
-    (OldStyle.apply, True),
+    # autograd records an old-style Function; its backward vectorises (NOTE: [Rows by
+    # plain autograd under vmap]): rows in one pass, checked against the unbatched one
+    (OldStyle.apply, False),
     (DataDependentBackward.apply, True),
     (with_item, False),
     (inplace_into_fresh, False),
@@ -421,3 +423,111 @@ def test_the_spot_check_refuses_a_wrong_batching_rule_in_small_and_big_chunks(n)
     with pytest.warns(VmapMismatchWarning, match="without vmap"):
         got = jacobian_rows(_doubled_under_vmap, x, 0, n)
     torch.testing.assert_close(got, torch.eye(n, dtype=torch.float64))
+
+
+def test_a_wrong_batching_rule_is_refused_on_every_call_with_the_kept_identity():
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    x = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    for _ in range(3):  # the second and third calls reuse the identity the first kept
+        with pytest.warns(VmapMismatchWarning, match="without vmap"):
+            got = jacobian_rows(_doubled_under_vmap, x, 0, 6)
+        torch.testing.assert_close(got, torch.eye(6, dtype=torch.float64))
+
+
+class _ClearsItsGrad(torch.autograd.Function):
+    """``3 v``, whose backward clears its ``grad_output`` in place after using it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return 3 * v
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        out = 3 * g
+        g.zero_()
+        return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_backward_that_writes_into_its_cotangents_gets_fresh_ones_on_the_next_call(dtype):
+    x = point(dtype, 5)
+    fn = lambda t: _ClearsItsGrad.apply(t.sin())  # noqa: E731  (its backward meets our cotangents)
+    ref = jacobian(fn, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the spot check's own cotangent is rebuilt too
+        for _ in range(3):
+            close(jacobian_rows(fn, x, 0, 5), ref)
+
+
+def test_rows_that_are_the_identity_itself_are_never_shared_between_calls():
+    x = point(torch.float64, 4)
+    first = jacobian_rows(lambda t: t, x, 0, 4)
+    second = jacobian_rows(lambda t: t, x, 0, 4)
+    first.mul_(2)  # the caller owns its rows
+    torch.testing.assert_close(second, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(jacobian_rows(lambda t: t, x, 0, 4),
+                               torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reverse_rows_equal_jacrev_and_autograd_under_forward_mode_and_on_subclasses(dtype):
+    import torch.autograd.forward_ad as fwAD
+
+    problem = build_problem("mlp", {**JOBS["mlp"], "dtype": str(dtype).removeprefix("torch.")})
+    ref = torch.func.jacrev(problem.fn)(problem.x)
+    close(jacobian_rows(problem.fn, problem.x, 0, 30), ref)  # the engine's own entry point
+    with fwAD.dual_level():  # a forward-mode level is active: torch.autograd.grad
+        close(jacobian_rows(problem.fn, problem.x, 0, 30), ref)
+
+    class Marked(torch.Tensor):  # an output with __torch_function__: torch.autograd.grad
+        pass
+
+    close(jacobian_rows(lambda t: problem.fn(t).as_subclass(Marked), problem.x, 0, 30)
+          .as_subclass(torch.Tensor), flat_reference(problem.fn, problem.x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_inside_inference_mode_equal_autograd(method):
+    x = point(torch.float64, 5)
+    ref = flat_reference(lambda t: torch.sin(t) * t.sum(), x)
+    with torch.inference_mode():
+        inferred = x.clone()  # an inference tensor
+        for point_ in (x, inferred):
+            got = jacobian_rows(lambda t: torch.sin(t) * t.sum(), point_, 0, 5, method=method)
+            close(got, ref)
+
+
+engine_picked_rows = engine._picked_rows  # the real one, for the spy below
+
+
+def test_a_wrong_batching_rule_is_refused_in_a_column_major_chunk(monkeypatch):
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    w = torch.randn(200, 150, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = torch.linspace(-1, 1, 150, dtype=torch.float64)
+    fn = lambda t: w @ _doubled_under_vmap(t)  # noqa: E731
+    wrong = torch.func.jacrev(fn)(x)
+    assert wrong.stride(0) == 1  # w @ x layers give column-major rows
+    torch.testing.assert_close(wrong, 2 * w)  # the bug
+    gathered = []
+    monkeypatch.setattr(engine, "_picked_rows", lambda rows, index: gathered.append(
+        rows.stride()) or engine_picked_rows(rows, index))
+    with pytest.warns(VmapMismatchWarning, match="without vmap"):
+        got = jacobian_rows(fn, x, 0, 200)  # 32 of 200 rows picked, gathered by column
+    assert gathered and gathered[0][0] == 1
+    torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+def test_picked_rows_are_the_rows_at_the_index(column_major):
+    rows = torch.randn(40, 30, dtype=torch.float64)
+    rows = rows.T.contiguous().T if column_major else rows
+    index = torch.tensor([0, 3, 17, 39])
+    torch.testing.assert_close(engine._picked_rows(rows, index), rows[index], rtol=0, atol=0)
