@@ -46,11 +46,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 
 from pipeline.core.errors import JacpipeError, first_line
 from pipeline.core.kinds import kind_of
+from pipeline.sparse import rules
 from pipeline.sparse.rules import (
     CONST,
     Context,
@@ -226,12 +228,35 @@ def trace_sparsity(
         raise SparsityError(f"x must be a floating-point tensor, got {type(x).__name__}"
                             + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else ""))
     xd = x.detach()
-    n = xd.numel()
-    if kind_of(kind).plain and max_density is not None and _PROBE_ROWS:
+    pending = bool(kind_of(kind).plain and max_density is not None and _PROBE_ROWS)
+    gm = None
+    if pending:  # NOTE: [probe only where propagation is not cheaper]
+        gm = _record(fn, xd, mode)
+        if gm is None or not _cheap_to_propagate(gm):
+            reason = _dense_probe(fn, xd, max_density, max_bytes)
+            if reason is not None:
+                return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
+            pending = False
+    try:
+        report = _detect(fn, xd, gm, kind, mode, max_density, max_bytes, began)
+    except SparsityError:
+        if pending and (reason := _dense_probe(fn, xd, max_density, max_bytes)) is not None:
+            return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
+        raise
+    if pending and (report.dense or _probe_may_say_dense(report.pattern, max_density)):
         reason = _dense_probe(fn, xd, max_density, max_bytes)
         if reason is not None:
             return SparsityReport(None, True, time.perf_counter() - began, reason, mode)
-    gm = _trace(_target(fn, kind), xd, mode)
+    return report
+
+
+def _detect(fn: Callable, xd: torch.Tensor, gm: torch.fx.GraphModule | None, kind: str,
+            mode: str, max_density: float | None, max_bytes: int | None, began: float
+            ) -> SparsityReport:
+    """Trace (unless ``gm`` is the trace already), refuse what cannot be followed, propagate."""
+    n = xd.numel()
+    if gm is None:
+        gm = _trace(_target(fn, kind), xd, mode)
     _refuse_random(gm)
     _refuse_unfunctionalized(gm)
     if mode == "global":
@@ -264,6 +289,39 @@ def trace_sparsity(
                           tuple(ctx.warnings))
 
 
+#: Rules whose propagation costs about what the recorded values do (index maps and
+#: unions of same-shape patterns): a graph of these alone is propagated before any
+#: dense probe (NOTE: [probe only where propagation is not cheaper]).
+_CHEAP_RULES = frozenset((rules.constant, rules.no_derivative, rules.identity, rules.pointwise,
+                          rules.multiply, rules.where, rules.movement))
+
+
+def _cheap_to_propagate(gm: torch.fx.GraphModule) -> bool:
+    """Whether every op of ``gm`` has one of :data:`_CHEAP_RULES` (no reductions,
+    contractions, convolutions, writes or ops without a rule)."""
+    return all(node.target is operator.getitem or rule_for(node.target) in _CHEAP_RULES
+               for node in gm.graph.nodes if node.op == "call_function")
+
+
+def _probe_may_say_dense(pattern: sp.csr_matrix | None, max_density: float | None) -> bool:
+    """Whether :func:`_dense_probe` could call this detected pattern dense: only if every row
+    it samples has more than ``max_density * n`` entries (J at x lies inside the pattern, so
+    a sparser row ends the probe with None)."""
+    if pattern is None or max_density is None:
+        return True
+    m, n = pattern.shape
+    if m == 0 or n == 0:
+        return False
+    counts = np.diff(pattern.indptr)[_probe_rows(m).numpy()]
+    return bool(counts.min() > max_density * n)
+
+
+def _probe_rows(m: int) -> torch.Tensor:
+    """The rows of J the dense probe samples (interior, spread over the output)."""
+    rows = torch.linspace(0, m - 1, min(_PROBE_ROWS, m) + 2).round().long()[1:-1]
+    return rows.unique()
+
+
 # ---------------------------------------------------------------------------
 # Tracing
 # ---------------------------------------------------------------------------
@@ -294,8 +352,7 @@ def _dense_probe(fn: Callable, x: torch.Tensor, max_density: float, max_bytes: i
             m, n = y.numel(), x.numel()
             if m == 0 or n == 0 or not y.requires_grad:
                 return None
-            rows = torch.linspace(0, m - 1, min(_PROBE_ROWS, m) + 2).round().long()[1:-1]
-            rows = rows.unique()
+            rows = _probe_rows(m)
             # The first sparse row ends the probe (a sparse problem pays one
             # backward). NOTE: is_grads_batched (vmap) was 10x slower here.
             fewest = n
@@ -340,6 +397,19 @@ def _decompositions() -> dict:
 def _decomposition(op: Any) -> Callable | None:
     """The decomposition the trace applies to ``op``: only ops without a rule look one up."""
     return None if rule_for(op) is not None else _decompositions().get(op)
+
+
+def _record(fn: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule | None:
+    """:func:`_trace`'s first try alone (the light recorder), or None where it cannot
+    record ``fn`` (then :func:`_trace` goes on to its fallbacks, or says why)."""
+    from pipeline.maths.compiled import spare_dynamo_import
+    from pipeline.sparse.recorder import record
+
+    spare_dynamo_import()
+    try:
+        return record(fn, x, decomposition=_decomposition, refuse_data_dependent=mode == "global")
+    except Exception:  # _trace meets the same failure again and handles it
+        return None
 
 
 def _trace(target: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule:

@@ -411,6 +411,56 @@ def test_a_dense_row_is_not_a_dense_problem():
     assert report.pattern.nnz == 1000
 
 
+def _stencil(v):
+    """A heat-like residual: padding, slices, reshapes and pointwise ops alone."""
+    p = F.pad((v + v**3 / 3).unsqueeze(0), (1, 1, 1, 1)).squeeze(0)
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * p[1:-1, 1:-1]
+    return v - 0.1 * lap.t().reshape(v.shape)  # a reshape of a transposed view
+
+
+def _counting_probe(monkeypatch) -> list[int]:
+    import pipeline.sparse.detect as detect
+
+    calls: list[int] = []
+    real = detect._dense_probe
+    monkeypatch.setattr(detect, "_dense_probe", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_a_graph_of_cheap_ops_is_propagated_without_the_dense_probe(monkeypatch):
+    """NOTE: [probe only where propagation is not cheaper]: the pattern equals the dense
+    Jacobian's nonzeros, and no forward/backward probe pass was paid for it."""
+    calls = _counting_probe(monkeypatch)
+    x = torch.randn(5, 5, dtype=torch.float64)
+    report = trace_sparsity(_stencil, x)
+    assert calls == [] and not report.dense
+    assert np.array_equal(report.pattern.toarray(), _dense(_stencil, x))
+    # a reduction: probed first, as before (the sum row alone is not a dense problem)
+    cat = trace_sparsity(lambda v: torch.cat([v**2, v.sum().reshape(1)]), x.reshape(-1))
+    assert calls == [1] and not cat.dense and cat.pattern.nnz == 50
+
+
+def test_a_dense_graph_of_cheap_ops_still_gets_the_probes_verdict(monkeypatch):
+    """Rolls that double each row's dependencies: the propagation hits the cap, then the
+    probe gives its reason, as when it ran first; so it does where the propagation refuses
+    a data-dependent shape (a dense problem is no error, a sparse one is)."""
+    calls = _counting_probe(monkeypatch)
+
+    def doubling(v):
+        for shift in (1, 2, 4, 8, 16, 32):
+            v = v + v.roll(shift)
+        return v
+
+    x = torch.randn(64, dtype=torch.float64)
+    report = trace_sparsity(doubling, x)
+    assert report.dense and report.reason.startswith("dense probe") and calls == [1]
+    masked = trace_sparsity(lambda v: doubling(v[v > -1e9]), x)
+    assert masked.dense and masked.reason.startswith("dense probe") and calls == [1, 1]
+    with pytest.raises(SparsityError, match="data-dependent"):
+        trace_sparsity(lambda v: v[v > -1e9] ** 2, x)
+    assert len(calls) == 3
+
+
 def test_linear_terms_vanish_from_the_hessian():
     got = detect_sparsity(lambda v: 3 * v.sum() + v[0] * v[1], torch.randn(6, dtype=torch.float64),
                           kind="hessian")
