@@ -461,6 +461,16 @@ def test_a_dense_graph_of_cheap_ops_still_gets_the_probes_verdict(monkeypatch):
     assert len(calls) == 3
 
 
+def test_an_elementwise_graph_is_not_called_dense_for_autograds_nan():
+    """sqrt at 0: reverse mode gives 0 * inf = NaN off the diagonal, which the probe (run
+    first, before) counted as nonzero; propagated first, the pattern is the diagonal, as
+    the Jacobian's nonzeros are wherever it is finite."""
+    report = trace_sparsity(torch.sqrt, torch.zeros(40, dtype=torch.float64))
+    assert not report.dense
+    assert np.array_equal(report.pattern.toarray(), _dense(torch.sqrt, torch.ones(40,
+                                                                           dtype=torch.float64)))
+
+
 def test_linear_terms_vanish_from_the_hessian():
     got = detect_sparsity(lambda v: 3 * v.sum() + v[0] * v[1], torch.randn(6, dtype=torch.float64),
                           kind="hessian")
