@@ -407,6 +407,10 @@ def _decompositions() -> dict:
     """Decompositions for every op without a rule of its own (core ATen first)."""
     from torch._decomp import core_aten_decompositions, decomposition_table
 
+    from pipeline.maths.compiled import spare_dynamo_import
+
+    spare_dynamo_import()  # their Python references may be wrapped by _disable_dynamo
+
     table = {**decomposition_table, **core_aten_decompositions()}
     return {op: f for op, f in table.items() if rule_for(op) is None and not is_random(op)}
 
@@ -419,11 +423,9 @@ def _decomposition(op: Any) -> Callable | None:
 def _record(fn: Callable, x: torch.Tensor, mode: str) -> torch.fx.GraphModule | None:
     """:func:`_trace`'s first try alone (the light recorder), or None where it cannot
     record ``fn`` (then :func:`_trace` goes on to its fallbacks, or says why)."""
-    from pipeline.maths.compiled import spare_dynamo_import
     from pipeline.sparse.recorder import record
 
-    spare_dynamo_import()
-    try:
+    try:  # (no spare_dynamo_import: the recorder skips dynamo; _decompositions spares it)
         return record(fn, x, decomposition=_decomposition, refuse_data_dependent=mode == "global")
     except Exception:  # _trace meets the same failure again and handles it
         return None
@@ -701,8 +703,7 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     env: dict[Node, tuple[Any, Any]] = {}
     for i, node in enumerate(nodes):
         if node.op == "placeholder":
-            eye = sp.identity(ctx.n, dtype=bool, format="csr")
-            env[node] = (x.cpu(), Dep(eye, True))
+            env[node] = (x.cpu(), Dep(rules.identity_pattern(ctx.n), True))
         elif node.op == "get_attr":
             env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
         elif node.op == "call_function":

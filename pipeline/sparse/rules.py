@@ -180,6 +180,20 @@ class Op:
 # ---------------------------------------------------------------------------
 
 
+def identity_pattern(n: int) -> sp.csr_matrix:
+    """x's own pattern: ``sp.identity(n, dtype=bool, format="csr")``, built from aranges
+    (scipy builds it through a diagonal: 8 ms at n = 10^6), with its row columns kept for
+    :func:`take_rows`."""
+    idx = index_dtype(n)
+    eye = sp.csr_matrix((np.ones(n, dtype=bool), np.arange(n, dtype=idx),
+                         np.arange(n + 1, dtype=idx)), shape=(n, n))
+    col = np.arange(n + 1, dtype=idx)
+    col[-1] = -1
+    eye._jacpipe_at_most_one = True
+    eye._jacpipe_row_columns = col
+    return eye
+
+
 def empty(rows: int, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((rows, n), dtype=bool)
 
