@@ -701,13 +701,14 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
         for arg in node.all_input_nodes:
             last_use[arg] = i
     env: dict[Node, tuple[Any, Any]] = {}
+    deferred = {node for node in nodes if _composes_with_its_user(node)}
     for i, node in enumerate(nodes):
         if node.op == "placeholder":
             env[node] = (x.cpu(), Dep(rules.identity_pattern(ctx.n), True))
         elif node.op == "get_attr":
             env[node] = (_on_cpu(getattr(gm, node.target)), CONST)
         elif node.op == "call_function":
-            env[node] = _call_node(node, env, ctx)
+            env[node] = _call_node(node, env, ctx, node in deferred)
             if _writes_in_place(node):  # the written tensor carries the result from here on
                 env[node.args[0]] = env[node]
         elif node.op == "output":
@@ -724,8 +725,24 @@ def _propagate(gm: torch.fx.GraphModule, x: torch.Tensor, ctx: Context) -> Dep:
     raise SparsityError("traced graph has no output")
 
 
-def _call_node(node: torch.fx.Node, env: dict, ctx: Context) -> tuple[Any, Any]:
-    """One call_function node's value and :class:`Dep`, from those of its arguments."""
+def _composable(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and op_name(node.target) in rules.COMPOSABLE
+            and bool(node.args) and node.all_input_nodes == [node.args[0]]
+            and not _writes_in_place(node))
+
+
+def _composes_with_its_user(node: torch.fx.Node) -> bool:
+    """A movement op whose one user is another, on it alone (NOTE: [composed movement])."""
+    if not _composable(node) or len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return _composable(user) and user.args[0] is node
+
+
+def _call_node(node: torch.fx.Node, env: dict, ctx: Context, defer: bool = False
+               ) -> tuple[Any, Any]:
+    """One call_function node's value and :class:`Dep`, from those of its arguments
+    (``defer``: a :class:`~pipeline.sparse.rules.Moved` where allowed)."""
     from torch.fx.node import Node, map_aggregate
 
     args = map_aggregate(node.args, lambda a: env[a][0] if isinstance(a, Node) else a)
@@ -736,7 +753,7 @@ def _call_node(node: torch.fx.Node, env: dict, ctx: Context) -> tuple[Any, Any]:
         return args[0][args[1]], deps[0][args[1]]
     try:
         return _call(node.target, tuple(args), dict(kwargs), tuple(deps), dict(kwdeps), ctx,
-                     node.meta.get("val"))
+                     node.meta.get("val"), defer)
     except (Dense, SparsityError):
         raise
     except Exception as exc:  # computing the op itself failed: say which
@@ -747,7 +764,7 @@ def _call_node(node: torch.fx.Node, env: dict, ctx: Context) -> tuple[Any, Any]:
 
 
 def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: Context,
-          fake: Any) -> tuple[Any, Any]:
+          fake: Any, defer: bool = False) -> tuple[Any, Any]:
     rule = rule_for(func) or fallback
     tainted = any(d.tainted for d in _all_deps(deps) + _all_deps(list(kwdeps.values())))
     # NOTE: global mode never reads a value computed from x (the rules use
@@ -780,6 +797,8 @@ def _call(func: Any, args: tuple, kwargs: dict, deps: tuple, kwdeps: dict, ctx: 
                 "branch with torch.where")
         ctx.warnings.append(f"followed {what} at this x: the pattern holds at this x only")
     op = Op(func, args, kwargs, deps, kwdeps, out, ctx)
+    if defer and rule is rules.movement and rules.defers(op):
+        return out, rules.Moved(op, deps[0].tainted)  # a floating tensor: no _non_float
     try:
         dep = rule(op)
     except (Dense, SparsityError):

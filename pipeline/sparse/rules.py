@@ -500,8 +500,67 @@ def masked_fill(op: Op) -> Dep:
     return where(inner)
 
 
+#: Movement ops that never repeat an element (each output element is at most one input
+#: element, no input element twice): a chain of two is composed (NOTE: [composed movement]).
+COMPOSABLE = frozenset(("slice", "select", "narrow", "constant_pad_nd", "permute", "transpose",
+                        "t", "diagonal", "roll", "flip"))
+
+
+class Moved(Dep):
+    """The Dep of a :data:`COMPOSABLE` op whose one user is another: built only if read.
+
+    NOTE: [composed movement]
+    A stencil slices a padded field twice per neighbour (``p[:-2, 1:-1]``:
+    one slice per dim), and each slice built a pattern as large as the
+    field's. The propagation (``pipeline.sparse.detect``) gives the first of
+    two such ops a ``Moved``; :func:`movement` of the second applies both ops
+    to the index map of the first one's source and takes that source's rows
+    once: the same rows, ``take_rows(take_rows(S, a), b) = take_rows(S, a[b])``.
+    Anything else that reads ``pattern`` builds it as :func:`movement` would.
+    Deferred only where the first pattern passes the cap for sure (it holds
+    at most its source's entries), so no ``Dense`` goes missing.
+    """
+
+    def __init__(self, op: Op, tainted: bool) -> None:
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "tainted", tainted)
+        object.__setattr__(self, "_built", None)
+
+    @property
+    def pattern(self) -> sp.csr_matrix | None:  # type: ignore[override]
+        if self._built is None:
+            object.__setattr__(self, "_built", movement(self.op))
+        return self._built.pattern
+
+
+def defers(op: Op) -> bool:
+    """Whether this :data:`COMPOSABLE` op's Dep may be a :class:`Moved` (its source's pattern
+    is built, and no larger than the cap for the output's rows)."""
+    src = op.deps[0]
+    return (isinstance(src, Dep) and not isinstance(src, Moved) and src.pattern is not None
+            and _floating(op.out) and src.pattern.nnz <= op.ctx.cap(op.out.numel()))
+
+
+def _composed(op: Op, moved: Moved) -> Dep:
+    """``op`` after the deferred op of ``moved`` (NOTE: [composed movement])."""
+    inner = moved.op
+    result = _map_through(op, _map_through(inner, op.ctx.index_map(inner.args[0])))
+    rows = take_rows(inner.deps[0].pattern, _rows(result), op.ctx.n)
+    return Dep(op.ctx.check(rows, str(op.func)), moved.tainted)
+
+
+def _map_through(op: Op, index: torch.Tensor) -> torch.Tensor:
+    """A single-source movement op applied to an index map in place of its source."""
+    args = [index, *op.args[1:]]
+    if op.func in (aten.constant_pad_nd.default,):
+        args = args[:2] + [0]
+    return _run_on_map(op.func, args, op.kwargs)
+
+
 def movement(op: Op) -> Any:
     """Views, slicing, padding, gathers, concatenation: by index maps (NOTE: [index maps])."""
+    if isinstance(op.deps[0], Moved):
+        return _composed(op, op.deps[0])
     n = op.ctx.n
     is_list = isinstance(op.args[0], list | tuple)
     sources = list(op.args[0]) if is_list else [op.args[0]]

@@ -471,6 +471,57 @@ def test_an_elementwise_graph_is_not_called_dense_for_autograds_nan():
                                                                            dtype=torch.float64)))
 
 
+COMPOSED = [  # chains of two movement ops (NOTE: [composed movement]), and of three
+    lambda v: F.pad(v.reshape(4, 5), (1, 1, 2, 1))[1:-1, 2:].reshape(-1),
+    lambda v: F.pad(v.reshape(4, 5), (1, 1, 2, 1)).t()[1:, :-1].reshape(-1) ** 2,
+    lambda v: v.reshape(2, 2, 5).permute(2, 0, 1)[1:4].reshape(-1),
+    lambda v: v.reshape(4, 5).roll(2, 1).flip(0).reshape(-1) * v,
+    lambda v: v.reshape(4, 5).t().diagonal(1),
+    lambda v: v.reshape(4, 5).select(0, 2).narrow(0, 1, 3),
+    lambda v: v.reshape(4, 5)[1:][:, 1:][::2].reshape(-1),
+]
+
+
+def _op_by_op(monkeypatch):
+    import pipeline.sparse.rules as rules
+
+    monkeypatch.setattr(rules, "defers", lambda op: False)
+
+
+@pytest.mark.parametrize("fn", COMPOSED)
+def test_composed_movement_is_the_op_by_op_pattern_and_the_jacobians(fn, monkeypatch):
+    import pipeline.sparse.rules as rules
+
+    made = []
+    real = rules.defers
+    monkeypatch.setattr(rules, "defers", lambda op: real(op) and not made.append(1))
+    x = torch.randn(20, dtype=torch.float64)
+    got = detect_sparsity(fn, x)
+    assert made, "no movement op was composed with the next"
+    assert np.array_equal(got.toarray(), _dense(fn, x))
+    _op_by_op(monkeypatch)
+    plain = detect_sparsity(fn, x)
+    assert (got != plain).nnz == 0
+
+
+def test_a_slice_over_the_cap_is_not_composed_and_still_gives_up(monkeypatch):
+    """The cap on the first slice (denser than its source) still stops the propagation: a
+    slice whose pattern could exceed it is built, not deferred."""
+    import pipeline.sparse.detect as detect
+
+    monkeypatch.setattr(detect, "_PROBE_ROWS", 0)  # the propagation decides alone
+
+    def fn(v):
+        rows = torch.cat([v.sum().expand(10) * 1.0, torch.zeros(990, dtype=v.dtype)])
+        return rows[:10][:2]
+
+    x = torch.randn(40, dtype=torch.float64)
+    composed = trace_sparsity(fn, x)
+    _op_by_op(monkeypatch)
+    plain = trace_sparsity(fn, x)
+    assert composed.dense and plain.dense and composed.reason == plain.reason
+
+
 def test_linear_terms_vanish_from_the_hessian():
     got = detect_sparsity(lambda v: 3 * v.sum() + v[0] * v[1], torch.randn(6, dtype=torch.float64),
                           kind="hessian")
