@@ -5,8 +5,10 @@ and sympy on first use: about 1.2 s of a fresh process's first detection on an
 idle machine, against 20-70 ms for the trace itself. :func:`record` runs ``fn``
 once on real values under a ``TorchDispatchMode`` that writes every ATen op
 into an ``torch.fx.Graph`` (the same graph ``make_fx(functionalize(fn))``
-gives, with each node's value in ``meta["val"]``), applying a decomposition
-to ops that have one and no rule. It imports nothing beyond ``torch.fx``.
+gives, with each node's value in ``meta["val"]``; in global mode a floating
+value computed from ``x`` is kept only as a stand-in of its shape and dtype:
+NOTE: [values not kept]), applying a decomposition to ops that have one and
+no rule. It imports nothing beyond ``torch.fx``.
 
 Values computed from ``x`` are *tainted*. With ``refuse_data_dependent`` an
 op that turns a tainted tensor into a Python value (``.item()``,
