@@ -199,8 +199,8 @@ def trace_sparsity(
     """Detect the pattern, or report that it is too dense to be worth colouring.
 
     The planner's entry: with the default cap a dense problem (an MLP) costs
-    about four forward passes before ``dense=True`` comes back (NOTE:
-    [dense probe]); a sparse one is traced once and its patterns propagated.
+    a few forward passes before ``dense=True`` comes back (NOTE: [dense
+    probe]); a sparse one is traced once and its patterns propagated.
 
     Args:
         fn: the function (see :func:`detect_sparsity`).
@@ -296,7 +296,9 @@ def _detect(fn: Callable, xd: torch.Tensor, gm: torch.fx.GraphModule | None, kin
 # graph of elementwise and movement ops (heat N = 1000 in a fresh process:
 # 5-10 evaluations of fn, a third of the detection). So fn is recorded first
 # (the recording the propagation needs anyway; a dense problem pays it on
-# top of the probe: about 4 forward passes, not 3), and a graph of
+# top of the probe: the MLP at n = m = 20,000, hidden 256, gives up in
+# 0.018-0.023 s, about 7 forward passes, against 0.011 s, 4, when the probe
+# ran first; heat N = 1000 detects in half the time), and a graph of
 # _CHEAP_RULES alone is propagated before any probe. The probe then runs only
 # where its verdict could differ: the propagation hit the cap or refused
 # (a dense verdict wins, with the probe's reason, as when it ran first), or
