@@ -244,12 +244,14 @@ def write_markdown(report: Report, command: str) -> None:
               "- jacpipe's evaluation step (`sparse_jacobian_rows`: 5 JVPs vectorised with "
               "vmap) is about 90% the batched forward of the residual itself, i.e. torch's "
               "forward-mode AD, not the colouring.",
-              "- Detection of the heat residual: one dense probe row (about 3 forward "
-              "passes), the fake-tensor trace (about 2), the pattern propagation (the rest: "
-              "row takes and unions of 1e6-row boolean CSR matrices).",
-              "- Giving up on the MLP: the dense probe (one forward pass with autograd "
-              "recording and 2 single-row backward passes); tracing and propagating "
-              "instead cost about 15 forward passes.",
+              "- Detection of the heat residual: the recording pass (one forward pass "
+              "under a dispatch mode), then the pattern propagation (row takes and unions "
+              "of 1e6-row boolean CSR matrices); no dense probe (its graph has only "
+              "elementwise and movement ops, NOTE: [probe only where propagation is not "
+              "cheaper]).",
+              "- Giving up on the MLP: the recording pass, then the dense probe (one "
+              "forward pass with autograd recording and 2 single-row backward passes); "
+              "propagating instead cost about 15 forward passes.",
               "- Timings exclude numba's first compilation in a fresh process (about 5-10 s, "
               "then cached on disk next to pipeline/coloring.py when that is writable).",
               ""]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,19 @@ class Context:
         self.max_density, self.max_bytes = max_density, max_bytes
         self.warnings: list[str] = []
         self._warned: set[str] = set()
+        self._maps: dict[tuple, torch.Tensor] = {}
+
+    def index_map(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """:func:`index_map`, the last few kept: a padded field sliced by a stencil asks for
+        the same two maps eight times. Movement ops only read them (views, copies)."""
+        key = (tuple(t.shape), offset)
+        hit = self._maps.get(key)
+        if hit is None:
+            hit = index_map(t, offset)
+            if len(self._maps) >= 4:
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[key] = hit
+        return hit
 
     @property
     def local(self) -> bool:
@@ -166,8 +180,35 @@ class Op:
 # ---------------------------------------------------------------------------
 
 
+def identity_pattern(n: int) -> sp.csr_matrix:
+    """x's own pattern: ``sp.identity(n, dtype=bool, format="csr")``, built from aranges
+    (scipy builds it through a diagonal: 8 ms at n = 10^6), with its row columns kept for
+    :func:`take_rows`."""
+    idx = index_dtype(n)
+    eye = sp.csr_matrix((np.ones(n, dtype=bool), np.arange(n, dtype=idx),
+                         np.arange(n + 1, dtype=idx)), shape=(n, n))
+    col = np.arange(n + 1, dtype=idx)
+    col[-1] = -1
+    eye._jacpipe_at_most_one = True
+    eye._jacpipe_row_columns = col
+    return eye
+
+
 def empty(rows: int, n: int) -> sp.csr_matrix:
     return sp.csr_matrix((rows, n), dtype=bool)
+
+
+def index_dtype(*sizes: int) -> type:
+    """The index dtype scipy.sparse picks for a matrix of these sizes (rows, columns,
+    stored entries): int32 while they all fit, else int64.
+
+    NOTE: [index dtype]
+    ``sp.csr_matrix((data, indices, indptr))`` given int64 arrays scans them
+    (min and max) and converts them to int32 when the values fit: two passes
+    and two copies of every index array. Arrays built in this dtype are kept
+    as they are, and the matrix is the same.
+    """
+    return np.int32 if max(sizes, default=0) <= np.iinfo(np.int32).max else np.int64
 
 
 def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matrix | None:
@@ -183,12 +224,17 @@ def take_rows(p: sp.csr_matrix | None, rows: np.ndarray, n: int) -> sp.csr_matri
         # At most one entry per row (x itself, its elementwise functions,
         # their slices and paddings): each row's column, -1 for none, with a
         # -1 appended that a row -1 reads; 6x faster than the general path.
-        col = np.empty(rows.size + 1, dtype=np.int64)
-        np.take(_row_columns(p), rows, out=col[:-1])
+        # The arrays are built in the index dtype scipy would pick (int32
+        # while n and the row count fit), so its constructor neither scans
+        # nor converts them (NOTE: [index dtype]).
+        idx = index_dtype(rows.size, n)
+        col = np.empty(rows.size + 1, dtype=idx)
+        # mode "wrap": a row -1 reads the last -1 ("raise" buffers the output: 3x slower)
+        np.take(_row_columns(p).astype(idx, copy=False), rows, out=col[:-1], mode="wrap")
         col[-1] = -1
         has = col[:-1] >= 0
-        out_ptr = np.zeros(rows.size + 1, dtype=np.int64)
-        np.cumsum(has, out=out_ptr[1:])
+        out_ptr = np.zeros(rows.size + 1, dtype=idx)
+        np.cumsum(has, dtype=idx, out=out_ptr[1:])
         _precheck_size(float(out_ptr[-1]), rows.size)
         cols = col[:-1][has]
         out = sp.csr_matrix((np.ones(cols.size, dtype=bool), cols, out_ptr),
@@ -215,7 +261,7 @@ def _row_columns(p: sp.csr_matrix) -> np.ndarray:
     entry per row (remembered on the matrix, as :func:`_at_most_one_per_row`)."""
     col = getattr(p, "_jacpipe_row_columns", None)
     if col is None:
-        col = np.full(p.shape[0] + 1, -1, dtype=np.int64)
+        col = np.full(p.shape[0] + 1, -1, dtype=index_dtype(*p.shape))
         col[:-1][np.diff(p.indptr) > 0] = p.indices[: p.nnz]
         p._jacpipe_row_columns = col
     return col
@@ -242,7 +288,39 @@ def union(patterns: list[sp.csr_matrix | None]) -> sp.csr_matrix | None:
         return next((p for p in patterns if p is not None), None)
     out = ps[0]
     for p in ps[1:]:
-        out = out + p  # bool + bool is OR in scipy.sparse
+        if _holds(out, p):
+            continue
+        if _holds(p, out):
+            out = p
+            continue
+        out = _remember_parts(out + p, out, p)  # bool + bool is OR in scipy.sparse
+    return out
+
+
+_MAX_PARTS = 256  # NOTE: [union parts]
+
+
+def _holds(union_: sp.csr_matrix, p: sp.csr_matrix) -> bool:
+    """Whether ``p`` (this very object) went into the union ``union_``, so ``p`` is inside it.
+
+    NOTE: [union parts]
+    A union remembers the patterns it was made of (weakly: a dead part's
+    reference no longer resolves, so a new pattern given its id is not taken
+    for it). ``u - dt * f(u)`` then costs no second union with u's pattern
+    when f(u)'s already holds it (heat, reaction-diffusion residuals: one
+    ``csr_plus_csr`` of 5 x 10^6 entries less at N = 1000). Patterns are never
+    changed in place to hold more entries, so a part stays inside.
+    """
+    ref = getattr(union_, "_jacpipe_parts", {}).get(id(p))
+    return ref is not None and ref() is p
+
+
+def _remember_parts(out: sp.csr_matrix, a: sp.csr_matrix, b: sp.csr_matrix) -> sp.csr_matrix:
+    parts = {**getattr(a, "_jacpipe_parts", {}), **getattr(b, "_jacpipe_parts", {})}
+    if len(parts) > _MAX_PARTS:  # a long chain: its direct parts only (the list stays short)
+        parts = {}
+    parts[id(a)], parts[id(b)] = weakref.ref(a), weakref.ref(b)
+    out._jacpipe_parts = parts
     return out
 
 
@@ -285,7 +363,7 @@ def index_map(t: torch.Tensor, offset: int = 0) -> torch.Tensor:
 
 def _rows(result: torch.Tensor) -> np.ndarray:
     """A 1-based index map back to 0-based rows (-1: no element)."""
-    return result.reshape(-1).numpy() - 1
+    return (result - 1).reshape(-1).numpy()  # one new array, also from a strided view
 
 
 def broadcast(p: sp.csr_matrix | None, shape: tuple, out_shape: tuple, n: int
@@ -422,8 +500,67 @@ def masked_fill(op: Op) -> Dep:
     return where(inner)
 
 
+#: Movement ops that never repeat an element (each output element is at most one input
+#: element, no input element twice): a chain of two is composed (NOTE: [composed movement]).
+COMPOSABLE = frozenset(("slice", "select", "narrow", "constant_pad_nd", "permute", "transpose",
+                        "t", "diagonal", "roll", "flip"))
+
+
+class Moved(Dep):
+    """The Dep of a :data:`COMPOSABLE` op whose one user is another: built only if read.
+
+    NOTE: [composed movement]
+    A stencil slices a padded field twice per neighbour (``p[:-2, 1:-1]``:
+    one slice per dim), and each slice built a pattern as large as the
+    field's. The propagation (``pipeline.sparse.detect``) gives the first of
+    two such ops a ``Moved``; :func:`movement` of the second applies both ops
+    to the index map of the first one's source and takes that source's rows
+    once: the same rows, ``take_rows(take_rows(S, a), b) = take_rows(S, a[b])``.
+    Anything else that reads ``pattern`` builds it as :func:`movement` would.
+    Deferred only where the first pattern passes the cap for sure (it holds
+    at most its source's entries), so no ``Dense`` goes missing.
+    """
+
+    def __init__(self, op: Op, tainted: bool) -> None:
+        object.__setattr__(self, "op", op)
+        object.__setattr__(self, "tainted", tainted)
+        object.__setattr__(self, "_built", None)
+
+    @property
+    def pattern(self) -> sp.csr_matrix | None:  # type: ignore[override]
+        if self._built is None:
+            object.__setattr__(self, "_built", movement(self.op))
+        return self._built.pattern
+
+
+def defers(op: Op) -> bool:
+    """Whether this :data:`COMPOSABLE` op's Dep may be a :class:`Moved` (its source's pattern
+    is built, and no larger than the cap for the output's rows)."""
+    src = op.deps[0]
+    return (isinstance(src, Dep) and not isinstance(src, Moved) and src.pattern is not None
+            and _floating(op.out) and src.pattern.nnz <= op.ctx.cap(op.out.numel()))
+
+
+def _composed(op: Op, moved: Moved) -> Dep:
+    """``op`` after the deferred op of ``moved`` (NOTE: [composed movement])."""
+    inner = moved.op
+    result = _map_through(op, _map_through(inner, op.ctx.index_map(inner.args[0])))
+    rows = take_rows(inner.deps[0].pattern, _rows(result), op.ctx.n)
+    return Dep(op.ctx.check(rows, str(op.func)), moved.tainted)
+
+
+def _map_through(op: Op, index: torch.Tensor) -> torch.Tensor:
+    """A single-source movement op applied to an index map in place of its source."""
+    args = [index, *op.args[1:]]
+    if op.func in (aten.constant_pad_nd.default,):
+        args = args[:2] + [0]
+    return _run_on_map(op.func, args, op.kwargs)
+
+
 def movement(op: Op) -> Any:
     """Views, slicing, padding, gathers, concatenation: by index maps (NOTE: [index maps])."""
+    if isinstance(op.deps[0], Moved):
+        return _composed(op, op.deps[0])
     n = op.ctx.n
     is_list = isinstance(op.args[0], list | tuple)
     sources = list(op.args[0]) if is_list else [op.args[0]]
@@ -442,9 +579,13 @@ def movement(op: Op) -> Any:
         res = [Dep(op.ctx.check(_repeat_row(row, o.numel(), n), str(op.func)), True)
                for o in outs]
         return res if isinstance(op.out, tuple | list) else res[0]
+    if not is_list and _keeps_order(op.func, sources[0], op.out):
+        # A row-major reshape of an index map is the map itself: the pattern
+        # as it is, as take_rows would return it, without building the map.
+        return Dep(op.ctx.check(stacked, str(op.func)), tainted)
     maps, offset = [], 0
     for s in sources:
-        maps.append(index_map(s, offset))
+        maps.append(op.ctx.index_map(s, offset))
         offset += s.numel()
     new_args = list(op.args)
     new_args[0] = maps if is_list else maps[0]
@@ -455,6 +596,17 @@ def movement(op: Op) -> Any:
     res = [Dep(op.ctx.check(take_rows(stacked, _rows(r), n), str(op.func)), tainted)
            for r in result]
     return res if isinstance(op.out, tuple | list) else res[0]
+
+
+#: Movement ops that keep the elements in row-major order (reshapes, views of the same
+#: number of elements, squeezes): their index map is the identity.
+_ORDER_KEEPING = frozenset(("view", "_unsafe_view", "reshape", "view_copy", "squeeze",
+                            "squeeze_copy", "unsqueeze", "unsqueeze_copy"))
+
+
+def _keeps_order(func: Any, source: Any, out: Any) -> bool:
+    return (op_name(func) in _ORDER_KEEPING and isinstance(source, torch.Tensor)
+            and isinstance(out, torch.Tensor) and out.numel() == source.numel())
 
 
 def _run_on_map(func: Any, args: list, kwargs: dict) -> Any:

@@ -411,6 +411,117 @@ def test_a_dense_row_is_not_a_dense_problem():
     assert report.pattern.nnz == 1000
 
 
+def _stencil(v):
+    """A heat-like residual: padding, slices, reshapes and pointwise ops alone."""
+    p = F.pad((v + v**3 / 3).unsqueeze(0), (1, 1, 1, 1)).squeeze(0)
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * p[1:-1, 1:-1]
+    return v - 0.1 * lap.t().reshape(v.shape)  # a reshape of a transposed view
+
+
+def _counting_probe(monkeypatch) -> list[int]:
+    import pipeline.sparse.detect as detect
+
+    calls: list[int] = []
+    real = detect._dense_probe
+    monkeypatch.setattr(detect, "_dense_probe", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_a_graph_of_cheap_ops_is_propagated_without_the_dense_probe(monkeypatch):
+    """NOTE: [probe only where propagation is not cheaper]: the pattern equals the dense
+    Jacobian's nonzeros, and no forward/backward probe pass was paid for it."""
+    calls = _counting_probe(monkeypatch)
+    x = torch.randn(5, 5, dtype=torch.float64)
+    report = trace_sparsity(_stencil, x)
+    assert calls == [] and not report.dense
+    assert np.array_equal(report.pattern.toarray(), _dense(_stencil, x))
+    # a reduction: probed first, as before (the sum row alone is not a dense problem)
+    cat = trace_sparsity(lambda v: torch.cat([v**2, v.sum().reshape(1)]), x.reshape(-1))
+    assert calls == [1] and not cat.dense and cat.pattern.nnz == 50
+
+
+def test_a_dense_graph_of_cheap_ops_still_gets_the_probes_verdict(monkeypatch):
+    """Rolls that double each row's dependencies: the propagation hits the cap, then the
+    probe gives its reason, as when it ran first; so it does where the propagation refuses
+    a data-dependent shape (a dense problem is no error, a sparse one is)."""
+    calls = _counting_probe(monkeypatch)
+
+    def doubling(v):
+        for shift in (1, 2, 4, 8, 16, 32):
+            v = v + v.roll(shift)
+        return v
+
+    x = torch.randn(64, dtype=torch.float64)
+    report = trace_sparsity(doubling, x)
+    assert report.dense and report.reason.startswith("dense probe") and calls == [1]
+    masked = trace_sparsity(lambda v: doubling(v[v > -1e9]), x)
+    assert masked.dense and masked.reason.startswith("dense probe") and calls == [1, 1]
+    with pytest.raises(SparsityError, match="data-dependent"):
+        trace_sparsity(lambda v: v[v > -1e9] ** 2, x)
+    assert len(calls) == 3
+
+
+def test_an_elementwise_graph_is_not_called_dense_for_autograds_nan():
+    """sqrt at 0: reverse mode gives 0 * inf = NaN off the diagonal, which the probe (run
+    first, before) counted as nonzero; propagated first, the pattern is the diagonal, as
+    the Jacobian's nonzeros are wherever it is finite."""
+    report = trace_sparsity(torch.sqrt, torch.zeros(40, dtype=torch.float64))
+    assert not report.dense
+    assert np.array_equal(report.pattern.toarray(), _dense(torch.sqrt, torch.ones(40,
+                                                                           dtype=torch.float64)))
+
+
+COMPOSED = [  # chains of two movement ops (NOTE: [composed movement]), and of three
+    lambda v: F.pad(v.reshape(4, 5), (1, 1, 2, 1))[1:-1, 2:].reshape(-1),
+    lambda v: F.pad(v.reshape(4, 5), (1, 1, 2, 1)).t()[1:, :-1].reshape(-1) ** 2,
+    lambda v: v.reshape(2, 2, 5).permute(2, 0, 1)[1:4].reshape(-1),
+    lambda v: v.reshape(4, 5).roll(2, 1).flip(0).reshape(-1) * v,
+    lambda v: v.reshape(4, 5).t().diagonal(1),
+    lambda v: v.reshape(4, 5).select(0, 2).narrow(0, 1, 3),
+    lambda v: v.reshape(4, 5)[1:][:, 1:][::2].reshape(-1),
+]
+
+
+def _op_by_op(monkeypatch):
+    import pipeline.sparse.rules as rules
+
+    monkeypatch.setattr(rules, "defers", lambda op: False)
+
+
+@pytest.mark.parametrize("fn", COMPOSED)
+def test_composed_movement_is_the_op_by_op_pattern_and_the_jacobians(fn, monkeypatch):
+    import pipeline.sparse.rules as rules
+
+    made = []
+    real = rules.defers
+    monkeypatch.setattr(rules, "defers", lambda op: real(op) and not made.append(1))
+    x = torch.randn(20, dtype=torch.float64)
+    got = detect_sparsity(fn, x)
+    assert made, "no movement op was composed with the next"
+    assert np.array_equal(got.toarray(), _dense(fn, x))
+    _op_by_op(monkeypatch)
+    plain = detect_sparsity(fn, x)
+    assert (got != plain).nnz == 0
+
+
+def test_a_slice_over_the_cap_is_not_composed_and_still_gives_up(monkeypatch):
+    """The cap on the first slice (denser than its source) still stops the propagation: a
+    slice whose pattern could exceed it is built, not deferred."""
+    import pipeline.sparse.detect as detect
+
+    monkeypatch.setattr(detect, "_PROBE_ROWS", 0)  # the propagation decides alone
+
+    def fn(v):
+        rows = torch.cat([v.sum().expand(10) * 1.0, torch.zeros(990, dtype=v.dtype)])
+        return rows[:10][:2]
+
+    x = torch.randn(40, dtype=torch.float64)
+    composed = trace_sparsity(fn, x)
+    _op_by_op(monkeypatch)
+    plain = trace_sparsity(fn, x)
+    assert composed.dense and plain.dense and composed.reason == plain.reason
+
+
 def test_linear_terms_vanish_from_the_hessian():
     got = detect_sparsity(lambda v: 3 * v.sum() + v[0] * v[1], torch.randn(6, dtype=torch.float64),
                           kind="hessian")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import subprocess
 import sys
 
@@ -83,3 +84,37 @@ def test_first_detection_in_a_fresh_process_imports_no_compiler():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_global_mode_keeps_stand_ins_of_floating_values_computed_from_x():
+    """NOTE: [values not kept]: shapes and dtypes as the values', one element of storage;
+    fn(x) itself, constants, integer results and local mode keep their values."""
+    x = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def fn(u):
+        order = torch.argsort(u[0])  # an integer result computed from x
+        return _heat(u)[:, order] * torch.arange(6.0, dtype=u.dtype)
+
+    for refuse, kept_values in ((True, False), (False, True)):
+        gm = record(fn, x, decomposition=_decomposition, refuse_data_dependent=refuse)
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        torch.testing.assert_close(out.meta["val"], fn(x))
+        torch.testing.assert_close(gm(x), fn(x))
+        def whole_(v):
+            return v.untyped_storage().nbytes() >= v.numel() * v.element_size()
+
+        for n in nodes:
+            val = n.meta["val"]
+            if isinstance(val, tuple | list):  # multi-output ops keep their values
+                assert all(whole_(v) for v in val), n
+                continue
+            whole = whole_(val)
+            from_x = "arange" not in str(n.target) and n.target is not operator.getitem
+            if kept_values or not from_x or not val.is_floating_point() or n is out:
+                assert whole, n
+            else:
+                assert not whole and val.numel() > 1, n
+        ints = [n.meta["val"] for n in nodes if n.target is operator.getitem
+                and n.meta["val"].dtype == torch.int64]
+        assert any(torch.equal(v, torch.argsort(x[0])) for v in ints)
