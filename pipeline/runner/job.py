@@ -125,7 +125,7 @@ def refuse_random(problem: Problem, spec: str) -> None:
     Raises:
         JacpipeError: ``fn`` draws random numbers that change from call to call.
     """
-    from pipeline.sparse.detect import refuse_random_ops
+    from pipeline.sparse.randomness import refuse_random_ops
 
     x = problem.x[0] if kind_of(problem.kind).per_sample else problem.x
     refuse_random_ops(problem.fn, x, spec)

@@ -35,6 +35,10 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.core.errors import SparsityError as SparsityError
+from pipeline.sparse.randomness import RANDOM as RANDOM
+from pipeline.sparse.randomness import draws_random as draws_random
+from pipeline.sparse.randomness import is_random as is_random
+from pipeline.sparse.randomness import op_name as op_name
 
 aten = torch.ops.aten
 
@@ -1193,11 +1197,6 @@ _CONTRACTION = ["mm", "bmm", "mv", "dot", "addmm", "baddbmm", "addmv", "_sparse_
                 "_sparse_mm", "_sparse_sparse_matmul"]
 _WINDOW = ["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
            "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices"]
-_RANDOM = ["rand", "randn", "rand_like", "randn_like", "randint", "randint_like",
-           "bernoulli", "normal", "uniform", "exponential", "geometric", "cauchy",
-           "log_normal", "multinomial", "native_dropout", "dropout", "poisson"]
-
-
 def _table() -> dict[str, Callable[[Op], Any]]:
     table: dict[str, Callable[[Op], Any]] = {}
     for names, rule in ((_CONSTANT, constant), (_NO_DERIVATIVE, no_derivative),
@@ -1218,13 +1217,6 @@ def _table() -> dict[str, Callable[[Op], Any]]:
 
 
 RULES: dict[str, Callable[[Op], Any]] = _table()
-RANDOM = frozenset(_RANDOM)
-
-
-def op_name(func: Any) -> str:
-    """``aten.mul.Tensor`` -> ``"mul"`` (the overload packet's name)."""
-    packet = getattr(func, "overloadpacket", None)
-    return getattr(packet, "__name__", str(func)).split(".")[-1]
 
 
 def rule_for(func: Any) -> Callable[[Op], Any] | None:
@@ -1235,29 +1227,3 @@ def rule_for(func: Any) -> Callable[[Op], Any] | None:
     if torch.Tag.pointwise in getattr(func, "tags", ()):
         return pointwise
     return None
-
-
-def is_random(func: Any) -> bool:
-    return op_name(func) in RANDOM or torch.Tag.nondeterministic_seeded in getattr(
-        func, "tags", ())
-
-
-def draws_random(func: Any, args: Any = (), kwargs: Any = None) -> bool:
-    """Whether this call of ``func`` draws random numbers: :func:`is_random`, except a
-    dropout that cannot drop (``dropout_p=0``, ``train=False``: attention's fused kernels
-    are tagged random for their dropout alone)."""
-    if not is_random(func):
-        return False
-    schema = getattr(func, "_schema", None)
-    if schema is None:
-        return True
-    given = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
-    given.update(zip((a.name for a in schema.arguments), args, strict=False))
-    given.update(kwargs or {})
-    for name, value in given.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if (name == "dropout_p" and number and value == 0) or (
-                name == "train" and value is False) or (
-                name == "p" and number and value in (0, 1) and "bernoulli" in op_name(func)):
-            return False  # bernoulli(p=1): F.dropout(p=0) in training mode
-    return True

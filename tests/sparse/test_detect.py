@@ -673,11 +673,12 @@ def test_explicit_detection_refusals_are_one_line(ray_session, tmp_path):
 def test_a_deterministic_verdict_is_kept_per_function_input_and_module_mode(monkeypatch):
     """Watched once per (fn, input shape/dtype, modules' training flags); a module put
     in train mode, held directly or by a closure, is watched (and refused) again."""
-    from pipeline.sparse import detect
+    from pipeline.sparse import randomness
 
     watched = []
-    real = detect._random_draws
-    monkeypatch.setattr(detect, "_random_draws", lambda f, x: watched.append(1) or real(f, x))
+    real = randomness._random_draws
+    monkeypatch.setattr(randomness, "_random_draws",
+                        lambda f, x: watched.append(1) or real(f, x))
     drop = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(0.5)).double().eval()
 
     def closure(v):
