@@ -487,7 +487,10 @@ def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 # nonzeros and the call is refused (SparsityError). The check's pass is
 # compiled when the evaluation's pass is (its eager form is plain autograd,
 # as torch.autograd.functional's), and u . (J_P v) is one dot of the entries
-# with w_k = u[row_k] v[col_k], kept with the plan: together 40-90% of a
+# with w_k = u[row_k] v[col_k], kept with the plan (the gap is first judged
+# against |Jᵀu| |v|, a lower bound of the scale over n entries: within the
+# tolerance of that it agrees, and |vals|, another pass over every entry, is
+# never read; measured gaps sat 3-4 orders of magnitude inside): together 40-90% of a
 # compiled evaluation at n = 10^5 (benchmarks/peers.py), against 1-8x for the
 # eager reverse pass before; repeated calls are checked on a schedule
 # (NOTE: [Spaced checks of repeated evaluations] in pipeline.maths.checks).
@@ -505,16 +508,22 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
         return values
     began = time.perf_counter()
     u_full, v, w, vw = _probe(plan, xf)
+    tol = max(checks.tolerance(xf.dtype), checks.tolerance(values.dtype))  # verdict's
 
-    def gap(vals: torch.Tensor, jtu: torch.Tensor) -> tuple[float, float, float]:
+    def gap(vals: torch.Tensor, jtu: torch.Tensor, tol: float) -> tuple[float, float, float]:
         # u . (J_P v) = sum_k vals_k u[row_k] v[col_k]: one dot with w, in float64;
         # the Cauchy-Schwarz bounds |vals| |w| and |Jᵀu| |v| (NOTE: [Tolerance of
         # the adjoint check]).
+        # The scale is at least |Jᵀu| |v| (n entries): a gap within the tolerance
+        # of that agrees without |vals| (one more pass over every entry).
         vals = vals.detach()
         a = float(torch.dot(vals.to(torch.float64), w))
         jtu = jtu.detach().reshape(-1).to(torch.float64)
         b = float(torch.dot(jtu, v))
-        scale = max(float(vals.norm()) * vw[0], float(jtu.norm()) * vw[1])
+        low = float(jtu.norm()) * vw[1]
+        if math.isfinite(a) and math.isfinite(b) and abs(a - b) <= tol * low:
+            return a, b, abs(a - b) / low if low > 0 else 0.0
+        scale = max(float(vals.norm()) * vw[0], low)
         if not all(math.isfinite(t) for t in (a, b, scale)):
             return a, b, float("nan")
         return a, b, abs(a - b) / scale if scale > 0 else (0.0 if a == b else float("inf"))
@@ -522,7 +531,7 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
     compiles = _CHECK_COMPILES[0]
     try:
         jtu = pullback(u_full)
-        reason = checks.verdict(*gap(values, jtu), xf.dtype, values.dtype)
+        reason = checks.verdict(*gap(values, jtu, tol), xf.dtype, values.dtype)
     except Exception:  # noqa: BLE001 - a reverse pass that cannot run is not a verdict
         reason = None
     # a check that compiled its pass is timed again on the next call
@@ -531,8 +540,9 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
     if reason is None:
         return values
     redone = redo() if redo is not None else None
-    if redone is None or checks.verdict(*gap(redone, jtu), xf.dtype) is not None:
-        a, b, rel = gap(values, jtu)
+    if redone is None or checks.verdict(*gap(redone, jtu, checks.tolerance(xf.dtype)),
+                                         xf.dtype) is not None:
+        a, b, rel = gap(values, jtu, 0.0)  # the full scale, for the message
         raise SparsityError(
             f"{what}: the sparsity pattern misses nonzeros at this x: u.(A v) = {a:.6g} "
             f"from the pattern's entries, (A^T u).v = {b:.6g} by reverse mode over all of A "
