@@ -52,10 +52,11 @@ NOTE: [forward mode without TorchScript decompositions]
     them), loads them there with torch's own function and puts the backward
     back. ``make_dual``'s stand-in stays: torch's function only imports the
     module, a no-op from then on, and dynamo knows that function by the
-    object it found when it built its trace rules; swapped back, the
-    original is a skipped function, and every forward-mode graph compiled
-    after it broke in two at ``make_dual`` (a compiled HVP pass ran 10-25x
-    slower). A first-order ``jvp`` never loads them. An aten backward op called
+    object it found when it first built its trace rules: in a process that
+    had compiled before the load, the original swapped back was a skipped
+    function, and every forward-mode graph compiled after the load broke in
+    two at ``make_dual`` (a compiled HVP pass ran 10-25x slower). A
+    first-order ``jvp`` never loads them. An aten backward op called
     directly on dual tensors, outside any backward, would meet torch's own
     ``NotImplementedError``: loud, never a wrong value.
 """
