@@ -257,13 +257,23 @@ def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], A
     the check = ``compiled - unchecked`` (compiled: every call checked).
     """
     from pipeline.maths.compiled import run_pass
+    from pipeline.maths.engine import strict_outputs
     from pipeline.sparse import compressed
 
     plan = next(reversed(compressed._PLANS.values()))[2]
     seeds = plan.tensors[(x.dtype, x.device)][0]
     xf = x.detach().reshape(-1)
     key = (mode, x.shape, x.dtype, x.device)
-    return lambda: run_pass(fn, key, lambda: None, xf, seeds, compile="on")
+    strict = strict_outputs(fn)
+
+    def build() -> Callable[..., Any]:  # the pass alone (a checked call may run it fused)
+        if mode == "hvp":
+            return compressed._hvps(lambda t: strict(t.reshape(x.shape)).reshape(()))
+        if mode == "fwd":
+            return compressed._jvps(strict, x.shape)
+        return compressed._vjps(strict, x.shape)
+
+    return lambda: run_pass(fn, key, build, xf, seeds, compile="on")
 
 
 def peer_python(asked: str | None) -> str | None:

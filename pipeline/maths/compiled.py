@@ -243,6 +243,27 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(trampoline, dynamic=False)
 
 
+def would_compile(owner: Any, key: Hashable, compile: str) -> bool:
+    """Whether :func:`run_pass` of ``owner``'s pass ``key`` under ``compile`` runs compiled now.
+
+    True where it is compiled, or would be compiled on this call (``"on"``, or
+    ``"auto"`` once its eager seconds reached :data:`PAYBACK_SECONDS`), and has
+    not failed to compile.
+    """
+    mode = check_compile(compile)
+    if mode == "off":
+        return False
+    try:
+        entry = _PASSES.get(owner, {}).get(key)
+    except TypeError:  # not weakly referenceable: never compiled
+        return False
+    if entry is None:
+        return mode == "on"
+    if entry.failed:
+        return False
+    return mode == "on" or entry.compiled is not None or entry.eager_seconds >= PAYBACK_SECONDS
+
+
 def is_compiled(owner: Any, key: Hashable) -> bool:
     """Whether the pass ``key`` of ``owner`` now runs compiled (a check's pass follows it)."""
     try:

@@ -33,7 +33,7 @@ import torch
 from pipeline.core.errors import SparsityError
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
-from pipeline.maths.compiled import is_compiled, run_pass
+from pipeline.maths.compiled import is_compiled, run_pass, would_compile
 from pipeline.maths.engine import (
     VmapFallbackWarning,
     hessian_vector_products,
@@ -176,11 +176,13 @@ def sparse_jacobian_rows(
     xf = x.detach().reshape(-1)
     flat = _flat(strict, x.shape)
     key = (plan.mode, x.shape, x.dtype, x.device)
+    fusion = None
     if plan.mode == "fwd":
+        fusion = _fusion(fn, key, "jvp+vjp", lambda: _vjp_one(flat), plan, xf, compile)
 
         def forward(seeds: torch.Tensor) -> torch.Tensor:
-            out = run_pass(fn, key, lambda: _jvps(strict, x.shape), xf, seeds,
-                           compile=compile)  # (c, m)
+            out = _run(fn, key, lambda: _jvps(strict, x.shape), xf, seeds, compile,
+                       fusion)  # (c, m)
             _check_rows(out.shape[1], plan.m)
             return out
 
@@ -206,12 +208,15 @@ def sparse_jacobian_rows(
         values, redo = _compressed_values(reverse, plan, xf, chunk_size=chunk_size), None
 
     def pullback(u: torch.Tensor) -> torch.Tensor:  # Jᵀ u, u over all m outputs
-        return run_check_pass(fn, key, ("vjp", *key[1:]), lambda: _vjp_one(flat), xf, u,
-                              eager=lambda: plain_vjp(flat, xf, u)[0])
+        check = ("vjp", *key[1:])
+        return _pulled(fusion, u, lambda: run_check_pass(
+            fn, key, check, lambda: _vjp_one(flat), xf, u,
+            eager=lambda: plain_vjp(flat, xf, u)[0]), lambda: is_compiled(fn, check))
 
-    schedule = _schedule(fn, plan, x, keep_plan, is_compiled(fn, key))
+    schedule = _schedule(fn, plan, x, keep_plan, _compiled(fn, key, fusion))
     values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows",
                              schedule, time.perf_counter() - began)
+    _done(fusion)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
 
@@ -286,6 +291,7 @@ def sparse_hessian_rows(
 
     looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
     key = ("hvp", x.shape, x.dtype, x.device)
+    fusion = _fusion(fn, key, "hvp+hvp-rev", lambda: _hvp_one(scalar), plan, xf, compile)
 
     def products(seeds: torch.Tensor) -> torch.Tensor:  # (c, n): row c = H s_c
         if looped:
@@ -294,7 +300,7 @@ def sparse_hessian_rows(
             looped.append(hessian_vector_products(scalar, x))
             return looped[0](seeds)
         try:
-            return run_pass(fn, key, lambda: _hvps(scalar), xf, seeds, compile=compile)
+            return _run(fn, key, lambda: _hvps(scalar), xf, seeds, compile, fusion)
         except RuntimeError as exc:
             # NOTE: functions torch.func cannot transform (an old-style
             # autograd.Function, .item() under vmap) get the same compressed
@@ -319,12 +325,17 @@ def sparse_hessian_rows(
                                   chunk_size=chunk_size)
 
     def pullback(u: torch.Tensor) -> torch.Tensor:  # H u by reverse over reverse
-        return run_check_pass(fn, key, ("hvp-rev", *key[1:]), lambda: _hvp_one(scalar), xf, u,
-                              eager=lambda: hessian_vector_products(scalar, x)(u[None])[0])
+        check = ("hvp-rev", *key[1:])
+        return _pulled(fusion, u, lambda: run_check_pass(
+            fn, key, check, lambda: _hvp_one(scalar), xf, u,
+            eager=lambda: hessian_vector_products(scalar, x)(u[None])[0]),
+            lambda: is_compiled(fn, check))
 
     values = _checked_values(values, plan, xf, pullback, None if looped else by_reverse,
                              "sparse Hessian rows",
-                             _schedule(fn, plan, x, keep_plan, is_compiled(fn, key)), seconds)
+                             _schedule(fn, plan, x, keep_plan, _compiled(fn, key, fusion)),
+                             seconds)
+    _done(fusion)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
 
@@ -613,6 +624,144 @@ def run_check_pass(owner: Any, evaluation: tuple, key: tuple, build: Callable[[]
 
 #: How many check passes have been compiled (their first call's time is the compiler's).
 _CHECK_COMPILES = [0]
+
+
+# NOTE: [the check fused into the pass]
+# Where every call is checked (the default) and the evaluation's forward-mode
+# pass (JVPs; Hessians: forward over reverse) runs compiled, the check's
+# reverse pass (Jᵀ u; H u by reverse over reverse) can be compiled into the
+# same graph, ``(x, seeds, u) -> (B, Jᵀ u)``: one call instead of two, fn's
+# forward (and a Hessian's gradient) traced once for both, and on two
+# threads the check's lane evens out a pass of an odd number of colours.
+# Whether that is faster depends on the code inductor makes of it (measured
+# side by side at n = 10^5 on 2 threads: BROYDN3D's Hessian 0.67x the two
+# passes apart, ARWHEAD 0.94x, Rosenbrock 1.02x, the Brusselator's Jacobian
+# 1.32x), so it is chosen by measurement: the first checked compiled calls
+# of an evaluation alternate between fused and apart, FUSION_TRIALS timed
+# calls of each (a call that compiled is not timed), and the faster by
+# median is kept for the evaluation (function, pass, shapes) from then on.
+# The check itself is the same either way: the same reverse-mode pass of the
+# same fn, the same verdict and the same recomputation on a disagreement. A
+# fused graph that fails to compile warns once (CompileFallbackWarning) and
+# leaves the passes apart, as they are where checks are spaced (an unchecked
+# call then runs the pass alone) and in eager mode.
+#: Timed checked calls of each way, fused and apart, before the faster is kept.
+FUSION_TRIALS = 3
+
+
+@dataclass
+class _Choice:
+    """Seconds of an evaluation's checked calls fused and apart, until one is chosen."""
+
+    fused: list[float] = field(default_factory=list)
+    apart: list[float] = field(default_factory=list)
+    chosen: bool | None = None  # True: fused
+
+    def next(self) -> bool:
+        """Whether the next call runs fused: the choice, else alternately, fused first."""
+        return self.chosen if self.chosen is not None else len(self.fused) <= len(self.apart)
+
+    def record(self, fused: bool, seconds: float) -> None:
+        if self.chosen is not None:  # kept: no more timing
+            return
+        (self.fused if fused else self.apart).append(seconds)
+        if min(len(self.fused), len(self.apart)) >= FUSION_TRIALS:
+            self.chosen = float(np.median(self.fused)) <= float(np.median(self.apart))
+
+
+#: Per user function (weakly): each evaluation's choice, by its fused pass's key.
+_CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, _Choice]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Fusion:
+    """One checked compiled call, fused or apart (NOTE: [the check fused into the pass])."""
+
+    key: tuple
+    build_check: Callable[[], Callable]
+    u: torch.Tensor
+    fused: bool
+    choice: _Choice
+    used: bool = False
+    pulled: torch.Tensor | None = None
+    seconds: float = 0.0
+    timed: bool = True  # no compile in this call's passes
+    checked: bool = False
+
+
+def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable], plan: _Plan,
+            xf: torch.Tensor, compile: str) -> _Fusion | None:
+    """This call's :class:`_Fusion` where it is checked, its pass runs compiled and fused is
+    (or may be) the faster way; else None (the passes apart, untimed)."""
+    if not (checks.forward_checks() and checks.every_call()) or plan.cols.size == 0:
+        return None
+    fused = (name, *key[1:])
+    if not would_compile(fn, key, compile):
+        return None
+    try:
+        choice = _CHOICES.setdefault(fn, {}).setdefault(fused, _Choice())
+    except TypeError:  # not weakly referenceable: never compiled
+        return None
+    if not would_compile(fn, fused, "on"):  # it failed to compile
+        choice.chosen = False
+    if choice.chosen is False:
+        return None
+    return _Fusion(fused, build_check, _probe(plan, xf)[0], choice.next(), choice)
+
+
+def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
+         seeds: torch.Tensor, compile: str, fusion: _Fusion | None) -> torch.Tensor:
+    """The pass ``build()`` on ``seeds``; the first of a fused call also computes the check's."""
+    if fusion is None or fusion.used:
+        return run_pass(fn, key, build, xf, seeds, compile=compile)
+    fusion.used = True
+    fusion.timed = is_compiled(fn, fusion.key if fusion.fused else key)
+    began = time.perf_counter()
+    if not fusion.fused:
+        out = run_pass(fn, key, build, xf, seeds, compile=compile)
+        fusion.seconds += time.perf_counter() - began
+        return out
+
+    def both() -> Callable:
+        evaluate, check = build(), fusion.build_check()
+
+        def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor) -> tuple:
+            return evaluate(xf, seeds), check(xf, u)
+
+        return fused
+
+    out, fusion.pulled = run_pass(fn, fusion.key, both, xf, seeds, fusion.u, compile="on",
+                                  eager=lambda: (run_pass(fn, key, build, xf, seeds,
+                                                          compile="off"), None))
+    fusion.seconds += time.perf_counter() - began
+    return out
+
+
+def _pulled(fusion: _Fusion | None, u: torch.Tensor, check: Callable[[], torch.Tensor],
+            compiled: Callable[[], bool]) -> torch.Tensor:
+    """The check's ``Jᵀ u``: held from a fused pass, else ``check()`` (timed where apart)."""
+    if fusion is None or not fusion.used or u is not fusion.u:
+        return check()
+    if fusion.pulled is not None:
+        fusion.checked = True
+        return fusion.pulled
+    fusion.timed = fusion.timed and compiled()
+    began = time.perf_counter()
+    out = check()
+    fusion.seconds += time.perf_counter() - began
+    fusion.checked = True
+    return out
+
+
+def _done(fusion: _Fusion | None) -> None:
+    """Count a checked call's seconds towards its evaluation's choice of way."""
+    if fusion is not None and fusion.used and fusion.checked and fusion.timed:
+        fusion.choice.record(fusion.fused, fusion.seconds)
+
+
+def _compiled(fn: Any, key: tuple, fusion: _Fusion | None) -> bool:
+    """Whether the evaluation's pass ran compiled (alone or fused with the check's)."""
+    return is_compiled(fn, key) or (fusion is not None and is_compiled(fn, fusion.key))
 
 
 def _vjp_one(flat: Callable[[torch.Tensor], torch.Tensor]) -> Callable:

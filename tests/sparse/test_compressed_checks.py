@@ -137,6 +137,126 @@ def test_the_check_pass_is_compiled_with_the_evaluation(monkeypatch):
     assert len(seen) == 1
 
 
+def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
+    # NOTE: [the check fused into the pass]: checked every call (the default), one
+    # compiled graph returns the compressed matrix and the check's reverse pass;
+    # torch.compile stood in for by a recording wrapper (what is built, no compiler).
+    from pipeline.maths import compiled
+
+    built: list[str] = []
+    monkeypatch.setattr(compiled, "_compile",
+                        lambda fn: built.append(fn.__code__.co_name) or fn)
+    x = point(torch.float64, 30)
+
+    def fn(t):
+        return t**2 + t.roll(1) * t.roll(-1)
+
+    def scalar(t):
+        return (t**3).sum() + (t * t.roll(1)).sum()
+
+    pattern = sp.csr_matrix(jacobian(fn, x).abs().numpy() > 0)
+    colours = choose_coloring(pattern, symmetric=True)
+    for _ in range(2):  # compiled once, reused
+        close(sparse_jacobian_rows(fn, x, 0, 30, pattern, _forward(pattern),
+                                   compile="on").to_dense(30), jacobian(fn, x))
+        close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours,
+                                  compile="on").to_dense(30), hessian(scalar, x))
+    assert built == ["fused", "fused"]  # no separate check pass was built
+    # the verdicts are the check's own: a missed nonzero is refused ...
+    narrow = banded_pattern(20, 3)
+    with pytest.raises(SparsityError, match="pattern misses nonzeros"):
+        sparse_jacobian_rows(_shifted, point(torch.float64, 20), 0, 20, narrow,
+                             _forward(narrow), compile="on")
+    with pytest.raises(SparsityError, match="sparse Hessian rows"):
+        sparse_hessian_rows(_hessian_fn, point(torch.float64, 16), 0, 16, banded_pattern(16, 3),
+                            choose_coloring(banded_pattern(16, 3), symmetric=True),
+                            compile="on")
+
+    # ... and forward mode that disagrees with reverse mode is recomputed
+    def no_grad_scaled(v):
+        with torch.no_grad():
+            c = 2 * v
+        return c * v.sin() + v
+
+    log: list[str] = []
+    y, eye = point(torch.float64, 8), sp.eye(8, format="csr")
+    with checks.checking(forward="fallback", log=log):
+        got = sparse_jacobian_rows(no_grad_scaled, y, 0, 8, eye, _forward(eye), compile="on")
+    close(got.to_dense(8), jacobian(no_grad_scaled, y))
+    assert len(log) == 1 and "computed by reverse mode instead" in log[0]
+    assert built.count("fused") == 5
+
+
+def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
+    # A fused graph made 0.2 s slower than the passes apart (recording wrapper, no
+    # compiler): after FUSION_TRIALS timed calls of each way, apart is kept.
+    import time
+
+    from pipeline.maths import compiled
+    from pipeline.sparse import compressed
+
+    runs: list[str] = []
+
+    def compile_(fn):
+        name = fn.__code__.co_name
+
+        def run(*args):
+            runs.append(name)
+            if name == "fused":
+                time.sleep(0.2)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", compile_)
+    x = point(torch.float64, 30)
+
+    def scalar(t):
+        return (t**3).sum() + (t * t.roll(1)).sum()
+
+    pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
+    colours = choose_coloring(pattern, symmetric=True)
+    trials = compressed.FUSION_TRIALS
+    for _ in range(2 * trials + 2 + 3):  # a compiling call of each way is not timed
+        close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on").to_dense(30),
+              hessian(scalar, x))
+    assert runs.count("fused") == trials + 1
+    assert runs[-6:] == ["hvps", "hvp"] * 3  # apart, from the choice on
+    choice = next(iter(compressed._CHOICES[scalar].values()))
+    assert choice.chosen is False and len(choice.fused) == len(choice.apart) == trials
+    choice.record(True, 0.0)  # a kept choice is not timed again nor changed
+    assert choice.chosen is False and len(choice.fused) == trials
+
+
+def test_a_fused_pass_that_fails_to_compile_leaves_the_two_passes_apart(monkeypatch):
+    from pipeline.maths import compiled
+    from pipeline.maths.compiled import CompileFallbackWarning
+
+    built: list[str] = []
+
+    def compile_(fn):
+        built.append(fn.__code__.co_name)
+        if fn.__code__.co_name == "fused":
+            raise RuntimeError("no fused graph here")
+        return fn
+
+    monkeypatch.setattr(compiled, "_compile", compile_)
+    x = point(torch.float64, 30)
+
+    def scalar(t):
+        return (t**3).sum() + (t * t.roll(1)).sum()
+
+    pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
+    colours = choose_coloring(pattern, symmetric=True)
+    with pytest.warns(CompileFallbackWarning, match="no fused graph here"):
+        got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
+    close(got.to_dense(30), hessian(scalar, x))
+    assert built == ["fused"]  # that call ran eagerly, checked by the eager check pass
+    got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
+    close(got.to_dense(30), hessian(scalar, x))
+    assert built == ["fused", "hvps", "hvp"]  # then apart, each compiled
+
+
 def _count_checks(monkeypatch) -> list[int]:
     import pipeline.sparse.compressed as compressed
 
