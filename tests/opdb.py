@@ -18,10 +18,12 @@ any check of forward against reverse mode (:data:`EXPECTED_DISAGREEMENTS`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,6 +80,10 @@ class Case:
     forward_ad: bool  # the op supports forward-mode AD (jacfwd is a reference)
 
     m: int  # outputs (rows of the Jacobian)
+    #: The random ops ``fn`` draws from a generator it seeds itself (op_db's
+    #: ``wrapper_set_seed``: a training ``multi_head_attention_forward`` drops out with
+    #: ``bernoulli_``): deterministic, but sparsity detection refuses any draw it traces.
+    seeded_draws: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -137,18 +143,41 @@ def floating_outputs(out: object) -> list[torch.Tensor]:
     return []
 
 
-def _draws(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether ``fn`` draws from the default generator (e.g. a dropout whose mask the
-    output never sees: detection refuses the draw all the same)."""
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+def _draws(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+           ) -> tuple[bool, tuple[str, ...]]:
+    """Whether ``fn`` advances the default generator (e.g. a dropout whose mask the output
+    never sees: detection refuses the draw all the same), and the random ops it runs that
+    draw (:func:`~pipeline.sparse.randomness.draws_random`; op_db's seeded wrapper puts
+    the generator back, so these may draw without advancing it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pipeline.sparse.randomness import draws_random
+
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            if draws_random(func, args, kwargs):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    def advances(watch: contextlib.AbstractContextManager) -> bool:
         torch.manual_seed(1)
         state = torch.get_rng_state()
-        try:
+        with watch:
             fn(x.clone())
-        except Exception:  # noqa: BLE001 - judged by the caller's own call
-            return False
         return not torch.equal(state, torch.get_rng_state())
+
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return advances(Watch()), tuple(dict.fromkeys(seen))
+        except Exception:  # noqa: BLE001 - an op that refuses the watch: its state alone
+            try:
+                return advances(contextlib.nullcontext()), ()
+            except Exception:  # noqa: BLE001 - judged by the caller's own call
+                return False, ()
 
 
 def as_case(op: object, sample: object) -> Case | str:
@@ -176,8 +205,9 @@ def as_case(op: object, sample: object) -> Case | str:
             y = fn(x)
     except Exception as exc:  # noqa: BLE001 - the op itself refuses the sample: not ours
         return f"skip: the op raises ({type(exc).__name__})"
-    if _draws(fn, before):
-        return "skip: random or uninitialised"  # e.g. multi_head_attention's dropout_p, training
+    advances, seeded = _draws(fn, before)
+    if advances:
+        return "skip: random or uninitialised"  # a draw op_db's wrapper does not seed
     if not torch.isclose(x, before, rtol=0, atol=0, equal_nan=True).all():
         # embedding's max_norm renormalises its weight in place: refused (InputWriteError),
         # as torch.autograd.functional.jacobian refuses it
@@ -185,7 +215,7 @@ def as_case(op: object, sample: object) -> Case | str:
     x = before
     if y.numel() == 0:
         return "skip: no floating output"
-    return Case(op_id(op), fn, x, bool(op.supports_forward_ad), int(y.numel()))
+    return Case(op_id(op), fn, x, bool(op.supports_forward_ad), int(y.numel()), seeded)
 
 
 def cases(limit: int | None = None) -> Iterator[tuple[object, Case | str]]:

@@ -569,12 +569,16 @@ def _refuse_unfunctionalized(gm: torch.fx.GraphModule) -> None:
 
 
 def _refuse_random(gm: torch.fx.GraphModule) -> None:
+    """Refuse every draw in the trace whose result is not fixed (:func:`draws_random`),
+    also one ``fn`` seeds itself: the runner's watch accepts that one as deterministic, but
+    the trace holds no seed (a job with ``--method auto`` then runs dense)."""
     for node in gm.graph.nodes:
         if node.op == "call_function" and draws_random(node.target, node.args, node.kwargs):
             raise SparsityError(
-                f"fn uses a random op ({node.target}): its Jacobian changes from call to call "
-                "and has no fixed pattern. Seed it outside fn or pass the noise as a constant "
-                "(dropout: call model.eval())")
+                f"fn uses a random op ({node.target}): unless seeded inside fn its Jacobian "
+                "changes from call to call, and detection refuses every draw it traces. Draw "
+                "the noise once outside fn and pass it as a constant (dropout: call "
+                "model.eval())")
 
 
 # ---------------------------------------------------------------------------

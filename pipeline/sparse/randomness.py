@@ -38,8 +38,9 @@ def is_random(func: Any) -> bool:
 
 def draws_random(func: Any, args: Any = (), kwargs: Any = None) -> bool:
     """Whether this call of ``func`` draws random numbers: :func:`is_random`, except a
-    dropout that cannot drop (``dropout_p=0``, ``train=False``: attention's fused kernels
-    are tagged random for their dropout alone)."""
+    draw whose result is fixed: a dropout that cannot drop (``dropout_p=0``,
+    ``train=False``: attention's fused kernels are tagged random for their dropout alone),
+    and a dropout or bernoulli with ``p`` 0 or 1 (all kept or all dropped)."""
     if not is_random(func):
         return False
     schema = getattr(func, "_schema", None)
@@ -52,9 +53,16 @@ def draws_random(func: Any, args: Any = (), kwargs: Any = None) -> bool:
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if (name == "dropout_p" and number and value == 0) or (
                 name == "train" and value is False) or (
-                name == "p" and number and value in (0, 1) and "bernoulli" in op_name(func)):
+                name == "p" and number and value in (0, 1) and _fixed_by_p(func)):
             return False  # bernoulli(p=1): F.dropout(p=0) in training mode
     return True
+
+
+def _fixed_by_p(func: Any) -> bool:
+    """Whether ``p`` 0 or 1 fixes the result of ``func`` (bernoulli's probability of a one,
+    a dropout's of a zero)."""
+    name = op_name(func)
+    return "bernoulli" in name or "dropout" in name
 
 
 def refuse_random_ops(fn: Callable, x: torch.Tensor, spec: str = "job") -> None:
