@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import statistics
 import sys
 import time
 import types
 import warnings
 import weakref
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.core.imports import spare_sympy_import
@@ -61,6 +62,38 @@ class _Pass:
     compiled: Callable[..., Any] | None = None
     eager_seconds: float = 0.0
     failed: bool = False
+    #: NOTE: [two codegens per pass]: the trial of inductor's settings, None once one is kept.
+    trial: _Trial | None = None
+
+
+# NOTE: [two codegens per pass]
+# How inductor fuses a pass decides its speed, and no one setting is best:
+# an intermediate read by several shifted consumers (a stencil, F.pad, a
+# roll) is recomputed for each read by default; materialised once
+# (``realize_reads_threshold=1``) the compiled HVP pass of BROYDN3D at
+# n = 10^5 ran 2.3-3.4x faster and heat's N = 300 JVP pass 1.7-2.5x, while
+# Rosenbrock's and ARWHEAD's ran 1.1-1.4x slower and heat's N = 1000 1.4x
+# slower (side by side, 2 threads). So each compiled pass is compiled with
+# both and the faster kept, by measurement: after the default form's first
+# call, calls alternate between the two forms (the alternative compiled on
+# its first turn; calls that compiled are not timed) until each has
+# TRIAL_CALLS timed calls, then the one with the lower median stays. The
+# second compile costs about what the first did (once per machine: inductor's
+# on-disk cache keys the settings); an alternative that fails to compile or
+# run is dropped without a word, the default form stays. Both forms compute
+# the same operations, equal to eager to rounding.
+#: Inductor settings tried against the default for each compiled pass.
+ALTERNATIVE = {"realize_reads_threshold": 1}
+#: Timed calls of each form before the faster is kept.
+TRIAL_CALLS = 3
+
+
+@dataclass
+class _Trial:
+    """The alternative form of a compiled pass and both forms' timed seconds."""
+
+    other: Callable[..., Any] | None = None
+    seconds: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
 
 
 _PASSES: weakref.WeakKeyDictionary[Any, dict[Hashable, _Pass]] = weakref.WeakKeyDictionary()
@@ -118,6 +151,9 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
     try:
         if entry.compiled is None:
             entry.compiled = _compile(build())  # it keeps its owner alive from now on
+            entry.trial = _Trial()
+        elif entry.trial is not None:
+            return _trial_call(entry, build, args)
         return entry.compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the answer
         entry.failed = True
@@ -125,6 +161,41 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         warnings.warn(f"torch.compile failed on this pass ({type(exc).__name__}: {first}); "
                       "running it eagerly", CompileFallbackWarning, stacklevel=3)
         return run_eager()
+
+
+def _trial_call(entry: _Pass, build: Callable[[], Callable[..., Any]], args: tuple) -> Any:
+    """One call of a pass on trial: the form with fewer timed calls (NOTE: [two codegens ...])."""
+    trial = entry.trial
+    assert trial is not None and entry.compiled is not None
+    form = 0 if len(trial.seconds[0]) <= len(trial.seconds[1]) else 1
+    if form == 1:
+        try:
+            if trial.other is None:
+                trial.other = _compile(build(), ALTERNATIVE)
+                return trial.other(*args)  # it compiled: not timed
+            began = time.perf_counter()
+            out = trial.other(*args)
+        except Exception:  # noqa: BLE001 - the alternative is an optimisation: the default stays
+            entry.trial = None
+            return entry.compiled(*args)
+    else:
+        began = time.perf_counter()
+        out = entry.compiled(*args)
+    trial.seconds[form].append(time.perf_counter() - began)
+    if min(len(trial.seconds[0]), len(trial.seconds[1])) >= TRIAL_CALLS:
+        if statistics.median(trial.seconds[1]) < statistics.median(trial.seconds[0]):
+            entry.compiled = trial.other
+        entry.trial = None
+    return out
+
+
+def settled(owner: Any, key: Hashable) -> bool:
+    """Whether ``owner``'s pass ``key`` runs compiled in the form it keeps (its trial is over)."""
+    try:
+        entry = _PASSES.get(owner, {}).get(key)
+    except TypeError:  # not weakly referenceable: never compiled
+        return False
+    return entry is not None and entry.compiled is not None and entry.trial is None
 
 
 _SERIAL = itertools.count()
@@ -217,8 +288,10 @@ def _stand_in(fn: Callable[..., Any], recursive: bool) -> int:
     return 1
 
 
-def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.compile(fn)`` with inductor's on-disk caches in a stable folder.
+def _compile(fn: Callable[..., Any], options: dict[str, Any] | None = None
+             ) -> Callable[..., Any]:
+    """``torch.compile(fn)`` (with inductor's ``options``) with its on-disk caches in a
+    stable folder.
 
     NOTE: [one code object per compiled pass]
         dynamo keeps its compiled frames on the *code object* and recompiles
@@ -240,7 +313,7 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
         return fn(*args)
 
     trampoline.__code__ = trampoline.__code__.replace(co_name=f"jacpipe_pass_{next(_SERIAL)}")
-    return torch.compile(trampoline, dynamic=False)
+    return torch.compile(trampoline, dynamic=False, options=options)
 
 
 def would_compile(owner: Any, key: Hashable, compile: str) -> bool:

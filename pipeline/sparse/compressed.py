@@ -33,7 +33,7 @@ import torch
 from pipeline.core.errors import SparsityError
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
-from pipeline.maths.compiled import is_compiled, run_pass, would_compile
+from pipeline.maths.compiled import is_compiled, run_pass, settled, would_compile
 from pipeline.maths.engine import (
     VmapFallbackWarning,
     hessian_vector_products,
@@ -211,7 +211,7 @@ def sparse_jacobian_rows(
         check = ("vjp", *key[1:])
         return _pulled(fusion, u, lambda: run_check_pass(
             fn, key, check, lambda: _vjp_one(flat), xf, u,
-            eager=lambda: plain_vjp(flat, xf, u)[0]), lambda: is_compiled(fn, check))
+            eager=lambda: plain_vjp(flat, xf, u)[0]), lambda: settled(fn, check))
 
     schedule = _schedule(fn, plan, x, keep_plan, _compiled(fn, key, fusion))
     values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows",
@@ -329,7 +329,7 @@ def sparse_hessian_rows(
         return _pulled(fusion, u, lambda: run_check_pass(
             fn, key, check, lambda: _hvp_one(scalar), xf, u,
             eager=lambda: hessian_vector_products(scalar, x)(u[None])[0]),
-            lambda: is_compiled(fn, check))
+            lambda: settled(fn, check))
 
     values = _checked_values(values, plan, xf, pullback, None if looped else by_reverse,
                              "sparse Hessian rows",
@@ -638,7 +638,8 @@ _CHECK_COMPILES = [0]
 # passes apart, ARWHEAD 0.94x, Rosenbrock 1.02x, the Brusselator's Jacobian
 # 1.32x), so it is chosen by measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
-# calls of each (a call that compiled is not timed), and the faster by
+# calls of each (a call whose passes compiled or are still on trial, NOTE:
+# [two codegens per pass], is not timed), and the faster by
 # median is kept for the evaluation (function, pass, shapes) from then on.
 # The check itself is the same either way: the same reverse-mode pass of the
 # same fn, the same verdict and the same recomputation on a disagreement. A
@@ -715,7 +716,7 @@ def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
     if fusion is None or fusion.used:
         return run_pass(fn, key, build, xf, seeds, compile=compile)
     fusion.used = True
-    fusion.timed = is_compiled(fn, fusion.key if fusion.fused else key)
+    fusion.timed = settled(fn, fusion.key if fusion.fused else key)  # not on trial
     began = time.perf_counter()
     if not fusion.fused:
         out = run_pass(fn, key, build, xf, seeds, compile=compile)
@@ -739,7 +740,8 @@ def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
 
 def _pulled(fusion: _Fusion | None, u: torch.Tensor, check: Callable[[], torch.Tensor],
             compiled: Callable[[], bool]) -> torch.Tensor:
-    """The check's ``Jᵀ u``: held from a fused pass, else ``check()`` (timed where apart)."""
+    """The check's ``Jᵀ u``: held from a fused pass, else ``check()`` (timed where apart and
+    ``compiled()``: its pass runs in the form it keeps)."""
     if fusion is None or not fusion.used or u is not fusion.u:
         return check()
     if fusion.pulled is not None:

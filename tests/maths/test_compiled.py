@@ -76,6 +76,86 @@ def test_a_failing_compile_falls_back_with_one_warning(monkeypatch):
         assert run_pass(fn, "k", lambda: fn, x, compile="on").tolist() == [0.0, 2.0, 4.0]
 
 
+def _two_forms(monkeypatch, slow: str | None, broken: bool = False) -> list[str]:
+    """A compile stand-in whose default and alternative forms record their runs; the
+    ``slow`` one ("default" or "alternative") sleeps 0.2 s a call."""
+    import time
+
+    runs: list[str] = []
+
+    def compile_(fn, options=None):
+        form = "default" if options is None else "alternative"
+        if broken and options is not None:
+            raise RuntimeError("this inductor setting fails here")
+
+        def run(*args):
+            runs.append(form)
+            if form == slow:
+                time.sleep(0.2)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", compile_)
+    return runs
+
+
+@pytest.mark.parametrize("slow", ["default", "alternative"])
+def test_each_pass_keeps_the_faster_of_two_inductor_forms(monkeypatch, slow):
+    # NOTE: [two codegens per pass]: the forms alternate, TRIAL_CALLS timed calls each
+    # (the alternative's compiling call untimed), then the faster runs alone.
+    runs = _two_forms(monkeypatch, slow)
+    fn, x = _Fn(), torch.arange(3.0)
+    calls = 1 + 2 * compiled.TRIAL_CALLS + 1
+    for k in range(calls):
+        assert not compiled.settled(fn, "k")
+        assert run_pass(fn, "k", lambda: fn, x, compile="on").tolist() == [0.0, 2.0, 4.0]
+    assert compiled.settled(fn, "k")
+    trials = compiled.TRIAL_CALLS
+    assert runs.count("default") == 1 + trials and runs.count("alternative") == 1 + trials
+    runs.clear()
+    for _ in range(3):
+        run_pass(fn, "k", lambda: fn, x, compile="on")
+    kept = "alternative" if slow == "default" else "default"
+    assert runs == [kept] * 3
+
+
+def test_an_alternative_form_that_fails_leaves_the_default_without_a_warning(monkeypatch):
+    runs = _two_forms(monkeypatch, None, broken=True)
+    fn, x = _Fn(), torch.arange(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            assert run_pass(fn, "k", lambda: fn, x, compile="on").tolist() == [0.0, 2.0, 4.0]
+    assert runs == ["default"] * 5 and compiled.settled(fn, "k")
+
+
+@pytest.mark.slow
+def test_both_inductor_forms_compute_what_eager_does(tmp_path, monkeypatch):
+    # The real compiler, both forms (about 10 s): a stencil whose shifted reads the
+    # alternative materialises; every call equals eager to rounding.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    real, seen = compiled._compile, []
+    monkeypatch.setattr(compiled, "_compile",
+                        lambda fn, options=None: seen.append(options) or real(fn, options))
+
+    def stencil(x: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        def residual(t):
+            p = torch.nn.functional.pad(t, (1, 1))
+            return (((3 - 2 * t) * t - p[:-2] - 2 * p[2:] + 1) ** 2).sum()
+
+        grad = torch.func.grad(residual)
+        return torch.func.vmap(lambda v: torch.func.jvp(grad, (x,), (v,))[1])(seeds)
+
+    x = torch.linspace(-1, 1, 50, dtype=torch.float64)
+    seeds = torch.eye(50, dtype=torch.float64)[:5]
+    want = stencil(x, seeds)
+    for _ in range(2 + 2 * compiled.TRIAL_CALLS):
+        torch.testing.assert_close(run_pass(stencil, "k", lambda: stencil, x, seeds,
+                                            compile="on"), want, rtol=1e-12, atol=1e-12)
+    assert seen == [None, compiled.ALTERNATIVE] and compiled.settled(stencil, "k")
+
+
 def test_compile_choices():
     assert check_compile(True) == "on" and check_compile(False) == "off"
     assert [check_compile(m) for m in ("auto", "on", "off")] == ["auto", "on", "off"]

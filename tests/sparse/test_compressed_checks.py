@@ -197,7 +197,7 @@ def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
 
     runs: list[str] = []
 
-    def compile_(fn):
+    def compile_(fn, options=None):  # both inductor forms (NOTE: [two codegens per pass])
         name = fn.__code__.co_name
 
         def run(*args):
@@ -216,14 +216,18 @@ def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
 
     pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
     colours = choose_coloring(pattern, symmetric=True)
-    trials = compressed.FUSION_TRIALS
-    for _ in range(2 * trials + 2 + 3):  # a compiling call of each way is not timed
+    for _ in range(40):  # trials: untimed while a pass compiles or tries its two forms
         close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on").to_dense(30),
               hessian(scalar, x))
-    assert runs.count("fused") == trials + 1
-    assert runs[-6:] == ["hvps", "hvp"] * 3  # apart, from the choice on
-    choice = next(iter(compressed._CHOICES[scalar].values()))
+        choice = next(iter(compressed._CHOICES[scalar].values()))
+        if choice.chosen is not None:
+            break
+    trials = compressed.FUSION_TRIALS
     assert choice.chosen is False and len(choice.fused) == len(choice.apart) == trials
+    runs.clear()
+    for _ in range(3):
+        sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
+    assert runs == ["hvps", "hvp"] * 3  # apart, from the choice on
     choice.record(True, 0.0)  # a kept choice is not timed again nor changed
     assert choice.chosen is False and len(choice.fused) == trials
 
