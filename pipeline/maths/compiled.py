@@ -79,13 +79,19 @@ class _Pass:
 # its first turn; calls that compiled are not timed) until each has
 # TRIAL_CALLS timed calls, then the one with the lower median stays. The
 # second compile costs about what the first did (once per machine: inductor's
-# on-disk cache keys the settings); an alternative that fails to compile or
+# on-disk cache keys the settings); passes with more than ALTERNATIVE_MAX_BYTES
+# of tensor arguments are not tried (memory); an alternative that fails to compile or
 # run is dropped without a word, the default form stays. Both forms compute
 # the same operations, equal to eager to rounding.
 #: Inductor settings tried against the default for each compiled pass.
 ALTERNATIVE = {"realize_reads_threshold": 1}
 #: Timed calls of each form before the faster is kept.
 TRIAL_CALLS = 3
+#: Passes whose tensor arguments hold more bytes than this keep the default form
+#: untried: the alternative materialises intermediates of the pass's size, which a
+#: chunk sized to the memory budget has not allowed for (heat's 10^6 pass, 40 MB of
+#: seeds, ran 1.4x slower with it anyway).
+ALTERNATIVE_MAX_BYTES = 2**25
 
 
 @dataclass
@@ -151,7 +157,7 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
     try:
         if entry.compiled is None:
             entry.compiled = _compile(build())  # it keeps its owner alive from now on
-            entry.trial = _Trial()
+            entry.trial = _Trial() if _bytes(args) <= ALTERNATIVE_MAX_BYTES else None
         elif entry.trial is not None:
             return _trial_call(entry, build, args)
         return entry.compiled(*args)
@@ -187,6 +193,16 @@ def _trial_call(entry: _Pass, build: Callable[[], Callable[..., Any]], args: tup
             entry.compiled = trial.other
         entry.trial = None
     return out
+
+
+def _bytes(args: tuple) -> int:
+    """Bytes of the tensors among ``args`` (lists of tensors counted too)."""
+    total = 0
+    for a in args:
+        for t in a if isinstance(a, list | tuple) else (a,):
+            nbytes = getattr(t, "nbytes", None)
+            total += nbytes if isinstance(nbytes, int) else 0
+    return total
 
 
 def settled(owner: Any, key: Hashable) -> bool:

@@ -130,6 +130,18 @@ def test_an_alternative_form_that_fails_leaves_the_default_without_a_warning(mon
     assert runs == ["default"] * 5 and compiled.settled(fn, "k")
 
 
+def test_a_pass_over_the_size_cap_keeps_the_default_form_untried(monkeypatch):
+    runs = _two_forms(monkeypatch, None)
+    monkeypatch.setattr(compiled, "ALTERNATIVE_MAX_BYTES", 3 * 8)  # three float64s
+    fn = _Fn()
+    for _ in range(4):
+        run_pass(fn, "big", lambda: fn, torch.arange(4.0, dtype=torch.float64), compile="on")
+        assert compiled.settled(fn, "big")
+    assert runs == ["default"] * 4
+    run_pass(fn, "small", lambda: fn, torch.arange(3.0, dtype=torch.float64), compile="on")
+    assert not compiled.settled(fn, "small")  # at the cap: on trial
+
+
 @pytest.mark.slow
 def test_both_inductor_forms_compute_what_eager_does(tmp_path, monkeypatch):
     # The real compiler, both forms (about 10 s): a stencil whose shifted reads the
