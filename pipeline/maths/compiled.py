@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import statistics
 import sys
 import time
 import types
@@ -77,7 +76,8 @@ class _Pass:
 # both and the faster kept, by measurement: after the default form's first
 # call, calls alternate between the two forms (the alternative compiled on
 # its first turn; calls that compiled are not timed) until each has
-# TRIAL_CALLS timed calls, then the one with the lower median stays. The
+# TRIAL_CALLS timed calls after its first timed one, then the one with the
+# least time among those stays (:func:`faster`). The
 # second compile costs about what the first did (once per machine: inductor's
 # on-disk cache keys the settings); passes with more than ALTERNATIVE_MAX_BYTES
 # of tensor arguments are not tried (memory); an alternative that fails to compile or
@@ -85,7 +85,7 @@ class _Pass:
 # the same operations, equal to eager to rounding.
 #: Inductor settings tried against the default for each compiled pass.
 ALTERNATIVE = {"realize_reads_threshold": 1}
-#: Timed calls of each form before the faster is kept.
+#: Timed calls of each form (after its first) before the faster is kept.
 TRIAL_CALLS = 3
 #: Passes whose tensor arguments hold more bytes than this keep the default form
 #: untried: the alternative materialises intermediates of the pass's size, which a
@@ -188,11 +188,21 @@ def _trial_call(entry: _Pass, build: Callable[[], Callable[..., Any]], args: tup
         began = time.perf_counter()
         out = entry.compiled(*args)
     trial.seconds[form].append(time.perf_counter() - began)
-    if min(len(trial.seconds[0]), len(trial.seconds[1])) >= TRIAL_CALLS:
-        if statistics.median(trial.seconds[1]) < statistics.median(trial.seconds[0]):
+    if min(len(trial.seconds[0]), len(trial.seconds[1])) > TRIAL_CALLS:
+        if faster(trial.seconds[1], trial.seconds[0]):
             entry.compiled = trial.other
         entry.trial = None
     return out
+
+
+def faster(a: list[float], b: list[float]) -> bool:
+    """Whether calls timed ``a`` beat calls timed ``b``: the least of each after its first.
+
+    A form's first timed calls after its compile can take 2-3x its steady time
+    (fresh buffers, lazy set-up), and noise on a shared machine only adds
+    time: the first is dropped and the least of the rest compared.
+    """
+    return min(a[1:]) < min(b[1:])
 
 
 def _bytes(args: tuple) -> int:

@@ -33,7 +33,7 @@ import torch
 from pipeline.core.errors import SparsityError
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
-from pipeline.maths.compiled import is_compiled, run_pass, settled, would_compile
+from pipeline.maths.compiled import faster, is_compiled, run_pass, settled, would_compile
 from pipeline.maths.engine import (
     VmapFallbackWarning,
     hessian_vector_products,
@@ -638,15 +638,17 @@ _CHECK_COMPILES = [0]
 # passes apart, ARWHEAD 0.94x, Rosenbrock 1.02x, the Brusselator's Jacobian
 # 1.32x), so it is chosen by measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
-# calls of each (a call whose passes compiled or are still on trial, NOTE:
-# [two codegens per pass], is not timed), and the faster by
-# median is kept for the evaluation (function, pass, shapes) from then on.
+# calls of each after its first (a call whose passes compiled or are still on
+# trial, NOTE: [two codegens per pass], is not timed), and the faster by the
+# least of those (pipeline.maths.compiled.faster) is kept for the evaluation
+# (function, pass, shapes) from then on.
 # The check itself is the same either way: the same reverse-mode pass of the
 # same fn, the same verdict and the same recomputation on a disagreement. A
 # fused graph that fails to compile warns once (CompileFallbackWarning) and
 # leaves the passes apart, as they are where checks are spaced (an unchecked
 # call then runs the pass alone) and in eager mode.
-#: Timed checked calls of each way, fused and apart, before the faster is kept.
+#: Timed checked calls of each way, fused and apart (after its first), before the faster
+#: is kept.
 FUSION_TRIALS = 3
 
 
@@ -666,8 +668,8 @@ class _Choice:
         if self.chosen is not None:  # kept: no more timing
             return
         (self.fused if fused else self.apart).append(seconds)
-        if min(len(self.fused), len(self.apart)) >= FUSION_TRIALS:
-            self.chosen = float(np.median(self.fused)) <= float(np.median(self.apart))
+        if min(len(self.fused), len(self.apart)) > FUSION_TRIALS:
+            self.chosen = not faster(self.apart, self.fused)
 
 
 #: Per user function (weakly): each evaluation's choice, by its fused pass's key.
