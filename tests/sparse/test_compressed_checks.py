@@ -193,6 +193,17 @@ def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
     assert built.count("fused") == 5
 
 
+def _cubic_case() -> tuple:
+    """A new scalar function (its own passes and choices), its point, pattern and colouring."""
+    x = point(torch.float64, 30)
+
+    def scalar(t):
+        return (t**3).sum() + (t * t.roll(1)).sum()
+
+    pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
+    return scalar, x, pattern, choose_coloring(pattern, symmetric=True)
+
+
 def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
     # A fused graph made 0.2 s slower than the passes apart (recording wrapper, no
     # compiler): after FUSION_TRIALS timed calls of each way, apart is kept.
@@ -215,13 +226,7 @@ def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
         return run
 
     monkeypatch.setattr(compiled, "_compile", compile_)
-    x = point(torch.float64, 30)
-
-    def scalar(t):
-        return (t**3).sum() + (t * t.roll(1)).sum()
-
-    pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
-    colours = choose_coloring(pattern, symmetric=True)
+    scalar, x, pattern, colours = _cubic_case()
     for _ in range(40):  # trials: untimed while a pass compiles or tries its two forms
         close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on").to_dense(30),
               hessian(scalar, x))
@@ -251,13 +256,7 @@ def test_a_fused_pass_that_fails_to_compile_leaves_the_two_passes_apart(monkeypa
         return fn
 
     monkeypatch.setattr(compiled, "_compile", compile_)
-    x = point(torch.float64, 30)
-
-    def scalar(t):
-        return (t**3).sum() + (t * t.roll(1)).sum()
-
-    pattern = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
-    colours = choose_coloring(pattern, symmetric=True)
+    scalar, x, pattern, colours = _cubic_case()
     with pytest.warns(CompileFallbackWarning, match="no fused graph here"):
         got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
     close(got.to_dense(30), hessian(scalar, x))
