@@ -70,9 +70,10 @@ class _Pass:
 # an intermediate read by several shifted consumers (a stencil, F.pad, a
 # roll) is recomputed for each read by default; materialised once
 # (``realize_reads_threshold=1``) the compiled HVP pass of BROYDN3D at
-# n = 10^5 ran 2.3-3.4x faster and heat's N = 300 JVP pass 1.7-2.5x, while
-# Rosenbrock's and ARWHEAD's ran 1.1-1.4x slower and heat's N = 1000 1.4x
-# slower (side by side, 2 threads). So each compiled pass is compiled with
+# n = 10^5 took 0.47x the default's time and heat's N = 300 JVP pass 0.50x,
+# while Rosenbrock's took 1.33x, ARWHEAD's 1.23x and heat's N = 1000 1.4x
+# (``python -m benchmarks.forms``, side by side, 2 threads). So each compiled
+# pass is compiled with
 # both and the faster kept, by measurement: after the default form's first
 # call, calls alternate between the two forms (the alternative compiled on
 # its first turn; calls that compiled are not timed) until each has

@@ -633,10 +633,10 @@ _CHECK_COMPILES = [0]
 # same graph, ``(x, seeds, u) -> (B, Jᵀ u)``: one call instead of two, fn's
 # forward (and a Hessian's gradient) traced once for both, and on two
 # threads the check's lane evens out a pass of an odd number of colours.
-# Whether that is faster depends on the code inductor makes of it (measured
-# side by side at n = 10^5 on 2 threads: BROYDN3D's Hessian 0.67x the two
-# passes apart, ARWHEAD 0.94x, Rosenbrock 1.02x, the Brusselator's Jacobian
-# 1.32x), so it is chosen by measurement: the first checked compiled calls
+# Whether that is faster depends on the code inductor makes of it (side by
+# side on 2 threads, ``python -m benchmarks.forms``: BROYDN3D's Hessian 0.63x
+# the two calls apart, ARWHEAD's and heat's 0.82x, the Brusselator's Jacobian
+# 1.04x, Rosenbrock's 1.16x), so it is chosen by measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
 # calls of each after its first (a call whose passes compiled or are still on
 # trial, NOTE: [two codegens per pass], is not timed), and the faster by the
