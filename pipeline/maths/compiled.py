@@ -216,12 +216,18 @@ def _bytes(args: tuple) -> int:
     return total
 
 
+def _entry(owner: Any, key: Hashable) -> _Pass | None:
+    """What is known of ``owner``'s pass ``key``; None where nothing is (or ``owner`` is not
+    weakly referenceable: never compiled)."""
+    try:
+        return _PASSES.get(owner, {}).get(key)
+    except TypeError:
+        return None
+
+
 def settled(owner: Any, key: Hashable) -> bool:
     """Whether ``owner``'s pass ``key`` runs compiled in the form it keeps (its trial is over)."""
-    try:
-        entry = _PASSES.get(owner, {}).get(key)
-    except TypeError:  # not weakly referenceable: never compiled
-        return False
+    entry = _entry(owner, key)
     return entry is not None and entry.compiled is not None and entry.trial is None
 
 
@@ -351,11 +357,11 @@ def would_compile(owner: Any, key: Hashable, compile: str) -> bool:
     not failed to compile.
     """
     mode = check_compile(compile)
-    if mode == "off":
-        return False
     try:
         entry = _PASSES.get(owner, {}).get(key)
-    except TypeError:  # not weakly referenceable: never compiled
+    except TypeError:  # not weakly referenceable: run_pass runs it eagerly
+        return False
+    if mode == "off":
         return False
     if entry is None:
         return mode == "on"
@@ -366,8 +372,5 @@ def would_compile(owner: Any, key: Hashable, compile: str) -> bool:
 
 def is_compiled(owner: Any, key: Hashable) -> bool:
     """Whether the pass ``key`` of ``owner`` now runs compiled (a check's pass follows it)."""
-    try:
-        entry = _PASSES.get(owner, {}).get(key)
-    except TypeError:  # not weakly referenceable: never compiled
-        return False
+    entry = _entry(owner, key)
     return entry is not None and entry.compiled is not None and not entry.failed

@@ -130,6 +130,16 @@ def test_an_alternative_form_that_fails_leaves_the_default_without_a_warning(mon
     assert runs == ["default"] * 5 and compiled.settled(fn, "k")
 
 
+def test_would_compile_answers_what_run_pass_does(fake_compile, monkeypatch):
+    fn, x = _Fn(), torch.arange(3.0)
+    assert compiled.would_compile(fn, "k", "on") and not compiled.would_compile(fn, "k", "off")
+    monkeypatch.setattr(compiled, "PAYBACK_SECONDS", 1e9)
+    run_pass(fn, "a", lambda: fn, x, compile="auto")
+    assert not compiled.would_compile(fn, "a", "auto")  # eager until it pays
+    unreferenceable = [1]  # a list: not weakly referenceable, never compiled
+    assert not compiled.would_compile(unreferenceable, "k", "on")
+
+
 def test_faster_drops_each_first_timed_call_and_compares_the_least():
     # a form's first call after its compile is slow (fresh buffers): not held against it
     assert compiled.faster([9.0, 1.0, 3.0], [0.5, 2.0, 2.0])
