@@ -387,6 +387,8 @@ def options_from(job: Any, options: dict[str, Any], *, caller: str = "run"
             f"pipeline.{caller}: unknown option(s) {', '.join(unknown)}; expected some of "
             f"{', '.join(sorted(names))}"
         )
+    if isinstance(options.get("compile"), bool):  # compile=True / False, as the engine's
+        options = {**options, "compile": "on" if options["compile"] else "off"}
     params = options.pop("params", [])
     if isinstance(params, dict):
         params = [f"{k}={v}" for k, v in params.items()]

@@ -743,3 +743,14 @@ def test_the_verify_reference_runs_while_an_embedded_ray_starts(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(done.stdout.strip().splitlines()[-1])
     assert doc == {"started": True, "same": True, "ok": True, "mode": "all", "computed": 2}, doc
+
+
+def test_compile_true_and_false_mean_on_and_off():
+    # compile=True / False as the engine's entry points take them (and the words)
+    from pipeline.runner.driver import options_from
+
+    problem = Problem(fn=torch.sin, x=torch.zeros(3))
+    assert options_from(problem, {"compile": True})[0].compile == "on"
+    assert options_from(problem, {"compile": False})[0].compile == "off"
+    with pytest.raises(JacpipeError, match="--compile must be auto, on or off, got 'yes'"):
+        options_from(problem, {"compile": "yes"})[0].check()
