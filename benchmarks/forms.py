@@ -47,9 +47,8 @@ def case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
     """Both measurements for one case (run in its own interpreter by :func:`main`)."""
     import torch
 
-    from benchmarks.peers import torch_case
+    from benchmarks.peers import passes, torch_case
     from pipeline.maths import compiled
-    from pipeline.maths.engine import strict_outputs
     from pipeline.sparse import compressed
     from pipeline.sparse.coloring import choose_coloring
     from pipeline.sparse.detect import trace_sparsity
@@ -64,18 +63,8 @@ def case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
     seeds = plan.tensors[(x.dtype, x.device)][0]
     xf = x.detach().reshape(-1)
     u = compressed._probe(plan, xf)[0]
-    strict = strict_outputs(fn)
-    if hessian:
-        def scalar(t: torch.Tensor) -> torch.Tensor:
-            return strict(t.reshape(x.shape)).reshape(())
-
-        evaluate, check = compressed._hvps(scalar), compressed._hvp_one(scalar)
-    else:
-        evaluate = compressed._jvps(strict, x.shape)
-        check = compressed._vjp_one(compressed._flat(strict, x.shape))
-
-    def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor) -> tuple:
-        return evaluate(xf, seeds), check(xf, u)
+    evaluate, check = passes(fn, x, "hvp" if hessian else "fwd")
+    fused = compressed._with_check(evaluate, check)
 
     default = compiled._compile(evaluate)
     alternative = compiled._compile(evaluate, compiled.ALTERNATIVE)

@@ -287,23 +287,32 @@ def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], A
     the check = ``compiled - unchecked`` (compiled: every call checked).
     """
     from pipeline.maths.compiled import run_pass
-    from pipeline.maths.engine import strict_outputs
     from pipeline.sparse import compressed
 
     plan = next(reversed(compressed._PLANS.values()))[2]
     seeds = plan.tensors[(x.dtype, x.device)][0]
     xf = x.detach().reshape(-1)
     key = (mode, x.shape, x.dtype, x.device)
+    # the pass alone (a checked call may run it fused)
+    return lambda: run_pass(fn, key, lambda: passes(fn, x, mode)[0], xf, seeds, compile="on")
+
+
+def passes(fn: Callable[[Any], Any], x: Any, mode: str) -> tuple[Callable, Callable]:
+    """A case's compressed pass as the engine builds it (``mode``: ``"hvp"``, ``"fwd"`` or
+    ``"rev"``) and its check's reverse pass."""
+    from pipeline.maths.engine import strict_outputs
+    from pipeline.sparse import compressed
+
     strict = strict_outputs(fn)
+    if mode == "hvp":
+        def scalar(t: Any) -> Any:
+            return strict(t.reshape(x.shape)).reshape(())
 
-    def build() -> Callable[..., Any]:  # the pass alone (a checked call may run it fused)
-        if mode == "hvp":
-            return compressed._hvps(lambda t: strict(t.reshape(x.shape)).reshape(()))
-        if mode == "fwd":
-            return compressed._jvps(strict, x.shape)
-        return compressed._vjps(strict, x.shape)
-
-    return lambda: run_pass(fn, key, build, xf, seeds, compile="on")
+        return compressed._hvps(scalar), compressed._hvp_one(scalar)
+    check = compressed._vjp_one(compressed._flat(strict, x.shape))
+    if mode == "fwd":
+        return compressed._jvps(strict, x.shape), check
+    return compressed._vjps(strict, x.shape), check
 
 
 def peer_python(asked: str | None) -> str | None:

@@ -726,18 +726,22 @@ def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
         return out
 
     def both() -> Callable:
-        evaluate, check = build(), fusion.build_check()
-
-        def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor) -> tuple:
-            return evaluate(xf, seeds), check(xf, u)
-
-        return fused
+        return _with_check(build(), fusion.build_check())
 
     out, fusion.pulled = run_pass(fn, fusion.key, both, xf, seeds, fusion.u, compile="on",
                                   eager=lambda: (run_pass(fn, key, build, xf, seeds,
                                                           compile="off"), None))
     fusion.seconds += time.perf_counter() - began
     return out
+
+
+def _with_check(evaluate: Callable, check: Callable) -> Callable:
+    """The fused pass ``(x, seeds, u) -> (evaluate(x, seeds), check(x, u))``."""
+
+    def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor) -> tuple:
+        return evaluate(xf, seeds), check(xf, u)
+
+    return fused
 
 
 def _pulled(fusion: _Fusion | None, u: torch.Tensor, check: Callable[[], torch.Tensor],
