@@ -6,9 +6,10 @@
     on the same colour seeds.
 (2) A checked evaluation's check fused into the pass's compiled graph or run
     apart (NOTE: [the check fused into the pass] in
-    ``pipeline/sparse/compressed.py``): one graph ``(x, seeds, u) -> (B, Jᵀu)``
-    against the pass and the check's reverse pass called one after the other
-    (both in the default form).
+    ``pipeline/sparse/compressed.py``): one graph ``(x, seeds, u, v, W) -> (B,
+    Jᵀu, the check's dots)`` against the pass and the check's reverse pass
+    called one after the other (both in the default form), then the dots
+    over the entries; each side gathers the entries from ``B``, as a call does.
 
 The sparse cases of ``benchmarks/peers.py`` at n >= 9 * 10^4, float64, the
 calls interleaved and shuffled; the ratios are alternative / default and
@@ -62,17 +63,30 @@ def case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
     plan = next(reversed(compressed._PLANS.values()))[2]
     seeds = plan.tensors[(x.dtype, x.device)][0]
     xf = x.detach().reshape(-1)
-    u = compressed._probe(plan, xf)[0]
+    u, v, w, _ = compressed._probe(plan, xf)
+    weights = compressed._weights(plan, xf)
     evaluate, check = passes(fn, x, "hvp" if hessian else "fwd")
     fused = compressed._with_check(evaluate, check)
 
     default = compiled._compile(evaluate)
     alternative = compiled._compile(evaluate, compiled.ALTERNATIVE)
     check_pass, both = compiled._compile(check), compiled._compile(fused)
+
+    def apart() -> tuple:  # the two passes, the entries, the check's dots (_checked_values)
+        b, j = default(xf, seeds), check_pass(xf, u).to(torch.float64)
+        entries = b.reshape(-1).index_select(0, flat)
+        return b, float(entries.dot(w)), float(j.dot(v)), float(j.norm())
+
+    def fused_() -> tuple:  # one graph, the entries
+        b, j, dots = both(xf, seeds, u, v, weights)
+        b.reshape(-1).index_select(0, flat)
+        return b, dots.tolist()
+
+    flat = plan.tensors[(x.dtype, x.device)][1]
     methods = {"default": lambda: default(xf, seeds),
                "alternative": lambda: alternative(xf, seeds),
-               "apart": lambda: (default(xf, seeds), check_pass(xf, u)),
-               "fused": lambda: both(xf, seeds, u)}
+               "apart": apart,
+               "fused": fused_}
     want = evaluate(xf, seeds)
     for name, call in methods.items():  # compiles; the same numbers as eager
         got = call()

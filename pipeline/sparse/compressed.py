@@ -178,7 +178,8 @@ def sparse_jacobian_rows(
     key = (plan.mode, x.shape, x.dtype, x.device)
     fusion = None
     if plan.mode == "fwd":
-        fusion = _fusion(fn, key, "jvp+vjp", lambda: _vjp_one(flat), plan, xf, compile)
+        fusion = _fusion(fn, key, "jvp+vjp", lambda: _vjp_one(flat), plan, xf, compile,
+                         chunk_size)
 
         def forward(seeds: torch.Tensor) -> torch.Tensor:
             out = _run(fn, key, lambda: _jvps(strict, x.shape), xf, seeds, compile,
@@ -215,7 +216,7 @@ def sparse_jacobian_rows(
 
     schedule = _schedule(fn, plan, x, keep_plan, _compiled(fn, key, fusion))
     values = _checked_values(values, plan, xf, pullback, redo, "sparse Jacobian rows",
-                             schedule, time.perf_counter() - began)
+                             schedule, time.perf_counter() - began, fusion)
     _done(fusion)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
@@ -291,7 +292,8 @@ def sparse_hessian_rows(
 
     looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
     key = ("hvp", x.shape, x.dtype, x.device)
-    fusion = _fusion(fn, key, "hvp+hvp-rev", lambda: _hvp_one(scalar), plan, xf, compile)
+    fusion = _fusion(fn, key, "hvp+hvp-rev", lambda: _hvp_one(scalar), plan, xf, compile,
+                     chunk_size)
 
     def products(seeds: torch.Tensor) -> torch.Tensor:  # (c, n): row c = H s_c
         if looped:
@@ -334,7 +336,7 @@ def sparse_hessian_rows(
     values = _checked_values(values, plan, xf, pullback, None if looped else by_reverse,
                              "sparse Hessian rows",
                              _schedule(fn, plan, x, keep_plan, _compiled(fn, key, fusion)),
-                             seconds)
+                             seconds, fusion)
     _done(fusion)
     return SparseRows(plan.rows, plan.indptr, plan.cols, values)
 
@@ -510,10 +512,12 @@ def _hvps(scalar: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
 def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
                     pullback: Callable[[torch.Tensor], torch.Tensor],
                     redo: Callable[[], torch.Tensor] | None, what: str,
-                    schedule: checks.Schedule, seconds: float) -> torch.Tensor:
+                    schedule: checks.Schedule, seconds: float,
+                    fusion: _Fusion | None = None) -> torch.Tensor:
     """``values`` after the check (NOTE: [the check of a compressed evaluation]), when due.
 
     ``seconds``: what the evaluation took (NOTE: [Spaced checks of repeated evaluations]).
+    ``fusion``: the call's fused pass, whose graph may have computed the check's dots.
     """
     if not checks.forward_checks() or values.numel() == 0 or not checks.due(schedule, seconds):
         return values
@@ -521,17 +525,21 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
     u_full, v, w, vw = _probe(plan, xf)
     tol = max(checks.tolerance(xf.dtype), checks.tolerance(values.dtype))  # verdict's
 
-    def gap(vals: torch.Tensor, jtu: torch.Tensor, tol: float) -> tuple[float, float, float]:
+    def gap(vals: torch.Tensor, jtu: torch.Tensor, tol: float,
+            known: tuple[float, float, float] | None = None) -> tuple[float, float, float]:
         # u . (J_P v) = sum_k vals_k u[row_k] v[col_k]: one dot with w, in float64;
         # the Cauchy-Schwarz bounds |vals| |w| and |Jᵀu| |v| (NOTE: [Tolerance of
         # the adjoint check]).
         # The scale is at least |Jᵀu| |v| (n entries): a gap within the tolerance
         # of that agrees without |vals| (one more pass over every entry).
+        # known: (u . (J_P v), (Jᵀu) . v, |Jᵀu|) from a fused graph (_with_check).
         vals = vals.detach()
-        a = float(torch.dot(vals.to(torch.float64), w))
-        jtu = jtu.detach().reshape(-1).to(torch.float64)
-        b = float(torch.dot(jtu, v))
-        low = float(jtu.norm()) * vw[1]
+        if known is None:
+            a = float(torch.dot(vals.to(torch.float64), w))
+            jtu = jtu.detach().reshape(-1).to(torch.float64)
+            b = float(torch.dot(jtu, v))
+            known = (a, b, float(jtu.norm()))
+        a, b, low = known[0], known[1], known[2] * vw[1]
         if math.isfinite(a) and math.isfinite(b) and abs(a - b) <= tol * low:
             return a, b, abs(a - b) / low if low > 0 else 0.0
         scale = max(float(vals.norm()) * vw[0], low)
@@ -542,7 +550,12 @@ def _checked_values(values: torch.Tensor, plan: _Plan, xf: torch.Tensor,
     compiles = _CHECK_COMPILES[0]
     try:
         jtu = pullback(u_full)
-        reason = checks.verdict(*gap(values, jtu, tol), xf.dtype, values.dtype)
+        known = fusion.dots if fusion is not None and fusion.pulled is not None else None
+        dotted = time.perf_counter()
+        found = gap(values, jtu, tol, known)
+        if fusion is not None:  # the dots are part of either way's time (_Choice)
+            fusion.seconds += time.perf_counter() - dotted
+        reason = checks.verdict(*found, xf.dtype, values.dtype)
     except Exception:  # noqa: BLE001 - a reverse pass that cannot run is not a verdict
         reason = None
     # a check that compiled its pass is timed again on the next call
@@ -630,9 +643,13 @@ _CHECK_COMPILES = [0]
 # Where every call is checked (the default) and the evaluation's forward-mode
 # pass (JVPs; Hessians: forward over reverse) runs compiled, the check's
 # reverse pass (Jᵀ u; H u by reverse over reverse) can be compiled into the
-# same graph, ``(x, seeds, u) -> (B, Jᵀ u)``: one call instead of two, fn's
-# forward (and a Hessian's gradient) traced once for both, and on two
-# threads the check's lane evens out a pass of an odd number of colours.
+# same graph, ``(x, seeds, u, v, W) -> (B, Jᵀ u, dots)``: one call instead of two,
+# fn's forward (and a Hessian's gradient) traced once for both, on two
+# threads the check's lane evens out a pass of an odd number of colours, and
+# the check's three dots (u . (J_P v) as <B, W>, W the check's weights w added
+# at the entries' reads, _weights; (Jᵀu) . v; |Jᵀu|) are reductions inside
+# the graph instead of passes of their own over the entries afterwards
+# (0.17-0.7 ms at n = 10^5). A call in chunks of colours runs apart.
 # Whether that is faster depends on the code inductor makes of it (side by
 # side on 2 threads, ``python -m benchmarks.forms``: BROYDN3D's Hessian 0.63x
 # the two calls apart, ARWHEAD's and heat's 0.82x, the Brusselator's Jacobian
@@ -683,20 +700,25 @@ class _Fusion:
     key: tuple
     build_check: Callable[[], Callable]
     u: torch.Tensor
+    v: torch.Tensor
+    weights: torch.Tensor  # W: u . (J_P v) = <B, W> (_weights)
     fused: bool
     choice: _Choice
     used: bool = False
     pulled: torch.Tensor | None = None
+    dots: tuple[float, float, float] | None = None  # u . (J_P v), (Jᵀu) . v, |Jᵀu|
     seconds: float = 0.0
     timed: bool = True  # no compile in this call's passes
     checked: bool = False
 
 
 def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable], plan: _Plan,
-            xf: torch.Tensor, compile: str) -> _Fusion | None:
-    """This call's :class:`_Fusion` where it is checked, its pass runs compiled and fused is
-    (or may be) the faster way; else None (the passes apart, untimed)."""
+            xf: torch.Tensor, compile: str, chunk_size: int | None) -> _Fusion | None:
+    """This call's :class:`_Fusion` where it is checked, its pass runs compiled in one chunk
+    and fused is (or may be) the faster way; else None (the passes apart, untimed)."""
     if not (checks.forward_checks() and checks.every_call()) or plan.cols.size == 0:
+        return None
+    if _step(plan, xf, chunk_size) < _ranks(plan)[0]:  # in chunks: apart
         return None
     fused = (name, *key[1:])
     if not would_compile(fn, key, compile):
@@ -709,7 +731,8 @@ def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable],
         choice.chosen = False
     if choice.chosen is False:
         return None
-    return _Fusion(fused, build_check, _probe(plan, xf)[0], choice.next(), choice)
+    u, v = _probe(plan, xf)[:2]
+    return _Fusion(fused, build_check, u, v, _weights(plan, xf), choice.next(), choice)
 
 
 def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
@@ -728,20 +751,46 @@ def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
     def both() -> Callable:
         return _with_check(build(), fusion.build_check())
 
-    out, fusion.pulled = run_pass(fn, fusion.key, both, xf, seeds, fusion.u, compile="on",
-                                  eager=lambda: (run_pass(fn, key, build, xf, seeds,
-                                                          compile="off"), None))
+    out, fusion.pulled, dots = run_pass(
+        fn, fusion.key, both, xf, seeds, fusion.u, fusion.v, fusion.weights, compile="on",
+        eager=lambda: (run_pass(fn, key, build, xf, seeds, compile="off"), None, None))
+    if dots is not None:
+        fusion.dots = tuple(dots.tolist())
     fusion.seconds += time.perf_counter() - began
     return out
 
 
 def _with_check(evaluate: Callable, check: Callable) -> Callable:
-    """The fused pass ``(x, seeds, u) -> (evaluate(x, seeds), check(x, u))``."""
+    """The fused pass ``(x, seeds, u, v, W) -> (B, Jᵀu, [<B, W>, (Jᵀu) . v, |Jᵀu|])``.
 
-    def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor) -> tuple:
-        return evaluate(xf, seeds), check(xf, u)
+    ``B = evaluate(x, seeds)`` and ``Jᵀu = check(x, u)``; the check's three dots in
+    float64 (:func:`_checked_values`), inside the graph instead of passes of their own
+    over the entries after it.
+    """
+
+    def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
+              weights: torch.Tensor) -> tuple:
+        b = evaluate(xf, seeds)
+        pulled = check(xf, u)
+        j = pulled.reshape(-1).to(torch.float64)
+        dots = torch.stack([(b.to(torch.float64) * weights).sum(), torch.dot(j, v),
+                            torch.linalg.vector_norm(j)])
+        return b, pulled, dots
 
     return fused
+
+
+def _weights(plan: _Plan, xf: torch.Tensor) -> torch.Tensor:
+    """``W`` with ``<B, W> = sum_k B.flat[read_k] w_k = u . (J_P v)``: the check's ``w``
+    (:func:`_probe`) added at the entries' reads of a one-chunk ``B`` (float64, kept)."""
+    kept = plan.tensors.get(("weights", xf.dtype, xf.device))
+    if kept is None:
+        seeds, flat = _one_chunk(plan, xf)
+        k = seeds.shape[0]
+        kept = torch.zeros(k * plan.out_size, dtype=torch.float64, device=xf.device)
+        kept = kept.index_add_(0, flat.long(), _probe(plan, xf)[2]).view(k, plan.out_size)
+        plan.tensors[("weights", xf.dtype, xf.device)] = kept
+    return kept
 
 
 def _pulled(fusion: _Fusion | None, u: torch.Tensor, check: Callable[[], torch.Tensor],
@@ -906,10 +955,12 @@ def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[
 def _plan_bytes(plan: _Plan) -> int:
     arrays = (plan.rows, plan.indptr, plan.cols, plan.seed_colors, plan.seed_positions,
               plan.read_colors, plan.read_index)
-    kept = sum(1 for key in plan.tensors if key != "ranks" and key[0] != "check")
+    kept = sum(1 for key in plan.tensors if key != "ranks" and key[0] not in ("check",
+                                                                              "weights"))
     probes = sum(1 for key in plan.tensors if key[0] == "check")  # w: a float64 per entry
+    weights = sum(t.numel() * 8 for key, t in plan.tensors.items() if key[0] == "weights")
     return (2 * sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * kept
-            + probes * plan.cols.nbytes)
+            + probes * plan.cols.nbytes + weights)
 
 
 def _compressed_values(
@@ -926,27 +977,12 @@ def _compressed_values(
     memory: ``chunk_size`` colours per chunk, or as many as
     :data:`DEFAULT_CHUNK_BYTES` holds.
     """
-    ranks = plan.tensors.get("ranks")
-    if ranks is None:  # each seed's and each read's row of S, once per plan
-        needed, rank = _distinct(plan.seed_colors)
-        lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
-        lookup[needed] = np.arange(needed.size)
-        ranks = plan.tensors["ranks"] = (needed.size, rank, lookup[plan.read_colors])
-    k, rank, pos = ranks
+    k, rank, pos = _ranks(plan)
     size = plan.seed_size
-    step = chunk_size or DEFAULT_CHUNK_BYTES // max(
-        1, 4 * (size + plan.out_size) * like.element_size())
-    step = max(1, min(step, k))
+    step = _step(plan, like, chunk_size)
     if step == k:  # one chunk (the usual case): no sorting, tensors kept for the next call
-        kept = plan.tensors.get((like.dtype, like.device))
-        if kept is None:
-            seeds = like.new_zeros(k, size)
-            seeds[_index(rank, like), _index(plan.seed_positions, like)] = 1
-            # B[pos, read_index] as one flat gather (about 2x faster than 2-D indexing)
-            kept = (seeds, _index(pos * plan.out_size + plan.read_index, like))
-            if seeds.numel() * seeds.element_size() <= _MAX_KEPT_SEEDS:
-                plan.tensors[(like.dtype, like.device)] = kept
-        return apply(kept[0]).reshape(-1).index_select(0, kept[1])
+        seeds, flat = _one_chunk(plan, like)
+        return apply(seeds).reshape(-1).index_select(0, flat)
     values = like.new_empty(pos.size)
     by_seed = np.argsort(rank, kind="stable")
     by_read = np.argsort(pos, kind="stable")
@@ -962,6 +998,45 @@ def _compressed_values(
         at = (_index(pos[r] - edges[c], like), _index(plan.read_index[r], like))
         values[_index(r, like)] = block[at]
     return values
+
+
+def _ranks(plan: _Plan) -> tuple[int, np.ndarray, np.ndarray]:
+    """The number of seeds (distinct colours), and each seed's and each read's row of ``S``
+    (once per plan)."""
+    ranks = plan.tensors.get("ranks")
+    if ranks is None:
+        needed, rank = _distinct(plan.seed_colors)
+        lookup = np.full(int(needed.max()) + 1, -1, dtype=np.int64)
+        lookup[needed] = np.arange(needed.size)
+        ranks = plan.tensors["ranks"] = (needed.size, rank, lookup[plan.read_colors])
+    return ranks
+
+
+def _step(plan: _Plan, like: torch.Tensor, chunk_size: int | None) -> int:
+    """Seeds per chunk: ``chunk_size``, or as many as :data:`DEFAULT_CHUNK_BYTES` holds."""
+    k = _ranks(plan)[0]
+    step = chunk_size or DEFAULT_CHUNK_BYTES // max(
+        1, 4 * (plan.seed_size + plan.out_size) * like.element_size())
+    return max(1, min(step, k))
+
+
+def _one_chunk(plan: _Plan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeds ``S`` of a one-chunk evaluation and the entries' flat indices into ``B``,
+    kept with the plan for the next call (seeds up to :data:`_MAX_KEPT_SEEDS`)."""
+    kept = plan.tensors.get((like.dtype, like.device))
+    if kept is None:
+        k, rank, pos = _ranks(plan)
+        seeds = like.new_zeros(k, plan.seed_size)
+        seeds[_index(rank, like), _index(plan.seed_positions, like)] = 1
+        # B[pos, read_index] as one flat gather (about 2x faster than 2-D indexing),
+        # by int32 indices where B allows (0.75-0.85x the time of int64's: fewer bytes)
+        flat = _index(pos * plan.out_size + plan.read_index, like)
+        if k * plan.out_size < 2**31:
+            flat = flat.to(torch.int32)
+        kept = (seeds, flat)
+        if seeds.numel() * seeds.element_size() <= _MAX_KEPT_SEEDS:
+            plan.tensors[(like.dtype, like.device)] = kept
+    return kept
 
 
 def _distinct(colors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

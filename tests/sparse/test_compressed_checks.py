@@ -162,11 +162,11 @@ def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
         close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours,
                                   compile="on").to_dense(30), hessian(scalar, x))
     assert built == ["fused", "fused"]  # no separate check pass was built
-    # in chunks of colours: the first chunk's pass carries the check's, the rest run alone
+    # in chunks of colours: the pass and the check's run apart, each compiled
     got = sparse_jacobian_rows(fn, x, 0, 30, pattern, _forward(pattern), compile="on",
                                chunk_size=1)
     close(got.to_dense(30), jacobian(fn, x))
-    assert built[2:] == ["jvps"]  # the later chunks' pass, compiled alone
+    assert built[2:] == ["jvps", "vjp"]
     del built[2:]
     # the verdicts are the check's own: a missed nonzero is refused ...
     narrow = banded_pattern(20, 3)
@@ -191,6 +191,49 @@ def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
     close(got.to_dense(8), jacobian(no_grad_scaled, y))
     assert len(log) == 1 and "computed by reverse mode instead" in log[0]
     assert built.count("fused") == 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_fused_graphs_dots_are_the_checks_own(dtype, monkeypatch):
+    # The fused graph computes u . (J_P v) as <B, W> (W: the check's weights at the
+    # entries' reads), (Jᵀu) . v and |Jᵀu|: the same numbers as the dots over the
+    # decompressed entries that the passes apart are judged by.
+    from pipeline.maths import compiled
+    from pipeline.sparse import compressed
+
+    monkeypatch.setattr(compiled, "_compile", lambda fn, options=None: fn)
+    seen: list[tuple] = []
+    real = compressed._checked_values
+
+    def spy(values, plan, xf, pullback, redo, what, schedule, seconds, fusion=None):
+        if fusion is not None and fusion.fused:
+            seen.append((values, plan, xf, fusion))
+        return real(values, plan, xf, pullback, redo, what, schedule, seconds, fusion)
+
+    monkeypatch.setattr(compressed, "_checked_values", spy)
+    x = point(dtype, 40)
+
+    def fn(t):
+        return t**2 * t.roll(1) + t.roll(-2).sin()
+
+    def scalar(t):
+        return (t**3 * t.roll(1)).sum() + (t * t.roll(3)).cos().sum()
+
+    pattern = sp.csr_matrix(jacobian(fn, x).abs().numpy() > 0)
+    close(sparse_jacobian_rows(fn, x, 0, 40, pattern, _forward(pattern),
+                               compile="on").to_dense(40), jacobian(fn, x))
+    hp = sp.csr_matrix(hessian(scalar, x).abs().numpy() > 0)
+    close(sparse_hessian_rows(scalar, x, 0, 40, hp, choose_coloring(hp, symmetric=True),
+                              compile="on").to_dense(40), hessian(scalar, x))
+    assert len(seen) == 2  # one fused call of each
+    for values, plan, xf, fusion in seen:
+        assert fusion.dots is not None
+        u, v, w, _ = compressed._probe(plan, xf)
+        jtu = fusion.pulled.reshape(-1).to(torch.float64)
+        want = (float(torch.dot(values.to(torch.float64), w)), float(torch.dot(jtu, v)),
+                float(jtu.norm()))
+        assert fusion.dots == pytest.approx(want, rel=1e-12)
+        assert u is fusion.u and abs(want[0] - want[1]) <= 1e-4 * want[2] * float(v.norm())
 
 
 def _cubic_case() -> tuple:
