@@ -33,6 +33,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.heap import settle_heap
 from pipeline.core.imports import spare_sympy_import
 from pipeline.core.options import COMPILE_MODES
 
@@ -157,6 +158,7 @@ def run_pass(owner: Any, key: Hashable, build: Callable[[], Callable[..., Any]],
         return out
     try:
         if entry.compiled is None:
+            settle_heap()  # a compiled pass runs again and again (NOTE: [glibc's mmap threshold])
             entry.compiled = _compile(build())  # it keeps its owner alive from now on
             entry.trial = _Trial() if _bytes(args) <= ALTERNATIVE_MAX_BYTES else None
         elif entry.trial is not None:

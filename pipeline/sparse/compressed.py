@@ -31,6 +31,7 @@ import scipy.sparse as sp
 import torch
 
 from pipeline.core.errors import SparsityError
+from pipeline.core.heap import settle_heap
 from pipeline.core.kinds import kind_of
 from pipeline.maths import checks
 from pipeline.maths.compiled import faster, is_compiled, run_pass, settled, would_compile
@@ -939,6 +940,7 @@ def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[
                  *, keep: bool = True) -> _Plan:
     if not keep:
         return build()
+    settle_heap()  # a kept plan is evaluated again and again (NOTE: [glibc's mmap threshold])
     full = (id(pattern), id(coloring), *key)
     hit = _PLANS.get(full)
     if hit is not None and hit[0] is pattern and hit[1] is coloring:
