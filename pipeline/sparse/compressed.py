@@ -652,11 +652,13 @@ _CHECK_COMPILES = [0]
 # the graph instead of passes of their own over the entries afterwards
 # (0.17-0.7 ms at n = 10^5). A call in chunks of colours runs apart.
 # Whether that is faster depends on the code inductor makes of it (side by
-# side on 2 threads, ``python -m benchmarks.forms``: BROYDN3D's Hessian 0.63x
-# the two calls apart, ARWHEAD's and heat's 0.82x, the Brusselator's Jacobian
-# 1.04x, Rosenbrock's 1.16x), so it is chosen by measurement: the first checked compiled calls
+# side on 2 threads, ``python -m benchmarks.forms``, the dots included on both
+# sides: ARWHEAD's Hessian 0.72x the calls apart, Rosenbrock's 0.83x,
+# BROYDN3D's 0.90x, the Brusselator's Jacobian 0.96x, heat's 1.03x; before the
+# dots moved into the graph, Rosenbrock's was 1.16x), so it is chosen by
+# measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
-# calls of each after its first (a call whose passes compiled or are still on
+# calls of each after its first, each with its dots (a call whose passes compiled or are still on
 # trial, NOTE: [two codegens per pass], is not timed), and the faster by the
 # least of those (pipeline.maths.compiled.faster) is kept for the evaluation
 # (function, pass, shapes) from then on.
