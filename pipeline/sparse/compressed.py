@@ -650,7 +650,9 @@ _CHECK_COMPILES = [0]
 # the check's three dots (u . (J_P v) as <B, W>, W the check's weights w added
 # at the entries' reads, _weights; (Jᵀu) . v; |Jᵀu|) are reductions inside
 # the graph instead of passes of their own over the entries afterwards
-# (0.17-0.7 ms at n = 10^5). A call in chunks of colours runs apart.
+# (0.17-0.7 ms at n = 10^5). A call in chunks of colours runs apart, as does
+# one whose W (float64, the compressed matrix's shape) would pass
+# _MAX_KEPT_SEEDS.
 # Whether that is faster depends on the code inductor makes of it (side by
 # side on 2 threads, ``python -m benchmarks.forms``, the dots included on both
 # sides: ARWHEAD's Hessian 0.72x the calls apart, Rosenbrock's 0.83x,
@@ -658,8 +660,9 @@ _CHECK_COMPILES = [0]
 # dots moved into the graph, Rosenbrock's was 1.16x), so it is chosen by
 # measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
-# calls of each after its first, each with its dots (a call whose passes compiled or are still on
-# trial, NOTE: [two codegens per pass], is not timed), and the faster by the
+# calls of each after its first, each with its dots (a call whose passes
+# compiled or are still on trial, NOTE: [two codegens per pass], is not
+# timed), and the faster by the
 # least of those (pipeline.maths.compiled.faster) is kept for the evaluation
 # (function, pass, shapes) from then on.
 # The check itself is the same either way: the same reverse-mode pass of the
@@ -721,8 +724,9 @@ def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable],
     and fused is (or may be) the faster way; else None (the passes apart, untimed)."""
     if not (checks.forward_checks() and checks.every_call()) or plan.cols.size == 0:
         return None
-    if _step(plan, xf, chunk_size) < _ranks(plan)[0]:  # in chunks: apart
-        return None
+    k = _ranks(plan)[0]
+    if _step(plan, xf, chunk_size) < k or k * plan.out_size * 8 > _MAX_KEPT_SEEDS:
+        return None  # in chunks, or W (_weights) too large to keep: apart
     fused = (name, *key[1:])
     if not would_compile(fn, key, compile):
         return None
@@ -788,10 +792,10 @@ def _weights(plan: _Plan, xf: torch.Tensor) -> torch.Tensor:
     (:func:`_probe`) added at the entries' reads of a one-chunk ``B`` (float64, kept)."""
     kept = plan.tensors.get(("weights", xf.dtype, xf.device))
     if kept is None:
-        seeds, flat = _one_chunk(plan, xf)
-        k = seeds.shape[0]
+        k, _, pos = _ranks(plan)
+        flat = _index(pos * plan.out_size + plan.read_index, xf)
         kept = torch.zeros(k * plan.out_size, dtype=torch.float64, device=xf.device)
-        kept = kept.index_add_(0, flat.long(), _probe(plan, xf)[2]).view(k, plan.out_size)
+        kept = kept.index_add_(0, flat, _probe(plan, xf)[2]).view(k, plan.out_size)
         plan.tensors[("weights", xf.dtype, xf.device)] = kept
     return kept
 
@@ -933,7 +937,8 @@ class _Plan:
 # theirs): a pattern changed in place must be passed as a new object.
 _MAX_PLANS = 4
 _MAX_PLAN_BYTES = 2**29
-#: A one-chunk evaluation keeps its seed tensor up to this size.
+#: A one-chunk evaluation keeps its seed tensor up to this size (and a fused checked pass
+#: its check's weights W, NOTE: [the check fused into the pass]).
 _MAX_KEPT_SEEDS = 2**26
 _PLANS: OrderedDict[tuple, tuple[Any, Any, _Plan]] = OrderedDict()
 

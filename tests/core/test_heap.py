@@ -25,14 +25,14 @@ libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "settled":
     heap.settle_heap()
 mapped = libc.mallinfo2().hblks
-block = libc.malloc(16 << 20)  # what a repeated evaluation's buffer can be
+block = libc.malloc(30 << 20)  # a repeated evaluation's buffers are up to this size
 print(libc.mallinfo2().hblks - mapped)
 libc.free(block)
 """
 
 
 def _mapped(mode: str) -> int:
-    """Blocks glibc mapped afresh for one 16 MiB buffer in a fresh interpreter."""
+    """Blocks glibc mapped afresh for one 30 MiB buffer in a fresh interpreter."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,

@@ -193,6 +193,25 @@ def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
     assert built.count("fused") == 5
 
 
+def test_a_check_whose_weights_are_too_large_to_keep_runs_apart(monkeypatch):
+    # The fused graph's W has the compressed matrix's shape in float64: past
+    # _MAX_KEPT_SEEDS the pass and the check's run apart (recording wrapper, no compiler).
+    from pipeline.maths import compiled
+    from pipeline.sparse import compressed
+
+    built: list[str] = []
+    monkeypatch.setattr(compiled, "_compile",
+                        lambda fn, options=None: built.append(fn.__code__.co_name) or fn)
+    monkeypatch.setattr(compressed, "_MAX_KEPT_SEEDS", 8 * 30)  # W: (colours, 30) float64
+    scalar, x, pattern, colours = _cubic_case()
+    for _ in range(2):
+        close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours,
+                                  compile="on").to_dense(30), hessian(scalar, x))
+    assert built == ["hvps", "hvp"]
+    plan = next(entry[2] for entry in compressed._PLANS.values() if entry[0] is pattern)
+    assert not any(key[0] == "weights" for key in plan.tensors if isinstance(key, tuple))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_fused_graphs_dots_are_the_checks_own(dtype, monkeypatch):
     # The fused graph computes u . (J_P v) as <B, W> (W: the check's weights at the
