@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from typing import Any
 
@@ -43,7 +44,7 @@ def settle_heap() -> None:
     if _SETTLED[0]:
         return
     _SETTLED[0] = True
-    libc = _glibc()
+    libc = glibc()
     if libc is None:
         return
     block = libc.malloc(SETTLE_BYTES)  # mapped, never touched: no page is faulted in
@@ -51,8 +52,9 @@ def settle_heap() -> None:
         libc.free(block)
 
 
-def _glibc() -> Any:
-    """glibc's ``malloc`` and ``free`` (typed), or None elsewhere."""
+@functools.cache
+def glibc() -> Any:
+    """The C library where it is glibc (``malloc``, ``free`` typed; ``malloc_trim``), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:

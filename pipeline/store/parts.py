@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.core.codec import AUTO, DEFAULT_COMPRESSION, parse_compression
+from pipeline.core.heap import glibc
 from pipeline.store import footer
 from pipeline.store.arrays import arrow_array, numpy_view
 from pipeline.store.storage import Storage
@@ -142,22 +143,9 @@ def _return_free_memory() -> None:
     fell from 166 rows to 48 and, once, to 1 (a 164 s shard instead of 25 s).
     """
     pa.default_memory_pool().release_unused()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None  # glibc only
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

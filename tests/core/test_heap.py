@@ -20,7 +20,7 @@ class MallInfo2(ctypes.Structure):
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
         "fordblks", "keepcost")]
 
-libc = heap._glibc()
+libc = heap.glibc()
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "settled":
     heap.settle_heap()
@@ -40,7 +40,7 @@ def _mapped(mode: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(heap._glibc() is None or not hasattr(heap._glibc(), "mallinfo2"),
+@pytest.mark.skipif(heap.glibc() is None or not hasattr(heap.glibc(), "mallinfo2"),
                     reason="glibc 2.33 or later only")
 def test_a_settled_heap_serves_large_buffers_itself():
     assert _mapped("fresh") == 1  # glibc's threshold where a fresh process has it: mapped
@@ -50,7 +50,7 @@ def test_a_settled_heap_serves_large_buffers_itself():
 def test_settle_heap_is_once_per_process(monkeypatch):
     calls = []
     monkeypatch.setattr(heap, "_SETTLED", [False])
-    monkeypatch.setattr(heap, "_glibc", lambda: calls.append(1) or None)
+    monkeypatch.setattr(heap, "glibc", lambda: calls.append(1) or None)
     heap.settle_heap()
     heap.settle_heap()
     assert calls == [1]
