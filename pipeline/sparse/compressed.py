@@ -792,8 +792,8 @@ def _weights(plan: _Plan, xf: torch.Tensor) -> torch.Tensor:
     (:func:`_probe`) added at the entries' reads of a one-chunk ``B`` (float64, kept)."""
     kept = plan.tensors.get(("weights", xf.dtype, xf.device))
     if kept is None:
-        k, _, pos = _ranks(plan)
-        flat = _index(pos * plan.out_size + plan.read_index, xf)
+        k = _ranks(plan)[0]
+        flat = _index(_flat_reads(plan), xf)
         kept = torch.zeros(k * plan.out_size, dtype=torch.float64, device=xf.device)
         kept = kept.index_add_(0, flat, _probe(plan, xf)[2]).view(k, plan.out_size)
         plan.tensors[("weights", xf.dtype, xf.device)] = kept
@@ -1021,6 +1021,11 @@ def _ranks(plan: _Plan) -> tuple[int, np.ndarray, np.ndarray]:
     return ranks
 
 
+def _flat_reads(plan: _Plan) -> np.ndarray:
+    """Each entry's flat index into a one-chunk ``B`` (``B[pos, read_index]``)."""
+    return _ranks(plan)[2] * plan.out_size + plan.read_index
+
+
 def _step(plan: _Plan, like: torch.Tensor, chunk_size: int | None) -> int:
     """Seeds per chunk: ``chunk_size``, or as many as :data:`DEFAULT_CHUNK_BYTES` holds."""
     k = _ranks(plan)[0]
@@ -1034,12 +1039,12 @@ def _one_chunk(plan: _Plan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     kept with the plan for the next call (seeds up to :data:`_MAX_KEPT_SEEDS`)."""
     kept = plan.tensors.get((like.dtype, like.device))
     if kept is None:
-        k, rank, pos = _ranks(plan)
+        k, rank, _ = _ranks(plan)
         seeds = like.new_zeros(k, plan.seed_size)
         seeds[_index(rank, like), _index(plan.seed_positions, like)] = 1
         # B[pos, read_index] as one flat gather (about 2x faster than 2-D indexing),
         # by int32 indices where B allows (0.75-0.85x the time of int64's: fewer bytes)
-        flat = _index(pos * plan.out_size + plan.read_index, like)
+        flat = _index(_flat_reads(plan), like)
         if k * plan.out_size < 2**31:
             flat = flat.to(torch.int32)
         kept = (seeds, flat)
