@@ -30,7 +30,11 @@ NOTE: [Compiled row passes]
     eager pass reuses the pullback recorded for the call (one forward pass
     per call). The engine's checks (the vmap spot check, forward against
     reverse mode) compare the compiled rows with plain autograd as they do
-    the eager ones.
+    the eager ones. Reverse-mode rows of a function that ends in a matrix
+    product run eagerly from below it unless ``"on"`` is asked (NOTE: [Rows
+    whose last operation is a matrix product] in :mod:`pipeline.maths.peel`):
+    their largest product is gone, which no compiled pass of the whole
+    function removes.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import GradientEdge
 from torch.overrides import TorchFunctionMode
 
 from pipeline.core.errors import JacpipeError, OutputTypeError, SampleShapeError
 from pipeline.maths import checks
-from pipeline.maths.compiled import run_pass, spare_dynamo_import
+from pipeline.maths.compiled import check_compile, run_pass, spare_dynamo_import
 
 METHODS = ("rev", "fwd")
 
@@ -273,7 +278,7 @@ def _jacobian_blocks(
             yield from blocks
             return
     try:
-        x_flat, y, pullback = _recorded(fn, x)
+        x_flat, y, pullback, peeled = _recorded(fn, x, peeling=check_compile(compile) != "on")
     except RuntimeError as exc:
         _refuse_input_writes(fn, x)
         yield from _iter_rows_loop(
@@ -288,11 +293,14 @@ def _jacobian_blocks(
         return vectorized(basis.reshape(shaped)).reshape(basis.shape[0], -1)
 
     for a, b in _chunks(start, stop, chunk_size):
-        basis = _cotangents(a, b, y.numel(), y)
+        basis, rows = None, _peeled_chunk(peeled, a, b)
         try:
-            rows = run_pass(owner, ("rows-rev", x.shape, x.dtype, x.device, basis.shape),
-                            lambda: _vjp_rows(fn, x.shape), x_flat, basis, compile=compile,
-                            eager=lambda basis=basis: eager(basis))
+            if rows is None:
+                peeled = None
+                basis = _cotangents(a, b, y.numel(), y)
+                rows = run_pass(owner, ("rows-rev", x.shape, x.dtype, x.device, basis.shape),
+                                lambda: _vjp_rows(fn, x.shape), x_flat, basis,
+                                compile=compile, eager=lambda basis=basis: eager(basis))
         except RuntimeError as exc:
             yield from _iter_rows_loop(
                 fn, x, a, stop, chunk_size=chunk_size, reason=exc, sample=sample
@@ -303,8 +311,20 @@ def _jacobian_blocks(
             yield from _iter_rows_loop(fn, x, a, stop, chunk_size=chunk_size, reason=None,
                                        sample=sample)
             return
-        _release_if_aliased(rows, basis)
+        if basis is not None:
+            _release_if_aliased(rows, basis)
         yield a, rows.to(x.dtype)
+
+
+def _peeled_chunk(peeled: Callable[[int, int], Tensor] | None, a: int, b: int
+                  ) -> Tensor | None:
+    """Rows ``[a, b)`` by ``peeled`` (see :func:`_recorded`), or None: the identity's."""
+    if peeled is None:
+        return None
+    try:
+        return peeled(a, b)
+    except RuntimeError:  # (not expected) the identity's rows give the answer
+        return None
 
 
 def _outside_inference_mode(blocks: Iterator[tuple[int, Tensor]]
@@ -319,10 +339,15 @@ def _outside_inference_mode(blocks: Iterator[tuple[int, Tensor]]
         yield item
 
 
-def _recorded(fn: Callable[[Tensor], Tensor], x: Tensor
-              ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor]]:
-    """``(x_flat, fn(x), pullback)``: ``fn``'s forward pass at a copy of ``x``, recorded
-    once by plain autograd; ``pullback(c)`` is ``Jᵀ c`` in ``x``'s shape.
+def _recorded(fn: Callable[[Tensor], Tensor], x: Tensor, *, peeling: bool = False
+              ) -> tuple[Tensor, Tensor, Callable[[Tensor], Tensor],
+                         Callable[[int, int], Tensor] | None]:
+    """``(x_flat, fn(x), pullback, peeled)``: ``fn``'s forward pass at a copy of ``x``,
+    recorded once by plain autograd; ``pullback(c)`` is ``Jᵀ c`` in ``x``'s shape;
+    ``peeled(a, b)`` (``peeling`` asked and ``fn`` ending in a matrix product, else
+    ``None``) is rows ``[a, b)`` of ``J`` from one node below ``y`` (NOTE: [Rows whose
+    last operation is a matrix product] in :mod:`pipeline.maths.peel`), ``None`` for a
+    chunk it cannot do.
 
     NOTE: [Rows by plain autograd under vmap]
         ``pullback`` is ``torch.autograd.grad`` of the recorded graph; vmapped
@@ -353,11 +378,35 @@ def _recorded(fn: Callable[[Tensor], Tensor], x: Tensor
         g = grad(c)
         return torch.zeros_like(x_in) if g is None else g
 
-    return x_in.reshape(-1), y, pullback
+    return x_in.reshape(-1), y, pullback, (_peeled_rows(y, xg) if peeling else None)
 
 
-def _grad_of(y: Tensor, xg: Tensor) -> Callable[[Tensor], Tensor | None]:
-    """``c -> Jᵀ c`` (None: ``y`` does not depend on ``xg``), the graph kept for the next.
+def _peeled_rows(y: Tensor, xg: Tensor) -> Callable[[int, int], Tensor] | None:
+    """Rows ``[a, b)`` of ``J`` (flat, ``(b - a, n)``) pulled back from below ``y``'s last
+    matrix product (:func:`pipeline.maths.peel.peel`), or ``None``."""
+    from pipeline.maths.peel import peel
+
+    start = peel(y, xg) if y.requires_grad else None
+    if start is None:
+        return None
+    grad = _grad_of(start.edge, xg)
+    zeros = torch.zeros_like(xg)
+
+    def one(c: Tensor) -> Tensor:
+        g = grad(c)
+        return zeros if g is None else g
+
+    def rows(a: int, b: int) -> Tensor:
+        cot = start.cotangents(a, b)
+        return torch.func.vmap(one)(cot).reshape(b - a, -1)
+
+    return rows
+
+
+def _grad_of(y: Tensor | GradientEdge, xg: Tensor) -> Callable[[Tensor], Tensor | None]:
+    """``c -> Jᵀ c`` (None: ``y`` does not depend on ``xg``), the graph kept for the next;
+    ``y`` may be an edge inside the graph (NOTE: [Rows whose last operation is a matrix
+    product] in :mod:`pipeline.maths.peel`).
 
     NOTE: [Backward passes without autograd.grad's wrapper]
         ``torch.autograd.grad``'s Python wrapper (argument normalisation, a
@@ -377,7 +426,7 @@ def _grad_of(y: Tensor, xg: Tensor) -> Callable[[Tensor], Tensor | None]:
 
     run = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward",
                   None)
-    if run is None or type(y) is not Tensor or type(xg) is not Tensor:
+    if run is None or type(y) not in (Tensor, GradientEdge) or type(xg) is not Tensor:
         return lambda c: torch.autograd.grad(y, xg, c, retain_graph=True, allow_unused=True)[0]
     outputs, inputs = (y,), (xg,)
 

@@ -1,0 +1,155 @@
+"""``pipeline.maths.peel``: reverse-mode rows that start below a last matrix product.
+
+NOTE: [Rows whose last operation is a matrix product]. Every case compares
+``jacobian_rows`` with ``torch.autograd.functional.jacobian`` and says whether
+the peel applies, so a case that silently stopped peeling fails too.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+import pipeline.maths.peel as peel_module
+from pipeline.maths.engine import jacobian_rows
+from pipeline.maths.peel import peel
+
+F = torch.nn.functional
+D = torch.float64
+G = torch.Generator().manual_seed(3)
+W = torch.randn(5, 4, generator=G, dtype=D)
+B = torch.randn(5, generator=G, dtype=D)
+W2 = torch.randn(4, 3, generator=G, dtype=D)
+LIN = torch.nn.Linear(4, 5).double()  # weights that require grad, as a module's do
+MLP = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
+
+
+def _x(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=G, dtype=D)
+
+
+PEELED = {
+    "W @ x": (lambda t: W @ t, _x(4)),
+    "W @ exp(x) + b - 2": (lambda t: (W @ t.exp() + B) - 2.0, _x(4)),
+    "b - W @ exp(x)": (lambda t: B - W @ t.exp(), _x(4)),
+    "add(b, W @ exp(x), alpha=3)": (lambda t: torch.add(B, W @ t.exp(), alpha=3.0), _x(4)),
+    "addmv(beta=0.5, alpha=2)": (lambda t: torch.addmv(B, W, t.tanh(), beta=0.5, alpha=2.0),
+                                 _x(4)),
+    "F.linear, 1-d": (lambda t: F.linear(t.tanh(), W, B), _x(4)),
+    "F.linear, 2-d": (lambda t: F.linear(t.sin(), W, B), _x(3, 4)),
+    "F.linear, 2-d, no bias": (lambda t: F.linear(t.sin(), W), _x(3, 4)),
+    "x @ W.T": (lambda t: t.sin() @ W.T, _x(3, 4)),
+    "addmm(alpha=-2)": (lambda t: torch.addmm(B, t.tanh(), W.T, beta=0.5, alpha=-2.0),
+                        _x(3, 4)),
+    "nn.Linear, 1-d": (lambda t: LIN(t.cos()), _x(4)),
+    "nn.Linear, 2-d, reshaped": (lambda t: LIN(t.cos()).reshape(-1), _x(3, 4)),
+    "nn.Sequential mlp": (lambda t: MLP(t), _x(6, 4)),
+    "W2 @ X": (lambda t: W2 @ t.tanh(), _x(3, 6)),
+    "W2 @ X.T": (lambda t: W2 @ t.tanh().T, _x(6, 3)),
+}
+
+NOT_PEELED = {
+    "x @ x": (lambda t: t.reshape(2, 2) @ t.reshape(2, 2), _x(4)),
+    "a weight that depends on x": (lambda t: (W * t.sum()) @ t, _x(4)),
+    "a residual": (lambda t: W[:4] @ t + t, _x(4)),
+    "a broadcast that grows the output": (
+        lambda t: (W @ t).unsqueeze(0) + torch.zeros(3, 1, dtype=D), _x(4)),
+    "a hook on the output": (lambda t: _hooked(W @ t), _x(4)),
+    "an elementwise last op": (lambda t: torch.tanh(W @ t), _x(4)),
+}
+
+
+def _hooked(y: torch.Tensor) -> torch.Tensor:
+    y.register_hook(lambda g: 2 * g)  # autograd's Jacobian includes it
+    return y
+
+
+def _peels(fn, x) -> bool:
+    xg = x.clone().requires_grad_(True)
+    return peel(fn(xg), xg) is not None
+
+
+@pytest.mark.parametrize("name", sorted(PEELED) + sorted(NOT_PEELED))
+def test_rows_equal_autograd_whether_or_not_the_last_product_is_peeled(name):
+    fn, x = PEELED.get(name) or NOT_PEELED[name]
+    assert _peels(fn, x) == (name in PEELED)
+    ref = jacobian(fn, x).reshape(-1, x.numel())
+    m = ref.shape[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the spot check agrees: no fallback
+        for start, stop, chunk in ((0, m, None), (1, m - 1, 2), (2, 3, None)):
+            torch.testing.assert_close(jacobian_rows(fn, x, start, stop, chunk_size=chunk),
+                                       ref[start:stop], rtol=1e-12, atol=1e-13)
+
+
+def test_the_engine_peels_a_perceptron_and_leaves_its_weights_and_grads_alone():
+    before = [p.detach().clone() for p in MLP.parameters()]
+    x = _x(6, 4)
+    seen = []
+    real = peel_module.peel
+
+    def spy(y, xg):
+        seen.append(real(y, xg))
+        return seen[-1]
+
+    peel_module.peel = spy
+    try:
+        got = jacobian_rows(MLP, x, 0, 30, chunk_size=7)
+    finally:
+        peel_module.peel = real
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(got, jacobian(MLP, x).reshape(30, -1), rtol=1e-12, atol=1e-13)
+    for p, b in zip(MLP.parameters(), before, strict=True):
+        assert p.grad is None
+        assert torch.equal(p, b)
+
+
+class _ScalesItsGrad(torch.autograd.Function):
+    """``2 v``, whose backward doubles its ``grad_output`` in place (the peeled cotangent)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return 2 * v
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.mul_(2)
+
+
+def test_a_backward_that_writes_into_the_peeled_cotangents_leaves_the_weights_alone():
+    w = W.clone()
+    fn = lambda t: w @ _ScalesItsGrad.apply(t.sin())  # noqa: E731
+    x = _x(4)
+    assert _peels(fn, x)
+    ref = jacobian(fn, x)
+    for _ in range(3):
+        torch.testing.assert_close(jacobian_rows(fn, x, 0, 5), ref, rtol=1e-12, atol=1e-13)
+    assert torch.equal(w, W)
+
+
+def test_wrong_peeled_rows_are_caught_by_the_spot_check(monkeypatch):
+    from pipeline.maths.checks import VmapMismatchWarning
+
+    real = peel_module._rows_of
+    monkeypatch.setattr(peel_module, "_rows_of", lambda w, scale: real(w, 2 * scale))
+    fn, x = PEELED["W @ exp(x) + b - 2"]
+    with pytest.warns(VmapMismatchWarning):
+        got = jacobian_rows(fn, x, 0, 5)
+    torch.testing.assert_close(got, jacobian(fn, x), rtol=1e-12, atol=1e-13)
+
+
+def test_float32_mlp_rows_equal_jacrev():
+    from jobs import mlp
+
+    p = mlp.build(n=64, m=48, hidden=32)
+    assert _peels(p.fn, p.x)
+    torch.testing.assert_close(jacobian_rows(p.fn, p.x, 0, 48), torch.func.jacrev(p.fn)(p.x))
