@@ -44,6 +44,7 @@ import contextvars
 import functools
 import math
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -564,7 +565,9 @@ def _iter_rows_fwd(
         basis = basis_rows(a, b, n, x_flat)
         tangents = run_pass(owner, ("rows-fwd", x.shape, x.dtype, x.device, basis.shape),
                             lambda: _jvp_columns(fn, x.shape), x_flat, basis, compile=compile,
-                            eager=lambda basis=basis: vectorized(basis)).to(x_flat.dtype)
+                            eager=lambda basis=basis: _constants_left_out(
+                                owner, ("rows-fwd", x.shape, x.dtype, basis.shape), vectorized,
+                                basis)).to(x_flat.dtype)
         _check_untouched(x_flat, version)
         if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
             m = tangents.shape[1]
@@ -587,6 +590,30 @@ def _iter_rows_fwd(
         out = x_flat.new_empty(stop - start, 0)
     if stop > start:
         yield start, out
+
+
+#: Per function (weakly) and pass key: whether its forward-mode pass had a constant
+#: product to take (NOTE: [Constant weights in forward mode]); False: run plainly.
+_CONSTANT_PRODUCTS: weakref.WeakKeyDictionary[Any, dict[Any, bool]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _constants_left_out(owner: Any, key: Any, pass_: Callable[[Tensor], Tensor],
+                        basis: Tensor) -> Tensor:
+    """``pass_(basis)``, a forward-mode pass, without constant matrices' zero tangents
+    (NOTE: [Constant weights in forward mode] in :mod:`pipeline.maths.tangents`)."""
+    from pipeline.maths.tangents import constant_products
+
+    try:
+        seen = _CONSTANT_PRODUCTS.setdefault(owner, {})
+    except TypeError:  # not weakly referenceable: decided on every call
+        seen = {}
+    if seen.get(key) is False:
+        return pass_(basis)
+    with constant_products() as mode:
+        out = pass_(basis)
+    seen[key] = mode.hits > 0
+    return out
 
 
 def jacobian_rows(
