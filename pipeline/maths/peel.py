@@ -37,8 +37,8 @@ NOTE: [Rows whose last operation is a matrix product]
     compares a random combination of them with one plain
     ``torch.autograd.grad`` of the whole graph from ``y``, which the peel
     does not touch. Measured side by side (``python -m benchmarks.peers
-    --dense-only``): mlp 1000 and mlp 2000 in 0.53-0.59x ``jacrev``'s time,
-    a ``(30, 40) -> (30, 50)`` ``tanh(x @ W)`` in 0.38x.
+    --dense-only``): mlp 1000 and mlp 2000 in 0.52-0.62x ``jacrev``'s time,
+    a ``(30, 40) -> (30, 50)`` ``tanh(x @ W)`` in 0.37-0.38x.
 """
 
 from __future__ import annotations
