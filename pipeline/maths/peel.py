@@ -32,13 +32,19 @@ NOTE: [Rows whose last operation is a matrix product]
     so does ``torch.autograd.functional.jacobian``.
 
     The cotangents are fresh copies: a custom ``backward`` may scale its
-    ``grad_output`` in place, and ``fn``'s weights must not change. The
-    rows are checked as every vectorised chunk's are: the vmap spot check
-    compares a random combination of them with one plain
-    ``torch.autograd.grad`` of the whole graph from ``y``, which the peel
-    does not touch. Measured side by side (``python -m benchmarks.peers
-    --dense-only``): mlp 1000 and mlp 2000 in 0.52-0.62x ``jacrev``'s time,
-    a ``(30, 40) -> (30, 50)`` ``tanh(x @ W)`` in 0.37-0.38x.
+    ``grad_output`` in place, and ``fn``'s weights must not change. Hooks
+    on the part of the graph the peel skips (a tensor hook on an
+    intermediate, a node's pre-hook, a legacy module backward hook) are
+    invisible to the walk: torch does not list them. So each call first
+    has autograd run that part itself for one random combination of all
+    rows and compares (NOTE: [A peel checked by the graph it skips] in
+    :mod:`pipeline.maths.engine`); a difference means the identity's rows.
+    The rows are then checked as every vectorised chunk's are: the vmap
+    spot check compares a random combination of them with one plain
+    ``torch.autograd.grad`` of the whole graph from ``y``. Measured side by
+    side (``python -m benchmarks.peers --dense-only``, this session's runs):
+    mlp 1000 and mlp 2000 in 0.52-0.68x ``jacrev``'s time, a ``(30, 40) ->
+    (30, 50)`` ``tanh(x @ W)`` in 0.33-0.38x.
 """
 
 from __future__ import annotations
@@ -72,11 +78,20 @@ _DIAGONAL = frozenset({
 
 
 class Peel:
-    """Where the backward of rows starts instead of ``y``, and their cotangents there."""
+    """Where the backward of rows starts instead of ``y``, and their cotangents there.
 
-    def __init__(self, edge: GradientEdge, cotangents: Callable[[int, int], Tensor]) -> None:
+    ``cotangents(a, b)``: rows ``[a, b)``'s cotangents at ``edge``;
+    ``combine(c)``: ``sum_r c[r] cotangents(r)`` for a flat ``c`` over all of
+    ``y`` (one product, no rows built); ``bound``: a bound on the Frobenius
+    norm of all rows' cotangents together (``|combine(c)| <= |c| bound``).
+    """
+
+    def __init__(self, edge: GradientEdge, cotangents: Callable[[int, int], Tensor],
+                 combine: Callable[[Tensor], Tensor], bound: float) -> None:
         self.edge = edge
         self.cotangents = cotangents
+        self.combine = combine
+        self.bound = bound
 
 
 class _Scale:
@@ -102,6 +117,16 @@ class _Scale:
             return None
         return self.diag[a:b].to(like.dtype).mul(self.factor).unsqueeze(1)
 
+    def weighted(self, c: Tensor, like: Tensor) -> Tensor:
+        """``c`` (flat, one weight per row) times every row's multiplier."""
+        c = c.to(like.dtype) * self.factor
+        return c if self.diag is None else c * self.diag.to(like.dtype)
+
+    def largest(self) -> float:
+        """The largest multiplier's size (a finite number: checked by :func:`_product`)."""
+        d = 1.0 if self.diag is None else float(self.diag.abs().max()) if self.numel else 0.0
+        return abs(self.factor) * d
+
 
 def peel(y: Tensor, xg: Tensor) -> Peel | None:
     """The peeled start of ``y``'s rows (NOTE: [Rows whose last operation is a matrix
@@ -122,7 +147,9 @@ def peel(y: Tensor, xg: Tensor) -> Peel | None:
                 elif name in _DIAGONAL:
                     node = _through_diagonal(node, target, scale)
                 else:
-                    return _product(node, scale, target)
+                    found = _product(node, scale, target)
+                    # (an inf alpha: 0 * inf in the identity's rows)
+                    return found if found is None or math.isfinite(found.bound) else None
     except (RuntimeError, AttributeError, TypeError, IndexError):  # a freed saved tensor
         return None
     return None
@@ -199,9 +226,12 @@ def _product(node: Any, scale: _Scale, target: Any) -> Peel | None:
         w = node._saved_self if name == "MvBackward0" else node._saved_mat
         if name == "AddmvBackward0":
             scale.factor *= float(node._saved_alpha)
-        if w is None or w.dim() != 2 or w.shape[0] != numel or not _finite(w):
+        norm = _norm(w)
+        if w is None or w.dim() != 2 or w.shape[0] != numel or norm is None:
             return None
-        return Peel(_edge(edges[vec]), _rows_of(w.detach(), scale))
+        w = w.detach()
+        return Peel(_edge(edges[vec]), _rows_of(w, scale),
+                    lambda c: w.T @ scale.weighted(c, w), norm * scale.largest())
     if name in ("MmBackward0", "AddmmBackward0"):
         left, right = (0, 1) if name == "MmBackward0" else (1, 2)
         if name == "AddmmBackward0":
@@ -214,25 +244,42 @@ def _product(node: Any, scale: _Scale, target: Any) -> Peel | None:
         first = "self" if name == "MmBackward0" else "mat1"
         if live[0] == left:  # y = h @ b: the cotangent of h for row (i, j) is b[:, j] in row i
             b = node._saved_mat2
-            p = getattr(node, f"_saved_{first}_sym_sizes")[0]
-            if b is None or b.dim() != 2 or p * b.shape[1] != numel or not _finite(b):
+            p = int(getattr(node, f"_saved_{first}_sym_sizes")[0])
+            norm = _norm(b)
+            if b is None or b.dim() != 2 or p * b.shape[1] != numel or norm is None:
                 return None
-            return Peel(_edge(edges[left]), _left_rows(b.detach(), int(p), scale))
+            b = b.detach()
+            return Peel(_edge(edges[left]), _left_rows(b, p, scale),
+                        lambda c: scale.weighted(c, b).reshape(p, -1) @ b.T,
+                        norm * math.sqrt(p) * scale.largest())
         a = getattr(node, f"_saved_{first}")  # y = a @ h: column j of its cotangent is a[i, :]
-        q = node._saved_mat2_sym_sizes[1]
-        if a is None or a.dim() != 2 or a.shape[0] * q != numel or not _finite(a):
+        q = int(node._saved_mat2_sym_sizes[1])
+        norm = _norm(a)
+        if a is None or a.dim() != 2 or a.shape[0] * q != numel or norm is None:
             return None
-        return Peel(_edge(edges[right]), _right_rows(a.detach(), int(q), scale))
+        a = a.detach()
+        return Peel(_edge(edges[right]), _right_rows(a, q, scale),
+                    lambda c: a.T @ scale.weighted(c, a).reshape(-1, q),
+                    norm * math.sqrt(q) * scale.largest())
     return None
 
 
-def _finite(w: Tensor) -> bool:
-    """Whether ``w`` has no inf or nan (else the identity's rows have nan: 0 * inf).
+def _norm(w: Tensor | None) -> float | None:
+    """``w``'s Frobenius norm, or None where ``w`` has an inf or nan (the identity's rows
+    have nan there: 0 * inf).
 
-    By its sum, which is inf or nan wherever an entry is (and, rarely, where
-    finite entries overflow: then no peel, which is safe); ``isfinite(w).all()``
-    took 10x its time (0.33 ms on mlp 200's 200 x 512 weight).
+    The norm is inf or nan wherever an entry is (and, rarely, where finite
+    entries overflow: then no peel, which is safe); ``isfinite(w).all()`` took
+    10x a sum's time (0.33 ms on mlp 200's 200 x 512 weight).
     """
+    if w is None:
+        return None
+    norm = float(torch.linalg.vector_norm(w.detach()))  # (in w's dtype: 4x faster than float64)
+    return norm if math.isfinite(norm) else None
+
+
+def _finite(w: Tensor) -> bool:
+    """Whether ``w`` has no inf or nan (see :func:`_norm`)."""
     return math.isfinite(float(w.sum()))
 
 

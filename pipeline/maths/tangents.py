@@ -37,7 +37,12 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-_MATMULS = frozenset({"matmul", "__matmul__", "mv", "mm"})
+#: The other operand's dimensions each product takes, with the plain matrix on the
+#: left and on the right (``mv`` takes no vector on its left: that call raises, as
+#: PyTorch's own does).
+_OPERANDS = {"matmul": ((1, 2), (1, 2)), "__matmul__": ((1, 2), (1, 2)),
+             "mm": ((2,), (2,)), "mv": ((1,), ())}
+_MATMULS = frozenset(_OPERANDS)
 
 #: The smallest constant matrix (in entries) worth a rule of its own: below it a
 #: zero tangent costs less than the mode's own per-call overhead (a few us an op,
@@ -83,11 +88,21 @@ class _Product(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:
+        """``matmul``'s backward for 1-d and 2-d operands, by plain ops (it may run under
+        a ``torch.func`` transform of ``fn``'s own, where new leaves cannot be made)."""
         if g is None:
             return None, None, None
-        a, b = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
-        with torch.enable_grad():
-            ga, gb = torch.autograd.grad(a @ b, (a, b), g)
+        a, b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[:2]
+        if a.dim() == 2 and b.dim() == 1:  # (p, k) @ (k,) -> (p,)
+            ga = torch.outer(g, b) if need_a else None
+            gb = a.mT @ g if need_b else None
+        elif a.dim() == 1:  # (k,) @ (k, q) -> (q,)
+            ga = b @ g if need_a else None
+            gb = torch.outer(a, g) if need_b else None
+        else:  # (p, k) @ (k, q) -> (p, q)
+            ga = g @ b.mT if need_a else None
+            gb = a.mT @ g if need_b else None
         return ga, gb, None
 
 
@@ -116,13 +131,16 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g: Tensor | None) -> tuple[Tensor | None, ...]:
+        """``F.linear``'s backward by plain ops (see :meth:`_Product.backward`)."""
         if g is None:
             return None, None, None
-        saved = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        with torch.enable_grad():
-            out = torch.nn.functional.linear(*saved[:2], saved[2] if ctx.has_bias else None)
-            grads = torch.autograd.grad(out, saved, g)
-        return grads[0], grads[1], grads[2] if ctx.has_bias else None
+        h, w = ctx.saved_tensors[:2]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = g @ w if need_h else None
+        gw = g2.mT @ h.reshape(-1, h.shape[-1]) if need_w else None
+        gb = g2.sum(0) if need_b and ctx.has_bias else None
+        return gh, gw, gb
 
 
 class _ConstantProducts(TorchFunctionMode):
@@ -138,7 +156,7 @@ class _ConstantProducts(TorchFunctionMode):
         if not kwargs and len(args) == 2 and name in _MATMULS:
             a, b = args
             for plain, (c, h) in enumerate(((a, b), (b, a))):
-                if _plain_matrix(c) and _wrapped(h) and h.dim() in (1, 2):
+                if _plain_matrix(c) and _wrapped(h) and h.dim() in _OPERANDS[name][plain]:
                     self.hits += 1
                     return _Product.apply(a, b, plain)
         elif name == "linear" and func is torch.nn.functional.linear:

@@ -173,3 +173,71 @@ def test_float32_mlp_rows_equal_jacrev():
     p = mlp.build(n=64, m=48, hidden=32)
     assert _peels(p.fn, p.x)
     torch.testing.assert_close(jacobian_rows(p.fn, p.x, 0, 48), torch.func.jacrev(p.fn)(p.x))
+
+
+def _hook_on_intermediate(t: torch.Tensor) -> torch.Tensor:
+    h = W @ t
+    if h.requires_grad:
+        h.register_hook(lambda g: 3 * g)
+    return h + B
+
+
+def _prehook_on_the_product(t: torch.Tensor) -> torch.Tensor:
+    h = W @ t.sin()
+    if h.requires_grad:
+        h.grad_fn.register_prehook(lambda grads: tuple(2 * g for g in grads))
+    return h + B
+
+
+def _hook_on_an_elementwise_output(t: torch.Tensor) -> torch.Tensor:
+    h = torch.tanh(W @ t)
+    if h.requires_grad:
+        h.register_hook(lambda g: g * torch.arange(1.0, 6.0, dtype=D))  # one row more than others
+    return h * 2
+
+
+def _hook_on_one_unsampled_row(t: torch.Tensor) -> torch.Tensor:
+    from pipeline.maths import checks
+
+    m = W_TALL.shape[0]
+    row = next(i for i in range(m) if i not in checks.spot_rows(m, 0, m))
+    mask = torch.ones(m, dtype=D)
+    mask[row] = 3.0
+    h = W_TALL @ t
+    if h.requires_grad:
+        h.register_hook(lambda g: g * mask)
+    return h + 1.0
+
+
+W_TALL = torch.randn(200, 3, generator=G, dtype=D)
+LEGACY = torch.nn.Linear(4, 5).double()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)
+    LEGACY.register_backward_hook(lambda m, gi, go: tuple(None if g is None else 3 * g
+                                                          for g in gi))
+
+HOOKED = {
+    "a tensor hook below the output": (_hook_on_intermediate, _x(4)),
+    "a pre-hook on the product's node": (_prehook_on_the_product, _x(4)),
+    "a hook on an elementwise node's output": (_hook_on_an_elementwise_output, _x(4)),
+    "a hook on one row the spot check does not pick": (_hook_on_one_unsampled_row, _x(3)),
+    "a legacy module backward hook": (LEGACY, _x(4)),
+    "an infinite alpha": (lambda t: torch.add(B, W @ t, alpha=float("inf")), _x(4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOOKED))
+def test_hooks_and_infinite_factors_the_walk_cannot_see_give_autograd_rows(name):
+    """NOTE: [A peel checked by the graph it skips]: every chunking, one-row chunks
+    and ranges included, gives autograd's rows without a warning."""
+    fn, x = HOOKED[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the legacy hook's own
+        ref = jacobian(fn, x).reshape(-1, x.numel())
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", FutureWarning)
+        m = ref.shape[0]
+        for start, stop, chunk in ((0, m, None), (0, m, 1), (2, 3, None), (1, m, 2)):
+            torch.testing.assert_close(jacobian_rows(fn, x, start, stop, chunk_size=chunk),
+                                       ref[start:stop], rtol=1e-12, atol=1e-13,
+                                       equal_nan=True)

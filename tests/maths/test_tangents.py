@@ -150,3 +150,27 @@ def test_a_graph_recorded_through_the_rules_backpropagates_as_autograd(which, ev
 
     for got, ref in zip(grads(True), grads(False), strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-13)
+
+
+def test_torch_func_inside_fn_still_vectorises(every_matrix):
+    """The rules' backward runs under ``fn``'s own ``torch.func.grad`` (forces from an
+    energy): plain ops, no new leaves; no fallback to rows one at a time."""
+    fn = lambda t: torch.func.grad(lambda z: torch.tanh(W @ z).pow(2).sum())(t)  # noqa: E731
+    x = _x(4)
+    assert _taken(fn, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        got = jacobian_rows(fn, x, 0, 4, method="fwd")
+    torch.testing.assert_close(got, jacobian(fn, x), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("call", ["mm with a vector", "mv with a matrix"])
+def test_a_product_pytorch_refuses_is_refused_inside_the_mode_too(call, every_matrix):
+    fn = ((lambda t: torch.tanh(torch.mm(W, t))) if call == "mm with a vector"
+          else (lambda t: torch.tanh(torch.mv(W, t))))
+    x = _x(4) if call == "mm with a vector" else _x(4, 2)
+    with pytest.raises(RuntimeError):
+        fn(x)
+    with pytest.raises(RuntimeError):  # the mode does not take it: PyTorch's error
+        _taken(fn, x)
