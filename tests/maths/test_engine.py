@@ -25,6 +25,7 @@ from pipeline.problem.problem import build_problem
 from tests.maths.trust import (
     DTYPES,
     METHODS,
+    ClearsItsGrad,
     DoubledUnderVmap,
     close,
     doubles_its_input,
@@ -435,30 +436,10 @@ def test_a_wrong_batching_rule_is_refused_on_every_call_with_the_kept_identity()
         torch.testing.assert_close(got, torch.eye(6, dtype=torch.float64))
 
 
-class _ClearsItsGrad(torch.autograd.Function):
-    """``3 v``, whose backward clears its ``grad_output`` in place after using it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(v):
-        return 3 * v
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        out = 3 * g
-        g.zero_()
-        return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_backward_that_writes_into_its_cotangents_gets_fresh_ones_on_the_next_call(dtype):
     x = point(dtype, 5)
-    fn = lambda t: _ClearsItsGrad.apply(t.sin())  # noqa: E731  (its backward meets our cotangents)
+    fn = lambda t: ClearsItsGrad.apply(t.sin())  # noqa: E731  (its backward meets our cotangents)
     ref = jacobian(fn, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the spot check's own cotangent is rebuilt too

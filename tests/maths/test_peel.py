@@ -16,6 +16,7 @@ from torch.autograd.functional import jacobian
 import pipeline.maths.peel as peel_module
 from pipeline.maths.engine import jacobian_rows
 from pipeline.maths.peel import peel
+from tests.maths.trust import ClearsItsGrad
 
 F = torch.nn.functional
 D = torch.float64
@@ -122,27 +123,9 @@ def test_the_engine_peels_a_perceptron_and_leaves_its_weights_and_grads_alone():
         assert torch.equal(p, b)
 
 
-class _ScalesItsGrad(torch.autograd.Function):
-    """``2 v``, whose backward doubles its ``grad_output`` in place (the peeled cotangent)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(v):
-        return 2 * v
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.mul_(2)
-
-
 def test_a_backward_that_writes_into_the_peeled_cotangents_leaves_the_weights_alone():
     w = W.clone()
-    fn = lambda t: w @ _ScalesItsGrad.apply(t.sin())  # noqa: E731
+    fn = lambda t: w @ ClearsItsGrad.apply(t.sin())  # noqa: E731
     x = _x(4)
     assert _peels(fn, x)
     ref = jacobian(fn, x)

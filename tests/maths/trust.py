@@ -60,3 +60,23 @@ class DoubledUnderVmap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg):
         return gg
+
+
+class ClearsItsGrad(torch.autograd.Function):
+    """``3 v``, whose backward clears its ``grad_output`` in place after using it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(v):
+        return 3 * v
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        out = 3 * g
+        g.zero_()
+        return out
