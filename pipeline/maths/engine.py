@@ -606,8 +606,8 @@ def _iter_rows_fwd(
         tangents = run_pass(owner, ("rows-fwd", x.shape, x.dtype, x.device, basis.shape),
                             lambda: _jvp_columns(fn, x.shape), x_flat, basis, compile=compile,
                             eager=lambda basis=basis: _constants_left_out(
-                                owner, ("rows-fwd", x.shape, x.dtype, basis.shape), vectorized,
-                                basis)).to(x_flat.dtype)
+                                owner, ("rows-fwd", x.shape, x.dtype, x.device, basis.shape),
+                                vectorized, basis)).to(x_flat.dtype)
         _check_untouched(x_flat, version)
         if a == 0 and b == n:  # one pass: all rows as a view, no copy (as jacfwd)
             m = tangents.shape[1]

@@ -123,7 +123,8 @@ class _Scale:
         return c if self.diag is None else c * self.diag.to(like.dtype)
 
     def largest(self) -> float:
-        """The largest multiplier's size (a finite number: checked by :func:`_product`)."""
+        """The largest multiplier's size (inf for an inf ``alpha``: :func:`peel` refuses
+        a peel whose bound is not finite)."""
         d = 1.0 if self.diag is None else float(self.diag.abs().max()) if self.numel else 0.0
         return abs(self.factor) * d
 
