@@ -184,7 +184,7 @@ def _through_diagonal(node: Any, target: Any, scale: _Scale) -> Any:
     ones = torch.ones(meta[0].shape, dtype=meta[0].dtype, device=meta[0].device)
     d = node(ones)
     d = d[live[0]] if isinstance(d, tuple) else d
-    if d is None or not _finite(d) or not scale.times(d):
+    if d is None or _norm(d) is None or not scale.times(d):
         return None  # (a non-finite derivative: 0 * inf in the identity's rows is nan)
     return edges[live[0]][0]
 
@@ -277,11 +277,6 @@ def _norm(w: Tensor | None) -> float | None:
         return None
     norm = float(torch.linalg.vector_norm(w.detach()))  # (in w's dtype: 4x faster than float64)
     return norm if math.isfinite(norm) else None
-
-
-def _finite(w: Tensor) -> bool:
-    """Whether ``w`` has no inf or nan (see :func:`_norm`)."""
-    return math.isfinite(float(w.sum()))
 
 
 def _edge(edge: tuple[Any, int]) -> GradientEdge:
