@@ -6,16 +6,19 @@
     on the same colour seeds.
 (2) A checked evaluation's check fused into the pass's compiled graph or run
     apart (NOTE: [the check fused into the pass] in
-    ``pipeline/sparse/compressed.py``): one graph ``(x, seeds, u, v, W) -> (B,
-    Jᵀu, the check's dots)`` against the pass and the check's reverse pass
-    called one after the other (both in the default form), then the dots
-    over the entries; each side gathers the entries from ``B``, as a call does.
+    ``pipeline/sparse/compressed.py``): one graph ``(x, seeds, reads, u, v, w)
+    -> (B, entries, Jᵀu, the check's dots)`` against the pass and the check's
+    reverse pass called one after the other (both in the default form), then
+    the dots over the entries.
+(3) The entries read inside the compiled pass (NOTE: [entries read inside the
+    compiled pass]), ``(x, seeds, reads) -> (B, B.flat[reads])``, against the
+    plain pass followed by an eager ``index_select`` (default form, unchecked).
 
 The sparse cases of ``benchmarks/peers.py`` at n >= 9 * 10^4, float64, the
 calls interleaved and shuffled; the ratios are alternative / default and
 fused / apart (below 1: the measured choice should take the alternative,
-or fused). Each case runs in a fresh interpreter. Writes
-``benchmarks/results/forms.json``.
+or fused), and inside / after (below 1: reading in the pass is faster).
+Each case runs in a fresh interpreter. Writes ``benchmarks/results/forms.json``.
 
     python -m benchmarks.forms               # about 3 minutes on 2 cores
     python -m benchmarks.forms --quick       # two cases
@@ -64,30 +67,33 @@ def case(job: str, kind: str, size: int, repeats: int) -> dict[str, Any]:
     seeds = plan.tensors[(x.dtype, x.device)][0]
     xf = x.detach().reshape(-1)
     u, v, w, _ = compressed._probe(plan, xf)
-    weights = compressed._weights(plan, xf)
     evaluate, check = passes(fn, x, "hvp" if hessian else "fwd")
-    fused = compressed._with_check(evaluate, check)
+    entries = compressed._gathered(evaluate)
+    fused = compressed._with_check(entries, check)
 
-    default = compiled._compile(evaluate)
-    alternative = compiled._compile(evaluate, compiled.ALTERNATIVE)
+    default = compiled._compile(entries)
+    alternative = compiled._compile(entries, compiled.ALTERNATIVE)
+    plain = compiled._compile(evaluate)
     check_pass, both = compiled._compile(check), compiled._compile(fused)
 
-    def apart() -> tuple:  # the two passes, the entries, the check's dots (_checked_values)
-        b, j = default(xf, seeds), check_pass(xf, u).to(torch.float64)
-        entries = b.reshape(-1).index_select(0, flat)
-        return b, float(entries.dot(w)), float(j.dot(v)), float(j.norm())
+    def after() -> torch.Tensor:  # the plain pass, then the entries by index_select
+        return plain(xf, seeds).reshape(-1).index_select(0, flat)
 
-    def fused_() -> tuple:  # one graph, the entries
-        b, j, dots = both(xf, seeds, u, v, weights)
-        b.reshape(-1).index_select(0, flat)
-        return b, dots.tolist()
+    def apart() -> tuple:  # the two passes, the check's dots (_checked_values)
+        values, j = default(xf, seeds, flat)[1], check_pass(xf, u).to(torch.float64)
+        return values, float(values.to(torch.float64).dot(w)), float(j.dot(v)), float(j.norm())
+
+    def fused_() -> tuple:  # one graph
+        out = both(xf, seeds, flat, u, v, w)
+        return out[1], out[3].tolist()
 
     flat = plan.tensors[(x.dtype, x.device)][1]
-    methods = {"default": lambda: default(xf, seeds),
-               "alternative": lambda: alternative(xf, seeds),
+    methods = {"inside": lambda: default(xf, seeds, flat)[1],
+               "alternative": lambda: alternative(xf, seeds, flat)[1],
+               "after": after,
                "apart": apart,
                "fused": fused_}
-    want = evaluate(xf, seeds)
+    want = evaluate(xf, seeds).reshape(-1).index_select(0, flat)
     for name, call in methods.items():  # compiles; the same numbers as eager
         got = call()
         got = got[0] if isinstance(got, tuple) else got
@@ -114,15 +120,16 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         name = f"{job} {kind} size {size:,}"
         report.facts[name] = r
-        rows.append([name, r["colors"], seconds(r["default"]), seconds(r["alternative"]),
-                     f"{r['alternative'] / r['default']:.2f}x", seconds(r["apart"]),
+        rows.append([name, r["colors"], seconds(r["after"]), seconds(r["inside"]),
+                     f"{r['inside'] / r['after']:.2f}x", seconds(r["alternative"]),
+                     f"{r['alternative'] / r['inside']:.2f}x", seconds(r["apart"]),
                      seconds(r["fused"]), f"{r['fused'] / r['apart']:.2f}x"])
         print(f"{name}: {r}", flush=True)
     report.table(f"compiled pass forms, float64, medians of {repeats}, {args.threads} "
                  "thread(s), interleaved and shuffled",
-                 ["case", "colours", "pass, default", "pass, materialised",
-                  "materialised / default", "pass + check apart", "fused",
-                  "fused / apart"], rows)
+                 ["case", "colours", "pass, entries after it", "entries inside",
+                  "inside / after", "inside, materialised", "materialised / default",
+                  "pass + check apart", "fused", "fused / apart"], rows)
     report.finish(args.json)
 
 

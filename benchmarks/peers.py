@@ -281,20 +281,24 @@ BACK_TO_BACK = 21
 
 
 def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], Any]:
-    """The compiled AD pass alone, on the kept seeds of the last plan (no decompression, no check).
+    """The compiled AD pass alone with its entries' read, on the kept seeds and reads of the
+    last plan (NOTE: [entries read inside the compiled pass]; no check), the one an
+    unchecked call runs.
 
-    The repeated evaluation's parts: ``pass``; decompression = ``unchecked - pass``;
-    the check = ``compiled - unchecked`` (compiled: every call checked).
+    The repeated evaluation's parts: ``pass``; the rest of a call (plan, Python) =
+    ``unchecked - pass``; the check = ``compiled - unchecked`` (compiled: every call
+    checked).
     """
     from pipeline.maths.compiled import run_pass
     from pipeline.sparse import compressed
 
     plan = next(reversed(compressed._PLANS.values()))[2]
-    seeds = plan.tensors[(x.dtype, x.device)][0]
+    seeds, reads = plan.tensors[(x.dtype, x.device)]
     xf = x.detach().reshape(-1)
-    key = (mode, x.shape, x.dtype, x.device)
+    key = (mode, x.shape, x.dtype, x.device, "entries")  # compressed._key, one chunk
     # the pass alone (a checked call may run it fused)
-    return lambda: run_pass(fn, key, lambda: passes(fn, x, mode)[0], xf, seeds, compile="on")
+    return lambda: run_pass(fn, key, lambda: compressed._gathered(passes(fn, x, mode)[0]), xf,
+                            seeds, reads, compile="on")
 
 
 def passes(fn: Callable[[Any], Any], x: Any, mode: str) -> tuple[Callable, Callable]:
@@ -377,7 +381,7 @@ def sparse_table(report: Report, cases: list[tuple[str, str, int]], repeats: int
                   "jacpipe compiled, every call checked (+compile and trials once)",
                   "compiled, spaced checks",
                   "compiled, unchecked",
-                  "parts: pass / decompression / check", "asdex jit",
+                  "parts: pass and its entries / rest of the call / check", "asdex jit",
                   "best checked / asdex", "spaced / asdex", "unchecked / asdex"], rows)
     _back_to_back_table(report, ours, peer, threads)
 

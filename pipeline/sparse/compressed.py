@@ -176,35 +176,35 @@ def sparse_jacobian_rows(
         return SparseRows(plan.rows, plan.indptr, plan.cols, x.new_zeros(0))
     xf = x.detach().reshape(-1)
     flat = _flat(strict, x.shape)
-    key = (plan.mode, x.shape, x.dtype, x.device)
+    key = _key(plan.mode, x, plan, chunk_size)
     fusion = None
     if plan.mode == "fwd":
         fusion = _fusion(fn, key, "jvp+vjp", lambda: _vjp_one(flat), plan, xf, compile,
                          chunk_size)
 
-        def forward(seeds: torch.Tensor) -> torch.Tensor:
-            out = _run(fn, key, lambda: _jvps(strict, x.shape), xf, seeds, compile,
-                       fusion)  # (c, m)
+        def forward(seeds: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
+            out, values = _run(fn, key, lambda: _jvps(strict, x.shape), xf, seeds, reads,
+                               compile, fusion)  # B: (c, m)
             _check_rows(out.shape[1], plan.m)
-            return out
+            return out if values is None else values
 
         began = time.perf_counter()
         values = _compressed_values(forward, plan, xf, chunk_size=chunk_size)
         redo: Callable[[], torch.Tensor] | None = lambda: _compressed_values(  # noqa: E731
-            lambda seeds: jvps_by_reverse(flat, xf, seeds).to(xf.dtype), plan, xf,
+            _gathering(lambda seeds: jvps_by_reverse(flat, xf, seeds).to(xf.dtype)), plan, xf,
             chunk_size=chunk_size)
     else:
 
-        def reverse(seeds: torch.Tensor) -> torch.Tensor:
+        def reverse(seeds: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
             try:
-                out, outputs = run_pass(fn, key, lambda: _vjps(strict, x.shape), xf, seeds,
-                                        compile=compile)
+                out = run_pass(fn, key, _built(lambda: _vjps(strict, x.shape), reads), xf,
+                               seeds, *_args(reads), compile=compile)
             except RuntimeError:  # seeds of the wrong length, if fn(x) disagrees with the pattern
                 with torch.no_grad():
                     _check_rows(strict(x.detach().clone()).numel(), plan.m)
                 raise
-            _check_rows(outputs.numel(), plan.m)
-            return out  # (c, n)
+            _check_rows(out[-1].numel(), plan.m)  # fn(x)
+            return out[0] if reads is None else out[1]  # B (c, n), or its entries
 
         began = time.perf_counter()
         values, redo = _compressed_values(reverse, plan, xf, chunk_size=chunk_size), None
@@ -291,19 +291,22 @@ def sparse_hessian_rows(
             raise ValueError(f"a Hessian needs a scalar fn(x), got shape {tuple(y.shape)}")
         return y.reshape(())
 
-    looped: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    key = ("hvp", x.shape, x.dtype, x.device)
+    looped: list[Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]] = []
+    key = _key("hvp", x, plan, chunk_size)
     fusion = _fusion(fn, key, "hvp+hvp-rev", lambda: _hvp_one(scalar), plan, xf, compile,
                      chunk_size)
 
-    def products(seeds: torch.Tensor) -> torch.Tensor:  # (c, n): row c = H s_c
+    def products(seeds: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
+        # B (c, n): row c = H s_c; or its entries B.flat[reads]
         if looped:
-            return looped[0](seeds)
+            return looped[0](seeds, reads)
         if checks.forward_policy() == "reverse":  # forward mode disagreed in the run's check
-            looped.append(hessian_vector_products(scalar, x))
-            return looped[0](seeds)
+            looped.append(_gathering(hessian_vector_products(scalar, x)))
+            return looped[0](seeds, reads)
         try:
-            return _run(fn, key, lambda: _hvps(scalar), xf, seeds, compile, fusion)
+            out, values = _run(fn, key, lambda: _hvps(scalar), xf, seeds, reads, compile,
+                               fusion)
+            return out if values is None else values
         except RuntimeError as exc:
             # NOTE: functions torch.func cannot transform (an old-style
             # autograd.Function, .item() under vmap) get the same compressed
@@ -316,15 +319,15 @@ def sparse_hessian_rows(
                 VmapFallbackWarning,
                 stacklevel=4,
             )
-            looped.append(hessian_vector_products(scalar, x))
-            return looped[0](seeds)
+            looped.append(_gathering(hessian_vector_products(scalar, x)))
+            return looped[0](seeds, reads)
 
     began = time.perf_counter()
     values = _compressed_values(products, plan, xf, chunk_size=chunk_size)
     seconds = time.perf_counter() - began
 
     def by_reverse() -> torch.Tensor:
-        return _compressed_values(hessian_vector_products(scalar, x), plan, xf,
+        return _compressed_values(_gathering(hessian_vector_products(scalar, x)), plan, xf,
                                   chunk_size=chunk_size)
 
     def pullback(u: torch.Tensor) -> torch.Tensor:  # H u by reverse over reverse
@@ -644,15 +647,14 @@ _CHECK_COMPILES = [0]
 # Where every call is checked (the default) and the evaluation's forward-mode
 # pass (JVPs; Hessians: forward over reverse) runs compiled, the check's
 # reverse pass (Jᵀ u; H u by reverse over reverse) can be compiled into the
-# same graph, ``(x, seeds, u, v, W) -> (B, Jᵀ u, dots)``: one call instead of two,
-# fn's forward (and a Hessian's gradient) traced once for both, on two
-# threads the check's lane evens out a pass of an odd number of colours, and
-# the check's three dots (u . (J_P v) as <B, W>, W the check's weights w added
-# at the entries' reads, _weights; (Jᵀu) . v; |Jᵀu|) are reductions inside
-# the graph instead of passes of their own over the entries afterwards
-# (0.17-0.7 ms at n = 10^5). A call in chunks of colours runs apart, as does
-# one whose W (float64, the compressed matrix's shape) would pass
-# _MAX_KEPT_SEEDS.
+# same graph, ``(x, seeds, reads, u, v, w) -> (B, entries, Jᵀ u, dots)``: one
+# call instead of two, fn's forward (and a Hessian's gradient) traced once for
+# both, on two threads the check's lane evens out a pass of an odd number of
+# colours, and the check's three dots (u . (J_P v) as entries . w, w the
+# check's weight of each entry, _probe; (Jᵀu) . v; |Jᵀu|) are reductions
+# inside the graph instead of passes of their own over the entries afterwards
+# (0.17-0.7 ms at n = 10^5; the entries are read in the graph, NOTE: [entries
+# read inside the compiled pass]). A call in chunks of colours runs apart.
 # Whether that is faster depends on the code inductor makes of it (side by
 # side on 2 threads, ``python -m benchmarks.forms``, the dots included on both
 # sides: ARWHEAD's Hessian 0.72x the calls apart, Rosenbrock's 0.83x,
@@ -707,7 +709,7 @@ class _Fusion:
     build_check: Callable[[], Callable]
     u: torch.Tensor
     v: torch.Tensor
-    weights: torch.Tensor  # W: u . (J_P v) = <B, W> (_weights)
+    w: torch.Tensor  # per entry: u . (J_P v) = values . w (_probe)
     fused: bool
     choice: _Choice
     used: bool = False
@@ -724,9 +726,8 @@ def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable],
     and fused is (or may be) the faster way; else None (the passes apart, untimed)."""
     if not (checks.forward_checks() and checks.every_call()) or plan.cols.size == 0:
         return None
-    k = _ranks(plan)[0]
-    if _step(plan, xf, chunk_size) < k or k * plan.out_size * 8 > _MAX_KEPT_SEEDS:
-        return None  # in chunks, or W (_weights) too large to keep: apart
+    if _step(plan, xf, chunk_size) < _ranks(plan)[0]:
+        return None  # in chunks: apart
     fused = (name, *key[1:])
     if not would_compile(fn, key, compile):
         return None
@@ -738,66 +739,118 @@ def _fusion(fn: Any, key: tuple, name: str, build_check: Callable[[], Callable],
         choice.chosen = False
     if choice.chosen is False:
         return None
-    u, v = _probe(plan, xf)[:2]
-    return _Fusion(fused, build_check, u, v, _weights(plan, xf), choice.next(), choice)
+    u, v, w = _probe(plan, xf)[:3]
+    return _Fusion(fused, build_check, u, v, w, choice.next(), choice)
 
 
 def _run(fn: Any, key: tuple, build: Callable[[], Callable], xf: torch.Tensor,
-         seeds: torch.Tensor, compile: str, fusion: _Fusion | None) -> torch.Tensor:
-    """The pass ``build()`` on ``seeds``; the first of a fused call also computes the check's."""
+         seeds: torch.Tensor, reads: torch.Tensor | None, compile: str,
+         fusion: _Fusion | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``B``, the pass ``build()`` on ``seeds``, and its entries ``B.flat[reads]`` (None
+    where ``reads`` is: a chunk's ``B`` alone); the first of a fused call also computes the
+    check's."""
     if fusion is None or fusion.used:
-        return run_pass(fn, key, build, xf, seeds, compile=compile)
+        out = run_pass(fn, key, _built(build, reads), xf, seeds, *_args(reads),
+                       compile=compile)
+        return (out, None) if reads is None else out
+    assert reads is not None  # a fused call is one chunk
     fusion.used = True
     fusion.timed = settled(fn, fusion.key if fusion.fused else key)  # not on trial
     began = time.perf_counter()
     if not fusion.fused:
-        out = run_pass(fn, key, build, xf, seeds, compile=compile)
+        out = run_pass(fn, key, _built(build, reads), xf, seeds, reads, compile=compile)
         fusion.seconds += time.perf_counter() - began
         return out
 
     def both() -> Callable:
-        return _with_check(build(), fusion.build_check())
+        return _with_check(_gathered(build()), fusion.build_check())
 
-    out, fusion.pulled, dots = run_pass(
-        fn, fusion.key, both, xf, seeds, fusion.u, fusion.v, fusion.weights, compile="on",
-        eager=lambda: (run_pass(fn, key, build, xf, seeds, compile="off"), None, None))
+    b, values, fusion.pulled, dots = run_pass(
+        fn, fusion.key, both, xf, seeds, reads, fusion.u, fusion.v, fusion.w, compile="on",
+        eager=lambda: (*run_pass(fn, key, _built(build, reads), xf, seeds, reads,
+                                 compile="off"), None, None))
     if dots is not None:
         fusion.dots = tuple(dots.tolist())
     fusion.seconds += time.perf_counter() - began
-    return out
+    return b, values
 
 
 def _with_check(evaluate: Callable, check: Callable) -> Callable:
-    """The fused pass ``(x, seeds, u, v, W) -> (B, Jᵀu, [<B, W>, (Jᵀu) . v, |Jᵀu|])``.
+    """The fused pass ``(x, seeds, reads, u, v, w) -> (B, entries, Jᵀu, [entries . w,
+    (Jᵀu) . v, |Jᵀu|])``.
 
-    ``B = evaluate(x, seeds)`` and ``Jᵀu = check(x, u)``; the check's three dots in
-    float64 (:func:`_checked_values`), inside the graph instead of passes of their own
-    over the entries after it.
+    ``(B, entries) = evaluate(x, seeds, reads)`` (:func:`_gathered`) and ``Jᵀu =
+    check(x, u)``; the check's three dots in float64 (:func:`_checked_values`), inside
+    the graph instead of passes of their own over the entries after it.
     """
 
-    def fused(xf: torch.Tensor, seeds: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-              weights: torch.Tensor) -> tuple:
-        b = evaluate(xf, seeds)
+    def fused(xf: torch.Tensor, seeds: torch.Tensor, reads: torch.Tensor, u: torch.Tensor,
+              v: torch.Tensor, w: torch.Tensor) -> tuple:
+        b, values = evaluate(xf, seeds, reads)[:2]
         pulled = check(xf, u)
         j = pulled.reshape(-1).to(torch.float64)
-        dots = torch.stack([(b.to(torch.float64) * weights).sum(), torch.dot(j, v),
+        dots = torch.stack([torch.dot(values.to(torch.float64), w), torch.dot(j, v),
                             torch.linalg.vector_norm(j)])
-        return b, pulled, dots
+        return b, values, pulled, dots
 
     return fused
 
 
-def _weights(plan: _Plan, xf: torch.Tensor) -> torch.Tensor:
-    """``W`` with ``<B, W> = sum_k B.flat[read_k] w_k = u . (J_P v)``: the check's ``w``
-    (:func:`_probe`) added at the entries' reads of a one-chunk ``B`` (float64, kept)."""
-    kept = plan.tensors.get(("weights", xf.dtype, xf.device))
-    if kept is None:
-        k = _ranks(plan)[0]
-        flat = _index(_flat_reads(plan), xf)
-        kept = torch.zeros(k * plan.out_size, dtype=torch.float64, device=xf.device)
-        kept = kept.index_add_(0, flat, _probe(plan, xf)[2]).view(k, plan.out_size)
-        plan.tensors[("weights", xf.dtype, xf.device)] = kept
-    return kept
+# NOTE: [entries read inside the compiled pass]
+# A call in one chunk of colours (the usual case) reads its entries
+# B.flat[reads] inside the pass: ``(x, seeds, reads) -> (B, entries)``,
+# compiled as one graph, instead of an eager index_select after it. ATen's
+# index_select of a 1-d tensor runs on one thread (0.28 ms for 5 x 10^5
+# entries on 1 or 2 threads); inductor's read is a loop of the compiled
+# kernel on every thread, with no call of its own. B stays an output: left
+# out, inductor computed each entry from x at its read instead of reading B
+# (recomputing what several entries share: ARWHEAD's Hessian took 2.7x the
+# passes apart). Side by side (2 threads, default inductor settings, n = 10^5,
+# every call checked and the check fused): Rosenbrock's Hessian 0.73-0.80 ms
+# against 0.90 apart, BROYDN3D's 2.7-3.0 against 3.1-3.3, the Brusselator's
+# Jacobian 2.4-3.4 against 3.7-4.2. Its eager form is the same index_select.
+# The chunked calls read each chunk's entries after its pass, as before.
+
+
+def _key(mode: str, x: torch.Tensor, plan: _Plan, chunk_size: int | None) -> tuple:
+    """A call's pass key: one chunk's pass reads its entries too (NOTE: [entries read
+    inside the compiled pass]), a pass of its own."""
+    key = (mode, x.shape, x.dtype, x.device)
+    one = _step(plan, x, chunk_size) == _ranks(plan)[0]
+    return (*key, "entries") if one else key
+
+
+def _gathered(inner: Callable) -> Callable:
+    """The pass ``inner: (x, seeds) -> B`` (or ``(B, *rest)``) as ``(x, seeds, reads) ->
+    (B, B.flat[reads], *rest)`` (NOTE: [entries read inside the compiled pass])."""
+
+    def entries(xf: torch.Tensor, seeds: torch.Tensor, reads: torch.Tensor) -> tuple:
+        out = inner(xf, seeds)
+        b, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+        return (b, b.reshape(-1).index_select(0, reads), *rest)
+
+    return entries
+
+
+def _built(build: Callable[[], Callable], reads: torch.Tensor | None) -> Callable[[], Callable]:
+    """``build``, or where a call reads its entries in the pass, its :func:`_gathered` form."""
+    return build if reads is None else lambda: _gathered(build())
+
+
+def _args(reads: torch.Tensor | None) -> tuple:
+    return () if reads is None else (reads,)
+
+
+def _gathering(apply: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """An eager ``seeds -> B`` as :func:`_compressed_values` calls it: ``B``, or its entries
+    ``B.flat[reads]``."""
+
+    def call(seeds: torch.Tensor, reads: torch.Tensor | None) -> torch.Tensor:
+        b = apply(seeds)
+        return b if reads is None else b.reshape(-1).index_select(0, reads)
+
+    return call
 
 
 def _pulled(fusion: _Fusion | None, u: torch.Tensor, check: Callable[[], torch.Tensor],
@@ -937,8 +990,7 @@ class _Plan:
 # theirs): a pattern changed in place must be passed as a new object.
 _MAX_PLANS = 4
 _MAX_PLAN_BYTES = 2**29
-#: A one-chunk evaluation keeps its seed tensor up to this size (and a fused checked pass
-#: its check's weights W, NOTE: [the check fused into the pass]).
+#: A one-chunk evaluation keeps its seed tensor up to this size.
 _MAX_KEPT_SEEDS = 2**26
 _PLANS: OrderedDict[tuple, tuple[Any, Any, _Plan]] = OrderedDict()
 
@@ -964,22 +1016,22 @@ def _cached_plan(key: tuple, pattern: Any, coloring: Coloring, build: Callable[[
 def _plan_bytes(plan: _Plan) -> int:
     arrays = (plan.rows, plan.indptr, plan.cols, plan.seed_colors, plan.seed_positions,
               plan.read_colors, plan.read_index)
-    kept = sum(1 for key in plan.tensors if key != "ranks" and key[0] not in ("check",
-                                                                              "weights"))
+    kept = sum(1 for key in plan.tensors if key != "ranks" and key[0] != "check")
     probes = sum(1 for key in plan.tensors if key[0] == "check")  # w: a float64 per entry
-    weights = sum(t.numel() * 8 for key, t in plan.tensors.items() if key[0] == "weights")
-    return (2 * sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * kept
-            + probes * plan.cols.nbytes + weights)
+    return 2 * sum(a.nbytes for a in arrays) + _MAX_KEPT_SEEDS * kept + probes * plan.cols.nbytes
 
 
 def _compressed_values(
-    apply: Callable[[torch.Tensor], torch.Tensor],
+    apply: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
     plan: _Plan,
     like: torch.Tensor,
     *,
     chunk_size: int | None,
 ) -> torch.Tensor:
-    """Entries ``B[read_colors, read_index]`` of the compressed matrix ``B = apply(S)``.
+    """Entries ``B[read_colors, read_index]`` of the compressed matrix ``B = apply(S, None)``.
+
+    ``apply(S, reads)`` with ``reads`` (one chunk) returns the entries ``B.flat[reads]``
+    itself (NOTE: [entries read inside the compiled pass]).
 
     ``S`` (see :class:`_Plan`) is built and passed through ``apply`` a chunk
     of colours at a time, so neither the seeds nor ``B`` are ever whole in
@@ -991,7 +1043,7 @@ def _compressed_values(
     step = _step(plan, like, chunk_size)
     if step == k:  # one chunk (the usual case): no sorting, tensors kept for the next call
         seeds, flat = _one_chunk(plan, like)
-        return apply(seeds).reshape(-1).index_select(0, flat)
+        return apply(seeds, flat)
     values = like.new_empty(pos.size)
     by_seed = np.argsort(rank, kind="stable")
     by_read = np.argsort(pos, kind="stable")
@@ -1003,7 +1055,7 @@ def _compressed_values(
         r = by_read[read_cut[c]:read_cut[c + 1]]
         seeds = like.new_zeros(int(edges[c + 1] - edges[c]), size)
         seeds[_index(rank[s] - edges[c], like), _index(plan.seed_positions[s], like)] = 1
-        block = apply(seeds)
+        block = apply(seeds, None)
         at = (_index(pos[r] - edges[c], like), _index(plan.read_index[r], like))
         values[_index(r, like)] = block[at]
     return values

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from jobs import banded, brusselator
 from pipeline import read_jacobian
 from pipeline.cli import app
+from pipeline.maths import checks
 from pipeline.maths.compiled import CompileFallbackWarning
 from pipeline.maths.engine import InputWriteError, VmapFallbackWarning
 from pipeline.problem.problem import Problem, build_problem
@@ -522,6 +523,14 @@ def test_compiled_passes_equal_the_eager_ones(tmp_path, monkeypatch):
                                   compile="on")
     torch.testing.assert_close(got.values, eager.values, rtol=1e-12, atol=1e-12)
     _assert_rows_equal(got, torch.autograd.functional.hessian(_arwhead, x), 1e-12)
+    # unchecked, the entries' pass runs alone (NOTE: [entries read inside the compiled
+    # pass]); in chunks of colours, the plain pass
+    for kwargs in ({}, {"chunk_size": 1}):
+        with warnings.catch_warnings(), checks.checking(check_forward=False):
+            warnings.simplefilter("error", CompileFallbackWarning)
+            got = sparse_hessian_rows(_arwhead, x, 0, 30, _arwhead_pattern(30), coloring,
+                                      compile="on", **kwargs)
+        torch.testing.assert_close(got.values, eager.values, rtol=1e-12, atol=1e-12)
 
 
 def test_compile_option_reaches_the_sparse_passes(tmp_path, monkeypatch):

@@ -123,11 +123,11 @@ def test_the_check_pass_is_compiled_with_the_evaluation(monkeypatch):
                         compile="off")
     assert built == []
     got = sparse_jacobian_rows(fn, x, 0, 30, pattern, _forward(pattern), compile="on")
-    assert built == ["jvps", "vjp"]
+    assert built == ["entries", "vjp"]  # one chunk: its entries read in the pass
     close(got.to_dense(30), jacobian(fn, x))
     colours = choose_coloring(pattern, symmetric=True)
     got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
-    assert built == ["jvps", "vjp", "hvps", "hvp"]
+    assert built == ["entries", "vjp", "entries", "hvp"]
     close(got.to_dense(30), hessian(scalar, x))
     # the call that compiled the check's pass spent the compiler's time, not the
     # check's: the next call is checked (and timed) again, the one after waits
@@ -193,29 +193,51 @@ def test_every_call_checked_fuses_the_check_into_the_compiled_pass(monkeypatch):
     assert built.count("fused") == 5
 
 
-def test_a_check_whose_weights_are_too_large_to_keep_runs_apart(monkeypatch):
-    # The fused graph's W has the compressed matrix's shape in float64: past
-    # _MAX_KEPT_SEEDS the pass and the check's run apart (recording wrapper, no compiler).
+@pytest.mark.parametrize("every_call", [True, False])
+def test_a_call_in_one_chunk_reads_its_entries_inside_the_pass(every_call, monkeypatch):
+    # NOTE: [entries read inside the compiled pass]: the pass compiled for a call in
+    # one chunk returns B and B.flat[reads] (alone or fused with the check's), and those
+    # entries are the call's; a call
+    # in chunks compiles the plain pass (recording wrapper, no compiler).
     from pipeline.maths import compiled
     from pipeline.sparse import compressed
 
-    built: list[str] = []
-    monkeypatch.setattr(compiled, "_compile",
-                        lambda fn, options=None: built.append(fn.__code__.co_name) or fn)
-    monkeypatch.setattr(compressed, "_MAX_KEPT_SEEDS", 8 * 30)  # W: (colours, 30) float64
+    returned: list[tuple] = []
+
+    def compile_(fn, options=None):
+        def run(*args):
+            out = fn(*args)
+            returned.append((fn.__code__.co_name, args, out))
+            return out
+
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", compile_)
     scalar, x, pattern, colours = _cubic_case()
-    for _ in range(2):
-        close(sparse_hessian_rows(scalar, x, 0, 30, pattern, colours,
-                                  compile="on").to_dense(30), hessian(scalar, x))
-    assert built == ["hvps", "hvp"]
+    with checks.checking(every_call=every_call):
+        for _ in range(3):
+            got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
+            close(got.to_dense(30), hessian(scalar, x))
+        # every call checked: the pass fused with the check's ("fused", the entries too)
+        calls = [(args, out) for name, args, out in returned if name in ("entries", "fused")]
+        assert calls, [name for name, _, _ in returned]
+        for args, out in calls:
+            b, entries = out[:2]
+            assert torch.equal(entries, b.reshape(-1)[args[2].long()])
+            assert torch.equal(entries, got.values)
+        returned.clear()
+        chunked = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on",
+                                      chunk_size=1)
+    assert torch.equal(chunked.values, got.values)
+    assert {name for name, _, _ in returned} <= {"hvps", "hvp"} and returned
     plan = next(entry[2] for entry in compressed._PLANS.values() if entry[0] is pattern)
     assert not any(key[0] == "weights" for key in plan.tensors if isinstance(key, tuple))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_fused_graphs_dots_are_the_checks_own(dtype, monkeypatch):
-    # The fused graph computes u . (J_P v) as <B, W> (W: the check's weights at the
-    # entries' reads), (Jᵀu) . v and |Jᵀu|: the same numbers as the dots over the
+    # The fused graph computes u . (J_P v) as entries . w (w: the check's weight of
+    # each entry), (Jᵀu) . v and |Jᵀu|: the same numbers as the dots over the
     # decompressed entries that the passes apart are judged by.
     from pipeline.maths import compiled
     from pipeline.sparse import compressed
@@ -300,7 +322,7 @@ def test_fused_or_apart_is_chosen_by_measured_time(monkeypatch):
     runs.clear()
     for _ in range(3):
         sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
-    assert runs == ["hvps", "hvp"] * 3  # apart, from the choice on
+    assert runs == ["entries", "hvp"] * 3  # apart, from the choice on
     choice.record(True, 0.0)  # a kept choice is not timed again nor changed
     assert choice.chosen is False and len(choice.fused) == trials
 
@@ -325,7 +347,7 @@ def test_a_fused_pass_that_fails_to_compile_leaves_the_two_passes_apart(monkeypa
     assert built == ["fused"]  # that call ran eagerly, checked by the eager check pass
     got = sparse_hessian_rows(scalar, x, 0, 30, pattern, colours, compile="on")
     close(got.to_dense(30), hessian(scalar, x))
-    assert built == ["fused", "hvps", "hvp"]  # then apart, each compiled
+    assert built == ["fused", "entries", "hvp"]  # then apart, each compiled
 
 
 def _count_checks(monkeypatch) -> list[int]:
