@@ -59,6 +59,46 @@ EXPECTED_DISAGREEMENTS: dict[str, str] = {
                           "self's gradient through the written region, not the rest); forward "
                           "mode and finite differences agree (jacfwd itself has no batching "
                           "rule for it: compare single jvps)",
+    "__rpow__": "the constant bases (args[0]) include negatives, where base ** x and its "
+                "derivative log(base) * base ** x are NaN: forward mode's zero tangents times "
+                "NaN fill the NaN outputs' rows, reverse mode's zero cotangents times NaN fill "
+                "the columns of the exponents feeding them (and, summed over a broadcast "
+                "exponent, whole rows of finite outputs); forward mode agrees with central "
+                "differences on the finite outputs",
+    "logcumsumexp": "torch's forward mode is inaccurate (logcumsumexp_jvp divides by "
+                    "cumsum(exp(x - max over dim)) + 1e-13, so where a prefix lies about 17 "
+                    "below the dim's maximum the derivative is off by up to 3.2e-6); reverse "
+                    "mode and float64 central differences agree",
+    "nn.functional.embedding": "reverse mode departs from the derivative by design: with "
+                               "padding_idx the padding row gets no gradient, with "
+                               "scale_grad_by_freq each row's gradient is divided by how often "
+                               "its index occurs (1/3 here), while forward mode gives the plain "
+                               "derivative 1 and agrees with central differences",
+    "masked.prod": "op_db fills the diagonal of the 2-D samples with inf, -inf and NaN (in "
+                   "place on one shared tensor, so the collected samples all carry NaN): "
+                   "where a selected NaN makes an output NaN, forward mode's zero tangents "
+                   "times NaN fill that output's row (masked-out inputs included), reverse "
+                   "mode's zero cotangents times NaN fill the columns of the inputs feeding "
+                   "it (rows of finite outputs included); forward mode agrees with central "
+                   "differences on the finite outputs",
+    "masked.amax": "a NaN diagonal in the 2-D samples (see masked.prod)",
+    "masked.amin": "a NaN diagonal in the 2-D samples (see masked.prod)",
+    "masked.norm": "an inf or NaN diagonal in the 2-D samples (see masked.prod; the norm of "
+                   "an inf is inf, where forward mode's tangent sum(x * t) / norm is NaN)",
+    "masked.mean": "where the mask selects nothing in a slice its mean is 0 / 0 = NaN: forward "
+                   "mode's tangent there is NaN in every column, reverse mode gives the "
+                   "masked-out inputs 0",
+    "masked.logsumexp": "a NaN diagonal in the 2-D samples (see masked.prod), and where the "
+                        "mask selects nothing in a slice the output is log 0 = -inf, with a "
+                        "NaN forward tangent against reverse mode's 0 (see masked.mean)",
+    "masked.softmax": "where the mask selects nothing in a row the outputs are 0 / 0 = NaN: "
+                      "forward mode's tangents there are NaN in every column, reverse mode "
+                      "gives the masked-out inputs 0",
+    "masked.log_softmax": "a row the mask leaves empty (see masked.softmax)",
+    "masked.softmin": "a row the mask leaves empty (see masked.softmax)",
+    "masked.logaddexp": "where input_mask and other_mask both leave a position out the output "
+                        "is logaddexp(-inf, -inf) = -inf: forward mode's tangent there is "
+                        "t * exp(-inf - -inf) = NaN in every column, reverse mode gives 0",
 }
 
 #: Largest ``m * n`` of the sample :func:`pick` prefers (the loop reference costs m backwards).
