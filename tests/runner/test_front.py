@@ -83,6 +83,60 @@ def test_a_sparse_pattern_gives_a_scipy_matrix():
                                rtol=1e-12, atol=1e-12)
 
 
+def _stencil(t: torch.Tensor) -> torch.Tensor:
+    padded = torch.nn.functional.pad(t, (1, 1))
+    return padded[:-2] - 2 * padded[1:-1] + padded[2:] + t**3
+
+
+def test_a_pattern_detected_on_its_own_still_gives_a_tensor(monkeypatch):
+    # NOTE: [The type of the result is the caller's]: whether method="auto" detects
+    # (a timed pass decides; forced here) changes how the rows are computed, not what
+    # comes back: the tensor jacrev gives, unless a sparse result is asked for.
+    from pipeline.runner import job
+
+    monkeypatch.setattr(job, "DETECT_MIN_SECONDS", 0.0)
+    used: list[int] = []
+    real = front._sparse_in_memory
+    monkeypatch.setattr(front, "_sparse_in_memory",
+                        lambda *a: used.append(1) or real(*a))
+    x = torch.linspace(0, 1, 60, dtype=torch.float64)
+    want = torch.func.jacrev(_stencil)(x)
+    got = pipeline.jacobian(_stencil, x, **LOCAL)
+    assert used == [1]  # the colours were evaluated ...
+    assert isinstance(got, torch.Tensor) and got.shape == (60, 60) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # ... and made dense
+    for asked in ({"sparsity": "auto"}, {"method": "sparse", "sparsity": "auto"}):
+        got = pipeline.jacobian(_stencil, x, **asked, **LOCAL)
+        assert sp.issparse(got), asked
+        np.testing.assert_allclose(got.toarray(), want.numpy(), rtol=1e-12, atol=1e-12)
+
+    def energy(t: torch.Tensor) -> torch.Tensor:
+        return (t * _stencil(t)).sum()
+
+    used.clear()
+    got = pipeline.hessian(energy, x, **LOCAL)
+    assert used == [1] and isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got, torch.func.hessian(energy)(x), rtol=1e-10, atol=1e-10)
+
+
+def test_a_detected_sparse_result_too_big_to_hold_dense_comes_back_opened(tmp_path,
+                                                                          monkeypatch):
+    # Its CSR would fit, the tensor the caller gets would not: the folder, opened.
+    from pipeline.runner import job
+
+    monkeypatch.setattr(job, "DETECT_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(front, "_dense_bytes", lambda job: 2**50)
+    monkeypatch.setattr(front.tempfile, "mkdtemp", lambda prefix="": str(tmp_path / "kept"))
+    x = torch.linspace(0, 1, 60, dtype=torch.float64)
+    lines: list[str] = []
+    got = pipeline.jacobian(_stencil, x, echo=lines.append, **LOCAL)
+    assert isinstance(got, JacobianResult) and (tmp_path / "kept").is_dir()
+    assert got.layout == "sparse"  # the colours ran: a sparse folder
+    np.testing.assert_allclose(got.read(as_="scipy").toarray(),
+                               torch.func.jacrev(_stencil)(x).numpy(), rtol=1e-12)
+    assert any("exceeds half the memory budget" in line for line in lines)
+
+
 def test_out_returns_the_folder_opened_and_a_rerun_returns_it_without_computing(tmp_path):
     fn, x = _mlp()
     out = str(tmp_path / "J")
