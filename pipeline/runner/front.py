@@ -87,9 +87,10 @@ def jacobian(fn: Callable[[Tensor], Tensor], x: Tensor, *, sparsity: Any = None,
             ``executor``, ``shards``, ``overwrite``, ``progress``, ...).
 
     Returns:
-        A tensor ``out_shape + in_shape``, a ``scipy.sparse.csr_array`` for a
-        sparse result, or the opened folder with ``out=`` or a result beyond
-        the memory budget (module docstring).
+        A tensor ``out_shape + in_shape``, a ``scipy.sparse.csr_array`` where
+        ``sparsity`` or ``method="sparse"`` asks for a sparse result, or the
+        opened folder with ``out=`` or a result beyond the memory budget
+        (module docstring).
 
     Raises:
         JacpipeError: a bad option or function (naming the Python argument),
