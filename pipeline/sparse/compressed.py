@@ -657,8 +657,8 @@ _CHECK_COMPILES = [0]
 # read inside the compiled pass]). A call in chunks of colours runs apart.
 # Whether that is faster depends on the code inductor makes of it (side by
 # side on 2 threads, ``python -m benchmarks.forms``, the dots included on both
-# sides: ARWHEAD's Hessian 0.72x the calls apart, Rosenbrock's 0.83x,
-# BROYDN3D's 0.90x, the Brusselator's Jacobian 0.96x, heat's 1.03x; before the
+# sides: ARWHEAD's Hessian 0.74x the calls apart, Rosenbrock's 0.77x,
+# BROYDN3D's 0.81x, the Brusselator's Jacobian 0.85x, heat's 0.87x; before the
 # dots moved into the graph, Rosenbrock's was 1.16x), so it is chosen by
 # measurement: the first checked compiled calls
 # of an evaluation alternate between fused and apart, FUSION_TRIALS timed
@@ -805,10 +805,11 @@ def _with_check(evaluate: Callable, check: Callable) -> Callable:
 # kernel on every thread, with no call of its own. B stays an output: left
 # out, inductor computed each entry from x at its read instead of reading B
 # (recomputing what several entries share: ARWHEAD's Hessian took 2.7x the
-# passes apart). Side by side (2 threads, default inductor settings, n = 10^5,
-# every call checked and the check fused): Rosenbrock's Hessian 0.73-0.80 ms
-# against 0.90 apart, BROYDN3D's 2.7-3.0 against 3.1-3.3, the Brusselator's
-# Jacobian 2.4-3.4 against 3.7-4.2. Its eager form is the same index_select.
+# passes apart). Side by side (``python -m benchmarks.forms``, 2 threads,
+# default inductor settings, unchecked): 0.78-0.94x the pass followed by
+# index_select (the Brusselator's Jacobian 0.78x, ARWHEAD's Hessian 0.81x,
+# Rosenbrock's 0.86x, BROYDN3D's 0.89x, heat's Jacobian at N = 300 0.94x).
+# Its eager form is the same index_select.
 # The chunked calls read each chunk's entries after its pass, as before.
 
 
