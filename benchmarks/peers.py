@@ -295,7 +295,7 @@ def compiled_pass(fn: Callable[[Any], Any], x: Any, mode: str) -> Callable[[], A
     plan = next(reversed(compressed._PLANS.values()))[2]
     seeds, reads = plan.tensors[(x.dtype, x.device)]
     xf = x.detach().reshape(-1)
-    key = (mode, x.shape, x.dtype, x.device, "entries")  # compressed._key, one chunk
+    key = compressed._key(mode, x, plan, None)  # one chunk: the entries' pass
     # the pass alone (a checked call may run it fused)
     return lambda: run_pass(fn, key, lambda: compressed._gathered(passes(fn, x, mode)[0]), xf,
                             seeds, reads, compile="on")
